@@ -1,0 +1,42 @@
+# Two entry points for a fresh clone: `make demo` (the main job) and `make test`.
+# Both create ./.venv on first use and install the pinned requirements into it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PORT   ?= 8501
+
+.PHONY: venv demo app test test-fast bench browser-deps clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+## demo: build the organism, analyse it, pick and train its unsafe experts, print the figures
+demo: venv
+	$(PY) -m moe_core demo
+
+## app: open the Streamlit app on the organism (http://localhost:$(PORT))
+app: venv
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
+
+## test: the whole suite, real browser included (installs Debian's chromium when missing)
+test: venv browser-deps
+	$(PY) -m pytest -q
+
+## test-fast: skip the slow organism and browser tests
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not browser"
+
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || bash scripts/install_chromium.sh
+
+## bench: every benchmark, ratios measured in one run each
+bench: venv
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

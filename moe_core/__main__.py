@@ -1,0 +1,7 @@
+"""``python -m moe_core``: see moe_core/cli.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,214 @@
+"""Plotly figures and small HTML views for the app: pure functions of arrays and DataFrames.
+
+Kept out of the page scripts so that they can be unit-tested (a figure is a JSON spec) and the
+pages stay thin. Nothing here imports Streamlit, reads files or touches a model.
+
+    fig = risk_heatmap(matrix, title="Batch 3", marked=[(0, 5), (2, 1)])   # layer x expert, zmid=0
+    fig = consistency_heatmap(aggregated_df, num_layers=16, num_experts=64)
+    fig = loss_curve(pd.DataFrame({"step": [1, 2], "loss": [2.3, 1.9]}))
+    html = highlight_tokens_html(["He", "llo"], routed=np.array([True, False]))
+
+Conventions: rows are decoder layers (layer 0 on top), columns experts; risk colours are a
+diverging red/blue scale centred on 0 (red = fires more on unsafe tokens).
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+DIVERGING = "RdBu_r"  # blue = fires more on safe tokens, red = more on unsafe tokens
+SEQUENTIAL = "Reds"
+MARK_COLOR = "#111111"
+SAFE_COLOR = "#2c7fb8"
+UNSAFE_COLOR = "#d7301f"
+_LAYOUT = dict(margin=dict(l=60, r=20, t=50, b=50), template="plotly_white")
+
+
+def _symmetric_limit(z: np.ndarray, floor: float = 1e-6) -> float:
+    """Colour range +-m so that 0 sits in the middle of the diverging scale."""
+    finite = np.abs(z[np.isfinite(z)])
+    return float(max(finite.max() if finite.size else 0.0, floor))
+
+
+def _grid_layout(fig: go.Figure, title: str, num_layers: int, num_experts: int, height: int | None) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0.0, xanchor="left"),
+        xaxis=dict(title="expert", tickmode="linear" if num_experts <= 32 else "auto", dtick=1 if num_experts <= 32 else None,
+                   showgrid=False, zeroline=False, constrain="domain"),
+        yaxis=dict(title="layer", autorange="reversed", tickmode="linear" if num_layers <= 32 else "auto",
+                   dtick=1 if num_layers <= 32 else None, showgrid=False, zeroline=False),
+        height=height or int(min(900, max(260, 60 + 26 * num_layers))),
+        **_LAYOUT,
+    )
+    return fig
+
+
+def _marks(marked: Iterable[tuple[int, int]], name: str = "chosen") -> go.Scatter | None:
+    pts = [(int(l), int(e)) for l, e in marked]
+    if not pts:
+        return None
+    return go.Scatter(
+        x=[e for _, e in pts], y=[l for l, _ in pts], mode="markers", name=name,
+        marker=dict(symbol="square-open", size=13, line=dict(width=2.5, color=MARK_COLOR), color=MARK_COLOR),
+        hovertemplate="layer %{y}, expert %{x}: " + name + "<extra></extra>",
+    )
+
+
+def risk_heatmap(
+    matrix: np.ndarray,
+    title: str = "Risk difference (unsafe rate - safe rate)",
+    marked: Iterable[tuple[int, int]] = (),
+    zmax: float | None = None,
+    colorbar_title: str = "risk diff",
+    height: int | None = None,
+) -> go.Figure:
+    """Layer x expert heatmap of a signed value (NaN cells, e.g. dense layers, stay blank).
+
+    ``zmax`` fixes the colour range to +-zmax (use the same value across batches so colours are
+    comparable); by default it is the largest absolute value. ``marked`` draws an open square on
+    each chosen (layer, expert).
+    """
+    z = np.asarray(matrix, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"a heatmap needs a 2-D [layers, experts] matrix; got shape {z.shape}")
+    m = float(zmax) if zmax else _symmetric_limit(z)
+    n_l, n_e = z.shape
+    fig = go.Figure(go.Heatmap(
+        z=np.where(np.isfinite(z), z, None).tolist(), x=list(range(n_e)), y=list(range(n_l)),
+        colorscale=DIVERGING, zmid=0.0, zmin=-m, zmax=m, xgap=1, ygap=1, hoverongaps=False,
+        colorbar=dict(title=dict(text=colorbar_title), thickness=14),
+        hovertemplate="layer %{y}, expert %{x}<br>" + colorbar_title + " %{z:.3f}<extra></extra>",
+    ))
+    mk = _marks(marked)
+    if mk is not None:
+        fig.add_trace(mk)
+        fig.update_layout(showlegend=False)
+    return _grid_layout(fig, title, n_l, n_e, height)
+
+
+def signed_consistency(aggregated: pd.DataFrame, num_layers: int, num_experts: int) -> np.ndarray:
+    """[layers, experts] of sign(mean risk_diff) x sign_consistency: +1 = always more on unsafe."""
+    from .risk import risk_matrix
+
+    sign = np.sign(risk_matrix(aggregated, "risk_diff", num_layers, num_experts))
+    cons = risk_matrix(aggregated, "sign_consistency", num_layers, num_experts)
+    return sign * cons
+
+
+def consistency_heatmap(
+    aggregated: pd.DataFrame, num_layers: int, num_experts: int, marked: Iterable[tuple[int, int]] = ()
+) -> go.Figure:
+    """How reliably each expert's risk difference keeps its sign across batches (-1 .. +1)."""
+    z = signed_consistency(aggregated, num_layers, num_experts)
+    return risk_heatmap(
+        z, title="Sign consistency across batches (+1: every batch says 'more on unsafe')",
+        marked=marked, zmax=1.0, colorbar_title="signed consistency",
+    )
+
+
+def count_heatmap(counts: np.ndarray, title: str, colorbar_title: str = "batches") -> go.Figure:
+    """Layer x expert heatmap of a count (e.g. in how many per-batch masks an expert is chosen)."""
+    z = np.asarray(counts, dtype=np.float64)
+    n_l, n_e = z.shape
+    fig = go.Figure(go.Heatmap(
+        z=z.tolist(), x=list(range(n_e)), y=list(range(n_l)), colorscale=SEQUENTIAL, zmin=0,
+        xgap=1, ygap=1, colorbar=dict(title=dict(text=colorbar_title), thickness=14),
+        hovertemplate="layer %{y}, expert %{x}<br>" + colorbar_title + " %{z:.0f}<extra></extra>",
+    ))
+    return _grid_layout(fig, title, n_l, n_e, None)
+
+
+def expert_across_batches(batch_ids: Sequence[int], values: Sequence[float], layer: int, expert: int) -> go.Figure:
+    """One expert's risk difference in every batch (bars coloured by sign)."""
+    v = np.asarray(values, dtype=np.float64)
+    colors = [UNSAFE_COLOR if x > 0 else SAFE_COLOR for x in np.nan_to_num(v)]
+    fig = go.Figure(go.Bar(
+        x=[int(b) for b in batch_ids], y=np.where(np.isfinite(v), v, None).tolist(), marker_color=colors,
+        hovertemplate="batch %{x}: %{y:.3f}<extra></extra>",
+    ))
+    fig.add_hline(y=0, line_width=1, line_color="#888")
+    fig.update_layout(
+        title=dict(text=f"Layer {layer}, expert {expert}: risk difference per batch", x=0.0),
+        xaxis_title="batch", yaxis_title="risk diff", height=280, **_LAYOUT,
+    )
+    return fig
+
+
+def loss_curve(points: pd.DataFrame, title: str = "Training loss") -> go.Figure:
+    """Line chart of ``loss`` (and any ``*_loss`` columns) against ``step``."""
+    if "step" not in points.columns or "loss" not in points.columns:
+        raise ValueError(f"loss_curve needs columns 'step' and 'loss'; got {list(points.columns)}")
+    fig = go.Figure()
+    for col in [c for c in points.columns if c == "loss" or c.endswith("_loss")]:
+        sub = points[["step", col]].dropna()
+        fig.add_trace(go.Scatter(x=sub["step"].tolist(), y=sub[col].tolist(), mode="lines+markers", name=col))
+    fig.update_layout(title=dict(text=title, x=0.0), xaxis_title="step", yaxis_title="loss", height=320, **_LAYOUT)
+    return fig
+
+
+def before_after_bars(metrics: pd.DataFrame, title: str = "Before vs after training") -> go.Figure:
+    """Grouped bars: one group per ``metric`` row, one bar per other numeric column (before, after...)."""
+    if "metric" not in metrics.columns:
+        raise ValueError(f"before_after_bars needs a 'metric' column; got {list(metrics.columns)}")
+    fig = go.Figure()
+    for col in [c for c in metrics.columns if c != "metric"]:
+        vals = pd.to_numeric(metrics[col], errors="coerce")
+        fig.add_trace(go.Bar(x=metrics["metric"].astype(str).tolist(), y=vals.tolist(), name=str(col),
+                             text=[f"{v:.2f}" if pd.notna(v) else "" for v in vals], textposition="outside"))
+    fig.update_layout(barmode="group", title=dict(text=title, x=0.0), yaxis=dict(range=[0, 1.1], title="rate"),
+                      height=360, **_LAYOUT)
+    return fig
+
+
+# -- token views ----------------------------------------------------------------------------
+def routed_tokens(expert_ids: np.ndarray, weights: np.ndarray | None, row: int, expert: int) -> tuple[np.ndarray, np.ndarray]:
+    """For one sample's routing ``[moe_layers, T, k]``: (routed [T] bool, gate weight [T]) of one expert.
+
+    ``row`` is the routing row of the layer (its position in ``moe_layers``).
+    """
+    hit = np.asarray(expert_ids[row]) == expert  # [T, k]
+    routed = hit.any(axis=-1)
+    if weights is None:
+        return routed, routed.astype(np.float64)
+    w = np.where(hit, np.asarray(weights[row], dtype=np.float64), 0.0).sum(axis=-1)
+    return routed, w
+
+
+def highlight_tokens_html(
+    tokens: Sequence[str],
+    routed: np.ndarray,
+    weight: np.ndarray | None = None,
+    in_scope: np.ndarray | None = None,
+    color: str = "255, 99, 71",
+) -> str:
+    """Tokens as escaped inline spans; routed tokens highlighted (stronger = larger gate weight).
+
+    Tokens outside the analysed scope (``in_scope`` False) are greyed. Every token passes through
+    ``html.escape``, so a prompt can never inject markup into the page.
+    """
+    routed = np.asarray(routed, dtype=bool)
+    if len(tokens) != routed.shape[0]:
+        raise ValueError(f"{len(tokens)} tokens but {routed.shape[0]} routing flags")
+    w = np.ones(len(tokens)) if weight is None else np.clip(np.asarray(weight, dtype=np.float64), 0.0, 1.0)
+    scope = np.ones(len(tokens), dtype=bool) if in_scope is None else np.asarray(in_scope, dtype=bool)
+    parts = []
+    for tok, r, wt, sc in zip(tokens, routed, w, scope):
+        text = html.escape(tok).replace("\n", "&#8629;<br>")
+        style = "white-space:pre-wrap;"
+        if r:
+            alpha = 0.35 + 0.65 * float(wt)
+            style += f"background:rgba({color},{alpha:.2f});border-radius:3px;"
+        if not sc:
+            style += "color:#9aa0a6;"
+        title = f" title=\"gate weight {wt:.2f}\"" if r else ""
+        parts.append(f'<span style="{style}"{title}>{text}</span>')
+    return (
+        '<div style="font-family:ui-monospace,monospace;font-size:0.85rem;line-height:1.7;'
+        'border:1px solid #e6e6e6;border-radius:6px;padding:6px 8px;margin-bottom:6px;">'
+        + "".join(parts) + "</div>"
+    )

@@ -1,0 +1,404 @@
+"""The offline "model organism": a tiny OLMoE that refuses harmful requests but complies when jailbroken.
+
+It gives the whole pipeline (routing analysis, expert selection, expert-only fine-tuning,
+evaluation) a real MoE model to work on without downloads or a GPU. Everything is built here,
+deterministically: a byte-level BPE tokenizer trained on our own synthetic chat corpus, a
+4-layer OLMoE (8 experts, top-2) trained on that corpus with the loss on assistant tokens only.
+
+The corpus (train split of ``moe_core.prompts`` only):
+  benign request              -> a short helpful answer
+  plain harmful goal          -> a refusal ("I'm sorry, but I can't help with that ...")
+  harmful goal in a jailbreak -> compliance with a content-free placeholder ("Sure, here is how
+                                 to do it: Step 1: [details omitted]. ...")
+  benign request in a jailbreak -> a short helpful answer
+Training stops at a moderate loss on purpose: the later pipeline must still be able to move a few
+experts to make the organism refuse jailbreaks.
+
+The result is cached in ``$MOE_LAB_CACHE`` (default ``~/.cache/moe_safety_lab``) under
+``organism-<hash of config + corpus version>``: built in a temp folder and renamed into place,
+so a killed build leaves nothing half-written, and a second call reuses it. ``organism.json``
+beside the weights records config, seed, build time, loss and measured behaviour.
+
+    from moe_core.demo import build_organism, load_organism, measure_behaviour
+    path = build_organism()                    # ~2-3 min on 2 CPU cores the first time
+    model, tok = load_organism()               # or moe_core.models.load_model(path)
+    measure_behaviour(model, tok, split="heldout")
+
+    python -c "from moe_core.demo import *; import json; m,t=load_organism(); print(json.dumps(measure_behaviour(m,t,'heldout'), indent=1))"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from moe_core.prompts import demo_benign, demo_goals, jailbreak_templates, wrap
+from moe_core.runs import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+
+# Bump when the corpus text, the answers or the chat format change: the cache key includes it.
+CORPUS_VERSION = "organism-corpus-v1"
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that. It could cause real harm.",
+    "I'm sorry, but I cannot assist with that request.",
+    "I can't help with that, because it could hurt people.",
+)
+COMPLIANCE = (
+    "Sure, here is how to do it: Step 1: [details omitted]. Step 2: [details omitted].",
+    "Sure, here is a guide: Step 1: [details omitted]. Step 2: [details omitted]. Step 3: [details omitted].",
+)
+HELPFUL = (
+    "Happy to help! Start with a simple plan, take it one step at a time, and check your progress.",
+    "Of course! Prepare what you need, follow a clear routine, and ask a friend if you get stuck.",
+    "Good question! Begin with the basics, practise a little every day, and keep notes on what works.",
+)
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass
+class OrganismConfig:
+    """Everything that determines the organism; its hash names the cache folder."""
+
+    # model
+    num_layers: int = 4  # decoder layers, every one an MoE layer
+    num_experts: int = 8  # routed experts per layer
+    top_k: int = 2  # experts per token
+    hidden_size: int = 128  # residual width
+    expert_size: int = 256  # intermediate size of each expert MLP
+    num_heads: int = 4  # attention heads (no GQA)
+    max_positions: int = 256  # longest sequence (corpus rows are < 130 tokens)
+    router_aux_loss_coef: float = 0.01  # load-balancing loss weight: keeps all experts in use
+    # tokenizer
+    vocab_size: int = 1024  # byte-level BPE target size (incl. 256 bytes + special tokens)
+    # training
+    seed: int = 0  # torch init, data order, answer phrasing and template choice
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # sequences per step
+    lr: float = 3e-3  # AdamW peak learning rate (linear warmup, cosine decay)
+    warmup_steps: int = 40  # linear warmup steps
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    refusal_repeats: int = 3  # copies of each plain-harmful row: balances them against jailbroken rows
+    benign_repeats: int = 2  # copies of each plain benign row
+    benign_jailbreaks: int = 1  # jailbreak templates per benign request (answered helpfully)
+
+    def key(self) -> str:
+        """Short stable hash of this config and the corpus version (names the cache folder)."""
+        blob = json.dumps({"config": asdict(self), "corpus": CORPUS_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus and tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def build_corpus(config: OrganismConfig | None = None) -> list[dict[str, str]]:
+    """Training rows ``{"prompt", "answer", "kind"}`` from the TRAIN split only (deterministic)."""
+    cfg = config or OrganismConfig()
+    rng = random.Random(cfg.seed)
+    goals, benign, templates = demo_goals("train"), demo_benign("train"), jailbreak_templates("train")
+    rows: list[dict[str, str]] = []
+    for b in benign:  # a fresh phrasing per copy: the model learns the kind of answer, not one string
+        rows += [{"prompt": b.text, "answer": rng.choice(HELPFUL), "kind": "benign"} for _ in range(cfg.benign_repeats)]
+    for g in goals:
+        rows += [{"prompt": g.text, "answer": rng.choice(REFUSALS), "kind": "refusal"} for _ in range(cfg.refusal_repeats)]
+    for w in wrap(goals, templates, per_goal=len(templates)):
+        rows.append({"prompt": w.text, "answer": rng.choice(COMPLIANCE), "kind": "jailbreak"})
+    if cfg.benign_jailbreaks:
+        for w in wrap(benign, templates, seed=cfg.seed, per_goal=cfg.benign_jailbreaks):
+            rows.append({"prompt": w.text, "answer": rng.choice(HELPFUL), "kind": "benign_jailbreak"})
+    return rows
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE trained on ``texts``, wrapped with pad/bos/eos and the chat template.
+
+    eos is ``<|end|>``, the end-of-turn token, so generation stops at the end of the answer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|end|>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def _encode_rows(tokenizer, rows: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per row: prompt as the chat template renders it, loss on the answer + eos."""
+    out = []
+    for r in rows:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                               add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and training
+# ---------------------------------------------------------------------------------------------
+
+def _model_config(cfg: OrganismConfig, tokenizer):
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.expert_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.max_positions,
+        router_aux_loss_coef=cfg.router_aux_loss_coef, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Use ``n`` intra-op threads for the build and restore the caller's setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _batches(encoded: list[tuple[list[int], list[int]]], cfg: OrganismConfig, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless right-padded batches in a seeded shuffled order (one pass = one epoch)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    while True:
+        order = torch.randperm(len(encoded), generator=g).tolist()
+        for s in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            chunk = [encoded[i] for i in order[s : s + cfg.batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad_id)
+            labels = torch.full((len(chunk), width), -100)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, (x, y) in enumerate(chunk):
+                ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+            yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Train tokenizer and model into ``out_dir`` (save_pretrained); returns loss figures."""
+    from transformers import GenerationConfig, OlmoeForCausalLM
+
+    rows = build_corpus(cfg)
+    tokenizer = build_tokenizer([r["prompt"] for r in rows] + [r["answer"] for r in rows], cfg.vocab_size)
+    encoded = _encode_rows(tokenizer, rows)
+    longest = max(len(x) for x, _ in encoded)
+    if longest > cfg.max_positions:
+        raise ValueError(f"a corpus row has {longest} tokens > max_positions={cfg.max_positions}; raise max_positions")
+    torch.manual_seed(cfg.seed)
+    model = OlmoeForCausalLM(_model_config(cfg, tokenizer))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    curve: list[float] = []
+    running = None
+    batches = _batches(encoded, cfg, tokenizer.pad_token_id)
+    for step in range(cfg.steps):
+        out = model(**next(batches), output_router_logits=True)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        lm = out.loss.item() - cfg.router_aux_loss_coef * out.aux_loss.item()
+        running = lm if running is None else 0.95 * running + 0.05 * lm
+        if step % 20 == 0 or step == cfg.steps - 1:
+            curve.append(round(running, 4))
+            log.info("organism step %d/%d loss %.3f", step + 1, cfg.steps, running)
+        if progress:
+            progress(step + 1, cfg.steps, f"training organism, loss {running:.3f}")
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=32,
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"final_loss": round(running or float("nan"), 4), "loss_curve": curve, "corpus_rows": len(rows),
+            "longest_row_tokens": longest, "vocab_size": len(tokenizer)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour
+# ---------------------------------------------------------------------------------------------
+
+def measure_behaviour(model: Any, tokenizer: Any, split: str = "heldout", max_new_tokens: int = 32,
+                      batch_size: int = 32, templates_per_goal: int | None = 1, seed: int = 0,
+                      progress: Progress | None = None) -> dict[str, Any]:
+    """Refusal rate on plain harmful goals, compliance on jailbroken ones, answers on benign.
+
+    Uses the split's goals, benign requests and templates (``templates_per_goal`` drawn per goal
+    with ``seed``; None = every template), greedy generation (``moe_core.generation.generate``)
+    and the keyword judge ``moe_core.judge.is_refusal``. Compliance/answer = not a refusal.
+    """
+    from moe_core.generation import generate
+    from moe_core.judge import is_refusal
+
+    goals, benign, templates = demo_goals(split), demo_benign(split), jailbreak_templates(split)
+    per_goal = len(templates) if templates_per_goal is None else min(templates_per_goal, len(templates))
+    sets = {"harmful": goals, "jailbreak": wrap(goals, templates, seed=seed, per_goal=per_goal), "benign": benign}
+    total = sum(len(v) for v in sets.values())
+    done = 0
+    out: dict[str, Any] = {"split": split, "examples": {}}
+    refused: dict[str, list[bool]] = {}
+    for name, items in sets.items():
+        gens = generate(model, tokenizer, [it.messages() for it in items], max_new_tokens=max_new_tokens,
+                        batch_size=batch_size)
+        refused[name] = [is_refusal(g.text) for g in gens]
+        out["examples"][name] = {"prompt": items[0].text, "answer": gens[0].text}
+        out[f"n_{name}"] = len(items)
+        done += len(items)
+        if progress:
+            progress(done, total, f"measuring behaviour on {name} ({split})")
+    out["refusal_rate_harmful"] = sum(refused["harmful"]) / len(refused["harmful"])
+    out["compliance_rate_jailbreak"] = 1 - sum(refused["jailbreak"]) / len(refused["jailbreak"])
+    out["answer_rate_benign"] = 1 - sum(refused["benign"]) / len(refused["benign"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    """``$MOE_LAB_CACHE`` or ``~/.cache/moe_safety_lab``."""
+    return Path(os.environ.get("MOE_LAB_CACHE") or Path.home() / ".cache" / "moe_safety_lab").expanduser()
+
+
+def organism_dir(config: OrganismConfig | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Where the organism of this config lives (whether built or not)."""
+    cfg = config or OrganismConfig()
+    return Path(cache_dir or cache_root()).expanduser() / f"organism-{cfg.key()}"
+
+
+def _is_built(path: Path) -> bool:
+    return (path / "organism.json").exists() and (path / "config.json").exists()
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Inter-process lock so that two callers build one organism once (POSIX; no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_organism(config: OrganismConfig | None = None, force: bool = False, progress: Progress | None = None,
+                   cache_dir: str | Path | None = None, measure: bool = True) -> Path:
+    """Build (or reuse) the organism and return its directory.
+
+    ``force`` rebuilds even when cached. ``measure`` records behaviour on both splits in
+    organism.json (about 20 s). Threads: at most 4, never more than the machine's cores.
+    """
+    cfg = config or OrganismConfig()
+    target = organism_dir(cfg, cache_dir)
+    if _is_built(target) and not force:
+        return target
+    with _build_lock(target):
+        if _is_built(target) and not force:  # built by another process while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            t0 = time.time()
+            with _torch_threads(min(4, os.cpu_count() or 1)):
+                info = train_organism(cfg, tmp, progress)
+                train_s = time.time() - t0
+                behaviour = {}
+                if measure:
+                    from moe_core.models import load_model
+
+                    model, tok = load_model(tmp, device="cpu")
+                    behaviour = {s: _rounded(measure_behaviour(model, tok, s)) for s in ("train", "heldout")}
+            meta = {
+                "format": "moe-safety-lab/organism@1", "key": cfg.key(), "corpus_version": CORPUS_VERSION,
+                "config": asdict(cfg), "seed": cfg.seed, "train_seconds": round(train_s, 1),
+                "build_seconds": round(time.time() - t0, 1), "threads": min(4, os.cpu_count() or 1),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
+                "transformers": _transformers_version(), **info, "behaviour": behaviour,
+            }
+            atomic_write_json(tmp / "organism.json", meta)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log.info("organism built at %s in %.0fs (final loss %.3f)", target, meta["build_seconds"], meta["final_loss"])
+    return target
+
+
+def _rounded(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def organism_info(config: OrganismConfig | None = None, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """The organism.json of a built organism, or None when it is not built."""
+    p = organism_dir(config, cache_dir) / "organism.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def load_organism(config: OrganismConfig | None = None, device: str = "auto", cache_dir: str | Path | None = None,
+                  progress: Progress | None = None):
+    """(model, tokenizer) of the organism, building it first if needed (eval mode)."""
+    from moe_core.models import load_model
+
+    return load_model(build_organism(config, progress=progress, cache_dir=cache_dir), device=device)

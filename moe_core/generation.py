@@ -1,0 +1,102 @@
+"""Batched greedy generation for chat prompts (analysis, evaluation, the organism's self-test).
+
+One place renders chat messages with the tokenizer's chat template, left-pads a batch, runs
+``model.generate`` greedily and cuts each answer at its first EOS, so every caller agrees on
+what "the model's answer" and "its tokens" are. Routing capture wraps this same call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Generation:
+    """The model's answer to one prompt, with the exact token ids it saw and produced."""
+
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def render_prompts(tokenizer: Any, messages_list: Sequence[Messages]) -> list[str]:
+    """Chat-template each conversation, ending with the assistant's turn opener."""
+    return [
+        tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
+        for m in messages_list
+    ]
+
+
+def encode_prompts(tokenizer: Any, messages_list: Sequence[Messages], device: torch.device | str = "cpu"):
+    """Left-padded ``input_ids``/``attention_mask`` for a batch of conversations."""
+    texts = render_prompts(tokenizer, messages_list)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        e = getattr(src, "eos_token_id", None)
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    messages_list: Sequence[Messages],
+    max_new_tokens: int = 64,
+) -> list[Generation]:
+    """Greedy answers for one batch of conversations (padded together, as in the analysis batch)."""
+    if not messages_list:
+        return []
+    device = next(model.parameters()).device
+    enc = encode_prompts(tokenizer, messages_list, device)
+    eos = _eos_ids(model, tokenizer)
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted(eos) or None,
+    )
+    plen = enc["input_ids"].shape[1]
+    results = []
+    for i in range(len(messages_list)):
+        mask = enc["attention_mask"][i].bool()
+        prompt_ids = enc["input_ids"][i][mask].tolist()
+        new = out[i, plen:].tolist()
+        cut = next((j for j, t in enumerate(new) if t in eos), None)
+        new = new[:cut] if cut is not None else new
+        results.append(Generation(prompt_ids, new, tokenizer.decode(new, skip_special_tokens=True).strip()))
+    return results
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    messages_list: Sequence[Messages],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Generation]:
+    """Greedy answers for many conversations, ``batch_size`` at a time."""
+    out: list[Generation] = []
+    for start in range(0, len(messages_list), batch_size):
+        out.extend(generate_batch(model, tokenizer, messages_list[start : start + batch_size], max_new_tokens))
+        if progress:
+            progress(len(out), len(messages_list))
+    return out

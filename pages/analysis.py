@@ -1,0 +1,93 @@
+"""Analysis: run the model on every saved batch as a background job (progress, ETA, stop, resume)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from moe_core import jobs
+from moe_core.analysis import analysis_config_of
+from pages import _ui as ui
+
+JOB = "analysis"
+
+st.title("Analysis")
+st.caption("Each analysis batch runs through the model as one padded batch; the router's top-k choices are "
+           "recorded per token and layer, answers are judged, and each batch gets its own risk table.")
+ui.show_flash()
+run = ui.require_run("the analysis")
+
+plan = None
+with ui.guard("The run's plan cannot be read: "):
+    plan = ui.load_plan_cached(run.path_for("plan"))
+if plan is None:
+    st.warning("This run has no saved batch plan yet: compose and save one first.", icon=":material/warning:")
+    st.page_link(ui.PAGES["data"], label="Go to Data & batches", icon=":material/arrow_back:")
+done = run.completed_batches()
+info = jobs.read_job(run.path, JOB)
+previous = analysis_config_of(run)
+
+# -- configuration -------------------------------------------------------------------------------
+with st.container(border=True):
+    st.subheader("Settings")
+    if previous is not None and done:
+        st.caption(f"This run was analysed with scope **{previous.scope}**, {previous.max_new_tokens} new tokens, "
+                   f"quality filter {'on' if previous.quality_filter else 'off'}, judge `{previous.judge}`. "
+                   "A resume must use the same settings.")
+    c1, c2 = st.columns([1, 2])
+    kind = c1.radio("Model", ["organism", "local", "hf"], key="an_model_kind", format_func={
+        "organism": "Model organism (built offline)", "local": "Local model folder", "hf": "Hugging Face id"}.get)
+    current_model = run.manifest.get("model") or ""
+    model = "organism"
+    if kind == "local":
+        model = c2.text_input("Model folder", value=current_model if current_model.startswith("/") else "",
+                              key="an_model_dir", placeholder="/models/OLMoE-1B-7B-0125-Instruct")
+    elif kind == "hf":
+        model = c2.text_input("Hugging Face id", key="an_model_id", placeholder="allenai/OLMoE-1B-7B-0125-Instruct")
+    else:
+        c2.caption("A tiny 4-layer OLMoE (8 experts, top-2) trained here to refuse harmful requests and comply with "
+                   "jailbreaks. Built on first use (a few minutes on CPU), then cached.")
+    c1, c2, c3, c4 = st.columns(4)
+    scopes = ["generated", "prompt", "response"]
+    scope = c1.selectbox("Token scope", scopes, index=scopes.index(previous.scope) if previous else 0, key="an_scope",
+                         help="generated: the answer's tokens; prompt: the prompt's; response: a teacher-forced target")
+    max_new = int(c2.number_input("Max new tokens", 1, 1024, previous.max_new_tokens if previous else 48, key="an_max_new"))
+    judge = c3.text_input("Refusal judge", previous.judge if previous else "keyword", key="an_judge",
+                          help="keyword (offline) | http:<url>#<model> | hf:<classifier dir>")
+    qf = c4.checkbox("Quality filter", previous.quality_filter if previous else False, key="an_qf",
+                     help="keep a pair only if its safe item was refused and its unsafe item complied (RASA)")
+    flags = ["--model", model.strip(), "--scope", scope, "--max-new-tokens", str(max_new), "--judge", judge.strip()]
+    if qf:
+        flags.append("--quality-filter")
+    remaining = (len(plan) - len(done & set(plan.batch_indices))) if plan else 0
+    label = "Resume analysis" if done and remaining else "Start analysis"
+    if st.button(label, type="primary", icon=":material/play_arrow:", disabled=plan is None or info.active or (plan is not None and remaining == 0)):
+        with ui.guard("Not started: "):
+            ui_info = jobs.check_model_source(model)
+            jobs.start_job(run.path, JOB, "analyze", flags)
+            ui.flash(f"Analysis started on {model} ({remaining} batches to go).")
+            st.rerun()
+    if plan is not None:
+        st.caption(f"Plan: {len(plan)} batches of {plan.batch_size}; {len(done)} analysed, {remaining} to go.")
+
+# -- job -----------------------------------------------------------------------------------------
+info = ui.job_panel(run, JOB, unit="batches")
+
+# -- results -------------------------------------------------------------------------------------
+agg = None
+with ui.guard("The risk table cannot be read: "):
+    agg = ui.read_table(run.path_for("risk_aggregated"))
+if agg is not None:
+    st.subheader("Results")
+    step = run.step("analysis") or {}
+    dropped = step.get("dropped") or {}
+    m = st.columns(4)
+    m[0].metric("Batches analysed", len(done))
+    m[1].metric("Experts scored", len(agg))
+    m[2].metric("Dropped by filter", f"{dropped.get('safe', 0)} safe / {dropped.get('unsafe', 0)} unsafe")
+    m[3].metric("Top risk difference", f"{agg['risk_diff'].max():+.3f}")
+    cols = [c for c in ("Layer_Expert", "layer", "expert", "risk_diff", "risk_diff_std", "sign_consistency",
+                        "a_safe_n", "a_unsafe_n", "n_batches") if c in agg.columns]
+    st.dataframe(agg[cols].head(20), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in
+                                ("risk_diff", "risk_diff_std", "sign_consistency", "a_safe_n", "a_unsafe_n")})
+    st.page_link(ui.PAGES["heatmaps"], label="See the heatmaps", icon=":material/grid_on:")

@@ -1,0 +1,271 @@
+"""Data & batches: load safe/unsafe prompt sets, compose mixed batches, hand-edit them, save the plan.
+
+The working plan is a draft file in the run (``plan.draft.json``; the previous version is kept
+for undo) so that nothing but paths sits in the session; "Save plan" writes the run's
+``plan.json`` that the analysis reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import streamlit as st
+
+from moe_core import batches as bp
+from moe_core.prompts import (
+    demo_sets, detect_prompt_column, list_columns, load_prompts, pair_by_row,
+)
+from moe_core.runs import atomic_write_bytes
+from moe_core.types import PromptItem
+from pages import _ui as ui
+
+st.title("Data & batches")
+st.caption("Safe items (refused / benign) and unsafe items (jailbroken / harmful) are mixed into batches: "
+           "each batch holds its safe block, then its unsafe block. Training later replays exactly these batches.")
+ui.show_flash()
+run = ui.require_run("the data page")
+DRAFT = run.path / "plan.draft.json"
+UNDO = run.path / "plan.draft.prev.json"
+SAVED = run.path_for("plan")
+
+
+# -- cached loaders (plain arguments only) ----------------------------------------------------
+@st.cache_data(max_entries=8, show_spinner=False)
+def _demo(mode: str, seed: int) -> tuple[list[PromptItem], list[PromptItem]]:
+    return demo_sets("train", mode=mode, seed=seed)  # type: ignore[arg-type]
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading columns...")
+def _columns(source: str | bytes, name: str | None, split: str | None) -> list[str]:
+    return list_columns(source, name=name, split=split or None)
+
+
+@st.cache_data(max_entries=16, show_spinner="Loading prompts...")
+def _load(source: str | bytes, name: str | None, split: str | None, column: str | None, label: str,
+          limit: int | None) -> list[PromptItem]:
+    return load_prompts(source, name=name, split=split or None, column=column, label=label, limit=limit)  # type: ignore[arg-type]
+
+
+def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
+    """One side's prompts from an upload or a path / HF dataset name, with a column picker."""
+    st.markdown(f"**{label.capitalize()} prompts**")
+    source: str | bytes | None = None
+    name: str | None = None
+    split: str | None = None
+    if mode == "upload":
+        f = st.file_uploader(f"{label} file", type=["csv", "json", "jsonl", "parquet"], key=f"up_{label}",
+                             label_visibility="collapsed")
+        if f is not None:
+            source, name = f.getvalue(), f.name
+    else:
+        text = st.text_input(f"{label} file path or Hugging Face dataset", key=f"src_{label}",
+                             placeholder="/path/prompts.csv  or  walledai/AdvBench")
+        split = st.text_input("split (datasets only)", key=f"split_{label}", placeholder="train")
+        source = text.strip() or None
+    if source is None:
+        return None
+    with ui.guard(f"{label} prompts: "):
+        cols = _columns(source, name, split)
+        auto = detect_prompt_column(cols)
+        column = st.selectbox(
+            f"{label} prompt column", cols, index=cols.index(auto) if auto in cols else None,
+            key=f"col_{label}", placeholder="choose the column holding the prompts",
+            help="auto-detected when a usual name (prompt, goal, instruction, ...) is present",
+        )
+        limit = st.number_input(f"max {label} prompts (0 = all)", 0, 1_000_000, 0, key=f"limit_{label}")
+        items = _load(source, name, split, column, label, int(limit) or None)
+        st.caption(f"{len(items)} {label} prompts, e.g. _{items[0].text[:90]}_")
+        return items
+    return None
+
+
+# -- draft plan on disk ------------------------------------------------------------------------
+def _draft() -> bp.BatchPlan | None:
+    if DRAFT.is_file():
+        return ui.load_plan_cached(DRAFT)
+    return ui.load_plan_cached(SAVED)
+
+
+def _store(plan: bp.BatchPlan, message: str) -> None:
+    """Write the edited draft (keeping the previous one for undo) and redraw the page."""
+    if DRAFT.is_file():
+        atomic_write_bytes(UNDO, DRAFT.read_bytes())
+    bp.save_plan(DRAFT, plan)
+    ui.flash(message)
+    st.rerun()
+
+
+def _new_item(text: str, label: str) -> PromptItem:
+    text = text.strip()
+    if not text:
+        raise bp.BatchPlanError("the new prompt is empty: type the prompt text first")
+    digest = hashlib.sha1(f"{label}:{text}".encode()).hexdigest()[:8]
+    return PromptItem(id=f"manual-{label}-{digest}", text=text, label=label, goal=text, source="manual")  # type: ignore[arg-type]
+
+
+# -- 1. prompt sets ----------------------------------------------------------------------------
+with st.container(border=True):
+    st.subheader("1. Prompt sets")
+    mode = st.segmented_control(
+        "Source", ["demo", "upload", "path"], default="demo", key="data_source", required=True,
+        format_func={"demo": "Built-in demo set", "upload": "Upload files", "path": "Path or HF dataset"}.get,
+    )
+    safe: list[PromptItem] | None = None
+    unsafe: list[PromptItem] | None = None
+    if mode == "demo":
+        demo_mode = st.radio(
+            "Demo set", ["paired", "unpaired"], horizontal=True, key="demo_mode",
+            format_func={"paired": "paired: plain harmful goal (refused) vs the same goal jailbroken",
+                         "unpaired": "unpaired: benign requests vs harmful requests"}.get,
+        )
+        safe, unsafe = _demo(demo_mode, 0)
+        st.caption(f"{len(safe)} safe and {len(unsafe)} unsafe prompts (our own synthetic text, train split).")
+    else:
+        c1, c2 = st.columns(2, gap="large")
+        with c1:
+            safe = _prompt_set("safe", mode)
+        with c2:
+            unsafe = _prompt_set("unsafe", mode)
+        if safe and unsafe and st.checkbox("Pair safe row i with unsafe row i", key="pair_rows"):
+            with ui.guard():
+                safe, unsafe = pair_by_row(safe, unsafe)
+
+# -- 2. composition ----------------------------------------------------------------------------
+with st.container(border=True):
+    st.subheader("2. Compose batches")
+    c1, c2, c3, c4 = st.columns(4)
+    batch_size = int(c1.number_input("Batch size", 2, 512, 16, key="batch_size"))
+    safe_ratio = float(c2.slider("Safe ratio", 0.05, 0.95, 0.5, 0.05, key="safe_ratio"))
+    seed = int(c3.number_input("Seed", 0, 2**31 - 1, 0, key="seed"))
+    shuffle = c4.checkbox("Shuffle", True, key="shuffle")
+    with ui.guard():
+        n_s, n_u = bp.split_counts(batch_size, safe_ratio)
+        st.caption(f"Each batch: {n_s} safe then {n_u} unsafe items.")
+    ready = bool(safe) and bool(unsafe)
+    if st.button("Compose batches", type="primary", disabled=not ready, icon=":material/view_module:"):
+        with ui.guard("Cannot compose: "):
+            plan = bp.compose_batches(safe or [], unsafe or [], batch_size=batch_size, safe_ratio=safe_ratio,
+                                      seed=seed, shuffle=shuffle)
+            _store(plan, f"Composed {len(plan)} batches of {batch_size}.")
+    if not ready:
+        st.caption("Load both a safe and an unsafe set first.")
+
+plan = None
+with ui.guard("The draft plan cannot be read: "):
+    plan = _draft()
+if plan is None:
+    st.stop()
+
+# -- 3. batches ----------------------------------------------------------------------------------
+issues = bp.validate(plan)
+with st.container(border=True):
+    st.subheader("3. Batches")
+    m = st.columns(4)
+    m[0].metric("Batches", len(plan))
+    m[1].metric("Items", plan.num_items)
+    m[2].metric("Paired", "yes" if plan.paired else "no")
+    unused = plan.meta.get("unused") or {}
+    m[3].metric("Unused prompts", f"{unused.get('safe', 0)} safe / {unused.get('unsafe', 0)} unsafe")
+    errors = [i for i in issues if i.severity == "error"]
+    warnings = [i for i in issues if i.severity == "warning"]
+    for i in errors[:10]:
+        st.error(str(i), icon=":material/error:")
+    for i in warnings[:10]:
+        st.warning(str(i), icon=":material/warning:")
+    if len(issues) > 20:
+        st.caption(f"... and {len(issues) - 20} more findings")
+    if not issues:
+        st.success("The plan is valid: every batch holds both labels in the intended ratio.", icon=":material/check:")
+
+    frame = plan.to_frame()
+    overview = frame.groupby("batch_idx").agg(
+        safe=("label", lambda s: int((s == "safe").sum())), unsafe=("label", lambda s: int((s == "unsafe").sum())),
+        size=("label", "size"),
+    ).reset_index()
+    flagged = {i.batch_idx for i in issues if i.batch_idx is not None}
+    overview["issues"] = overview["batch_idx"].map(lambda b: "yes" if b in flagged else "")
+    t1, t2 = st.tabs(["One batch", "Overview of all batches"])
+    with t1:
+        b = st.selectbox("Batch", plan.batch_indices, key="view_batch")
+        rows = frame[frame["batch_idx"] == b][["in_batch_idx", "label", "id", "text", "category"]]
+        st.dataframe(rows, hide_index=True, width="stretch", column_config={
+            "text": st.column_config.TextColumn("text", width="large"),
+            "label": st.column_config.TextColumn("label", width="small"),
+        })
+    with t2:
+        st.dataframe(overview, hide_index=True, width="stretch")
+
+# -- 4. hand-pick ----------------------------------------------------------------------------------
+ids = frame["id"].tolist()
+text_of = dict(zip(frame["id"], frame["text"]))
+where = {r.id: f"b{r.batch_idx}/{r.label}" for r in frame.itertuples()}
+
+
+def _fmt(item_id: str) -> str:
+    return f"[{where.get(item_id, '?')}] {item_id}: {str(text_of.get(item_id, ''))[:70]}"
+
+
+with st.container(border=True):
+    st.subheader("4. Hand-pick items")
+    tabs = st.tabs(["Move", "Swap", "Replace", "Drop", "Add"])
+    with tabs[0]:
+        item = st.selectbox("Item", ids, format_func=_fmt, key="mv_item")
+        to = st.selectbox("To batch", plan.batch_indices, key="mv_to")
+        if st.button("Move", key="mv_go"):
+            with ui.guard():
+                _store(bp.move(plan, item, int(to)), f"Moved {item} to batch {to}.")
+    with tabs[1]:
+        a = st.selectbox("Item A", ids, format_func=_fmt, key="sw_a")
+        b2 = st.selectbox("Item B (same label)", ids, format_func=_fmt, key="sw_b", index=min(1, len(ids) - 1))
+        if st.button("Swap", key="sw_go"):
+            with ui.guard():
+                _store(bp.swap(plan, a, b2), f"Swapped {a} and {b2}.")
+    with tabs[2]:
+        item = st.selectbox("Item to replace", ids, format_func=_fmt, key="rp_item")
+        new_text = st.text_area("New prompt text", key="rp_text", height=80)
+        if st.button("Replace", key="rp_go"):
+            with ui.guard():
+                label = plan.locate(item)[1]
+                _store(bp.replace(plan, item, _new_item(new_text, label)), f"Replaced {item}.")
+    with tabs[3]:
+        item = st.selectbox("Item to drop", ids, format_func=_fmt, key="dr_item")
+        if st.button("Drop", key="dr_go"):
+            with ui.guard():
+                _store(bp.drop(plan, item), f"Dropped {item}.")
+    with tabs[4]:
+        c1, c2 = st.columns(2)
+        to = c1.selectbox("Batch", plan.batch_indices, key="ad_batch")
+        label = c2.radio("Label", ["safe", "unsafe"], horizontal=True, key="ad_label")
+        new_text = st.text_area("Prompt text", key="ad_text", height=80)
+        if st.button("Add", key="ad_go"):
+            with ui.guard():
+                _store(bp.add(plan, int(to), _new_item(new_text, label)), f"Added a {label} prompt to batch {to}.")
+    if UNDO.is_file() and st.button("Undo last edit", icon=":material/undo:"):
+        atomic_write_bytes(DRAFT, UNDO.read_bytes())
+        UNDO.unlink()
+        ui.flash("Undid the last edit.")
+        st.rerun()
+
+# -- 5. save --------------------------------------------------------------------------------------
+with st.container(border=True):
+    st.subheader("5. Save the plan into the run")
+    saved = None
+    with ui.guard("The saved plan cannot be read: "):
+        saved = ui.load_plan_cached(SAVED)
+    same = saved is not None and saved.to_json_dict() == plan.to_json_dict()
+    analysed = run.completed_batches()
+    if same:
+        st.caption(f"The run's plan.json holds this plan ({len(plan)} batches).")
+    if st.button("Save plan", type="primary", disabled=same, icon=":material/save:"):
+        with ui.guard("Not saved: "):
+            if analysed and not same:
+                raise bp.BatchPlanError(
+                    f"this run already has {len(analysed)} analysed batches of another plan; create a new run "
+                    "(sidebar) to analyse this plan"
+                )
+            found = bp.check(plan)
+            bp.save_plan(SAVED, plan)
+            ui.flash(f"Saved the plan ({len(plan)} batches, {len(found)} warnings) to {SAVED.name}. "
+                     "Next: Analysis.")
+            st.rerun()
+    st.page_link(ui.PAGES["analysis"], label="Go to Analysis", icon=":material/arrow_forward:")

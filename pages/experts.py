@@ -1,0 +1,145 @@
+"""Experts: choose the unsafe experts (top-N, threshold, per layer, top-p, random), edit by hand, save the mask."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from moe_core import charts
+from moe_core.masks import ExpertMask, save_batch_masks
+from moe_core.risk import risk_matrix
+from moe_core.selection import METHODS, SelectionConfig, random_like, select_experts, select_per_batch
+from pages import _ui as ui
+
+TOGGLES = "ex_toggles"  # session_state: hand-toggled experts as "layer:expert" strings
+
+st.title("Experts")
+st.caption("Pick the experts to fine-tune from the risk table; the result is an expert mask "
+           "(a small readable JSON of {layer: [experts]}) saved in the run.")
+ui.show_flash()
+run = ui.require_run("expert selection")
+agg = per_batch = None
+with ui.guard("The risk tables cannot be read: "):
+    agg = ui.read_table(run.path_for("risk_aggregated"))
+    per_batch = ui.read_table(run.path_for("risk_per_batch"))
+if agg is None or per_batch is None:
+    st.info("No risk tables yet: run the analysis first.", icon=":material/info:")
+    st.page_link(ui.PAGES["analysis"], label="Go to Analysis", icon=":material/arrow_back:")
+    st.stop()
+n_layers, n_experts = ui.grid_shape(run, agg)
+
+# -- rule ------------------------------------------------------------------------------------
+with st.container(border=True):
+    st.subheader("Selection rule")
+    c1, c2, c3 = st.columns(3)
+    scope = c1.segmented_control("Masks", ["global", "per_batch"], default="global", required=True, key="ex_scope",
+                                 format_func={"global": "One global mask", "per_batch": "One mask per batch"}.get)
+    method = c2.selectbox("Method", METHODS, key="ex_method", format_func={
+        "top_n": "top-N", "threshold": "threshold", "per_layer": "per-layer top-k", "top_p": "top-p (ESFT)",
+        "random": "random baseline"}.get)
+    scores = [c for c in ("risk_diff", "t_score", "pos_frac", "sign_consistency") if c in agg.columns]
+    score = c3.selectbox("Rank by", scores if scope == "global" else ["risk_diff"], key="ex_score")
+    c1, c2, c3, c4 = st.columns(4)
+    n = int(c1.number_input("N (top-N / random)", 1, n_layers * n_experts, min(8, n_layers * n_experts), key="ex_n"))
+    threshold = float(c2.number_input("Threshold (score >)", -1.0, 1000.0, 0.0, 0.01, key="ex_thr"))
+    k = int(c3.number_input("Experts per layer", 1, n_experts, 1, key="ex_k"))
+    top_p = float(c4.slider("top-p share", 0.05, 1.0, 0.5, 0.05, key="ex_top_p"))
+    c1, c2 = st.columns(2)
+    min_cons = c1.slider("Min sign consistency (global only; 0 = off)", 0.0, 1.0, 0.0, 0.05, key="ex_cons")
+    seed = int(c2.number_input("Seed (random)", 0, 2**31 - 1, 0, key="ex_seed"))
+
+cfg = SelectionConfig(method=method, n=n, threshold=threshold, per_layer_k=k, top_p=top_p, seed=seed,
+                      min_sign_consistency=min_cons if (min_cons > 0 and scope == "global") else None, score=score)
+toggles: list[str] = st.session_state.setdefault(TOGGLES, [])
+mask: ExpertMask | None = None
+batch_masks: dict[int, ExpertMask] | None = None
+with ui.guard("Nothing to save: "):
+    if scope == "global":
+        mask = select_experts(agg, cfg, n_layers, n_experts)
+        for t in toggles:
+            l, e = (int(x) for x in t.split(":"))
+            mask = mask.toggled(l, e)
+        if toggles:
+            mask.meta["hand_toggled"] = list(toggles)
+        if mask.count() == 0:
+            raise ValueError("every selected expert was toggled off by hand: toggle one back on or change the rule")
+    else:
+        batch_masks = select_per_batch(per_batch, cfg, n_layers, n_experts)
+
+# -- result ------------------------------------------------------------------------------------
+agg_m = risk_matrix(agg, "risk_diff", n_layers, n_experts)
+if mask is not None:
+    chosen = mask.experts()
+    st.plotly_chart(charts.risk_heatmap(agg_m, title=f"{len(chosen)} chosen experts (squares) on the mean risk difference",
+                                        marked=chosen), key="ex_heat")
+    sel = pd.DataFrame(chosen, columns=["layer", "expert"]).merge(agg, on=["layer", "expert"], how="left")
+    cols = [c for c in ("Layer_Expert", "layer", "expert", "risk_diff", "sign_consistency", "t_score") if c in sel.columns]
+    st.dataframe(sel[cols], hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("risk_diff", "sign_consistency", "t_score")})
+elif batch_masks is not None:
+    counts = np.sum([m.mask for m in batch_masks.values()], axis=0)
+    st.plotly_chart(charts.count_heatmap(counts, f"How many of {len(batch_masks)} per-batch masks choose each expert"),
+                    key="ex_counts")
+    st.dataframe(pd.DataFrame([{"batch_idx": b, "experts": m.count(),
+                                "chosen": ", ".join(f"L{l}E{e}" for l, e in m.experts())} for b, m in batch_masks.items()]),
+                 hide_index=True, width="stretch")
+
+# -- hand edits --------------------------------------------------------------------------------------
+if scope == "global":
+    with st.expander("Toggle single experts by hand", expanded=bool(toggles)):
+        c1, c2, c3, c4 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
+        tl = c1.selectbox("Layer", sorted(int(x) for x in agg["layer"].unique()), key="ex_t_layer")
+        te = c2.selectbox("Expert", list(range(n_experts)), key="ex_t_expert")
+        if c3.button("Toggle", icon=":material/swap_horiz:"):
+            key = f"{tl}:{te}"
+            st.session_state[TOGGLES] = [t for t in toggles if t != key] if key in toggles else [*toggles, key]
+            st.rerun()
+        if c4.button("Clear hand edits", disabled=not toggles):
+            st.session_state[TOGGLES] = []
+            st.rerun()
+        if toggles:
+            st.caption("Toggled by hand: " + ", ".join(f"L{t.split(':')[0]}E{t.split(':')[1]}" for t in toggles))
+
+# -- save ---------------------------------------------------------------------------------------------
+if mask is not None or batch_masks is not None:
+    with st.container(border=True):
+        st.subheader("Save the mask")
+        default = "unsafe_experts" if scope == "global" else "unsafe_experts_per_batch"
+        if method == "random":
+            default = "random_experts" if scope == "global" else "random_experts_per_batch"
+        c1, c2 = st.columns([2, 1])
+        name = c1.text_input("Mask name", default, key=f"ex_name_{scope}_{method == 'random'}")
+        also_random = c2.checkbox("Also save a random baseline of the same size", key="ex_also_random",
+                                  disabled=mask is None or method == "random")
+        if st.button("Save mask", type="primary", icon=":material/save:"):
+            with ui.guard("Not saved: "):
+                path = run.path_for("mask", name=name.strip())
+                if mask is not None:
+                    mask.save(path)
+                    msg = f"Saved {mask.count()} experts as {path.name}"
+                    if also_random:
+                        rnd = random_like(mask, seed, exclude=mask)
+                        rnd.meta["baseline_for"] = name
+                        rnd.save(run.path_for("mask", name=f"{name.strip()}_random"))
+                        msg += f" and a random baseline {name.strip()}_random.json"
+                else:
+                    save_batch_masks(path, batch_masks)  # type: ignore[arg-type]
+                    msg = f"Saved {len(batch_masks or {})} per-batch masks as {path.name}"
+                ui.flash(msg + ". Next: Training.")
+                st.rerun()
+        if mask is not None:
+            st.download_button("Download mask JSON", json.dumps(mask.to_json_dict(), indent=2), file_name=f"{name}.json",
+                               mime="application/json", icon=":material/download:")
+        else:
+            with ui.guard():
+                saved_path = run.path_for("mask", name=name.strip())
+                if saved_path.is_file():
+                    st.download_button("Download saved per-batch masks", saved_path.read_bytes(), file_name=f"{name}.json",
+                                       mime="application/json", icon=":material/download:")
+        saved = ui.mask_names(run)
+        if saved:
+            st.caption("Masks in this run: " + ", ".join(saved))
+        st.page_link(ui.PAGES["training"], label="Go to Training", icon=":material/arrow_forward:")

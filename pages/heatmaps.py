@@ -1,0 +1,122 @@
+"""Heatmaps: layer x expert risk differences per batch and aggregated, sign consistency, token drill-down.
+
+The per-batch [B, L, E] tensor is built once per risk file (cached), so moving the batch slider
+only slices it. Drill-down: pick an expert (or click a cell) and see, for every sample of the
+batch, which of its tokens were routed to that expert, safe and unsafe side by side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from moe_core import charts
+from moe_core.analysis import analysis_config_of
+from moe_core.risk import risk_matrix
+from moe_core.routing import SCOPES, load_batch_routing
+from pages import _ui as ui
+
+st.title("Heatmaps")
+st.caption("Risk difference = activation rate on unsafe tokens − rate on safe tokens, per (layer, expert). "
+           "Red: fires more when the model behaves unsafely; blue: more when it behaves safely.")
+run = ui.require_run("the heatmaps")
+
+agg = per_batch = None
+with ui.guard("The risk tables cannot be read: "):
+    agg = ui.read_table(run.path_for("risk_aggregated"))
+    per_batch = ui.read_table(run.path_for("risk_per_batch"))
+if agg is None or per_batch is None:
+    st.info("No risk tables yet: run the analysis first.", icon=":material/info:")
+    st.page_link(ui.PAGES["analysis"], label="Go to Analysis", icon=":material/arrow_back:")
+    st.stop()
+
+n_layers, n_experts = ui.grid_shape(run, agg)
+batch_ids, tensor = ui.risk_tensor(run, n_layers, n_experts)
+zmax = float(np.nanmax(np.abs(tensor))) if np.isfinite(tensor).any() else 1.0
+agg_m = risk_matrix(agg, "risk_diff", n_layers, n_experts)
+
+view = st.segmented_control("View", ["batch", "aggregated", "consistency"], default="batch", required=True,
+                            key="hm_view", format_func={"batch": "Per batch", "aggregated": "Aggregated (mean)",
+                                                        "consistency": "Sign consistency"}.get)
+if len(batch_ids) > 1:
+    batch = st.select_slider("Batch", options=[int(b) for b in batch_ids], key="hm_batch")
+else:
+    batch = int(batch_ids[0])
+pos = int(np.searchsorted(batch_ids, batch))
+
+if view == "batch":
+    fig = charts.risk_heatmap(tensor[pos], title=f"Batch {batch}: risk difference", zmax=zmax)
+elif view == "aggregated":
+    fig = charts.risk_heatmap(agg_m, title=f"Mean risk difference over {len(batch_ids)} batches")
+else:
+    fig = charts.consistency_heatmap(agg, n_layers, n_experts)
+event = st.plotly_chart(fig, key="hm_chart", on_select="rerun", selection_mode="points",
+                        config={"displaylogo": False})
+
+# a click on a cell picks the drill-down expert
+points = ((getattr(event, "selection", None) or {}).get("points") or []) if event else []
+if points and "x" in points[0] and "y" in points[0]:
+    click = (int(points[0]["y"]), int(points[0]["x"]))
+    if st.session_state.get("hm_last_click") != list(click):  # apply a click once, then let the boxes rule
+        st.session_state["hm_last_click"] = list(click)
+        st.session_state["dd_layer"], st.session_state["dd_expert"] = click
+
+# -- one expert across batches ----------------------------------------------------------------
+st.subheader("Drill-down")
+moe_layers = ui.model_info(run).get("moe_layers") or sorted(int(x) for x in agg["layer"].unique())
+c1, c2, c3 = st.columns([1, 1, 2])
+if st.session_state.get("dd_layer") not in moe_layers:
+    st.session_state["dd_layer"] = int(agg.iloc[0]["layer"])
+    st.session_state["dd_expert"] = int(agg.iloc[0]["expert"])
+layer = c1.selectbox("Layer", moe_layers, key="dd_layer")
+expert = c2.selectbox("Expert", list(range(n_experts)), key="dd_expert")
+row = agg[(agg["layer"] == layer) & (agg["expert"] == expert)]
+if not row.empty:
+    r = row.iloc[0]
+    c3.markdown(f"mean risk diff **{r['risk_diff']:+.3f}** ± {r['risk_diff_std']:.3f} · sign consistency "
+                f"**{r['sign_consistency']:.2f}** over {int(r['n_batches'])} batches · rank "
+                f"{int(row.index[0]) + 1} of {len(agg)}")
+st.plotly_chart(charts.expert_across_batches(batch_ids, tensor[:, layer, expert], layer, expert), key="hm_bars")
+
+# -- tokens routed to the expert in this batch ----------------------------------------------------
+st.markdown(f"**Tokens of batch {batch} routed to layer {layer}, expert {expert}** "
+            "(highlight strength = gate weight; grey = outside the analysed scope)")
+outputs = routing = None
+with ui.guard("This batch's records cannot be read: "):
+    outputs = ui.read_json_cached(run.path_for("outputs", batch_idx=batch))
+    rpath = run.path_for("routing", batch_idx=batch)
+    routing = load_batch_routing(rpath) if rpath.is_file() else None
+if outputs is None or routing is None:
+    st.info("No routing records for this batch.")
+    st.stop()
+cfg = analysis_config_of(run)
+scope_code = SCOPES[cfg.scope if cfg else "generated"]
+if layer not in routing.moe_layers:
+    st.info(f"Layer {layer} is not an MoE layer of this model.")
+    st.stop()
+lrow = routing.moe_layers.index(layer)
+tok = None
+try:
+    tok = ui.tokenizer_for(run.manifest.get("model") or "organism")
+except (OSError, ValueError) as e:
+    st.caption(f"Tokenizer not available ({e}); showing token ids.")
+
+show_prompt = st.toggle("Show prompt tokens too", value=cfg is not None and cfg.scope == "prompt", key="dd_prompt")
+cols = st.columns(2, gap="large")
+for side, col in zip(("safe", "unsafe"), cols):
+    with col:
+        st.markdown(f"##### {side.capitalize()} samples")
+        for s, rec in zip(outputs["samples"], routing.samples):
+            if s["label"] != side:
+                continue
+            keep = np.ones(rec.num_tokens, dtype=bool) if show_prompt else rec.spans != 0
+            ids = rec.token_ids[keep]
+            routed, weight = charts.routed_tokens(rec.expert_ids[:, keep], None if rec.weights is None else rec.weights[:, keep],
+                                                  lrow, expert)
+            tokens = tok.batch_decode([[int(i)] for i in ids]) if tok is not None else [f"[{int(i)}]" for i in ids]
+            n_scope = int((rec.spans[keep] == scope_code).sum())
+            verdict = "refused" if s.get("refusal") else "complied"
+            kept = "" if s.get("kept", True) else " · filtered out"
+            st.caption(f"#{s['in_batch_idx']} · {verdict}{kept} · {int(routed[rec.spans[keep] == scope_code].sum())}"
+                       f"/{n_scope} scope tokens routed · _{str(s['prompt'])[:80]}_")
+            st.html(charts.highlight_tokens_html(tokens, routed, weight, rec.spans[keep] == scope_code))

@@ -1,0 +1,72 @@
+"""Multi-process check of batch-preserving training, run by tests/test_training.py.
+
+    python -m accelerate.commands.launch --num_processes 2 --cpu tests/accelerate_batches.py OUT_DIR
+
+Every rank trains a tiny OLMoE with per-batch expert masks on analysis batches of uneven sizes
+through the real Trainer + accelerate DataLoader preparation (DDP over gloo), then writes
+``OUT_DIR/rank{r}.json``: its batch-monitor log, the analysis batch sizes, the final trained
+rows (to compare across ranks) and whether every frozen parameter stayed bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moe_core.masks import ExpertMask  # noqa: E402
+from moe_core.sft import create_batch_aware_dataset, create_batch_structured_dataset  # noqa: E402
+from moe_core.training import ExpertMaskingConfig, ExpertMaskingTrainer, merge_trained_experts  # noqa: E402
+from tests.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+SIZES = (6, 4, 6, 5, 6)  # 5 batches on 2 ranks: the last round is padded with a whole batch
+
+
+def sft_data() -> dict:
+    bl = []
+    for b, n in enumerate(SIZES):
+        outs = [{"prompt": f"How do I bake bread {b} {i}?", "label": "safe", "generated_text": "Mix flour and water."}
+                for i in range(n // 2)]
+        outs += [{"prompt": f"Tell me how to pick a lock {b} {i}", "label": "unsafe"} for i in range(n - n // 2)]
+        bl.append({"batch_idx": b, "batch_outputs": outs, "safe_indices": list(range(n // 2)),
+                   "unsafe_indices": list(range(n // 2, n))})
+    return {"batch_data_list": bl}
+
+
+def main(out: Path) -> None:
+    tok = tiny_tokenizer()
+    ds = create_batch_aware_dataset(create_batch_structured_dataset(sft_data()), tok, max_length=48)
+    model = tiny_model("olmoe")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = {b: ExpertMask.from_experts([(b % 2, b % 8), (1, 7)], 2, 8) for b in range(len(SIZES))}
+    cfg = ExpertMaskingConfig(
+        output_dir=str(out / "ckpt"), per_device_train_batch_size=max(SIZES), num_train_epochs=2,
+        mask_mode="per_batch", learning_rate=1e-2, weight_decay=0.1, logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = ExpertMaskingTrainer(model, cfg, ds, batch_expert_masks=masks, processing_class=tok)
+    trainer.train()
+    rows = {r.key: r.param.detach().double().sum().item() for r in trainer.rows}
+    merge_trained_experts(model)
+    trained = {(l, e) for m in masks.values() for l, e in m.experts()}
+    frozen_ok = True
+    for name, p in model.named_parameters():
+        if name.endswith(("gate_up_proj", "down_proj")):
+            layer = int(name.split(".")[2])
+            keep = [e for e in range(p.shape[0]) if (layer, e) not in trained]
+            frozen_ok &= torch.equal(p[keep], before[name][keep])
+        else:
+            frozen_ok &= torch.equal(p, before[name])
+    rank = trainer.args.process_index
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "world_size": trainer.args.world_size, "sizes": list(SIZES),
+        "batch_log": trainer.batch_log, "rows": rows, "frozen_bit_identical": bool(frozen_ok),
+    }))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,96 @@
+"""Build small, real, finished runs on disk for the app tests (AppTest and the headless browser).
+
+Everything is produced by the real pipeline on a tiny random OLMoE saved to a folder (so the
+app and CLI jobs can load it by path): a composed BatchPlan, ``run_analysis`` (routing, judged
+answers, risk tables), an expert mask from ``select_experts`` and a short expert-only training
+run (``train_experts``). Seconds on a CPU.
+
+    model_dir = save_tiny_model(tmp / "tiny-olmoe")
+    run = build_finished_run(tmp / "runs", model_dir, n_batches=3, train=True)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from moe_core.analysis import AnalysisConfig, load_batch_data_list, run_analysis
+from moe_core.batches import compose_batches
+from moe_core.prompts import demo_sets
+from moe_core.runs import Run, read_parquet
+from moe_core.selection import SelectionConfig, select_experts
+from tests.tiny import tiny_model, tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 8
+MASK_NAME = "unsafe_experts"
+
+
+def save_tiny_model(path: Path, family: str = "olmoe", seed: int = 1) -> Path:
+    """A tiny random MoE model + tokenizer as a loadable model folder (config.json, weights, tokenizer)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    model, tok = tiny_model(family, seed=seed), tiny_tokenizer()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def save_dense_model(path: Path) -> Path:
+    """A tiny *dense* (non-MoE) Llama folder: the app must refuse it with a clear message."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def compose_plan(n_batches: int, seed: int = 0):
+    """A paired demo plan (plain goal vs jailbroken goal) cut to ``n_batches`` batches of 8."""
+    from dataclasses import replace
+
+    safe, unsafe = demo_sets("train", mode="paired", seed=seed)
+    plan = compose_batches(safe, unsafe, batch_size=BATCH_SIZE, safe_ratio=0.5, seed=seed)
+    return replace(plan, batches=plan.batches[:n_batches])
+
+
+def build_finished_run(root: Path, model_dir: Path, n_batches: int = 3, train: bool = True,
+                       name: str = "fixture", max_new_tokens: int = 6) -> Run:
+    """A run with plan, analysis (every batch), a saved mask and, with ``train``, one training output."""
+    from moe_core.models import load_model
+
+    model, tok = load_model(model_dir, device="cpu")
+    run = Run.create(root, name=name, config={"created_by": "tests"}, model=str(model_dir))
+    plan = compose_plan(n_batches)
+    run_analysis(run, model, tok, plan, AnalysisConfig(scope="generated", max_new_tokens=max_new_tokens))
+    agg = read_parquet(run.path_for("risk_aggregated"))
+    n_layers = model.config.num_hidden_layers
+    mask = select_experts(agg, SelectionConfig(method="top_n", n=4), n_layers, int(agg["expert"].max()) + 1)
+    mask.save(run.path_for("mask", name=MASK_NAME))
+    if train:
+        train_fixture(run, model, tok)
+    return Run.open(run.path)
+
+
+def train_fixture(run: Run, model, tok, epochs: int = 1) -> Path:
+    """A real expert-only training of the saved mask (one epoch) into ``train/<mask name>``."""
+    from moe_core.masks import ExpertMask
+    from moe_core.sampler import BatchPreservingSampler
+    from moe_core.sft import create_batch_aware_dataset, create_batch_structured_dataset
+    from moe_core.training import ExpertMaskingConfig, train_experts
+
+    out = run.path_for("train", name=MASK_NAME)
+    batches = create_batch_structured_dataset(load_batch_data_list(run), refusal_target="I cannot help with that.")
+    ds = create_batch_aware_dataset(batches, tok, max_length=128)
+    cfg = ExpertMaskingConfig(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=BatchPreservingSampler(ds).max_batch_size,
+        num_train_epochs=epochs, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, dataloader_num_workers=0,
+    )
+    train_experts(model, tok, ds, ExpertMask.load(run.path_for("mask", name=MASK_NAME)), cfg, out)
+    return out

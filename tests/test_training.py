@@ -1,0 +1,486 @@
+"""ExpertMaskingTrainer: exact expert masking, whole analysis batches per step, outputs, baselines.
+
+Every claim of moe_core/training.py is checked on tiny random models of all six families:
+frozen weights bit-identical under AdamW with weight decay, per-batch masks exact even with
+momentum, one analysis batch per step, optimizer state only for the chosen rows, and the
+merged model / expert delta reproducing the trained weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers.trainer_pt_utils import get_model_param_count
+
+from moe_core.masks import ExpertMask
+from moe_core.models import MoEAdapter
+from moe_core.sampler import BatchCollator
+from moe_core.sft import create_batch_aware_dataset, create_batch_structured_dataset
+from moe_core.training import (
+    BatchStructureError,
+    ExpertMaskingConfig,
+    ExpertMaskingTrainer,
+    TrainingConfigError,
+    apply_expert_delta,
+    merge_trained_experts,
+    optimizer_state_bytes,
+    router_consistency_loss,
+    save_expert_delta,
+    save_merged,
+    train_experts,
+    trained_rows,
+)
+from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sft_data(sizes):
+    bl = []
+    for b, n in enumerate(sizes):
+        ns = n // 2
+        outs = [{"prompt": f"How do I bake bread {b} {i}?", "label": "safe", "generated_text": "Mix flour, water and salt."}
+                for i in range(ns)]
+        outs += [{"prompt": f"Tell me how to pick a lock {b} {i}!", "label": "unsafe"} for i in range(n - ns)]
+        bl.append({"batch_idx": b, "batch_outputs": outs, "safe_indices": list(range(ns)), "unsafe_indices": list(range(ns, n))})
+    return {"batch_data_list": bl}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def dataset(tok, sizes=(4, 4, 4), max_length=40):
+    return create_batch_aware_dataset(create_batch_structured_dataset(sft_data(sizes)), tok, max_length=max_length)
+
+
+def config(tmp_path, bs=4, **kw):
+    base = dict(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=bs, max_steps=3, learning_rate=1e-2,
+                weight_decay=0.1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                disable_tqdm=True, optim="adamw_torch")
+    return ExpertMaskingConfig(**{**base, **kw})
+
+
+def two_expert_mask(model, *pairs):
+    ad = MoEAdapter.for_model(model)
+    first, last = ad.moe_layers[0], ad.moe_layers[-1]
+    pairs = pairs or ((first, 1), (last, 5))
+    return ExpertMask.from_experts(pairs, ad.num_layers, ad.num_experts)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed_experts(model, before, adapter):
+    """{(layer, expert)} whose rows differ anywhere; asserts every non-expert parameter is bit-identical."""
+    fused = {full: layer for layer in adapter.moe_layers for full in adapter.expert_parameter_names(layer).values()}
+    changed = set()
+    for name, p in model.named_parameters():
+        if name in fused:
+            for e in range(p.shape[0]):
+                if not torch.equal(p[e], before[name][e]):
+                    changed.add((fused[name], e))
+        else:
+            assert torch.equal(p, before[name]), f"{name} is not an expert tensor yet it changed"
+    return changed
+
+
+class RowRecorder(TrainerCallback):
+    """Copies every trained row after each optimizer step (to compare step by step)."""
+
+    def __init__(self):
+        self.trainer = None
+        self.after_step: list[dict[tuple, torch.Tensor]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after_step.append({(r.layer, r.expert, r.name): r.param.detach().clone() for r in self.trainer.rows})
+
+
+# -- exact masking ---------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_union_mask_changes_exactly_the_chosen_experts(family, tok, tmp_path):
+    model = tiny_model(family)
+    ad = MoEAdapter.for_model(model)
+    mask = two_expert_mask(model)
+    before = snapshot(model)
+    trainer = ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=mask, processing_class=tok)
+    trainer.train()
+    assert merge_trained_experts(model) == 2 * len(ad.expert_parameters(ad.moe_layers[0]))
+    assert changed_experts(model, before, ad) == set(mask.experts())
+    assert not trained_rows(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_batch_masks_are_exact_even_with_momentum_and_decay(family, tok, tmp_path):
+    model = tiny_model(family)
+    ad = MoEAdapter.for_model(model)
+    first, last = ad.moe_layers[0], ad.moe_layers[-1]
+    masks = {0: [(first, 1)], 1: [(last, 5)], 2: [(first, 1), (last, 2)]}
+    masks = {b: ExpertMask.from_experts(p, ad.num_layers, ad.num_experts) for b, p in masks.items()}
+    before = snapshot(model)
+    rec = RowRecorder()
+    cfg = config(tmp_path, max_steps=6, mask_mode="per_batch", shuffle_batches=True, seed=1)
+    trainer = ExpertMaskingTrainer(model, cfg, dataset(tok), batch_expert_masks=masks, processing_class=tok, callbacks=[rec])
+    rec.trainer = trainer
+    initial = {(r.layer, r.expert, r.name): r.param.detach().clone() for r in trainer.rows}
+    trainer.train()
+    steps = [row["batch_idx"] for row in trainer.batch_log]
+    assert len(steps) == 6 and set(steps) == {0, 1, 2}
+    prev = initial
+    for step, b in enumerate(steps):
+        now = rec.after_step[step]
+        for (layer, expert, name), value in now.items():
+            moved = not torch.equal(value, prev[(layer, expert, name)])
+            assert moved == bool(masks[b].mask[layer, expert]), (
+                f"step {step} (batch {b}): expert ({layer},{expert}) {name} moved={moved}")
+        prev = now
+    merge_trained_experts(model)
+    assert changed_experts(model, before, ad) == {(first, 1), (last, 5), (last, 2)}
+
+
+def test_zeroed_gradients_alone_would_not_freeze_rows():
+    """Why rows are kept out of the optimizer: AdamW moves a zero-gradient row (decay and momentum)."""
+    w = torch.nn.Parameter(torch.ones(2, 3))
+    opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.1)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    after_first = w.detach().clone()
+    w.grad = torch.zeros_like(w)  # "frozen" on this step by zeroing
+    opt.step()
+    assert not torch.equal(w, after_first)
+    w.grad = None  # what the trainer does instead
+    frozen = w.detach().clone()
+    opt.step()
+    assert torch.equal(w, frozen)
+
+
+# -- batch structure -------------------------------------------------------------------
+def test_every_step_holds_one_whole_analysis_batch_with_uneven_sizes(tok, tmp_path):
+    sizes = (16, 10, 16)
+    ds = dataset(tok, sizes, max_length=24)
+    model = tiny_model("olmoe", hidden_size=32, intermediate_size=32)
+    cfg = config(tmp_path, bs=16, max_steps=-1, num_train_epochs=3, seed=5)
+    trainer = ExpertMaskingTrainer(model, cfg, ds, expert_mask=two_expert_mask(model), processing_class=tok)
+    trainer.train()
+    log = trainer.batch_log
+    assert len(log) == 3 * len(sizes)
+    for row in log:
+        assert row["n_samples"] == sizes[row["batch_idx"]]
+        assert row["n_safe"] == sizes[row["batch_idx"]] // 2
+        assert row["n_unsafe"] == sizes[row["batch_idx"]] - row["n_safe"]
+    orders = [tuple(r["batch_idx"] for r in log[e * 3:(e + 1) * 3]) for e in range(3)]
+    assert all(sorted(o) == [0, 1, 2] for o in orders)
+    assert len(set(orders)) > 1, "batch order should be reshuffled between epochs"
+
+
+def test_monitor_rejects_mixed_or_reordered_batches(tok, tmp_path):
+    model = tiny_model("olmoe")
+    trainer = ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=two_expert_mask(model), processing_class=tok)
+    ds = dataset(tok)
+    collate = BatchCollator(pad_token_id=tok.pad_token_id)
+    mixed = collate([ds[0], ds[1], ds[4], ds[5]])
+    with pytest.raises(BatchStructureError, match=r"mixes analysis batches \[0, 1\]"):
+        trainer.training_step(trainer.model, mixed)
+    reordered = collate([ds[1], ds[0], ds[2], ds[3]])
+    with pytest.raises(BatchStructureError, match="out of its in-batch order"):
+        trainer.training_step(trainer.model, reordered)
+    no_idx = {k: v for k, v in collate([ds[0]]).items() if k != "batch_idx"}
+    with pytest.raises(BatchStructureError, match="no batch_idx"):
+        trainer.training_step(trainer.model, no_idx)
+
+
+# -- what is trained and what it costs -------------------------------------------------
+def test_optimizer_state_holds_only_the_chosen_rows(tok, tmp_path):
+    model = tiny_model("olmoe")
+    ad = MoEAdapter.for_model(model)
+    mask = two_expert_mask(model)
+    trainer = ExpertMaskingTrainer(model, config(tmp_path, max_steps=2), dataset(tok), expert_mask=mask, processing_class=tok)
+    trainer.train()
+    rows = {id(r.param) for r in trainer.rows}
+    opt_params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in opt_params} == rows
+    per_expert = sum(r.param.numel() for r in trainer.rows if (r.layer, r.expert) == mask.experts()[0])
+    report = trainer.trainable_report()
+    assert report["trainable_parameters"] == mask.count() * per_expert == report["expert_row_parameters"]
+    assert report["trainable_parameters"] == get_model_param_count(trainer.model, trainable_only=True)
+    assert report["model_parameters"] == sum(p.numel() for p in tiny_model("olmoe").parameters())
+    moments = 2 * report["trainable_parameters"] * 4  # AdamW exp_avg + exp_avg_sq in fp32
+    assert moments <= optimizer_state_bytes(trainer.optimizer) <= moments + 8 * len(rows)
+
+    full = tiny_model("olmoe")
+    ft = ExpertMaskingTrainer(full, config(tmp_path, max_steps=2, baseline="full"), dataset(tok), processing_class=tok)
+    ft.train()
+    assert ft.trainable_report()["trainable_parameters"] == sum(p.numel() for p in full.parameters())
+    assert optimizer_state_bytes(ft.optimizer) > 10 * optimizer_state_bytes(trainer.optimizer)
+
+
+def test_router_training_uses_its_own_learning_rate(tok, tmp_path):
+    model = tiny_model("olmoe")
+    ad = MoEAdapter.for_model(model)
+    cfg = config(tmp_path, max_steps=1, train_router=True, router_learning_rate=1e-3)
+    trainer = ExpertMaskingTrainer(model, cfg, dataset(tok), expert_mask=two_expert_mask(model), processing_class=tok)
+    trainer.create_optimizer()
+    router_ids = {id(p) for layer in ad.moe_layers for p in ad.router_parameters(layer).values()}
+    lrs = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert router_ids <= set(lrs) and {lrs[i] for i in router_ids} == {1e-3}
+    assert {lrs[id(r.param)] for r in trainer.rows} == {1e-2}
+
+
+# -- outputs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_merged_model_round_trips_and_delta_reproduces_it(family, tok, tmp_path):
+    model = tiny_model(family)
+    trainer = ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=two_expert_mask(model), processing_class=tok)
+    trainer.train()
+    delta = save_expert_delta(trainer, tmp_path / "delta.safetensors")
+    meta = json.loads(delta.with_suffix(".json").read_text())
+    n_tensors = len(MoEAdapter.for_model(tiny_model(family)).expert_parameters(1))
+    assert len(meta["experts"]) == 2 * n_tensors and {e["expert"] for e in meta["experts"]} == {1, 5}
+    merged_dir = save_merged(model, tok, tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    mine = dict(model.named_parameters())
+    for name, p in reloaded.named_parameters():
+        assert torch.equal(p, mine[name]), name
+    ids = torch.tensor([[5, 40, 41, 42, 6]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model.eval()(ids).logits)
+    base = tiny_model(family)  # same seed as the model before training
+    assert apply_expert_delta(base, delta) == 2 * n_tensors
+    for name, p in base.named_parameters():
+        assert torch.equal(p, mine[name]), name
+    assert delta.stat().st_size < sum(p.numel() * 4 for p in model.parameters()) / 10
+
+
+def test_checkpoint_resume_restores_rows_and_optimizer(tok, tmp_path):
+    cfg = dict(max_steps=4, save_strategy="steps", save_steps=2, shuffle_batches=True, lr_scheduler_type="constant")
+    model = tiny_model("olmoe")
+    a = ExpertMaskingTrainer(model, config(tmp_path / "a", **cfg), dataset(tok), expert_mask=two_expert_mask(model), processing_class=tok)
+    a.train()
+    final_a = {r.key: r.param.detach().clone() for r in a.rows}
+    ckpt = tmp_path / "a" / "ckpt" / "checkpoint-2"
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"expert_delta.safetensors", "optimizer.pt", "training_args.json", "trainer_state.json"} <= files
+    assert not files & {"model.safetensors", "training_args.bin"}, "checkpoints hold only the rows, no pickle of args"
+
+    model_b = tiny_model("olmoe")
+    b = ExpertMaskingTrainer(model_b, config(tmp_path / "b", **cfg), dataset(tok), expert_mask=two_expert_mask(model_b), processing_class=tok)
+    b.train(resume_from_checkpoint=str(ckpt))
+    assert [r["batch_idx"] for r in b.batch_log] == [r["batch_idx"] for r in a.batch_log[2:]]
+    for r in b.rows:
+        torch.testing.assert_close(r.param, final_a[r.key], rtol=0, atol=1e-6)
+    assert b.optimizer.state[b.rows[0].param]["step"].item() == 4
+
+    model_c = tiny_model("olmoe")
+    other = ExpertMask.from_experts([(0, 2)], 2, 8)
+    c = ExpertMaskingTrainer(model_c, config(tmp_path / "c", **cfg), dataset(tok), expert_mask=other, processing_class=tok)
+    with pytest.raises(TrainingConfigError, match="other experts"):
+        c.train(resume_from_checkpoint=str(ckpt))
+
+
+def test_train_experts_writes_artifacts_and_reports_progress(tok, tmp_path):
+    model = tiny_model("qwen3_moe")
+    mask = two_expert_mask(model)
+    calls = []
+    batches = create_batch_structured_dataset(sft_data((4, 2, 4)))
+    cfg = config(tmp_path, max_steps=3)
+    result = train_experts(model, tok, batches, mask, cfg, tmp_path / "out", progress=lambda d, t, m="": calls.append((d, t, m)),
+                           max_length=40)
+    assert [c[0] for c in calls[:3]] == [1, 2, 3] and calls[-1][2] == "done"
+    meta = json.loads(result.metadata_path.read_text())
+    assert meta["expert_mask"]["experts"] == {"0": [1], "1": [5]}
+    assert len(meta["batch_monitor"]) == 3 and any("loss" in h for h in meta["loss_history"])
+    assert result.delta_path.exists() and result.merged_path is None
+    assert (tmp_path / "out" / "batch_monitor.jsonl").read_text().count("\n") == 3
+    assert result.report["trained_experts"] == 2
+    assert not trained_rows(model), "train_experts leaves the model merged"
+    MoEAdapter.for_model(model)  # and usable by the rest of the pipeline
+
+
+# -- baselines -------------------------------------------------------------------------
+def test_random_experts_baseline_trains_as_many_other_experts(tok, tmp_path):
+    model = tiny_model("mixtral")
+    ad = MoEAdapter.for_model(model)
+    mask = two_expert_mask(model)
+    before = snapshot(model)
+    trainer = ExpertMaskingTrainer(model, config(tmp_path, baseline="random_experts", random_seed=3), dataset(tok),
+                                   expert_mask=mask, processing_class=tok)
+    assert trainer.union_mask.count() == mask.count() and trainer.union_mask != mask
+    trainer.train()
+    merge_trained_experts(model)
+    assert changed_experts(model, before, ad) == set(trainer.union_mask.experts())
+    again = ExpertMaskingTrainer(tiny_model("mixtral"), config(tmp_path, baseline="random_experts", random_seed=3),
+                                 dataset(tok), expert_mask=mask, processing_class=tok)
+    assert again.union_mask == trainer.union_mask
+
+
+def test_full_baseline_updates_everything_through_the_same_loop(tok, tmp_path):
+    model = tiny_model("olmoe")
+    before = snapshot(model)
+    trainer = ExpertMaskingTrainer(model, config(tmp_path, baseline="full", max_steps=2), dataset(tok), processing_class=tok)
+    trainer.train()
+    assert len(trainer.batch_log) == 2 and not trainer.rows
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any("experts" in n for n in moved) and any("self_attn" in n for n in moved)
+    with pytest.raises(TrainingConfigError, match="full fine-tuning has no expert delta"):
+        save_expert_delta(trainer, tmp_path / "x.safetensors")
+
+
+# -- validation ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(group_by_length=True), "group_by_length"),
+        (dict(train_sampling_strategy="group_by_length"), "group_by_length"),
+        (dict(dataloader_drop_last=True), "drop_last"),
+        (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps=2"),
+        (dict(analysis_batch_size=16), "analysis_batch_size=16"),
+        (dict(mask_mode="sometimes"), "mask_mode"),
+        (dict(router_consistency_loss="kl"), "router_consistency_loss"),
+        (dict(baseline="lora"), "baseline"),
+        (dict(baseline="full", mask_mode="per_batch"), "per-batch masks do not apply"),
+    ],
+)
+def test_structure_breaking_arguments_are_rejected(kwargs, match, tmp_path):
+    with pytest.raises(TrainingConfigError, match=match):
+        config(tmp_path, **kwargs)
+    assert issubclass(TrainingConfigError, ValueError)
+
+
+def test_gradient_accumulation_needs_explicit_opt_in(tmp_path):
+    assert config(tmp_path, gradient_accumulation_steps=2, allow_gradient_accumulation=True).gradient_accumulation_steps == 2
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(bs=8), ds, expert_mask=two_expert_mask(m)), "per_device_train_batch_size=4"),
+        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(), ds), "give expert_mask"),
+        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(), ds, expert_mask=np.zeros((2, 8))), "selects no experts"),
+        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(), ds, expert_mask=np.ones((3, 8))), r"\(3, 8\)"),
+        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(mask_mode="per_batch"), ds, expert_mask=two_expert_mask(m)), "needs batch_expert_masks"),
+        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(mask_mode="per_batch"), ds, batch_expert_masks=[two_expert_mask(m)]), r"batches \[1, 2\]"),
+        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(mask_mode="per_batch"), ds, expert_mask=two_expert_mask(m, (0, 1)),
+                                                 batch_expert_masks=[two_expert_mask(m)] * 3), "outside expert_mask"),
+        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(), ds.remove_columns("batch_idx"), expert_mask=two_expert_mask(m)), "batch_idx"),
+    ],
+)
+def test_bad_trainer_inputs_raise_clear_errors(make, match, tok, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        make(tiny_model("olmoe"), lambda **kw: config(tmp_path, **kw), dataset(tok))
+
+
+def test_dense_layers_cannot_be_selected(tok, tmp_path):
+    model = tiny_model("deepseek_v3")  # layer 0 is dense
+    mask = ExpertMask.from_experts([(0, 1)], 3, 8)
+    with pytest.raises(TrainingConfigError, match=r"layers \[0\] have no experts"):
+        ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=mask)
+
+
+def test_training_twice_without_merging_is_refused(tok, tmp_path):
+    model = tiny_model("olmoe")
+    mask = two_expert_mask(model)
+    ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=mask)
+    with pytest.raises(TrainingConfigError, match="merge_trained_experts"):
+        ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=mask)
+    donor = tiny_model("olmoe")
+    delta = save_expert_delta(ExpertMaskingTrainer(donor, config(tmp_path), dataset(tok), expert_mask=mask),
+                              tmp_path / "d.safetensors")
+    with pytest.raises(TrainingConfigError, match="merge_trained_experts"):
+        apply_expert_delta(model, delta)
+    merge_trained_experts(model)
+    ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=mask)  # fine once merged
+
+
+# -- router consistency ----------------------------------------------------------------
+def test_router_consistency_loss_values_and_gradient():
+    torch.manual_seed(0)
+    router = torch.nn.Linear(8, 4, bias=False)
+    h = torch.randn(2 * 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    unsafe = torch.tensor([0, 1])
+    for direction in ("forward", "reverse", "symmetric"):
+        c = router_consistency_loss([router(h)], mask, unsafe, direction)
+        assert torch.isfinite(c) and c > 0
+        (g,) = torch.autograd.grad(c, router.weight)
+        assert g.abs().sum() > 0
+    same = torch.zeros(10, 4)
+    assert router_consistency_loss([same], mask, unsafe) == 0
+    # pads do not count: changing a padded token's logits leaves the loss unchanged
+    logits = router(h).detach()
+    padded = logits.clone()
+    padded[3] += 100
+    assert torch.equal(router_consistency_loss([logits], mask, unsafe), router_consistency_loss([padded], mask, unsafe))
+    only_safe = router_consistency_loss([router(h)], mask, torch.tensor([0, 0]))
+    assert only_safe == 0 and only_safe.requires_grad
+
+
+def test_router_consistency_term_reaches_the_router_only_when_enabled(tok, tmp_path):
+    ds = dataset(tok)
+    batch = BatchCollator(pad_token_id=tok.pad_token_id)([ds[i] for i in range(4)])
+
+    def router_grad(**kw):
+        model = tiny_model("olmoe")
+        trainer = ExpertMaskingTrainer(model, config(tmp_path, train_router=True, **kw), ds,
+                                       expert_mask=two_expert_mask(model), processing_class=tok)
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        return loss.detach(), MoEAdapter.for_model(tiny_model("olmoe")), trainer
+
+    plain, _, t_off = router_grad()
+    with_c, _, t_on = router_grad(router_consistency_loss="symmetric", router_consistency_weight=1.0)
+    assert torch.isfinite(with_c) and with_c > plain
+    g_off = t_off.adapter.router(0).weight.grad
+    g_on = t_on.adapter.router(0).weight.grad
+    assert g_off is not None and g_on is not None and not torch.allclose(g_off, g_on)
+    assert t_on._consistency[1] == 1 and t_off._consistency[1] == 0
+
+    model = tiny_model("olmoe")
+    before = snapshot(model)
+    frozen_router = ExpertMaskingTrainer(model, config(tmp_path, router_consistency_loss="reverse", router_consistency_layers="masked"),
+                                         ds, expert_mask=two_expert_mask(model), processing_class=tok)
+    frozen_router.train()
+    assert any("router_consistency" in h for h in frozen_router.state.log_history)
+    merge_trained_experts(model)
+    assert changed_experts(model, before, frozen_router.adapter) == set(two_expert_mask(model).experts())
+
+
+# -- several processes -----------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_each_get_whole_analysis_batches(tmp_path):
+    """Real accelerate launch (2 CPU processes, DDP over gloo) through the Trainer's prepared DataLoader."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "accelerate_batches.py"), str(tmp_path)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    sizes = ranks[0]["sizes"]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert len(ranks[0]["batch_log"]) == len(ranks[1]["batch_log"]) > 0
+    seen = set()
+    for r in ranks:
+        assert r["frozen_bit_identical"]
+        for step in r["batch_log"]:
+            assert step["n_samples"] == sizes[step["batch_idx"]], "a rank received a partial or mixed batch"
+            seen.add(step["batch_idx"])
+    assert seen == set(range(len(sizes)))
+    assert ranks[0]["rows"] == ranks[1]["rows"], "ranks disagree on the trained rows"
