@@ -2,9 +2,12 @@
 
     streamlit run app.py            # or: make app
 
-Pages (``st.navigation``): Home (one-click demo), Data & batches, Analysis, Heatmaps, Experts,
+Pages (``st.navigation``, one file each in ``app_pages/``; the folder is deliberately not named
+``pages/``: Streamlit treats a ``pages/`` folder beside the entry script as a legacy multipage app
+and then runs a page file without this script, i.e. without the sidebar): Home (one-click demo), Data & batches, Analysis, Heatmaps, Experts,
 Training, Evaluation, Runs. The sidebar shows the open run, its model and the device, and opens
-or creates runs. Runs live under ``$MOE_LAB_RUNS`` (default ``./runs``). Long steps run as
+or creates runs (``?run=<run id>`` in the URL opens a run). Runs live under ``$MOE_LAB_RUNS``
+(default ``./runs``). Long steps run as
 background jobs (``moe_core.jobs``): refreshing the page never stops or duplicates them.
 """
 
@@ -14,13 +17,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:  # pages import moe_core and pages._ui from the repo root
+if str(ROOT) not in sys.path:  # pages import moe_core and app_pages._ui from the repo root
     sys.path.insert(0, str(ROOT))
 
 import streamlit as st  # noqa: E402
 
 from moe_core.runs import Run, RunError, list_runs  # noqa: E402
-from pages import _ui as ui  # noqa: E402
+from app_pages import _ui as ui  # noqa: E402
 
 st.set_page_config(page_title="MoE Safety Lab", page_icon=":material/hub:", layout="wide")
 
@@ -60,6 +63,14 @@ def sidebar() -> None:
             labels[extra] = Path(extra).name + "  ·  (opened by path)"
         except RunError:
             st.session_state.pop(ui.RUN_KEY, None)
+    wanted = st.query_params.get("run")  # ?run=<run id>: a link that opens a given run
+    if wanted and wanted != st.session_state.get("applied_run_param"):
+        st.session_state["applied_run_param"] = wanted
+        match = [str(r.path) for r in runs if r.id == wanted]
+        if match:
+            st.session_state[ui.RUN_KEY] = match[0]
+        else:
+            st.session_state["sidebar_error"] = f"no run {wanted!r} under {ui.runs_root()}"
     if paths and not st.session_state.get(ui.RUN_KEY):
         st.session_state[ui.RUN_KEY] = paths[0]  # open the newest run by default
     with st.sidebar:
@@ -88,14 +99,14 @@ def sidebar() -> None:
 
 
 pages = [
-    st.Page("pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
-    st.Page("pages/data.py", title="Data & batches", icon=":material/dataset:", url_path="data"),
-    st.Page("pages/analysis.py", title="Analysis", icon=":material/query_stats:", url_path="analysis"),
-    st.Page("pages/heatmaps.py", title="Heatmaps", icon=":material/grid_on:", url_path="heatmaps"),
-    st.Page("pages/experts.py", title="Experts", icon=":material/target:", url_path="experts"),
-    st.Page("pages/training.py", title="Training", icon=":material/model_training:", url_path="training"),
-    st.Page("pages/evaluation.py", title="Evaluation", icon=":material/fact_check:", url_path="evaluation"),
-    st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
+    st.Page("app_pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
+    st.Page("app_pages/data.py", title="Data & batches", icon=":material/dataset:", url_path="data"),
+    st.Page("app_pages/analysis.py", title="Analysis", icon=":material/query_stats:", url_path="analysis"),
+    st.Page("app_pages/heatmaps.py", title="Heatmaps", icon=":material/grid_on:", url_path="heatmaps"),
+    st.Page("app_pages/experts.py", title="Experts", icon=":material/target:", url_path="experts"),
+    st.Page("app_pages/training.py", title="Training", icon=":material/model_training:", url_path="training"),
+    st.Page("app_pages/evaluation.py", title="Evaluation", icon=":material/fact_check:", url_path="evaluation"),
+    st.Page("app_pages/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
 ]
 nav = st.navigation(pages)
 sidebar()

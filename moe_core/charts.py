@@ -48,6 +48,11 @@ def _grid_layout(fig: go.Figure, title: str, num_layers: int, num_experts: int, 
     return fig
 
 
+def _int_axis(title: str, n: int) -> dict:
+    """An axis of whole numbers (batches, steps): no 0.5 ticks between them."""
+    return dict(title=title, tickmode="linear", dtick=1) if n <= 25 else dict(title=title, tickformat="d")
+
+
 def _marks(marked: Iterable[tuple[int, int]], name: str = "chosen") -> go.Scatter | None:
     pts = [(int(l), int(e)) for l, e in marked]
     if not pts:
@@ -134,7 +139,7 @@ def expert_across_batches(batch_ids: Sequence[int], values: Sequence[float], lay
     fig.add_hline(y=0, line_width=1, line_color="#888")
     fig.update_layout(
         title=dict(text=f"Layer {layer}, expert {expert}: risk difference per batch", x=0.0),
-        xaxis_title="batch", yaxis_title="risk diff", height=280, **_LAYOUT,
+        xaxis=_int_axis("batch", len(v)), yaxis_title="risk diff", height=280, **_LAYOUT,
     )
     return fig
 
@@ -147,21 +152,35 @@ def loss_curve(points: pd.DataFrame, title: str = "Training loss") -> go.Figure:
     for col in [c for c in points.columns if c == "loss" or c.endswith("_loss")]:
         sub = points[["step", col]].dropna()
         fig.add_trace(go.Scatter(x=sub["step"].tolist(), y=sub[col].tolist(), mode="lines+markers", name=col))
-    fig.update_layout(title=dict(text=title, x=0.0), xaxis_title="step", yaxis_title="loss", height=320, **_LAYOUT)
+    n_steps = int(points["step"].max()) if len(points) else 0
+    fig.update_layout(title=dict(text=title, x=0.0), xaxis=_int_axis("step", n_steps), yaxis_title="loss",
+                      height=320, **_LAYOUT)
     return fig
 
 
-def before_after_bars(metrics: pd.DataFrame, title: str = "Before vs after training") -> go.Figure:
-    """Grouped bars: one group per ``metric`` row, one bar per other numeric column (before, after...)."""
-    if "metric" not in metrics.columns:
-        raise ValueError(f"before_after_bars needs a 'metric' column; got {list(metrics.columns)}")
+def metric_bars(summary: pd.DataFrame, x: str = "metric", group: str = "model", y: str = "value",
+                title: str = "Held-out behaviour by model") -> go.Figure:
+    """Grouped bars of a long table (one bar per ``group`` value within each ``x``), with CI whiskers.
+
+    Confidence columns ``{y}_ci_low`` / ``{y}_ci_high`` are drawn as asymmetric error bars when
+    present (e.g. the Wilson intervals of ``moe_core.evaluation.summarize``).
+    """
+    for col in (x, group, y):
+        if col not in summary.columns:
+            raise ValueError(f"metric_bars needs columns {x!r}, {group!r}, {y!r}; got {list(summary.columns)}")
+    df = summary.dropna(subset=[y])
+    lo, hi = f"{y}_ci_low", f"{y}_ci_high"
     fig = go.Figure()
-    for col in [c for c in metrics.columns if c != "metric"]:
-        vals = pd.to_numeric(metrics[col], errors="coerce")
-        fig.add_trace(go.Bar(x=metrics["metric"].astype(str).tolist(), y=vals.tolist(), name=str(col),
-                             text=[f"{v:.2f}" if pd.notna(v) else "" for v in vals], textposition="outside"))
-    fig.update_layout(barmode="group", title=dict(text=title, x=0.0), yaxis=dict(range=[0, 1.1], title="rate"),
-                      height=360, **_LAYOUT)
+    for name, sub in df.groupby(group, sort=False):
+        vals = sub[y].astype(float)
+        err = None
+        if lo in sub.columns and hi in sub.columns:
+            err = dict(type="data", symmetric=False, array=(sub[hi].astype(float) - vals).clip(lower=0).tolist(),
+                       arrayminus=(vals - sub[lo].astype(float)).clip(lower=0).tolist(), thickness=1.2, width=3)
+        fig.add_trace(go.Bar(x=sub[x].astype(str).tolist(), y=vals.tolist(), name=str(name), error_y=err,
+                             text=[f"{v:.2f}" for v in vals], textposition="outside", cliponaxis=False))
+    fig.update_layout(barmode="group", title=dict(text=title, x=0.0), yaxis=dict(range=[0, 1.15], title="rate"),
+                      legend=dict(orientation="h", y=-0.18), height=400, **_LAYOUT)
     return fig
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -219,19 +220,117 @@ def runs_cmd(args: argparse.Namespace) -> None:
         print(r)
 
 
-def demo(args: argparse.Namespace) -> Any:
-    """The whole pipeline on the organism, for a first look (and the README's main command)."""
-    from .demo import measure_behaviour
+def _load_masks(run: Any, name: str, per_batch: bool) -> Any:
+    from .masks import ExpertMask, load_batch_masks
 
-    args.model = ORGANISM
-    args.demo_sets, args.safe, args.unsafe = True, None, None
+    path = run.path_for("mask", name=name)
+    if not path.exists():
+        have = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.exists() else []
+        raise CLIError(f"run {run.id} has no mask named {name!r} (masks: {have or 'none'}); run `python -m moe_core select` first")
+    data = json.loads(path.read_text())
+    if "batches" in data:
+        masks = load_batch_masks(path)
+        return masks if per_batch else _union(masks.values())
+    if per_batch:
+        raise CLIError(f"mask {name!r} is one global mask; --mask-mode per_batch needs a mask saved with `select --per-batch`")
+    return ExpertMask.load(path)
+
+
+def _union(masks: Any) -> Any:
+    out = None
+    for m in masks:
+        out = m if out is None else out.union(m)
+    return out
+
+
+def train(args: argparse.Namespace) -> Any:
+    """SFT set from the run's analysis batches -> expert-masked training -> merged model in the run."""
+    from .analysis import load_batch_data_list
+    from .sampler import BatchPreservingSampler
+    from .sft import create_batch_aware_dataset, create_batch_structured_dataset, save_structured_batches
+    from .training import ExpertMaskingConfig, train_experts
+
+    run = _open_run(args.run, args.runs_root)
+    per_batch = args.mask_mode == "per_batch"
+    masks = _load_masks(run, args.mask, per_batch) if args.baseline != "full" else None
+    name = args.name or (args.baseline if args.baseline != "experts" else f"experts-{args.mask}")
+    out = run.path_for("train", name=name)
+    model_name = args.model or run.manifest.get("model") or ORGANISM
+    with job_progress(run, args.job, f"training {name}") as (progress, _stop):
+        model, tok = load_any_model(model_name, progress)
+        batches = create_batch_structured_dataset(load_batch_data_list(run), seed=args.seed)
+        save_structured_batches(batches, run.path_for("sft") / "batches")
+        dataset = create_batch_aware_dataset(batches, tok, max_length=args.max_length)
+        size = BatchPreservingSampler(dataset, shuffle_batches=False).max_batch_size
+        config = ExpertMaskingConfig(
+            output_dir=str(out / "checkpoints"), per_device_train_batch_size=size, learning_rate=args.lr,
+            num_train_epochs=args.epochs, weight_decay=args.weight_decay, mask_mode=args.mask_mode,
+            baseline=args.baseline, random_seed=args.seed, seed=args.seed, train_router=args.train_router,
+            router_consistency_loss=args.router_consistency, router_consistency_weight=args.router_consistency_weight,
+            save_strategy="no", logging_steps=1, report_to="none", lr_scheduler_type="constant",
+        )
+        if masks is None:  # the full baseline trains everything; the trainer still wants a shape
+            from .masks import ExpertMask
+            from .models import MoEAdapter
+
+            ad = MoEAdapter.for_model(model)
+            masks = ExpertMask.empty(ad.num_layers, ad.num_experts)
+        run.set_step(f"train:{name}", "running", mask=args.mask, baseline=args.baseline, mask_mode=args.mask_mode)
+        result = train_experts(model, tok, dataset, masks, config, output_dir=out, progress=progress, save_merged_model=True)
+    run.set_step(f"train:{name}", "done", merged=str(result.merged_path), report=result.report,
+                 train_loss=result.metrics.get("train_loss"))
+    print(f"trained {name}: {result.report}")
+    print(f"merged model -> {result.merged_path}")
+    return result
+
+
+def evaluate(args: argparse.Namespace) -> Any:
+    """Base vs every trained model of the run (and steering) on held-out sets; a table in the run."""
+    from .evaluation import EvalEntry, compare_models, comparison_table, default_eval_sets, save_evaluation, to_markdown
+    from .masks import ExpertMask
+
+    run = _open_run(args.run, args.runs_root)
+    base = args.model or run.manifest.get("model") or ORGANISM
+    base_dir = _model_dir(base)
+    entries = [EvalEntry("base", base_dir)]
+    for step, info in sorted((run.manifest.get("steps") or {}).items()):
+        if step.startswith("train:") and info.get("status") == "done" and info.get("merged"):
+            entries.append(EvalEntry(step.split(":", 1)[1], info["merged"]))
+    if args.steer_mask:
+        entries.append(EvalEntry(f"steer-off-{args.steer_mask}", base_dir, steer_deactivate=ExpertMask.load(run.path_for("mask", name=args.steer_mask))))
+    sets = default_eval_sets(split="heldout", limit=args.eval_limit)
+    with job_progress(run, args.job, "evaluation") as (progress, _stop):
+        responses, summary = compare_models(entries, sets, judge=args.judge or "keyword", max_new_tokens=args.max_new_tokens or 48, progress=progress)
+        save_evaluation(run, responses, summary, name=args.name)
+    table = comparison_table(summary)
+    run.set_step(f"evaluation:{args.name}", "done", models=[e.name for e in entries])
+    print(to_markdown(table))
+    return table
+
+
+def _model_dir(name: str) -> str:
+    if name == ORGANISM:
+        from .demo import build_organism
+
+        return str(build_organism())
+    return name
+
+
+def demo(args: argparse.Namespace) -> Any:
+    """The whole pipeline on the organism: analysis, experts, training + baselines, evaluation."""
+    args.model = args.model or ORGANISM
+    if not args.run:
+        args.demo_sets, args.safe, args.unsafe = True, None, None
     run = analyze(args)
     args.run = str(run.path)
-    args.name = args.name_mask
-    mask = select(args)
-    model, tok = load_any_model(ORGANISM)
-    before = measure_behaviour(model, tok, split="heldout")
-    print("\norganism behaviour on held-out prompts:", _fmt_rates(before))
+    select_args = argparse.Namespace(**{**vars(args), "name": args.mask_name})
+    select(select_args)
+    if args.skip_training:
+        print(f"\nrun directory: {run.path}")
+        return run
+    for baseline in ("experts", "random_experts", "full"):
+        train(argparse.Namespace(**{**vars(args), "baseline": baseline, "mask": args.mask_name, "name": None, "job": None if args.job is None else f"{args.job}-train-{baseline}"}))
+    evaluate(argparse.Namespace(**{**vars(args), "steer_mask": args.mask_name, "name": "comparison", "model": None, "job": None if args.job is None else f"{args.job}-eval"}))
     print(f"\nrun directory: {run.path}")
     return run
 
@@ -274,7 +373,29 @@ def _add_select_args(p: argparse.ArgumentParser, name_flag: str = "--name") -> N
     g.add_argument("--per-layer-k", type=int, default=1, help="per_layer: experts per MoE layer")
     g.add_argument("--top-p", type=float, default=0.5, help="top_p: cumulative share of positive risk")
     g.add_argument("--per-batch", action="store_true", help="one mask per analysis batch instead of one global mask")
-    g.add_argument(name_flag, dest="name" if name_flag == "--name" else "name_mask", default="unsafe_experts", help="mask name in the run")
+    g.add_argument(name_flag, dest="name" if name_flag == "--name" else "mask_name", default="unsafe_experts", help="mask name in the run")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--mask", default="unsafe_experts", help="mask name in the run (from `select`)")
+    g.add_argument("--mask-mode", default="union", choices=["union", "per_batch"], help="one mask for every step, or each batch's own")
+    g.add_argument("--baseline", default="experts", choices=["experts", "full", "random_experts"], help="what to train")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--epochs", type=float, default=3, help="epochs over the analysis batches")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (frozen experts never move)")
+    g.add_argument("--train-router", action="store_true", help="train the routers too")
+    g.add_argument("--router-consistency", default="none", choices=["none", "forward", "reverse", "symmetric"], help="KL between mean safe and unsafe routing")
+    g.add_argument("--router-consistency-weight", type=float, default=0.1, help="weight of that loss")
+    g.add_argument("--max-length", type=int, default=256, help="max tokens per training example")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--steer-mask", help="also evaluate the base model with this mask's experts steered off")
+    g.add_argument("--eval-limit", type=int, help="at most this many prompts per evaluation set")
+    g.add_argument("--eval-max-new-tokens", dest="max_new_tokens", type=int, default=48, help="answer length")
+    g.add_argument("--eval-judge", dest="judge", default="keyword", help="refusal judge spec")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analysis_args(d)
     _add_select_args(d, name_flag="--mask-name")
     d.add_argument("--name", default="demo", help="run name")
+    d.add_argument("--skip-training", action="store_true", help="stop after expert selection")
+    _add_train_args(d)
+    d.add_argument("--steer-mask", help=argparse.SUPPRESS)
+    d.add_argument("--eval-limit", type=int, help="at most this many prompts per evaluation set")
     d.set_defaults(func=demo)
 
     a = sub.add_parser("analyze", help="compose batches, capture routing, compute risk differences")
@@ -299,6 +424,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select_args(s)
     s.add_argument("--seed", type=int, default=0, help="seed for the random baseline")
     s.set_defaults(func=select)
+
+    t = sub.add_parser("train", help="fine-tune only the chosen experts on the run's analysis batches")
+    t.add_argument("--run", required=True, help="run directory or id")
+    t.add_argument("--model", help="model to train (default: the run's model)")
+    t.add_argument("--name", help="name of this training in the run (default from mask/baseline)")
+    t.add_argument("--job", help="also write job events/status into the run under this name (used by the app)")
+    t.add_argument("--seed", type=int, default=0, help="training seed (batch order, random baseline)")
+    _add_train_args(t)
+    t.set_defaults(func=train)
+
+    e = sub.add_parser("evaluate", help="base vs trained models (and steering) on held-out prompt sets")
+    e.add_argument("--run", required=True, help="run directory or id")
+    e.add_argument("--model", help="base model (default: the run's model)")
+    e.add_argument("--name", default="comparison", help="name of this evaluation in the run")
+    e.add_argument("--job", help="also write job events/status into the run under this name (used by the app)")
+    _add_eval_args(e)
+    e.set_defaults(func=evaluate)
 
     r = sub.add_parser("runs", help="list runs")
     r.set_defaults(func=runs_cmd)

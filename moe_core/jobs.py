@@ -68,6 +68,7 @@ class JobInfo:
     argv: list[str] = field(default_factory=list)  # the command line of the last launch
     log_tail: str = ""  # last lines of job.log
     log_path: Path | None = None  # full log
+    process_alive: bool = False  # the launched process still runs (it may run several jobs in turn)
 
     @property
     def active(self) -> bool:
@@ -123,7 +124,12 @@ def _launched_alive(pid: Any) -> bool:
             return True
         _CHILDREN.pop(pid, None)
         return False
-    return _pid_alive(pid)
+    if not _pid_alive(pid):
+        return False
+    try:  # a recycled pid belongs to some other program: not our job
+        return b"moe_core" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (not Linux): trust the pid
 
 
 def _child_env() -> dict[str, str]:
@@ -279,21 +285,33 @@ def read_job(run: Run | str | Path, name: str, log_lines: int = 30) -> JobInfo:
     error = status.get("error") if state == "error" else None
     if state == "dead" and not error:
         error = "the job process ended without reporting a result; see the log below, then resume"
+    alive = _launched_alive(launch.get("pid")) or (state == "running")
     return JobInfo(
         name=name, state=state, done=est["done"], total=est["total"], message=est["message"],
         fraction=est["fraction"], eta_s=est["eta_s"] if state in ACTIVE_STATES else None,
         rate_per_s=est["rate_per_s"], started=status.get("started"), elapsed_s=est["elapsed_s"],
         pid=status.get("pid") or launch.get("pid"), error=error, argv=list(launch.get("argv") or []),
-        log_tail=_tail(log_path, log_lines), log_path=log_path if log_path.exists() else None,
+        log_tail=_tail(log_path, log_lines), log_path=log_path if log_path.exists() else None, process_alive=alive,
     )
 
 
-def list_jobs(run: Run | str | Path) -> list[JobInfo]:
-    """Every job that ever ran in ``run`` (folders under jobs/), by name."""
+def list_jobs(run: Run | str | Path, prefix: str = "") -> list[JobInfo]:
+    """Jobs of ``run`` whose name starts with ``prefix``, in the order they first started.
+
+    One process can run several jobs in turn (the demo writes ``demo``, ``demo-train-...``,
+    ``demo-eval``), so a page follows a pipeline by listing its jobs.
+    """
     d = _run_dir(run) / "jobs"
     if not d.is_dir():
         return []
-    return [read_job(run, p.name, log_lines=5) for p in sorted(d.iterdir()) if p.is_dir()]
+
+    def first_time(p: Path) -> float:
+        evs = read_events(p / "events.jsonl")
+        t = _ts(evs[0].get("time")) if evs else None
+        return t if t is not None else p.stat().st_mtime
+
+    dirs = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(prefix)]
+    return [read_job(run, p.name, log_lines=5) for p in sorted(dirs, key=first_time)]
 
 
 _LOSS_RE = re.compile(r"\bloss[ =:]+(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")

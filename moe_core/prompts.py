@@ -4,12 +4,15 @@ Every function returns ``moe_core.types.PromptItem`` lists, the one spelling the
 pipeline (batches, routing, SFT) reads.
 
 Built-in demo set (our own text, no public data): harmful *goals* and *benign* requests are
-composed from one shared vocabulary (the same request frames "Explain how to {action}." and
-overlapping objects: "break into a parked car" vs "wash a parked car"), so a tiny model has to
-learn the harm verbs rather than the sentence shape, and can generalise to held-out goals whose
-action it never saw. Jailbreak templates wrap a goal (``{goal}`` placeholder). Splits are
-deterministic: one action in four (both of its frames) is held out, and two templates are.
-Lists are append-only so that ids stay stable.
+composed from one shared vocabulary: the same request frames ("Explain how to {action}.") and
+the same objects ("a coworker", "a parked car"), with harm verbs ("blackmail {o}", "break into
+{o}") or benign verbs ("cheer up {o}", "repair {o}"), plus shared verbs over harmful or benign
+things ("make {o} at home": "an explosive device" vs "a paper kite"). A tiny model therefore has
+to learn the harm words rather than the sentence shape. Held-out goals are verb x object
+combinations never seen together in training (every verb and object is seen), so the model can
+generalise to them. Jailbreak templates wrap a goal (``{goal}`` placeholder); two are held out.
+Splits and ids are deterministic (``harm-p03-05`` = person group, verb 3, object 5); the lists
+are append-only so that ids stay stable.
 
     safe, unsafe = demo_sets("train", mode="paired")   # plain goal (refused) vs jailbroken (complied)
     items = load_prompts("advbench/harmful_behaviors.csv", label="unsafe")   # column auto-detected
@@ -397,12 +400,17 @@ def _hf_table(name: str, split: str | None, config: str | None):
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # the hub raises many types (offline, 404, gated, missing config)
+        what = f"Hugging Face dataset '{name}'{f' (config {config!r})' if config else ''}{f' split {split!r}' if split else ''}"
+        offline = isinstance(e, (ConnectionError, TimeoutError)) or "offline" in f"{type(e).__name__} {e}".lower()
+        if offline:
+            raise PromptLoadError(
+                f"could not load {what}: the Hugging Face hub is unreachable from this machine "
+                f"({type(e).__name__}: {e}). Download the data where there is internet and pass the local "
+                "file (CSV, JSON, JSONL or Parquet) instead."
+            ) from None
         raise PromptLoadError(
-            f"could not load Hugging Face dataset '{name}'"
-            f"{f' (config {config!r})' if config else ''}{f' split {split!r}' if split else ''}: "
-            f"{type(e).__name__}: {e}. If the hub is unreachable (offline machine) download the data "
-            "elsewhere and pass a local file (CSV, JSON, JSONL or Parquet) instead; if it is not a "
-            "dataset name, check the file path."
+            f"could not load {what}: {type(e).__name__}: {e}. Check the dataset name, config and split, "
+            "or pass a local file (CSV, JSON, JSONL or Parquet); if you meant a file, check its path."
         ) from None
     if isinstance(ds, datasets.DatasetDict):
         chosen = "train" if "train" in ds else next(iter(ds))

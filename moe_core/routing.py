@@ -133,7 +133,8 @@ class SampleRouting:
     def select(self, scope: str | int) -> "SpanRouting":
         """Arrays of one span only (e.g. what the risk module counts for the chosen scope)."""
         keep = self.spans == span_code(scope)
-        return SpanRouting(self.expert_ids[:, keep], None if self.weights is None else self.weights[:, keep], self.token_ids[keep])
+        w = None if self.weights is None else self.weights[:, keep]
+        return SpanRouting(self.expert_ids[:, keep], w, self.token_ids[keep])
 
     def subset(self, scope: str | int) -> "SampleRouting":
         """The same record restricted to one span (keeps the type, e.g. to save a single scope)."""
@@ -248,7 +249,9 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _forward_routing(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RoutingCall:
+def _forward_routing(
+    model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> RoutingCall:
     """One routed forward over a left-padded batch (logits only for the last position: unused)."""
     kwargs: dict[str, Any] = dict(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask), use_cache=False
@@ -269,7 +272,9 @@ def _sample(ids: torch.Tensor, w: torch.Tensor, tokens: Sequence[int], spans: np
     )
 
 
-def _split_left_padded(call: RoutingCall, lengths: Sequence[int], tokens: Sequence[Sequence[int]], spans: Sequence[np.ndarray]) -> list[SampleRouting]:
+def _split_left_padded(
+    call: RoutingCall, lengths: Sequence[int], tokens: Sequence[Sequence[int]], spans: Sequence[np.ndarray]
+) -> list[SampleRouting]:
     """Rows of a left-padded [B, S] forward -> one record per sample with only its real tokens."""
     n_layers, rows, k = call.expert_ids.shape
     b = len(lengths)
@@ -291,7 +296,9 @@ def route_sequences(
     Used by the ``response`` scope and to check generated-scope routing against a single forward.
     """
     if len(prompt_ids) != len(response_ids):
-        raise RoutingError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses: give one response per prompt")
+        raise RoutingError(
+            f"{len(prompt_ids)} prompts but {len(response_ids)} responses: give one response per prompt"
+        )
     if not prompt_ids:
         return []
     adapter = adapter or MoEAdapter.for_model(model)
@@ -306,7 +313,8 @@ def route_sequences(
         mask[i, width - len(x) :] = 1
     dev = model_device(model)
     call = _forward_routing(model, adapter, input_ids.to(dev), mask.to(dev))
-    spans = [np.repeat(np.array([SPAN_PROMPT, SPAN_RESPONSE], np.uint8), [len(p), len(r)]) for p, r in zip(prompt_ids, response_ids)]
+    kinds = np.array([SPAN_PROMPT, SPAN_RESPONSE], np.uint8)
+    spans = [np.repeat(kinds, [len(p), len(r)]) for p, r in zip(prompt_ids, response_ids)]
     return _split_left_padded(call, [len(x) for x in seqs], seqs, spans)
 
 
@@ -318,7 +326,8 @@ def _split_generation(calls: list[RoutingCall], gens: list[Generation]) -> list[
         shapes = [tuple(c.expert_ids.shape) for c in calls[:3]]
         raise RuntimeError(
             f"generate() did not run as one prefill of {b}x{width} tokens then one token per sample per step "
-            f"(recorded {len(calls)} forwards, first shapes {shapes}); prefill chunking or assisted decoding is unsupported"
+            f"(recorded {len(calls)} forwards, first shapes {shapes}); prefill chunking, assisted decoding "
+            "and use_cache=False are unsupported"
         )
     prefill = _split_left_padded(
         calls[0], [len(g.prompt_ids) for g in gens], [g.prompt_ids for g in gens],
@@ -364,7 +373,9 @@ def route_batch(
     if code == SPAN_RESPONSE:
         if responses is None or len(responses) != len(messages_list):
             got = "none" if responses is None else len(responses)
-            raise RoutingError(f"scope 'response' needs one response text per conversation ({len(messages_list)}), got {got}")
+            raise RoutingError(
+                f"scope 'response' needs one response text per conversation ({len(messages_list)}), got {got}"
+            )
     elif responses is not None:
         raise RoutingError(f"responses are only used with scope='response' (scope is {scope!r})")
     if max_new_tokens < 0 or (code == SPAN_GENERATED and max_new_tokens < 1):
@@ -375,17 +386,15 @@ def route_batch(
 
     if code == SPAN_RESPONSE or max_new_tokens == 0:
         enc = encode_prompts(tokenizer, messages_list, "cpu")
-        mask = enc["attention_mask"].bool()
-        prompts = [row[m].tolist() for row, m in zip(enc["input_ids"], mask)]
+        prompts = [row[m].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"].bool())]
         if code == SPAN_RESPONSE:
             new = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]  # type: ignore[union-attr]
-            routings = route_sequences(model, prompts, new, tokenizer.pad_token_id, adapter)
-            gens = [Generation(p, n, r, {"teacher_forced": True}) for p, n, r in zip(prompts, new, responses)]  # type: ignore[arg-type]
+            gens = [Generation(p, n, r, {"teacher_forced": True}) for p, n, r in zip(prompts, new, responses)]  # type: ignore
         else:
-            dev = model_device(model)
-            call = _forward_routing(model, adapter, enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
-            routings = _split_left_padded(call, [len(p) for p in prompts], prompts, [np.zeros(len(p), np.uint8) for p in prompts])
+            new = [[] for _ in prompts]
             gens = [Generation(p, [], "") for p in prompts]
+        # Re-padding the exact ids on the left reproduces encode_prompts' batch (same ids, mask, positions).
+        routings = route_sequences(model, prompts, new, tokenizer.pad_token_id, adapter)
     else:
         with capture_routing(model, adapter) as rec:
             gens = generate_batch(model, tokenizer, messages_list, max_new_tokens)
@@ -461,8 +470,12 @@ def save_batch_routing(
         "offsets": np.concatenate([[0], np.cumsum([r.num_tokens for r in recs])]).astype(np.int64),
     }
     if keep_weights:
-        tensors["weights"] = np.ascontiguousarray(np.concatenate([r.weights for r in recs], axis=1).astype(np.float16))  # type: ignore[misc]
-    header = {"format": FILE_FORMAT, "version": FILE_VERSION, "moe_layers": json.dumps([int(x) for x in moe_layers]), "meta": meta_json}
+        weights = np.concatenate([r.weights for r in recs], axis=1)  # type: ignore[misc]
+        tensors["weights"] = np.ascontiguousarray(weights.astype(np.float16))
+    header = {
+        "format": FILE_FORMAT, "version": FILE_VERSION, "moe_layers": json.dumps([int(x) for x in moe_layers]),
+        "meta": meta_json,
+    }
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
 
 
@@ -477,9 +490,13 @@ def load_batch_routing(path: str | Path) -> BatchRouting:
         with safe_open(str(path), framework="np") as f:
             header = f.metadata() or {}
             if header.get("format") != FILE_FORMAT:
-                raise RoutingFileError(f"{path} is a safetensors file but not a routing file (format {header.get('format')!r})")
+                raise RoutingFileError(
+                    f"{path} is a safetensors file but not a routing file (format {header.get('format')!r})"
+                )
             if header.get("version") != FILE_VERSION:
-                raise RoutingFileError(f"{path} has routing format version {header.get('version')!r}; this code reads {FILE_VERSION}")
+                raise RoutingFileError(
+                    f"{path} has routing format version {header.get('version')!r}; this code reads {FILE_VERSION}"
+                )
             arr = {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
         raise RoutingFileError(f"{path} is not a readable safetensors file ({e}); re-run the analysis batch") from None
@@ -492,5 +509,7 @@ def load_batch_routing(path: str | Path) -> BatchRouting:
             for a, b in zip(off[:-1].tolist(), off[1:].tolist())
         ]
     except (KeyError, ValueError) as e:
-        raise RoutingFileError(f"{path} is a damaged routing file ({type(e).__name__}: {e}); re-run the analysis batch") from None
+        raise RoutingFileError(
+            f"{path} is a damaged routing file ({type(e).__name__}: {e}); re-run the analysis batch"
+        ) from None
     return BatchRouting(samples, moe_layers, meta)

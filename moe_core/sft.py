@@ -166,7 +166,9 @@ def create_batch_structured_dataset(
                 if own is not None and own != label:
                     raise SFTDataError(f"{where}: listed in {label}_indices but its label is '{own}'")
                 messages = _user_messages(sample, where)
-                target, source = _target_for(sample, label, messages[-1]["content"], refusal_target, target_column, seed, where)
+                target, source = _target_for(
+                    sample, label, messages[-1]["content"], refusal_target, target_column, seed, where
+                )
                 examples.append(
                     {
                         "messages": [*messages, {"role": "assistant", "content": target}],
@@ -224,7 +226,9 @@ def create_batch_aware_dataset(batches: Sequence[Sequence[Mapping[str, Any]]], t
     for ex in rows:
         msgs = list(ex["messages"])
         if not msgs or msgs[-1]["role"] != "assistant":
-            raise SFTDataError(f"batch {ex['batch_idx']}, example {ex['in_batch_idx']}: messages must end with the assistant target")
+            raise SFTDataError(
+                f"batch {ex['batch_idx']}, example {ex['in_batch_idx']}: messages must end with the assistant target"
+            )
         prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(msgs, tokenize=False)
         if not full.startswith(prompt):
@@ -294,7 +298,7 @@ def _flatten_batches(batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[Map
 
 
 # -- storage ---------------------------------------------------------------------------
-def _atomic_dir(path: Path, build: Callable[[Path], None]) -> Path:
+def atomic_dir(path: Path, build: Callable[[Path], None]) -> Path:
     """Build a directory in a temp sibling, then swap it into place (never a half-written folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +326,7 @@ def save_sft_dataset(dataset: Any, path: str | Path) -> Path:
     missing = [c for c in (*TOKEN_COLUMNS, *META_COLUMNS) if c not in dataset.column_names]
     if missing:
         raise SFTDataError(f"not an SFT dataset: missing columns {missing}")
-    return _atomic_dir(Path(path), lambda tmp: dataset.save_to_disk(str(tmp)))
+    return atomic_dir(Path(path), lambda tmp: dataset.save_to_disk(str(tmp)))
 
 
 def load_sft_dataset(path: str | Path):

@@ -27,6 +27,7 @@ then :func:`merge_trained_experts`, :func:`save_merged`, :func:`save_expert_delt
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from .masks import ExpertMask
 from .models import MoEAdapter
 from .runs import atomic_write, atomic_write_json, atomic_write_text
 from .sampler import BatchCollator, BatchPreservingSampler
-from .sft import META_COLUMNS, _atomic_dir, create_batch_aware_dataset
+from .sft import META_COLUMNS, atomic_dir, create_batch_aware_dataset
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class ExpertMaskingConfig(TrainingArguments):
     # the analysis batch size; must equal per_device_train_batch_size when given
     analysis_batch_size: int | None = field(default=None, metadata={"help": "analysis batch size (checked)"})
     # gradient accumulation merges several analysis batches into one update: off unless allowed
-    allow_gradient_accumulation: bool = field(default=False, metadata={"help": "permit gradient_accumulation_steps > 1"})
+    allow_gradient_accumulation: bool = field(default=False, metadata={"help": "permit grad accumulation > 1"})
     # legacy TrainingArguments flag, accepted only to reject True with a clear message
     group_by_length: bool = field(default=False, metadata={"help": "must stay False"})
     # keep batch_idx/in_batch_idx/label in the batches (the trainer strips them before forward)
@@ -127,7 +128,8 @@ class ExpertMaskingConfig(TrainingArguments):
         if self.auto_find_batch_size:
             problems.append("auto_find_batch_size would change the batch size; the analysis batches fix it")
         if self.baseline == "full" and self.mask_mode == "per_batch":
-            problems.append("baseline='full' trains every parameter; per-batch masks do not apply (use mask_mode='union')")
+            problems.append("baseline='full' trains every parameter; per-batch masks do not apply "
+                            "(use mask_mode='union')")
         if self.router_consistency_weight < 0 or (self.router_learning_rate or 0) < 0:
             problems.append("router_consistency_weight and router_learning_rate must be >= 0")
         if problems:
@@ -142,7 +144,8 @@ class ExpertRowSplice(nn.Module):
         super().__init__()
         self.layer = int(layer)
         self.experts = [int(e) for e in experts]
-        self.register_buffer("index", torch.tensor(self.experts, dtype=torch.long, device=original.device), persistent=False)
+        index = torch.tensor(self.experts, dtype=torch.long, device=original.device)
+        self.register_buffer("index", index, persistent=False)
         self.rows = nn.ParameterList(nn.Parameter(original[e].detach().clone()) for e in self.experts)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
@@ -240,10 +243,12 @@ def normalize_batch_masks(batch_expert_masks: Any) -> dict[int, ExpertMask]:
     """Per-batch masks as ``{batch_idx: ExpertMask}`` from a dict, a list (position = batch_idx) or a 3-D array."""
     if isinstance(batch_expert_masks, Mapping):
         items = [(int(k), v) for k, v in batch_expert_masks.items()]
-    elif isinstance(batch_expert_masks, np.ndarray) and batch_expert_masks.ndim == 3 or isinstance(batch_expert_masks, (list, tuple)):
+    elif isinstance(batch_expert_masks, (list, tuple)) or np.ndim(batch_expert_masks) == 3:
         items = list(enumerate(batch_expert_masks))
     else:
-        raise TrainingConfigError("batch_expert_masks must be a dict {batch_idx: mask}, a list of masks or a [B, L, E] array")
+        raise TrainingConfigError(
+            "batch_expert_masks must be a dict {batch_idx: mask}, a list of masks or a [B, L, E] array"
+        )
     if not items:
         raise TrainingConfigError("batch_expert_masks is empty")
     return {b: _as_mask(m) for b, m in items}
@@ -253,12 +258,16 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     """Bytes held by the optimizer's per-parameter state tensors (e.g. AdamW's two moments)."""
     if optimizer is None:
         return 0
-    return int(sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)))
+    tensors = (v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+    return int(sum(v.numel() * v.element_size() for v in tensors))
 
 
 # -- router consistency ----------------------------------------------------------------
 def router_consistency_loss(
-    router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor, is_unsafe: torch.Tensor, direction: str = "symmetric"
+    router_logits: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor,
+    is_unsafe: torch.Tensor,
+    direction: str = "symmetric",
 ) -> torch.Tensor:
     """KL between the mean routing distribution of a batch's safe and unsafe samples, averaged over layers.
 
@@ -331,7 +340,9 @@ class ExpertMaskingTrainer(Trainer):
         if not isinstance(args, ExpertMaskingConfig):
             raise TrainingConfigError("args must be an ExpertMaskingConfig (it validates the batch-structure settings)")
         if train_dataset is None:
-            raise TrainingConfigError("train_dataset is required: build it with moe_core.sft.create_batch_aware_dataset")
+            raise TrainingConfigError(
+                "train_dataset is required: build it with moe_core.sft.create_batch_aware_dataset"
+            )
         _require_merged(model)
         seed = args.data_seed if args.data_seed is not None else args.seed
         self.batch_sampler = BatchPreservingSampler(train_dataset, shuffle_batches=args.shuffle_batches, seed=seed)
@@ -372,12 +383,18 @@ class ExpertMaskingTrainer(Trainer):
             union = ExpertMask(np.logical_or.reduce([m.mask for m in batch_masks.values()]))
         if args.mask_mode == "per_batch":
             if not batch_masks:
-                raise TrainingConfigError("mask_mode='per_batch' needs batch_expert_masks (one mask per analysis batch)")
+                raise TrainingConfigError(
+                    "mask_mode='per_batch' needs batch_expert_masks (one mask per analysis batch)"
+                )
             missing = sorted(set(self.batch_sampler.batch_ids) - set(batch_masks))
             if missing:
-                raise TrainingConfigError(f"no per-batch mask for analysis batches {missing[:10]}; give one for each batch")
+                raise TrainingConfigError(
+                    f"no per-batch mask for analysis batches {missing[:10]}; give one for each batch"
+                )
             for b, m in batch_masks.items():
-                if m.shape != union.shape or (m.mask & ~union.mask).any():
+                if m.shape != union.shape:
+                    raise TrainingConfigError(f"the mask of batch {b} is {m.shape}, expert_mask is {union.shape}")
+                if (m.mask & ~union.mask).any():
                     raise TrainingConfigError(f"the mask of batch {b} selects experts outside expert_mask")
         else:
             batch_masks = {}
@@ -413,9 +430,15 @@ class ExpertMaskingTrainer(Trainer):
         if self.batch_masks:
             layer_ix = np.array([r.layer for r in self.rows])
             expert_ix = np.array([r.expert for r in self.rows])
-            self._row_active = {b: torch.from_numpy(m.mask[layer_ix, expert_ix].copy()) for b, m in self.batch_masks.items()}
+            self._row_active = {
+                b: torch.from_numpy(m.mask[layer_ix, expert_ix].copy()) for b, m in self.batch_masks.items()
+            }
             for i, r in enumerate(self.rows):
-                r.param.register_hook(lambda g, i=i: g if self._local_active is None or self._local_active[i] else torch.zeros_like(g))
+                r.param.register_hook(functools.partial(self._gate_row_grad, i))
+
+    def _gate_row_grad(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """Zero this batch's contribution to a row its batch did not select (before DDP averages it)."""
+        return grad if self._local_active is None or self._local_active[i] else torch.zeros_like(grad)
 
     # -- optimizer -----------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -426,11 +449,12 @@ class ExpertMaskingTrainer(Trainer):
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             wd, lr = self.args.weight_decay, self.args.learning_rate
             rlr = self.args.router_learning_rate if self.args.router_learning_rate is not None else lr
+            router = list(self.router_params.items())
             groups = [
                 {"params": [r.param for r in self.rows if "bias" not in r.name], "weight_decay": wd, "lr": lr},
                 {"params": [r.param for r in self.rows if "bias" in r.name], "weight_decay": 0.0, "lr": lr},
-                {"params": [p for k, p in self.router_params.items() if not k.endswith("bias")], "weight_decay": wd, "lr": rlr},
-                {"params": [p for k, p in self.router_params.items() if k.endswith("bias")], "weight_decay": 0.0, "lr": rlr},
+                {"params": [p for k, p in router if not k.endswith("bias")], "weight_decay": wd, "lr": rlr},
+                {"params": [p for k, p in router if k.endswith("bias")], "weight_decay": 0.0, "lr": rlr},
             ]
             self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
         return self.optimizer
@@ -459,7 +483,7 @@ class ExpertMaskingTrainer(Trainer):
         a = self.args
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.batch_sampler, collate_fn=self.data_collator,
-            num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory,
+            num_workers=a.dataloader_num_workers, pin_memory=a.dataloader_pin_memory and a.device.type != "cpu",
             persistent_workers=a.dataloader_persistent_workers and a.dataloader_num_workers > 0,
             prefetch_factor=a.dataloader_prefetch_factor if a.dataloader_num_workers > 0 else None,
         )
@@ -480,11 +504,14 @@ class ExpertMaskingTrainer(Trainer):
             raise BatchStructureError(f"training step {self.state.global_step} mixes analysis batches {ids}; each step "
                                       "must hold exactly one (use BatchPreservingSampler, no drop_last/grouping)")
         if "in_batch_idx" in inputs and (inputs["in_batch_idx"].diff() <= 0).any():
-            raise BatchStructureError(f"batch {ids[0]} arrived out of its in-batch order: {inputs['in_batch_idx'].tolist()}")
+            raise BatchStructureError(
+                f"batch {ids[0]} arrived out of its in-batch order: {inputs['in_batch_idx'].tolist()}"
+            )
         label = inputs.get("label")
         n_unsafe = int(label.sum()) if label is not None else None
         self.batch_log.append({
-            "step": int(self.state.global_step), "epoch": float(self.state.epoch or 0.0), "rank": int(self.args.process_index),
+            "step": int(self.state.global_step), "epoch": float(self.state.epoch or 0.0),
+            "rank": int(self.args.process_index),
             "batch_idx": int(ids[0]), "n_samples": int(inputs["batch_idx"].numel()),
             "n_safe": None if label is None else int(label.numel()) - n_unsafe, "n_unsafe": n_unsafe,
             "n_tokens": int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else None,
@@ -498,7 +525,10 @@ class ExpertMaskingTrainer(Trainer):
             active = self._row_active[batch_idx]
             self._local_active = active.tolist()
             self._window_active |= active
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._local_active = None  # the gradient hooks act only inside a training step
         if gated and self.accelerator.sync_gradients:
             window = self._window_active
             if self.accelerator.num_processes > 1:  # a row moves if any rank's batch selected it
@@ -510,17 +540,22 @@ class ExpertMaskingTrainer(Trainer):
             self._window_active = torch.zeros_like(self._window_active)
         return loss
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None):
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ):
+        """LM loss on the batch without its structure columns, plus the weighted router-consistency term."""
         meta = {k: inputs[k] for k in META_COLUMNS if k in inputs}
         inputs = {k: v for k, v in inputs.items() if k not in META_COLUMNS}
         direction = self.args.router_consistency_loss
         use_consistency = direction != "none" and self.args.router_consistency_weight > 0 and model.training
         routers = self._consistency_routers() if use_consistency else []
         with parametrize.cached(), capture_router_logits(routers) as logits:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         if use_consistency:
             if "label" not in meta:
-                raise BatchStructureError("router consistency needs the 'label' column (0 safe, 1 unsafe) in each batch")
+                raise BatchStructureError(
+                    "router consistency needs the 'label' column (0 safe, 1 unsafe) in each batch"
+                )
             c = router_consistency_loss(logits, inputs["attention_mask"], meta["label"], direction)
             self._consistency[0] += float(c.detach())
             self._consistency[1] += 1
@@ -563,12 +598,16 @@ class ExpertMaskingTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / DELTA_NAME
         if not path.exists():
-            raise TrainingConfigError(f"{resume_from_checkpoint} has no {DELTA_NAME}; it is not a checkpoint of this trainer")
+            raise TrainingConfigError(
+                f"{resume_from_checkpoint} has no {DELTA_NAME}; it is not a checkpoint of this trainer"
+            )
         tensors, _ = _read_delta(path)
         wanted = {r.key: r.param for r in self.rows} | dict(self.router_params)
         missing = sorted(set(wanted) - set(tensors))
         if missing:
-            raise TrainingConfigError(f"checkpoint {resume_from_checkpoint} lacks {missing[:5]}: it was trained on other experts")
+            raise TrainingConfigError(
+                f"checkpoint {resume_from_checkpoint} lacks {missing[:5]}: it was trained on other experts"
+            )
         with torch.no_grad():
             for k, p in wanted.items():
                 p.copy_(tensors[k].to(p.dtype))
@@ -646,23 +685,23 @@ def apply_expert_delta(base_model: nn.Module, path: str | Path) -> int:
             f"delta is for {meta.get('model_type')} with {meta.get('num_experts')} experts; "
             f"this model is {mt} with {adapter.num_experts}"
         )
-    n = 0
+    writes: list[tuple[torch.Tensor, torch.Tensor]] = []  # validate everything before touching the model
+    for e in meta["experts"]:
+        fused = adapter.expert_parameters(e["layer"]).get(e["param"]) if e["layer"] in adapter.moe_layers else None
+        t = tensors[e["key"]]
+        if fused is None or tuple(fused.shape[1:]) != tuple(t.shape):
+            raise TrainingConfigError(f"{e['key']}: the model has no matching tensor (shape {tuple(t.shape)})")
+        writes.append((fused[e["expert"]], t))
+    for r in meta.get("routers", []):
+        _, layer, _, name = r["key"].split(".", 3)
+        p = adapter.router_parameters(int(layer)).get(name) if int(layer) in adapter.moe_layers else None
+        if p is None or p.shape != tensors[r["key"]].shape:
+            raise TrainingConfigError(f"{r['key']}: the model has no matching router parameter")
+        writes.append((p, tensors[r["key"]]))
     with torch.no_grad():
-        for e in meta["experts"]:
-            fused = adapter.expert_parameters(e["layer"]).get(e["param"]) if e["layer"] in adapter.moe_layers else None
-            t = tensors[e["key"]]
-            if fused is None or tuple(fused.shape[1:]) != tuple(t.shape):
-                raise TrainingConfigError(f"{e['key']}: the model has no matching tensor (shape {tuple(t.shape)})")
-            fused[e["expert"]].copy_(t.to(fused.dtype))
-            n += 1
-        for r in meta.get("routers", []):
-            _, layer, _, name = r["key"].split(".", 3)
-            p = adapter.router_parameters(int(layer)).get(name)
-            if p is None or p.shape != tensors[r["key"]].shape:
-                raise TrainingConfigError(f"{r['key']}: the model has no matching router parameter")
-            p.copy_(tensors[r["key"]].to(p.dtype))
-            n += 1
-    return n
+        for dst, src in writes:
+            dst.copy_(src.to(dst.dtype))
+    return len(writes)
 
 
 def save_merged(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
@@ -674,7 +713,7 @@ def save_merged(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return _atomic_dir(Path(out_dir), build)
+    return atomic_dir(Path(out_dir), build)
 
 
 def training_metadata(trainer: ExpertMaskingTrainer) -> dict[str, Any]:
@@ -684,7 +723,9 @@ def training_metadata(trainer: ExpertMaskingTrainer) -> dict[str, Any]:
         "baseline": trainer.args.baseline,
         "mask_mode": trainer.args.mask_mode,
         "expert_mask": trainer.union_mask.to_json_dict() if trainer.union_mask is not None else None,
-        "batch_masks": {str(b): {str(l): es for l, es in m.by_layer().items()} for b, m in sorted(trainer.batch_masks.items())},
+        "batch_masks": {
+            str(b): {str(l): es for l, es in m.by_layer().items()} for b, m in sorted(trainer.batch_masks.items())
+        },
         "report": trainer.trainable_report(),
         "args": json.loads(trainer.args.to_json_string()),
         "loss_history": trainer.state.log_history,
@@ -713,6 +754,22 @@ class _ProgressCallback(TrainerCallback):
         self.progress(state.global_step, state.max_steps, "" if loss is None else f"loss {loss:.4f}")
 
 
+def _is_per_batch(masks: Any) -> bool:
+    """Per-batch masks (dict, list of masks, [B, L, E] array) versus one union mask ([L, E])."""
+    if isinstance(masks, Mapping):
+        return True
+    if isinstance(masks, ExpertMask):
+        return False
+    if isinstance(masks, (list, tuple)) and masks and isinstance(masks[0], ExpertMask):
+        return True
+    ndim = np.asarray(masks).ndim
+    if ndim not in (2, 3):
+        raise TrainingConfigError(
+            f"a mask is [layers, experts] and per-batch masks are [batches, layers, experts]; got {ndim}-D"
+        )
+    return ndim == 3
+
+
 def train_experts(
     model: nn.Module,
     tokenizer: Any,
@@ -736,13 +793,14 @@ def train_experts(
     out = Path(output_dir)
     if isinstance(dataset, (list, tuple)):
         dataset = create_batch_aware_dataset(dataset, tokenizer, max_length)
-    per_batch = isinstance(mask_or_batch_masks, (Mapping, list, tuple)) or (
-        isinstance(mask_or_batch_masks, np.ndarray) and mask_or_batch_masks.ndim == 3)
+    per_batch = _is_per_batch(mask_or_batch_masks)
     if config is None:
         size = BatchPreservingSampler(dataset, shuffle_batches=False).max_batch_size
         config = ExpertMaskingConfig(output_dir=str(out / "checkpoints"), per_device_train_batch_size=size,
                                      mask_mode="per_batch" if per_batch else "union", save_strategy="no",
                                      logging_steps=1, report_to="none")
+    elif config.output_dir in (None, "trainer_output"):  # TrainingArguments' default: keep checkpoints in the run
+        config.output_dir = str(out / "checkpoints")
     trainer = ExpertMaskingTrainer(
         model, config, dataset,
         expert_mask=None if per_batch else mask_or_batch_masks,
@@ -750,8 +808,10 @@ def train_experts(
         processing_class=tokenizer,
         callbacks=[_ProgressCallback(progress)] if progress else None,
     )
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    merge_trained_experts(model)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    finally:
+        merge_trained_experts(model)  # also after an error: never leave rows spliced into the caller's model
     delta = merged = meta_path = None
     if trainer.args.should_save:
         out.mkdir(parents=True, exist_ok=True)

@@ -60,31 +60,36 @@ def compose_plan(n_batches: int, seed: int = 0):
 
 
 def build_finished_run(root: Path, model_dir: Path, n_batches: int = 3, train: bool = True,
-                       name: str = "fixture", max_new_tokens: int = 6) -> Run:
-    """A run with plan, analysis (every batch), a saved mask and, with ``train``, one training output."""
+                       name: str = "fixture", max_new_tokens: int = 6, evaluate: bool = False, seed: int = 0) -> Run:
+    """A run with plan, analysis (every batch), a saved mask; with ``train`` one expert-only training
+    (merged model kept), with ``evaluate`` also a small base-vs-trained evaluation in eval/."""
     from moe_core.models import load_model
 
     model, tok = load_model(model_dir, device="cpu")
     run = Run.create(root, name=name, config={"created_by": "tests"}, model=str(model_dir))
-    plan = compose_plan(n_batches)
+    plan = compose_plan(n_batches, seed=seed)
     run_analysis(run, model, tok, plan, AnalysisConfig(scope="generated", max_new_tokens=max_new_tokens))
     agg = read_parquet(run.path_for("risk_aggregated"))
     n_layers = model.config.num_hidden_layers
     mask = select_experts(agg, SelectionConfig(method="top_n", n=4), n_layers, int(agg["expert"].max()) + 1)
     mask.save(run.path_for("mask", name=MASK_NAME))
     if train:
-        train_fixture(run, model, tok)
+        out = train_fixture(run, model, tok)
+        if evaluate:
+            evaluate_fixture(run, model_dir, out / "merged_model")
     return Run.open(run.path)
 
 
 def train_fixture(run: Run, model, tok, epochs: int = 1) -> Path:
-    """A real expert-only training of the saved mask (one epoch) into ``train/<mask name>``."""
+    """A real expert-only training of the saved mask (one epoch) into ``train/experts-<mask>``, recorded
+    in the manifest as the CLI does (step ``train:<name>`` with the merged model's path)."""
     from moe_core.masks import ExpertMask
     from moe_core.sampler import BatchPreservingSampler
     from moe_core.sft import create_batch_aware_dataset, create_batch_structured_dataset
     from moe_core.training import ExpertMaskingConfig, train_experts
 
-    out = run.path_for("train", name=MASK_NAME)
+    name = f"experts-{MASK_NAME}"
+    out = run.path_for("train", name=name)
     batches = create_batch_structured_dataset(load_batch_data_list(run), refusal_target="I cannot help with that.")
     ds = create_batch_aware_dataset(batches, tok, max_length=128)
     cfg = ExpertMaskingConfig(
@@ -92,5 +97,17 @@ def train_fixture(run: Run, model, tok, epochs: int = 1) -> Path:
         num_train_epochs=epochs, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=True, dataloader_num_workers=0,
     )
-    train_experts(model, tok, ds, ExpertMask.load(run.path_for("mask", name=MASK_NAME)), cfg, out)
+    result = train_experts(model, tok, ds, ExpertMask.load(run.path_for("mask", name=MASK_NAME)), cfg, out,
+                           save_merged_model=True)
+    run.set_step(f"train:{name}", "done", merged=str(result.merged_path), mask=MASK_NAME, baseline="experts")
     return out
+
+
+def evaluate_fixture(run: Run, base_dir: Path, trained_dir: Path, limit: int = 3) -> None:
+    """A small real comparison (base vs trained) on the held-out demo sets, saved in eval/."""
+    from moe_core.evaluation import EvalEntry, compare_models, default_eval_sets, save_evaluation
+
+    sets = default_eval_sets("heldout", limit=limit)
+    responses, summary = compare_models([EvalEntry("base", str(base_dir)), EvalEntry("experts", str(trained_dir))],
+                                        sets, max_new_tokens=4, device="cpu")
+    save_evaluation(run, responses, summary, name="comparison")

@@ -130,38 +130,3 @@ def test_seed_api_matches_run_tables(tmp_path, tiny):
     assert [o["in_batch_idx"] for o in bd["batch_outputs"]] == [0, 1, 2, 3]
     again = calculate_risk_diff_per_batch({**bd, "num_experts": 8, "layers": [0, 1]}, num_experts_per_tok=2)
     pd.testing.assert_frame_equal(again[table.columns[:10]], table[table.columns[:10]], check_dtype=False)
-
-
-def test_cli_analyze_and_select_on_a_local_model_dir(tmp_path, tiny, capsys):
-    from moe_core.cli import main
-
-    model, tok = tiny
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    safe = tmp_path / "safe.csv"
-    unsafe = tmp_path / "unsafe.jsonl"
-    pd.DataFrame({"goal": [i.text for i in _items("safe", 4)]}).to_csv(safe, index=False)
-    unsafe.write_text("".join(json.dumps({"prompt": i.text}) + "\n" for i in _items("unsafe", 4)))
-    root = tmp_path / "runs"
-    rc = main(["--runs-root", str(root), "analyze", "--model", str(model_dir), "--safe", str(safe), "--unsafe", str(unsafe),
-               "--batch-size", "4", "--scope", "prompt", "--max-new-tokens", "2", "--name", "cli"])
-    assert rc == 0
-    (run_dir,) = list(root.iterdir())
-    assert (run_dir / "risk" / "aggregated.parquet").exists()
-    rc = main(["--runs-root", str(root), "select", "--run", run_dir.name, "--method", "top_n", "--n", "3"])
-    assert rc == 0
-    mask = json.loads((run_dir / "masks" / "unsafe_experts.json").read_text())
-    assert sum(len(v) for v in mask["experts"].values()) == 3
-    assert "L" in capsys.readouterr().out
-
-
-def test_cli_errors_are_one_clear_line(tmp_path, capsys):
-    from moe_core.cli import main
-
-    rc = main(["--runs-root", str(tmp_path), "analyze", "--safe", str(tmp_path / "missing.csv"), "--unsafe", str(tmp_path / "x.csv")])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and "Traceback" not in err
-    rc = main(["--runs-root", str(tmp_path), "select", "--run", "nope"])
-    assert rc == 2 and "no run at nope" in capsys.readouterr().err

@@ -107,8 +107,10 @@ def test_ill_defined_structure_raises(source, match):
 
 def test_collator_pads_and_keeps_structure_columns():
     feats = [
-        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "batch_idx": 4, "in_batch_idx": 0, "label": "safe", "extra": "x"},
-        {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [-100, 6], "batch_idx": 4, "in_batch_idx": 1, "label": 1},
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "batch_idx": 4,
+         "in_batch_idx": 0, "label": "safe", "extra": "x"},
+        {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [-100, 6], "batch_idx": 4, "in_batch_idx": 1,
+         "label": 1},
     ]
     out = BatchCollator(pad_token_id=0)(feats)
     assert set(out) == {"input_ids", "attention_mask", "labels", "batch_idx", "in_batch_idx", "label"}

@@ -15,7 +15,7 @@ from moe_core.sft import (
     REFUSAL_TEMPLATES,
     PickleNotAllowedError,
     SFTDataError,
-    _atomic_dir,
+    atomic_dir,
     choose_refusal,
     create_batch_aware_dataset,
     create_batch_structured_dataset,
@@ -37,8 +37,8 @@ def sft_data(sizes=(4, 2), unsafe_target="Sure, here is how"):
         n_safe = n // 2
         outs = [{"prompt": f"Tell me how to pick a lock {b}-{i}", "label": "unsafe", "target": unsafe_target,
                  "generated_text": "Sure, first take a pin"} for i in range(n - n_safe)]
-        outs += [{"prompt": f"How do I bake bread {b}-{i}?", "label": "safe", "generated_text": f"Mix flour and water {i}."}
-                 for i in range(n_safe)]
+        outs += [{"prompt": f"How do I bake bread {b}-{i}?", "label": "safe",
+                  "generated_text": f"Mix flour and water {i}."} for i in range(n_safe)]
         bl.append({"batch_idx": 10 + b, "batch_outputs": outs, "safe_indices": list(range(n - n_safe, n)),
                    "unsafe_indices": list(range(n - n_safe))})
     return {"batch_data_list": bl}
@@ -125,7 +125,8 @@ def test_tokenised_dataset_masks_everything_but_the_assistant_reply():
         assert row["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
         answer = row["labels"][n_prompt:]
         assert answer == row["input_ids"][n_prompt:] and IGNORE_INDEX not in answer
-        assert tok.decode(answer, skip_special_tokens=True).replace(" ", "") == ex["messages"][-1]["content"].replace(" ", "")
+        decoded = tok.decode(answer, skip_special_tokens=True)
+        assert decoded.replace(" ", "") == ex["messages"][-1]["content"].replace(" ", "")
         assert answer[-1] == tok.eos_token_id  # the end-of-turn token is learned too
         assert row["attention_mask"] == [1] * len(row["input_ids"])
 
@@ -136,7 +137,8 @@ def test_tokenisation_errors():
     with pytest.raises(SFTDataError, match="raise max_length"):
         create_batch_aware_dataset(batches, tok, max_length=4)
     odd = tiny_tokenizer()
-    odd.chat_template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}{% if add_generation_prompt %}GEN:{% endif %}"
+    odd.chat_template = ("{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+                         "{% if add_generation_prompt %}GEN:{% endif %}")
     with pytest.raises(SFTDataError, match="prefix"):
         create_batch_aware_dataset(batches, odd)
     bare = tiny_tokenizer()
@@ -166,14 +168,14 @@ def test_datasets_round_trip_through_disk(tmp_path):
 
 def test_failed_directory_write_keeps_previous_version(tmp_path):
     target = tmp_path / "out"
-    _atomic_dir(target, lambda p: (p / "v").write_text("1"))
+    atomic_dir(target, lambda p: (p / "v").write_text("1"))
 
     def broken(p: Path) -> None:
         (p / "v").write_text("2")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        _atomic_dir(target, broken)
+        atomic_dir(target, broken)
     assert (target / "v").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -203,7 +205,8 @@ def test_real_advbench_and_alpaca_prompts_tokenise():
         harmful = [r for _, r in zip(range(8), csv.DictReader(f))]
     benign = json.loads((SHARED / "datasets" / "alpaca" / "alpaca_instructions_2000.json").read_text())[:8]
     outs = [{"prompt": b["instruction"], "label": "safe", "generated_text": "Here is an answer."} for b in benign]
-    outs += [{"prompt": h["goal"], "label": "unsafe", "target": h["target"], "generated_text": h["target"]} for h in harmful]
+    outs += [{"prompt": h["goal"], "label": "unsafe", "target": h["target"], "generated_text": h["target"]}
+             for h in harmful]
     data = {"batch_data_list": [{"batch_idx": 0, "batch_outputs": outs, "safe_indices": list(range(8)),
                                  "unsafe_indices": list(range(8, 16))}]}
     batches = create_batch_structured_dataset(data)

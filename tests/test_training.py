@@ -48,10 +48,11 @@ def sft_data(sizes):
     bl = []
     for b, n in enumerate(sizes):
         ns = n // 2
-        outs = [{"prompt": f"How do I bake bread {b} {i}?", "label": "safe", "generated_text": "Mix flour, water and salt."}
-                for i in range(ns)]
+        outs = [{"prompt": f"How do I bake bread {b} {i}?", "label": "safe",
+                 "generated_text": "Mix flour, water and salt."} for i in range(ns)]
         outs += [{"prompt": f"Tell me how to pick a lock {b} {i}!", "label": "unsafe"} for i in range(n - ns)]
-        bl.append({"batch_idx": b, "batch_outputs": outs, "safe_indices": list(range(ns)), "unsafe_indices": list(range(ns, n))})
+        bl.append({"batch_idx": b, "batch_outputs": outs, "safe_indices": list(range(ns)),
+                   "unsafe_indices": list(range(ns, n))})
     return {"batch_data_list": bl}
 
 
@@ -69,6 +70,11 @@ def config(tmp_path, bs=4, **kw):
                 weight_decay=0.1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
                 disable_tqdm=True, optim="adamw_torch")
     return ExpertMaskingConfig(**{**base, **kw})
+
+
+def make_trainer(model, cfg, tok, ds=None, **kw):
+    """An ExpertMaskingTrainer on the default 3 x 4 dataset (or ``ds``) with the tiny tokenizer."""
+    return ExpertMaskingTrainer(model, cfg, ds if ds is not None else dataset(tok), processing_class=tok, **kw)
 
 
 def two_expert_mask(model, *pairs):
@@ -131,7 +137,7 @@ def test_per_batch_masks_are_exact_even_with_momentum_and_decay(family, tok, tmp
     before = snapshot(model)
     rec = RowRecorder()
     cfg = config(tmp_path, max_steps=6, mask_mode="per_batch", shuffle_batches=True, seed=1)
-    trainer = ExpertMaskingTrainer(model, cfg, dataset(tok), batch_expert_masks=masks, processing_class=tok, callbacks=[rec])
+    trainer = make_trainer(model, cfg, tok, batch_expert_masks=masks, callbacks=[rec])
     rec.trainer = trainer
     initial = {(r.layer, r.expert, r.name): r.param.detach().clone() for r in trainer.rows}
     trainer.train()
@@ -147,6 +153,26 @@ def test_per_batch_masks_are_exact_even_with_momentum_and_decay(family, tok, tmp
         prev = now
     merge_trained_experts(model)
     assert changed_experts(model, before, ad) == {(first, 1), (last, 5), (last, 2)}
+
+
+def test_gradient_accumulation_window_updates_only_its_batches_experts(tok, tmp_path):
+    model = tiny_model("olmoe")
+    pairs = {0: [(0, 1)], 1: [(1, 5)], 2: [(0, 3)]}
+    masks = {b: ExpertMask.from_experts(p, 2, 8) for b, p in pairs.items()}
+    rec = RowRecorder()
+    cfg = config(tmp_path, max_steps=2, mask_mode="per_batch", shuffle_batches=False,
+                 gradient_accumulation_steps=2, allow_gradient_accumulation=True)
+    trainer = make_trainer(model, cfg, tok, batch_expert_masks=masks, callbacks=[rec])
+    rec.trainer = trainer
+    start = {(r.layer, r.expert, r.name): r.param.detach().clone() for r in trainer.rows}
+    trainer.train()
+    assert [r["batch_idx"] for r in trainer.batch_log] == [0, 1, 2]
+    windows = [{(0, 1), (1, 5)}, {(0, 3)}]  # update 1 = batches 0+1, update 2 = batch 2
+    prev = start
+    for now, window in zip(rec.after_step, windows):
+        moved = {(l, e) for (l, e, n), v in now.items() if not torch.equal(v, prev[(l, e, n)])}
+        assert moved == window
+        prev = now
 
 
 def test_zeroed_gradients_alone_would_not_freeze_rows():
@@ -186,7 +212,7 @@ def test_every_step_holds_one_whole_analysis_batch_with_uneven_sizes(tok, tmp_pa
 
 def test_monitor_rejects_mixed_or_reordered_batches(tok, tmp_path):
     model = tiny_model("olmoe")
-    trainer = ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=two_expert_mask(model), processing_class=tok)
+    trainer = make_trainer(model, config(tmp_path), tok, expert_mask=two_expert_mask(model))
     ds = dataset(tok)
     collate = BatchCollator(pad_token_id=tok.pad_token_id)
     mixed = collate([ds[0], ds[1], ds[4], ds[5]])
@@ -205,7 +231,7 @@ def test_optimizer_state_holds_only_the_chosen_rows(tok, tmp_path):
     model = tiny_model("olmoe")
     ad = MoEAdapter.for_model(model)
     mask = two_expert_mask(model)
-    trainer = ExpertMaskingTrainer(model, config(tmp_path, max_steps=2), dataset(tok), expert_mask=mask, processing_class=tok)
+    trainer = make_trainer(model, config(tmp_path, max_steps=2), tok, expert_mask=mask)
     trainer.train()
     rows = {id(r.param) for r in trainer.rows}
     opt_params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
@@ -241,7 +267,7 @@ def test_router_training_uses_its_own_learning_rate(tok, tmp_path):
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
 def test_merged_model_round_trips_and_delta_reproduces_it(family, tok, tmp_path):
     model = tiny_model(family)
-    trainer = ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=two_expert_mask(model), processing_class=tok)
+    trainer = make_trainer(model, config(tmp_path), tok, expert_mask=two_expert_mask(model))
     trainer.train()
     delta = save_expert_delta(trainer, tmp_path / "delta.safetensors")
     meta = json.loads(delta.with_suffix(".json").read_text())
@@ -262,10 +288,27 @@ def test_merged_model_round_trips_and_delta_reproduces_it(family, tok, tmp_path)
     assert delta.stat().st_size < sum(p.numel() * 4 for p in model.parameters()) / 10
 
 
+def test_delta_for_another_model_is_rejected_without_changes(tok, tmp_path):
+    model = tiny_model("olmoe")
+    trainer = make_trainer(model, config(tmp_path, max_steps=1), tok, expert_mask=two_expert_mask(model))
+    trainer.train()
+    delta = save_expert_delta(trainer, tmp_path / "d.safetensors")
+    with pytest.raises(TrainingConfigError, match="delta is for olmoe"):
+        apply_expert_delta(tiny_model("mixtral"), delta)
+    narrow = tiny_model("olmoe", intermediate_size=32)
+    before = snapshot(narrow)
+    with pytest.raises(TrainingConfigError, match="no matching tensor"):
+        apply_expert_delta(narrow, delta)
+    assert all(torch.equal(p, before[n]) for n, p in narrow.named_parameters())
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TrainingConfigError, match="cannot read"):
+        apply_expert_delta(narrow, tmp_path / "junk.safetensors")
+
+
 def test_checkpoint_resume_restores_rows_and_optimizer(tok, tmp_path):
     cfg = dict(max_steps=4, save_strategy="steps", save_steps=2, shuffle_batches=True, lr_scheduler_type="constant")
     model = tiny_model("olmoe")
-    a = ExpertMaskingTrainer(model, config(tmp_path / "a", **cfg), dataset(tok), expert_mask=two_expert_mask(model), processing_class=tok)
+    a = make_trainer(model, config(tmp_path / "a", **cfg), tok, expert_mask=two_expert_mask(model))
     a.train()
     final_a = {r.key: r.param.detach().clone() for r in a.rows}
     ckpt = tmp_path / "a" / "ckpt" / "checkpoint-2"
@@ -274,16 +317,16 @@ def test_checkpoint_resume_restores_rows_and_optimizer(tok, tmp_path):
     assert not files & {"model.safetensors", "training_args.bin"}, "checkpoints hold only the rows, no pickle of args"
 
     model_b = tiny_model("olmoe")
-    b = ExpertMaskingTrainer(model_b, config(tmp_path / "b", **cfg), dataset(tok), expert_mask=two_expert_mask(model_b), processing_class=tok)
+    b = make_trainer(model_b, config(tmp_path / "b", **cfg), tok, expert_mask=two_expert_mask(model_b))
     b.train(resume_from_checkpoint=str(ckpt))
     assert [r["batch_idx"] for r in b.batch_log] == [r["batch_idx"] for r in a.batch_log[2:]]
     for r in b.rows:
-        torch.testing.assert_close(r.param, final_a[r.key], rtol=0, atol=1e-6)
+        assert torch.equal(r.param, final_a[r.key]), f"{r.key} differs after resuming"
     assert b.optimizer.state[b.rows[0].param]["step"].item() == 4
 
     model_c = tiny_model("olmoe")
     other = ExpertMask.from_experts([(0, 2)], 2, 8)
-    c = ExpertMaskingTrainer(model_c, config(tmp_path / "c", **cfg), dataset(tok), expert_mask=other, processing_class=tok)
+    c = make_trainer(model_c, config(tmp_path / "c", **cfg), tok, expert_mask=other)
     with pytest.raises(TrainingConfigError, match="other experts"):
         c.train(resume_from_checkpoint=str(ckpt))
 
@@ -294,8 +337,8 @@ def test_train_experts_writes_artifacts_and_reports_progress(tok, tmp_path):
     calls = []
     batches = create_batch_structured_dataset(sft_data((4, 2, 4)))
     cfg = config(tmp_path, max_steps=3)
-    result = train_experts(model, tok, batches, mask, cfg, tmp_path / "out", progress=lambda d, t, m="": calls.append((d, t, m)),
-                           max_length=40)
+    result = train_experts(model, tok, batches, mask, cfg, tmp_path / "out",
+                           progress=lambda d, t, m="": calls.append((d, t, m)), max_length=40)
     assert [c[0] for c in calls[:3]] == [1, 2, 3] and calls[-1][2] == "done"
     meta = json.loads(result.metadata_path.read_text())
     assert meta["expert_mask"]["experts"] == {"0": [1], "1": [5]}
@@ -305,6 +348,19 @@ def test_train_experts_writes_artifacts_and_reports_progress(tok, tmp_path):
     assert result.report["trained_experts"] == 2
     assert not trained_rows(model), "train_experts leaves the model merged"
     MoEAdapter.for_model(model)  # and usable by the rest of the pipeline
+
+
+def test_train_experts_defaults_take_per_batch_masks_and_batch_size(tok, tmp_path):
+    model = tiny_model("olmoe")
+    masks = [np.eye(2, 8, k=b, dtype=bool) for b in range(2)]  # batch 0: (0,0),(1,1); batch 1: (0,1),(1,2)
+    before = snapshot(model)
+    ds = dataset(tok, sizes=(4, 2))
+    result = train_experts(model, tok, ds, masks, output_dir=tmp_path / "out")
+    meta = json.loads(result.metadata_path.read_text())
+    assert meta["mask_mode"] == "per_batch" and meta["args"]["per_device_train_batch_size"] == 4
+    assert meta["batch_masks"] == {"0": {"0": [0], "1": [1]}, "1": {"0": [1], "1": [2]}}
+    assert {r["n_samples"] for r in meta["batch_monitor"]} == {4, 2}
+    assert changed_experts(model, before, MoEAdapter.for_model(model)) == {(0, 0), (1, 1), (0, 1), (1, 2)}
 
 
 # -- baselines -------------------------------------------------------------------------
@@ -327,13 +383,24 @@ def test_random_experts_baseline_trains_as_many_other_experts(tok, tmp_path):
 def test_full_baseline_updates_everything_through_the_same_loop(tok, tmp_path):
     model = tiny_model("olmoe")
     before = snapshot(model)
-    trainer = ExpertMaskingTrainer(model, config(tmp_path, baseline="full", max_steps=2), dataset(tok), processing_class=tok)
+    trainer = make_trainer(model, config(tmp_path, baseline="full", max_steps=2), tok)
     trainer.train()
     assert len(trainer.batch_log) == 2 and not trainer.rows
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any("experts" in n for n in moved) and any("self_attn" in n for n in moved)
     with pytest.raises(TrainingConfigError, match="full fine-tuning has no expert delta"):
         save_expert_delta(trainer, tmp_path / "x.safetensors")
+
+
+def test_train_experts_full_baseline_saves_a_loadable_model(tok, tmp_path):
+    model = tiny_model("qwen2_moe")
+    empty = ExpertMask.empty(2, 8)  # the CLI passes an empty mask for the full baseline (shape only)
+    result = train_experts(model, tok, dataset(tok), empty, config(tmp_path, baseline="full", max_steps=1),
+                           tmp_path / "out")
+    assert result.delta_path is None and result.report["trained_experts"] is None
+    reloaded = AutoModelForCausalLM.from_pretrained(result.merged_path)
+    mine = dict(model.named_parameters())
+    assert all(torch.equal(p, mine[n]) for n, p in reloaded.named_parameters())
 
 
 # -- validation ------------------------------------------------------------------------
@@ -358,26 +425,33 @@ def test_structure_breaking_arguments_are_rejected(kwargs, match, tmp_path):
 
 
 def test_gradient_accumulation_needs_explicit_opt_in(tmp_path):
-    assert config(tmp_path, gradient_accumulation_steps=2, allow_gradient_accumulation=True).gradient_accumulation_steps == 2
+    cfg = config(tmp_path, gradient_accumulation_steps=2, allow_gradient_accumulation=True)
+    assert cfg.gradient_accumulation_steps == 2
 
 
 @pytest.mark.parametrize(
-    "make, match",
+    "cfg_kw, trainer_kw, match",
     [
-        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(bs=8), ds, expert_mask=two_expert_mask(m)), "per_device_train_batch_size=4"),
-        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(), ds), "give expert_mask"),
-        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(), ds, expert_mask=np.zeros((2, 8))), "selects no experts"),
-        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(), ds, expert_mask=np.ones((3, 8))), r"\(3, 8\)"),
-        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(mask_mode="per_batch"), ds, expert_mask=two_expert_mask(m)), "needs batch_expert_masks"),
-        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(mask_mode="per_batch"), ds, batch_expert_masks=[two_expert_mask(m)]), r"batches \[1, 2\]"),
-        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(mask_mode="per_batch"), ds, expert_mask=two_expert_mask(m, (0, 1)),
-                                                 batch_expert_masks=[two_expert_mask(m)] * 3), "outside expert_mask"),
-        (lambda m, cfg, ds: ExpertMaskingTrainer(m, cfg(), ds.remove_columns("batch_idx"), expert_mask=two_expert_mask(m)), "batch_idx"),
+        (dict(bs=8), dict(expert_mask="two"), "per_device_train_batch_size=4"),
+        ({}, {}, "give expert_mask"),
+        ({}, dict(expert_mask=np.zeros((2, 8))), "selects no experts"),
+        ({}, dict(expert_mask=np.ones((3, 8))), r"\(3, 8\)"),
+        (dict(mask_mode="per_batch"), dict(expert_mask="two"), "needs batch_expert_masks"),
+        (dict(mask_mode="per_batch"), dict(batch_expert_masks=["two"]), r"batches \[1, 2\]"),
+        (dict(mask_mode="per_batch"), dict(expert_mask=ExpertMask.from_experts([(0, 1)], 2, 8),
+                                           batch_expert_masks=["two"] * 3), "outside expert_mask"),
+        ({}, dict(expert_mask="two", drop_batch_idx=True), "batch_idx"),
     ],
 )
-def test_bad_trainer_inputs_raise_clear_errors(make, match, tok, tmp_path):
+def test_bad_trainer_inputs_raise_clear_errors(cfg_kw, trainer_kw, match, tok, tmp_path):
+    model = tiny_model("olmoe")
+    two = two_expert_mask(model)
+    swap = lambda v: two if isinstance(v, str) else v  # noqa: E731  ("two" = the model's two-expert mask)
+    kw = {k: [swap(x) for x in v] if isinstance(v, list) else swap(v)
+          for k, v in trainer_kw.items() if k != "drop_batch_idx"}
+    ds = dataset(tok).remove_columns("batch_idx") if trainer_kw.get("drop_batch_idx") else None
     with pytest.raises(ValueError, match=match):
-        make(tiny_model("olmoe"), lambda **kw: config(tmp_path, **kw), dataset(tok))
+        make_trainer(model, config(tmp_path, **cfg_kw), tok, ds, **kw)
 
 
 def test_dense_layers_cannot_be_selected(tok, tmp_path):
@@ -429,18 +503,19 @@ def test_router_consistency_term_reaches_the_router_only_when_enabled(tok, tmp_p
     ds = dataset(tok)
     batch = BatchCollator(pad_token_id=tok.pad_token_id)([ds[i] for i in range(4)])
 
-    def router_grad(**kw):
+    def loss_and_trainer(**kw):
         model = tiny_model("olmoe")
-        trainer = ExpertMaskingTrainer(model, config(tmp_path, train_router=True, **kw), ds,
-                                       expert_mask=two_expert_mask(model), processing_class=tok)
+        cfg = config(tmp_path, train_router=True, **kw)
+        trainer = make_trainer(model, cfg, tok, ds, expert_mask=two_expert_mask(model))
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, dict(batch))
         loss.backward()
-        return loss.detach(), MoEAdapter.for_model(tiny_model("olmoe")), trainer
+        return loss.detach(), trainer
 
-    plain, _, t_off = router_grad()
-    with_c, _, t_on = router_grad(router_consistency_loss="symmetric", router_consistency_weight=1.0)
+    plain, t_off = loss_and_trainer()
+    with_c, t_on = loss_and_trainer(router_consistency_loss="symmetric", router_consistency_weight=1.0)
     assert torch.isfinite(with_c) and with_c > plain
+    assert torch.isclose(with_c - plain, torch.tensor(t_on._consistency[0]), atol=1e-5)  # weight 1.0 x KL term
     g_off = t_off.adapter.router(0).weight.grad
     g_on = t_on.adapter.router(0).weight.grad
     assert g_off is not None and g_on is not None and not torch.allclose(g_off, g_on)
@@ -448,8 +523,8 @@ def test_router_consistency_term_reaches_the_router_only_when_enabled(tok, tmp_p
 
     model = tiny_model("olmoe")
     before = snapshot(model)
-    frozen_router = ExpertMaskingTrainer(model, config(tmp_path, router_consistency_loss="reverse", router_consistency_layers="masked"),
-                                         ds, expert_mask=two_expert_mask(model), processing_class=tok)
+    cfg = config(tmp_path, router_consistency_loss="reverse", router_consistency_layers="masked")
+    frozen_router = make_trainer(model, cfg, tok, ds, expert_mask=two_expert_mask(model))
     frozen_router.train()
     assert any("router_consistency" in h for h in frozen_router.state.log_history)
     merge_trained_experts(model)
@@ -463,7 +538,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_each_get_whole_analysis_batches(tmp_path):
     """Real accelerate launch (2 CPU processes, DDP over gloo) through the Trainer's prepared DataLoader."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

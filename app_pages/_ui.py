@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,9 +27,9 @@ RUN_KEY = "run_path"  # session_state: absolute path of the open run (or absent)
 FLASH_KEY = "flash"  # session_state: one message to show after a rerun
 POLL_S = 2.0  # seconds between job-panel refreshes while a job is live
 PAGES = {  # page files, for st.page_link
-    "home": "pages/home.py", "data": "pages/data.py", "analysis": "pages/analysis.py",
-    "heatmaps": "pages/heatmaps.py", "experts": "pages/experts.py", "training": "pages/training.py",
-    "evaluation": "pages/evaluation.py", "runs": "pages/runs.py",
+    "home": "app_pages/home.py", "data": "app_pages/data.py", "analysis": "app_pages/analysis.py",
+    "heatmaps": "app_pages/heatmaps.py", "experts": "app_pages/experts.py", "training": "app_pages/training.py",
+    "evaluation": "app_pages/evaluation.py", "runs": "app_pages/runs.py",
 }
 
 
@@ -41,6 +42,14 @@ def guard(prefix: str = "") -> Iterator[None]:
     except (ValueError, FileNotFoundError) as e:
         log.info("shown to the user: %s", e)
         st.error(f"{prefix}{e}", icon=":material/error:")
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+
+
+def md_escape(text: str) -> str:
+    """User text (prompts, answers) shown literally inside st.markdown/st.caption."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
 
 
 def flash(message: str) -> None:

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from moe_core import charts, jobs
-from pages import _ui as ui
+from app_pages import _ui as ui
 
 JOB = "train"
 BASELINES = {"experts": "chosen experts only", "full": "full fine-tuning (baseline)",
@@ -39,7 +39,7 @@ with st.container(border=True):
         help="per-batch mode needs a mask saved with 'One mask per batch'")
     baseline = c3.selectbox("What to train", list(BASELINES), format_func=BASELINES.get, key="tr_baseline")
     c1, c2, c3, c4 = st.columns(4)
-    lr = float(c1.number_input("Learning rate", 1e-7, 1.0, 1e-4, format="%.1e", key="tr_lr"))
+    lr = float(c1.number_input("Learning rate", 1e-7, 1.0, 1e-3, format="%.1e", key="tr_lr"))
     epochs = int(c2.number_input("Epochs", 1, 1000, 3, key="tr_epochs"))
     rc = c3.selectbox("Router-consistency loss", list(CONSISTENCY), format_func=CONSISTENCY.get, key="tr_rc")
     rcw = float(c4.number_input("Consistency weight", 0.0, 100.0, 0.1, 0.05, key="tr_rcw", disabled=rc == "none"))
@@ -85,8 +85,8 @@ if outs:
         m = st.columns(4)
         m[0].metric("Baseline", meta.get("baseline", "?"))
         m[1].metric("Mask mode", meta.get("mask_mode", "?"))
-        n_train = report.get("trainable_parameters")
-        m[2].metric("Trainable parameters", f"{n_train:,}" if isinstance(n_train, int) else "?",
+        n_exp = report.get("trained_experts")
+        m[2].metric("Trained experts", "all (full)" if meta.get("baseline") == "full" else (n_exp if n_exp is not None else "?"),
                     help=f"optimizer state: {report.get('optimizer_state_bytes', '?')} bytes")
         steps = [h for h in meta.get("loss_history") or [] if "loss" in h]
         m[3].metric("Final loss", f"{steps[-1]['loss']:.4f}" if steps else "?")

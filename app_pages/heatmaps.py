@@ -14,7 +14,7 @@ from moe_core import charts
 from moe_core.analysis import analysis_config_of
 from moe_core.risk import risk_matrix
 from moe_core.routing import SCOPES, load_batch_routing
-from pages import _ui as ui
+from app_pages import _ui as ui
 
 st.title("Heatmaps")
 st.caption("Risk difference = activation rate on unsafe tokens − rate on safe tokens, per (layer, expert). "
@@ -118,5 +118,5 @@ for side, col in zip(("safe", "unsafe"), cols):
             verdict = "refused" if s.get("refusal") else "complied"
             kept = "" if s.get("kept", True) else " · filtered out"
             st.caption(f"#{s['in_batch_idx']} · {verdict}{kept} · {int(routed[rec.spans[keep] == scope_code].sum())}"
-                       f"/{n_scope} scope tokens routed · _{str(s['prompt'])[:80]}_")
+                       f"/{n_scope} scope tokens routed · “{ui.md_escape(str(s['prompt'])[:80])}”")
             st.html(charts.highlight_tokens_html(tokens, routed, weight, rec.spans[keep] == scope_code))

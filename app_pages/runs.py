@@ -9,7 +9,7 @@ import streamlit as st
 
 from moe_core.analysis import analysis_config_of, model_info_of
 from moe_core.runs import Run, RunError, list_runs
-from pages import _ui as ui
+from app_pages import _ui as ui
 
 st.title("Runs")
 st.caption(f"Runs live under `{ui.runs_root()}` (set `MOE_LAB_RUNS` to change it); each is one folder of "

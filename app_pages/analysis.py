@@ -6,7 +6,7 @@ import streamlit as st
 
 from moe_core import jobs
 from moe_core.analysis import analysis_config_of
-from pages import _ui as ui
+from app_pages import _ui as ui
 
 JOB = "analysis"
 

@@ -12,7 +12,7 @@ from moe_core import charts
 from moe_core.masks import ExpertMask, save_batch_masks
 from moe_core.risk import risk_matrix
 from moe_core.selection import METHODS, SelectionConfig, random_like, select_experts, select_per_batch
-from pages import _ui as ui
+from app_pages import _ui as ui
 
 TOGGLES = "ex_toggles"  # session_state: hand-toggled experts as "layer:expert" strings
 

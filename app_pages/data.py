@@ -17,7 +17,7 @@ from moe_core.prompts import (
 )
 from moe_core.runs import atomic_write_bytes
 from moe_core.types import PromptItem
-from pages import _ui as ui
+from app_pages import _ui as ui
 
 st.title("Data & batches")
 st.caption("Safe items (refused / benign) and unsafe items (jailbroken / harmful) are mixed into batches: "
@@ -74,7 +74,7 @@ def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
         )
         limit = st.number_input(f"max {label} prompts (0 = all)", 0, 1_000_000, 0, key=f"limit_{label}")
         items = _load(source, name, split, column, label, int(limit) or None)
-        st.caption(f"{len(items)} {label} prompts, e.g. _{items[0].text[:90]}_")
+        st.caption(f"{len(items)} {label} prompts, e.g. “{ui.md_escape(items[0].text[:90])}”")
         return items
     return None
 
@@ -165,7 +165,7 @@ with st.container(border=True):
     m[1].metric("Items", plan.num_items)
     m[2].metric("Paired", "yes" if plan.paired else "no")
     unused = plan.meta.get("unused") or {}
-    m[3].metric("Unused prompts", f"{unused.get('safe', 0)} safe / {unused.get('unsafe', 0)} unsafe")
+    m[3].metric("Unused (safe / unsafe)", f"{unused.get('safe', 0)} / {unused.get('unsafe', 0)}")
     errors = [i for i in issues if i.severity == "error"]
     warnings = [i for i in issues if i.severity == "warning"]
     for i in errors[:10]:

@@ -1,0 +1,90 @@
+"""Evaluation: refusal and over-refusal before vs after training, as charts, with answers side by side.
+
+Reads the evaluations saved in the run's ``eval/`` folder (``moe_core.evaluation.save_evaluation``)
+and launches ``python -m moe_core evaluate --run RUN --job evaluate`` (base model vs every trained
+model of the run, optionally the base with the mask's experts steered off).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import streamlit as st
+
+from moe_core import charts, jobs
+from app_pages import _ui as ui
+
+JOB = "evaluate"
+
+st.title("Evaluation")
+st.caption("Held-out prompts the model never saw: jailbreak compliance (lower is better), refusal of plain harmful "
+           "requests (higher), answers to benign requests (higher), over-refusal of borderline ones (lower). "
+           "Whiskers: 95% Wilson intervals.")
+ui.show_flash()
+run = ui.require_run("the evaluation")
+if importlib.util.find_spec("moe_core.evaluation") is None:
+    st.info("Evaluation is not available yet in this version of moe_core (no `moe_core.evaluation`).",
+            icon=":material/hourglass_empty:")
+    st.stop()
+from moe_core.evaluation import comparison_table, list_evaluations, load_evaluation  # noqa: E402
+
+# -- launch ------------------------------------------------------------------------------------
+info = jobs.read_job(run.path, JOB)
+trained = sorted(k.split(":", 1)[1] for k, v in (run.manifest.get("steps") or {}).items()
+                 if k.startswith("train:") and (v or {}).get("status") == "done")
+with st.container(border=True):
+    st.subheader("Run an evaluation")
+    st.caption("Compares the run's base model with every finished training of this run"
+               + (f" ({', '.join(trained)})" if trained else " (none yet: only the base model will be measured)") + ".")
+    c1, c2, c3, c4 = st.columns(4)
+    masks = ui.mask_names(run)
+    steer = c1.selectbox("Also steer off the experts of", ["(no steering)", *masks], key="ev_steer",
+                         help="SteerMoE-style: the base model with these experts forced off at the router")
+    limit = int(c2.number_input("Prompts per set (0 = all)", 0, 10_000, 0, key="ev_limit"))
+    max_new = int(c3.number_input("Max new tokens", 1, 1024, 48, key="ev_max_new"))
+    name = c4.text_input("Name", "comparison", key="ev_name")
+    flags = ["--name", name.strip(), "--eval-max-new-tokens", str(max_new)]
+    if steer != "(no steering)":
+        flags += ["--steer-mask", steer]
+    if limit:
+        flags += ["--eval-limit", str(limit)]
+    if st.button("Evaluate", type="primary", icon=":material/play_arrow:", disabled=info.active):
+        with ui.guard("Not started: "):
+            jobs.start_job(run.path, JOB, "evaluate", flags)
+            ui.flash("Evaluation started.")
+            st.rerun()
+ui.job_panel(run, JOB, unit="prompts")
+
+# -- results -----------------------------------------------------------------------------------
+names = list_evaluations(run)
+if not names:
+    st.info("No evaluation in this run yet.", icon=":material/info:")
+    st.stop()
+pick = st.selectbox("Evaluation", names[::-1], key="ev_pick")
+responses = summary = None
+with ui.guard("This evaluation cannot be read: "):
+    responses, summary = load_evaluation(run, pick)
+if responses is None or summary is None:
+    st.stop()
+
+st.plotly_chart(charts.metric_bars(summary[summary["metric"].notna()]), key="ev_bars")
+with ui.guard():
+    table = comparison_table(summary)
+    st.dataframe(table, width="stretch", column_config={c: st.column_config.NumberColumn(format="%.2f") for c in table.columns})
+
+st.subheader("Answers side by side")
+c1, c2 = st.columns([1, 3])
+sets = list(dict.fromkeys(responses["set"]))
+chosen_set = c1.selectbox("Set", sets, key="ev_set")
+sub = responses[responses["set"] == chosen_set]
+prompts = list(dict.fromkeys(sub["id"]))
+text_of = dict(zip(sub["id"], sub["prompt"]))
+pid = c2.selectbox("Prompt", prompts, key="ev_prompt", format_func=lambda i: f"{i}: {str(text_of.get(i, ''))[:100]}")
+st.code(text_of.get(pid, ""), language="text", wrap_lines=True)
+rows = sub[sub["id"] == pid]
+models = list(dict.fromkeys(rows["model"])) if "model" in rows.columns else ["model"]
+for col, model in zip(st.columns(max(1, len(models))), models):
+    r = rows[rows["model"] == model].iloc[0] if "model" in rows.columns else rows.iloc[0]
+    with col:
+        st.markdown(f"**{model}** " + (":blue-badge[refused]" if r["refusal"] else ":orange-badge[answered]"))
+        st.code(r["response"] or "(empty)", language="text", wrap_lines=True)

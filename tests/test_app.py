@@ -1,0 +1,556 @@
+"""The Streamlit app driven headlessly with AppTest, plus its background-job launcher (moe_core.jobs).
+
+A real finished run (tiny random OLMoE: plan, analysis, mask, expert-only training, evaluation) is
+built once by tests/app_fixtures.py; tests open every page with and without a run, drive the main
+flow (compose -> analysis results -> heatmap -> select -> train config) and assert on what a user
+sees: element values, plotly specs, st.error texts. Two tests launch real CLI jobs on the tiny
+model and poll them. The organism demo is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from moe_core import charts, jobs
+from moe_core.batches import load_plan
+from moe_core.masks import ExpertMask
+from moe_core.runs import Run, read_json
+from tests.app_fixtures import build_finished_run, compose_plan, save_dense_model, save_tiny_model
+
+streamlit_testing = pytest.importorskip("streamlit.testing.v1")
+AppTest = streamlit_testing.AppTest
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "app.py")
+PAGES = {  # page file -> title
+    "home": "MoE Safety Lab", "data": "Data & batches", "analysis": "Analysis", "heatmaps": "Heatmaps",
+    "experts": "Experts", "training": "Training", "evaluation": "Evaluation", "runs": "Runs",
+}
+NEEDS_RUN = ("data", "analysis", "heatmaps", "experts", "training", "evaluation")
+
+
+# -- fixtures and helpers ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """(runs root, tiny model dir, finished run) shared by the module's read-only tests."""
+    tmp = tmp_path_factory.mktemp("lab")
+    model_dir = save_tiny_model(tmp / "tiny-olmoe")
+    run = build_finished_run(tmp / "runs", model_dir, n_batches=3, train=True, evaluate=True)
+    return tmp / "runs", model_dir, run
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch):
+    """An empty runs root the app uses (MOE_LAB_RUNS)."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    return root
+
+
+def open_app(run: Run | None = None, page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=90)
+    if run is not None:
+        at.session_state["run_path"] = str(run.path)
+    at.run()
+    if page:
+        at.switch_page(f"app_pages/{page}.py").run()
+    return at
+
+
+def no_exceptions(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def button(at: AppTest, label: str):
+    found = [b for b in at.button if b.label == label]
+    assert found, f"no button {label!r}; buttons: {[b.label for b in at.button]}"
+    return found[0]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def plotly_specs(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def metric(at: AppTest, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; metrics: {[m.label for m in at.metric]}"
+    return found[0]
+
+
+def wait_job(run: Run, name: str, timeout_s: float = 300) -> jobs.JobInfo:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        info = jobs.read_job(run.path, name)
+        if not info.active and info.state != "none":
+            return info
+        time.sleep(1.0)
+    pytest.fail(f"job {name} still {jobs.read_job(run.path, name).state} after {timeout_s}s:\n{info.log_tail}")
+
+
+# -- every page ----------------------------------------------------------------------------------
+def test_every_page_opens_without_a_run(runs_root):
+    at = open_app()
+    no_exceptions(at)
+    assert at.title[0].value == PAGES["home"]
+    assert any("No runs yet" in i.value for i in at.sidebar.info)
+    for page, title in PAGES.items():
+        at.switch_page(f"app_pages/{page}.py").run()
+        no_exceptions(at)
+        assert at.title[0].value == title
+        assert not errors(at)
+        if page in NEEDS_RUN:
+            assert any("No run is open" in i.value for i in at.info), page
+
+
+def test_every_page_opens_with_a_finished_run(lab, monkeypatch):
+    root, model_dir, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run)
+    for page, title in PAGES.items():
+        at.switch_page(f"app_pages/{page}.py").run()
+        no_exceptions(at)
+        assert at.title[0].value == title
+        assert not errors(at), (page, errors(at))
+        assert not [i.value for i in at.info if "No run is open" in i.value], page
+        # the sidebar ran with the page: it names the run's model and the device
+        assert any(str(model_dir) in c.value for c in at.sidebar.caption), page
+        assert any("Device:" in c.value for c in at.sidebar.caption), page
+
+
+def test_home_checklist_and_sidebar_run_picker(lab, monkeypatch):
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app()  # no run chosen: the newest run opens by default
+    assert at.session_state["run_path"] == str(run.path)
+    assert at.sidebar.selectbox(key="run_path").value == str(run.path)
+    links = {link.proto.label: link.proto.icon for link in at.get("page_link")}
+    assert links["Analysis"] == ":material/check_circle:" and links["Training"] == ":material/check_circle:"
+
+
+# -- data & batches ------------------------------------------------------------------------------
+def test_compose_edit_and_save_a_plan(runs_root):
+    at = open_app()
+    at.sidebar.text_input(key="new_run_name").input("my study")
+    button(at, "Create run").click()
+    at.run()
+    no_exceptions(at)
+    run = Run.open(at.session_state["run_path"])
+    assert run.name == "my study"
+
+    at.switch_page("app_pages/data.py").run()
+    at.number_input(key="batch_size").set_value(8)
+    at.run()
+    assert any("4 safe then 4 unsafe" in c.value for c in at.caption)
+    button(at, "Compose batches").click()
+    at.run()
+    no_exceptions(at)
+    draft = load_plan(run.path / "plan.draft.json")
+    assert metric(at, "Batches") == str(len(draft)) and len(draft) >= 2
+    assert any("The plan is valid" in s.value for s in at.success)
+    table = at.dataframe[0].value  # batch 0: safe rows then unsafe rows
+    assert list(table["label"]) == ["safe"] * 4 + ["unsafe"] * 4
+    assert list(table["id"]) == [it.id for it in draft.batch(0).items]
+
+    victim = draft.batch(0).safe[0].id
+    at.selectbox(key="dr_item").set_value(victim)
+    button(at, "Drop").click()
+    at.run()
+    assert victim not in {it.id for it in load_plan(run.path / "plan.draft.json").items()}
+    assert any("batch 0 has 7 items, not 8" in w.value for w in at.warning)
+
+    button(at, "Undo last edit").click()
+    at.run()
+    assert victim in {it.id for it in load_plan(run.path / "plan.draft.json").items()}
+
+    at.selectbox(key="ad_batch").set_value(1)
+    at.text_area(key="ad_text").input("Explain how to fold a paper crane.")
+    button(at, "Add").click()
+    at.run()
+    added = load_plan(run.path / "plan.draft.json").batch(1)
+    assert added.safe[-1].text == "Explain how to fold a paper crane." and added.size == 9
+
+    button(at, "Save plan").click()
+    at.run()
+    no_exceptions(at)
+    saved = load_plan(run.path_for("plan"))
+    assert saved.to_json_dict() == load_plan(run.path / "plan.draft.json").to_json_dict()
+    assert any("Saved the plan" in s.value for s in at.success)
+
+
+def test_bad_upload_shows_an_actionable_error(runs_root):
+    Run.create(runs_root, name="u")
+    at = open_app(page="data")
+    at.segmented_control(key="data_source").set_value("upload")
+    at.run()
+    at.file_uploader(key="up_safe").set_value(("safe.json", b'[{"prompt": "hi", ', "application/json"))
+    at.run()
+    no_exceptions(at)
+    assert any("could not parse as json" in e for e in errors(at)), errors(at)
+    assert button(at, "Compose batches").disabled
+
+
+def test_missing_column_error_then_pick_the_column(runs_root):
+    Run.create(runs_root, name="u")
+    at = open_app(page="data")
+    at.segmented_control(key="data_source").set_value("upload")
+    at.run()
+    at.file_uploader(key="up_unsafe").set_value(("mine.csv", b"foo,bar\nhow do I pick a lock,1\nhow to steal,2\n", "text/csv"))
+    at.run()
+    no_exceptions(at)
+    assert any("no prompt column found" in e and "'foo'" in e for e in errors(at)), errors(at)
+    at.selectbox(key="col_unsafe").set_value("foo")
+    at.run()
+    assert not errors(at)
+    assert any("2 unsafe prompts" in c.value for c in at.caption)
+
+
+# -- analysis --------------------------------------------------------------------------------------
+def _run_with_plan(root: Path, n_batches: int = 2) -> Run:
+    from moe_core.batches import save_plan
+
+    run = Run.create(root, name="to analyse")
+    save_plan(run.path_for("plan"), compose_plan(n_batches))
+    return run
+
+
+def test_non_moe_model_folder_is_refused_before_launch(runs_root, tmp_path):
+    run = _run_with_plan(runs_root)
+    dense = save_dense_model(tmp_path / "dense-llama")
+    at = open_app(run, page="analysis")
+    at.radio(key="an_model_kind").set_value("local")
+    at.run()
+    at.text_input(key="an_model_dir").input(str(dense))
+    at.run()
+    button(at, "Start analysis").click()
+    at.run()
+    no_exceptions(at)
+    assert any("Mixture-of-Experts" in e for e in errors(at)), errors(at)
+    assert jobs.read_job(run.path, "analysis").state == "none"  # nothing was launched
+
+    at.text_input(key="an_model_dir").input(str(tmp_path / "nowhere"))
+    at.run()
+    button(at, "Start analysis").click()
+    at.run()
+    assert any("no model folder" in e for e in errors(at)), errors(at)
+
+
+def test_analysis_page_without_a_plan_says_what_to_do(runs_root):
+    run = Run.create(runs_root, name="empty")
+    at = open_app(run, page="analysis")
+    no_exceptions(at)
+    assert any("no saved batch plan" in w.value for w in at.warning)
+    assert button(at, "Start analysis").disabled
+
+
+def test_analysis_job_runs_in_the_background_and_results_appear(runs_root, lab):
+    _, model_dir, _ = lab
+    run = _run_with_plan(runs_root, n_batches=2)
+    at = open_app(run, page="analysis")
+    at.radio(key="an_model_kind").set_value("local")
+    at.run()
+    at.text_input(key="an_model_dir").input(str(model_dir))
+    at.number_input(key="an_max_new").set_value(4)
+    at.run()
+    button(at, "Start analysis").click()
+    at.run()
+    no_exceptions(at)
+    first = jobs.read_job(run.path, "analysis")
+    assert first.state in ("queued", "running", "done")
+    # a second click (another tab, a refresh) does not start a second process
+    again = jobs.start_job(run.path, "analysis", "analyze", ["--model", str(model_dir)])
+    if again.active:
+        assert again.pid == first.pid
+    info = wait_job(run, "analysis")
+    assert info.state == "done", info.log_tail
+    assert info.done == info.total == 2
+    assert Run.open(run.path).completed_batches() == {0, 1}
+    at.run()
+    no_exceptions(at)
+    assert metric(at, "Batches analysed") == "2"
+    assert button(at, "Start analysis").disabled  # nothing left to analyse
+
+
+# -- heatmaps ----------------------------------------------------------------------------------------
+def test_heatmap_is_diverging_around_zero_and_follows_the_batch(lab, monkeypatch):
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="heatmaps")
+    no_exceptions(at)
+    heat = plotly_specs(at)[0]
+    trace = heat["data"][0]
+    assert trace["type"] == "heatmap" and trace["zmid"] == 0
+    assert trace["zmin"] == -trace["zmax"]
+    assert len(trace["z"]) == 2 and len(trace["z"][0]) == 8  # layers x experts of the tiny model
+    assert heat["layout"]["title"]["text"].startswith("Batch 0")
+
+    at.select_slider(key="hm_batch").set_value(2)
+    at.run()
+    assert plotly_specs(at)[0]["layout"]["title"]["text"].startswith("Batch 2")
+
+    at.segmented_control(key="hm_view").set_value("aggregated")
+    at.run()
+    agg_spec = plotly_specs(at)[0]
+    assert agg_spec["layout"]["title"]["text"].startswith("Mean risk difference over 3 batches")
+    at.segmented_control(key="hm_view").set_value("consistency")
+    at.run()
+    cons = plotly_specs(at)[0]["data"][0]
+    assert cons["zmin"] == -1 and cons["zmax"] == 1
+
+
+def test_drill_down_shows_routed_tokens_safe_and_unsafe(lab, monkeypatch):
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="heatmaps")
+    at.selectbox(key="dd_layer").set_value(1)
+    at.selectbox(key="dd_expert").set_value(3)
+    at.run()
+    no_exceptions(at)
+    bars = plotly_specs(at)[1]
+    assert bars["data"][0]["type"] == "bar" and len(bars["data"][0]["x"]) == 3
+    assert "Layer 1, expert 3" in bars["layout"]["title"]["text"]
+    htmls = [el.proto.body for el in at.get("html")]
+    assert len(htmls) == 8  # every sample of the batch, 4 safe + 4 unsafe
+    assert {"Safe samples", "Unsafe samples"} <= {m.value.strip("# ") for m in at.markdown}
+    outputs = read_json(run.path_for("outputs", batch_idx=0))
+    from moe_core.routing import load_batch_routing
+
+    routing = load_batch_routing(run.path_for("routing", batch_idx=0))
+    rec = routing.samples[0]
+    gen = rec.spans != 0
+    routed = charts.routed_tokens(rec.expert_ids[:, gen], None, routing.moe_layers.index(1), 3)[0]
+    assert htmls[0].count("background:rgba") == int(routed.sum())  # exactly the routed tokens are highlighted
+    assert outputs["samples"][0]["label"] == "safe"
+
+
+# -- experts -------------------------------------------------------------------------------------------
+def test_select_toggle_and_save_a_mask(lab, monkeypatch, tmp_path):
+    root, _, finished = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(finished, page="experts")
+    at.number_input(key="ex_n").set_value(2)
+    at.run()
+    no_exceptions(at)
+    marks = plotly_specs(at)[0]["data"][1]
+    chosen = sorted(zip(marks["y"], marks["x"]))
+    assert len(chosen) == 2
+    agg = finished.path_for("risk_aggregated")
+    import pandas as pd
+
+    top2 = pd.read_parquet(agg).head(2)
+    assert chosen == sorted(zip(top2["layer"], top2["expert"]))
+
+    free = next((l, e) for l in range(2) for e in range(8) if (l, e) not in chosen)
+    at.selectbox(key="ex_t_layer").set_value(free[0])
+    at.selectbox(key="ex_t_expert").set_value(free[1])
+    button(at, "Toggle").click()
+    at.run()
+    marks = plotly_specs(at)[0]["data"][1]
+    assert sorted(zip(marks["y"], marks["x"])) == sorted([*chosen, free])
+
+    at.text_input(key="ex_name_global_False").input("hand_picked")
+    at.run()
+    button(at, "Save mask").click()
+    at.run()
+    no_exceptions(at)
+    saved = ExpertMask.load(finished.path_for("mask", name="hand_picked"))
+    assert sorted(saved.experts()) == sorted([*chosen, free])
+    assert saved.meta["hand_toggled"] == [f"{free[0]}:{free[1]}"]
+    assert at.get("download_button")
+    finished.path_for("mask", name="hand_picked").unlink()
+
+
+def test_nothing_selected_is_an_error_not_a_traceback(lab, monkeypatch):
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="experts")
+    at.selectbox(key="ex_method").set_value("threshold")
+    at.number_input(key="ex_thr").set_value(5.0)
+    at.run()
+    no_exceptions(at)
+    assert any(e.startswith("Nothing to save") and "threshold" in e for e in errors(at)), errors(at)
+    assert not [b for b in at.button if b.label == "Save mask"]
+
+
+def test_per_batch_selection_counts_batches(lab, monkeypatch):
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="experts")
+    at.segmented_control(key="ex_scope").set_value("per_batch")
+    at.number_input(key="ex_n").set_value(1)
+    at.run()
+    no_exceptions(at)
+    counts = plotly_specs(at)[0]["data"][0]["z"]
+    assert sum(map(sum, counts)) == 3  # one expert in each of the 3 batches
+
+
+# -- training, evaluation, runs ---------------------------------------------------------------------
+def test_training_page_shows_config_loss_and_batch_monitor(lab, monkeypatch):
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="training")
+    no_exceptions(at)
+    assert at.selectbox(key="tr_mask").value == "unsafe_experts"
+    modes = at.selectbox(key="tr_mode").options  # (shown labels) a global mask has no per-batch mode
+    assert len(modes) == 1 and modes[0].startswith("union")
+    loss = [s for s in plotly_specs(at) if s["layout"]["title"]["text"] == "Training loss"]
+    assert loss and len(loss[0]["data"][0]["y"]) == 3  # 3 batches, 1 epoch, logged every step
+    monitor = at.dataframe[-1].value
+    assert sorted(monitor["batch_idx"]) == [0, 1, 2]  # every analysis batch once per epoch
+    assert set(monitor["n_samples"]) == {8} and set(monitor["n_safe"]) == {4}
+    assert metric(at, "Trained experts") == "4"
+
+
+def test_training_job_launch_refuses_a_run_without_analysis(runs_root):
+    run = Run.create(runs_root, name="no analysis")
+    ExpertMask.from_experts([(0, 1)], 2, 8).save(run.path_for("mask", name="m"))
+    at = open_app(run, page="training")
+    button(at, "Start training").click()
+    at.run()
+    no_exceptions(at)
+    assert any("run the analysis first" in e for e in errors(at)), errors(at)
+    assert jobs.read_job(run.path, "train").state == "none"
+
+
+def test_evaluation_page_compares_models(lab, monkeypatch):
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="evaluation")
+    no_exceptions(at)
+    bars = plotly_specs(at)[0]
+    assert {t["name"] for t in bars["data"]} == {"base", "experts"}
+    assert set(bars["data"][0]["x"]) == {"jailbreak_compliance", "harmful_refusal", "benign_answer_rate", "over_refusal"}
+    assert "error_y" in bars["data"][0]
+    at.selectbox(key="ev_set").set_value("harmful_jailbreak")
+    at.run()
+    assert {m.value.split("**")[1] for m in at.markdown if m.value.startswith("**")} >= {"base", "experts"}
+
+
+def test_runs_page_compares_and_traces(lab, monkeypatch, tmp_path):
+    root, model_dir, run = lab
+    runs2 = tmp_path / "runs"
+    other = build_finished_run(runs2, model_dir, n_batches=2, train=False, name="other", seed=1)
+    import shutil
+
+    shutil.copytree(run.path, runs2 / run.path.name)
+    monkeypatch.setenv("MOE_LAB_RUNS", str(runs2))
+    at = open_app(Run.open(runs2 / run.path.name), page="runs")
+    no_exceptions(at)
+    ids = list(at.dataframe[0].value["id"])
+    assert set(ids) == {other.id, run.id}
+    cmp = at.dataframe[1].value
+    row = cmp[cmp["setting"] == "batches"].iloc[0]
+    assert {row["A"], row["B"]} == {"2", "3"} and row["differs"] == "≠"
+    # trace: training step -> analysis batch -> that batch's risk table
+    at.selectbox(key="tr_step").set_value(1)
+    at.run()
+    monitor = read_json(run.path / "train" / "experts-unsafe_experts" / "training_metadata.json")["batch_monitor"]
+    batch = monitor[1]["batch_idx"]
+    assert any(f"Risk table of batch {batch}" in m.value for m in at.markdown)
+
+
+# -- the job launcher ---------------------------------------------------------------------------------
+def test_progress_estimate_rate_and_eta_of_the_current_stage():
+    ev = [
+        {"kind": "start", "time": "2026-01-01T00:00:00+00:00"},
+        {"kind": "progress", "time": "2026-01-01T00:00:01+00:00", "done": 1, "total": 1, "message": "model built"},
+        {"kind": "progress", "time": "2026-01-01T00:00:10+00:00", "done": 4, "total": 20, "message": "4 already done"},
+        {"kind": "progress", "time": "2026-01-01T00:00:20+00:00", "done": 6, "total": 20},
+        {"kind": "progress", "time": "2026-01-01T00:00:30+00:00", "done": 8, "total": 20, "message": "batch 7"},
+    ]
+    est = jobs.progress_estimate(ev, now=1767225640.0)  # 40 s after start
+    assert est["done"] == 8 and est["total"] == 20 and est["fraction"] == pytest.approx(0.4)
+    assert est["rate_per_s"] == pytest.approx(0.2)  # 4 batches in 20 s; the 4 resumed ones do not count
+    assert est["eta_s"] == pytest.approx(60.0)
+    assert est["message"] == "batch 7" and est["elapsed_s"] == pytest.approx(40.0)
+    assert jobs.format_eta(60.0) == "1 min 00 s" and jobs.format_eta(None) == ""
+    # a new attempt (resume) starts a new estimate
+    est2 = jobs.progress_estimate(ev + [{"kind": "start", "time": "2026-01-01T00:01:00+00:00"}])
+    assert est2["done"] == 0 and est2["eta_s"] is None
+
+
+def test_loss_points_from_events():
+    ev = [{"kind": "start"}, {"kind": "progress", "done": 1, "total": 3, "message": "loss 2.5000"},
+          {"kind": "progress", "done": 2, "total": 3, "loss": 2.0}, {"kind": "progress", "done": 3, "total": 3}]
+    assert jobs.loss_points(ev) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+
+
+def test_a_job_that_dies_early_is_reported_with_its_log(runs_root):
+    run = _run_with_plan(runs_root)
+    jobs.start_job(run, "analysis", "analyze", ["--scope", "bogus"])  # argparse rejects it: exit 2
+    info = wait_job(run, "analysis", timeout_s=120)
+    assert info.state == "dead"
+    assert "invalid choice: 'bogus'" in info.log_tail
+    assert "without reporting" in (info.error or "")
+    assert jobs.relaunch_flags(run, "analysis") == ("analyze", ["--scope", "bogus"])
+    with pytest.raises(jobs.JobLaunchError, match="unknown job command"):
+        jobs.start_job(run, "x", "rm -rf")
+
+
+def test_check_model_source(lab, tmp_path):
+    _, model_dir, _ = lab
+    from moe_core.models import ModelLoadError, NotAnMoEModelError
+
+    info = jobs.check_model_source(str(model_dir))
+    assert info["num_experts"] == 8 and info["top_k"] == 2 and info["moe_layers"] == [0, 1]
+    assert jobs.check_model_source("organism") == {"model_type": "organism"}
+    with pytest.raises(NotAnMoEModelError):
+        jobs.check_model_source(str(save_dense_model(tmp_path / "dense")))
+    with pytest.raises(ModelLoadError, match="no model folder"):
+        jobs.check_model_source(str(tmp_path / "missing"))
+
+
+# -- charts ------------------------------------------------------------------------------------------
+def test_token_highlight_escapes_markup():
+    import numpy as np
+
+    html = charts.highlight_tokens_html(["<script>", "ok", "&"], np.array([True, False, True]), np.array([1.0, 0, 0.5]))
+    assert "<script>" not in html and "&lt;script&gt;" in html and "&amp;" in html
+    assert html.count("background:rgba") == 2
+    with pytest.raises(ValueError, match="2 tokens but 3"):
+        charts.highlight_tokens_html(["a", "b"], np.array([True, False, True]))
+
+
+def test_risk_heatmap_marks_and_nan_cells():
+    import numpy as np
+
+    z = np.array([[0.5, np.nan], [-0.25, 0.0]])
+    fig = charts.risk_heatmap(z, marked=[(1, 0)]).to_plotly_json()
+    heat, marks = fig["data"]
+    assert heat["zmid"] == 0 and heat["zmax"] == 0.5 and heat["zmin"] == -0.5
+    assert heat["z"][0][1] is None  # a dense layer / missing cell stays blank
+    assert list(marks["x"]) == [0] and list(marks["y"]) == [1]
+
+
+# -- the one-click demo (organism) ------------------------------------------------------------------
+@pytest.mark.slow
+def test_one_click_demo_runs_the_whole_pipeline(runs_root):
+    at = open_app()
+    button(at, "Run the demo").click()
+    at.run()
+    no_exceptions(at)
+    run = Run.open(at.session_state["run_path"])
+    assert run.name == "demo"
+    assert jobs.read_job(run.path, "demo").state in ("queued", "running")
+    deadline = time.time() + 3600
+    while jobs.read_job(run.path, "demo").process_alive and time.time() < deadline:
+        time.sleep(5)
+    states = {j.name: j.state for j in jobs.list_jobs(run.path, prefix="demo")}
+    assert states.get("demo") == "done", jobs.read_job(run.path, "demo").log_tail
+    assert states.get("demo-eval") == "done", states
+    at.run()
+    no_exceptions(at)
+    at.switch_page("app_pages/heatmaps.py").run()
+    no_exceptions(at)
+    assert plotly_specs(at)[0]["data"][0]["zmid"] == 0
+    at.switch_page("app_pages/evaluation.py").run()
+    no_exceptions(at)
+    assert {t["name"] for t in plotly_specs(at)[0]["data"]} >= {"base", "experts-unsafe_experts"}

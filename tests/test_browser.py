@@ -1,0 +1,190 @@
+"""The real app in a real headless browser: every page renders, without an exception box.
+
+Starts ``streamlit run app.py`` on a free localhost port against a runs root holding one finished
+run (tests/app_fixtures.py), visits every page with Debian's chromium through Python playwright
+(no browser download), waits for its title and for the script to finish, takes a full-page
+screenshot into ``screenshots/NN_<page>.png`` (gitignored) and fails on a Streamlit exception box
+or a traceback. Skipped when chromium or playwright is missing (``make browser-deps``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = REPO / "screenshots"
+PAGES = [  # (screenshot name, url path, title the page shows)
+    ("00_home", "", "MoE Safety Lab"),
+    ("01_data", "data", "Data & batches"),
+    ("02_analysis", "analysis", "Analysis"),
+    ("03_heatmaps", "heatmaps", "Heatmaps"),
+    ("04_experts", "experts", "Experts"),
+    ("05_training", "training", "Training"),
+    ("06_evaluation", "evaluation", "Evaluation"),
+    ("07_runs", "runs", "Runs"),
+]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+            return r.read().decode().strip() == "ok"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def playwright_sync():
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (install it with `make browser-deps`)")
+    pw = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
+    return pw
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, playwright_sync):
+    """A streamlit server on localhost over a runs root with one finished (analysed + trained) run."""
+    from tests.app_fixtures import build_finished_run, save_tiny_model
+
+    tmp = tmp_path_factory.mktemp("browser")
+    model_dir = save_tiny_model(tmp / "tiny-olmoe")
+    build_finished_run(tmp / "runs", model_dir, n_batches=2, train=False, name="older run", seed=1)
+    time.sleep(1.1)  # run ids carry the creation second: keep "browser fixture" the newest (default) run
+    build_finished_run(tmp / "runs", model_dir, n_batches=3, train=True, evaluate=True, name="browser fixture")
+    port = _free_port()
+    env = {**os.environ, "MOE_LAB_RUNS": str(tmp / "runs"), "PYTHONPATH": str(REPO)}
+    log = open(tmp / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "localhost", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 90
+        while not _healthy(port):
+            if proc.poll() is not None or time.time() > deadline:
+                log.flush()
+                pytest.fail(f"streamlit did not come up:\n{(tmp / 'streamlit.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"http://localhost:{port}", tmp / "runs", model_dir
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _wait_idle(page, timeout_s: float = 60) -> None:
+    """Until the script run is over (no 'running' status widget) and the page stopped changing."""
+    deadline = time.time() + timeout_s
+    quiet = 0
+    while time.time() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        quiet = 0 if running else quiet + 1
+        if quiet >= 4:  # ~2 s without a script run in progress
+            return
+        time.sleep(0.5)
+
+
+def _fit_viewport_to_content(page) -> None:
+    """Streamlit scrolls inside its main container, so a 'full page' shot needs a viewport that tall."""
+    height = page.evaluate(
+        """() => Math.max(800, ...['[data-testid="stMain"]', '[data-testid="stAppViewContainer"]', 'section.main']
+            .map(s => document.querySelector(s)).filter(Boolean).map(e => e.scrollHeight))"""
+    )
+    page.set_viewport_size({"width": 1440, "height": min(int(height) + 40, 8000)})
+    time.sleep(0.8)  # let charts re-layout to the new size
+
+
+def test_every_page_renders_without_errors(server, playwright_sync):
+    url, _, _ = server
+    if SHOTS.exists():
+        for old in SHOTS.glob("*.png"):
+            old.unlink()
+    SHOTS.mkdir(exist_ok=True)
+    problems = []
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            for shot, url_path, title in PAGES:
+                page.set_viewport_size({"width": 1440, "height": 1000})
+                page.goto(f"{url}/{url_path}", wait_until="domcontentloaded")
+                page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=60_000)
+                _wait_idle(page)
+                _fit_viewport_to_content(page)
+                page.screenshot(path=str(SHOTS / f"{shot}.png"), full_page=True)
+                n_exc = page.locator('[data-testid="stException"]').count()
+                body = page.inner_text("body")
+                if n_exc or "Traceback" in body:
+                    problems.append(f"{url_path}: {n_exc} exception box(es); {body[:800]!r}")
+                # the sidebar (run picker, model) is on every page: the app script ran, not just the page file
+                sidebar = page.locator('[data-testid="stSidebar"]')
+                if sidebar.get_by_text("Model:").count() == 0 or sidebar.get_by_text("tiny-olmoe").count() == 0:
+                    problems.append(f"{url_path}: the sidebar does not show the open run's model")
+                if page.get_by_text("Page not found").count():
+                    problems.append(f"{url_path}: 'Page not found'")
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)
+    assert sorted(p.name for p in SHOTS.glob("*.png")) == sorted(f"{s}.png" for s, _, _ in PAGES)
+
+
+def test_a_background_job_shows_live_progress_then_its_results(server, playwright_sync):
+    """Start an analysis from the page; the job panel updates by itself and the results appear."""
+    from moe_core.batches import save_plan
+    from moe_core.runs import Run
+    from tests.app_fixtures import compose_plan
+
+    url, runs_root, model_dir = server
+    run = Run.create(runs_root, name="live job")
+    save_plan(run.path_for("plan"), compose_plan(6, seed=2))
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(f"{url}/analysis?run={run.id}", wait_until="domcontentloaded")
+            page.get_by_role("heading", name="Analysis", exact=True).first.wait_for(timeout=60_000)
+            _wait_idle(page)
+            page.get_by_text("Local model folder").click()
+            box = page.get_by_role("textbox", name="Model folder", exact=True)
+            box.wait_for(timeout=30_000)
+            box.fill(str(model_dir))
+            box.press("Enter")
+            _wait_idle(page)
+            page.get_by_role("button", name="Start analysis").click()
+            bar = page.locator('[data-testid="stProgress"]').first
+            bar.wait_for(timeout=120_000)
+            SHOTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(SHOTS / "02b_analysis_running.png"))
+            page.get_by_role("heading", name="Results").wait_for(timeout=300_000)  # no reload: the panel polls
+            _wait_idle(page)
+            _fit_viewport_to_content(page)
+            page.screenshot(path=str(SHOTS / "02c_analysis_done.png"), full_page=True)
+            assert page.locator('[data-testid="stException"]').count() == 0
+            assert "Traceback" not in page.inner_text("body")
+        finally:
+            browser.close()
+    assert Run.open(run.path).completed_batches() == set(range(6))

@@ -1,0 +1,92 @@
+"""The CLI end to end on a tiny random OLMoE saved as a local model directory.
+
+analyze -> select -> train (expert-only, with weight decay) -> evaluate (with steering), and the
+one-line error contract: a user mistake exits 2 with ``error: ...`` and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_core.cli import main
+from tests.test_analysis import _items
+from tests.tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("olmoe", seed=1), tiny_tokenizer()
+
+
+def test_cli_analyze_and_select_on_a_local_model_dir(tmp_path, tiny, capsys):
+    model, tok = tiny
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    safe = tmp_path / "safe.csv"
+    unsafe = tmp_path / "unsafe.jsonl"
+    pd.DataFrame({"goal": [i.text for i in _items("safe", 4)]}).to_csv(safe, index=False)
+    unsafe.write_text("".join(json.dumps({"prompt": i.text}) + "\n" for i in _items("unsafe", 4)))
+    root = tmp_path / "runs"
+    rc = main(["--runs-root", str(root), "analyze", "--model", str(model_dir), "--safe", str(safe), "--unsafe", str(unsafe),
+               "--batch-size", "4", "--scope", "prompt", "--max-new-tokens", "2", "--name", "cli"])
+    assert rc == 0
+    (run_dir,) = list(root.iterdir())
+    assert (run_dir / "risk" / "aggregated.parquet").exists()
+    rc = main(["--runs-root", str(root), "select", "--run", run_dir.name, "--method", "top_n", "--n", "3"])
+    assert rc == 0
+    mask = json.loads((run_dir / "masks" / "unsafe_experts.json").read_text())
+    assert sum(len(v) for v in mask["experts"].values()) == 3
+    assert "L" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    rc = main(["--runs-root", str(tmp_path), "analyze", "--safe", str(tmp_path / "missing.csv"), "--unsafe", str(tmp_path / "x.csv")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+    rc = main(["--runs-root", str(tmp_path), "select", "--run", "nope"])
+    assert rc == 2 and "no run at nope" in capsys.readouterr().err
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_cli_train_and_evaluate_update_only_the_chosen_experts(tmp_path, tiny, capsys):
+    model, tok = tiny
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    root = tmp_path / "runs"
+    common = ["--runs-root", str(root)]
+    assert main(common + ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "2",
+                          "--scope", "generated", "--max-new-tokens", "4", "--name", "t"]) == 0
+    (run_dir,) = list(root.iterdir())
+    assert main(common + ["select", "--run", run_dir.name, "--method", "top_n", "--n", "2"]) == 0
+    mask = json.loads((run_dir / "masks" / "unsafe_experts.json").read_text())
+    chosen = {(int(l), e) for l, es in mask["experts"].items() for e in es}
+    assert main(common + ["train", "--run", run_dir.name, "--epochs", "1", "--lr", "1e-2", "--weight-decay", "0.1"]) == 0
+    merged = run_dir / "train" / "experts-unsafe_experts" / "merged_model"
+    before, after = _weights(model_dir), _weights(merged)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # only per-expert weights of the chosen (layer, expert) pairs moved; everything else is bit-identical
+    assert changed, "training changed nothing"
+    for k in changed:
+        assert ".experts." in k, k
+        layer = int(k.split(".layers.")[1].split(".")[0])
+        expert = int(k.split(".experts.")[1].split(".")[0])
+        assert (layer, expert) in chosen, k
+    assert main(common + ["evaluate", "--run", run_dir.name, "--eval-limit", "3", "--eval-max-new-tokens", "4",
+                          "--steer-mask", "unsafe_experts"]) == 0
+    out = capsys.readouterr().out
+    assert "base" in out and "experts-unsafe_experts" in out and "steer-off-unsafe_experts" in out
+    assert (run_dir / "eval" / "comparison_summary.parquet").exists()
