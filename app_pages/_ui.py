@@ -22,7 +22,6 @@ from moe_core.runs import Run, RunError, default_runs_root, read_json
 
 log = logging.getLogger("moe_app")
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN_KEY = "run_path"  # session_state: absolute path of the open run (or absent)
 FLASH_KEY = "flash"  # session_state: one message to show after a rerun
 POLL_S = 2.0  # seconds between job-panel refreshes while a job is live

@@ -62,7 +62,7 @@ with st.container(border=True):
     label = "Resume analysis" if done and remaining else "Start analysis"
     if st.button(label, type="primary", icon=":material/play_arrow:", disabled=plan is None or info.active or (plan is not None and remaining == 0)):
         with ui.guard("Not started: "):
-            ui_info = jobs.check_model_source(model)
+            jobs.check_model_source(model)  # a dense model or a wrong path fails here, not in the job
             jobs.start_job(run.path, JOB, "analyze", flags)
             ui.flash(f"Analysis started on {model} ({remaining} batches to go).")
             st.rerun()
@@ -83,7 +83,8 @@ if agg is not None:
     m = st.columns(4)
     m[0].metric("Batches analysed", len(done))
     m[1].metric("Experts scored", len(agg))
-    m[2].metric("Dropped by filter", f"{dropped.get('safe', 0)} safe / {dropped.get('unsafe', 0)} unsafe")
+    m[2].metric("Dropped (safe / unsafe)", f"{dropped.get('safe', 0)} / {dropped.get('unsafe', 0)}",
+                help="samples the quality filter removed from the risk statistics")
     m[3].metric("Top risk difference", f"{agg['risk_diff'].max():+.3f}")
     cols = [c for c in ("Layer_Expert", "layer", "expert", "risk_diff", "risk_diff_std", "sign_consistency",
                         "a_safe_n", "a_unsafe_n", "n_batches") if c in agg.columns]

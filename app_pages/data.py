@@ -13,7 +13,7 @@ import streamlit as st
 
 from moe_core import batches as bp
 from moe_core.prompts import (
-    demo_sets, detect_prompt_column, list_columns, load_prompts, pair_by_row,
+    PromptLoadError, demo_sets, detect_prompt_column, list_columns, load_prompts, pair_by_row,
 )
 from moe_core.runs import atomic_write_bytes
 from moe_core.types import PromptItem
@@ -36,8 +36,19 @@ def _demo(mode: str, seed: int) -> tuple[list[PromptItem], list[PromptItem]]:
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading columns...")
+def _columns_or_error(source: str | bytes, name: str | None, split: str | None) -> list[str] | str:
+    """Cached either way: a dataset name that fails (offline hub) is not retried on every rerun."""
+    try:
+        return list_columns(source, name=name, split=split or None)
+    except PromptLoadError as e:
+        return str(e)
+
+
 def _columns(source: str | bytes, name: str | None, split: str | None) -> list[str]:
-    return list_columns(source, name=name, split=split or None)
+    out = _columns_or_error(source, name, split)
+    if isinstance(out, str):
+        raise PromptLoadError(out)
+    return out
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading prompts...")

@@ -67,7 +67,9 @@ with ui.guard("This evaluation cannot be read: "):
 if responses is None or summary is None:
     st.stop()
 
-st.plotly_chart(charts.metric_bars(summary[summary["metric"].notna()]), key="ev_bars")
+headline = summary[summary["metric"].notna()]
+arrows = headline["better"].map({"lower": " (lower is better)", "higher": " (higher is better)"}).fillna("")
+st.plotly_chart(charts.metric_bars(headline.assign(metric=headline["metric"] + arrows)), key="ev_bars")
 with ui.guard():
     table = comparison_table(summary)
     st.dataframe(table, width="stretch", column_config={c: st.column_config.NumberColumn(format="%.2f") for c in table.columns})
@@ -75,7 +77,7 @@ with ui.guard():
 st.subheader("Answers side by side")
 c1, c2 = st.columns([1, 3])
 sets = list(dict.fromkeys(responses["set"]))
-chosen_set = c1.selectbox("Set", sets, key="ev_set")
+chosen_set = c1.selectbox("Set", sets, key="ev_set", index=sets.index("harmful_jailbreak") if "harmful_jailbreak" in sets else 0)
 sub = responses[responses["set"] == chosen_set]
 prompts = list(dict.fromkeys(sub["id"]))
 text_of = dict(zip(sub["id"], sub["prompt"]))

@@ -14,7 +14,6 @@ from moe_core.risk import risk_matrix
 from moe_core.selection import METHODS, SelectionConfig, random_like, select_experts, select_per_batch
 from app_pages import _ui as ui
 
-TOGGLES = "ex_toggles"  # session_state: hand-toggled experts as "layer:expert" strings
 
 st.title("Experts")
 st.caption("Pick the experts to fine-tune from the risk table; the result is an expert mask "
@@ -30,6 +29,7 @@ if agg is None or per_batch is None:
     st.page_link(ui.PAGES["analysis"], label="Go to Analysis", icon=":material/arrow_back:")
     st.stop()
 n_layers, n_experts = ui.grid_shape(run, agg)
+TOGGLES = f"ex_toggles::{run.id}"  # session_state: this run's hand-toggled experts as "layer:expert" strings
 
 # -- rule ------------------------------------------------------------------------------------
 with st.container(border=True):
@@ -75,7 +75,8 @@ if mask is not None:
     chosen = mask.experts()
     st.plotly_chart(charts.risk_heatmap(agg_m, title=f"{len(chosen)} chosen experts (squares) on the mean risk difference",
                                         marked=chosen), key="ex_heat")
-    sel = pd.DataFrame(chosen, columns=["layer", "expert"]).merge(agg, on=["layer", "expert"], how="left")
+    sel = (pd.DataFrame(chosen, columns=["layer", "expert"]).merge(agg, on=["layer", "expert"], how="left")
+           .sort_values("risk_diff", ascending=False, kind="stable"))
     cols = [c for c in ("Layer_Expert", "layer", "expert", "risk_diff", "sign_consistency", "t_score") if c in sel.columns]
     st.dataframe(sel[cols], hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("risk_diff", "sign_consistency", "t_score")})

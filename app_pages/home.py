@@ -84,7 +84,7 @@ def demo_progress(run: Run) -> None:
                     c2.progress(j.fraction or 0.0, text=f"{j.done}/{j.total}"
                                 + (f" · about {jobs.format_eta(j.eta_s)} left" if j.eta_s is not None else ""))
                 else:
-                    c2.caption(state + (f": {j.message}" if j and j.message else ""))
+                    c2.caption(state + (f": {j.message}" if j and j.message and j.message != state else ""))
                 if j and j.error:
                     st.error(f"{label}: {j.error}", icon=":material/error:")
             if head.active or head.process_alive:
@@ -93,6 +93,11 @@ def demo_progress(run: Run) -> None:
                         if j.active:
                             jobs.request_stop(run.path, j.name)
                     st.toast("Asked the demo to stop after its current step")
+            if not head.process_alive and done == len(stages):
+                links = st.columns(3)
+                links[0].page_link(ui.PAGES["heatmaps"], label="See the heatmaps", icon=":material/grid_on:")
+                links[1].page_link(ui.PAGES["training"], label="Training results", icon=":material/model_training:")
+                links[2].page_link(ui.PAGES["evaluation"], label="Before vs after", icon=":material/fact_check:")
             if head.log_tail:
                 with st.expander("Log (last lines)"):
                     st.code(head.log_tail, language="text")

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from moe_core.analysis import analysis_config_of, model_info_of
-from moe_core.runs import Run, RunError, list_runs
+from moe_core.runs import Run, list_runs
 from app_pages import _ui as ui
 
 st.title("Runs")
@@ -22,8 +22,9 @@ if not runs:
 
 
 def _row(r) -> dict:
+    mark = {"done": "✓", "running": "…", "error": "✗", "stopped": "■"}
     row = {"id": r.id, "name": r.name, "created": (r.created or "")[:19].replace("T", " "), "model": r.model,
-           **{f"step: {k}": v for k, v in r.steps.items()}}
+           "steps": ", ".join(f"{k} {mark.get(v, v)}" for k, v in r.steps.items())}
     if r.error:
         row["error"] = r.error
     return row
@@ -68,6 +69,7 @@ if len(good) >= 2:
             keys = list(dict.fromkeys([*sa, *sb]))
             cmp = pd.DataFrame({"setting": keys, "A": [sa.get(k, "") for k in keys], "B": [sb.get(k, "") for k in keys]})
             cmp["differs"] = (cmp["A"] != cmp["B"]).map({True: "≠", False: ""})
+            cmp = cmp.sort_values("differs", ascending=False, kind="stable")  # differences first
             st.dataframe(cmp, hide_index=True, width="stretch")
             ta, tb = ui.read_table(ra.path_for("risk_aggregated")), ui.read_table(rb.path_for("risk_aggregated"))
             if ta is not None and tb is not None:

@@ -178,8 +178,8 @@ def metric_bars(summary: pd.DataFrame, x: str = "metric", group: str = "model", 
             err = dict(type="data", symmetric=False, array=(sub[hi].astype(float) - vals).clip(lower=0).tolist(),
                        arrayminus=(vals - sub[lo].astype(float)).clip(lower=0).tolist(), thickness=1.2, width=3)
         fig.add_trace(go.Bar(x=sub[x].astype(str).tolist(), y=vals.tolist(), name=str(name), error_y=err,
-                             text=[f"{v:.2f}" for v in vals], textposition="outside", cliponaxis=False))
-    fig.update_layout(barmode="group", title=dict(text=title, x=0.0), yaxis=dict(range=[0, 1.15], title="rate"),
+                             hovertemplate=f"{name}<br>%{{x}}: %{{y:.2f}}<extra></extra>"))
+    fig.update_layout(barmode="group", title=dict(text=title, x=0.0), yaxis=dict(range=[0, 1.05], title="rate"),
                       legend=dict(orientation="h", y=-0.18), height=400, **_LAYOUT)
     return fig
 

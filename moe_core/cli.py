@@ -447,8 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _set_cpu_threads() -> None:
+    """Without a GPU, cap torch's threads (see models.default_cpu_threads): oversubscribed cores
+    slow small models down several-fold when the app, a job and tests share a small machine."""
+    import torch
+
+    from .models import default_cpu_threads
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(default_cpu_threads())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _set_cpu_threads()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

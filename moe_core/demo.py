@@ -15,16 +15,17 @@ Training stops at a moderate loss on purpose: the later pipeline must still be a
 experts to make the organism refuse jailbreaks.
 
 The result is cached in ``$MOE_LAB_CACHE`` (default ``~/.cache/moe_safety_lab``) under
-``organism-<hash of config + corpus version>``: built in a temp folder and renamed into place,
+``organism-<hash of config + corpus>``: built in a temp folder and renamed into place,
 so a killed build leaves nothing half-written, and a second call reuses it. ``organism.json``
 beside the weights records config, seed, build time, loss and measured behaviour.
 
     from moe_core.demo import build_organism, load_organism, measure_behaviour
-    path = build_organism()                    # ~2-3 min on 2 CPU cores the first time
+    path = build_organism()                    # about a minute on one CPU core, the first time
     model, tok = load_organism()               # or moe_core.models.load_model(path)
     measure_behaviour(model, tok, split="heldout")
 
-    python -c "from moe_core.demo import *; import json; m,t=load_organism(); print(json.dumps(measure_behaviour(m,t,'heldout'), indent=1))"
+    python -c "from moe_core.demo import *; import json; m, t = load_organism();
+               print(json.dumps(measure_behaviour(m, t, 'heldout'), indent=1))"
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from moe_core.prompts import demo_benign, demo_goals, jailbreak_templates, wrap
-from moe_core.runs import atomic_write_json
+from moe_core.models import default_cpu_threads
+from moe_core.runs import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,30 @@ class OrganismConfig:
     benign_repeats: int = 2  # copies of each plain benign row
     benign_jailbreaks: int = 1  # jailbreak templates per benign request (answered helpfully)
 
+    def __post_init__(self) -> None:
+        ints = {k: v for k, v in asdict(self).items() if isinstance(v, int) and k != "seed"}
+        may_be_zero = ("refusal_repeats", "benign_repeats", "benign_jailbreaks", "warmup_steps")
+        bad = [k for k, v in ints.items() if v < (0 if k in may_be_zero else 1)]
+        if bad:
+            raise ValueError(f"OrganismConfig: {', '.join(bad)} must be positive")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"OrganismConfig: top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"OrganismConfig: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.vocab_size < 300:
+            raise ValueError("OrganismConfig: vocab_size must be >= 300 (256 byte tokens + special tokens + merges)")
+        if self.lr <= 0:
+            raise ValueError(f"OrganismConfig: lr must be > 0, got {self.lr}")
+
     def key(self) -> str:
-        """Short stable hash of this config and the corpus version (names the cache folder)."""
-        blob = json.dumps({"config": asdict(self), "corpus": CORPUS_VERSION}, sort_keys=True)
+        """Short stable hash of this config, the corpus version and the corpus text itself.
+
+        Hashing the corpus means an edit of the demo prompt vocabulary rebuilds the organism even
+        when nobody remembered to bump ``CORPUS_VERSION``.
+        """
+        corpus = hashlib.sha256(json.dumps([build_corpus(self), CHAT_TEMPLATE]).encode()).hexdigest()
+        blob = json.dumps({"config": asdict(self), "corpus": CORPUS_VERSION, "text": corpus}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -123,7 +145,8 @@ def build_corpus(config: OrganismConfig | None = None) -> list[dict[str, str]]:
     for b in benign:  # a fresh phrasing per copy: the model learns the kind of answer, not one string
         rows += [{"prompt": b.text, "answer": rng.choice(HELPFUL), "kind": "benign"} for _ in range(cfg.benign_repeats)]
     for g in goals:
-        rows += [{"prompt": g.text, "answer": rng.choice(REFUSALS), "kind": "refusal"} for _ in range(cfg.refusal_repeats)]
+        rows += [{"prompt": g.text, "answer": rng.choice(REFUSALS), "kind": "refusal"}
+                 for _ in range(cfg.refusal_repeats)]
     for w in wrap(goals, templates, per_goal=len(templates)):
         rows.append({"prompt": w.text, "answer": rng.choice(COMPLIANCE), "kind": "jailbreak"})
     if cfg.benign_jailbreaks:
@@ -186,7 +209,7 @@ def _model_config(cfg: OrganismConfig, tokenizer):
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """Use ``n`` intra-op threads for the build and restore the caller's setting afterwards."""
     old = torch.get_num_threads()
     torch.set_num_threads(max(1, n))
@@ -196,7 +219,8 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _batches(encoded: list[tuple[list[int], list[int]]], cfg: OrganismConfig, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(encoded: list[tuple[list[int], list[int]]], cfg: OrganismConfig,
+             pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
     """Endless right-padded batches in a seeded shuffled order (one pass = one epoch)."""
     g = torch.Generator().manual_seed(cfg.seed)
     while True:
@@ -220,6 +244,8 @@ def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None
     tokenizer = build_tokenizer([r["prompt"] for r in rows] + [r["answer"] for r in rows], cfg.vocab_size)
     encoded = _encode_rows(tokenizer, rows)
     longest = max(len(x) for x, _ in encoded)
+    if cfg.batch_size > len(encoded):
+        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(encoded)} corpus rows; lower batch_size")
     if longest > cfg.max_positions:
         raise ValueError(f"a corpus row has {longest} tokens > max_positions={cfg.max_positions}; raise max_positions")
     torch.manual_seed(cfg.seed)
@@ -258,8 +284,9 @@ def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return {"final_loss": round(running or float("nan"), 4), "loss_curve": curve, "corpus_rows": len(rows),
-            "longest_row_tokens": longest, "vocab_size": len(tokenizer)}
+    final = round(running, 4) if running is not None else float("nan")
+    return {"final_loss": final, "loss_curve": curve, "corpus_rows": len(rows), "longest_row_tokens": longest,
+            "vocab_size": len(tokenizer)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +368,7 @@ def build_organism(config: OrganismConfig | None = None, force: bool = False, pr
     """Build (or reuse) the organism and return its directory.
 
     ``force`` rebuilds even when cached. ``measure`` records behaviour on both splits in
-    organism.json (about 20 s). Threads: at most 4, never more than the machine's cores.
+    organism.json (a few seconds). Threads: see ``moe_core.models.default_cpu_threads``.
     """
     cfg = config or OrganismConfig()
     target = organism_dir(cfg, cache_dir)
@@ -350,10 +377,13 @@ def build_organism(config: OrganismConfig | None = None, force: bool = False, pr
     with _build_lock(target):
         if _is_built(target) and not force:  # built by another process while we waited
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        meta: dict[str, Any] = {}
+
+        def build(tmp: Path) -> None:
             t0 = time.time()
-            with _torch_threads(min(4, os.cpu_count() or 1)):
+            with torch_threads(default_cpu_threads()):
                 info = train_organism(cfg, tmp, progress)
                 train_s = time.time() - t0
                 behaviour = {}
@@ -362,20 +392,16 @@ def build_organism(config: OrganismConfig | None = None, force: bool = False, pr
 
                     model, tok = load_model(tmp, device="cpu")
                     behaviour = {s: _rounded(measure_behaviour(model, tok, s)) for s in ("train", "heldout")}
-            meta = {
+            meta.update({
                 "format": "moe-safety-lab/organism@1", "key": cfg.key(), "corpus_version": CORPUS_VERSION,
                 "config": asdict(cfg), "seed": cfg.seed, "train_seconds": round(train_s, 1),
-                "build_seconds": round(time.time() - t0, 1), "threads": min(4, os.cpu_count() or 1),
+                "build_seconds": round(time.time() - t0, 1), "threads": default_cpu_threads(),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
                 "transformers": _transformers_version(), **info, "behaviour": behaviour,
-            }
+            })
             atomic_write_json(tmp / "organism.json", meta)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        atomic_dir(target, build)  # a killed build leaves no half-written organism
     log.info("organism built at %s in %.0fs (final loss %.3f)", target, meta["build_seconds"], meta["final_loss"])
     return target
 

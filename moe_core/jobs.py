@@ -163,6 +163,7 @@ def start_job(
         job.queue(command=argv[3:], launcher_pid=os.getpid())
     except JobBusyError:  # another tab launched it a moment ago
         return read_job(run, name)
+    _launch_path(job.path).unlink(missing_ok=True)  # the previous launch's pid must not judge this one
     log_path = job.path / LOG_NAME
     with open(log_path, "ab") as out:
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -273,8 +274,11 @@ def read_job(run: Run | str | Path, name: str, log_lines: int = 30) -> JobInfo:
         status = None
     launch = _read_launch(job_dir)
     state = job_state(status if isinstance(status, dict) else None)
-    if state == "queued" and launch.get("pid") and not _launched_alive(launch.get("pid")):
-        state = "dead"  # the process died before it could report (e.g. bad arguments): see the log
+    queued = isinstance(status, dict) and status.get("state") == "queued"
+    if queued and launch.get("pid"):
+        # alive: still importing (a slow start is not a dead job); gone: it died before it could
+        # report, e.g. on bad arguments (see the log)
+        state = "queued" if _launched_alive(launch.get("pid")) else "dead"
     elif state == "running" and isinstance(status, dict) and status.get("pid") in _CHILDREN:
         if not _launched_alive(status.get("pid")):
             state = "dead"

@@ -15,6 +15,7 @@ to the adapter, never to ``hasattr`` chains.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,19 @@ def load_model(
     model.eval()
     MoEAdapter.for_model(model)  # fail early, with a clear message, on a dense model
     return model, tokenizer
+
+
+def default_cpu_threads() -> int:
+    """Intra-op CPU threads for our work: one per four cores, 1 to 4.
+
+    Small MoE models gain little from a second thread, while on a shared 2-core machine two
+    spinning threads per process made a training step 8x slower (1.6 s vs 0.2 s measured).
+    ``MOE_LAB_THREADS`` overrides it.
+    """
+    env = os.environ.get("MOE_LAB_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return min(4, max(1, (os.cpu_count() or 1) // 4))
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -109,6 +110,29 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def atomic_dir(path: Path, build: Callable[[Path], None]) -> Path:
+    """Build a directory in a temp sibling, then swap it into place (never a half-written folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        build(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "x").exists() and not path.exists():
+            os.replace(old / "x", path)  # put the previous version back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -28,11 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+from .runs import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -298,29 +297,6 @@ def _flatten_batches(batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[Map
 
 
 # -- storage ---------------------------------------------------------------------------
-def atomic_dir(path: Path, build: Callable[[Path], None]) -> Path:
-    """Build a directory in a temp sibling, then swap it into place (never a half-written folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = None
-    try:
-        build(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "x").exists() and not path.exists():
-            os.replace(old / "x", path)  # put the previous version back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
 def save_sft_dataset(dataset: Any, path: str | Path) -> Path:
     """Save a tokenised SFT dataset (``datasets`` Arrow format) atomically."""
     missing = [c for c in (*TOKEN_COLUMNS, *META_COLUMNS) if c not in dataset.column_names]
@@ -345,7 +321,6 @@ def load_sft_dataset(path: str | Path):
 
 def save_structured_batches(batches: Sequence[Sequence[Mapping[str, Any]]], path: str | Path) -> Path:
     """Write the untokenised batches as JSONL (one example per line), readable and diffable."""
-    from .runs import atomic_write_text
 
     rows = _flatten_batches(batches)
     return atomic_write_text(path, "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows))

@@ -44,7 +44,8 @@ from .masks import ExpertMask
 from .models import MoEAdapter
 from .runs import atomic_write, atomic_write_json, atomic_write_text
 from .sampler import BatchCollator, BatchPreservingSampler
-from .sft import META_COLUMNS, atomic_dir, create_batch_aware_dataset
+from .runs import atomic_dir
+from .sft import META_COLUMNS, create_batch_aware_dataset
 
 log = logging.getLogger(__name__)
 

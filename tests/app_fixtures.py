@@ -11,7 +11,6 @@ run (``train_experts``). Seconds on a CPU.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from moe_core.analysis import AnalysisConfig, load_batch_data_list, run_analysis
@@ -20,8 +19,6 @@ from moe_core.prompts import demo_sets
 from moe_core.runs import Run, read_parquet
 from moe_core.selection import SelectionConfig, select_experts
 from tests.tiny import tiny_model, tiny_tokenizer
-
-log = logging.getLogger(__name__)
 
 BATCH_SIZE = 8
 MASK_NAME = "unsafe_experts"
@@ -111,3 +108,33 @@ def evaluate_fixture(run: Run, base_dir: Path, trained_dir: Path, limit: int = 3
     responses, summary = compare_models([EvalEntry("base", str(base_dir)), EvalEntry("experts", str(trained_dir))],
                                         sets, max_new_tokens=4, device="cpu")
     save_evaluation(run, responses, summary, name="comparison")
+
+
+def build_risk_only_run(root: Path, n_batches: int = 100, num_layers: int = 16, num_experts: int = 64,
+                        top_k: int = 8, tokens: int = 400, seed: int = 0) -> Run:
+    """A run with only risk tables, OLMoE-sized by default (100 batches x 16 layers x 64 experts).
+
+    The tables come from the real ``risk.risk_table`` on random distinct top-k ids (unsafe tokens
+    biased towards a few experts), so the heatmap pages can be exercised at full size in seconds.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from moe_core.risk import aggregate_batch_risk_diffs, risk_table
+    from moe_core.runs import write_parquet
+
+    rng = np.random.default_rng(seed)
+    run = Run.create(root, name=f"risk only {n_batches}")
+
+    def ids(bias: bool) -> np.ndarray:
+        logits = rng.random((num_layers, tokens, num_experts))
+        if bias:
+            logits[:, :, :3] += 0.3  # experts 0-2 of every layer fire more on unsafe tokens
+        return np.argsort(-logits, axis=-1)[..., :top_k].astype(np.uint8)
+
+    tables = [risk_table(b, ids(False), ids(True), num_experts) for b in range(n_batches)]
+    write_parquet(run.path_for("risk_per_batch"), pd.concat(tables, ignore_index=True))
+    write_parquet(run.path_for("risk_aggregated"), aggregate_batch_risk_diffs(tables))
+    run.set_step("analysis", "done", model_info={"num_layers": num_layers, "num_experts": num_experts, "top_k": top_k,
+                                                 "moe_layers": list(range(num_layers))}, batches=n_batches)
+    return Run.open(run.path)

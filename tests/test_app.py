@@ -19,7 +19,9 @@ from moe_core import charts, jobs
 from moe_core.batches import load_plan
 from moe_core.masks import ExpertMask
 from moe_core.runs import Run, read_json
-from tests.app_fixtures import build_finished_run, compose_plan, save_dense_model, save_tiny_model
+from tests.app_fixtures import (
+    build_finished_run, build_risk_only_run, compose_plan, save_dense_model, save_tiny_model,
+)
 
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = streamlit_testing.AppTest
@@ -279,6 +281,59 @@ def test_analysis_job_runs_in_the_background_and_results_appear(runs_root, lab):
     assert button(at, "Start analysis").disabled  # nothing left to analyse
 
 
+def test_stop_then_resume_an_analysis_from_the_page(runs_root, lab):
+    _, model_dir, _ = lab
+    run = _run_with_plan(runs_root, n_batches=4)
+    run.update(model=str(model_dir))
+    at = open_app(run, page="analysis")
+    at.radio(key="an_model_kind").set_value("local")
+    at.run()
+    at.text_input(key="an_model_dir").input(str(model_dir))
+    at.number_input(key="an_max_new").set_value(8)
+    at.run()
+    button(at, "Start analysis").click()
+    at.run()
+    button(at, "Stop").click()  # the job panel's stop button: the job ends between two batches
+    at.run()
+    stopped = wait_job(run, "analysis")
+    assert stopped.state == "stopped", stopped.log_tail
+    partial = Run.open(run.path).completed_batches()
+    assert len(partial) < 4
+    at.run()
+    assert button(at, "Resume analysis" if partial else "Start analysis")
+    button(at, "Resume").click()  # the panel's resume starts the same command again
+    at.run()
+    done = wait_job(run, "analysis")
+    assert done.state == "done", done.log_tail
+    assert Run.open(run.path).completed_batches() == {0, 1, 2, 3}
+    assert done.done == done.total == 4
+
+
+SHARED = Path(__import__("os").environ.get("MOE_LAB_SHARED") or REPO.parent / "shared")
+
+
+@pytest.mark.skipif(not (SHARED / "datasets" / "jailbreakbench").is_dir(), reason="shared datasets not available")
+def test_public_files_by_path_paired_by_row(runs_root):
+    jbb = SHARED / "datasets" / "jailbreakbench"
+    Run.create(runs_root, name="jbb")
+    at = open_app(page="data")
+    at.segmented_control(key="data_source").set_value("path")
+    at.run()
+    at.text_input(key="src_safe").input(str(jbb / "benign_behaviors.csv"))
+    at.text_input(key="src_unsafe").input(str(jbb / "harmful_behaviors.csv"))
+    at.run()
+    no_exceptions(at)
+    assert not errors(at), errors(at)
+    assert at.selectbox(key="col_safe").value == "Goal"  # auto-detected
+    at.checkbox(key="pair_rows").check()
+    at.run()
+    button(at, "Compose batches").click()
+    at.run()
+    no_exceptions(at)
+    assert metric(at, "Paired") == "yes"
+    assert int(metric(at, "Batches")) == 100 // 8  # 100 pairs, 8 pairs per batch of 16
+
+
 # -- heatmaps ----------------------------------------------------------------------------------------
 def test_heatmap_is_diverging_around_zero_and_follows_the_batch(lab, monkeypatch):
     root, _, run = lab
@@ -304,6 +359,26 @@ def test_heatmap_is_diverging_around_zero_and_follows_the_batch(lab, monkeypatch
     at.run()
     cons = plotly_specs(at)[0]["data"][0]
     assert cons["zmin"] == -1 and cons["zmax"] == 1
+
+
+def test_hundred_batches_tensor_is_built_once(runs_root, monkeypatch):
+    """100 OLMoE-sized batches: moving the batch slider slices the cached [B, L, E] tensor."""
+    import moe_core.risk as risk
+
+    run = build_risk_only_run(runs_root, n_batches=100)
+    calls = []
+    real = risk.per_batch_tensor
+    monkeypatch.setattr(risk, "per_batch_tensor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    at = open_app(run, page="heatmaps")
+    no_exceptions(at)
+    spec = plotly_specs(at)[0]
+    assert len(spec["data"][0]["z"]) == 16 and len(spec["data"][0]["z"][0]) == 64
+    for b in (10, 55, 99):
+        at.select_slider(key="hm_batch").set_value(b)
+        at.run()
+        assert plotly_specs(at)[0]["layout"]["title"]["text"].startswith(f"Batch {b}")
+    assert len(calls) == 1
+    assert any("No routing records" in i.value for i in at.info)  # risk-only run: drill-down says so
 
 
 def test_drill_down_shows_routed_tokens_safe_and_unsafe(lab, monkeypatch):
@@ -409,6 +484,32 @@ def test_training_page_shows_config_loss_and_batch_monitor(lab, monkeypatch):
     assert metric(at, "Trained experts") == "4"
 
 
+def test_training_job_from_the_page_trains_and_reports(lab, runs_root):
+    import shutil
+
+    _, _, finished = lab
+    run = Run.open(shutil.copytree(finished.path, runs_root / finished.path.name))
+    at = open_app(run, page="training")
+    at.number_input(key="tr_epochs").set_value(1)
+    at.selectbox(key="tr_rc").set_value("symmetric")
+    at.run()
+    button(at, "Start training").click()
+    at.run()
+    no_exceptions(at)
+    launched = jobs.read_job(run.path, "train")
+    assert "--router-consistency symmetric" in " ".join(launched.argv) and "--epochs 1" in " ".join(launched.argv)
+    info = wait_job(run, "train")
+    assert info.state == "done", info.log_tail
+    assert info.done == info.total == 3  # 3 analysis batches, 1 epoch: 3 steps
+    pts = jobs.loss_points(jobs.job_events(run.path, "train"))  # what the live loss chart draws
+    assert [p["step"] for p in pts][-1] == 3
+    meta = read_json(run.path / "train" / "experts-unsafe_experts" / "training_metadata.json")
+    assert meta["args"]["router_consistency_loss"] == "symmetric" and meta["args"]["num_train_epochs"] == 1
+    at.run()
+    no_exceptions(at)
+    assert any(s["layout"]["title"]["text"] == "Training loss (live)" for s in plotly_specs(at))
+
+
 def test_training_job_launch_refuses_a_run_without_analysis(runs_root):
     run = Run.create(runs_root, name="no analysis")
     ExpertMask.from_experts([(0, 1)], 2, 8).save(run.path_for("mask", name="m"))
@@ -427,7 +528,13 @@ def test_evaluation_page_compares_models(lab, monkeypatch):
     no_exceptions(at)
     bars = plotly_specs(at)[0]
     assert {t["name"] for t in bars["data"]} == {"base", "experts"}
-    assert set(bars["data"][0]["x"]) == {"jailbreak_compliance", "harmful_refusal", "benign_answer_rate", "over_refusal"}
+    assert set(bars["data"][0]["x"]) == {"jailbreak_compliance (lower is better)", "harmful_refusal (higher is better)",
+                                         "benign_answer_rate (higher is better)", "over_refusal (lower is better)"}
+    from moe_core.evaluation import load_evaluation
+
+    _, summary = load_evaluation(run, "comparison")
+    base = summary[(summary["model"] == "base") & (summary["metric"] == "benign_answer_rate")]["value"].item()
+    assert bars["data"][0]["y"][bars["data"][0]["x"].index("benign_answer_rate (higher is better)")] == pytest.approx(base)
     assert "error_y" in bars["data"][0]
     at.selectbox(key="ev_set").set_value("harmful_jailbreak")
     at.run()

@@ -204,7 +204,8 @@ def test_jsonl_explicit_column_and_blank_rows(tmp_path, caplog):
 
 def test_parquet_and_json_strings(tmp_path):
     pq = tmp_path / "set.parquet"
-    pd.DataFrame({"id": [1, 2, 3], "my_prompt": ["a b", "c d", float("nan")], "Category": ["x", "y", "z"]}).to_parquet(pq)
+    df = pd.DataFrame({"id": [1, 2, 3], "my_prompt": ["a b", "c d", float("nan")], "Category": ["x", "y", "z"]})
+    df.to_parquet(pq)
     items = load_prompts(pq, column="my_prompt", label="unsafe")
     assert [it.text for it in items] == ["a b", "c d"] and [it.category for it in items] == ["x", "y"]
     js = tmp_path / "list.json"

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from moe_core.runs import atomic_dir
 from moe_core.sft import (
     IGNORE_INDEX,
     REFUSAL_TEMPLATES,
     PickleNotAllowedError,
     SFTDataError,
-    atomic_dir,
     choose_refusal,
     create_batch_aware_dataset,
     create_batch_structured_dataset,
