@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .runs import JobBusyError, Run, _pid_alive, atomic_write_json, job_state, read_events
+from .runs import JobBusyError, Run, pid_alive, atomic_write_json, job_state, read_events
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _launched_alive(pid: Any) -> bool:
             return True
         _CHILDREN.pop(pid, None)
         return False
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     try:  # a recycled pid belongs to some other program: not our job
         return b"moe_core" in Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -531,7 +531,7 @@ class JobEvents:
         return read_events(self.path)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -562,7 +562,7 @@ def job_state(status: dict[str, Any] | None, stale_after_s: float = 120.0, now: 
         return "dead"
     if state == "running":
         pid, host = status.get("pid"), status.get("host")
-        if isinstance(pid, int) and host in (None, socket.gethostname()) and not _pid_alive(pid):
+        if isinstance(pid, int) and host in (None, socket.gethostname()) and not pid_alive(pid):
             return "dead"
     return state
 

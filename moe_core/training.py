@@ -717,8 +717,11 @@ def save_merged(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
     return atomic_dir(Path(out_dir), build)
 
 
-def training_metadata(trainer: ExpertMaskingTrainer) -> dict[str, Any]:
-    """Everything needed to understand a run: masks, args, counts, loss history, batch monitor log."""
+def training_metadata(trainer: ExpertMaskingTrainer, report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to understand a run: masks, args, counts, loss history, batch monitor log.
+
+    ``report``: the trainable report taken before merging (afterwards the rows are gone).
+    """
     return {
         "format": METADATA_FORMAT,
         "baseline": trainer.args.baseline,
@@ -727,7 +730,7 @@ def training_metadata(trainer: ExpertMaskingTrainer) -> dict[str, Any]:
         "batch_masks": {
             str(b): {str(l): es for l, es in m.by_layer().items()} for b, m in sorted(trainer.batch_masks.items())
         },
-        "report": trainer.trainable_report(),
+        "report": report or trainer.trainable_report(),
         "args": json.loads(trainer.args.to_json_string()),
         "loss_history": trainer.state.log_history,
         "batch_monitor": trainer.batch_log,
@@ -811,6 +814,7 @@ def train_experts(
     )
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        report = trainer.trainable_report()  # before merging: afterwards the trained rows are gone
     finally:
         merge_trained_experts(model)  # also after an error: never leave rows spliced into the caller's model
     delta = merged = meta_path = None
@@ -820,9 +824,9 @@ def train_experts(
             delta = save_expert_delta(trainer, out / DELTA_NAME)
         if save_merged_model or config.baseline == "full":
             merged = save_merged(model, tokenizer, out / "merged_model")
-        meta_path = atomic_write_json(out / "training_metadata.json", training_metadata(trainer))
+        meta_path = atomic_write_json(out / "training_metadata.json", training_metadata(trainer, report))
         atomic_write_text(out / "batch_monitor.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.batch_log))
     if progress:
         progress(trainer.state.global_step, trainer.state.global_step, "done")
     return TrainingResult(out, meta_path or out / "training_metadata.json", delta, merged,
-                          dict(result.metrics), trainer.trainable_report())
+                          dict(result.metrics), report)
