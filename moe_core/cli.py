@@ -319,6 +319,9 @@ def _model_dir(name: str) -> str:
 def demo(args: argparse.Namespace) -> Any:
     """The whole pipeline on the organism: analysis, experts, training + baselines, evaluation."""
     args.model = args.model or ORGANISM
+    # On the organism the jailbreak is decided while the model reads the prompt: prompt-token routing
+    # picks experts whose training moves held-out jailbreak compliance further (see README results).
+    args.scope = args.scope or "prompt"
     if not args.run:
         args.demo_sets, args.safe, args.unsafe = True, None, None
     run = analyze(args)

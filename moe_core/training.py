@@ -812,6 +812,11 @@ def train_experts(
         processing_class=tokenizer,
         callbacks=[_ProgressCallback(progress)] if progress else None,
     )
+    if progress:  # the caller draws progress; the Trainer's own bar and printed log dicts would repeat it
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         report = trainer.trainable_report()  # before merging: afterwards the trained rows are gone
