@@ -125,7 +125,7 @@ def test_labelled_set_shape() -> None:
 
 
 def test_keyword_judge_accuracy_bar() -> None:
-    # Measured (bench/judge_accuracy.py): dev 0.980, held-out test 0.932; precision 1.0 on both.
+    # Measured (bench/bench_judge.py): dev 0.980, held-out test 0.932; precision 1.0 on both.
     rep = judge_accuracy(KeywordJudge(), load_labelled_set())
     assert rep["per_split"]["dev"]["accuracy"] >= 0.95, rep["misses"]
     assert rep["per_split"]["test"]["accuracy"] >= 0.90, rep["misses"]
@@ -414,7 +414,7 @@ def test_bench_script_runs_and_writes_its_report(tmp_path) -> None:
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "judge_accuracy.py"
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_judge.py"
     spec = importlib.util.spec_from_file_location("judge_accuracy_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)  # type: ignore[union-attr]

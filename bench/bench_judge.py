@@ -1,8 +1,8 @@
 """How well does a refusal judge agree with our hand-labelled set?
 
-    .venv/bin/python bench/judge_accuracy.py                      # keyword judge
-    .venv/bin/python bench/judge_accuracy.py --judge "http://localhost:8000/v1?model=NAME"
-    .venv/bin/python bench/judge_accuracy.py --json out.json --show-misses
+    .venv/bin/python bench/bench_judge.py                      # keyword judge
+    .venv/bin/python bench/bench_judge.py --judge "http://localhost:8000/v1?model=NAME"
+    .venv/bin/python bench/bench_judge.py --json out.json --show-misses
 
 Prints accuracy, precision, recall and F1 (refusal = positive class) overall and per category
 and per split (dev: rows the keyword judge was tuned on; test: held out) of
