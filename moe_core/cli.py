@@ -305,7 +305,34 @@ def evaluate(args: argparse.Namespace) -> Any:
     table = comparison_table(summary)
     run.set_step(f"evaluation:{args.name}", "done", models=[e.name for e in entries])
     print(to_markdown(table))
+    if args.shift:
+        _routing_shifts(run, [e for e in entries if e.name != "base" and e.steer_deactivate is None], args.job)
     return table
+
+
+def _routing_shifts(run: Any, entries: list, job: str | None) -> None:
+    """Re-run the analysis on each trained model: how each expert's risk difference moved."""
+    from .evaluation import routing_shift
+    from .models import load_model
+
+    for e in entries:
+        with job_progress(run, None if job is None else f"{job}-shift-{e.name}", f"routing shift {e.name}") as (progress, _):
+            model, tok = load_model(e.model_dir)
+            df = routing_shift(run, model, tok, name=e.name, progress=progress)
+        print(f"\nrouting shift of {e.name} (largest |delta| first; eval/shift_{e.name}.parquet):")
+        print(df.head(8).to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
+
+
+def apply_delta(args: argparse.Namespace) -> Path:
+    """Base model + expert_delta.safetensors -> a merged model directory (no training code needed)."""
+    from .models import load_model
+    from .training import apply_expert_delta, save_merged
+
+    model, tok = load_model(_model_dir(args.base), device="cpu", dtype="float32")
+    n = apply_expert_delta(model, args.delta)
+    out = save_merged(model, tok, args.out)
+    print(f"applied {n} expert tensors from {args.delta} -> {out}")
+    return out
 
 
 def _model_dir(name: str) -> str:
@@ -333,7 +360,7 @@ def demo(args: argparse.Namespace) -> Any:
         return run
     for baseline in ("experts", "random_experts", "full"):
         train(argparse.Namespace(**{**vars(args), "baseline": baseline, "mask": args.mask_name, "name": None, "job": None if args.job is None else f"{args.job}-train-{baseline}"}))
-    evaluate(argparse.Namespace(**{**vars(args), "steer_mask": args.mask_name, "name": "comparison", "model": None, "job": None if args.job is None else f"{args.job}-eval"}))
+    evaluate(argparse.Namespace(**{**vars(args), "steer_mask": args.mask_name, "shift": False, "name": "comparison", "model": None, "job": None if args.job is None else f"{args.job}-eval"}))
     print(f"\nrun directory: {run.path}")
     return run
 
@@ -399,6 +426,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-limit", type=int, help="at most this many prompts per evaluation set")
     g.add_argument("--eval-max-new-tokens", dest="max_new_tokens", type=int, default=48, help="answer length")
     g.add_argument("--eval-judge", dest="judge", default="keyword", help="refusal judge spec")
+    g.add_argument("--shift", action="store_true", help="also re-run the analysis on each trained model (routing shift)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--job", help="also write job events/status into the run under this name (used by the app)")
     _add_eval_args(e)
     e.set_defaults(func=evaluate)
+
+    x = sub.add_parser("apply-delta", help="apply a trained expert delta to a base model and save the merged model")
+    x.add_argument("--base", required=True, help="base model directory (or 'organism')")
+    x.add_argument("--delta", required=True, help="expert_delta.safetensors from a training")
+    x.add_argument("--out", required=True, help="output model directory")
+    x.set_defaults(func=apply_delta)
 
     r = sub.add_parser("runs", help="list runs")
     r.set_defaults(func=runs_cmd)

@@ -85,8 +85,15 @@ def test_cli_train_and_evaluate_update_only_the_chosen_experts(tmp_path, tiny, c
         layer = int(k.split(".layers.")[1].split(".")[0])
         expert = int(k.split(".experts.")[1].split(".")[0])
         assert (layer, expert) in chosen, k
+    # the compact delta alone turns the base model into the trained one
+    delta = run_dir / "train" / "experts-unsafe_experts" / "expert_delta.safetensors"
+    assert main(["apply-delta", "--base", str(model_dir), "--delta", str(delta), "--out", str(tmp_path / "applied")]) == 0
+    applied = _weights(tmp_path / "applied")
+    assert all(torch.equal(applied[k], after[k]) for k in after)
     assert main(common + ["evaluate", "--run", run_dir.name, "--eval-limit", "3", "--eval-max-new-tokens", "4",
-                          "--steer-mask", "unsafe_experts"]) == 0
+                          "--steer-mask", "unsafe_experts", "--shift"]) == 0
     out = capsys.readouterr().out
     assert "base" in out and "experts-unsafe_experts" in out and "steer-off-unsafe_experts" in out
     assert (run_dir / "eval" / "comparison_summary.parquet").exists()
+    shift = pd.read_parquet(run_dir / "eval" / "shift_experts-unsafe_experts.parquet")
+    assert {"risk_diff_before", "risk_diff_after", "delta"} <= set(shift.columns) and len(shift) == 2 * 8
