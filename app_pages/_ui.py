@@ -127,6 +127,19 @@ def read_table(path: Path) -> pd.DataFrame | None:
     return _parquet(str(path), _mtime(path)) if path.is_file() else None
 
 
+def risk_tables_or_stop(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The run's aggregated and per-batch risk tables, or a pointer to the Analysis page and stop."""
+    agg = per_batch = None
+    with guard("The risk tables cannot be read: "):
+        agg = read_table(run.path_for("risk_aggregated"))
+        per_batch = read_table(run.path_for("risk_per_batch"))
+    if agg is None or per_batch is None:
+        st.info("No risk tables yet: run the analysis first.", icon=":material/info:")
+        st.page_link(PAGES["analysis"], label="Go to Analysis", icon=":material/arrow_back:")
+        st.stop()
+    return agg, per_batch
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
 def _json(path: str, mtime_ns: int) -> Any:
     return read_json(path)

@@ -20,14 +20,7 @@ st.caption("Pick the experts to fine-tune from the risk table; the result is an 
            "(a small readable JSON of {layer: [experts]}) saved in the run.")
 ui.show_flash()
 run = ui.require_run("expert selection")
-agg = per_batch = None
-with ui.guard("The risk tables cannot be read: "):
-    agg = ui.read_table(run.path_for("risk_aggregated"))
-    per_batch = ui.read_table(run.path_for("risk_per_batch"))
-if agg is None or per_batch is None:
-    st.info("No risk tables yet: run the analysis first.", icon=":material/info:")
-    st.page_link(ui.PAGES["analysis"], label="Go to Analysis", icon=":material/arrow_back:")
-    st.stop()
+agg, per_batch = ui.risk_tables_or_stop(run)
 n_layers, n_experts = ui.grid_shape(run, agg)
 TOGGLES = f"ex_toggles::{run.id}"  # session_state: this run's hand-toggled experts as "layer:expert" strings
 

@@ -21,14 +21,7 @@ st.caption("Risk difference = activation rate on unsafe tokens − rate on safe 
            "Red: fires more when the model behaves unsafely; blue: more when it behaves safely.")
 run = ui.require_run("the heatmaps")
 
-agg = per_batch = None
-with ui.guard("The risk tables cannot be read: "):
-    agg = ui.read_table(run.path_for("risk_aggregated"))
-    per_batch = ui.read_table(run.path_for("risk_per_batch"))
-if agg is None or per_batch is None:
-    st.info("No risk tables yet: run the analysis first.", icon=":material/info:")
-    st.page_link(ui.PAGES["analysis"], label="Go to Analysis", icon=":material/arrow_back:")
-    st.stop()
+agg, per_batch = ui.risk_tables_or_stop(run)
 
 n_layers, n_experts = ui.grid_shape(run, agg)
 batch_ids, tensor = ui.risk_tensor(run, n_layers, n_experts)

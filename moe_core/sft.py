@@ -357,4 +357,4 @@ def load_reference_pickle(path: str | Path, allow_pickle: bool = False) -> Any:
     import pandas as pd
 
     log.warning("unpickling %s (allow_pickle=True): this runs code stored in the file", path)
-    return pd.read_pickle(path)
+    return pd.read_pickle(path)  # reached only with allow_pickle=True (checked above)

@@ -23,11 +23,17 @@ def tiny():
     return tiny_model("olmoe", seed=1), tiny_tokenizer()
 
 
-def test_cli_analyze_and_select_on_a_local_model_dir(tmp_path, tiny, capsys):
+@pytest.fixture
+def model_dir(tmp_path, tiny):
+    """The tiny model saved as a local model directory, as a user would point the CLI at one."""
     model, tok = tiny
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_analyze_and_select_on_a_local_model_dir(tmp_path, model_dir, capsys):
     safe = tmp_path / "safe.csv"
     unsafe = tmp_path / "unsafe.jsonl"
     pd.DataFrame({"goal": [i.text for i in _items("safe", 4)]}).to_csv(safe, index=False)
@@ -61,11 +67,7 @@ def _weights(model_dir) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_cli_train_and_evaluate_update_only_the_chosen_experts(tmp_path, tiny, capsys):
-    model, tok = tiny
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_cli_train_and_evaluate_update_only_the_chosen_experts(tmp_path, model_dir, capsys):
     root = tmp_path / "runs"
     common = ["--runs-root", str(root)]
     assert main(common + ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "2",
