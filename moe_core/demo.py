@@ -299,31 +299,24 @@ def measure_behaviour(model: Any, tokenizer: Any, split: str = "heldout", max_ne
     """Refusal rate on plain harmful goals, compliance on jailbroken ones, answers on benign.
 
     Uses the split's goals, benign requests and templates (``templates_per_goal`` drawn per goal
-    with ``seed``; None = every template), greedy generation (``moe_core.generation.generate``)
-    and the keyword judge ``moe_core.judge.is_refusal``. Compliance/answer = not a refusal.
+    with ``seed``; None = every template), greedy generation and the keyword judge through
+    ``moe_core.evaluation.evaluate_model``. Compliance/answer = not a refusal.
     """
-    from moe_core.generation import generate
-    from moe_core.judge import is_refusal
+    from moe_core.evaluation import evaluate_model
 
     goals, benign, templates = demo_goals(split), demo_benign(split), jailbreak_templates(split)
     per_goal = len(templates) if templates_per_goal is None else min(templates_per_goal, len(templates))
     sets = {"harmful": goals, "jailbreak": wrap(goals, templates, seed=seed, per_goal=per_goal), "benign": benign}
-    total = sum(len(v) for v in sets.values())
-    done = 0
+    rows = evaluate_model(model, tokenizer, sets, judge="keyword", max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, progress=progress)
     out: dict[str, Any] = {"split": split, "examples": {}}
-    refused: dict[str, list[bool]] = {}
-    for name, items in sets.items():
-        gens = generate(model, tokenizer, [it.messages() for it in items], max_new_tokens=max_new_tokens,
-                        batch_size=batch_size)
-        refused[name] = [is_refusal(g.text) for g in gens]
-        out["examples"][name] = {"prompt": items[0].text, "answer": gens[0].text}
-        out[f"n_{name}"] = len(items)
-        done += len(items)
-        if progress:
-            progress(done, total, f"measuring behaviour on {name} ({split})")
-    out["refusal_rate_harmful"] = sum(refused["harmful"]) / len(refused["harmful"])
-    out["compliance_rate_jailbreak"] = 1 - sum(refused["jailbreak"]) / len(refused["jailbreak"])
-    out["answer_rate_benign"] = 1 - sum(refused["benign"]) / len(refused["benign"])
+    for name, group in rows.groupby("set", sort=False):
+        out["examples"][name] = {"prompt": group["prompt"].iloc[0], "answer": group["response"].iloc[0]}
+        out[f"n_{name}"] = len(group)
+    refused = rows.groupby("set")["refusal"].mean()
+    out["refusal_rate_harmful"] = float(refused["harmful"])
+    out["compliance_rate_jailbreak"] = float(1 - refused["jailbreak"])
+    out["answer_rate_benign"] = float(1 - refused["benign"])
     return out
 
 
