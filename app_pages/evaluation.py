@@ -7,11 +7,11 @@ model of the run, optionally the base with the mask's experts steered off).
 
 from __future__ import annotations
 
-import importlib.util
-
 import streamlit as st
 
 from moe_core import charts, jobs
+from moe_core.evaluation import comparison_table, list_evaluations, load_evaluation
+from moe_core.risk import risk_matrix
 from app_pages import _ui as ui
 
 JOB = "evaluate"
@@ -22,11 +22,6 @@ st.caption("Held-out prompts the model never saw: jailbreak compliance (lower is
            "Whiskers: 95% Wilson intervals.")
 ui.show_flash()
 run = ui.require_run("the evaluation")
-if importlib.util.find_spec("moe_core.evaluation") is None:
-    st.info("Evaluation is not available yet in this version of moe_core (no `moe_core.evaluation`).",
-            icon=":material/hourglass_empty:")
-    st.stop()
-from moe_core.evaluation import comparison_table, list_evaluations, load_evaluation  # noqa: E402
 
 # -- launch ------------------------------------------------------------------------------------
 info = jobs.read_job(run.path, JOB)
@@ -48,6 +43,9 @@ with st.container(border=True):
         flags += ["--steer-mask", steer]
     if limit:
         flags += ["--eval-limit", str(limit)]
+    if st.checkbox("Also measure the routing shift of each trained model", key="ev_shift",
+                   help="re-runs the analysis (same batches, same settings) on every trained model"):
+        flags += ["--shift"]
     if st.button("Evaluate", type="primary", icon=":material/play_arrow:", disabled=info.active):
         with ui.guard("Not started: "):
             jobs.start_job(run.path, JOB, "evaluate", flags)
@@ -90,3 +88,23 @@ for col, model in zip(st.columns(max(1, len(models))), models):
     with col:
         st.markdown(f"**{model}** " + (":blue-badge[refused]" if r["refusal"] else ":orange-badge[answered]"))
         st.code(r["response"] or "(empty)", language="text", wrap_lines=True)
+
+# -- routing shift -----------------------------------------------------------------------------
+shifts = sorted(run.path_for("eval").glob("shift_*.parquet"))
+if shifts:
+    st.subheader("Routing shift")
+    st.caption("How each expert's risk difference moved when the analysis is re-run, on the same batches, on a "
+               "trained model: delta = after − before (blue: the expert now fires less on the unsafe side).")
+    shift_path = st.selectbox("Trained model", shifts, key="ev_shift_pick", format_func=lambda p: p.stem[len("shift_"):])
+    shift = None
+    with ui.guard("This routing shift cannot be read: "):
+        shift = ui.read_table(shift_path)
+    if shift is not None:
+        n_layers, n_experts = ui.grid_shape(run, shift)
+        left, right = st.columns([3, 2])
+        left.plotly_chart(charts.risk_heatmap(risk_matrix(shift, "delta", n_layers, n_experts),
+                                              title="Change of risk difference (after − before)",
+                                              colorbar_title="delta"), key="ev_shift_map")
+        right.dataframe(shift.head(15), width="stretch", hide_index=True,
+                        column_config={c: st.column_config.NumberColumn(format="%+.3f")
+                                       for c in ("risk_diff_before", "risk_diff_after", "delta")})

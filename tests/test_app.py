@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moe_core import charts, jobs
@@ -20,7 +21,7 @@ from moe_core.batches import load_plan
 from moe_core.masks import ExpertMask
 from moe_core.runs import Run, read_json
 from tests.app_fixtures import (
-    build_finished_run, build_risk_only_run, compose_plan, save_dense_model, save_tiny_model,
+    MASK_NAME, build_finished_run, build_risk_only_run, compose_plan, save_dense_model, save_tiny_model,
 )
 
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
@@ -539,6 +540,30 @@ def test_evaluation_page_compares_models(lab, monkeypatch):
     at.selectbox(key="ev_set").set_value("harmful_jailbreak")
     at.run()
     assert {m.value.split("**")[1] for m in at.markdown if m.value.startswith("**")} >= {"base", "experts"}
+
+
+def test_evaluation_page_shows_the_routing_shift(lab, monkeypatch):
+    import shutil
+
+    from moe_core.evaluation import routing_shift
+    from moe_core.models import load_model
+
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    trained = Path(run.step("train:experts-" + MASK_NAME)["merged"])
+    model, tok = load_model(trained, device="cpu")
+    shift = routing_shift(run, model, tok, name="experts")
+    try:
+        at = open_app(run, page="evaluation")
+        no_exceptions(at)
+        maps = [p for p in plotly_specs(at) if "Change of risk difference" in json.dumps(p.get("layout", {}))]
+        assert maps, "no routing-shift heatmap"
+        z = np.array(maps[0]["data"][0]["z"], dtype=float)
+        top = shift.iloc[0]
+        assert z[int(top["layer"]), int(top["expert"])] == pytest.approx(top["delta"])
+    finally:  # the lab run is shared by other tests: leave it as it was
+        for p in run.path_for("eval").glob("shift_experts*"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def test_runs_page_compares_and_traces(lab, monkeypatch, tmp_path):
