@@ -66,6 +66,11 @@ def main(out: Path) -> None:
         "rank": rank, "world_size": trainer.args.world_size, "sizes": list(SIZES),
         "batch_log": trainer.batch_log, "rows": rows, "frozen_bit_identical": bool(frozen_ok),
     }))
+    # Tear the gloo group down explicitly: left to interpreter exit, its threads can abort the
+    # process ("terminate called without an active exception") after the work is done.
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -545,6 +545,13 @@ def test_two_processes_each_get_whole_analysis_batches(tmp_path):
            "--main_process_port", str(_free_port()), str(ROOT / "tests" / "accelerate_batches.py"), str(tmp_path)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # torch's gloo teardown rarely aborts a process on a loaded 2-core machine (seen about 1 in 30
+        # launches); that is the launcher, not the batches under test: launch once more from scratch.
+        for f in tmp_path.glob("rank*.json"):
+            f.unlink()
+        cmd[cmd.index("--main_process_port") + 1] = str(_free_port())
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     sizes = ranks[0]["sizes"]
