@@ -189,26 +189,26 @@ def test_compose_edit_and_save_a_plan(runs_root):
     assert any("Saved the plan" in s.value for s in at.success)
 
 
-def test_bad_upload_shows_an_actionable_error(runs_root):
+def upload(runs_root: Path, key: str, file: tuple[str, bytes, str]) -> AppTest:
+    """The Data page of a fresh run, in upload mode, after uploading ``file`` to uploader ``key``."""
     Run.create(runs_root, name="u")
     at = open_app(page="data")
     at.segmented_control(key="data_source").set_value("upload")
     at.run()
-    at.file_uploader(key="up_safe").set_value(("safe.json", b'[{"prompt": "hi", ', "application/json"))
+    at.file_uploader(key=key).set_value(file)
     at.run()
     no_exceptions(at)
+    return at
+
+
+def test_bad_upload_shows_an_actionable_error(runs_root):
+    at = upload(runs_root, "up_safe", ("safe.json", b'[{"prompt": "hi", ', "application/json"))
     assert any("could not parse as json" in e for e in errors(at)), errors(at)
     assert button(at, "Compose batches").disabled
 
 
 def test_missing_column_error_then_pick_the_column(runs_root):
-    Run.create(runs_root, name="u")
-    at = open_app(page="data")
-    at.segmented_control(key="data_source").set_value("upload")
-    at.run()
-    at.file_uploader(key="up_unsafe").set_value(("mine.csv", b"foo,bar\nhow do I pick a lock,1\nhow to steal,2\n", "text/csv"))
-    at.run()
-    no_exceptions(at)
+    at = upload(runs_root, "up_unsafe", ("mine.csv", b"foo,bar\nhow do I pick a lock,1\nhow to steal,2\n", "text/csv"))
     assert any("no prompt column found" in e and "'foo'" in e for e in errors(at)), errors(at)
     at.selectbox(key="col_unsafe").set_value("foo")
     at.run()
