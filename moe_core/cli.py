@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -230,17 +231,10 @@ def _load_masks(run: Any, name: str, per_batch: bool) -> Any:
     data = json.loads(path.read_text())
     if "batches" in data:
         masks = load_batch_masks(path)
-        return masks if per_batch else _union(masks.values())
+        return masks if per_batch else functools.reduce(ExpertMask.union, masks.values())
     if per_batch:
         raise CLIError(f"mask {name!r} is one global mask; --mask-mode per_batch needs a mask saved with `select --per-batch`")
     return ExpertMask.load(path)
-
-
-def _union(masks: Any) -> Any:
-    out = None
-    for m in masks:
-        out = m if out is None else out.union(m)
-    return out
 
 
 def train(args: argparse.Namespace) -> Any:
@@ -484,20 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _set_cpu_threads() -> None:
-    """Without a GPU, cap torch's threads (see models.default_cpu_threads): oversubscribed cores
-    slow small models down several-fold when the app, a job and tests share a small machine."""
-    import torch
-
-    from .models import default_cpu_threads
-
-    if not torch.cuda.is_available():
-        torch.set_num_threads(default_cpu_threads())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _set_cpu_threads()
+    # Oversubscribed cores slow small models several-fold when the app, a job and tests share a
+    # small machine (see models.default_cpu_threads).
+    from .models import apply_cpu_thread_policy
+
+    apply_cpu_thread_policy()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

@@ -233,5 +233,11 @@ def default_cpu_threads() -> int:
     return min(4, max(1, (os.cpu_count() or 1) // 4))
 
 
+def apply_cpu_thread_policy() -> None:
+    """Without a GPU, cap torch's intra-op threads at ``default_cpu_threads()`` for this process."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(default_cpu_threads())
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device

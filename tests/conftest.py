@@ -4,9 +4,6 @@ App and browser tests start the app and CLI jobs as separate processes beside py
 threads keeps them from oversubscribing a small CI machine.
 """
 
-import torch
+from moe_core.models import apply_cpu_thread_policy
 
-from moe_core.models import default_cpu_threads
-
-if not torch.cuda.is_available():
-    torch.set_num_threads(default_cpu_threads())
+apply_cpu_thread_policy()
