@@ -33,8 +33,8 @@ def _create_run() -> None:
     name = (st.session_state.get("new_run_name") or "").strip() or "run"
     try:
         run = Run.create(ui.runs_root(), name=name, config={"created_by": "app"})
-    except ValueError as e:
-        st.session_state["sidebar_error"] = str(e)
+    except Exception as e:  # noqa: BLE001 - sorted into a user error or a logged bug
+        st.session_state["sidebar_error"] = ui.error_message(e, "Not created: ")
         return
     st.session_state[ui.RUN_KEY] = str(run.path)
     st.session_state["new_run_name"] = ""
@@ -45,8 +45,8 @@ def _open_by_path() -> None:
     path = (st.session_state.get("open_run_path") or "").strip()
     try:
         run = Run.open(Path(path).expanduser().resolve())
-    except (ValueError, OSError) as e:
-        st.session_state["sidebar_error"] = str(e)
+    except Exception as e:  # noqa: BLE001 - RunError, an unreadable folder, or a logged bug
+        st.session_state["sidebar_error"] = ui.error_message(e, "Not opened: ")
         return
     st.session_state[ui.RUN_KEY] = str(run.path)
 

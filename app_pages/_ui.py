@@ -18,6 +18,7 @@ import pandas as pd
 import streamlit as st
 
 from moe_core import jobs
+from moe_core.errors import MoELabError
 from moe_core.runs import Run, RunError, default_runs_root, read_json
 
 log = logging.getLogger("moe_app")
@@ -33,14 +34,56 @@ PAGES = {  # page files, for st.page_link
 
 
 # -- errors ---------------------------------------------------------------------------------
+BUG_TEXT = "Internal error (a bug): {kind}: {message}. Details are in the app's log; please report it."
+
+
+def error_text(e: BaseException, prefix: str = "") -> tuple[bool, str]:
+    """(is_bug, text to show) for an exception that reached a page.
+
+    A ``MoELabError`` is the user's to fix: its message, as it is. An ``OSError`` from a file
+    operation on user input (a path typed or a file removed meanwhile) is shown with the file it
+    names. Anything else is a bug in the lab: a short note with the exception type, never passed
+    off as a user error (the traceback goes to the log, see ``report_error``).
+    """
+    if isinstance(e, MoELabError):
+        return False, f"{prefix}{e}"
+    if isinstance(e, OSError):
+        if e.strerror and e.filename:
+            return False, f"{prefix}{e.strerror}: {e.filename}"
+        return False, f"{prefix}{e}"
+    message = str(e).strip().splitlines()[0][:200] if str(e).strip() else "(no message)"
+    return True, BUG_TEXT.format(kind=type(e).__name__, message=message)
+
+
+def error_message(e: BaseException, prefix: str = "") -> str:
+    """The text to show for ``e`` (see ``error_text``); a bug's traceback is logged here.
+
+    Call it inside the ``except`` block that caught ``e`` (callbacks keep the text for the next run).
+    """
+    is_bug, text = error_text(e, prefix)
+    if is_bug:
+        log.exception("bug behind a page (shown to the user as an internal error): %s: %s", type(e).__name__, e)
+    else:
+        log.info("shown to the user: %s", text)
+    return text
+
+
+def report_error(e: BaseException, prefix: str = "") -> None:
+    """Show ``e`` with st.error (see ``error_text``); a bug's traceback goes to the log."""
+    st.error(error_message(e, prefix), icon=":material/error:")
+
+
 @contextlib.contextmanager
 def guard(prefix: str = "") -> Iterator[None]:
-    """Show a moe_core ValueError (every user-fixable problem) as st.error instead of a traceback."""
+    """Error boundary of a page section: a user-fixable ``MoELabError`` (or a file ``OSError``) becomes
+    one st.error line; any other exception is reported as a bug (short message, traceback logged).
+
+    Streamlit's own ``st.rerun``/``st.stop`` are ``BaseException``s and pass through.
+    """
     try:
         yield
-    except (ValueError, FileNotFoundError) as e:
-        log.info("shown to the user: %s", e)
-        st.error(f"{prefix}{e}", icon=":material/error:")
+    except Exception as e:  # noqa: BLE001 - the boundary: sorted into user errors and bugs, never swallowed silently
+        report_error(e, prefix)
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
@@ -184,7 +227,10 @@ def tokenizer_for(model_spec: str):
         from moe_core.demo import organism_dir
 
         source = str(organism_dir())
-    return AutoTokenizer.from_pretrained(source)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:  # transformers: missing files / a tokenizer class it cannot build
+        raise MoELabError(f"cannot load the tokenizer of {model_spec!r}: {e}") from e
 
 
 @st.cache_resource(max_entries=1)

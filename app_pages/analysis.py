@@ -6,6 +6,7 @@ import streamlit as st
 
 from moe_core import jobs
 from moe_core.analysis import analysis_config_of
+from moe_core.pipeline import ORGANISM, AnalyseSpec, Scope
 from app_pages import _ui as ui
 
 JOB = "analysis"
@@ -34,36 +35,39 @@ with st.container(border=True):
                    f"quality filter {'on' if previous.quality_filter else 'off'}, judge `{previous.judge}`. "
                    "A resume must use the same settings.")
     c1, c2 = st.columns([1, 2])
-    kind = c1.radio("Model", ["organism", "local", "hf"], key="an_model_kind", format_func={
-        "organism": "Model organism (built offline)", "local": "Local model folder", "hf": "Hugging Face id"}.get)
     current_model = run.manifest.get("model") or ""
-    model = "organism"
+    kinds = ["organism", "local", "hf"]
+    current_kind = ("organism" if current_model in ("", ORGANISM) else
+                    "local" if current_model.startswith(("/", ".", "~")) else "hf")
+    kind = c1.radio("Model", kinds, index=kinds.index(current_kind), key="an_model_kind", format_func={
+        "organism": "Model organism (built offline)", "local": "Local model folder", "hf": "Hugging Face id"}.get)
+    model = ORGANISM
     if kind == "local":
         model = c2.text_input("Model folder", value=current_model if current_model.startswith("/") else "",
                               key="an_model_dir", placeholder="/models/OLMoE-1B-7B-0125-Instruct")
     elif kind == "hf":
-        model = c2.text_input("Hugging Face id", key="an_model_id", placeholder="allenai/OLMoE-1B-7B-0125-Instruct")
+        model = c2.text_input("Hugging Face id", value=current_model if current_kind == "hf" else "",
+                              key="an_model_id", placeholder="allenai/OLMoE-1B-7B-0125-Instruct")
     else:
-        c2.caption("A tiny 4-layer OLMoE (8 experts, top-2) trained here to refuse harmful requests and comply with "
+        c2.caption("A small OLMoE-shaped MoE trained here to refuse harmful requests and comply with "
                    "jailbreaks. Built on first use (a few minutes on CPU), then cached.")
     c1, c2, c3, c4 = st.columns(4)
-    scopes = ["generated", "prompt", "response"]
-    scope = c1.selectbox("Token scope", scopes, index=scopes.index(previous.scope) if previous else 0, key="an_scope",
+    start = previous or AnalyseSpec()  # a resume keeps the run's settings; a new analysis starts at the defaults
+    scopes = list(Scope.__args__)
+    scope = c1.selectbox("Token scope", scopes, index=scopes.index(start.scope), key="an_scope",
                          help="generated: the answer's tokens; prompt: the prompt's; response: a teacher-forced target")
-    max_new = int(c2.number_input("Max new tokens", 1, 1024, previous.max_new_tokens if previous else 48, key="an_max_new"))
-    judge = c3.text_input("Refusal judge", previous.judge if previous else "keyword", key="an_judge",
-                          help="keyword (offline) | http:<url>#<model> | hf:<classifier dir>")
-    qf = c4.checkbox("Quality filter", previous.quality_filter if previous else False, key="an_qf",
+    max_new = int(c2.number_input("Max new tokens", 1, 1024, start.max_new_tokens, key="an_max_new"))
+    judge = c3.text_input("Refusal judge", start.judge, key="an_judge",
+                          help="keyword (offline) | http:<url>?model=<model> | hf:<classifier dir>")
+    qf = c4.checkbox("Quality filter", start.quality_filter, key="an_qf",
                      help="keep a pair only if its safe item was refused and its unsafe item complied (RASA)")
-    flags = ["--model", model.strip(), "--scope", scope, "--max-new-tokens", str(max_new), "--judge", judge.strip()]
-    if qf:
-        flags.append("--quality-filter")
+    spec = AnalyseSpec(model=model.strip(), scope=scope, max_new_tokens=max_new, judge=judge.strip(), quality_filter=qf)
     remaining = (len(plan) - len(done & set(plan.batch_indices))) if plan else 0
     label = "Resume analysis" if done and remaining else "Start analysis"
     if st.button(label, type="primary", icon=":material/play_arrow:", disabled=plan is None or info.active or (plan is not None and remaining == 0)):
         with ui.guard("Not started: "):
             jobs.check_model_source(model)  # a dense model or a wrong path fails here, not in the job
-            jobs.start_job(run.path, JOB, "analyze", flags)
+            jobs.start_step(run.path, JOB, spec)
             ui.flash(f"Analysis started on {model} ({remaining} batches to go).")
             st.rerun()
     if plan is not None:

@@ -11,10 +11,13 @@ import streamlit as st
 
 from moe_core import charts, jobs
 from moe_core.evaluation import comparison_table, list_evaluations, load_evaluation
+from moe_core.pipeline import EvaluateSpec, StudySpec
+from moe_core.study import load_study
 from moe_core.risk import risk_matrix
 from app_pages import _ui as ui
 
 JOB = "evaluate"
+STUDY_JOB = "study"
 
 st.title("Evaluation")
 st.caption("Held-out prompts the model never saw: jailbreak compliance (lower is better), refusal of plain harmful "
@@ -25,8 +28,7 @@ run = ui.require_run("the evaluation")
 
 # -- launch ------------------------------------------------------------------------------------
 info = jobs.read_job(run.path, JOB)
-trained = sorted(k.split(":", 1)[1] for k, v in (run.manifest.get("steps") or {}).items()
-                 if k.startswith("train:") and (v or {}).get("status") == "done")
+trained = sorted(run.trainings())
 with st.container(border=True):
     st.subheader("Run an evaluation")
     st.caption("Compares the run's base model with every finished training of this run"
@@ -36,22 +38,44 @@ with st.container(border=True):
     steer = c1.selectbox("Also steer off the experts of", ["(no steering)", *masks], key="ev_steer",
                          help="SteerMoE-style: the base model with these experts forced off at the router")
     limit = int(c2.number_input("Prompts per set (0 = all)", 0, 10_000, 0, key="ev_limit"))
-    max_new = int(c3.number_input("Max new tokens", 1, 1024, 48, key="ev_max_new"))
-    name = c4.text_input("Name", "comparison", key="ev_name")
-    flags = ["--name", name.strip(), "--eval-max-new-tokens", str(max_new)]
-    if steer != "(no steering)":
-        flags += ["--steer-mask", steer]
-    if limit:
-        flags += ["--eval-limit", str(limit)]
-    if st.checkbox("Also measure the routing shift of each trained model", key="ev_shift",
-                   help="re-runs the analysis (same batches, same settings) on every trained model"):
-        flags += ["--shift"]
+    d = EvaluateSpec()  # the defaults, defined once in moe_core.pipeline
+    max_new = int(c3.number_input("Max new tokens", 1, 1024, d.max_new_tokens, key="ev_max_new"))
+    name = c4.text_input("Name", d.name, key="ev_name")
+    shift = st.checkbox("Also measure the routing shift of each trained model", d.shift, key="ev_shift",
+                        help="re-runs the analysis (same batches, same settings) on every trained model")
+    spec = EvaluateSpec(name=name.strip(), max_new_tokens=max_new, steer_mask=None if steer == "(no steering)" else steer,
+                        eval_limit=limit or None, shift=shift)
     if st.button("Evaluate", type="primary", icon=":material/play_arrow:", disabled=info.active):
         with ui.guard("Not started: "):
-            jobs.start_job(run.path, JOB, "evaluate", flags)
+            jobs.start_step(run.path, JOB, spec)
             ui.flash("Evaluation started.")
             st.rerun()
 ui.job_panel(run, JOB, unit="prompts")
+
+# -- selection study ---------------------------------------------------------------------------
+with st.container(border=True):
+    st.subheader("Selection study: do the chosen experts matter?")
+    st.caption("Chosen experts vs the same number of random ones (uniform and layer-matched), over expert budgets "
+               "and seeds, beside full fine-tuning and router steering; each trained in memory from the base model.")
+    study = None
+    with ui.guard("The study cannot be read: "):
+        study = load_study(run, StudySpec().name)
+    if study is not None:
+        figure = ui.read_json_cached(run.path_for("study", name=StudySpec().name) / "figure.json")
+        if figure:
+            st.plotly_chart(figure, key="ev_study_fig")
+        st.dataframe(study[1], hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(format="%.2f") for c in study[1].columns
+                                    if c not in ("method", "n_experts", "runs", "budget")})
+    quick = st.toggle("Quick setting (1 seed, 2 budgets, 2 draws: minutes instead of about an hour)", True,
+                      key="ev_study_quick")
+    study_job = jobs.read_job(run.path, STUDY_JOB)
+    if st.button("Run the study", icon=":material/science:", disabled=study_job.active, key="ev_study_start"):
+        with ui.guard("Not started: "):
+            jobs.start_step(run.path, STUDY_JOB, StudySpec(quick=quick))
+            ui.flash("Selection study started.")
+            st.rerun()
+    ui.job_panel(run, STUDY_JOB, unit="budgets")
 
 # -- results -----------------------------------------------------------------------------------
 names = list_evaluations(run)

@@ -11,6 +11,7 @@ import streamlit as st
 from moe_core import charts
 from moe_core.masks import ExpertMask, save_batch_masks
 from moe_core.risk import risk_matrix
+from moe_core.pipeline import SelectSpec
 from moe_core.selection import METHODS, SelectionConfig, random_like, select_experts, select_per_batch
 from app_pages import _ui as ui
 
@@ -36,13 +37,15 @@ with st.container(border=True):
     scores = [c for c in ("risk_diff", "t_score", "pos_frac", "sign_consistency") if c in agg.columns]
     score = c3.selectbox("Rank by", scores if scope == "global" else ["risk_diff"], key="ex_score")
     c1, c2, c3, c4 = st.columns(4)
-    n = int(c1.number_input("N (top-N / random)", 1, n_layers * n_experts, min(8, n_layers * n_experts), key="ex_n"))
-    threshold = float(c2.number_input("Threshold (score >)", -1.0, 1000.0, 0.0, 0.01, key="ex_thr"))
-    k = int(c3.number_input("Experts per layer", 1, n_experts, 1, key="ex_k"))
-    top_p = float(c4.slider("top-p share", 0.05, 1.0, 0.5, 0.05, key="ex_top_p"))
+    d = SelectSpec()  # the defaults, defined once in moe_core.pipeline
+    n = int(c1.number_input("N (top-N / random)", 1, n_layers * n_experts, min(d.n, n_layers * n_experts), key="ex_n"))
+    threshold = float(c2.number_input("Threshold (score >)", -1.0, 1000.0, d.threshold, 0.01, key="ex_thr"))
+    k = int(c3.number_input("Experts per layer", 1, n_experts, min(d.per_layer_k, n_experts), key="ex_k"))
+    top_p = float(c4.slider("top-p share", 0.05, 1.0, d.top_p, 0.05, key="ex_top_p"))
     c1, c2 = st.columns(2)
-    min_cons = c1.slider("Min sign consistency (global only; 0 = off)", 0.0, 1.0, 0.0, 0.05, key="ex_cons")
-    seed = int(c2.number_input("Seed (random)", 0, 2**31 - 1, 0, key="ex_seed"))
+    min_cons = c1.slider("Min sign consistency (global only; 0 = off)", 0.0, 1.0, d.min_sign_consistency or 0.0, 0.05,
+                         key="ex_cons")
+    seed = int(c2.number_input("Seed (random)", 0, 2**31 - 1, d.seed, key="ex_seed"))
 
 cfg = SelectionConfig(method=method, n=n, threshold=threshold, per_layer_k=k, top_p=top_p, seed=seed,
                       min_sign_consistency=min_cons if (min_cons > 0 and scope == "global") else None, score=score)

@@ -12,6 +12,7 @@ import streamlit as st
 
 from moe_core import charts
 from moe_core.analysis import analysis_config_of
+from moe_core.errors import MoELabError
 from moe_core.risk import risk_matrix
 from moe_core.routing import SCOPES, load_batch_routing
 from app_pages import _ui as ui
@@ -91,8 +92,10 @@ lrow = routing.moe_layers.index(layer)
 tok = None
 try:
     tok = ui.tokenizer_for(run.manifest.get("model") or "organism")
-except (OSError, ValueError) as e:
+except MoELabError as e:  # the model's tokenizer cannot be loaded: token ids still tell the story
     st.caption(f"Tokenizer not available ({e}); showing token ids.")
+except Exception as e:  # noqa: BLE001 - a bug: reported (traceback logged), the page goes on with ids
+    ui.report_error(e)
 
 show_prompt = st.toggle("Show prompt tokens too", value=cfg is not None and cfg.scope == "prompt", key="dd_prompt")
 cols = st.columns(2, gap="large")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from moe_core import jobs
+from moe_core.pipeline import DemoSpec
 from moe_core.runs import Run, list_runs
 from app_pages import _ui as ui
 
@@ -46,9 +47,9 @@ def _start_demo() -> None:
         return
     try:
         run = Run.create(ui.runs_root(), name="demo", config={"created_by": "app", "command": "demo"}, model="organism")
-        jobs.start_job(run, DEMO, "demo")
-    except ValueError as e:
-        st.session_state["demo_error"] = str(e)
+        jobs.start_step(run, DEMO, DemoSpec())
+    except Exception as e:  # noqa: BLE001 - sorted into a user error or a logged bug
+        st.session_state["demo_error"] = ui.error_message(e, "The demo did not start: ")
         return
     st.session_state[ui.RUN_KEY] = str(run.path)
     ui.flash(f"Demo started in run {run.id}: the organism is built (first time only), analysed, its unsafe "
@@ -134,7 +135,7 @@ with left:
         for title, key, what, is_done in STEPS:
             try:
                 done = bool(is_done(run))
-            except (OSError, ValueError):
+            except OSError:  # a folder that cannot be listed: the step is not done as far as we can tell
                 done = False
             icon = ":material/check_circle:" if done else ":material/radio_button_unchecked:"
             c1, c2 = st.columns([2, 3], vertical_alignment="center")

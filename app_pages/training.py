@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from moe_core import charts, jobs
+from moe_core.pipeline import TrainSpec
 from app_pages import _ui as ui
 
 JOB = "train"
@@ -39,12 +40,15 @@ with st.container(border=True):
         help="per-batch mode needs a mask saved with 'One mask per batch'")
     baseline = c3.selectbox("What to train", list(BASELINES), format_func=BASELINES.get, key="tr_baseline")
     c1, c2, c3, c4 = st.columns(4)
-    lr = float(c1.number_input("Learning rate", 1e-7, 1.0, 1e-3, format="%.1e", key="tr_lr"))
-    epochs = int(c2.number_input("Epochs", 1, 1000, 3, key="tr_epochs"))
-    rc = c3.selectbox("Router-consistency loss", list(CONSISTENCY), format_func=CONSISTENCY.get, key="tr_rc")
-    rcw = float(c4.number_input("Consistency weight", 0.0, 100.0, 0.1, 0.05, key="tr_rcw", disabled=rc == "none"))
-    flags = ["--mask", mask_name or "", "--mask-mode", mask_mode, "--lr", repr(lr), "--epochs", str(epochs),
-             "--baseline", baseline, "--router-consistency", rc, "--router-consistency-weight", repr(rcw)]
+    d = TrainSpec()  # the defaults, defined once in moe_core.pipeline
+    lr = float(c1.number_input("Learning rate", 1e-7, 1.0, d.lr, format="%.1e", key="tr_lr"))
+    epochs = float(c2.number_input("Epochs", 0.1, 1000.0, float(d.epochs), 1.0, key="tr_epochs"))
+    rc = c3.selectbox("Router-consistency loss", list(CONSISTENCY), index=list(CONSISTENCY).index(d.router_consistency),
+                      format_func=CONSISTENCY.get, key="tr_rc")
+    rcw = float(c4.number_input("Consistency weight", 0.0, 100.0, d.router_consistency_weight, 0.05, key="tr_rcw",
+                                disabled=rc == "none"))
+    spec = TrainSpec(mask=mask_name or d.mask, mask_mode=mask_mode, baseline=baseline, lr=lr, epochs=epochs,
+                     router_consistency=rc, router_consistency_weight=rcw)
     if st.button("Start training", type="primary", icon=":material/play_arrow:", disabled=not mask_name or info.active):
         with ui.guard("Not started: "):
             if not run.path_for("plan").exists() or not run.completed_batches():
@@ -52,7 +56,7 @@ with st.container(border=True):
                                  "so run the analysis first")
             if baseline == "full" and mask_mode == "per_batch":
                 raise ValueError("full fine-tuning trains every parameter; per-batch masks do not apply: choose 'union'")
-            jobs.start_job(run.path, JOB, "train", flags)
+            jobs.start_step(run.path, JOB, spec)
             ui.flash(f"Training started with mask {mask_name} ({mask_mode}, {BASELINES[baseline]}).")
             st.rerun()
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import MoELabError
 from .batches import Batch, BatchPlan, compose_batches, load_plan, save_plan
 from .judge import RefusalJudge, make_judge
 from .models import MoEAdapter
@@ -36,7 +37,7 @@ SCOPE_SPAN = {"prompt": SPAN_PROMPT, "generated": SPAN_GENERATED, "response": SP
 Progress = Callable[..., None]
 
 
-class AnalysisError(ValueError):
+class AnalysisError(MoELabError, ValueError):
     """The analysis cannot run as configured; the message says what to change."""
 
 

@@ -184,6 +184,46 @@ def metric_bars(summary: pd.DataFrame, x: str = "metric", group: str = "model", 
     return fig
 
 
+STUDY_COLORS = {"chosen": "#c0392b", "random": "#7f8c8d", "random_layer": "#2c3e50", "steer_off": "#8e44ad",
+                "steer_on": "#16a085", "steer_both": "#d35400"}
+
+
+def study_figure(summary: pd.DataFrame) -> go.Figure:
+    """Jailbreak compliance vs share of experts trained (log x), benign answers and over-refusal beside it.
+
+    ``summary`` is ``moe_core.study.summarize_study``'s table; base and full fine-tuning are
+    drawn as dashed reference lines. Whiskers: 95% Wilson intervals of the pooled counts.
+    """
+    from plotly.subplots import make_subplots
+
+    need = {"method", "budget", "jailbreak_compliance", "benign_answer_rate", "over_refusal"}
+    if not need <= set(summary.columns):
+        raise ValueError(f"study_figure needs columns {sorted(need)}; got {list(summary.columns)}")
+    panels = [("jailbreak_compliance", "jailbreak compliance (lower is better)"),
+              ("benign_answer_rate", "benign answered (higher is better)"),
+              ("over_refusal", "over-refusal (lower is better)")]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels], horizontal_spacing=0.07)
+    for col, (metric, _) in enumerate(panels, start=1):
+        for method, sub in summary[summary["budget"].between(0, 1, inclusive="neither")].groupby("method", sort=False):
+            sub = sub.sort_values("budget")
+            v = sub[metric].astype(float)
+            err = dict(type="data", symmetric=False, array=(sub[f"{metric}_ci_high"] - v).clip(lower=0).tolist(),
+                       arrayminus=(v - sub[f"{metric}_ci_low"]).clip(lower=0).tolist(), thickness=1.2, width=3)
+            fig.add_trace(go.Scatter(x=sub["budget"].tolist(), y=v.tolist(), mode="lines+markers", name=str(method),
+                                     legendgroup=str(method), showlegend=col == 1, error_y=err,
+                                     line=dict(color=STUDY_COLORS.get(str(method)))), row=1, col=col)
+        for method, dash in (("base", "dot"), ("full", "dash")):
+            ref = summary[summary["method"] == method]
+            if len(ref):
+                fig.add_hline(y=float(ref[metric].iloc[0]), line_dash=dash, line_color="#555", row=1, col=col,
+                              annotation_text=method if col == 1 else None, annotation_position="top left")
+        fig.update_xaxes(type="log", title_text="share of experts trained", row=1, col=col)
+        fig.update_yaxes(range=[-0.02, 1.05], row=1, col=col)
+    fig.update_layout(title=dict(text="Chosen vs random experts", x=0.0), height=380,
+                      legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+    return fig
+
+
 # -- token views ----------------------------------------------------------------------------
 def routed_tokens(expert_ids: np.ndarray, weights: np.ndarray | None, row: int, expert: int) -> tuple[np.ndarray, np.ndarray]:
     """For one sample's routing ``[moe_layers, T, k]``: (routed [T] bool, gate weight [T]) of one expert.

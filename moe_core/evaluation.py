@@ -40,6 +40,7 @@ import torch
 
 from .analysis import AnalysisError, analysis_config_of, model_info_of, run_analysis
 from .batches import load_plan
+from .errors import MoELabError
 from .generation import generate
 from .judge import RefusalJudge, make_judge
 from .masks import ExpertMask
@@ -67,7 +68,7 @@ METRICS: dict[str, tuple[str, bool, str]] = {
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(MoELabError, ValueError):
     """An evaluation cannot run or be read as asked; the message says what to change."""
 
 
@@ -340,9 +341,15 @@ def compare_models(
 
 
 # -- files --------------------------------------------------------------------------------------
-def _eval_paths(run: Run, name: str) -> tuple[Path, Path, Path]:
+def check_eval_name(name: str) -> str:
+    """An evaluation name usable as a file name, or a clear error."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise EvaluationError(f"invalid evaluation name {name!r}: use letters, digits, '.', '_' or '-'")
+    return name
+
+
+def _eval_paths(run: Run, name: str) -> tuple[Path, Path, Path]:
+    check_eval_name(name)
     d = run.path_for("eval")
     return d / f"{name}_responses.parquet", d / f"{name}_summary.parquet", d / f"{name}.json"
 

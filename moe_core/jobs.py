@@ -31,13 +31,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import psutil
+
+from .errors import MoELabError
+from .pipeline import COMMANDS as PIPELINE_STEPS
 from .runs import JobBusyError, Run, pid_alive, atomic_write_json, job_state, read_events
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = "job.log"  # stdout + stderr of the job process, inside jobs/<name>/
 LAUNCH_NAME = "launch.json"  # argv, pid and start time of the last launch
-COMMANDS = ("analyze", "train", "evaluate", "demo", "select")  # CLI subcommands a job may run
+COMMANDS = tuple(PIPELINE_STEPS)  # CLI subcommands a job may run: the pipeline's steps
 ACTIVE_STATES = ("queued", "running")
 _PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # so the child imports this same moe_core
 # Popen handles of the jobs this process started: polling them reaps finished children, so an
@@ -45,7 +49,7 @@ _PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # so the child imports th
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
-class JobLaunchError(ValueError):
+class JobLaunchError(MoELabError, ValueError):
     """A job cannot be launched as asked; the message says what to change."""
 
 
@@ -114,9 +118,13 @@ def _read_launch(job_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _launched_alive(pid: Any) -> bool:
-    """Is a process we (or an earlier app process) launched still running?"""
-    if not isinstance(pid, int):
+def _launched_alive(pid: Any, launched: Any = None) -> bool:
+    """Is a process we (or an earlier app process) launched still running?
+
+    ``launched`` is the ``time.time()`` recorded right after the launch: a process with that pid
+    created later is a recycled pid, some other program, and so is one not running ``moe_core``.
+    """
+    if not isinstance(pid, int) or isinstance(pid, bool):
         return False
     child = _CHILDREN.get(pid)
     if child is not None:
@@ -124,12 +132,15 @@ def _launched_alive(pid: Any) -> bool:
             return True
         _CHILDREN.pop(pid, None)
         return False
-    if not pid_alive(pid):
+    started = float(launched) if isinstance(launched, (int, float)) and not isinstance(launched, bool) else None
+    if not pid_alive(pid, started):
         return False
-    try:  # a recycled pid belongs to some other program: not our job
-        return b"moe_core" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc (not Linux): trust the pid
+    try:
+        return any("moe_core" in part for part in psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:  # gone meanwhile (or a zombie)
+        return False
+    except psutil.AccessDenied:  # it exists and we may not look: trust the pid and start time
+        return True
 
 
 def _child_env() -> dict[str, str]:
@@ -182,6 +193,16 @@ def start_job(
                                               "pid": proc.pid, "launched": time.time(), "log": str(log_path)})
     log.info("started job %s (pid %d): %s", name, proc.pid, " ".join(argv[1:]))
     return read_job(run, name)
+
+
+def start_step(run: Run | str | Path, name: str, spec: Any, env: dict[str, str] | None = None) -> JobInfo:
+    """Start the pipeline step ``spec`` (a ``pipeline`` spec dataclass) as job ``name`` of ``run``.
+
+    The command line is derived from the spec (``pipeline.to_argv``), so pages never build flags.
+    """
+    from .pipeline import command_of, to_argv
+
+    return start_job(run, name, command_of(spec), to_argv(spec), env=env)
 
 
 def request_stop(run: Run | str | Path, name: str) -> None:
@@ -278,9 +299,9 @@ def read_job(run: Run | str | Path, name: str, log_lines: int = 30) -> JobInfo:
     if queued and launch.get("pid"):
         # alive: still importing (a slow start is not a dead job); gone: it died before it could
         # report, e.g. on bad arguments (see the log)
-        state = "queued" if _launched_alive(launch.get("pid")) else "dead"
+        state = "queued" if _launched_alive(launch.get("pid"), launch.get("launched")) else "dead"
     elif state == "running" and isinstance(status, dict) and status.get("pid") in _CHILDREN:
-        if not _launched_alive(status.get("pid")):
+        if not _launched_alive(status.get("pid"), _ts(status.get("started"))):
             state = "dead"
     events = read_events(job_dir / "events.jsonl")
     est = progress_estimate(events)
@@ -289,7 +310,7 @@ def read_job(run: Run | str | Path, name: str, log_lines: int = 30) -> JobInfo:
     error = status.get("error") if state == "error" else None
     if state == "dead" and not error:
         error = "the job process ended without reporting a result; see the log below, then resume"
-    alive = _launched_alive(launch.get("pid")) or (state == "running")
+    alive = _launched_alive(launch.get("pid"), launch.get("launched")) or (state == "running")
     return JobInfo(
         name=name, state=state, done=est["done"], total=est["total"], message=est["message"],
         fraction=est["fraction"], eta_s=est["eta_s"] if state in ACTIVE_STATES else None,

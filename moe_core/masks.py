@@ -9,7 +9,11 @@ File format (``*.json``)::
     {"format": "moe-safety-lab/expert-mask@1", "num_layers": 4, "num_experts": 8,
      "experts": {"0": [1, 5], "3": [2]}, "meta": {...}}
 
-Per-batch masks are one file holding ``{"batches": {"<batch_idx>": {"<layer>": [experts]}}}``.
+Per-batch masks are one file holding ``{"batches": {"<batch_idx>": {"<layer>": [experts]}}}``
+beside the same ``format``/``num_layers``/``num_experts``. Both are checked field by field
+(pydantic ``MaskFile``/``BatchMasksFile``) when read, so a hand edit such as
+``"experts": {"0": "12"}`` is refused with a ``MaskError`` naming the file and the field, never
+read as experts 1 and 2.
 """
 
 from __future__ import annotations
@@ -20,9 +24,89 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+
+from .errors import MoELabError, describe_validation_error
 
 MASK_FORMAT = "moe-safety-lab/expert-mask@1"
 BATCH_MASKS_FORMAT = "moe-safety-lab/batch-expert-masks@1"
+_MASK_SHAPE_HINT = ('an expert-mask file looks like {"num_layers": L, "num_experts": E, '
+                    '"experts": {"<layer>": [expert, ...]}}')
+
+
+class MaskError(MoELabError, ValueError):
+    """An expert mask is malformed, does not fit the model, or its file is not a mask file."""
+
+
+# -- file schemas ------------------------------------------------------------------------------
+LayerExperts = dict[int, list[StrictInt]]  # {"<layer>": [expert, ...]}; JSON keys are strings of ints
+
+
+class _MaskShape(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown keys (a note added by hand) are not an error
+
+    num_layers: StrictInt = Field(ge=1)
+    num_experts: StrictInt = Field(ge=1)
+
+    def _check_experts(self, experts: LayerExperts, where: str) -> None:
+        for layer, es in experts.items():
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"{where}: layer {layer} is outside 0..{self.num_layers - 1}")
+            bad = [e for e in es if not 0 <= e < self.num_experts]
+            if bad:
+                raise ValueError(f"{where}.{layer}: experts {bad} are outside 0..{self.num_experts - 1}")
+
+
+class MaskFile(_MaskShape):
+    """One global mask: ``{"format", "num_layers", "num_experts", "experts", "meta"}``."""
+
+    format: str = MASK_FORMAT
+    experts: LayerExperts
+    meta: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _fits(self) -> "MaskFile":
+        if self.format != MASK_FORMAT:
+            hint = ": it holds per-batch masks, read it with load_batch_masks" if self.format == BATCH_MASKS_FORMAT else ""
+            raise ValueError(f"format is {self.format!r}, expected {MASK_FORMAT!r}{hint}")
+        self._check_experts(self.experts, "experts")
+        return self
+
+
+class BatchMasksFile(_MaskShape):
+    """One mask per analysis batch: ``{"format", "num_layers", "num_experts", "batches"}``."""
+
+    format: str = BATCH_MASKS_FORMAT
+    batches: dict[int, LayerExperts]
+
+    @model_validator(mode="after")
+    def _fits(self) -> "BatchMasksFile":
+        if self.format != BATCH_MASKS_FORMAT:
+            raise ValueError(f"format is {self.format!r}, expected {BATCH_MASKS_FORMAT!r}")
+        for b, experts in self.batches.items():
+            if b < 0:
+                raise ValueError(f"batches: batch index {b} is negative")
+            self._check_experts(experts, f"batches.{b}")
+        return self
+
+
+def _validate(schema: type[BaseModel], data: Any, what: str) -> Any:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise MaskError(describe_validation_error(e, what)) from None
+
+
+def _read_json_file(path: str | Path) -> Any:
+    from .runs import ArtifactMissingError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactMissingError(f"no mask file at {path}; select experts and save a mask first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MaskError(f"{path} is not valid JSON ({e}); fix it by hand or save the mask again") from None
 
 
 @dataclass
@@ -35,7 +119,7 @@ class ExpertMask:
     def __post_init__(self) -> None:
         m = np.asarray(self.mask)
         if m.ndim != 2:
-            raise ValueError(f"an expert mask is 2-D [layers, experts]; got shape {m.shape}")
+            raise MaskError(f"an expert mask is 2-D [layers, experts]; got shape {m.shape}")
         self.mask = m.astype(bool)
 
     # -- construction -------------------------------------------------------------------
@@ -50,7 +134,7 @@ class ExpertMask:
         m = cls.empty(num_layers, num_experts, **meta)
         for layer, expert in experts:
             if not (0 <= layer < num_layers and 0 <= expert < num_experts):
-                raise ValueError(
+                raise MaskError(
                     f"expert (layer {layer}, expert {expert}) is outside a model with "
                     f"{num_layers} layers x {num_experts} experts"
                 )
@@ -111,16 +195,13 @@ class ExpertMask:
         }
 
     @classmethod
-    def from_json_dict(cls, d: Mapping[str, Any]) -> "ExpertMask":
-        try:
-            nl, ne, experts = int(d["num_layers"]), int(d["num_experts"]), d["experts"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                "not an expert-mask file: it needs num_layers, num_experts and "
-                'experts ({"<layer>": [expert, ...]})'
-            ) from e
-        pairs = [(int(l), int(x)) for l, es in experts.items() for x in es]
-        return cls.from_experts(pairs, nl, ne, **dict(d.get("meta") or {}))
+    def from_json_dict(cls, d: Mapping[str, Any], source: str = "expert mask") -> "ExpertMask":
+        """From the JSON form; ``MaskError`` naming ``source`` and the bad field otherwise."""
+        if not isinstance(d, Mapping):
+            raise MaskError(f"{source} is not an expert mask: {_MASK_SHAPE_HINT}")
+        f: MaskFile = _validate(MaskFile, d, f"{source} is not a valid expert mask")
+        pairs = [(layer, e) for layer, es in f.experts.items() for e in es]
+        return cls.from_experts(pairs, f.num_layers, f.num_experts, **(f.meta or {}))
 
     def save(self, path: str | Path) -> Path:
         from .runs import atomic_write_json
@@ -129,12 +210,17 @@ class ExpertMask:
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpertMask":
-        return cls.from_json_dict(json.loads(Path(path).read_text()))
+        d = _read_json_file(path)
+        if isinstance(d, Mapping) and "experts" not in d:
+            if "batches" in d:
+                raise MaskError(f"{path} holds per-batch masks, not one mask: read it with load_batch_masks")
+            raise MaskError(f"{path} is not an expert-mask file (no 'experts' field): {_MASK_SHAPE_HINT}")
+        return cls.from_json_dict(d, source=str(path))
 
 
 def _check_same_shape(a: ExpertMask, b: ExpertMask) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"expert masks differ in shape: {a.shape} vs {b.shape}")
+        raise MaskError(f"expert masks differ in shape: {a.shape} vs {b.shape}")
 
 
 def save_batch_masks(path: str | Path, masks: Mapping[int, ExpertMask]) -> Path:
@@ -142,7 +228,7 @@ def save_batch_masks(path: str | Path, masks: Mapping[int, ExpertMask]) -> Path:
     from .runs import atomic_write_json
 
     if not masks:
-        raise ValueError("no per-batch masks to save")
+        raise MaskError("no per-batch masks to save")
     first = next(iter(masks.values()))
     for m in masks.values():
         _check_same_shape(first, m)
@@ -158,10 +244,12 @@ def save_batch_masks(path: str | Path, masks: Mapping[int, ExpertMask]) -> Path:
 
 
 def load_batch_masks(path: str | Path) -> dict[int, ExpertMask]:
-    d = json.loads(Path(path).read_text())
-    if "batches" not in d:
-        raise ValueError(f"{path} is not a per-batch mask file (no 'batches' key)")
+    """``{batch_idx: ExpertMask}`` of a file written by ``save_batch_masks``."""
+    d = _read_json_file(path)
+    if not isinstance(d, Mapping) or "batches" not in d:
+        raise MaskError(f"{path} is not a per-batch mask file (no 'batches' field)")
+    f: BatchMasksFile = _validate(BatchMasksFile, d, f"{path} is not a valid per-batch mask file")
     return {
-        int(b): ExpertMask.from_json_dict({"num_layers": d["num_layers"], "num_experts": d["num_experts"], "experts": ex})
-        for b, ex in d["batches"].items()
+        b: ExpertMask.from_experts([(layer, e) for layer, es in ex.items() for e in es], f.num_layers, f.num_experts)
+        for b, ex in sorted(f.batches.items())
     }

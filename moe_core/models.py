@@ -10,28 +10,78 @@ to the adapter, never to ``hasattr`` chains.
     model, tok = load_model("/path/to/OLMoE-1B-7B-0125-Instruct")
     ad = MoEAdapter.for_model(model)
     ad.moe_layers, ad.num_experts, ad.top_k, ad.router(3), ad.expert_parameters(3)
+    with ad.router_hooks(lambda layer, router, args, out: print(layer, out[2].shape)):
+        model(**batch)                           # every router forward calls the function
+
+Router hooks: routing capture (``routing.capture_routing``), steering (``steering.steer_experts``)
+and the router-consistency loss (``training``) all go through :meth:`MoEAdapter.router_hooks`.
+The order is fixed here, in one place (:data:`ROUTER_HOOK_STAGES`): on every router forward the
+``"steer"`` functions run first and may replace the router's output, then the ``"observe"``
+functions see the final output (so a capture always records the steered choice, whichever
+``with`` block was opened first). Within a stage, functions run in the order they were added.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from .errors import MoELabError
+
 log = logging.getLogger(__name__)
 
 
-class NotAnMoEModelError(ValueError):
+class NotAnMoEModelError(MoELabError, ValueError):
     """The model has no router/fused-experts layers this tool can read."""
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(MoELabError, ValueError):
     """A model could not be loaded; the message says what to do."""
+
+
+# -- router hooks: one dispatcher per router module, stages in a fixed order -----------------------
+ROUTER_HOOK_STAGES = ("steer", "observe")  # run in this order on every router forward
+RouterHook = Callable[[int, nn.Module, Any, Any], Any]  # fn(layer, router, args, output)
+
+
+class _RouterDispatch:
+    """The single forward hook on one router: runs the registered functions stage by stage.
+
+    Registered with ``prepend=True`` so that it also runs before any foreign hook added later
+    (those then see the steered output too).
+    """
+
+    def __init__(self, router: nn.Module):
+        self.entries: list[tuple[int, int, int, str, RouterHook]] = []  # (stage rank, seq, layer, stage, fn)
+        self._seq = 0
+        self.handle = router.register_forward_hook(self, prepend=True)
+
+    def add(self, layer: int, stage: str, fn: RouterHook) -> tuple:
+        self._seq += 1
+        entry = (ROUTER_HOOK_STAGES.index(stage), self._seq, layer, stage, fn)
+        self.entries.append(entry)
+        self.entries.sort(key=lambda e: e[:2])
+        return entry
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        for _, _, layer, stage, fn in list(self.entries):
+            result = fn(layer, module, args, output)
+            if stage == "steer":
+                output = output if result is None else result
+            elif result is not None:
+                raise RuntimeError(f"an 'observe' router hook returned a value (layer {layer}); only 'steer' hooks may")
+        return output
+
+
+_DISPATCH: "weakref.WeakKeyDictionary[nn.Module, _RouterDispatch]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -163,6 +213,37 @@ class MoEAdapter:
         """Fully-qualified model parameter name for each fused expert tensor of a layer."""
         full = {id(p): n for n, p in self.model.named_parameters()}
         return {n: full[id(p)] for n, p in self.expert_parameters(layer).items()}
+
+    @contextmanager
+    def router_hooks(
+        self, fn: RouterHook, *, stage: str = "observe", layers: Iterable[int] | None = None
+    ) -> Iterator[None]:
+        """Call ``fn(layer, router, args, output)`` on every router forward of ``layers`` inside the block.
+
+        ``output`` is the router's ``(router_logits [T, E], top_k_weights [T, k], top_k_index [T, k])``.
+        ``stage="steer"``: ``fn`` may return a replacement output (None keeps it); steer functions
+        run before every ``"observe"`` function, which must return None. ``layers``: MoE layers
+        (default all). The functions are always removed on exit, also when the block raises; the
+        router's forward hook itself goes once no function of any adapter is left on it.
+        """
+        if stage not in ROUTER_HOOK_STAGES:
+            raise ValueError(f"stage={stage!r}; choose one of {ROUTER_HOOK_STAGES}")
+        chosen = self.moe_layers if layers is None else [int(l) for l in layers]
+        added: list[tuple[_RouterDispatch, tuple, nn.Module]] = []
+        try:
+            for layer in chosen:
+                router = self.router(layer)
+                dispatch = _DISPATCH.get(router)
+                if dispatch is None:
+                    dispatch = _DISPATCH[router] = _RouterDispatch(router)
+                added.append((dispatch, dispatch.add(layer, stage, fn), router))
+            yield
+        finally:
+            for dispatch, entry, router in added:
+                dispatch.entries.remove(entry)
+                if not dispatch.entries:
+                    dispatch.handle.remove()
+                    _DISPATCH.pop(router, None)
 
     def describe(self) -> dict[str, Any]:
         return {

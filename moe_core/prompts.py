@@ -36,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Sequence
 
+from moe_core.errors import MoELabError
 from moe_core.types import LABELS, Label, PromptItem
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,11 @@ Split = Literal["train", "heldout", "all"]
 SPLITS = ("train", "heldout", "all")
 
 
-class PromptLoadError(ValueError):
+class PromptError(MoELabError, ValueError):
+    """A prompt set cannot be built as asked (bad split, mode, label, templates, pairing); the message says why."""
+
+
+class PromptLoadError(PromptError):
     """A prompt set could not be loaded; the message says what to do about it."""
 
 
@@ -161,7 +166,7 @@ HELDOUT_EVERY = 4  # (verb, object) combination held out when (verb + object ind
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise PromptError(f"split must be one of {SPLITS}, got {split!r}")
 
 
 def _compose(groups: Sequence[tuple[str, Sequence[tuple[str, str]], Sequence[tuple[str | None, str]]]], prefix: str,
@@ -232,12 +237,12 @@ def wrap(goal_items: Sequence[PromptItem], templates: Sequence[PromptItem | str]
     tpls = [t if isinstance(t, PromptItem) else PromptItem(id=f"tpl{i}", text=t, label="unsafe", source="custom")
             for i, t in enumerate(templates)]
     if not tpls:
-        raise ValueError("wrap() needs at least one jailbreak template")
+        raise PromptError("wrap() needs at least one jailbreak template")
     bad = [t.id for t in tpls if "{goal}" not in t.text]
     if bad:
-        raise ValueError(f"jailbreak templates without a {{goal}} placeholder: {bad}")
+        raise PromptError(f"jailbreak templates without a {{goal}} placeholder: {bad}")
     if not 1 <= per_goal <= len(tpls):
-        raise ValueError(f"per_goal must be between 1 and {len(tpls)} (the number of templates), got {per_goal}")
+        raise PromptError(f"per_goal must be between 1 and {len(tpls)} (the number of templates), got {per_goal}")
     rng = random.Random(seed)
     out = []
     for g in goal_items:
@@ -266,7 +271,7 @@ def demo_sets(split: Split = "train", mode: Literal["paired", "unpaired"] = "pai
         return safe, wrap(goals, jailbreak_templates(split), seed=seed)
     if mode == "unpaired":
         return demo_benign(split), demo_goals(split)
-    raise ValueError(f"mode must be 'paired' or 'unpaired', got {mode!r}")
+    raise PromptError(f"mode must be 'paired' or 'unpaired', got {mode!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,9 +472,9 @@ def load_prompts(source: Source, *, column: str | None = None, label: Label, lim
     ``split``/``config`` go to ``datasets.load_dataset`` for a dataset name.
     """
     if label not in LABELS:
-        raise ValueError(f"label must be one of {LABELS}, got {label!r}")
+        raise PromptError(f"label must be one of {LABELS}, got {label!r}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of prompts, got {limit}")
+        raise PromptError(f"limit must be a positive number of prompts, got {limit}")
     df, src = _read_table(source, format, split, config, name)
     cols = [str(c) for c in df.columns]
     df.columns = cols
@@ -519,7 +524,7 @@ def pair_by_row(safe: Sequence[PromptItem], unsafe: Sequence[PromptItem]) -> tup
     Both get ``pair_id = "{safe id}~{unsafe id}"``. The sets must be the same length.
     """
     if len(safe) != len(unsafe):
-        raise ValueError(
+        raise PromptError(
             f"pair_by_row needs sets of the same length (safe {len(safe)}, unsafe {len(unsafe)}); "
             "trim them with limit=... or pair by goal"
         )
@@ -552,7 +557,7 @@ def pair_by_goal(safe: Sequence[PromptItem], unsafe: Sequence[PromptItem]) -> tu
             s_out.append(replace(s, pair_id=s.id))
             u_out.append(replace(u, pair_id=s.id))
     if not s_out:
-        raise ValueError("pair_by_goal: no safe item shares a goal with an unsafe item; pair by row instead")
+        raise PromptError("pair_by_goal: no safe item shares a goal with an unsafe item; pair by row instead")
     if len(s_out) < len(safe) or len(u_out) < len(unsafe):
         log.warning("pair_by_goal: %d pairs; dropped %d safe and %d unsafe items without a twin",
                     len(s_out), len(safe) - len(s_out), len(unsafe) - len(u_out))

@@ -32,6 +32,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import MoELabError
+
 logger = logging.getLogger(__name__)
 
 #: Columns of a per-batch table, in the reference's order (ours adds the token counts after).
@@ -59,7 +61,7 @@ _TIE_RTOL = 1e-9
 _UNDERFLOW_GAP = 700.0
 
 
-class RiskInputError(ValueError):
+class RiskInputError(MoELabError, ValueError):
     """Routing data that cannot be turned into a risk table (shape, dtype, range)."""
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moe_core.errors import MoELabError
 from moe_core.generation import Generation, Messages, encode_prompts, generate_batch
 from moe_core.models import MoEAdapter, model_device
 from moe_core.runs import _json_default, atomic_write
@@ -61,7 +62,7 @@ FILE_FORMAT = "moe_safety_lab.routing"
 FILE_VERSION = "1"
 
 
-class RoutingError(ValueError):
+class RoutingError(MoELabError, ValueError):
     """Routing was asked for with inputs that cannot work; the message says what to change."""
 
 
@@ -182,26 +183,29 @@ class RoutingRecorder:
         self._pending.clear()
         self._calls.clear()
 
-    def _hook(self, position: int):
+    def _observe(self) -> Any:
+        """The router-hook function (``MoEAdapter.router_hooks``) that records one layer per call."""
         id_dtype = torch.uint8 if self.num_experts <= 256 else torch.int16
+        position = {layer: pos for pos, layer in enumerate(self.moe_layers)}
         last = len(self.moe_layers) - 1
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if position != len(self._pending):
+        def observe(layer: int, module: nn.Module, args: Any, output: Any) -> None:
+            pos = position[layer]
+            if pos != len(self._pending):
                 self._pending.clear()
                 raise RoutingError(
-                    f"router of layer {self.moe_layers[position]} ran out of order: capture_routing records "
+                    f"router of layer {layer} ran out of order: capture_routing records "
                     "whole inference forwards (no gradient checkpointing, no layer-by-layer calls)"
                 )
             self._pending.append((output[2].detach(), output[1].detach()))
-            if position == last:
+            if pos == last:
                 dev = self._pending[0][0].device
                 ids = torch.stack([i.to(dev) for i, _ in self._pending]).to(id_dtype)
                 w = torch.stack([w.to(dev) for _, w in self._pending]).to(torch.float16)
                 self._pending.clear()
                 self._calls.append(RoutingCall(ids, w))
 
-        return hook
+        return observe
 
     def _to_cpu(self) -> None:
         if self._calls and any(c.expert_ids.device.type != "cpu" for c in self._calls):
@@ -222,20 +226,17 @@ def gather_to_cpu(calls: list[RoutingCall]) -> list[RoutingCall]:
 def capture_routing(model: nn.Module, adapter: MoEAdapter | None = None) -> Iterator[RoutingRecorder]:
     """Record the experts chosen by every router during the forwards run inside the block.
 
-    Raises NotAnMoEModelError for a dense model. Hooks are removed in ``finally``, also when the
-    block raises, so a model is never left instrumented.
+    Raises NotAnMoEModelError for a dense model. An ``"observe"`` router hook
+    (``MoEAdapter.router_hooks``): it sees the steered choice when ``steer_experts`` is active, and
+    is removed in ``finally``, also when the block raises, so a model is never left instrumented.
     """
     adapter = adapter or MoEAdapter.for_model(model)
     rec = RoutingRecorder(moe_layers=list(adapter.moe_layers), num_experts=adapter.num_experts)
-    handles = []
     try:
-        for pos, layer in enumerate(rec.moe_layers):
-            handles.append(adapter.router(layer).register_forward_hook(rec._hook(pos)))
-        yield rec
+        with adapter.router_hooks(rec._observe(), stage="observe"):
+            yield rec
         rec._to_cpu()
     finally:
-        for h in handles:
-            h.remove()
         rec._pending.clear()
 
 

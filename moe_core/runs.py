@@ -2,7 +2,10 @@
 
 Every write goes to a temp file in the same folder, is fsynced and renamed into place, so a
 killed process never leaves a half-written artifact (at worst a hidden ``.name.*.tmp`` file,
-which every reader here ignores). Layout of one run (all paths come from ``Run.path_for``)::
+which every reader here ignores). Manifest updates and job claims hold an inter-process lock
+(``filelock``); the manifest is checked field by field (``RunManifest``, pydantic) on every read
+and write; a job's process is checked with ``psutil``, start time included (a recycled pid is
+not the job). Layout of one run (all paths come from ``Run.path_for``)::
 
     runs/20260105-142233-olmoe-advbench/
       manifest.json                      id, name, times, config, seeds, model, versions, steps, notes
@@ -25,6 +28,11 @@ Usage::
         for i, b in enumerate(todo):
             if job.stop_requested(): raise JobStopped
             ...; events.progress(i + 1, len(todo), f"batch {b}")
+
+Where the code lives (every name below is importable from here): ``atomic`` (atomic writes),
+``run_files`` (RunError, JSON/Parquet artifacts, time stamps), ``run_manifest`` (the manifest,
+``list_runs``, ``default_runs_root``), ``job_events`` (events log, ``pid_alive``, ``job_state``);
+this module holds ``Run``, ``Job``, the artifact registry and the locks.
 """
 
 from __future__ import annotations
@@ -34,27 +42,62 @@ import datetime as _dt
 import json
 import logging
 import os
-import platform
 import re
-import shutil
 import socket
-import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import filelock
+
+# What moved to the modules below is re-exported: ``from moe_core.runs import X`` keeps working.
+from .atomic import (
+    _json_default,
+    _umask,
+    atomic_dir,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
+from .job_events import EVENT_KINDS, PID_CLOCK_SLACK_S, JobEvents, job_state, latest_progress, pid_alive, read_events
+from .run_files import (
+    ArtifactMissingError,
+    RunError,
+    _now,
+    _parse_time,
+    read_json,
+    read_parquet,
+    write_json,
+    write_parquet,
+)
+from .run_manifest import (
+    _VERSIONED,
+    FORMAT_VERSION,
+    MANIFEST,
+    RUN_FORMAT,
+    RunManifest,
+    RunSummary,
+    _read_manifest,
+    _validated_manifest,
+    default_runs_root,
+    list_runs,
+    package_versions,
+)
+
+__all__ = [
+    "ARTIFACTS", "ArtifactMissingError", "EVENT_KINDS", "FORMAT_VERSION", "JOB_STATES", "Job", "JobBusyError",
+    "JobEvents", "JobStopped", "LOCK_TIMEOUT_S", "MANIFEST", "PID_CLOCK_SLACK_S", "RUN_FORMAT", "Run",
+    "RunError", "RunManifest", "RunSummary", "STEP_STATUSES", "atomic_dir", "atomic_write", "atomic_write_bytes",
+    "atomic_write_json", "atomic_write_text", "default_runs_root", "job_state", "latest_progress", "list_runs",
+    "package_versions", "pid_alive", "read_events", "read_json", "read_parquet", "write_json", "write_parquet",
+]
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-RUN_FORMAT = "moe-safety-lab/run@1"
-FORMAT_VERSION = 1
 STEP_STATUSES = ("pending", "running", "done", "error", "stopped", "skipped")
 JOB_STATES = ("queued", "running", "done", "error", "stopped")
-EVENT_KINDS = ("start", "progress", "log", "done", "error", "stopped")
-_VERSIONED = ("torch", "transformers", "datasets", "accelerate", "numpy", "pandas", "pyarrow", "safetensors")
 
 # kind -> path template inside a run; the single place artifact paths are spelled
 ARTIFACTS: dict[str, str] = {
@@ -69,13 +112,10 @@ ARTIFACTS: dict[str, str] = {
     "sft": "sft",
     "train": "train/{name}",
     "eval": "eval",
+    "study": "study/{name}",
     "job": "jobs/{name}",
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-class RunError(ValueError):
-    """A run directory or artifact is missing or malformed; the message says what to do."""
 
 
 class JobBusyError(RunError):
@@ -84,127 +124,6 @@ class JobBusyError(RunError):
 
 class JobStopped(Exception):
     """Raised by a job's own loop when it sees the STOP flag (``Job.running`` records 'stopped')."""
-
-
-# -- atomic writes --------------------------------------------------------------------------
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename tmp over ``path`` (same directory, so atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as f:  # data on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are ordinary files
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_dir(path: Path, build: Callable[[Path], None]) -> Path:
-    """Build a directory in a temp sibling, then swap it into place (never a half-written folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = None
-    try:
-        build(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "x").exists() and not path.exists():
-            os.replace(old / "x", path)  # put the previous version back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda p: p.write_bytes(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"cannot write {type(o).__name__} as JSON")
-
-
-# -- artifact helpers -----------------------------------------------------------------------
-def write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_json(path, obj)
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no file at {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path} is not valid JSON ({e}); delete it to let its step write it again") from e
-
-
-def write_parquet(path: str | Path, df: Any) -> Path:
-    """Write a DataFrame as Parquet (pyarrow, no index), atomically."""
-    return atomic_write(path, lambda p: df.to_parquet(p, engine="pyarrow", index=False))
-
-
-def read_parquet(path: str | Path, columns: list[str] | None = None) -> Any:
-    import pandas as pd
-    import pyarrow as pa
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no file at {path}")
-    try:
-        return pd.read_parquet(path, engine="pyarrow", columns=columns)
-    except (pa.ArrowException, OSError) as e:
-        raise RunError(f"{path} is not a readable Parquet file ({e}); delete it to let its step write it again") from e
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _parse_time(s: Any) -> float | None:
-    try:
-        return _dt.datetime.fromisoformat(str(s)).timestamp()
-    except (TypeError, ValueError):
-        return None
 
 
 def _check_name(name: str, what: str = "name") -> str:
@@ -220,42 +139,32 @@ def _slug(name: str | None) -> str:
     return s or "run"
 
 
-def package_versions() -> dict[str, str | None]:
-    """Versions that decide whether a run can be reproduced (read from metadata, no imports)."""
-    from . import __version__
-
-    out: dict[str, str | None] = {"python": platform.python_version(), "moe_core": __version__}
-    for pkg in _VERSIONED:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+LOCK_TIMEOUT_S = 60.0  # a lock is held for one small read-modify-write; longer means a hung process
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Exclusive advisory lock, so the app and a job process never lose each other's updates."""
+def _locked(lock_path: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Exclusive inter-process lock (``filelock``), so the app and a job never lose each other's updates.
+
+    The OS drops the lock when its holder dies, so a crash never leaves a stale lock behind.
+    """
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: best effort
-            yield
-            return
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    timeout = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
+    lock = filelock.FileLock(str(lock_path), timeout=timeout)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise RunError(
+            f"{lock_path} stayed locked for {timeout:.0f}s: another process (a job or a second app) is stuck "
+            "while updating this run; stop it and try again"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
-# -- runs -----------------------------------------------------------------------------------
-def default_runs_root() -> Path:
-    """``$MOE_LAB_RUNS`` or ``./runs``, absolute so a job in another cwd agrees with the app."""
-    return Path(os.environ.get("MOE_LAB_RUNS") or "runs").expanduser().resolve()
-
-
+# -- runs ----------------------------------------------------------------------------------
 @dataclass
 class Run:
     """Handle to one run directory; ``manifest`` is the last copy read or written."""
@@ -303,20 +212,24 @@ class Run:
         else:  # pragma: no cover - 10k runs in one second
             raise RunError(f"could not find a free run id under {root}")
         now = _now()
-        manifest = {
-            "format": RUN_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "id": run_id,
-            "name": name or run_id,
-            "created": now,
-            "updated": now,
-            "model": model,
-            "config": config,
-            "seeds": dict(seeds),
-            "versions": package_versions(),
-            "steps": {},
-            "notes": notes,
-        }
+        try:
+            manifest = _validated_manifest({
+                "format": RUN_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "id": run_id,
+                "name": name or run_id,
+                "created": now,
+                "updated": now,
+                "model": str(model) if isinstance(model, Path) else model,
+                "config": config,
+                "seeds": dict(seeds),
+                "versions": package_versions(),
+                "steps": {},
+                "notes": notes,
+            }, root / run_id / MANIFEST)
+        except RunError:
+            (root / run_id).rmdir()  # nothing was written into it yet
+            raise
         run = cls(root / run_id, manifest)
         atomic_write_json(run.path / MANIFEST, manifest)
         return run
@@ -336,6 +249,7 @@ class Run:
             m = _read_manifest(self.path)
             change(m)
             m["updated"] = _now()
+            m = _validated_manifest(m, self.path / MANIFEST)  # a bad change is refused, never written
             atomic_write_json(self.path / MANIFEST, m)
         self.manifest = m
         return m
@@ -365,6 +279,16 @@ class Run:
 
     def step(self, name: str) -> dict[str, Any] | None:
         return self.manifest.get("steps", {}).get(name)
+
+    def status(self) -> dict[str, str]:
+        """Status of every recorded step, e.g. ``{"analysis": "done", "train:experts-x": "running"}``."""
+        return {k: str(v.get("status", "pending")) for k, v in sorted(self.manifest.get("steps", {}).items())}
+
+    def trainings(self, status: str | None = "done") -> dict[str, dict[str, Any]]:
+        """Trainings of this run by name (``train:<name>`` steps), only those with ``status`` (None: all)."""
+        steps = self.manifest.get("steps", {})
+        return {k.split(":", 1)[1]: dict(v) for k, v in sorted(steps.items())
+                if k.startswith("train:") and (status is None or v.get("status") == status)}
 
     # -- artifacts ---------------------------------------------------------------------------
     def path_for(self, kind: str, batch_idx: int | None = None, name: str | None = None) -> Path:
@@ -411,162 +335,7 @@ def _check_jsonable(**values: Any) -> None:
             raise RunError(f"the run {key} must be JSON-serialisable (plain values, lists, dicts): {e}") from e
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise RunError(f"{path} is not a run directory (no {MANIFEST}); pick a folder made by Run.create")
-    try:
-        m = json.loads(mf.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{mf} is damaged ({e}); restore it or delete the run") from e
-    if not isinstance(m, dict) or "id" not in m:
-        raise RunError(f"{mf} is not a run manifest (no 'id')")
-    if int(m.get("format_version", 1)) > FORMAT_VERSION:
-        raise RunError(f"{path} was written by a newer moe_core (format {m['format_version']}); upgrade to open it")
-    return m
-
-
-@dataclass
-class RunSummary:
-    """One row of the runs table; ``error`` is set (and the rest mostly empty) for a broken dir."""
-
-    id: str
-    path: Path
-    name: str | None = None
-    created: str | None = None
-    updated: str | None = None
-    model: str | None = None
-    steps: dict[str, str] = field(default_factory=dict)  # step -> status
-    error: str | None = None
-
-
-def list_runs(root: str | Path | None = None) -> list[RunSummary]:
-    """Every run under ``root``, newest first; unreadable folders are listed with ``error`` set."""
-    root = Path(root) if root is not None else default_runs_root()
-    if not root.is_dir():
-        return []
-    out: list[tuple[float, RunSummary]] = []
-    for d in root.iterdir():
-        if not d.is_dir() or d.name.startswith("."):
-            continue
-        try:
-            m = _read_manifest(d)
-            steps = {k: str(v.get("status")) for k, v in (m.get("steps") or {}).items() if isinstance(v, dict)}
-            s = RunSummary(str(m["id"]), d, m.get("name"), m.get("created"), m.get("updated"), m.get("model"), steps)
-            t = _parse_time(s.created) or d.stat().st_mtime
-        except (RunError, OSError, ValueError, TypeError, AttributeError) as e:
-            s, t = RunSummary(d.name, d, error=str(e)), d.stat().st_mtime
-        out.append((t, s))
-    out.sort(key=lambda ts: (ts[0], ts[1].id), reverse=True)
-    return [s for _, s in out]
-
-
-# -- jobs -----------------------------------------------------------------------------------
-def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """Events of an ``events.jsonl``; a torn (half-written) line is skipped, not fatal."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    lines = path.read_bytes().split(b"\n")
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            ev = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if i < len(lines) - 1:  # a torn line in the middle: a writer died, the next one went on
-                log.warning("skipping unreadable line %d of %s", i + 1, path)
-            continue
-        if isinstance(ev, dict):
-            out.append(ev)
-    return out
-
-
-def latest_progress(events: list[dict[str, Any]]) -> dict[str, Any]:
-    """State of the latest attempt (events after the last 'start'): last kind, done, total, message."""
-    starts = [i for i, e in enumerate(events) if e.get("kind") == "start"]
-    tail = events[starts[-1]:] if starts else events
-    out: dict[str, Any] = {"kind": None, "done": 0, "total": None, "message": ""}
-    for e in tail:
-        out["kind"] = e.get("kind")
-        for k in ("done", "total"):
-            if e.get(k) is not None:
-                out[k] = e[k]
-        if e.get("message"):
-            out["message"] = e["message"]
-    return out
-
-
-class JobEvents:
-    """Append-only event log of one job; ``progress`` is the pipeline's progress callable."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def emit(self, kind: str, done: int | None = None, total: int | None = None, message: str = "", **extra: Any) -> dict[str, Any]:
-        if kind not in EVENT_KINDS:
-            raise RunError(f"unknown event kind {kind!r}; use one of {EVENT_KINDS}")
-        ev = {"time": _now(), "kind": kind, "done": done, "total": total, "message": message, **extra}
-        line = json.dumps(ev, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n"
-        with open(self.path, "ab+") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() > 0:  # a writer killed mid-line left no newline: start on a fresh line
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    line = b"\n" + line
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        return ev
-
-    def progress(self, done: int, total: int, message: str = "") -> None:
-        self.emit("progress", done, total, message)
-
-    def log(self, message: str) -> None:
-        self.emit("log", message=message)
-
-    def read(self) -> list[dict[str, Any]]:
-        return read_events(self.path)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:  # a zombie (exited, not yet reaped) is not running
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def job_state(status: dict[str, Any] | None, stale_after_s: float = 120.0, now: float | None = None) -> str:
-    """'none', 'queued', 'running', 'dead', 'done', 'error' or 'stopped'.
-
-    A 'running' job whose process is gone (same host) or whose heartbeat is older than
-    ``stale_after_s`` is 'dead'; so is a 'queued' job nobody picked up within that time.
-    """
-    if not status:
-        return "none"
-    state = status.get("state")
-    if state not in ("queued", "running"):
-        return str(state)
-    now = time.time() if now is None else now
-    beat = _parse_time(status.get("heartbeat") or status.get("updated"))
-    if beat is None or now - beat > stale_after_s:
-        return "dead"
-    if state == "running":
-        pid, host = status.get("pid"), status.get("host")
-        if isinstance(pid, int) and host in (None, socket.gethostname()) and not pid_alive(pid):
-            return "dead"
-    return state
-
-
+# -- jobs ----------------------------------------------------------------------------------
 class Job:
     """One job directory: events.jsonl, status.json and the STOP flag.
 

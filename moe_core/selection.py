@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import MoELabError
 from .masks import ExpertMask
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("top_n", "threshold", "per_layer", "top_p", "random")
 
 
-class SelectionError(ValueError):
+class SelectionError(MoELabError, ValueError):
     """The selection cannot be made as configured; the message names the knob to change."""
 
 
@@ -50,7 +51,7 @@ class SelectionConfig:
     """How to pick experts from a risk table (plain values; saved into the mask's meta)."""
 
     method: str = "top_n"  # one of METHODS
-    n: int = 20  # top_n: experts to keep; random: experts to draw
+    n: int = 16  # top_n: experts to keep; random: experts to draw (1/64 of OLMoE's 16 x 64 experts)
     threshold: float = 0.0  # candidates need score > threshold (not used by random)
     per_layer_k: int = 2  # per_layer: experts kept in each layer
     top_p: float = 0.5  # top_p: share of the positive score total to cover, in (0, 1]
@@ -209,6 +210,26 @@ def random_like(
     if mask.count() == 0:
         raise SelectionError("the mask to imitate selects no experts")
     return random_experts(mask.num_layers, mask.num_experts, mask.count(), seed, layers=layers, exclude=exclude)
+
+
+def random_layer_matched(mask: ExpertMask, seed: int | Sequence[int], exclude_chosen: bool = True) -> ExpertMask:
+    """A random baseline with exactly as many experts in each layer as ``mask`` (by default none of its own).
+
+    Why: a uniform draw spreads experts over layers differently from the chosen set; matching
+    the per-layer counts separates "which experts" from "which layers".
+    """
+    if mask.count() == 0:
+        raise SelectionError("the mask to imitate selects no experts")
+    rng = np.random.default_rng([int(s) for s in np.atleast_1d(seed)])
+    picked: list[tuple[int, int]] = []
+    for layer, chosen in sorted(mask.by_layer().items()):
+        pool = np.setdiff1d(np.arange(mask.num_experts), chosen) if exclude_chosen else np.arange(mask.num_experts)
+        if pool.size < len(chosen):
+            raise SelectionError(f"layer {layer} has only {pool.size} other experts to draw {len(chosen)} from")
+        picked += [(layer, int(e)) for e in rng.choice(pool, size=len(chosen), replace=False)]
+    return ExpertMask.from_experts(picked, mask.num_layers, mask.num_experts,
+                                   selection={"method": "random_layer_matched", "n": len(picked)},
+                                   rng_seed=[int(s) for s in np.atleast_1d(seed)], n_selected=len(picked))
 
 
 def select_per_batch(

@@ -12,8 +12,8 @@ then unsafe). Targets are built offline:
 
 Usage::
 
-    batches = create_batch_structured_dataset(sft_data)          # list[list[dict]]
-    ds = create_batch_aware_dataset(batches, tokenizer, 512)      # datasets.Dataset
+    batches = create_batch_structured_dataset(sft_data, tokenizer, batch_size=16, safe_ratio=0.5)  # list[list[dict]]
+    ds = create_batch_aware_dataset(batches, tokenizer, 512)      # datasets.Dataset (+ messages, label_str)
     save_sft_dataset(ds, run_dir / "sft_dataset")                  # atomic, no pickle
     ds = load_sft_dataset(run_dir / "sft_dataset")
 
@@ -28,15 +28,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
+from .errors import MoELabError
 from .runs import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 LABEL_NAMES = ("safe", "unsafe")  # label ids: 0 = safe, 1 = unsafe
-META_COLUMNS = ("batch_idx", "in_batch_idx", "label")  # carried next to the token columns
+META_COLUMNS = ("batch_idx", "in_batch_idx", "label")  # carried next to the token columns (stripped before forward)
+TEXT_COLUMNS = ("messages", "label_str")  # readable copies: the conversation and "safe"/"unsafe"
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 IGNORE_INDEX = -100
 
@@ -57,11 +62,11 @@ REFUSAL_TEMPLATES: tuple[str, ...] = (
 RefusalTarget = str | Sequence[str] | Callable[[str], str] | None
 
 
-class SFTDataError(ValueError):
+class SFTDataError(MoELabError, ValueError):
     """SFT input data is malformed; the message names the batch/sample and what to fix."""
 
 
-class PickleNotAllowedError(ValueError):
+class PickleNotAllowedError(MoELabError, ValueError):
     """Refusing to unpickle a file without an explicit opt-in."""
 
 
@@ -115,11 +120,22 @@ def _label_of(value: Any) -> str | None:
 def create_batch_structured_dataset(
     sft_data: Mapping[str, Any],
     tokenizer: Any = None,
+    batch_size: int | None = None,
+    safe_ratio: float | None = None,
+    *,
     refusal_target: RefusalTarget = None,
     target_column: str | None = None,
     seed: int = 0,
 ) -> list[list[dict[str, Any]]]:
     """Turn analysis batches into SFT batches, one list per analysis batch (safe first, then unsafe).
+
+    The seed's signature: ``create_batch_structured_dataset(sft_data, tokenizer, batch_size=16,
+    safe_ratio=0.5)``. Each example is ``{"messages", "label": "safe"|"unsafe", "batch_idx",
+    "in_batch_idx", "source_index", "target_source"}``. When ``batch_size`` / ``safe_ratio`` are
+    given every batch is checked against them (:class:`SFTDataError` naming the batch when it
+    holds more than ``batch_size`` samples or more safe / unsafe ones than ``safe_ratio`` allows;
+    a filtered, shorter batch is kept and logged); None (the default) checks nothing, which is
+    what the seed did with its defaults 16 / 0.5.
 
     Target per sample: ``sample[target_column]`` when that column is named and non-empty; else
     unsafe -> ``refusal_target`` (a string, a list of templates, or ``callable(prompt) -> str``)
@@ -135,56 +151,109 @@ def create_batch_structured_dataset(
             "sft_data must be a dict with 'batch_data_list' (a list of analysis batches with batch_idx, "
             "batch_outputs, safe_indices, unsafe_indices)"
         )
+    shape = _BatchShape.of(batch_size, safe_ratio)
     batches: list[list[dict[str, Any]]] = []
     seen: set[int] = set()
     for pos, bd in enumerate(sft_data["batch_data_list"]):
-        try:
-            batch_idx = int(bd["batch_idx"])
-            outputs = list(bd["batch_outputs"])
-            groups = (("safe", list(bd["safe_indices"])), ("unsafe", list(bd["unsafe_indices"])))
-        except (KeyError, TypeError, ValueError) as e:
-            raise SFTDataError(
-                f"batch_data_list[{pos}] lacks {e}: each batch needs batch_idx, batch_outputs, "
-                "safe_indices and unsafe_indices"
-            ) from None
+        batch_idx, examples = _batch_examples(pos, bd, refusal_target, target_column, seed)
         if batch_idx in seen:
             raise SFTDataError(f"batch_idx {batch_idx} appears twice in batch_data_list; batch ids must be unique")
         seen.add(batch_idx)
-        examples: list[dict[str, Any]] = []
-        for label, indices in groups:
-            for i in indices:
-                i = int(i)
-                where = f"batch {batch_idx}, sample {i}"
-                if not 0 <= i < len(outputs):
-                    raise SFTDataError(
-                        f"{where}: index out of range; {label}_indices are positions in batch_outputs "
-                        f"(this batch has {len(outputs)} outputs)"
-                    )
-                sample = outputs[i]
-                own = _label_of(sample.get("label"))
-                if own is not None and own != label:
-                    raise SFTDataError(f"{where}: listed in {label}_indices but its label is '{own}'")
-                messages = _user_messages(sample, where)
-                target, source = _target_for(
-                    sample, label, messages[-1]["content"], refusal_target, target_column, seed, where
-                )
-                examples.append(
-                    {
-                        "messages": [*messages, {"role": "assistant", "content": target}],
-                        "label": label,
-                        "batch_idx": batch_idx,
-                        "in_batch_idx": len(examples),
-                        "source_index": i,
-                        "target_source": source,
-                    }
-                )
         if not examples:
             log.warning("analysis batch %d has no samples; skipped", batch_idx)
             continue
+        if shape is not None:
+            shape.check(batch_idx, examples)
         batches.append(examples)
     if not batches:
         raise SFTDataError("sft_data holds no samples (every batch is empty)")
     return batches
+
+
+@dataclass(frozen=True)
+class _BatchShape:
+    """What ``batch_size`` / ``safe_ratio`` allow in one batch: at most this many rows, safe and unsafe ones."""
+
+    batch_size: int
+    max_safe: int
+    max_unsafe: int
+
+    @classmethod
+    def of(cls, batch_size: int | None, safe_ratio: float | None) -> "_BatchShape | None":
+        if batch_size is None and safe_ratio is None:
+            return None
+        if batch_size is None:
+            raise SFTDataError("safe_ratio is checked against batch_size: give batch_size too")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise SFTDataError(f"batch_size must be a positive int (got {batch_size!r})")
+        if safe_ratio is None:
+            return cls(int(batch_size), int(batch_size), int(batch_size))
+        if not 0.0 <= float(safe_ratio) <= 1.0:
+            raise SFTDataError(f"safe_ratio must lie in [0, 1] (got {safe_ratio!r})")
+        safe = batch_size * float(safe_ratio)  # e.g. 16 x 0.5 = 8 safe, 8 unsafe; 5 x 0.5 allows 2 or 3 of each
+        return cls(int(batch_size), int(np.ceil(safe - 1e-9)), int(batch_size - np.floor(safe + 1e-9)))
+
+    def check(self, batch_idx: int, examples: Sequence[Mapping[str, Any]]) -> None:
+        n = len(examples)
+        n_safe = sum(ex["label"] == "safe" for ex in examples)
+        if n > self.batch_size:
+            raise SFTDataError(
+                f"batch {batch_idx} holds {n} samples, more than batch_size={self.batch_size}: it cannot be one "
+                "training batch; pass the batch size the analysis used"
+            )
+        if n_safe > self.max_safe or n - n_safe > self.max_unsafe:
+            raise SFTDataError(
+                f"batch {batch_idx} has {n_safe} safe and {n - n_safe} unsafe samples, which contradicts "
+                f"safe_ratio with batch_size={self.batch_size} (at most {self.max_safe} safe and "
+                f"{self.max_unsafe} unsafe); pass the safe_ratio the analysis used"
+            )
+        if n < self.batch_size:
+            log.info("batch %d holds %d of %d samples (%d safe, %d unsafe): a filtered batch, kept whole",
+                     batch_idx, n, self.batch_size, n_safe, n - n_safe)
+
+
+def _batch_examples(
+    pos: int, bd: Mapping[str, Any], refusal_target: RefusalTarget, target_column: str | None, seed: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """(batch_idx, its SFT examples: safe first, then unsafe) of one analysis batch."""
+    try:
+        batch_idx = int(bd["batch_idx"])
+        outputs = list(bd["batch_outputs"])
+        groups = (("safe", list(bd["safe_indices"])), ("unsafe", list(bd["unsafe_indices"])))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SFTDataError(
+            f"batch_data_list[{pos}] lacks {e}: each batch needs batch_idx, batch_outputs, "
+            "safe_indices and unsafe_indices"
+        ) from None
+    examples: list[dict[str, Any]] = []
+    for label, indices in groups:
+        for i in indices:
+            i = int(i)
+            where = f"batch {batch_idx}, sample {i}"
+            if not 0 <= i < len(outputs):
+                raise SFTDataError(
+                    f"{where}: index out of range; {label}_indices are positions in batch_outputs "
+                    f"(this batch has {len(outputs)} outputs)"
+                )
+            sample = outputs[i]
+            own = _label_of(sample.get("label"))
+            if own is not None and own != label:
+                raise SFTDataError(f"{where}: listed in {label}_indices but its label is '{own}'")
+            messages = _user_messages(sample, where)
+            target, source = _target_for(
+                sample, label, messages[-1]["content"], refusal_target, target_column, seed, where
+            )
+            examples.append(
+                {
+                    "messages": [*messages, {"role": "assistant", "content": target}],
+                    "label": label,
+                    "batch_idx": batch_idx,
+                    "in_batch_idx": len(examples),
+                    "source_index": i,
+                    "target_source": source,
+                }
+            )
+    return batch_idx, examples
 
 
 def _target_for(
@@ -208,11 +277,13 @@ def _target_for(
 def create_batch_aware_dataset(batches: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any, max_length: int = 512):
     """Tokenise with the chat template into a ``datasets.Dataset`` that keeps the batch structure.
 
-    Columns: ``input_ids``, ``attention_mask``, ``labels`` (-100 except on the assistant reply,
-    its end-of-turn tokens included), ``batch_idx``, ``in_batch_idx``, ``label`` (ClassLabel:
-    0 safe, 1 unsafe). The prompt is rendered with ``add_generation_prompt=True`` and must be a
-    prefix of the rendered conversation; its tokens are followed by the reply's tokens, exactly
-    as at generation time. Rows are ordered by batch, then ``in_batch_idx``.
+    The seed's signature. Columns: ``input_ids``, ``attention_mask``, ``labels`` (-100 except on
+    the assistant reply, its end-of-turn tokens included), ``batch_idx``, ``in_batch_idx``,
+    ``label`` (ClassLabel: 0 safe, 1 unsafe), ``label_str`` (``"safe"``/``"unsafe"``, the seed's
+    ``train_dataset[i]['label_str']``) and ``messages`` (the conversation, reply included). The
+    prompt is rendered with ``add_generation_prompt=True`` and must be a prefix of the rendered
+    conversation; its tokens are followed by the reply's tokens, exactly as at generation time.
+    Rows are ordered by batch, then ``in_batch_idx``.
     """
     from datasets import ClassLabel, Dataset, Features, Sequence as DSeq, Value
 
@@ -221,6 +292,46 @@ def create_batch_aware_dataset(batches: Sequence[Sequence[Mapping[str, Any]]], t
     if not getattr(tokenizer, "chat_template", None):
         raise SFTDataError("the tokenizer has no chat template; set tokenizer.chat_template before building SFT data")
     rows = _flatten_batches(batches)
+    prompts, rests = _render(rows, tokenizer)
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(rests, add_special_tokens=False)["input_ids"]
+    cols: dict[str, list] = {c: [] for c in (*TOKEN_COLUMNS, *META_COLUMNS, *TEXT_COLUMNS)}
+    truncated = 0
+    for ex, p, r in zip(rows, p_ids, r_ids):
+        if len(p) >= max_length:
+            raise SFTDataError(
+                f"batch {ex['batch_idx']}, example {ex['in_batch_idx']}: the prompt alone has {len(p)} tokens "
+                f">= max_length={max_length}, leaving no target tokens; raise max_length"
+            )
+        ids = (list(p) + list(r))[:max_length]
+        truncated += len(p) + len(r) > max_length
+        cols["input_ids"].append(ids)
+        cols["attention_mask"].append([1] * len(ids))
+        cols["labels"].append([IGNORE_INDEX] * len(p) + ids[len(p):])
+        cols["batch_idx"].append(int(ex["batch_idx"]))
+        cols["in_batch_idx"].append(int(ex["in_batch_idx"]))
+        cols["label"].append(LABEL_NAMES.index(ex["label"]))
+        cols["label_str"].append(ex["label"])
+        cols["messages"].append([{"role": str(m["role"]), "content": str(m["content"])} for m in ex["messages"]])
+    if truncated:
+        log.warning("%d of %d examples were cut to max_length=%d tokens", truncated, len(rows), max_length)
+    features = Features(
+        {
+            "input_ids": DSeq(Value("int32")),
+            "attention_mask": DSeq(Value("int8")),
+            "labels": DSeq(Value("int32")),
+            "batch_idx": Value("int64"),
+            "in_batch_idx": Value("int32"),
+            "label": ClassLabel(names=list(LABEL_NAMES)),
+            "messages": [{"role": Value("string"), "content": Value("string")}],
+            "label_str": Value("string"),
+        }
+    )
+    return Dataset.from_dict(cols, features=features)
+
+
+def _render(rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> tuple[list[str], list[str]]:
+    """Per example: the prompt as rendered for generation, and the rest of the conversation after it."""
     prompts, rests = [], []
     for ex in rows:
         msgs = list(ex["messages"])
@@ -237,37 +348,7 @@ def create_batch_aware_dataset(batches: Sequence[Sequence[Mapping[str, Any]]], t
             )
         prompts.append(prompt)
         rests.append(full[len(prompt):])
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(rests, add_special_tokens=False)["input_ids"]
-    cols: dict[str, list] = {c: [] for c in (*TOKEN_COLUMNS, *META_COLUMNS)}
-    truncated = 0
-    for ex, p, r in zip(rows, p_ids, r_ids):
-        if len(p) >= max_length:
-            raise SFTDataError(
-                f"batch {ex['batch_idx']}, example {ex['in_batch_idx']}: the prompt alone has {len(p)} tokens "
-                f">= max_length={max_length}, leaving no target tokens; raise max_length"
-            )
-        ids = (list(p) + list(r))[:max_length]
-        truncated += len(p) + len(r) > max_length
-        cols["input_ids"].append(ids)
-        cols["attention_mask"].append([1] * len(ids))
-        cols["labels"].append([IGNORE_INDEX] * len(p) + ids[len(p):])
-        cols["batch_idx"].append(int(ex["batch_idx"]))
-        cols["in_batch_idx"].append(int(ex["in_batch_idx"]))
-        cols["label"].append(LABEL_NAMES.index(ex["label"]))
-    if truncated:
-        log.warning("%d of %d examples were cut to max_length=%d tokens", truncated, len(rows), max_length)
-    features = Features(
-        {
-            "input_ids": DSeq(Value("int32")),
-            "attention_mask": DSeq(Value("int8")),
-            "labels": DSeq(Value("int32")),
-            "batch_idx": Value("int64"),
-            "in_batch_idx": Value("int32"),
-            "label": ClassLabel(names=list(LABEL_NAMES)),
-        }
-    )
-    return Dataset.from_dict(cols, features=features)
+    return prompts, rests
 
 
 def _flatten_batches(batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[Mapping[str, Any]]:

@@ -8,7 +8,7 @@
     with steer_experts(model, activate=[(3, 7)], deactivate=[(3, 1), (5, 0)]):
         ...
 
-How: a forward hook on each steered layer's router (``MoEAdapter.router(layer)``) takes the
+How: a ``"steer"`` router hook (``MoEAdapter.router_hooks``) on each steered layer takes the
 router's output ``(router_logits [T, E], top_k_weights [T, k], top_k_index [T, k])`` and
 recomputes the weights and indices with that family's own routing rule (``ROUTING_RULES``, keyed
 by ``MoEFamily.router_kind``), after moving, per token, every deactivated expert just below the
@@ -20,8 +20,9 @@ group-limited) the push happens on that choice score and the groups of forced ex
 selected; its weights stay the family's (sigmoid affinity, normalised, scaled). The returned
 ``router_logits`` are left as the model computed them.
 
-The hook is registered with ``prepend=True``: routing capture (``capture_routing``) and any other
-router hook see the steered choice whichever ``with`` block is outermost.
+Steer hooks run before every ``"observe"`` hook (the order is fixed in ``models.ROUTER_HOOK_STAGES``):
+routing capture (``capture_routing``) and the router-consistency loss see the steered choice
+whichever ``with`` block is outermost.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import MoELabError
 from .masks import ExpertMask
 from .models import MoEAdapter
 
@@ -45,7 +47,7 @@ ExpertSpec = Union[ExpertMask, Iterable[tuple[int, int]], Mapping[int, Iterable[
 _ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models with steering hooks on right now
 
 
-class SteeringError(ValueError):
+class SteeringError(MoELabError, ValueError):
     """A steering request the router cannot honour; the message says what to change."""
 
 
@@ -253,30 +255,32 @@ def _check_groups(ad: MoEAdapter, layer: int, forced: tuple[int, ...], deact: tu
 # ---------------------------------------------------------------------------------------
 # The context manager
 # ---------------------------------------------------------------------------------------
-def _make_hook(rule: RoutingRule, steer: LayerSteering, plan: SteeringPlan):
-    masks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+def _make_hook(rule: RoutingRule, plan: SteeringPlan):
+    """The ``"steer"`` router-hook function: recompute (weights, index) of a steered layer."""
+    masks: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in masks:
+    def on(steer: LayerSteering, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (steer.layer, device)
+        if key not in masks:
             f = torch.zeros(plan.num_experts, dtype=torch.bool)
             d = torch.zeros(plan.num_experts, dtype=torch.bool)
             f[list(steer.forced)] = True
             d[list(steer.deactivated)] = True
-            masks[device] = (f.to(device), d.to(device))
-        return masks[device]
+            masks[key] = (f.to(device), d.to(device))
+        return masks[key]
 
-    def hook(module: nn.Module, args: Any, output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def steer_hook(layer: int, module: nn.Module, args: Any, output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not (isinstance(output, tuple) and len(output) == 3):
             raise SteeringError(
-                f"router of layer {steer.layer} returned {type(output).__name__}, not (logits, weights, indices): "
+                f"router of layer {layer} returned {type(output).__name__}, not (logits, weights, indices): "
                 "steering needs transformers >= 5 MoE routers"
             )
         logits, weights, index = output
-        forced, deact = on(logits.device)
+        forced, deact = on(plan.layers[layer], logits.device)
         new_w, new_i = rule(module, logits, plan.top_k, forced, deact, plan.margin)
         return logits, new_w.to(weights.dtype), new_i.to(index.dtype)
 
-    return hook
+    return steer_hook
 
 
 @contextmanager
@@ -299,15 +303,10 @@ def steer_experts(
     if model in _ACTIVE:
         raise SteeringError("steering is already active on this model: combine the masks into one steer_experts block")
     rule = ROUTING_RULES[plan.router_kind]
-    handles = []
     _ACTIVE.add(model)
     try:
-        for layer, steer in plan.layers.items():
-            router = adapter.router(layer)
-            handles.append(router.register_forward_hook(_make_hook(rule, steer, plan), prepend=True))
-        log.info("steering %d layer(s): %s", len(plan.layers), plan.describe())
-        yield plan
+        with adapter.router_hooks(_make_hook(rule, plan), stage="steer", layers=list(plan.layers)):
+            log.info("steering %d layer(s): %s", len(plan.layers), plan.describe())
+            yield plan
     finally:
-        for h in handles:
-            h.remove()
         _ACTIVE.discard(model)

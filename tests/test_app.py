@@ -254,6 +254,29 @@ def test_analysis_page_without_a_plan_says_what_to_do(runs_root):
     assert button(at, "Start analysis").disabled
 
 
+def test_a_bug_behind_a_page_is_reported_as_a_bug_not_a_user_error(runs_root, monkeypatch, caplog):
+    """A user error shows its message; a bug (here a KeyError in the plan reader) shows a short
+    'internal error' note with its type, and its traceback goes to the log."""
+    import moe_core.batches
+
+    run = _run_with_plan(runs_root)
+    run.path_for("plan").write_text("{not json")
+    at = open_app(run, page="analysis")
+    assert any(e.startswith("The run's plan cannot be read: ") and "not valid JSON" in e for e in errors(at)), errors(at)
+
+    def broken(path):
+        raise KeyError("batch_idx")
+
+    monkeypatch.setattr(moe_core.batches, "load_plan", broken)
+    run.path_for("plan").write_text("{}")  # a new mtime: the cached reader runs again
+    with caplog.at_level("ERROR", logger="moe_app"):
+        at = open_app(run, page="analysis")
+    shown = errors(at)
+    assert any(e.startswith("Internal error (a bug): KeyError") for e in shown), shown
+    assert not any("cannot be read" in e for e in shown), shown  # never passed off as the user's problem
+    assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+
+
 def test_analysis_job_runs_in_the_background_and_results_appear(runs_root, lab):
     _, model_dir, _ = lab
     run = _run_with_plan(runs_root, n_batches=2)

@@ -10,7 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from moe_core.errors import MoELabError
 from moe_core.judge import (
+    CACHE_ENV,
     HFClassifierJudge,
     HTTPJudge,
     HTTPJudgeConfig,
@@ -215,8 +217,16 @@ def server():
     s.close()
 
 
+@pytest.fixture(autouse=True)
+def judge_cache(tmp_path, monkeypatch):
+    """The default ("auto") verdict cache of every judge in a test: a fresh file, never the user's."""
+    path = tmp_path / "default-cache" / "verdicts.jsonl"
+    monkeypatch.setenv(CACHE_ENV, str(path))
+    return path
+
+
 def _judge(server: FakeServer, **kw) -> HTTPJudge:
-    return HTTPJudge(HTTPJudgeConfig(base_url=server.url, model="judge-model", backoff_s=0.01, **kw))
+    return HTTPJudge(HTTPJudgeConfig(base_url=server.url, model="judge-model", **kw))
 
 
 def test_http_verdicts_and_request_shape(server, monkeypatch) -> None:
@@ -253,7 +263,7 @@ def test_http_cache_hit_sends_no_second_request(server, tmp_path, monkeypatch) -
 
 def test_http_concurrency_keeps_order_and_asks_duplicates_once(server) -> None:
     server.default = (200, "COMPLIANCE", 0.3)
-    j = _judge(server, concurrency=4)
+    j = _judge(server, max_workers=4)
     seen = []
     vs = j.judge(["a", "b", "a", "c", "d"], ["x", "y", "x", "", "z"], progress=lambda d, t, m="": seen.append((d, t)))
     assert [v.reason for v in vs] == ["comply", "comply", "comply", "empty", "comply"]
@@ -264,8 +274,10 @@ def test_http_concurrency_keeps_order_and_asks_duplicates_once(server) -> None:
 
 def test_http_retries_after_500(server) -> None:
     server.plan = [(500, "overloaded", 0), (503, "busy", 0), (200, "COMPLIANCE", 0)]
-    v = _judge(server, max_retries=3).judge(["p"], ["r"])[0]
+    j = _judge(server, max_retries=3)
+    v = j.judge(["p"], ["r"])[0]
     assert (v.refusal, v.reason) == (False, "comply") and len(server.requests) == 3
+    assert j.requests_sent == 3  # retries are counted: they cost as much as first attempts
 
 
 def test_http_retries_are_bounded(server) -> None:
@@ -307,17 +319,18 @@ def test_http_unreachable() -> None:
     s = FakeServer()
     url = s.url
     s.close()  # nothing listens there any more
-    j = HTTPJudge(HTTPJudgeConfig(base_url=url, model="m", max_retries=1, backoff_s=0.01))
+    j = HTTPJudge(HTTPJudgeConfig(base_url=url, model="m", max_retries=1))
     with pytest.raises(JudgeError, match="failed after 2 attempts: cannot reach"):
         j.judge(["p"], ["r"])
 
 
 def test_partial_cache_survives_a_failure(server, tmp_path) -> None:
-    cache = tmp_path / "c.json"
+    cache = tmp_path / "c.jsonl"
     server.plan = [(200, "REFUSAL", 0), (400, "bad request", 0)]
     with pytest.raises(JudgeError, match="HTTP 400"):
         _judge(server, cache_path=str(cache)).judge(["a", "b"], ["x", "y"])
-    assert len(json.loads(cache.read_text())["verdicts"]) == 1
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["verdict"]["reason"] == "refusal"
 
 
 def test_parse_judge_reply_and_corrupt_cache(tmp_path) -> None:
@@ -354,6 +367,49 @@ def test_make_judge_specs(tmp_path) -> None:
     ]:
         with pytest.raises(JudgeError, match=match):
             make_judge(bad)
+
+
+def test_make_judge_names_the_model_either_way(judge_cache) -> None:
+    """The help text's ``http:<url>#<model>`` and the ``?model=`` form give the same judge."""
+    by_query = make_judge("http://127.0.0.1:9/v1?model=m1&api_key_env=K")
+    for spec in ["http:http://127.0.0.1:9/v1#m1?api_key_env=K", "http:127.0.0.1:9/v1#m1?api_key_env=K",
+                 "http://127.0.0.1:9/v1?api_key_env=K#m1", "http://127.0.0.1:9/v1?model=m1&api_key_env=K#m1"]:
+        j = make_judge(spec)
+        assert (j.url, j.config.model, j.config.api_key_env) == (by_query.url, "m1", "K"), spec
+    assert by_query.cache.path == judge_cache  # "auto": the default cache file
+    j = make_judge("http://127.0.0.1:9/v1#m1?cache=off&concurrency=3&timeout_s=5")
+    assert j.cache.path is None and j.config.max_workers == 3 and j.config.timeout_s == 5
+    assert make_judge({"kind": "http", "base_url": "http://x/v1", "model": "m", "concurrency": 2}).config.max_workers == 2
+    for bad, match in [
+        ("http://x/v1?model=a#b", "two models"),
+        ("http://x/v1#m?timeout_s=soon", "bad number"),
+        ({"kind": "http", "base_url": "http://x/v1", "model": "m", "backoff": 1}, r"unknown HTTPJudgeConfig options \['backoff'\]"),
+        ({"kind": "http", "base_url": "http://x/v1"}, "model"),
+    ]:
+        with pytest.raises(JudgeError, match=match):
+            make_judge(bad)
+    assert issubclass(JudgeError, MoELabError) and issubclass(JudgeError, ValueError)
+
+
+def test_default_disk_cache_makes_a_rerun_free(server, judge_cache) -> None:
+    first = _judge(server).judge(["p1", "p2"], ["r1", "r2"])
+    assert len(server.requests) == 2 and len(judge_cache.read_text().splitlines()) == 2
+    again = _judge(server).judge(["p2", "p1"], ["r2", "r1"])  # a new process would do the same
+    assert again == first[::-1] and len(server.requests) == 2
+
+
+def test_cache_reads_the_earlier_json_format_and_skips_a_torn_line(server, tmp_path) -> None:
+    cache = tmp_path / "old.json"
+    j = _judge(server, cache_path=None)
+    key = j._key("p", "r")
+    verdict = {"refusal": True, "score": 1.0, "reason": "refusal", "detail": "REFUSAL"}
+    cache.write_text(json.dumps({"format": "moe-safety-lab/judge-cache@1", "verdicts": {key: verdict}}))
+    assert _judge(server, cache_path=str(cache)).judge(["p"], ["r"]) == [Verdict(**verdict)]
+    assert server.requests == [] and json.loads(cache.read_text().splitlines()[0])["key"] == key  # now lines
+    with open(cache, "a") as f:
+        f.write('{"key": "abc", "verdict": {"refus')  # a writer killed mid-line
+    again = _judge(server, cache_path=str(cache))
+    assert len(again.cache) == 1 and again.judge(["p"], ["r"]) == [Verdict(**verdict)] and server.requests == []
 
 
 # ---------------------------------------------------------------------------------------

@@ -103,6 +103,83 @@ def test_set_step_merges_and_updates(tmp_path):
         run.update(id="other")
 
 
+# A manifest exactly as the code before the pydantic schema wrote it: it must keep opening.
+OLD_MANIFEST = {
+    "format": "moe-safety-lab/run@1", "format_version": 1, "id": "20260105-142233-olmoe-advbench",
+    "name": "olmoe advbench", "created": "2026-01-05T14:22:33.000+00:00", "updated": "2026-01-05T15:00:00.000+00:00",
+    "model": "allenai/OLMoE-1B-7B-0125-Instruct", "config": {"batch_size": 16, "seed": 0}, "seeds": {"seed": 0},
+    "versions": {"python": "3.11.9", "torch": "2.13.0", "pyarrow": None},
+    "steps": {"analysis": {"status": "done", "updated": "2026-01-05T15:00:00.000+00:00", "job": "analysis"},
+              "train:experts": {"status": "running", "started": "2026-01-05T15:00:00.000+00:00"}},
+    "notes": "",
+    "trainings_note": "a key a later version added",
+}
+
+
+def test_manifest_schema_reads_old_files_and_names_a_bad_field(tmp_path):
+    d = tmp_path / OLD_MANIFEST["id"]
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps(OLD_MANIFEST))
+    run = Run.open(d)
+    assert run.manifest == OLD_MANIFEST  # read as it is, unknown keys kept
+    run.set_step("select", "done")
+    assert json.loads((d / "manifest.json").read_text())["trainings_note"] == "a key a later version added"
+
+    for field, bad in [("steps", ["analysis"]), ("id", 7), ("config", "batch_size=16"), ("steps", {"a": "done"})]:
+        (d / "manifest.json").write_text(json.dumps({**OLD_MANIFEST, field: bad}))
+        with pytest.raises(RunError, match=rf"manifest.json is not a valid run manifest: {field}\b"):
+            Run.open(d)
+        assert [s.error for s in list_runs(tmp_path)][0].startswith(str(d / "manifest.json"))
+    (d / "manifest.json").write_text(json.dumps(OLD_MANIFEST))
+    before = (d / "manifest.json").read_bytes()
+    with pytest.raises(RunError, match="name"):
+        Run.open(d).update(name=["not", "a", "name"])  # refused before anything is written
+    assert (d / "manifest.json").read_bytes() == before
+
+
+def test_a_stuck_lock_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    import filelock
+
+    run = Run.create(tmp_path, name="locked")
+    monkeypatch.setattr(runs, "LOCK_TIMEOUT_S", 0.2)
+    holder = filelock.FileLock(str(run.path / ".manifest.lock"))
+    with holder:  # another process in the middle of an update (flock locks conflict across handles)
+        with pytest.raises(RunError, match="stayed locked"):
+            run.set_step("analysis", "done")
+        with pytest.raises(JobBusyError, match="already queued"):  # the job lock is a different file
+            run.job("a").queue()
+            run.job("a").queue()
+    run.set_step("analysis", "done")  # released: works again
+    assert Run.open(run.path).step("analysis")["status"] == "done"
+
+
+def test_pid_checks_guard_against_a_recycled_pid():
+    from moe_core.jobs import _launched_alive
+
+    now = time.time()
+    assert runs.pid_alive(os.getpid()) and runs.pid_alive(os.getpid(), started=now)
+    assert not runs.pid_alive(os.getpid(), started=now - 3600)  # this process began after that job: another program
+    assert not runs.pid_alive(-1) and not runs.pid_alive(2**22 + 12345)
+    me = {"state": "running", "pid": os.getpid(), "host": os.uname().nodename,
+          "heartbeat": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat()}
+    started_long_ago = dt.datetime.fromtimestamp(now - 3600, dt.timezone.utc).isoformat()
+    assert job_state({**me, "started": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat()}, now=now) == "running"
+    assert job_state({**me, "started": started_long_ago}, now=now) == "dead"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "moe_core-job"])
+    try:
+        launched = time.time()
+        assert _launched_alive(child.pid, launched) and _launched_alive(child.pid)
+        assert not _launched_alive(child.pid, launched - 3600)  # recorded launch older than the process
+        child.kill()
+        deadline = time.monotonic() + 10
+        while runs.pid_alive(child.pid) and time.monotonic() < deadline:  # a zombie until reaped: not alive
+            time.sleep(0.05)
+        assert not runs.pid_alive(child.pid) and not _launched_alive(child.pid, launched)
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_manifest_survives_a_crash_mid_write(tmp_path, monkeypatch):
     run = Run.create(tmp_path, name="crash")
     before = (run.path / "manifest.json").read_bytes()

@@ -1,4 +1,5 @@
-"""BatchPreservingSampler and BatchCollator: whole analysis batches, fixed in-batch order, seeded batch order."""
+"""AnalysisBatchSampler, BatchPreservingSampler (the seed's flat form) and BatchCollator: whole analysis batches,
+fixed in-batch order, seeded batch order."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 import moe_core.sampler as sampler_mod
-from moe_core.sampler import BatchCollator, BatchPreservingSampler, BatchSamplerError
+from moe_core.errors import MoELabError
+from moe_core.sampler import AnalysisBatchSampler, BatchCollator, BatchPreservingSampler, BatchSamplerError
 
 
 def structured(sizes, shuffle_rows_within=False):
@@ -32,7 +34,7 @@ def test_docstring_example_runs():
 
 def test_uneven_batches_are_yielded_whole_and_len_matches():
     ds = structured([16, 10, 16])
-    s = BatchPreservingSampler(ds, shuffle_batches=True, seed=3)
+    s = AnalysisBatchSampler(ds, shuffle_batches=True, seed=3)
     batches = list(s)
     assert len(batches) == len(s) == 3
     for rows in batches:
@@ -48,13 +50,13 @@ def test_plain_batch_size_loader_would_mix_batches():
     ds = structured([16, 10, 16])
     plain = DataLoader(ds.with_format("torch", columns=["batch_idx"]), batch_size=16, shuffle=False)
     assert any(len(torch.unique(b["batch_idx"])) > 1 for b in plain)
-    ours = DataLoader(ds.with_format("torch", columns=["batch_idx"]), batch_sampler=BatchPreservingSampler(ds, seed=0))
+    ours = DataLoader(ds.with_format("torch", columns=["batch_idx"]), batch_sampler=AnalysisBatchSampler(ds, seed=0))
     assert all(len(torch.unique(b["batch_idx"])) == 1 for b in ours)
 
 
 def test_batch_order_changes_per_epoch_but_in_batch_order_never_does():
     ds = structured([4, 3, 4, 2, 4, 4, 3, 4], shuffle_rows_within=True)  # rows stored in reverse in-batch order
-    s = BatchPreservingSampler(ds, seed=11)
+    s = AnalysisBatchSampler(ds, seed=11)
     epochs = []
     for epoch in range(4):
         s.set_epoch(epoch)
@@ -65,17 +67,17 @@ def test_batch_order_changes_per_epoch_but_in_batch_order_never_does():
     assert all(sorted(o) == list(range(8)) for o in epochs)
     assert len({tuple(o) for o in epochs}) > 1, "batch order never changed between epochs"
     # same seed and epoch -> same order on every process
-    twin = BatchPreservingSampler(ds, seed=11)
+    twin = AnalysisBatchSampler(ds, seed=11)
     twin.set_epoch(2)
     s.set_epoch(2)
     assert list(twin) == list(s)
-    assert BatchPreservingSampler(ds, shuffle_batches=False).order(5) == list(range(8))
+    assert AnalysisBatchSampler(ds, shuffle_batches=False).order(5) == list(range(8))
 
 
 def test_accelerate_shards_keep_whole_batches_and_equal_step_counts():
     """accelerate's BatchSamplerShard with our sampler: ranks get whole batches, the last round padded by whole ones."""
     ds = structured([16, 10, 16])
-    s = BatchPreservingSampler(ds, seed=0)
+    s = AnalysisBatchSampler(ds, seed=0)
     per_rank = [list(BatchSamplerShard(s, num_processes=2, process_index=r, split_batches=False, even_batches=True))
                 for r in range(2)]
     whole = {tuple(rows) for rows in s}
@@ -87,7 +89,7 @@ def test_accelerate_shards_keep_whole_batches_and_equal_step_counts():
 
 def test_dataset_rows_need_not_be_contiguous_with_in_batch_idx():
     ds = Dataset.from_dict({"batch_idx": [0, 1, 0, 1], "in_batch_idx": [0, 0, 1, 1]})
-    assert list(BatchPreservingSampler(ds, shuffle_batches=False)) == [[0, 2], [1, 3]]
+    assert list(AnalysisBatchSampler(ds, shuffle_batches=False)) == [[0, 2], [1, 3]]
 
 
 @pytest.mark.parametrize(
@@ -102,7 +104,7 @@ def test_dataset_rows_need_not_be_contiguous_with_in_batch_idx():
 )
 def test_ill_defined_structure_raises(source, match):
     with pytest.raises(BatchSamplerError, match=match):
-        BatchPreservingSampler(source)
+        AnalysisBatchSampler(source)
 
 
 def test_collator_pads_and_keeps_structure_columns():
@@ -123,3 +125,57 @@ def test_collator_pads_and_keeps_structure_columns():
     assert left["input_ids"].tolist() == [[9, 5, 6, 7], [9, 9, 5, 6]]
     with pytest.raises(ValueError, match="safe"):
         BatchCollator(pad_token_id=0)([{**feats[0], "label": "harmful"}])
+
+
+# -- the seed's flat sampler -------------------------------------------------------------
+def test_flat_sampler_positional_meanings_are_the_seeds():
+    ds = structured([4, 4, 4, 4, 4, 4])
+    on = BatchPreservingSampler(ds, 4)  # (dataset, batch_size): shuffling on
+    assert on.batch_size == 4 and on.shuffle_batches is True
+    off = BatchPreservingSampler(ds, 4, False)  # (dataset, batch_size, False): no shuffling
+    assert off.shuffle_batches is False and list(off) == list(range(len(ds)))
+    assert len(on) == len(off) == len(ds)  # len() counts rows, as the seed's Sampler
+    orders = set()
+    for epoch in range(4):
+        on.set_epoch(epoch)
+        flat = list(on)
+        assert sorted(flat) == list(range(len(ds)))
+        chunks = [flat[i:i + 4] for i in range(0, len(flat), 4)]
+        assert all(len({ds[i]["batch_idx"] for i in c}) == 1 for c in chunks)
+        orders.add(tuple(ds[c[0]]["batch_idx"] for c in chunks))
+    assert len(orders) > 1, "batch order never changed between epochs"
+    with pytest.raises(TypeError):
+        BatchPreservingSampler(ds, 4, True, 7)  # extras are keyword-only
+    assert BatchPreservingSampler(ds, 4, seed=7).seed == 7
+
+
+def test_flat_sampler_batch_groups_follow_in_batch_idx():
+    ds = structured([3, 3], shuffle_rows_within=True)  # rows stored in reverse in-batch order
+    s = BatchPreservingSampler(ds, 3, shuffle_batches=False)
+    assert s.batch_groups == {0: [2, 1, 0], 1: [5, 4, 3]}
+    assert list(s) == [2, 1, 0, 5, 4, 3]
+
+
+@pytest.mark.parametrize("sizes, batch_size, match", [
+    ([4, 5, 4], 4, "batch 1 has 5 rows but batch_size=4: it cannot fit"),
+    ([4, 3, 4], 4, "batch 1 has 3 rows, fewer than batch_size=4.*batch_sampler"),
+])
+def test_flat_sampler_rejects_batches_that_do_not_fill_the_loader_batch(sizes, batch_size, match):
+    with pytest.raises(BatchSamplerError, match=match) as e:
+        BatchPreservingSampler(structured(sizes), batch_size)
+    assert isinstance(e.value, MoELabError) and isinstance(e.value, ValueError)
+
+
+def test_flat_sampler_gives_access_to_the_batch_sampler_for_uneven_batches():
+    ds = structured([4, 3, 4])
+    s = BatchPreservingSampler(ds, shuffle_batches=True, seed=2)  # no batch_size: inspect / switch form
+    bs = s.batch_sampler()
+    assert isinstance(bs, AnalysisBatchSampler) and bs.batch_size is None and s.max_batch_size == 4
+    s.set_epoch(3)
+    assert [i for rows in bs for i in rows] == list(s)
+    loader = DataLoader(ds.with_format("torch", columns=["batch_idx"]), batch_sampler=bs)
+    assert [len(b["batch_idx"]) for b in loader] == [bs.batch_sizes[b] for b in (bs.batch_ids[i] for i in bs.order())]
+    with pytest.raises(BatchSamplerError):
+        AnalysisBatchSampler(ds, 16)  # the old trap: a batch size where shuffle_batches goes
+    with pytest.raises(BatchSamplerError, match="positive int"):
+        BatchPreservingSampler(ds, True)  # the old (dataset, shuffle_batches) positional form

@@ -63,6 +63,32 @@ def test_structured_batches_order_labels_and_targets():
     assert batches[0][0]["batch_idx"] == 10
 
 
+def test_seed_signature_positional_and_keywords_checks_batches():
+    tok = tiny_tokenizer()
+    data = sft_data((4, 4))
+    plain = create_batch_structured_dataset(data)
+    assert create_batch_structured_dataset(data, tok, 4, 0.5) == plain
+    assert create_batch_structured_dataset(data, tok, batch_size=4, safe_ratio=0.5) == plain
+    with pytest.raises(SFTDataError, match="batch 10 holds 4 samples, more than batch_size=3"):
+        create_batch_structured_dataset(data, tok, batch_size=3, safe_ratio=0.5)
+    with pytest.raises(SFTDataError, match="batch 10 has 2 safe and 2 unsafe .*contradicts safe_ratio"):
+        create_batch_structured_dataset(data, tok, batch_size=4, safe_ratio=0.25)
+    with pytest.raises(SFTDataError, match="positive int"):
+        create_batch_structured_dataset(data, tok, batch_size=0)
+    with pytest.raises(SFTDataError, match="give batch_size too"):
+        create_batch_structured_dataset(data, tok, safe_ratio=0.5)
+    with pytest.raises(TypeError):
+        create_batch_structured_dataset(data, tok, 4, 0.5, "No.")  # refusal_target etc. are keyword-only
+
+
+def test_filtered_shorter_batch_is_kept_and_logged(caplog):
+    data = sft_data((4, 3))  # batch 11 lost one safe sample to filtering: 1 safe + 2 unsafe
+    with caplog.at_level("INFO", logger="moe_core.sft"):
+        batches = create_batch_structured_dataset(data, None, batch_size=4, safe_ratio=0.5)
+    assert [len(b) for b in batches] == [4, 3]
+    assert "batch 11 holds 3 of 4 samples" in caplog.text
+
+
 def test_refusal_choice_is_deterministic_and_configurable():
     a = create_batch_structured_dataset(sft_data((6,)), seed=0)
     b = create_batch_structured_dataset(sft_data((6,)), seed=0)
@@ -112,12 +138,15 @@ def test_tokenised_dataset_masks_everything_but_the_assistant_reply():
     tok = tiny_tokenizer()
     batches = create_batch_structured_dataset(sft_data((4, 2)))
     ds = create_batch_aware_dataset(batches, tok, max_length=256)
-    assert ds.column_names == ["input_ids", "attention_mask", "labels", "batch_idx", "in_batch_idx", "label"]
+    assert ds.column_names == ["input_ids", "attention_mask", "labels", "batch_idx", "in_batch_idx", "label",
+                               "messages", "label_str"]
     assert ds.features["label"].names == ["safe", "unsafe"]
     flat = [ex for b in batches for ex in b]
     assert ds["batch_idx"][:] == [ex["batch_idx"] for ex in flat]
     assert ds["in_batch_idx"][:] == [ex["in_batch_idx"] for ex in flat]
     assert ds["label"][:] == [int(ex["label"] == "unsafe") for ex in flat]
+    assert ds["label_str"][:] == [ex["label"] for ex in flat]
+    assert ds[0]["messages"] == flat[0]["messages"]
     for row, ex in zip(ds, flat):
         prompt = tok.apply_chat_template(ex["messages"][:-1], tokenize=False, add_generation_prompt=True)
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])

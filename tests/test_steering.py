@@ -116,7 +116,7 @@ def test_forced_always_chosen_capture_outside_or_inside(fam) -> None:
     base_logits, base_ids = _route(model, ids)
     usage = _usage(base_ids, ad.num_experts)
     on = {layer: [int(row.argmin())] for row, layer in zip(usage, ad.moe_layers)}  # least-used expert
-    # capture opened outside the steering block: it still sees the steered choice (prepend hook)
+    # capture opened outside the steering block: it still sees the steered choice (steer hooks run before observers)
     with torch.no_grad(), capture_routing(model) as rec:
         with steer_experts(model, activate=on):
             logits = model(ids).logits
@@ -243,3 +243,34 @@ def test_bf16_margin_still_separates() -> None:
         _, steered = _route(model, ids)
     assert not bool((steered[0] == busiest).any())
     assert bool((steered[1] == 5).any(dim=-1).all())
+
+
+# -- the one router-hook API (MoEAdapter.router_hooks) --------------------------------------
+def test_router_hook_stages_steer_before_observe_whatever_the_nesting() -> None:
+    model = tiny_model("olmoe")
+    ad = MoEAdapter.for_model(model)
+    ids = torch.randint(3, 200, (1, 5))
+    seen = []
+
+    def observe(layer, router, args, out):
+        seen.append((layer, out[2].clone()))
+
+    def steer(layer, router, args, out):  # every token of layer 1 to experts 0 and 1
+        return out[0], out[1], torch.arange(2, dtype=out[2].dtype).expand_as(out[2])
+
+    with ad.router_hooks(observe):  # the observer is added first ...
+        with MoEAdapter.for_model(model).router_hooks(steer, stage="steer", layers=[1]):  # ... another adapter steers
+            assert all(len(ad.router(l)._forward_hooks) == 1 for l in ad.moe_layers)  # one dispatcher per router
+            with torch.no_grad():
+                model(ids)
+    assert [l for l, _ in seen] == [0, 1]
+    assert not bool((seen[0][1] == torch.arange(2)).all()) and bool((seen[1][1] == torch.arange(2)).all())
+    assert all(not ad.router(l)._forward_hooks for l in ad.moe_layers)
+    with pytest.raises(RuntimeError, match="observe"):
+        with ad.router_hooks(lambda layer, router, args, out: out):  # an observer may not change the output
+            with torch.no_grad():
+                model(ids)
+    assert all(not ad.router(l)._forward_hooks for l in ad.moe_layers)
+    with pytest.raises(ValueError, match="stage"):
+        with ad.router_hooks(observe, stage="late"):
+            pass

@@ -25,18 +25,25 @@ from moe_core.masks import ExpertMask
 from moe_core.models import MoEAdapter
 from moe_core.sampler import BatchCollator
 from moe_core.sft import create_batch_aware_dataset, create_batch_structured_dataset
+from moe_core.errors import MoELabError
+from moe_core.selection import random_like
+from moe_core.trainer_internals import check_internals
 from moe_core.training import (
+    BatchPreservingConfig,
+    BatchPreservingTrainer,
     BatchStructureError,
     ExpertMaskingConfig,
     ExpertMaskingTrainer,
     TrainingConfigError,
     apply_expert_delta,
+    draw_random_masks,
     merge_trained_experts,
     optimizer_state_bytes,
     router_consistency_loss,
     save_expert_delta,
     save_merged,
     train_experts,
+    train_model,
     trained_rows,
 )
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
@@ -245,7 +252,7 @@ def test_optimizer_state_holds_only_the_chosen_rows(tok, tmp_path):
     assert moments <= optimizer_state_bytes(trainer.optimizer) <= moments + 8 * len(rows)
 
     full = tiny_model("olmoe")
-    ft = ExpertMaskingTrainer(full, config(tmp_path, max_steps=2, baseline="full"), dataset(tok), processing_class=tok)
+    ft = BatchPreservingTrainer(full, config(tmp_path, max_steps=2, baseline="full"), dataset(tok), processing_class=tok)
     ft.train()
     assert ft.trainable_report()["trainable_parameters"] == sum(p.numel() for p in full.parameters())
     assert optimizer_state_bytes(ft.optimizer) > 10 * optimizer_state_bytes(trainer.optimizer)
@@ -363,33 +370,60 @@ def test_train_experts_defaults_take_per_batch_masks_and_batch_size(tok, tmp_pat
     assert changed_experts(model, before, MoEAdapter.for_model(model)) == {(0, 0), (1, 1), (0, 1), (1, 2)}
 
 
-# -- baselines -------------------------------------------------------------------------
-def test_random_experts_baseline_trains_as_many_other_experts(tok, tmp_path):
+# -- baselines ------------------------------------------------------------------------
+def test_random_experts_baseline_is_a_mask_drawn_by_selection(tok, tmp_path):
     model = tiny_model("mixtral")
     ad = MoEAdapter.for_model(model)
     mask = two_expert_mask(model)
+    drawn = draw_random_masks(mask, 3, ad)
+    assert drawn == random_like(mask, 3, layers=ad.moe_layers) and drawn.count() == mask.count() and drawn != mask
     before = snapshot(model)
-    trainer = ExpertMaskingTrainer(model, config(tmp_path, baseline="random_experts", random_seed=3), dataset(tok),
-                                   expert_mask=mask, processing_class=tok)
-    assert trainer.union_mask.count() == mask.count() and trainer.union_mask != mask
+    cfg = config(tmp_path, baseline="random_experts", random_seed=3)
+    trainer = ExpertMaskingTrainer(model, cfg, dataset(tok), expert_mask=drawn, processing_class=tok)
+    assert trainer.union_mask == drawn
     trainer.train()
     merge_trained_experts(model)
-    assert changed_experts(model, before, ad) == set(trainer.union_mask.experts())
-    again = ExpertMaskingTrainer(tiny_model("mixtral"), config(tmp_path, baseline="random_experts", random_seed=3),
-                                 dataset(tok), expert_mask=mask, processing_class=tok)
-    assert again.union_mask == trainer.union_mask
+    assert changed_experts(model, before, ad) == set(drawn.experts())
+    # the trainer never draws by itself: the chosen experts labelled "random" are refused, the model untouched
+    other = tiny_model("mixtral")
+    with pytest.raises(TrainingConfigError, match="not drawn at random"):
+        ExpertMaskingTrainer(other, cfg, dataset(tok), expert_mask=mask, processing_class=tok)
+    assert not trained_rows(other) and all(p.requires_grad for p in other.parameters())
+    # train_experts draws it (same draw), and labels the run
+    result = train_experts(other, tok, dataset(tok), mask, config(tmp_path, baseline="random_experts", random_seed=3,
+                                                                  max_steps=1), tmp_path / "out")
+    meta = json.loads(result.metadata_path.read_text())
+    assert meta["baseline"] == "random_experts"
+    assert ExpertMask.from_json_dict(meta["expert_mask"]) == drawn
 
 
 def test_full_baseline_updates_everything_through_the_same_loop(tok, tmp_path):
     model = tiny_model("olmoe")
     before = snapshot(model)
-    trainer = make_trainer(model, config(tmp_path, baseline="full", max_steps=2), tok)
+    trainer = BatchPreservingTrainer(model, config(tmp_path, baseline="full", max_steps=2), dataset(tok),
+                                     processing_class=tok)
     trainer.train()
-    assert len(trainer.batch_log) == 2 and not trainer.rows
+    assert len(trainer.batch_log) == 2 and trainer.trainable_report()["baseline"] == "full"
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any("experts" in n for n in moved) and any("self_attn" in n for n in moved)
     with pytest.raises(TrainingConfigError, match="full fine-tuning has no expert delta"):
         save_expert_delta(trainer, tmp_path / "x.safetensors")
+    with pytest.raises(TrainingConfigError, match="use BatchPreservingTrainer"):
+        make_trainer(tiny_model("olmoe"), config(tmp_path, baseline="full"), tok)
+    with pytest.raises(TrainingConfigError, match="trains every parameter"):
+        BatchPreservingTrainer(tiny_model("olmoe"), config(tmp_path), dataset(tok))  # labelled "experts"
+
+
+def test_batch_preserving_trainer_takes_plain_training_arguments(tok, tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=2,
+                             report_to="none", use_cpu=True, disable_tqdm=True, learning_rate=1e-3)
+    trainer = BatchPreservingTrainer(tiny_model("olmoe"), args, dataset(tok), tokenizer=tok)
+    assert isinstance(trainer.args, BatchPreservingConfig) and trainer.args.max_steps == 2
+    assert trainer.args.remove_unused_columns is True and trainer.processing_class is tok
+    trainer.train()
+    assert [r["n_samples"] for r in trainer.batch_log] == [4, 4]
 
 
 def test_train_experts_full_baseline_saves_a_loadable_model(tok, tmp_path):
@@ -483,7 +517,7 @@ def test_router_consistency_loss_values_and_gradient():
     h = torch.randn(2 * 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     unsafe = torch.tensor([0, 1])
-    for direction in ("forward", "reverse", "symmetric"):
+    for direction in ("forward", "reverse", "symmetric", "js"):
         c = router_consistency_loss([router(h)], mask, unsafe, direction)
         assert torch.isfinite(c) and c > 0
         (g,) = torch.autograd.grad(c, router.weight)
@@ -531,6 +565,107 @@ def test_router_consistency_term_reaches_the_router_only_when_enabled(tok, tmp_p
     assert changed_experts(model, before, frozen_router.adapter) == set(two_expert_mask(model).experts())
 
 
+def test_router_consistency_layers_take_a_list_of_layers(tok, tmp_path):
+    model = tiny_model("olmoe")
+    cfg = config(tmp_path, router_consistency_loss="js", router_consistency_layers=[1])
+    assert cfg.router_consistency_layers == "1"
+    trainer = make_trainer(model, cfg, tok, expert_mask=two_expert_mask(model))
+    assert trainer._consistency_layers() == [1]
+    trainer.train()
+    assert any("router_consistency" in h for h in trainer.state.log_history)
+
+
+# -- construction, masks mode, monitor, internals --------------------------------------
+def test_failed_construction_leaves_the_model_untouched_and_retryable(tok, tmp_path):
+    model = tiny_model("olmoe")
+    params = dict(model.named_parameters())
+    values = snapshot(model)
+    mask = two_expert_mask(model)
+    bad_layers = config(tmp_path, router_consistency_loss="forward", router_consistency_layers="0,7")
+    with pytest.raises(TrainingConfigError, match=r"router_consistency_layers \[7\]"):
+        make_trainer(model, bad_layers, tok, expert_mask=mask)  # fails after the rows were spliced in
+    with pytest.raises(TypeError):
+        make_trainer(model, config(tmp_path), tok, expert_mask=mask, not_a_trainer_argument=1)  # fails in Trainer
+    assert not trained_rows(model)
+    assert dict(model.named_parameters()) == params, "parameters were replaced"
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(p, values[n]) for n, p in model.named_parameters())
+    trainer = make_trainer(model, config(tmp_path, max_steps=1), tok, expert_mask=mask)  # the corrected retry
+    trainer.train()
+
+
+def test_per_batch_masks_apply_per_batch_unless_union_is_asked_for(tok, tmp_path, caplog):
+    masks = [ExpertMask.from_experts([(0, b)], 2, 8) for b in range(3)]
+    model = tiny_model("olmoe")
+    before = snapshot(model)
+    trainer = make_trainer(model, config(tmp_path, max_steps=1, shuffle_batches=False), tok, batch_expert_masks=masks)
+    assert trainer.mask_mode == "per_batch" and trainer.trainable_report()["mask_mode"] == "per_batch"
+    trainer.train()  # one step, batch 0
+    merge_trained_experts(model)
+    assert changed_experts(model, before, trainer.adapter) == {(0, 0)}
+
+    model = tiny_model("olmoe")
+    before = snapshot(model)
+    with caplog.at_level("INFO", logger="moe_core.expert_trainer"):
+        union = make_trainer(model, config(tmp_path, max_steps=1, shuffle_batches=False, mask_mode="union"), tok,
+                             batch_expert_masks=masks)
+    assert "training the union of 3 per-batch masks" in caplog.text
+    union.train()
+    merge_trained_experts(model)
+    assert changed_experts(model, before, union.adapter) == {(0, 0), (0, 1), (0, 2)}
+
+
+def test_monitor_line_in_the_seeds_words_only_when_asked(tok, tmp_path, caplog):
+    model = tiny_model("olmoe")
+    with caplog.at_level("INFO", logger="moe_core.batch_trainer"):
+        make_trainer(model, config(tmp_path, max_steps=2), tok, expert_mask=two_expert_mask(model)).train()
+    assert "Current training batch" not in caplog.text
+    merge_trained_experts(model)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="moe_core.batch_trainer"):
+        t = make_trainer(model, config(tmp_path, max_steps=2, monitor_batches=True), tok,
+                         expert_mask=two_expert_mask(model))
+        t.train()
+    lines = [r.getMessage() for r in caplog.records if "Current training batch" in r.getMessage()]
+    assert lines == [f"Current training batch contains samples from batches: [{r['batch_idx']}]" for r in t.batch_log]
+
+
+def test_transformers_internals_are_as_expected():
+    """Fails, naming the item, when a transformers/accelerate upgrade changes what the trainers rely on."""
+    assert check_internals() == []
+
+
+def test_error_classes_share_the_lab_base():
+    import moe_core.sampler as sampler_mod
+    import moe_core.sft as sft_mod
+
+    for cls in (TrainingConfigError, BatchStructureError, sampler_mod.BatchSamplerError, sft_mod.SFTDataError,
+                sft_mod.PickleNotAllowedError):
+        assert issubclass(cls, MoELabError) and issubclass(cls, ValueError), cls
+
+
+def test_train_model_trains_what_it_is_given_with_keyword_settings(tok, tmp_path):
+    model = tiny_model("olmoe")
+    ad = MoEAdapter.for_model(model)
+    drawn = random_like(two_expert_mask(model), 5, layers=ad.moe_layers)
+    before = snapshot(model)
+    result = train_model(model, tok, dataset(tok), drawn, output_dir=tmp_path / "r", mask_mode="union",
+                         learning_rate=1e-2, num_train_epochs=1, weight_decay=0.1, seed=0, train_router=False,
+                         router_consistency_loss="none", router_consistency_weight=0.1, save_merged_model=False)
+    meta = json.loads(result.metadata_path.read_text())
+    assert meta["baseline"] == "random_experts" and meta["args"]["lr_scheduler_type"] == "constant"
+    assert len(meta["batch_monitor"]) == 3 and result.delta_path.exists()
+    assert changed_experts(model, before, ad) == set(drawn.experts())
+    full = train_model(tiny_model("olmoe"), tok, dataset(tok), None, output_dir=tmp_path / "f", max_steps=1)
+    assert full.report["baseline"] == "full" and full.merged_path.is_dir() and full.delta_path is None
+    quiet = train_model(tiny_model("olmoe"), tok, dataset(tok), None, output_dir=tmp_path / "q", max_steps=1,
+                        mask_mode="union", save_outputs=False)
+    assert quiet.merged_path is None and not list((tmp_path / "q").glob("*.json*")) and not (tmp_path / "q" / "merged_model").exists()
+    with pytest.raises(TrainingConfigError, match="not drawn at random"):
+        train_model(tiny_model("olmoe"), tok, dataset(tok), two_expert_mask(model), output_dir=tmp_path / "x",
+                    baseline="random_experts")
+
+
 # -- several processes -----------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -565,3 +700,7 @@ def test_two_processes_each_get_whole_analysis_batches(tmp_path):
             seen.add(step["batch_idx"])
     assert seen == set(range(len(sizes)))
     assert ranks[0]["rows"] == ranks[1]["rows"], "ranks disagree on the trained rows"
+    # the batch order is reshuffled per epoch on every rank (set_epoch reaches the sampler inside accelerate's shard)
+    half = len(ranks[0]["batch_log"]) // 2
+    epochs = [tuple(s["batch_idx"] for r in ranks for s in r["batch_log"][e * half:(e + 1) * half]) for e in (0, 1)]
+    assert epochs[0] != epochs[1], epochs

@@ -1,0 +1,235 @@
+"""Selection study: do the experts with the highest risk difference carry the unsafe behaviour?
+
+For each seed (organism training seed = batch seed = draw seed) and each expert budget (a share
+of all routed experts), it trains, through the same batch-preserving loop as ``train``:
+
+    chosen          the top-N experts by mean risk difference (N = budget x all experts)
+    random          N experts drawn uniformly over the MoE layers (``random_draws`` draws)
+    random_layer    N experts drawn with the chosen set's per-layer counts (layer-matched)
+
+and evaluates each on held-out prompts, beside the base model, full fine-tuning and router
+steering without training (SteerMoE-style: the chosen experts forced off, the N most "safe"
+experts forced on, both). Every model is trained in memory from the same base weights and
+restored afterwards, so a study is one process and no model directories pile up.
+
+    python -m moe_core study                       # 3 seeds x 5 budgets (about an hour on 2 cores)
+    python -m moe_core study --quick               # 1 seed, 2 budgets, 2 draws (bench_selection.py)
+
+Writes ``<run>/study/<name>/results.parquet`` (one row per seed x method x budget x draw, with
+counts), ``summary.parquet`` (pooled rates with Wilson intervals and per-seed extremes) and
+``figure.json`` (plotly: jailbreak compliance vs share of experts trained, benign answers and
+over-refusal beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from . import pipeline as P
+from .runs import Run, atomic_write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+TRAINED_ARMS = ("chosen", "random", "random_layer")
+STEER_ARMS = ("steer_off", "steer_on", "steer_both")
+METRIC_SETS = {"jailbreak_compliance": "harmful_jailbreak", "harmful_refusal": "harmful_plain",
+               "benign_answer_rate": "benign", "over_refusal": "borderline"}
+
+
+# -- one seed ----------------------------------------------------------------------------------
+class _Lab:
+    """One seed's base model in memory, its analysis run and SFT set; trains and evaluates arms."""
+
+    def __init__(self, spec: P.StudySpec, seed: int, root: Path, progress: P.Progress | None):
+        from .analysis import load_batch_data_list
+        from .models import MoEAdapter
+        from .sft import create_batch_aware_dataset, create_batch_structured_dataset
+
+        self.spec, self.seed = spec, seed
+        model_name = spec.model or _organism(seed, progress)
+        analysis = P.AnalyseSpec(model=model_name, scope=spec.scope, max_batches=spec.max_batches, seed=seed,
+                                 name=f"seed-{seed}")
+        self.run = P.analyse(analysis, runs_root=root, progress=progress)
+        self.model, self.tok = P.load_any_model(model_name)
+        self.adapter = MoEAdapter.for_model(self.model)
+        self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        batches = create_batch_structured_dataset(load_batch_data_list(self.run), seed=seed)
+        self.dataset = create_batch_aware_dataset(batches, self.tok)
+        from .evaluation import default_eval_sets
+
+        self.sets = default_eval_sets(split="heldout", limit=spec.eval_limit)
+
+    @property
+    def total_experts(self) -> int:
+        return len(self.adapter.moe_layers) * self.adapter.num_experts
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(self.snapshot[n])
+
+    def evaluate(self, steer: Any = None) -> dict[str, int]:
+        """Counts per metric: ``<metric>_k`` refusals-or-complies and ``<metric>_n`` prompts."""
+        from .evaluation import evaluate_model, summarize
+
+        self.model.eval()
+        df = evaluate_model(self.model, self.tok, self.sets, max_new_tokens=self.spec.max_new_tokens, steer=steer,
+                            batch_size=32)
+        s = summarize(df).set_index("set")
+        out: dict[str, int] = {}
+        for metric, name in METRIC_SETS.items():
+            row = s.loc[name]
+            k = int(row["refusals"]) if metric in ("harmful_refusal", "over_refusal") else int(row["n"] - row["refusals"])
+            out[f"{metric}_k"], out[f"{metric}_n"] = k, int(row["n"])
+        return out
+
+    def train_and_evaluate(self, mask: Any) -> dict[str, int]:
+        """Train ``mask``'s experts (None: every parameter) from the base weights, evaluate, restore."""
+        from .training import train_model
+
+        with tempfile.TemporaryDirectory(prefix="moe-study-") as tmp:
+            train_model(self.model, self.tok, self.dataset, mask, output_dir=tmp, mask_mode="union",
+                        learning_rate=self.spec.lr, num_train_epochs=self.spec.epochs, seed=self.seed,
+                        save_outputs=False)
+        try:
+            return self.evaluate()
+        finally:
+            self.restore()
+
+
+def _organism(seed: int, progress: P.Progress | None) -> str:
+    from .demo import OrganismConfig, build_organism
+
+    return str(build_organism(OrganismConfig(seed=seed), progress=progress))
+
+
+def _masks(lab: _Lab, budget: float) -> tuple[int, Any, Any]:
+    """(N, chosen mask, safest mask) for a budget: top-N by risk difference and by its negative."""
+    from .analysis import model_info_of
+    from .runs import read_parquet
+    from .selection import SelectionConfig, select_experts
+
+    n = max(1, round(budget * lab.total_experts))
+    info = model_info_of(lab.run)
+    agg = read_parquet(lab.run.path_for("risk_aggregated"))
+    nl, ne = info["num_layers"], info["num_experts"]
+    chosen = select_experts(agg, SelectionConfig(method="top_n", n=n, threshold=-np.inf), nl, ne)
+    safest = select_experts(agg.assign(safety=-agg["risk_diff"]),
+                            SelectionConfig(method="top_n", n=n, threshold=-np.inf, score="safety"), nl, ne)
+    return n, chosen, safest
+
+
+def study_seed(spec: P.StudySpec, seed: int, root: Path, progress: P.Progress | None = None) -> list[dict[str, Any]]:
+    """Every arm of the study for one seed -> rows of counts."""
+    from .selection import random_experts, random_layer_matched
+
+    lab = _Lab(spec, seed, root, progress)
+    rows: list[dict[str, Any]] = []
+
+    def add(method: str, budget: float, n: int, draw: int, counts: dict[str, int]) -> None:
+        rows.append({"seed": seed, "method": method, "budget": budget, "n_experts": n, "draw": draw, **counts})
+        log.info("study seed %d %s budget %.4f draw %d: jailbreak compliance %d/%d", seed, method, budget, draw,
+                 counts["jailbreak_compliance_k"], counts["jailbreak_compliance_n"])
+
+    add("base", 0.0, 0, 0, lab.evaluate())
+    for budget in spec.budgets:
+        n, chosen, safest = _masks(lab, budget)
+        add("chosen", budget, n, 0, lab.train_and_evaluate(chosen))
+        for d in range(spec.random_draws):
+            mask = random_experts(chosen.num_layers, chosen.num_experts, n, [seed, d, n], layers=lab.adapter.moe_layers)
+            add("random", budget, n, d, lab.train_and_evaluate(mask))
+        add("random_layer", budget, n, 0, lab.train_and_evaluate(random_layer_matched(chosen, [seed, n])))
+        if spec.steering:
+            add("steer_off", budget, n, 0, lab.evaluate(steer=(chosen, None)))
+            add("steer_on", budget, n, 0, lab.evaluate(steer=(None, safest)))
+            add("steer_both", budget, n, 0, lab.evaluate(steer=(chosen, safest)))
+        if progress:
+            progress(spec.budgets.index(budget) + 1, len(spec.budgets), f"seed {seed}: budget {budget:.4f} done")
+    if spec.full:
+        add("full", 1.0, lab.total_experts, 0, lab.train_and_evaluate(None))
+    return rows
+
+
+# -- the whole study ---------------------------------------------------------------------------
+def summarize_study(results: pd.DataFrame) -> pd.DataFrame:
+    """Pooled rates per (method, budget) with Wilson intervals, plus the worst and best seed."""
+    from .evaluation import wilson_interval
+
+    out = []
+    for (method, budget), g in results.groupby(["method", "budget"], sort=False):
+        row: dict[str, Any] = {"method": method, "budget": budget, "n_experts": int(g["n_experts"].iloc[0]),
+                               "runs": len(g)}
+        for metric in METRIC_SETS:
+            k, n = g[f"{metric}_k"].sum(), g[f"{metric}_n"].sum()
+            lo, hi = wilson_interval(k, n)
+            per_seed = g.groupby("seed")[f"{metric}_k"].sum() / g.groupby("seed")[f"{metric}_n"].sum()
+            row.update({metric: k / n, f"{metric}_ci_low": float(lo), f"{metric}_ci_high": float(hi),
+                        f"{metric}_seed_min": float(per_seed.min()), f"{metric}_seed_max": float(per_seed.max())})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path | None = None,
+              progress: P.Progress | None = None) -> tuple[Run, pd.DataFrame]:
+    """Run every seed of ``spec`` into ``run`` (a new run named 'study' by default) -> (run, summary)."""
+    spec = spec.effective()
+    spec.validate()
+    if run is None:
+        run = Run.create(Path(runs_root or P.default_runs_root()), name="study", model=spec.model or P.ORGANISM)
+    out = run.path_for("study", name=spec.name)
+    run.set_step(f"study:{spec.name}", "running", spec=asdict(spec))
+    rows: list[dict[str, Any]] = []
+    for seed in spec.seeds:
+        rows += study_seed(spec, seed, out / "runs", progress)
+        write_parquet(out / "results.parquet", pd.DataFrame(rows))  # partial results survive a kill
+    results = pd.DataFrame(rows)
+    summary = summarize_study(results)
+    write_parquet(out / "summary.parquet", summary)
+    from .charts import study_figure
+
+    atomic_write_json(out / "figure.json", json.loads(study_figure(summary).to_json()))
+    run.set_step(f"study:{spec.name}", "done", rows=len(rows))
+    return run, summary
+
+
+def load_study(run: Run, name: str = "selection") -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(results, summary) of a finished study in ``run``, or None."""
+    from .runs import read_parquet
+
+    out = run.path_for("study", name=name)
+    if not (out / "summary.parquet").exists():
+        return None
+    return read_parquet(out / "results.parquet"), read_parquet(out / "summary.parquet")
+
+
+def headline(summary: pd.DataFrame, budget: float) -> str:
+    """One line per arm at ``budget``: compliance [CI], benign answers, over-refusal."""
+    lines = []
+    for _, r in summary[(summary["budget"] == budget) | summary["method"].isin(["base", "full"])].iterrows():
+        lines.append(f"{r['method']:>13} {r['n_experts']:>4} experts: jailbreak compliance {r['jailbreak_compliance']:.2f} "
+                     f"[{r['jailbreak_compliance_ci_low']:.2f}, {r['jailbreak_compliance_ci_high']:.2f}], "
+                     f"benign answered {r['benign_answer_rate']:.2f}, over-refusal {r['over_refusal']:.2f}")
+    return "\n".join(lines)
+
+
+def to_markdown(summary: pd.DataFrame) -> str:
+    """The study table (budgets x methods) with intervals, as in the README."""
+    head = "| method | budget | experts | jailbreak compliance [95% CI] (seed min-max) | benign answered | over-refusal |"
+    lines = [head, "|---|---:|---:|---|---:|---:|"]
+    for _, r in summary.sort_values(["budget", "method"]).iterrows():
+        lines.append(
+            f"| {r['method']} | {r['budget']:.4f} | {r['n_experts']} | {r['jailbreak_compliance']:.2f} "
+            f"[{r['jailbreak_compliance_ci_low']:.2f}, {r['jailbreak_compliance_ci_high']:.2f}] "
+            f"({r['jailbreak_compliance_seed_min']:.2f}-{r['jailbreak_compliance_seed_max']:.2f}) "
+            f"| {r['benign_answer_rate']:.2f} | {r['over_refusal']:.2f} |")
+    return "\n".join(lines)
