@@ -94,6 +94,7 @@ class SelectSpec:
 
     method: Method = same_as(SelectionConfig, "method", help="selection rule")
     n: int = same_as(SelectionConfig, "n", help="top_n / random: number of experts")
+    budget: Optional[float] = opt(None, "top_n / random: share of all routed experts, e.g. 0.0625 (overrides n)")
     threshold: float = same_as(SelectionConfig, "threshold", help="minimum score (risk difference) of a candidate")
     per_layer_k: int = same_as(SelectionConfig, "per_layer_k", help="per_layer: experts per MoE layer")
     top_p: float = same_as(SelectionConfig, "top_p", help="top_p: cumulative share of positive risk")
@@ -104,9 +105,15 @@ class SelectSpec:
     seed: int = opt(0, "seed of the random baseline")
     name: str = opt("unsafe_experts", "mask name in the run")
 
-    def selection_config(self) -> SelectionConfig:
+    def selection_config(self, total_experts: int | None = None) -> SelectionConfig:
+        """The library config; ``budget`` becomes ``n`` given the model's number of routed experts."""
         keys = {f.name for f in fields(SelectionConfig)}
-        return SelectionConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in keys})
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in keys}
+        if self.budget is not None:
+            if not 0 < self.budget <= 1 or not total_experts:
+                raise MoELabError(f"budget must be a share in (0, 1] of the routed experts (got {self.budget})")
+            values["n"] = max(1, round(self.budget * total_experts))
+        return SelectionConfig(**values)
 
 
 @dataclass
@@ -155,6 +162,7 @@ class DemoSpec(AnalyseSpec):
     mask_name: str = same_as(SelectSpec, "name", help="mask name in the run")
     method: Method = same_as(SelectSpec, "method")
     n: int = same_as(SelectSpec, "n")
+    budget: Optional[float] = same_as(SelectSpec, "budget")
     per_layer_k: int = same_as(SelectSpec, "per_layer_k")
     per_batch: bool = same_as(SelectSpec, "per_batch")
     mask_mode: MaskMode = same_as(TrainSpec, "mask_mode")
@@ -167,8 +175,8 @@ class DemoSpec(AnalyseSpec):
     skip_training: bool = opt(False, "stop after expert selection")
 
     def select_spec(self) -> SelectSpec:
-        return SelectSpec(method=self.method, n=self.n, per_layer_k=self.per_layer_k, per_batch=self.per_batch,
-                          seed=self.seed, name=self.mask_name)
+        return SelectSpec(method=self.method, n=self.n, budget=self.budget, per_layer_k=self.per_layer_k,
+                          per_batch=self.per_batch, seed=self.seed, name=self.mask_name)
 
     def train_spec(self, baseline: str) -> TrainSpec:
         return TrainSpec(mask=self.mask_name, mask_mode=self.mask_mode if baseline != "full" else "union",
@@ -364,7 +372,7 @@ def select(spec: SelectSpec, run: Run) -> Any:
         raise MoELabError(f"run {run.id} has no risk table yet; run `python -m moe_core analyze` first")
     info = model_info_of(run)
     nl, ne = info.get("num_layers"), info.get("num_experts")
-    cfg = spec.selection_config()
+    cfg = spec.selection_config(len(info.get("moe_layers") or range(nl or 0)) * (ne or 0))
     if spec.per_batch:
         masks = select_per_batch(read_parquet(run.path_for("risk_per_batch")), cfg, nl, ne)
         save_batch_masks(run.path_for("mask", name=spec.name), masks)

@@ -98,13 +98,17 @@ class _Lab:
         from .training import train_model
 
         with tempfile.TemporaryDirectory(prefix="moe-study-") as tmp:
-            train_model(self.model, self.tok, self.dataset, mask, output_dir=tmp, mask_mode="union",
+            train_model(self.model, self.tok, self.dataset, mask, output_dir=tmp, mask_mode="union", progress=_quiet,
                         learning_rate=self.spec.lr, num_train_epochs=self.spec.epochs, seed=self.seed,
                         save_outputs=False)
         try:
             return self.evaluate()
         finally:
             self.restore()
+
+
+def _quiet(done: int, total: int, message: str = "") -> None:
+    """A progress sink: the study reports per arm, not per training step."""
 
 
 def _organism(seed: int, progress: P.Progress | None) -> str:

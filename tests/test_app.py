@@ -719,3 +719,23 @@ def test_one_click_demo_runs_the_whole_pipeline(runs_root):
     assert base["jailbreak_compliance"] >= 0.9 and base["benign_answer_rate"] >= 0.9
     assert experts["jailbreak_compliance"] <= base["jailbreak_compliance"] - 0.3, table
     assert experts["benign_answer_rate"] >= 0.9 and experts["harmful_refusal"] >= 0.9, table
+
+
+def test_page_defaults_are_the_pipeline_defaults(lab, monkeypatch):
+    """The app and the CLI take their defaults from the same dataclasses (moe_core.pipeline)."""
+    from moe_core.pipeline import EvaluateSpec, SelectSpec, TrainSpec
+
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="training")
+    t = TrainSpec()
+    assert at.number_input(key="tr_lr").value == t.lr and at.number_input(key="tr_epochs").value == t.epochs
+    assert at.selectbox(key="tr_rc").value == t.router_consistency
+    assert at.number_input(key="tr_rcw").value == t.router_consistency_weight
+    at.switch_page("app_pages/evaluation.py").run()
+    e = EvaluateSpec()
+    assert at.number_input(key="ev_max_new").value == e.max_new_tokens and at.text_input(key="ev_name").value == e.name
+    at.switch_page("app_pages/experts.py").run()
+    s = SelectSpec()
+    assert at.number_input(key="ex_thr").value == s.threshold and at.slider(key="ex_top_p").value == s.top_p
+    assert at.number_input(key="ex_seed").value == s.seed
