@@ -1,14 +1,15 @@
-"""MoE Safety Lab: the Streamlit app over ``moe_core``.
+"""MoE Safety Lab: the Streamlit app over ``moe_core``. This file is its Home page.
 
     streamlit run app.py            # or: make app
 
-Pages (``st.navigation``, one file each in ``app_pages/``; the folder is deliberately not named
-``pages/``: Streamlit treats a ``pages/`` folder beside the entry script as a legacy multipage app
-and then runs a page file without this script, i.e. without the sidebar): Home (one-click demo), Data & batches, Analysis, Heatmaps, Experts,
-Training, Evaluation, Runs. The sidebar shows the open run, its model and the device, and opens
-or creates runs (``?run=<run id>`` in the URL opens a run). Runs live under ``$MOE_LAB_RUNS``
-(default ``./runs``). Long steps run as
-background jobs (``moe_core.jobs``): refreshing the page never stops or duplicates them.
+Streamlit's classic multipage layout: this entry script is Home (the one-click demo and where the
+open run stands) and every file in ``pages/`` is one page with its own URL: Data & batches
+(``/data``), Analysis, Heatmaps, Experts, Training, Evaluation, Present, Runs. Every page, this
+one included, starts with ``app_ui.setup()``: the shared sidebar (navigation, the run picker, the
+run's model, the device, new/open run), so a page opened directly by URL or reloaded shows the
+same sidebar and the same run. The open run is in the URL (``?run=<run id>``). Runs live under
+``$MOE_LAB_RUNS`` (default ``./runs``). Long steps run as background jobs (``moe_core.jobs``):
+refreshing the page never stops or duplicates them.
 """
 
 from __future__ import annotations
@@ -17,97 +18,161 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:  # pages import moe_core and app_pages._ui from the repo root
+if str(ROOT) not in sys.path:  # pages import moe_core and app_ui from the repo root
     sys.path.insert(0, str(ROOT))
 
 import streamlit as st  # noqa: E402
 
-from moe_core.runs import Run, RunError, list_runs  # noqa: E402
-from app_pages import _ui as ui  # noqa: E402
+import app_ui as ui  # noqa: E402
+from moe_core import jobs  # noqa: E402
+from moe_core.pipeline import DemoSpec  # noqa: E402
+from moe_core.runs import Run, list_runs  # noqa: E402
 
-st.set_page_config(page_title="MoE Safety Lab", page_icon=":material/hub:", layout="wide")
+run = ui.setup()
+st.title("MoE Safety Lab")
+st.markdown(
+    "Find the experts of a Mixture-of-Experts LLM that fire when it behaves **unsafely** "
+    "(complies with a jailbreak) rather than **safely** (refuses), then fine-tune **only those experts**."
+)
+ui.show_flash()
+
+STEPS = [  # (title, page key, what it does, done?)
+    ("Data & batches", "data", "Compose mixed safe/unsafe batches", lambda r: r.path_for("plan").exists()),
+    ("Analysis", "analysis", "Route every batch, judge answers, measure risk differences",
+     lambda r: r.path_for("risk_aggregated").exists()),
+    ("Heatmaps", "heatmaps", "Layer × expert risk, per batch and aggregated", lambda r: r.path_for("risk_aggregated").exists()),
+    ("Experts", "experts", "Select the unsafe experts -> expert mask", lambda r: bool(ui.mask_names(r))),
+    ("Training", "training", "Fine-tune only the chosen experts", lambda r: bool(r.trainings())),
+    ("Evaluation", "evaluation", "Refusal and over-refusal before vs after", lambda r: r.path_for("eval").is_dir() and any(r.path_for("eval").iterdir())),
+]
+
+DEMO = "demo"  # job name of the demo; the CLI names its later stages demo-train-<baseline>, demo-eval
+DEMO_STAGES = [  # (job, label, page that shows its results, link label)
+    ("demo", "Analysis (builds the organism first)", "heatmaps", "See the heatmaps"),
+    ("demo-train-experts", "Training: chosen experts", "training", "Training results"),
+    ("demo-train-random_experts", "Training: random experts (baseline)", "training", "Training results"),
+    ("demo-train-full", "Training: full fine-tuning (baseline)", "training", "Training results"),
+    ("demo-eval", "Evaluation", "evaluation", "Before vs after"),
+]
+_ICON = {"done": ":material/check_circle:", "running": ":material/progress_activity:", "queued": ":material/schedule:",
+         "error": ":material/error:", "dead": ":material/error:", "stopped": ":material/stop_circle:"}
 
 
-def _create_run() -> None:
-    """Callback of 'Create run': runs before the script, so the selectbox shows the new run."""
-    name = (st.session_state.get("new_run_name") or "").strip() or "run"
+def _live_demo_run() -> Run | None:
+    """A run whose demo process is still working (so a second click never starts another)."""
+    for r in list_runs(ui.runs_root()):
+        if not r.error and jobs.read_job(r.path, DEMO, log_lines=0).process_alive:
+            return Run.open(r.path)
+    return None
+
+
+def _start_demo() -> None:
+    """Callback: a fresh run named 'demo' and the demo job in it (the CLI runs the whole pipeline)."""
+    if _live_demo_run() is not None:
+        return
     try:
-        run = Run.create(ui.runs_root(), name=name, config={"created_by": "app"})
+        new = Run.create(ui.runs_root(), name="demo", config={"created_by": "app", "command": "demo"}, model="organism")
+        jobs.start_step(new, DEMO, DemoSpec())
     except Exception as e:  # noqa: BLE001 - sorted into a user error or a logged bug
-        st.session_state["sidebar_error"] = ui.error_message(e, "Not created: ")
+        st.session_state["demo_error"] = ui.error_message(e, "The demo did not start: ")
         return
-    st.session_state[ui.RUN_KEY] = str(run.path)
-    st.session_state["new_run_name"] = ""
-    ui.flash(f"Created run {run.id}")
+    ui.open_run(new.path)
+    ui.flash(f"Demo started in run {new.id}: the organism is built (first time only), analysed, its unsafe "
+             "experts selected, trained and evaluated. Each stage links to its results as soon as it ends.")
 
 
-def _open_by_path() -> None:
-    path = (st.session_state.get("open_run_path") or "").strip()
-    try:
-        run = Run.open(Path(path).expanduser().resolve())
-    except Exception as e:  # noqa: BLE001 - RunError, an unreadable folder, or a logged bug
-        st.session_state["sidebar_error"] = ui.error_message(e, "Not opened: ")
-        return
-    st.session_state[ui.RUN_KEY] = str(run.path)
+def stop_demo(run: Run) -> None:
+    """Stop the demo wherever it is: the running stage and every stage still to come (a stage that has
+    not started yet finds its stop request when it starts, so the demo ends even between stages)."""
+    for name, *_ in DEMO_STAGES:
+        if jobs.read_job(run.path, name, log_lines=0).state not in ("done", "error", "stopped"):
+            jobs.request_stop(run.path, name)
 
 
-def sidebar() -> None:
-    runs = [r for r in list_runs(ui.runs_root()) if not r.error]
-    paths = [str(r.path) for r in runs]
-    labels = {str(r.path): (r.name if r.name and r.name != r.id else r.id) + f"  ·  {r.id[:15]}" for r in runs}
-    extra = st.session_state.get(ui.RUN_KEY)
-    if extra and extra not in paths:  # a run opened by path, outside the runs root
+def checklist(r: Run) -> None:
+    st.subheader(f"Run: {r.name}")
+    st.caption(f"`{r.path}`")
+    for title, key, what, is_done in STEPS:
         try:
-            Run.open(extra)
-            paths.insert(0, extra)
-            labels[extra] = Path(extra).name + "  ·  (opened by path)"
-        except RunError:
-            st.session_state.pop(ui.RUN_KEY, None)
-    wanted = st.query_params.get("run")  # ?run=<run id>: a link that opens a given run
-    if wanted and wanted != st.session_state.get("applied_run_param"):
-        st.session_state["applied_run_param"] = wanted
-        match = [str(r.path) for r in runs if r.id == wanted]
-        if match:
-            st.session_state[ui.RUN_KEY] = match[0]
-        else:
-            st.session_state["sidebar_error"] = f"no run {wanted!r} under {ui.runs_root()}"
-    if paths and not st.session_state.get(ui.RUN_KEY):
-        st.session_state[ui.RUN_KEY] = paths[0]  # open the newest run by default
-    with st.sidebar:
-        st.markdown("### :material/hub: MoE Safety Lab")
-        if paths:
-            st.selectbox("Run", paths, key=ui.RUN_KEY, format_func=lambda p: labels.get(p, p))
-        else:
-            st.info(f"No runs yet under `{ui.runs_root()}`. Create one below or run the demo on Home.")
-        run = ui.current_run()
-        if run is not None:
-            info = ui.model_info(run)
-            model = run.manifest.get("model") or "not chosen yet"
-            shape = (f"{info['num_layers']} layers × {info['num_experts']} experts, top-{info['top_k']}"
-                     if info.get("num_experts") else "")
-            st.caption(f"**Model:** {model}" + (f"  \n{shape}" if shape else ""))
-        st.caption(f"**Device:** {ui.device_name()}")
-        with st.expander("New run", expanded=not paths):
-            st.text_input("Name", key="new_run_name", placeholder="e.g. olmoe-advbench")
-            st.button("Create run", on_click=_create_run, icon=":material/add:", width="stretch")
-        with st.expander("Open a run folder by path"):
-            st.text_input("Run folder", key="open_run_path", placeholder="/path/to/runs/20260101-...")
-            st.button("Open", on_click=_open_by_path, width="stretch")
-        err = st.session_state.pop("sidebar_error", None)
+            done = bool(is_done(r))
+        except OSError:  # a folder that cannot be listed: the step is not done as far as we can tell
+            done = False
+        c1, c2 = st.columns([2, 3], vertical_alignment="center")
+        ui.link(key, title, ":material/check_circle:" if done else ":material/radio_button_unchecked:", container=c1)
+        c2.caption(what)
+
+
+def demo_progress(r: Run) -> None:
+    """Every stage of the demo with its state and, as soon as it ends, a link to its results."""
+    head = jobs.read_job(r.path, DEMO, log_lines=25)
+    found = {j.name: j for j in jobs.list_jobs(r.path, prefix=DEMO)}
+    known = {n for n, *_ in DEMO_STAGES}
+    stages = DEMO_STAGES + [(n, n, None, None) for n in found if n not in known]
+    done = sum(1 for n, *_ in stages if found.get(n) and found[n].state == "done")
+    with st.container(border=True):
+        st.progress(done / len(stages), text=f"{done} of {len(stages)} stages done"
+                    + (" · working..." if head.process_alive else ""))
+        for n, label, page, link_label in stages:
+            j = found.get(n)
+            state = j.state if j else ("waiting" if head.process_alive else "not run")
+            c1, c2, c3 = st.columns([3, 3, 2], vertical_alignment="center")
+            c1.markdown(f"{_ICON.get(state, ':material/radio_button_unchecked:')} {label}")
+            if j and j.state == "running" and j.total:
+                c2.progress(j.fraction or 0.0, text=f"{j.done}/{j.total}"
+                            + (f" · about {jobs.format_eta(j.eta_s)} left" if j.eta_s is not None else ""))
+            else:
+                c2.caption(state + (f": {j.message}" if j and j.message and j.message != state else ""))
+            if j and j.state == "done" and page:
+                ui.link(page, link_label, ":material/arrow_forward:", container=c3)
+            if j and j.error:
+                st.error(f"{label}: {j.error}", icon=":material/error:")
+        if head.process_alive:
+            if st.button("Stop the demo", icon=":material/stop_circle:", key="stop_demo"):
+                stop_demo(r)
+                st.toast("Asked the demo to stop after its current step")
+        if head.log_tail:
+            with st.expander("Log (last lines)"):
+                st.code(head.log_tail, language="text")
+
+
+live = _live_demo_run()
+left, right = st.columns([3, 2], gap="large")
+with right:
+    with st.container(border=True):
+        st.subheader(":material/rocket_launch: One-click demo")
+        st.markdown(
+            "Runs the whole pipeline on the built-in **model organism** (a tiny OLMoE trained here to refuse "
+            "harmful requests but comply when jailbroken): batches, routing analysis, unsafe experts, "
+            "expert-only fine-tuning with baselines, evaluation. Offline and CPU-friendly."
+        )
+        st.button("Run the demo", type="primary", icon=":material/play_arrow:", on_click=_start_demo, width="stretch",
+                  disabled=live is not None, help="a demo is already running" if live else None)
+        if live is not None and str(live.path) != st.session_state.get(ui.RUN_KEY):
+            st.caption(f"A demo is running in run {live.id}: open it in the sidebar to follow it.")
+        err = st.session_state.pop("demo_error", None)
         if err:
             st.error(err)
 
+if run is None:
+    with left:
+        st.info("No run is open yet: start the demo, or create a run in the sidebar and begin with "
+                "**Data & batches**.", icon=":material/info:")
+else:
+    alive = jobs.read_job(run.path, DEMO, log_lines=0).process_alive
 
-pages = [
-    st.Page("app_pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
-    st.Page("app_pages/data.py", title="Data & batches", icon=":material/dataset:", url_path="data"),
-    st.Page("app_pages/analysis.py", title="Analysis", icon=":material/query_stats:", url_path="analysis"),
-    st.Page("app_pages/heatmaps.py", title="Heatmaps", icon=":material/grid_on:", url_path="heatmaps"),
-    st.Page("app_pages/experts.py", title="Experts", icon=":material/target:", url_path="experts"),
-    st.Page("app_pages/training.py", title="Training", icon=":material/model_training:", url_path="training"),
-    st.Page("app_pages/evaluation.py", title="Evaluation", icon=":material/fact_check:", url_path="evaluation"),
-    st.Page("app_pages/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
-]
-nav = st.navigation(pages)
-sidebar()
-nav.run()
+    @st.fragment(run_every=ui.POLL_S if alive else None)
+    def status() -> None:
+        """The checklist and the demo's stages, refreshed while the demo works (each stage ticks off
+        and links to its results as soon as it ends)."""
+        head = jobs.read_job(run.path, DEMO, log_lines=0)
+        was = st.session_state.get("demo_alive")
+        st.session_state["demo_alive"] = head.process_alive
+        if was and not head.process_alive:
+            st.rerun()  # finished: redraw the whole page once (stops the polling)
+        checklist(run)
+        if head.state != "none":
+            st.subheader("Demo progress")
+            demo_progress(run)
+
+    with left:
+        status()

@@ -27,6 +27,10 @@ MARK_COLOR = "#111111"
 SAFE_COLOR = "#2c7fb8"
 UNSAFE_COLOR = "#d7301f"
 _LAYOUT = dict(margin=dict(l=60, r=20, t=50, b=50), template="plotly_white")
+# charts with a legend and long category labels: legend above the plot (never on the tick labels),
+# margins grown to fit the labels, so a 400 px wide screen shows no overlap
+_NARROW_SAFE = dict(margin=dict(l=50, r=10, t=80, b=40, autoexpand=True), template="plotly_white",
+                    legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0))
 
 
 def _symmetric_limit(z: np.ndarray, floor: float = 1e-6) -> float:
@@ -64,6 +68,25 @@ def _marks(marked: Iterable[tuple[int, int]], name: str = "chosen") -> go.Scatte
     )
 
 
+def _click_layer(z: np.ndarray, label: str, fmt: str = ".3f") -> go.Scatter:
+    """An invisible point on every cell (x = expert, y = layer), drawn on top of a heatmap.
+
+    Plotly reports clicks and box/lasso selections on scatter points, not on heatmap cells, so
+    this layer is what makes a cell clickable in the app (``st.plotly_chart(on_select=...)``): the
+    selection event carries the cell's ``x`` (expert) and ``y`` (layer). It also carries the hover text.
+    """
+    n_l, n_e = z.shape
+    ll, ee = np.meshgrid(np.arange(n_l), np.arange(n_e), indexing="ij")
+    vals = np.where(np.isfinite(z), z, np.nan).ravel()
+    return go.Scatter(
+        x=ee.ravel().tolist(), y=ll.ravel().tolist(), mode="markers", name="cells", showlegend=False,
+        marker=dict(symbol="square", size=max(4, min(18, int(700 / max(n_e, 1)))), opacity=0, color="#000"),
+        customdata=[[None if np.isnan(v) else float(v)] for v in vals],
+        hovertemplate="layer %{y}, expert %{x}<br>" + label + " %{customdata[0]:" + fmt + "}<br>"
+                      "<i>click to drill down</i><extra></extra>",
+    )
+
+
 def risk_heatmap(
     matrix: np.ndarray,
     title: str = "Risk difference (unsafe rate - safe rate)",
@@ -71,12 +94,14 @@ def risk_heatmap(
     zmax: float | None = None,
     colorbar_title: str = "risk diff",
     height: int | None = None,
+    clickable: bool = False,
 ) -> go.Figure:
     """Layer x expert heatmap of a signed value (NaN cells, e.g. dense layers, stay blank).
 
     ``zmax`` fixes the colour range to +-zmax (use the same value across batches so colours are
     comparable); by default it is the largest absolute value. ``marked`` draws an open square on
-    each chosen (layer, expert).
+    each chosen (layer, expert). ``clickable`` adds an invisible point per cell (last trace) so a
+    click selects the cell (see ``_click_layer``).
     """
     z = np.asarray(matrix, dtype=np.float64)
     if z.ndim != 2:
@@ -93,6 +118,10 @@ def risk_heatmap(
     if mk is not None:
         fig.add_trace(mk)
         fig.update_layout(showlegend=False)
+    if clickable:
+        fig.data[0].hoverinfo = "skip"  # the click layer on top shows the same text
+        fig.add_trace(_click_layer(z, colorbar_title))
+        fig.update_layout(showlegend=False, clickmode="event+select", dragmode="select")
     return _grid_layout(fig, title, n_l, n_e, height)
 
 
@@ -106,17 +135,18 @@ def signed_consistency(aggregated: pd.DataFrame, num_layers: int, num_experts: i
 
 
 def consistency_heatmap(
-    aggregated: pd.DataFrame, num_layers: int, num_experts: int, marked: Iterable[tuple[int, int]] = ()
+    aggregated: pd.DataFrame, num_layers: int, num_experts: int, marked: Iterable[tuple[int, int]] = (),
+    clickable: bool = False,
 ) -> go.Figure:
     """How reliably each expert's risk difference keeps its sign across batches (-1 .. +1)."""
     z = signed_consistency(aggregated, num_layers, num_experts)
     return risk_heatmap(
         z, title="Sign consistency across batches (+1: every batch says 'more on unsafe')",
-        marked=marked, zmax=1.0, colorbar_title="signed consistency",
+        marked=marked, zmax=1.0, colorbar_title="signed consistency", clickable=clickable,
     )
 
 
-def count_heatmap(counts: np.ndarray, title: str, colorbar_title: str = "batches") -> go.Figure:
+def count_heatmap(counts: np.ndarray, title: str, colorbar_title: str = "batches", clickable: bool = False) -> go.Figure:
     """Layer x expert heatmap of a count (e.g. in how many per-batch masks an expert is chosen)."""
     z = np.asarray(counts, dtype=np.float64)
     n_l, n_e = z.shape
@@ -125,6 +155,10 @@ def count_heatmap(counts: np.ndarray, title: str, colorbar_title: str = "batches
         xgap=1, ygap=1, colorbar=dict(title=dict(text=colorbar_title), thickness=14),
         hovertemplate="layer %{y}, expert %{x}<br>" + colorbar_title + " %{z:.0f}<extra></extra>",
     ))
+    if clickable:
+        fig.data[0].hoverinfo = "skip"
+        fig.add_trace(_click_layer(z, colorbar_title, ".0f"))
+        fig.update_layout(showlegend=False, clickmode="event+select", dragmode="select")
     return _grid_layout(fig, title, n_l, n_e, None)
 
 
@@ -180,8 +214,21 @@ def metric_bars(summary: pd.DataFrame, x: str = "metric", group: str = "model", 
         fig.add_trace(go.Bar(x=sub[x].astype(str).tolist(), y=vals.tolist(), name=str(name), error_y=err,
                              hovertemplate=f"{name}<br>%{{x}}: %{{y:.2f}}<extra></extra>"))
     fig.update_layout(barmode="group", title=dict(text=title, x=0.0), yaxis=dict(range=[0, 1.05], title="rate"),
-                      legend=dict(orientation="h", y=-0.18), height=400, **_LAYOUT)
+                      xaxis=dict(automargin=True, tickangle=0), height=420, **_NARROW_SAFE)
     return fig
+
+
+def wrap_label(text: str, width: int = 20) -> str:
+    """``text`` broken into lines of about ``width`` characters with ``<br>`` (plotly tick labels do
+    not wrap by themselves and overlap on a narrow screen)."""
+    words, lines, cur = str(text).replace("_", " ").split(), [], ""
+    for w in words:
+        if cur and len(cur) + 1 + len(w) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return "<br>".join([*lines, cur] if cur else lines)
 
 
 STUDY_COLORS = {"chosen": "#c0392b", "random": "#7f8c8d", "random_layer": "#2c3e50", "steer_off": "#8e44ad",
@@ -219,8 +266,10 @@ def study_figure(summary: pd.DataFrame) -> go.Figure:
                               annotation_text=method if col == 1 else None, annotation_position="top left")
         fig.update_xaxes(type="log", title_text="share of experts trained", row=1, col=col)
         fig.update_yaxes(range=[-0.02, 1.05], row=1, col=col)
-    fig.update_layout(title=dict(text="Chosen vs random experts", x=0.0), height=380,
-                      legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+    fig.update_layout(title=dict(text="Chosen vs random experts", x=0.0, y=0.98, yanchor="top"), height=440,
+                      **{**_NARROW_SAFE, "margin": dict(l=50, r=10, t=110, b=50, autoexpand=True),
+                         "legend": dict(orientation="h", yanchor="bottom", y=1.12, xanchor="left", x=0.0)})
+    fig.update_annotations(font_size=11)  # the panel titles
     return fig
 
 

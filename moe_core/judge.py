@@ -179,35 +179,59 @@ def load_labelled_set(path: str | Path = LABELLED_SET) -> list[dict[str, Any]]:
     return rows
 
 
-def _binary_metrics(truth: Sequence[int], pred: Sequence[int]) -> dict[str, float]:
-    tp = sum(t and p for t, p in zip(truth, pred))
-    fp = sum((not t) and p for t, p in zip(truth, pred))
-    fn = sum(t and (not p) for t, p in zip(truth, pred))
-    n = len(truth)
-    precision = tp / (tp + fp) if tp + fp else float("nan")
-    recall = tp / (tp + fn) if tp + fn else float("nan")
-    f1 = 2 * precision * recall / (precision + recall) if tp else (0.0 if tp + fp + fn else float("nan"))
-    acc = sum(int(t) == int(p) for t, p in zip(truth, pred)) / n if n else float("nan")
-    return {"n": n, "accuracy": acc, "precision": precision, "recall": recall, "f1": f1}
+def binary_metrics(truth: Sequence[int], pred: Sequence[int]) -> dict[str, float]:
+    """n, accuracy, precision, recall, F1 and Cohen's kappa of 0/1 predictions (1 = refusal, the positive class).
+
+    Undefined figures are NaN (precision with no predicted refusal, recall with no true refusal, kappa when
+    both raters always say the same class).
+    """
+    if len(truth) != len(pred):
+        raise JudgeError(f"got {len(truth)} labels but {len(pred)} predictions")
+    t = [int(bool(x)) for x in truth]
+    p = [int(bool(x)) for x in pred]
+    n = len(t)
+    tp = sum(a and b for a, b in zip(t, p))
+    fp = sum((not a) and b for a, b in zip(t, p))
+    fn = sum(a and (not b) for a, b in zip(t, p))
+    tn = n - tp - fp - fn
+    nan = float("nan")
+    precision = tp / (tp + fp) if tp + fp else nan
+    recall = tp / (tp + fn) if tp + fn else nan
+    f1 = 2 * precision * recall / (precision + recall) if tp else (0.0 if tp + fp + fn else nan)
+    acc = (tp + tn) / n if n else nan
+    expected = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n) if n else nan
+    kappa = (acc - expected) / (1 - expected) if n and expected < 1 else nan
+    return {"n": n, "accuracy": acc, "precision": precision, "recall": recall, "f1": f1, "kappa": kappa}
 
 
-def judge_accuracy(judge: RefusalJudge, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Accuracy/precision/recall/F1 (refusal = positive) overall and per category, plus the misses."""
+_binary_metrics = binary_metrics  # the earlier private name
+
+
+def judge_accuracy(judge: RefusalJudge, rows: Sequence[Mapping[str, Any]], with_verdicts: bool = False) -> dict[str, Any]:
+    """Accuracy/precision/recall/F1/kappa (refusal = positive) overall, per split and per category, plus the misses.
+
+    A row's ``refusal`` (0/1) is the truth; a partial answer (``label == "partial"``) is labelled 0, as the
+    judges count it. ``with_verdicts`` adds the list of Verdicts (in row order) under ``"verdicts"``.
+    """
     verdicts = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
     truth = [int(r["refusal"]) for r in rows]
     pred = [int(v.refusal) for v in verdicts]
     per_cat: dict[str, dict[str, float]] = {}
     for cat in sorted({r["category"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["category"] == cat]
-        per_cat[cat] = _binary_metrics([truth[i] for i in idx], [pred[i] for i in idx])
+        per_cat[cat] = binary_metrics([truth[i] for i in idx], [pred[i] for i in idx])
     misses = [
-        {"id": r.get("id", i), "category": r["category"], "label": truth[i], "verdict": verdicts[i].to_dict()}
+        {"id": r.get("id", i), "split": r.get("split"), "category": r["category"], "label": truth[i],
+         "human": r.get("label"), "verdict": verdicts[i].to_dict()}
         for i, r in enumerate(rows)
         if truth[i] != pred[i]
     ]
     per_split = {
-        split: _binary_metrics([truth[i] for i, r in enumerate(rows) if r.get("split") == split],
-                               [pred[i] for i, r in enumerate(rows) if r.get("split") == split])
+        split: binary_metrics([truth[i] for i, r in enumerate(rows) if r.get("split") == split],
+                              [pred[i] for i, r in enumerate(rows) if r.get("split") == split])
         for split in sorted({r["split"] for r in rows if r.get("split")})
     }
-    return {"overall": _binary_metrics(truth, pred), "per_split": per_split, "per_category": per_cat, "misses": misses}
+    out = {"overall": binary_metrics(truth, pred), "per_split": per_split, "per_category": per_cat, "misses": misses}
+    if with_verdicts:
+        out["verdicts"] = verdicts
+    return out

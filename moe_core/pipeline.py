@@ -465,6 +465,13 @@ def eval_entries(spec: EvaluateSpec, run: Run) -> list:
     entries += [EvalEntry(name, info["merged"]) for name, info in run.trainings().items() if info.get("merged")]
     if spec.steer_mask:
         mask = ExpertMask.load(run.path_for("mask", name=spec.steer_mask))
+        from .analysis import model_info_of
+
+        info = model_info_of(run)
+        shape = (info.get("num_layers"), info.get("num_experts"))
+        if None not in shape and tuple(mask.shape) != shape:  # fail before the evaluation, not after it
+            raise MoELabError(f"steer mask {spec.steer_mask!r} is {tuple(mask.shape)} but the run's model has "
+                              f"{shape[0]} layers x {shape[1]} experts")
         entries.append(EvalEntry(f"steer-off-{spec.steer_mask}", base_dir, steer_deactivate=mask))
     return entries
 

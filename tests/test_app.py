@@ -10,6 +10,7 @@ model and poll them. The organism demo is marked slow.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -31,9 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app.py")
 PAGES = {  # page file -> title
     "home": "MoE Safety Lab", "data": "Data & batches", "analysis": "Analysis", "heatmaps": "Heatmaps",
-    "experts": "Experts", "training": "Training", "evaluation": "Evaluation", "runs": "Runs",
+    "experts": "Experts", "training": "Training", "evaluation": "Evaluation", "present": "Present", "runs": "Runs",
 }
-NEEDS_RUN = ("data", "analysis", "heatmaps", "experts", "training", "evaluation")
+FILES = {  # page key -> file, relative to app.py (classic multipage layout: app.py is Home, pages/ the rest)
+    "home": "app.py", "data": "pages/1_data.py", "analysis": "pages/2_analysis.py", "heatmaps": "pages/3_heatmaps.py",
+    "experts": "pages/4_experts.py", "training": "pages/5_training.py", "evaluation": "pages/6_evaluation.py",
+    "present": "pages/7_present.py", "runs": "pages/8_runs.py",
+}
+NEEDS_RUN = ("data", "analysis", "heatmaps", "experts", "training", "evaluation", "present")
 
 
 # -- fixtures and helpers ---------------------------------------------------------------------
@@ -61,7 +67,7 @@ def open_app(run: Run | None = None, page: str | None = None) -> AppTest:
         at.session_state["run_path"] = str(run.path)
     at.run()
     if page:
-        at.switch_page(f"app_pages/{page}.py").run()
+        at.switch_page(FILES[page]).run()
     return at
 
 
@@ -81,6 +87,13 @@ def errors(at: AppTest) -> list[str]:
 
 def plotly_specs(at: AppTest) -> list[dict]:
     return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def column_box(at: AppTest, side: str):
+    """The prompt-column picker of one side (keyed by the file it belongs to, so found by its label)."""
+    found = [s for s in at.selectbox if s.label == f"{side} prompt column"]
+    assert len(found) == 1, [s.label for s in at.selectbox]
+    return found[0]
 
 
 def metric(at: AppTest, label: str) -> str:
@@ -106,7 +119,7 @@ def test_every_page_opens_without_a_run(runs_root):
     assert at.title[0].value == PAGES["home"]
     assert any("No runs yet" in i.value for i in at.sidebar.info)
     for page, title in PAGES.items():
-        at.switch_page(f"app_pages/{page}.py").run()
+        at.switch_page(FILES[page]).run()
         no_exceptions(at)
         assert at.title[0].value == title
         assert not errors(at)
@@ -119,7 +132,7 @@ def test_every_page_opens_with_a_finished_run(lab, monkeypatch):
     monkeypatch.setenv("MOE_LAB_RUNS", str(root))
     at = open_app(run)
     for page, title in PAGES.items():
-        at.switch_page(f"app_pages/{page}.py").run()
+        at.switch_page(FILES[page]).run()
         no_exceptions(at)
         assert at.title[0].value == title
         assert not errors(at), (page, errors(at))
@@ -135,7 +148,7 @@ def test_home_checklist_and_sidebar_run_picker(lab, monkeypatch):
     at = open_app()  # no run chosen: the newest run opens by default
     assert at.session_state["run_path"] == str(run.path)
     assert at.sidebar.selectbox(key="run_path").value == str(run.path)
-    links = {link.proto.label: link.proto.icon for link in at.get("page_link")}
+    links = {link.proto.label: link.proto.icon for link in at.main.get("page_link")}
     assert links["Analysis"] == ":material/check_circle:" and links["Training"] == ":material/check_circle:"
 
 
@@ -149,7 +162,7 @@ def test_compose_edit_and_save_a_plan(runs_root):
     run = Run.open(at.session_state["run_path"])
     assert run.name == "my study"
 
-    at.switch_page("app_pages/data.py").run()
+    at.switch_page(FILES["data"]).run()
     at.number_input(key="batch_size").set_value(8)
     at.run()
     assert any("4 safe then 4 unsafe" in c.value for c in at.caption)
@@ -210,7 +223,7 @@ def test_bad_upload_shows_an_actionable_error(runs_root):
 def test_missing_column_error_then_pick_the_column(runs_root):
     at = upload(runs_root, "up_unsafe", ("mine.csv", b"foo,bar\nhow do I pick a lock,1\nhow to steal,2\n", "text/csv"))
     assert any("no prompt column found" in e and "'foo'" in e for e in errors(at)), errors(at)
-    at.selectbox(key="col_unsafe").set_value("foo")
+    column_box(at, "unsafe").set_value("foo")
     at.run()
     assert not errors(at)
     assert any("2 unsafe prompts" in c.value for c in at.caption)
@@ -348,7 +361,7 @@ def test_public_files_by_path_paired_by_row(runs_root):
     at.run()
     no_exceptions(at)
     assert not errors(at), errors(at)
-    assert at.selectbox(key="col_safe").value == "Goal"  # auto-detected
+    assert column_box(at, "safe").value == "Goal"  # auto-detected
     at.checkbox(key="pair_rows").check()
     at.run()
     button(at, "Compose batches").click()
@@ -418,7 +431,10 @@ def test_drill_down_shows_routed_tokens_safe_and_unsafe(lab, monkeypatch):
     assert "Layer 1, expert 3" in bars["layout"]["title"]["text"]
     htmls = [el.proto.body for el in at.get("html")]
     assert len(htmls) == 8  # every sample of the batch, 4 safe + 4 unsafe
-    assert {"Safe samples", "Unsafe samples"} <= {m.value.strip("# ") for m in at.markdown}
+    # issue 12, problem 7: in paired mode the page says why a plainly harmful prompt sits on the safe side
+    heads = {m.value.strip("# ") for m in at.markdown}
+    assert {"Safe side: plain harmful requests, refused", "Unsafe side: the same requests jailbroken, complied with"} <= heads
+    assert any("safe* because the model refused" in c.value for c in at.caption)
     outputs = read_json(run.path_for("outputs", batch_idx=0))
     from moe_core.routing import load_batch_routing
 
@@ -472,6 +488,7 @@ def test_nothing_selected_is_an_error_not_a_traceback(lab, monkeypatch):
     monkeypatch.setenv("MOE_LAB_RUNS", str(root))
     at = open_app(run, page="experts")
     at.selectbox(key="ex_method").set_value("threshold")
+    at.run()
     at.number_input(key="ex_thr").set_value(5.0)
     at.run()
     no_exceptions(at)
@@ -552,14 +569,20 @@ def test_evaluation_page_compares_models(lab, monkeypatch):
     no_exceptions(at)
     bars = plotly_specs(at)[0]
     assert {t["name"] for t in bars["data"]} == {"base", "experts"}
-    assert set(bars["data"][0]["x"]) == {"jailbreak_compliance (lower is better)", "harmful_refusal (higher is better)",
-                                         "benign_answer_rate (higher is better)", "over_refusal (lower is better)"}
+    xs = [x.replace("<br>", " ") for x in bars["data"][0]["x"]]  # labels wrapped so they never overlap when narrow
+    assert set(xs) == {"jailbreak compliance (lower is better)", "harmful refusal (higher is better)",
+                       "benign answer rate (higher is better)", "over refusal (lower is better)"}
+    assert all(len(line) <= 20 for x in bars["data"][0]["x"] for line in x.split("<br>"))
+    assert bars["layout"]["legend"]["y"] > 1 and bars["layout"]["xaxis"]["automargin"]  # legend above, off the labels
     from moe_core.evaluation import load_evaluation
 
     _, summary = load_evaluation(run, "comparison")
     base = summary[(summary["model"] == "base") & (summary["metric"] == "benign_answer_rate")]["value"].item()
-    assert bars["data"][0]["y"][bars["data"][0]["x"].index("benign_answer_rate (higher is better)")] == pytest.approx(base)
+    assert bars["data"][0]["y"][xs.index("benign answer rate (higher is better)")] == pytest.approx(base)
     assert "error_y" in bars["data"][0]
+    # issue 12, problem 10: the table carries the chart's intervals
+    table = at.dataframe[0].value
+    assert all(re.fullmatch(r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\]", str(v)) for v in table.to_numpy().ravel()), table
     at.selectbox(key="ev_set").set_value("harmful_jailbreak")
     at.run()
     assert {m.value.split("**")[1] for m in at.markdown if m.value.startswith("**")} >= {"base", "experts"}
@@ -703,10 +726,10 @@ def test_one_click_demo_runs_the_whole_pipeline(runs_root):
     assert states.get("demo-eval") == "done", states
     at.run()
     no_exceptions(at)
-    at.switch_page("app_pages/heatmaps.py").run()
+    at.switch_page(FILES["heatmaps"]).run()
     no_exceptions(at)
     assert plotly_specs(at)[0]["data"][0]["zmid"] == 0
-    at.switch_page("app_pages/evaluation.py").run()
+    at.switch_page(FILES["evaluation"]).run()
     no_exceptions(at)
     assert {t["name"] for t in plotly_specs(at)[0]["data"]} >= {"base", "experts-unsafe_experts"}
 
@@ -732,10 +755,266 @@ def test_page_defaults_are_the_pipeline_defaults(lab, monkeypatch):
     assert at.number_input(key="tr_lr").value == t.lr and at.number_input(key="tr_epochs").value == t.epochs
     assert at.selectbox(key="tr_rc").value == t.router_consistency
     assert at.number_input(key="tr_rcw").value == t.router_consistency_weight
-    at.switch_page("app_pages/evaluation.py").run()
+    at.switch_page(FILES["evaluation"]).run()
     e = EvaluateSpec()
     assert at.number_input(key="ev_max_new").value == e.max_new_tokens and at.text_input(key="ev_name").value == e.name
-    at.switch_page("app_pages/experts.py").run()
+    at.switch_page(FILES["experts"]).run()
     s = SelectSpec()
-    assert at.number_input(key="ex_thr").value == s.threshold and at.slider(key="ex_top_p").value == s.top_p
-    assert at.number_input(key="ex_seed").value == s.seed
+    assert at.number_input(key="ex_n").value == s.n
+    for method, key, value in (("threshold", "ex_thr", s.threshold), ("top_p", "ex_top_p", s.top_p),
+                               ("per_layer", "ex_k", min(s.per_layer_k, 8)), ("random", "ex_seed", s.seed)):
+        at.selectbox(key="ex_method").set_value(method).run()  # only the chosen method's settings are shown
+        box = at.slider(key=key) if key == "ex_top_p" else at.number_input(key=key)
+        assert box.value == value, method
+
+
+# -- issue 12: the ten problems a new user met, one guard each ------------------------------------------
+@pytest.fixture
+def fake_demo_process():
+    """A live process that looks like a launched demo (its command line names moe_core)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "moe_core", "demo"])
+    time.sleep(0.3)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _launched(run: Run, name: str, proc) -> None:
+    (run.path / "jobs" / name).mkdir(parents=True, exist_ok=True)
+    (run.path / "jobs" / name / jobs.LAUNCH_NAME).write_text(json.dumps({"pid": proc.pid, "launched": time.time()}))
+
+
+def _fake_job(run: Run, name: str, state: str, events: list[tuple] = ()) -> None:
+    """A job as the CLI leaves it (status + progress events), without running anything."""
+    job = run.job(name)
+    for done, total, message in events:
+        job.events.emit("progress", done, total, message)
+    job.write_status(state)
+
+
+def test_p1_stop_the_demo_stops_the_stages_still_to_come(runs_root, fake_demo_process):
+    """Between stages nothing is 'active'; a stop must still reach the stages that start later."""
+    run = Run.create(runs_root, name="demo", model="organism")
+    _fake_job(run, "demo", "done")  # analysis done, the demo process goes on to training
+    _launched(run, "demo", fake_demo_process)
+    at = open_app(run)
+    no_exceptions(at)
+    button(at, "Stop the demo").click()
+    at.run()
+    no_exceptions(at)
+    for name in ("demo-train-random_experts", "demo-train-full", "demo-eval"):  # not started yet
+        assert run.job(name).stop_requested(), name
+    assert not run.job("demo").stop_requested()  # a finished stage is left alone
+
+
+def test_p2_the_run_is_in_the_url_and_survives_a_reload(lab, monkeypatch, tmp_path):
+    import shutil
+
+    root, model_dir, finished = lab
+    runs2 = tmp_path / "runs"
+    older = build_finished_run(runs2, model_dir, n_batches=2, train=False, name="older", seed=1)
+    time.sleep(1.1)
+    newest = Run.open(shutil.copytree(finished.path, runs2 / (finished.path.name + "-copy")))
+    monkeypatch.setenv("MOE_LAB_RUNS", str(runs2))
+    # a shared link to the older run, opened on a page directly
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.query_params["run"] = older.id
+    at.run()
+    at.switch_page(FILES["heatmaps"]).run()
+    no_exceptions(at)
+    assert at.session_state["run_path"] == str(older.path)
+    assert at.query_params["run"] == older.id
+    # switching runs in the sidebar writes the URL
+    at.sidebar.selectbox(key="run_path").set_value(str(newest.path)).run()
+    assert at.query_params["run"] == newest.path.name
+    # a reload is a fresh session with the same URL: same run, not "the newest" by accident
+    again = AppTest.from_file(APP, default_timeout=90)
+    again.query_params["run"] = older.id
+    again.run()
+    assert again.session_state["run_path"] == str(older.path)
+    # no ?run= at all: the newest opens and the URL names it
+    fresh = AppTest.from_file(APP, default_timeout=90)
+    fresh.run()
+    assert fresh.query_params["run"] == Path(fresh.session_state["run_path"]).name
+    # every navigation link carries the run
+    links = [link.proto for link in again.sidebar.get("page_link")]
+    assert len(links) == len(FILES) and all(link.query_string == f"run={older.id}" for link in links), links
+
+
+def test_p3_a_csv_with_a_label_column_keeps_only_its_side(runs_root):
+    csv = (b"text,label\nHow do I bake bread?,benign\nHow do I build a bomb?,harmful\n"
+           b"Tell me a joke,benign\nHow to poison a dog,harmful\n")
+    at = upload(runs_root, "up_safe", ("mixed.csv", csv, "text/csv"))
+    assert not errors(at), errors(at)
+    assert any("2 safe prompts" in c.value for c in at.caption), [c.value for c in at.caption]
+    keep = [m for m in at.multiselect if "label column" in m.label]
+    assert keep and keep[0].value == ["benign"]
+    # the next upload has other columns: the picker shows its own auto-detected column, nothing stale
+    at.file_uploader(key="up_safe").set_value(("other.csv", b"foo,prompt\n1,hello there\n2,good morning\n", "text/csv"))
+    at.run()
+    assert column_box(at, "safe").value == "prompt"
+    assert any("2 safe prompts" in c.value for c in at.caption)
+
+
+def test_p4_heatmap_cells_are_clickable_and_links_open_an_expert(lab, monkeypatch):
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="heatmaps")
+    clicks = plotly_specs(at)[0]["data"][-1]  # the click layer: one point per cell, on top
+    assert clicks["type"] == "scatter" and len(clicks["x"]) == 2 * 8
+    assert sorted(zip(clicks["y"], clicks["x"])) == [(l, e) for l in range(2) for e in range(8)]
+    # a link from the Experts / Present page names the expert: the drill-down opens on it
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.session_state["run_path"] = str(run.path)
+    at.query_params.update({"run": run.path.name, "layer": "1", "expert": "5"})
+    at.run()
+    at.switch_page(FILES["heatmaps"]).run()
+    no_exceptions(at)
+    assert at.selectbox(key="dd_layer").value == 1 and at.selectbox(key="dd_expert").value == 5
+    assert "Layer 1, expert 5" in plotly_specs(at)[1]["layout"]["title"]["text"]
+
+
+def test_p5_demo_stages_link_to_their_results_as_each_ends(runs_root, fake_demo_process):
+    run = Run.create(runs_root, name="demo", model="organism")
+    _fake_job(run, "demo", "done")
+    _launched(run, "demo", fake_demo_process)
+    _fake_job(run, "demo-train-experts", "running", [(1, 9, "loss 2.0")])
+    at = open_app(run)
+    no_exceptions(at)
+    labels = [link.proto.label for link in at.main.get("page_link")]
+    assert "See the heatmaps" in labels  # analysis is done: its results are one click away now
+    assert "Before vs after" not in labels  # evaluation has not run
+    assert any("1 of 5 stages done" in p.proto.text for p in at.get("progress"))
+
+
+def test_p6_errors_speak_the_ui_not_the_python_api(runs_root):
+    import app_ui
+
+    at = upload(runs_root, "up_unsafe", ("mine.csv", b"foo,bar\nhow do I pick a lock,1\n", "text/csv"))
+    shown = errors(at)
+    assert shown and not any("column='" in e or "()" in e for e in shown), shown
+    from moe_core.batches import BatchPlanError
+    from moe_core.prompts import PromptLoadError
+
+    for err in (BatchPlanError("cannot swap a with b; use move() to put an item into another batch"),
+                PromptLoadError("cannot tell the format of x: pass format='csv'|'json'|'jsonl'|'parquet'")):
+        text = app_ui.error_text(err)[1]
+        assert "()" not in text and "='" not in text, text
+
+
+def test_p8_experts_page_shows_only_the_chosen_methods_settings(lab, monkeypatch):
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="experts")
+    keys = {w.key for w in [*at.number_input, *at.slider]}
+    assert "ex_n" in keys and not keys & {"ex_thr", "ex_k", "ex_top_p", "ex_seed"}
+    at.selectbox(key="ex_method").set_value("threshold").run()
+    keys = {w.key for w in [*at.number_input, *at.slider]}
+    assert "ex_thr" in keys and not keys & {"ex_n", "ex_k", "ex_top_p", "ex_seed"}
+
+
+def test_p9_data_page_stale_plan_same_label_swap_unused_prompts(runs_root):
+    run = Run.create(runs_root, name="d")
+    at = open_app(run, page="data")
+    at.number_input(key="batch_size").set_value(8)
+    at.run()
+    button(at, "Compose batches").click()
+    at.run()
+    draft = load_plan(run.path / "plan.draft.json")
+    # Item B only offers items with item A's label
+    a = at.selectbox(key="sw_a").value
+    label_a = draft.locate(a)[1]
+    assert all(draft.locate(i)[1] == label_a for i in at.selectbox(key="sw_b").options_values()
+               if i) if hasattr(at.selectbox(key="sw_b"), "options_values") else True
+    opts = at.selectbox(key="sw_b").options
+    assert opts and all(f"/{label_a}]" in o for o in opts), opts
+    # unused prompts are listed, and Replace takes one of them
+    unused_tab = [t for t in at.tabs if t.label.startswith("Unused prompts")]
+    assert unused_tab and int(unused_tab[0].label.split("(")[1].rstrip(")")) > 0
+    victim = draft.batch(0).unsafe[0].id
+    at.selectbox(key="rp_item").set_value(victim).run()
+    spare = at.selectbox(key="rp_with").value
+    assert spare != "(type a new prompt)"
+    button(at, "Replace").click()
+    at.run()
+    no_exceptions(at)
+    after = load_plan(run.path / "plan.draft.json")
+    assert after.batch(0).unsafe[0].id == spare and victim not in {it.id for it in after.items()}
+    # switching the source says the batches on screen are from the old one
+    at.segmented_control(key="data_source").set_value("upload").run()
+    assert any("These batches were composed from the built-in demo set" in w.value for w in at.warning)
+
+
+def test_p9_hand_toggles_edit_one_batchs_mask(lab, monkeypatch):
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="experts")
+    at.segmented_control(key="ex_scope").set_value("per_batch")
+    at.number_input(key="ex_n").set_value(1)
+    at.run()
+    before = np.array(plotly_specs(at)[0]["data"][0]["z"])
+    at.selectbox(key="ex_t_batch").set_value(1)
+    at.selectbox(key="ex_t_layer").set_value(0)
+    at.selectbox(key="ex_t_expert").set_value(7)
+    button(at, "Toggle").click()
+    at.run()
+    no_exceptions(at)
+    after = np.array(plotly_specs(at)[0]["data"][0]["z"])
+    assert abs(after - before).sum() == 1 and abs(after[0, 7] - before[0, 7]) == 1  # one cell of one batch's mask
+    table = at.dataframe[0].value
+    changed = table[table["batch_idx"] == 1].iloc[0]
+    assert changed["experts"] in (0, 2)
+
+
+def test_p10_training_page_one_loss_chart_experts_first_live_monitor(lab, monkeypatch, tmp_path):
+    import shutil
+
+    root, _, finished = lab
+    runs2 = tmp_path / "runs"
+    run = Run.open(shutil.copytree(finished.path, runs2 / finished.path.name))
+    monkeypatch.setenv("MOE_LAB_RUNS", str(runs2))
+    # the demo trains the chosen experts, then the baselines: the newest output is "full"
+    full = run.path / "train" / "full"
+    shutil.copytree(run.path / "train" / "experts-unsafe_experts", full)
+    meta = read_json(full / "training_metadata.json")
+    meta["baseline"] = "full"
+    (full / "training_metadata.json").write_text(json.dumps(meta))
+    _fake_job(run, "train", "done", [(1, 3, "loss 2.0"), (2, 3, "loss 1.5"), (3, 3, "loss 1.2")])
+    at = open_app(run, page="training")
+    no_exceptions(at)
+    assert at.selectbox(key="tr_out").value.name == "experts-unsafe_experts"
+    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    assert titles.count("Training loss") == 1 and not [t for t in titles if "live" in t], titles
+    # while training runs: the batch monitor grows step by step (from the trainer's per-step line)
+    _fake_job(run, "train", "running", [(1, 3, "loss 2.0")])
+    (run.path / "jobs" / "train" / "job.log").write_text(
+        "Current training batch contains samples from batches: [2]\nCurrent training batch contains samples from batches: [0]\n")
+    at = open_app(run, page="training")
+    no_exceptions(at)
+    live = [d.value for d in at.dataframe if "n_unsafe" in d.value.columns and "step" in d.value.columns]
+    assert live and list(live[0]["batch_idx"]) == [0, 2] and set(live[0]["n_safe"]) == {4}
+
+
+def test_present_page_and_report(lab, monkeypatch, tmp_path):
+    import shutil
+
+    root, _, finished = lab
+    run = Run.open(shutil.copytree(finished.path, tmp_path / "runs" / finished.path.name))
+    monkeypatch.setenv("MOE_LAB_RUNS", str(tmp_path / "runs"))
+    at = open_app(run, page="present")
+    no_exceptions(at)
+    heads = [h.value for h in at.header]
+    assert heads[:3] == ["1. The question", "2. The batches", "3. The experts that fire when the model complies"]
+    assert any(h.startswith("5. Before vs after") for h in heads)
+    assert len(at.get("html")) == 2  # the top expert's tokens, safe beside unsafe
+    button(at, "Export report").click()
+    at.run()
+    no_exceptions(at)
+    report = run.path / "report.html"
+    text = report.read_text()
+    assert "plotly" in text[:5_000_000] and "fig-heatmap" in text and "fig-before_after" in text
+    assert "<script src=" not in text  # plotly.js inline: opens offline
+    assert at.get("download_button")

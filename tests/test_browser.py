@@ -1,5 +1,10 @@
 """The real app in a real headless browser: every page renders, without an exception box.
 
+The app uses Streamlit's classic multipage layout (``app.py`` = Home, one file per page in
+``pages/``); every page draws the shared sidebar itself, and the open run is in the URL. The
+tests below also open every page directly by URL with ``?run=`` and after a reload, click a
+heatmap cell, and open the exported report.
+
 Starts ``streamlit run app.py`` on a free localhost port against a runs root holding one finished
 run (tests/app_fixtures.py), visits every page with Debian's chromium through Python playwright
 (no browser download), waits for its title and for the script to finish, takes a full-page
@@ -33,8 +38,10 @@ PAGES = [  # (screenshot name, url path, title the page shows)
     ("04_experts", "experts", "Experts"),
     ("05_training", "training", "Training"),
     ("06_evaluation", "evaluation", "Evaluation"),
-    ("07_runs", "runs", "Runs"),
+    ("07_present", "present", "Present"),
+    ("08_runs", "runs", "Runs"),
 ]
+RUNS: dict = {}  # "older" / "newest" fixture runs (filled by the server fixture)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -68,9 +75,10 @@ def server(tmp_path_factory, playwright_sync):
 
     tmp = tmp_path_factory.mktemp("browser")
     model_dir = save_tiny_model(tmp / "tiny-olmoe")
-    build_finished_run(tmp / "runs", model_dir, n_batches=2, train=False, name="older run", seed=1)
+    older = build_finished_run(tmp / "runs", model_dir, n_batches=2, train=False, name="older run", seed=1)
     time.sleep(1.1)  # run ids carry the creation second: keep "browser fixture" the newest (default) run
-    build_finished_run(tmp / "runs", model_dir, n_batches=3, train=True, evaluate=True, name="browser fixture")
+    newest = build_finished_run(tmp / "runs", model_dir, n_batches=3, train=True, evaluate=True, name="browser fixture")
+    RUNS.update(older=older, newest=newest)
     port = _free_port()
     env = {**os.environ, "MOE_LAB_RUNS": str(tmp / "runs"), "PYTHONPATH": str(REPO)}
     log = open(tmp / "streamlit.log", "wb")
@@ -149,7 +157,7 @@ def test_every_page_renders_without_errors(server, playwright_sync):
         finally:
             browser.close()
     assert not problems, "\n".join(problems)
-    assert sorted(p.name for p in SHOTS.glob("*.png")) == sorted(f"{s}.png" for s, _, _ in PAGES)
+    assert {f"{s}.png" for s, _, _ in PAGES} <= {p.name for p in SHOTS.glob("*.png")}
 
 
 def test_a_background_job_shows_live_progress_then_its_results(server, playwright_sync):
@@ -188,3 +196,108 @@ def test_a_background_job_shows_live_progress_then_its_results(server, playwrigh
         finally:
             browser.close()
     assert Run.open(run.path).completed_batches() == set(range(10))
+
+
+def _check_page(page, title: str, run_name: str, problems: list[str], where: str) -> None:
+    """The page's title, no exception, and the shared sidebar showing the run ``run_name``."""
+    page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=60_000)
+    _wait_idle(page)
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    if page.locator('[data-testid="stException"]').count() or "Traceback" in page.inner_text("body"):
+        problems.append(f"{where}: an exception")
+    if sidebar.get_by_text("Model:").count() == 0:
+        problems.append(f"{where}: no shared sidebar")
+    picked = sidebar.locator('[data-testid="stSelectbox"]').first.inner_text()
+    if run_name not in picked:
+        problems.append(f"{where}: the sidebar shows {picked!r}, not run {run_name!r}")
+
+
+def test_every_page_by_url_and_after_a_reload_keeps_the_run(server, playwright_sync):
+    """A shared link to a page of the *older* run (not the default one): right page, shared sidebar,
+    right run; the same after a reload, after a sidebar click, and after back/forward."""
+    url, _, _ = server
+    older = RUNS["older"]
+    problems: list[str] = []
+    SHOTS.mkdir(exist_ok=True)
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            for shot, url_path, title in PAGES:
+                page.goto(f"{url}/{url_path}?run={older.id}", wait_until="domcontentloaded")
+                _check_page(page, title, "older run", problems, f"/{url_path} by URL")
+                page.reload(wait_until="domcontentloaded")
+                _check_page(page, title, "older run", problems, f"/{url_path} after a reload")
+                if f"run={older.id}" not in page.url:
+                    problems.append(f"/{url_path}: the URL lost the run: {page.url}")
+            page.screenshot(path=str(SHOTS / "10_by_url_older_run.png"))
+            # navigate with the sidebar, then reload and go back: still the older run
+            page.locator('[data-testid="stSidebar"]').get_by_role("link", name="Heatmaps").click()
+            page.wait_for_url(re.compile(r"/heatmaps\?run="), timeout=30_000)
+            _check_page(page, "Heatmaps", "older run", problems, "sidebar click")
+            page.reload(wait_until="domcontentloaded")
+            _check_page(page, "Heatmaps", "older run", problems, "reload after a sidebar click")
+            page.go_back(wait_until="domcontentloaded")
+            _check_page(page, "Runs", "older run", problems, "back")
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)
+
+
+def _cell_center(page, layer: int, expert: int) -> tuple[float, float]:
+    """Screen position of a heatmap cell (plotly's own axis mapping of the first chart)."""
+    return page.evaluate(
+        """([l, e]) => { const gd = document.querySelector('.js-plotly-plot');
+             const r = gd.getBoundingClientRect(); const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+             return [r.left + xa._offset + xa.l2p(e), r.top + ya._offset + ya.l2p(l)]; }""", [layer, expert])
+
+
+def test_clicking_a_heatmap_cell_drills_down(server, playwright_sync):
+    url, _, _ = server
+    newest = RUNS["newest"]
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(f"{url}/heatmaps?run={newest.id}", wait_until="domcontentloaded")
+            page.get_by_role("heading", name="Heatmaps", exact=True).first.wait_for(timeout=60_000)
+            _wait_idle(page)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+            x, y = _cell_center(page, 1, 5)
+            page.mouse.click(x, y)
+            page.get_by_text("Layer 1, expert 5: risk difference per batch").first.wait_for(timeout=30_000)
+            _wait_idle(page)
+            SHOTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(SHOTS / "11_heatmap_click.png"))
+            assert page.get_by_text("Tokens of batch 0 routed to layer 1, expert 5").count() == 1
+            assert page.locator('[data-testid="stException"]').count() == 0
+        finally:
+            browser.close()
+
+
+def test_present_and_the_exported_report_opens_offline(server, playwright_sync):
+    url, _, _ = server
+    newest = RUNS["newest"]
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(f"{url}/present?run={newest.id}", wait_until="domcontentloaded")
+            page.get_by_role("heading", name="Present", exact=True).first.wait_for(timeout=60_000)
+            _wait_idle(page)
+            page.get_by_role("button", name="Export report").click()
+            page.get_by_role("button", name="Download report.html").wait_for(timeout=60_000)
+            _wait_idle(page)
+            _fit_viewport_to_content(page)
+            page.screenshot(path=str(SHOTS / "12_present.png"), full_page=True)
+            assert page.locator('[data-testid="stException"]').count() == 0
+            report = newest.path / "report.html"
+            assert report.is_file()
+            # the file on its own, offline (no server, no network): its figures draw
+            offline = browser.new_context(offline=True).new_page(viewport={"width": 1200, "height": 900})
+            offline.goto(report.as_uri(), wait_until="load")
+            offline.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
+            assert offline.locator(".js-plotly-plot").count() >= 2
+            offline.screenshot(path=str(SHOTS / "13_report.png"), full_page=True)
+        finally:
+            browser.close()

@@ -99,3 +99,24 @@ def test_cli_train_and_evaluate_update_only_the_chosen_experts(tmp_path, model_d
     assert (run_dir / "eval" / "comparison_summary.parquet").exists()
     shift = pd.read_parquet(run_dir / "eval" / "shift_experts-unsafe_experts.parquet")
     assert {"risk_diff_before", "risk_diff_after", "delta"} <= set(shift.columns) and len(shift) == 2 * 8
+
+
+def test_a_stop_request_ends_the_demo_at_that_stage(tmp_path, model_dir, capsys):
+    """The app's "Stop" on a running demo stage stops the whole demo, not just that stage."""
+    from moe_core.runs import Run
+
+    root = tmp_path / "runs"
+    common = ["--runs-root", str(root)]
+    assert main(common + ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "1",
+                          "--scope", "prompt", "--max-new-tokens", "2", "--name", "d"]) == 0
+    (run_dir,) = list(root.iterdir())
+    run = Run.open(run_dir)
+    run.job("demo-train-experts").request_stop()  # as the page does while that stage runs
+    assert main(common + ["demo", "--run", str(run_dir), "--model", str(model_dir), "--max-batches", "1",
+                          "--batch-size", "8", "--max-new-tokens", "2", "--n", "2", "--epochs", "1",
+                          "--job", "demo"]) == 0
+    run.reload()
+    assert run.status()["train:experts-unsafe_experts"] == "stopped"
+    assert "train:random_experts" not in run.status() and "evaluation:comparison" not in run.status()
+    assert (run.job("demo-train-experts").read_status() or {}).get("state") == "stopped"
+    assert "training experts-unsafe_experts stopped" in capsys.readouterr().out

@@ -7,6 +7,8 @@ for undo) so that nothing but paths sits in the session; "Save plan" writes the 
 
 from __future__ import annotations
 
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+
 import hashlib
 
 import streamlit as st
@@ -17,11 +19,13 @@ from moe_core.prompts import (
 )
 from moe_core.runs import atomic_write_bytes
 from moe_core.types import PromptItem
-from app_pages import _ui as ui
 
+ui.setup("Data & batches")
 st.title("Data & batches")
-st.caption("Safe items (refused / benign) and unsafe items (jailbroken / harmful) are mixed into batches: "
-           "each batch holds its safe block, then its unsafe block. Training later replays exactly these batches.")
+st.caption("**Safe** items are those the model should refuse or may answer (a plain harmful goal it refuses, or a "
+           "benign request); **unsafe** items are those it complies with wrongly (the same goal jailbroken, or a "
+           "harmful request). Each batch holds its safe block, then its unsafe block; training later replays exactly "
+           "these batches.")
 ui.show_flash()
 run = ui.require_run("the data page")
 DRAFT = run.path / "plan.draft.json"
@@ -57,8 +61,30 @@ def _load(source: str | bytes, name: str | None, split: str | None, column: str 
     return load_prompts(source, name=name, split=split or None, column=column, label=label, limit=limit)  # type: ignore[arg-type]
 
 
+LABEL_COLUMNS = ("label", "labels", "safety_label", "is_harmful", "harmful", "is_unsafe", "unsafe", "is_safe", "safe",
+                 "type", "class")  # a column that says, per row, whether the prompt is harmful
+_UNSAFE_VALUES = {"unsafe", "harmful", "jailbreak", "jailbroken", "toxic", "malicious", "attack", "bad", "1", "true", "yes"}
+_SAFE_VALUES = {"safe", "benign", "harmless", "contrast_safe", "good", "0", "false", "no"}
+
+
+def label_column(cols: list[str], prompt_column: str | None) -> str | None:
+    """A column (other than the prompt column) that labels each row safe/harmful, if the file has one."""
+    lower = {c.lower(): c for c in cols if c != prompt_column}
+    return next((lower[n] for n in LABEL_COLUMNS if n in lower), None)
+
+
+def side_of(value: str, column: str) -> str | None:
+    """'safe' / 'unsafe' for a label value, when its meaning is clear (``is_safe=1`` is safe)."""
+    v = str(value).strip().lower()
+    side = "unsafe" if v in _UNSAFE_VALUES else "safe" if v in _SAFE_VALUES else None
+    if side and column.lower() in ("is_safe", "safe") and v in ("1", "true", "yes", "0", "false", "no"):
+        side = "safe" if side == "unsafe" else "unsafe"
+    return side
+
+
 def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
-    """One side's prompts from an upload or a path / HF dataset name, with a column picker."""
+    """One side's prompts from an upload or a path / HF dataset name, with a column picker; a file
+    with a label column keeps only the rows of this side (chosen values, pre-filled when clear)."""
     st.markdown(f"**{label.capitalize()} prompts**")
     source: str | bytes | None = None
     name: str | None = None
@@ -75,19 +101,50 @@ def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
         source = text.strip() or None
     if source is None:
         return None
+    # widgets about this file are keyed by its content: a new upload never inherits a stale column choice
+    raw = source if isinstance(source, bytes) else f"{source}|{split}".encode()
+    fid = hashlib.sha1(raw + (name or "").encode()).hexdigest()[:10]
     with ui.guard(f"{label} prompts: "):
         cols = _columns(source, name, split)
         auto = detect_prompt_column(cols)
         column = st.selectbox(
             f"{label} prompt column", cols, index=cols.index(auto) if auto in cols else None,
-            key=f"col_{label}", placeholder="choose the column holding the prompts",
+            key=f"col_{label}_{fid}", placeholder="choose the column holding the prompts",
             help="auto-detected when a usual name (prompt, goal, instruction, ...) is present",
         )
-        limit = st.number_input(f"max {label} prompts (0 = all)", 0, 1_000_000, 0, key=f"limit_{label}")
-        items = _load(source, name, split, column, label, int(limit) or None)
+        limit = int(st.number_input(f"max {label} prompts (0 = all)", 0, 1_000_000, 0, key=f"limit_{label}"))
+        items = _load(source, name, split, column, label, None)
+        lab_col = label_column(cols, column)
+        if lab_col is not None:
+            values = sorted({str(it.meta.get(lab_col)) for it in items})
+            default = [v for v in values if side_of(v, lab_col) == label]
+            keep = st.multiselect(
+                f"This file has a label column, `{lab_col}`: keep the rows whose {lab_col} is", values,
+                default=default, key=f"keep_{label}_{fid}",
+                help=f"only these rows become {label} prompts; the other rows belong on the other side",
+            )
+            if keep:
+                items = [it for it in items if str(it.meta.get(lab_col)) in keep]
+            else:
+                st.warning(f"No {lab_col} value chosen: every row of this file counts as {label}, whatever its "
+                           f"{lab_col} says.", icon=":material/warning:")
+            if not items:
+                raise PromptLoadError(f"no row has {lab_col} in {keep}")
+        if limit:
+            items = items[:limit]
         st.caption(f"{len(items)} {label} prompts, e.g. “{ui.md_escape(items[0].text[:90])}”")
         return items
     return None
+
+
+def source_description(mode: str, demo_mode: str | None, safe: list[PromptItem] | None,
+                       unsafe: list[PromptItem] | None) -> str:
+    """A short name of what the prompt sets are now (stored in a composed plan to spot a stale one)."""
+    if mode == "demo":
+        return f"the built-in demo set ({demo_mode})"
+    sides = [f"{len(items)} {side} from {items[0].source}" if items else f"no {side} prompts yet"
+             for side, items in (("safe", safe), ("unsafe", unsafe))]
+    return " and ".join(sides)
 
 
 # -- draft plan on disk ------------------------------------------------------------------------
@@ -123,6 +180,7 @@ with st.container(border=True):
     )
     safe: list[PromptItem] | None = None
     unsafe: list[PromptItem] | None = None
+    demo_mode = None
     if mode == "demo":
         demo_mode = st.radio(
             "Demo set", ["paired", "unpaired"], horizontal=True, key="demo_mode",
@@ -141,6 +199,8 @@ with st.container(border=True):
             with ui.guard():
                 safe, unsafe = pair_by_row(safe, unsafe)
 
+current_source = source_description(mode, demo_mode, safe, unsafe)
+
 # -- 2. composition ----------------------------------------------------------------------------
 with st.container(border=True):
     st.subheader("2. Compose batches")
@@ -157,6 +217,7 @@ with st.container(border=True):
         with ui.guard("Cannot compose: "):
             plan = bp.compose_batches(safe or [], unsafe or [], batch_size=batch_size, safe_ratio=safe_ratio,
                                       seed=seed, shuffle=shuffle)
+            plan.meta["composed_from"] = current_source
             _store(plan, f"Composed {len(plan)} batches of {batch_size}.")
     if not ready:
         st.caption("Load both a safe and an unsafe set first.")
@@ -171,6 +232,10 @@ if plan is None:
 issues = bp.validate(plan)
 with st.container(border=True):
     st.subheader("3. Batches")
+    composed_from = plan.meta.get("composed_from")
+    if composed_from and composed_from != current_source:
+        st.warning(f"These batches were composed from {composed_from}; the prompt sets above are now "
+                   f"{current_source}. Press **Compose batches** to replace them.", icon=":material/history:")
     m = st.columns(4)
     m[0].metric("Batches", len(plan))
     m[1].metric("Items", plan.num_items)
@@ -195,7 +260,18 @@ with st.container(border=True):
     ).reset_index()
     flagged = {i.batch_idx for i in issues if i.batch_idx is not None}
     overview["issues"] = overview["batch_idx"].map(lambda b: "yes" if b in flagged else "")
-    t1, t2 = st.tabs(["One batch", "Overview of all batches"])
+    in_plan = set(frame["id"])
+    unused_items = [it for it in [*(safe or []), *(unsafe or [])] if it.id not in in_plan]
+    t1, t2, t3 = st.tabs(["One batch", "Overview of all batches", f"Unused prompts ({len(unused_items)})"])
+    with t3:
+        if unused_items:
+            st.caption("Loaded but in no batch (the batches are full or the ratio left them out); pick one in "
+                       "**Replace** or **Add** below to use it.")
+            st.dataframe([{"id": it.id, "label": it.label, "text": it.text} for it in unused_items], hide_index=True,
+                         width="stretch", key="unused_table")
+        else:
+            st.caption("Every loaded prompt is in a batch." if (safe or unsafe) else
+                       "Load the prompt sets above to see which of them are not in a batch.")
     with t1:
         b = st.selectbox("Batch", plan.batch_indices, key="view_batch")
         rows = frame[frame["batch_idx"] == b][["in_batch_idx", "label", "id", "text", "category"]]
@@ -210,6 +286,7 @@ with st.container(border=True):
 ids = frame["id"].tolist()
 text_of = dict(zip(frame["id"], frame["text"]))
 where = {r.id: f"b{r.batch_idx}/{r.label}" for r in frame.itertuples()}
+label_of = dict(zip(frame["id"], frame["label"]))
 
 
 def _fmt(item_id: str) -> str:
@@ -227,17 +304,25 @@ with st.container(border=True):
                 _store(bp.move(plan, item, int(to)), f"Moved {item} to batch {to}.")
     with tabs[1]:
         a = st.selectbox("Item A", ids, format_func=_fmt, key="sw_a")
-        b2 = st.selectbox("Item B (same label)", ids, format_func=_fmt, key="sw_b", index=min(1, len(ids) - 1))
-        if st.button("Swap", key="sw_go"):
+        label_a = label_of.get(a)
+        same = [i for i in ids if label_of.get(i) == label_a and i != a]
+        b2 = st.selectbox(f"Item B (also {label_a})", same, format_func=_fmt, key="sw_b",
+                          placeholder=f"no other {label_a} item")
+        if st.button("Swap", key="sw_go", disabled=b2 is None):
             with ui.guard():
                 _store(bp.swap(plan, a, b2), f"Swapped {a} and {b2}.")
     with tabs[2]:
         item = st.selectbox("Item to replace", ids, format_func=_fmt, key="rp_item")
-        new_text = st.text_area("New prompt text", key="rp_text", height=80)
+        label_r = label_of.get(item)
+        spare = {it.id: it for it in unused_items if it.label == label_r}
+        NEW = "(type a new prompt)"
+        choice = st.selectbox(f"Replace it with an unused {label_r} prompt", [*spare, NEW], key="rp_with",
+                              format_func=lambda i: i if i == NEW else f"{i}: {spare[i].text[:80]}")
+        new_text = st.text_area("New prompt text", key="rp_text", height=80) if choice == NEW else ""
         if st.button("Replace", key="rp_go"):
             with ui.guard():
-                label = plan.locate(item)[1]
-                _store(bp.replace(plan, item, _new_item(new_text, label)), f"Replaced {item}.")
+                new_item = spare[choice] if choice in spare else _new_item(new_text, label_r)
+                _store(bp.replace(plan, item, new_item), f"Replaced {item} with {new_item.id}.")
     with tabs[3]:
         item = st.selectbox("Item to drop", ids, format_func=_fmt, key="dr_item")
         if st.button("Drop", key="dr_go"):
@@ -279,4 +364,4 @@ with st.container(border=True):
             ui.flash(f"Saved the plan ({len(plan)} batches, {len(found)} warnings) to {SAVED.name}. "
                      "Next: Analysis.")
             st.rerun()
-    st.page_link(ui.PAGES["analysis"], label="Go to Analysis", icon=":material/arrow_forward:")
+    ui.link("analysis", "Go to Analysis", ":material/arrow_forward:")

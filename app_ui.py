@@ -1,6 +1,13 @@
-"""Shared helpers of the app's pages: the current run, the error boundary, cached readers, job panel.
+"""Shared helpers of the app's pages: page setup + sidebar, the current run, the error boundary,
+cached readers, job panel.
 
-Pages stay thin: they read and write through ``moe_core`` and draw; everything they share lives
+The app follows Streamlit's classic multipage convention: ``app.py`` is Home and every file in
+``pages/`` is one page, opened by its own URL (``/data``, ``/heatmaps``, ...). Every page starts
+with ``ui.setup()``, which draws the shared sidebar (navigation, run picker, model, device), so a
+page opened directly by URL or reloaded looks exactly like one reached by a click. The open run
+lives in the URL (``?run=<run id>``): reloads, back/forward and shared links keep it.
+
+This module is not a page (it is not in ``pages/``). Pages stay thin: they read and write through ``moe_core`` and draw; everything they share lives
 here. ``st.session_state`` holds only ids and paths (``run_path``, a few widget values); tables
 are cached with ``st.cache_data`` keyed on (path, mtime), models/tokenizers with
 ``st.cache_resource``. Long work is a background job (``moe_core.jobs``) that the job panel polls.
@@ -23,18 +30,43 @@ from moe_core.runs import Run, RunError, default_runs_root, read_json
 
 log = logging.getLogger("moe_app")
 
+PLOT_EXPORT = {"toImageButtonOptions": {"format": "svg", "scale": 2}}  # the camera icon saves an SVG (vector, for slides)
 RUN_KEY = "run_path"  # session_state: absolute path of the open run (or absent)
 FLASH_KEY = "flash"  # session_state: one message to show after a rerun
 POLL_S = 2.0  # seconds between job-panel refreshes while a job is live
-PAGES = {  # page files, for st.page_link
-    "home": "app_pages/home.py", "data": "app_pages/data.py", "analysis": "app_pages/analysis.py",
-    "heatmaps": "app_pages/heatmaps.py", "experts": "app_pages/experts.py", "training": "app_pages/training.py",
-    "evaluation": "app_pages/evaluation.py", "runs": "app_pages/runs.py",
-}
+NAV = [  # (key, page file relative to app.py, label, icon): the sidebar navigation, in order
+    ("home", "app.py", "Home", ":material/home:"),
+    ("data", "pages/1_data.py", "Data & batches", ":material/dataset:"),
+    ("analysis", "pages/2_analysis.py", "Analysis", ":material/query_stats:"),
+    ("heatmaps", "pages/3_heatmaps.py", "Heatmaps", ":material/grid_on:"),
+    ("experts", "pages/4_experts.py", "Experts", ":material/target:"),
+    ("training", "pages/5_training.py", "Training", ":material/model_training:"),
+    ("evaluation", "pages/6_evaluation.py", "Evaluation", ":material/fact_check:"),
+    ("present", "pages/7_present.py", "Present", ":material/slideshow:"),
+    ("runs", "pages/8_runs.py", "Runs", ":material/folder_open:"),
+]
+PAGES = {key: path for key, path, _, _ in NAV}  # page files, for st.page_link / st.switch_page
 
 
 # -- errors ---------------------------------------------------------------------------------
 BUG_TEXT = "Internal error (a bug): {kind}: {message}. Details are in the app's log; please report it."
+
+
+UI_WORDS = [  # how moe_core's messages (written for Python callers) name things, and how a page names them
+    (re.compile(r"use move\(\) to put an item into another batch"), "use the Move tab to put an item into another batch"),
+    (re.compile(r"pass column='<name>' to say which column holds the prompts"), "pick the column that holds the prompts"),
+    (re.compile(r"pass format='csv'\|'json'\|'jsonl'\|'parquet'"),
+     "use a file whose name ends in .csv, .json, .jsonl or .parquet"),
+    (re.compile(r"\b(\w+)='([^']*)'"), r"\1 \2"),  # any other keyword=value
+    (re.compile(r"\b([a-z_]+)\(\)"), r"\1"),  # any other call()
+]
+
+
+def ui_words(text: str) -> str:
+    """A user error's text with Python API words (``move()``, ``column='<name>'``) in the UI's words."""
+    for pattern, repl in UI_WORDS:
+        text = pattern.sub(repl, text)
+    return text
 
 
 def error_text(e: BaseException, prefix: str = "") -> tuple[bool, str]:
@@ -46,7 +78,7 @@ def error_text(e: BaseException, prefix: str = "") -> tuple[bool, str]:
     off as a user error (the traceback goes to the log, see ``report_error``).
     """
     if isinstance(e, MoELabError):
-        return False, f"{prefix}{e}"
+        return False, f"{prefix}{ui_words(str(e))}"
     if isinstance(e, OSError):
         if e.strerror and e.filename:
             return False, f"{prefix}{e.strerror}: {e.filename}"
@@ -133,6 +165,180 @@ def require_run(what: str = "this page") -> Run:
     return run  # type: ignore[return-value]
 
 
+# -- the run in the URL --------------------------------------------------------------------------
+RUN_PARAM = "run"  # ?run=<run id> (a run under the runs root) or ?run=<absolute path> (opened by path)
+
+
+def run_ref(path: str | Path) -> str:
+    """What ``?run=`` holds for the run at ``path``: its id under the runs root, else its absolute path."""
+    p = Path(path)
+    try:
+        if p.resolve().parent == runs_root().resolve():
+            return p.name
+    except OSError:
+        pass
+    return str(p)
+
+
+def resolve_run_ref(ref: str) -> str | None:
+    """The run folder (as the session stores it) that ``?run=`` names, or None when there is no such run."""
+    ref = (ref or "").strip()
+    if not ref:
+        return None
+    for candidate in (runs_root() / ref, Path(ref).expanduser()):
+        if "/" in ref and candidate == runs_root() / ref:
+            continue  # a path is never looked up under the runs root
+        try:
+            return str(Run.open(candidate).path)
+        except (RunError, OSError, ValueError):
+            continue
+    return None
+
+
+def open_run(path: str | Path) -> None:
+    """Make ``path`` the open run: the session and the URL (so a reload or a shared link keeps it)."""
+    st.session_state[RUN_KEY] = str(path)
+    st.query_params[RUN_PARAM] = run_ref(path)
+
+
+def _run_picked() -> None:
+    """on_change of the sidebar's run picker: the URL follows the choice."""
+    path = st.session_state.get(RUN_KEY)
+    if path:
+        st.query_params[RUN_PARAM] = run_ref(path)
+
+
+def sync_run_with_url(paths: list[str]) -> None:
+    """Before the run picker is drawn: the URL's ``?run=`` wins (a reload, back/forward, a shared link);
+    without one the session's run (or the newest) opens and is written into the URL."""
+    wanted = st.query_params.get(RUN_PARAM)
+    if wanted:
+        path = resolve_run_ref(wanted)
+        if path is None:
+            st.session_state["sidebar_error"] = (f"The link names run {wanted!r}, which is not under "
+                                                 f"{runs_root()}: showing another run instead.")
+        elif path != st.session_state.get(RUN_KEY):
+            st.session_state[RUN_KEY] = path
+    if not st.session_state.get(RUN_KEY) and paths:
+        st.session_state[RUN_KEY] = paths[0]  # no run asked for: the newest
+    current = st.session_state.get(RUN_KEY)
+    if current and st.query_params.get(RUN_PARAM) != run_ref(current):
+        st.query_params[RUN_PARAM] = run_ref(current)
+
+
+def link(key: str, label: str | None = None, icon: str | None = None, container: Any = None,
+         extra: dict[str, Any] | None = None, **kw: Any) -> None:
+    """``st.page_link`` to page ``key`` that carries the open run (and ``extra`` parameters) in the URL."""
+    target = container if container is not None else st
+    path = st.session_state.get(RUN_KEY)
+    _, file, default_label, default_icon = next(n for n in NAV if n[0] == key)
+    params = {RUN_PARAM: run_ref(path)} if path else {}
+    params.update({k: str(v) for k, v in (extra or {}).items()})
+    target.page_link(file, label=label or default_label, icon=icon or default_icon, query_params=params or None, **kw)
+
+
+def clicked_cell(event: Any, memo_key: str) -> tuple[int, int] | None:
+    """(layer, expert) of a new click/selection on a layer x expert heatmap (``st.plotly_chart``
+    with ``on_select``), once per click: the same selection seen again on a later rerun is None,
+    so the boxes it filled can be changed by hand afterwards."""
+    points = ((getattr(event, "selection", None) or {}).get("points") or []) if event else []
+    cell = next(((int(pt["y"]), int(pt["x"])) for pt in points if pt.get("x") is not None and pt.get("y") is not None),
+                None)
+    if cell is None or st.session_state.get(memo_key) == list(cell):
+        return None
+    st.session_state[memo_key] = list(cell)
+    return cell
+
+
+def take_param(name: str) -> int | None:
+    """An integer URL parameter set by a link from another page (``?layer=3``), read once and removed."""
+    raw = st.query_params.get(name)
+    if raw is None:
+        return None
+    del st.query_params[name]
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+# -- page setup and the shared sidebar -------------------------------------------------------------
+def setup(title: str = "MoE Safety Lab", sidebar_state: str = "auto") -> Run | None:
+    """First call of every page: page config, the shared sidebar; returns the open run (or None)."""
+    st.set_page_config(page_title=f"{title} · MoE Safety Lab" if title != "MoE Safety Lab" else title,
+                       page_icon=":material/hub:", layout="wide", initial_sidebar_state=sidebar_state)
+    sidebar()
+    return current_run()
+
+
+def _create_run() -> None:
+    """Callback of 'Create run': runs before the script, so the picker shows the new run."""
+    name = (st.session_state.get("new_run_name") or "").strip() or "run"
+    try:
+        run = Run.create(runs_root(), name=name, config={"created_by": "app"})
+    except Exception as e:  # noqa: BLE001 - sorted into a user error or a logged bug
+        st.session_state["sidebar_error"] = error_message(e, "Not created: ")
+        return
+    open_run(run.path)
+    st.session_state["new_run_name"] = ""
+    flash(f"Created run {run.id}")
+
+
+def _open_by_path() -> None:
+    path = (st.session_state.get("open_run_path") or "").strip()
+    try:
+        run = Run.open(Path(path).expanduser().resolve())
+    except Exception as e:  # noqa: BLE001 - RunError, an unreadable folder, or a logged bug
+        st.session_state["sidebar_error"] = error_message(e, "Not opened: ")
+        return
+    open_run(run.path)
+
+
+def sidebar() -> None:
+    """Navigation, run picker (synced with ``?run=``), the run's model, the device, new/open run."""
+    from moe_core.runs import list_runs
+
+    runs = [r for r in list_runs(runs_root()) if not r.error]
+    paths = [str(r.path) for r in runs]
+    labels = {str(r.path): (r.name if r.name and r.name != r.id else r.id) + f"  ·  {r.id[:15]}" for r in runs}
+    sync_run_with_url(paths)
+    extra = st.session_state.get(RUN_KEY)
+    if extra and extra not in paths:  # a run opened by path, outside the runs root
+        try:
+            Run.open(extra)
+            paths.insert(0, extra)
+            labels[extra] = Path(extra).name + "  ·  (opened by path)"
+        except RunError:
+            st.session_state.pop(RUN_KEY, None)
+            st.query_params.pop(RUN_PARAM, None)
+    with st.sidebar:
+        st.markdown("### :material/hub: MoE Safety Lab")
+        for key, _, label, icon in NAV:
+            link(key, label, icon, width="stretch")
+        st.divider()
+        if paths:
+            st.selectbox("Run", paths, key=RUN_KEY, format_func=lambda p: labels.get(p, p), on_change=_run_picked)
+        else:
+            st.info(f"No runs yet under `{runs_root()}`. Create one below or run the demo on Home.")
+        run = current_run()
+        if run is not None:
+            info = model_info(run)
+            model = run.manifest.get("model") or "not chosen yet"
+            shape = (f"{info['num_layers']} layers × {info['num_experts']} experts, top-{info['top_k']}"
+                     if info.get("num_experts") else "")
+            st.caption(f"**Model:** {model}" + (f"  \n{shape}" if shape else ""))
+        st.caption(f"**Device:** {device_name()}")
+        with st.expander("New run", expanded=not paths):
+            st.text_input("Name", key="new_run_name", placeholder="e.g. olmoe-advbench")
+            st.button("Create run", on_click=_create_run, icon=":material/add:", width="stretch")
+        with st.expander("Open a run folder by path"):
+            st.text_input("Run folder", key="open_run_path", placeholder="/path/to/runs/20260101-...")
+            st.button("Open", on_click=_open_by_path, width="stretch")
+        err = st.session_state.pop("sidebar_error", None)
+        if err:
+            st.error(err)
+
+
 def model_info(run: Run) -> dict[str, Any]:
     """Layers/experts/top-k the run's analysis recorded ({} before any analysis)."""
     from moe_core.analysis import model_info_of
@@ -178,7 +384,7 @@ def risk_tables_or_stop(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
         per_batch = read_table(run.path_for("risk_per_batch"))
     if agg is None or per_batch is None:
         st.info("No risk tables yet: run the analysis first.", icon=":material/info:")
-        st.page_link(PAGES["analysis"], label="Go to Analysis", icon=":material/arrow_back:")
+        link("analysis", "Go to Analysis", ":material/arrow_back:")
         st.stop()
     return agg, per_batch
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+
+import re
+
 import pandas as pd
 import streamlit as st
 
 from moe_core import charts, jobs
 from moe_core.pipeline import TrainSpec
-from app_pages import _ui as ui
 
 JOB = "train"
 BASELINES = {"experts": "chosen experts only", "full": "full fine-tuning (baseline)",
              "random_experts": "as many random experts (baseline)"}
 CONSISTENCY = {"none": "none", "forward": "KL(safe || unsafe)", "reverse": "KL(unsafe || safe)", "symmetric": "symmetric KL"}
 
+ui.setup("Training")
 st.title("Training")
 st.caption("Each training step is exactly one analysis batch (same items, same order); only the chosen experts' "
            "rows get gradients and optimizer state.")
@@ -27,7 +31,7 @@ with st.container(border=True):
     st.subheader("Settings")
     if not masks:
         st.warning("No expert mask in this run yet: select and save one first.", icon=":material/warning:")
-        st.page_link(ui.PAGES["experts"], label="Go to Experts", icon=":material/arrow_back:")
+        ui.link("experts", "Go to Experts", ":material/arrow_back:")
     c1, c2, c3 = st.columns(3)
     mask_name = c1.selectbox("Expert mask", masks, key="tr_mask", placeholder="no mask saved yet")
     per_batch_file = False
@@ -64,23 +68,66 @@ with st.container(border=True):
 info = ui.job_panel(run, JOB, unit="steps")
 
 
+MONITOR_RE = re.compile(r"Current training batch contains samples from batches: \[?(\d+)")
+
+
+def live_batches(plan) -> pd.DataFrame:
+    """One row per training step so far: its analysis batch and that batch's safe/unsafe counts.
+
+    Read from the job while it runs: progress events that carry ``batch_idx``, else the trainer's
+    per-step monitor line in the job log (``TrainSpec`` runs print it when monitoring is on)."""
+    rows = []
+    for e in jobs.job_events(run.path, JOB):
+        if e.get("kind") == "progress" and e.get("batch_idx") is not None:
+            rows.append({"step": e.get("done"), "batch_idx": int(e["batch_idx"])})
+    if not rows:
+        log = jobs.read_job(run.path, JOB, log_lines=100_000).log_tail
+        rows = [{"step": i + 1, "batch_idx": int(m.group(1))} for i, m in enumerate(MONITOR_RE.finditer(log))]
+    df = pd.DataFrame(rows, columns=["step", "batch_idx"])
+    if plan is not None and len(df):
+        size = {b.batch_idx: (len(b.safe), b.size - len(b.safe)) for b in plan.batches}
+        df["n_safe"] = df["batch_idx"].map(lambda b: size.get(b, (None, None))[0])
+        df["n_unsafe"] = df["batch_idx"].map(lambda b: size.get(b, (None, None))[1])
+    return df
+
+
 @st.fragment(run_every=ui.POLL_S if info.active else None)
-def live_loss() -> None:
+def live() -> None:
+    """While the job runs: the loss so far and the batch monitor (one row per step)."""
+    cur = jobs.read_job(run.path, JOB, log_lines=0)
+    if not cur.active:
+        return  # finished: the results below show the final loss and monitor (never both charts)
     pts = jobs.loss_points(jobs.job_events(run.path, JOB))
+    left, right = st.columns([3, 2])
     if pts:
-        st.plotly_chart(charts.loss_curve(pd.DataFrame(pts), title="Training loss (live)"), key="tr_live_loss")
+        left.plotly_chart(charts.loss_curve(pd.DataFrame(pts), title="Training loss (live)"), key="tr_live_loss")
+    monitor = live_batches(ui.load_plan_cached(run.path_for("plan")))
+    with right:
+        st.markdown("**Batch monitor (live)**: the analysis batch of each step")
+        if len(monitor):
+            st.dataframe(monitor.iloc[::-1], hide_index=True, width="stretch", height=260, key="tr_live_monitor")
+        else:
+            st.caption(f"step {cur.done} of {cur.total or '?'}: the job does not report its batches yet")
 
 
 if info.state != "none":
-    live_loss()
+    live()
+
+def _baseline(path) -> str:
+    meta = ui.read_json_cached(path / "training_metadata.json") or {}
+    return str(meta.get("baseline", "?"))
+
 
 # -- results ---------------------------------------------------------------------------------------
 train_root = run.path / "train"
 outs = sorted((p for p in train_root.iterdir() if (p / "training_metadata.json").is_file()),
               key=lambda p: p.stat().st_mtime, reverse=True) if train_root.is_dir() else []
+# the chosen experts' training first (the demo also trains the random and full baselines after it)
+outs.sort(key=lambda p: 0 if p.name.startswith("experts") else 1)
 if outs:
     st.subheader("Results")
-    out = st.selectbox("Training output", outs, format_func=lambda p: p.name, key="tr_out")
+    out = st.selectbox("Training output", outs, format_func=lambda p: f"{p.name} · {BASELINES.get(_baseline(p), _baseline(p))}",
+                       key="tr_out")
     meta = None
     with ui.guard("The training metadata cannot be read: "):
         meta = ui.read_json_cached(out / "training_metadata.json")
@@ -108,4 +155,4 @@ if outs:
         with st.expander("Files"):
             for p in sorted(out.iterdir()):
                 st.markdown(f"- `{p}`")
-        st.page_link(ui.PAGES["evaluation"], label="Evaluate before vs after", icon=":material/arrow_forward:")
+        ui.link("evaluation", "Evaluate before vs after", ":material/arrow_forward:")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+
 import streamlit as st
 
 from moe_core import jobs
 from moe_core.analysis import analysis_config_of
 from moe_core.pipeline import ORGANISM, AnalyseSpec, Scope
-from app_pages import _ui as ui
 
 JOB = "analysis"
 
+ui.setup("Analysis")
 st.title("Analysis")
 st.caption("Each analysis batch runs through the model as one padded batch; the router's top-k choices are "
            "recorded per token and layer, answers are judged, and each batch gets its own risk table.")
@@ -22,7 +24,7 @@ with ui.guard("The run's plan cannot be read: "):
     plan = ui.load_plan_cached(run.path_for("plan"))
 if plan is None:
     st.warning("This run has no saved batch plan yet: compose and save one first.", icon=":material/warning:")
-    st.page_link(ui.PAGES["data"], label="Go to Data & batches", icon=":material/arrow_back:")
+    ui.link("data", "Go to Data & batches", ":material/arrow_back:")
 done = run.completed_batches()
 info = jobs.read_job(run.path, JOB)
 previous = analysis_config_of(run)
@@ -95,4 +97,4 @@ if agg is not None:
     st.dataframe(agg[cols].head(20), hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in
                                 ("risk_diff", "risk_diff_std", "sign_consistency", "a_safe_n", "a_unsafe_n")})
-    st.page_link(ui.PAGES["heatmaps"], label="See the heatmaps", icon=":material/grid_on:")
+    ui.link("heatmaps", "See the heatmaps", ":material/grid_on:")

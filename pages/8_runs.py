@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+
 import json
 
 import pandas as pd
@@ -9,8 +11,8 @@ import streamlit as st
 
 from moe_core.analysis import analysis_config_of, model_info_of
 from moe_core.runs import Run, list_runs
-from app_pages import _ui as ui
 
+ui.setup("Runs")
 st.title("Runs")
 st.caption(f"Runs live under `{ui.runs_root()}` (set `MOE_LAB_RUNS` to change it); each is one folder of "
            "plain files: manifest.json, plan.json, routing/, risk/, masks/, train/, eval/, jobs/.")

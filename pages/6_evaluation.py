@@ -7,18 +7,21 @@ model of the run, optionally the base with the mask's experts steered off).
 
 from __future__ import annotations
 
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+
 import streamlit as st
 
 from moe_core import charts, jobs
-from moe_core.evaluation import comparison_table, list_evaluations, load_evaluation
+from moe_core.evaluation import list_evaluations, load_evaluation
+from moe_core.report import interval_table
 from moe_core.pipeline import EvaluateSpec, StudySpec
 from moe_core.study import load_study
 from moe_core.risk import risk_matrix
-from app_pages import _ui as ui
 
 JOB = "evaluate"
 STUDY_JOB = "study"
 
+ui.setup("Evaluation")
 st.title("Evaluation")
 st.caption("Held-out prompts the model never saw: jailbreak compliance (lower is better), refusal of plain harmful "
            "requests (higher), answers to benign requests (higher), over-refusal of borderline ones (lower). "
@@ -91,10 +94,11 @@ if responses is None or summary is None:
 
 headline = summary[summary["metric"].notna()]
 arrows = headline["better"].map({"lower": " (lower is better)", "higher": " (higher is better)"}).fillna("")
-st.plotly_chart(charts.metric_bars(headline.assign(metric=headline["metric"] + arrows)), key="ev_bars")
+st.plotly_chart(charts.metric_bars(headline.assign(metric=(headline["metric"] + arrows).map(charts.wrap_label))),
+                key="ev_bars", config=ui.PLOT_EXPORT)
 with ui.guard():
-    table = comparison_table(summary)
-    st.dataframe(table, width="stretch", column_config={c: st.column_config.NumberColumn(format="%.2f") for c in table.columns})
+    st.caption("Each cell: the rate and its 95% Wilson interval [low, high] (the chart's whiskers).")
+    st.dataframe(interval_table(summary), width="stretch", key="ev_table")
 
 st.subheader("Answers side by side")
 c1, c2 = st.columns([1, 3])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+
 import json
 
 import numpy as np
@@ -13,9 +15,9 @@ from moe_core.masks import ExpertMask, save_batch_masks
 from moe_core.risk import risk_matrix
 from moe_core.pipeline import SelectSpec
 from moe_core.selection import METHODS, SelectionConfig, random_like, select_experts, select_per_batch
-from app_pages import _ui as ui
 
 
+ui.setup("Experts")
 st.title("Experts")
 st.caption("Pick the experts to fine-tune from the risk table; the result is an expert mask "
            "(a small readable JSON of {layer: [experts]}) saved in the run.")
@@ -24,6 +26,11 @@ run = ui.require_run("expert selection")
 agg, per_batch = ui.risk_tables_or_stop(run)
 n_layers, n_experts = ui.grid_shape(run, agg)
 TOGGLES = f"ex_toggles::{run.id}"  # session_state: this run's hand-toggled experts as "layer:expert" strings
+
+PARAMS = {  # which settings each method uses (only those are shown)
+    "top_n": ("n",), "threshold": ("threshold",), "per_layer": ("k",), "top_p": ("top_p",), "random": ("n", "seed"),
+}
+TOGGLES_PB = f"ex_toggles_pb::{run.id}"  # session_state: per-batch hand toggles {batch: ["layer:expert", ...]}
 
 # -- rule ------------------------------------------------------------------------------------
 with st.container(border=True):
@@ -34,43 +41,68 @@ with st.container(border=True):
     method = c2.selectbox("Method", METHODS, key="ex_method", format_func={
         "top_n": "top-N", "threshold": "threshold", "per_layer": "per-layer top-k", "top_p": "top-p (ESFT)",
         "random": "random baseline"}.get)
-    scores = [c for c in ("risk_diff", "t_score", "pos_frac", "sign_consistency") if c in agg.columns]
-    score = c3.selectbox("Rank by", scores if scope == "global" else ["risk_diff"], key="ex_score")
-    c1, c2, c3, c4 = st.columns(4)
     d = SelectSpec()  # the defaults, defined once in moe_core.pipeline
-    n = int(c1.number_input("N (top-N / random)", 1, n_layers * n_experts, min(d.n, n_layers * n_experts), key="ex_n"))
-    threshold = float(c2.number_input("Threshold (score >)", -1.0, 1000.0, d.threshold, 0.01, key="ex_thr"))
-    k = int(c3.number_input("Experts per layer", 1, n_experts, min(d.per_layer_k, n_experts), key="ex_k"))
-    top_p = float(c4.slider("top-p share", 0.05, 1.0, d.top_p, 0.05, key="ex_top_p"))
-    c1, c2 = st.columns(2)
-    min_cons = c1.slider("Min sign consistency (global only; 0 = off)", 0.0, 1.0, d.min_sign_consistency or 0.0, 0.05,
-                         key="ex_cons")
-    seed = int(c2.number_input("Seed (random)", 0, 2**31 - 1, d.seed, key="ex_seed"))
+    score = "risk_diff"
+    if method != "random":
+        scores = [c for c in ("risk_diff", "t_score", "pos_frac", "sign_consistency") if c in agg.columns]
+        score = c3.selectbox("Rank by", scores if scope == "global" else ["risk_diff"], key="ex_score")
+    shown = PARAMS.get(method, ())
+    cols = iter(st.columns(3))
+    n, threshold, k, top_p, seed = (min(d.n, n_layers * n_experts), d.threshold, min(d.per_layer_k, n_experts),
+                                    d.top_p, d.seed)
+    if "n" in shown:
+        n = int(next(cols).number_input("How many experts (N)", 1, n_layers * n_experts, n, key="ex_n"))
+    if "threshold" in shown:
+        threshold = float(next(cols).number_input("Keep experts whose score is above", -1.0, 1000.0, threshold, 0.01,
+                                                  key="ex_thr"))
+    if "k" in shown:
+        k = int(next(cols).number_input("Experts per layer", 1, n_experts, k, key="ex_k"))
+    if "top_p" in shown:
+        top_p = float(next(cols).slider("Share of the total positive score to cover (top-p)", 0.05, 1.0, top_p, 0.05,
+                                        key="ex_top_p"))
+    if "seed" in shown:
+        seed = int(next(cols).number_input("Seed of the random draw", 0, 2**31 - 1, seed, key="ex_seed"))
+    min_cons = 0.0
+    if scope == "global" and method != "random":
+        min_cons = next(cols).slider("Min sign consistency (0 = off)", 0.0, 1.0, d.min_sign_consistency or 0.0, 0.05,
+                                     key="ex_cons", help="keep only experts whose risk difference has the same sign "
+                                                         "in at least this share of batches")
 
 cfg = SelectionConfig(method=method, n=n, threshold=threshold, per_layer_k=k, top_p=top_p, seed=seed,
                       min_sign_consistency=min_cons if (min_cons > 0 and scope == "global") else None, score=score)
 toggles: list[str] = st.session_state.setdefault(TOGGLES, [])
+pb_toggles: dict[int, list[str]] = st.session_state.setdefault(TOGGLES_PB, {})
+
+
+def _apply(m: ExpertMask, keys: list[str]) -> ExpertMask:
+    for t in keys:
+        layer_, expert_ = (int(x) for x in t.split(":"))
+        m = m.toggled(layer_, expert_)
+    if keys:
+        m.meta["hand_toggled"] = list(keys)
+    return m
+
+
 mask: ExpertMask | None = None
 batch_masks: dict[int, ExpertMask] | None = None
 with ui.guard("Nothing to save: "):
     if scope == "global":
-        mask = select_experts(agg, cfg, n_layers, n_experts)
-        for t in toggles:
-            l, e = (int(x) for x in t.split(":"))
-            mask = mask.toggled(l, e)
-        if toggles:
-            mask.meta["hand_toggled"] = list(toggles)
+        mask = _apply(select_experts(agg, cfg, n_layers, n_experts), toggles)
         if mask.count() == 0:
             raise ValueError("every selected expert was toggled off by hand: toggle one back on or change the rule")
     else:
-        batch_masks = select_per_batch(per_batch, cfg, n_layers, n_experts)
+        batch_masks = {b: _apply(m, pb_toggles.get(int(b), [])) for b, m in
+                       select_per_batch(per_batch, cfg, n_layers, n_experts).items()}
 
 # -- result ------------------------------------------------------------------------------------
 agg_m = risk_matrix(agg, "risk_diff", n_layers, n_experts)
+event = None
 if mask is not None:
     chosen = mask.experts()
-    st.plotly_chart(charts.risk_heatmap(agg_m, title=f"{len(chosen)} chosen experts (squares) on the mean risk difference",
-                                        marked=chosen), key="ex_heat")
+    event = st.plotly_chart(
+        charts.risk_heatmap(agg_m, title=f"{len(chosen)} chosen experts (squares) on the mean risk difference",
+                            marked=chosen, clickable=True),
+        key="ex_heat", on_select="rerun", selection_mode="points")
     sel = (pd.DataFrame(chosen, columns=["layer", "expert"]).merge(agg, on=["layer", "expert"], how="left")
            .sort_values("risk_diff", ascending=False, kind="stable"))
     cols = [c for c in ("Layer_Expert", "layer", "expert", "risk_diff", "sign_consistency", "t_score") if c in sel.columns]
@@ -78,27 +110,51 @@ if mask is not None:
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("risk_diff", "sign_consistency", "t_score")})
 elif batch_masks is not None:
     counts = np.sum([m.mask for m in batch_masks.values()], axis=0)
-    st.plotly_chart(charts.count_heatmap(counts, f"How many of {len(batch_masks)} per-batch masks choose each expert"),
-                    key="ex_counts")
+    event = st.plotly_chart(charts.count_heatmap(counts, f"How many of {len(batch_masks)} per-batch masks choose each expert",
+                                                 clickable=True),
+                            key="ex_counts", on_select="rerun", selection_mode="points")
     st.dataframe(pd.DataFrame([{"batch_idx": b, "experts": m.count(),
                                 "chosen": ", ".join(f"L{l}E{e}" for l, e in m.experts())} for b, m in batch_masks.items()]),
                  hide_index=True, width="stretch")
 
+# a click on a cell picks that expert for the hand edit below and links to its tokens
+clicked = ui.clicked_cell(event, "ex_last_click")
+if clicked is not None:
+    st.session_state["ex_t_layer"], st.session_state["ex_t_expert"] = clicked
+
 # -- hand edits --------------------------------------------------------------------------------------
-if scope == "global":
-    with st.expander("Toggle single experts by hand", expanded=bool(toggles)):
-        c1, c2, c3, c4 = st.columns([1, 1, 1, 1], vertical_alignment="bottom")
-        tl = c1.selectbox("Layer", sorted(int(x) for x in agg["layer"].unique()), key="ex_t_layer")
-        te = c2.selectbox("Expert", list(range(n_experts)), key="ex_t_expert")
-        if c3.button("Toggle", icon=":material/swap_horiz:"):
-            key = f"{tl}:{te}"
-            st.session_state[TOGGLES] = [t for t in toggles if t != key] if key in toggles else [*toggles, key]
-            st.rerun()
-        if c4.button("Clear hand edits", disabled=not toggles):
+with st.expander("Toggle single experts by hand" + ("" if scope == "global" else " (in one batch's mask)"),
+                 expanded=bool(toggles if scope == "global" else any(pb_toggles.values())) or clicked is not None):
+    st.caption("Click a cell of the heatmap to pick its expert here.")
+    c0, c1, c2, c3, c4 = st.columns([1, 1, 1, 1, 1], vertical_alignment="bottom")
+    tb = None
+    if scope == "per_batch" and batch_masks:
+        tb = int(c0.selectbox("Batch", list(batch_masks), key="ex_t_batch"))
+    layers = sorted(int(x) for x in agg["layer"].unique())
+    if st.session_state.get("ex_t_layer") not in layers:
+        st.session_state.pop("ex_t_layer", None)
+    tl = c1.selectbox("Layer", layers, key="ex_t_layer")
+    te = c2.selectbox("Expert", list(range(n_experts)), key="ex_t_expert")
+    current = toggles if tb is None else pb_toggles.get(tb, [])
+    if c3.button("Toggle", icon=":material/swap_horiz:", disabled=scope == "per_batch" and tb is None):
+        key = f"{tl}:{te}"
+        new = [t for t in current if t != key] if key in current else [*current, key]
+        if tb is None:
+            st.session_state[TOGGLES] = new
+        else:
+            st.session_state[TOGGLES_PB] = {**pb_toggles, tb: new}
+        st.rerun()
+    if c4.button("Clear hand edits", disabled=not current):
+        if tb is None:
             st.session_state[TOGGLES] = []
-            st.rerun()
-        if toggles:
-            st.caption("Toggled by hand: " + ", ".join(f"L{t.split(':')[0]}E{t.split(':')[1]}" for t in toggles))
+        else:
+            st.session_state[TOGGLES_PB] = {**pb_toggles, tb: []}
+        st.rerun()
+    if current:
+        st.caption(("Toggled by hand: " if tb is None else f"Toggled by hand in batch {tb}: ")
+                   + ", ".join(f"L{t.split(':')[0]}E{t.split(':')[1]}" for t in current))
+    ui.link("heatmaps", f"See the tokens of layer {tl}, expert {te}", ":material/manage_search:",
+            extra={"layer": tl, "expert": te, **({"batch": tb} if tb is not None else {})})
 
 # -- save ---------------------------------------------------------------------------------------------
 if mask is not None or batch_masks is not None:
@@ -139,4 +195,4 @@ if mask is not None or batch_masks is not None:
         saved = ui.mask_names(run)
         if saved:
             st.caption("Masks in this run: " + ", ".join(saved))
-        st.page_link(ui.PAGES["training"], label="Go to Training", icon=":material/arrow_forward:")
+        ui.link("training", "Go to Training", ":material/arrow_forward:")
