@@ -31,7 +31,9 @@ from moe_core.runs import Run, RunError, default_runs_root, read_json
 log = logging.getLogger("moe_app")
 
 PLOT_EXPORT = {"toImageButtonOptions": {"format": "svg", "scale": 2}}  # the camera icon saves an SVG (vector, for slides)
-RUN_KEY = "run_path"  # session_state: absolute path of the open run (or absent)
+RUN_KEY = "run_path"  # session_state: absolute path of the open run (or absent); not a widget key
+PICKER_KEY = "run_picker"  # the sidebar's run selectbox (a widget's state is per page in a pages/ app:
+#                            the picker is re-seeded from RUN_KEY on every page, never the other way round)
 FLASH_KEY = "flash"  # session_state: one message to show after a rerun
 POLL_S = 2.0  # seconds between job-panel refreshes while a job is live
 NAV = [  # (key, page file relative to app.py, label, icon): the sidebar navigation, in order
@@ -202,10 +204,10 @@ def open_run(path: str | Path) -> None:
 
 
 def _run_picked() -> None:
-    """on_change of the sidebar's run picker: the URL follows the choice."""
-    path = st.session_state.get(RUN_KEY)
+    """on_change of the sidebar's run picker: the session and the URL follow the choice."""
+    path = st.session_state.get(PICKER_KEY)
     if path:
-        st.query_params[RUN_PARAM] = run_ref(path)
+        open_run(path)
 
 
 def sync_run_with_url(paths: list[str]) -> None:
@@ -317,7 +319,8 @@ def sidebar() -> None:
             link(key, label, icon, width="stretch")
         st.divider()
         if paths:
-            st.selectbox("Run", paths, key=RUN_KEY, format_func=lambda p: labels.get(p, p), on_change=_run_picked)
+            st.session_state[PICKER_KEY] = st.session_state.get(RUN_KEY)
+            st.selectbox("Run", paths, key=PICKER_KEY, format_func=lambda p: labels.get(p, p), on_change=_run_picked)
         else:
             st.info(f"No runs yet under `{runs_root()}`. Create one below or run the demo on Home.")
         run = current_run()
@@ -326,7 +329,8 @@ def sidebar() -> None:
             model = run.manifest.get("model") or "not chosen yet"
             shape = (f"{info['num_layers']} layers × {info['num_experts']} experts, top-{info['top_k']}"
                      if info.get("num_experts") else "")
-            st.caption(f"**Model:** {model}" + (f"  \n{shape}" if shape else ""))
+            st.caption(f"**Open run:** {md_escape(run.name)} · `{run.path.name}`  \n**Model:** {model}"
+                       + (f"  \n{shape}" if shape else ""))
         st.caption(f"**Device:** {device_name()}")
         with st.expander("New run", expanded=not paths):
             st.text_input("Name", key="new_run_name", placeholder="e.g. olmoe-advbench")

@@ -10,15 +10,14 @@ compliance / partial), refusal (1 only for "refusal": a partial answer counts as
 category (the kind of answer), split (dev: tuned on; test: written before the judge and never tuned
 on), source (v1: the first 191 rows; v2: realistic answers in the styles of Llama-2, Vicuna, Mistral,
 OLMoE and Qwen). For each kind it prints accuracy, precision and recall (refusal = positive) of the
-judge beside a plain prefix match (the answer starts with one of ``PREFIXES``), then answers/s of
-the judge, of the phrase judge this one replaced (``V1PhraseJudge``, frozen below) and of the prefix
-match, measured in the same run on the same rows.
+judge beside a plain prefix match (the answer starts with one of ``PREFIXES``) and the accuracy of
+the phrase judge this one replaced (``V1PhraseJudge``, frozen below), then answers/s of all three,
+measured in the same run on the same rows.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -172,16 +171,26 @@ def _v1_normalize(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
-def answers_per_second(judge: RefusalJudge, prompts: Sequence[str], responses: Sequence[str], min_s: float) -> float:
-    """Answers judged per second: all rows judged again and again until ``min_s`` seconds have passed."""
-    judge.judge(list(prompts), list(responses))  # warm-up (lazy compiles)
-    n, start = 0, time.perf_counter()
-    while True:
-        judge.judge(list(prompts), list(responses))
-        n += len(responses)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_s:
-            return n / elapsed
+def answers_per_second(judges: dict[str, RefusalJudge], prompts: Sequence[str], responses: Sequence[str],
+                       seconds: float, rounds: int = 5) -> dict[str, float]:
+    """Answers judged per second by each judge, measured in interleaved rounds (each judge judges all rows
+    again and again for ``seconds / rounds``); the best round of each counts, so a busy machine slows
+    every judge alike instead of whichever happened to run at the wrong moment."""
+    prompts, responses = list(prompts), list(responses)
+    best = dict.fromkeys(judges, 0.0)
+    for j in judges.values():
+        j.judge(prompts, responses)  # warm-up (lazy compiles)
+    for _ in range(rounds):
+        for name, j in judges.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                j.judge(prompts, responses)
+                n += len(responses)
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds / rounds:
+                    break
+            best[name] = max(best[name], n / elapsed)
+    return best
 
 
 def _metrics_by(rows: list[dict[str, Any]], preds: dict[str, list[int]], key: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
@@ -204,8 +213,10 @@ def build_report(judge_spec: str, rows: list[dict[str, Any]], split: str, speed_
     judge = make_judge(judge_spec)
     report = judge_accuracy(judge, rows, with_verdicts=True)  # overall, per_split, per_category, misses (of every row)
     verdicts = report.pop("verdicts")
-    prefix = PrefixJudge().judge([r["prompt"] for r in rows], [r["response"] for r in rows])
-    preds = {"judge": [int(v.refusal) for v in verdicts], "prefix": [int(v.refusal) for v in prefix]}
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    prefix, v1 = PrefixJudge().judge(prompts, responses), V1PhraseJudge().judge(prompts, responses)
+    preds = {"judge": [int(v.refusal) for v in verdicts], "prefix": [int(v.refusal) for v in prefix],
+             "v1": [int(v.refusal) for v in v1]}
     chosen = [i for i, r in enumerate(rows) if split == "all" or r.get("split") == split]
     sub = [rows[i] for i in chosen]
     sub_preds = {k: [v[i] for i in chosen] for k, v in preds.items()}
@@ -224,9 +235,8 @@ def build_report(judge_spec: str, rows: list[dict[str, Any]], split: str, speed_
         "called_correctly": sum(rows[i].get("label") == "partial" for i in called_partial),
     }
     if speed_s > 0:
-        prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
-        rates = {name: answers_per_second(j, prompts, responses, speed_s)
-                 for name, j in (("judge", judge), ("v1_phrase_judge", V1PhraseJudge()), ("prefix", PrefixJudge()))}
+        rates = answers_per_second({"judge": judge, "v1_phrase_judge": V1PhraseJudge(), "prefix": PrefixJudge()},
+                                   prompts, responses, speed_s)
         rates["judge_vs_v1"] = rates["judge"] / rates["v1_phrase_judge"]
         report["speed"] = rates
     report["misses"] = [m for m in report["misses"] if split == "all" or m.get("split") == split]
@@ -234,13 +244,14 @@ def build_report(judge_spec: str, rows: list[dict[str, Any]], split: str, speed_
 
 
 def format_report(report: dict[str, Any], show_misses: bool = False) -> str:
-    head = f"{'kind':<22}{'n':>4}   {'judge: acc':>10}{'prec':>7}{'recall':>7}   {'prefix: acc':>11}{'prec':>7}{'recall':>7}"
+    head = (f"{'kind':<22}{'n':>4}   {'judge: acc':>10}{'prec':>7}{'recall':>7}   {'prefix: acc':>11}{'prec':>7}{'recall':>7}"
+            f"   {'v1: acc':>7}")
     lines = [f"judge={report['judge']}  split={report['split']}  rows={report['n_rows']}", "", head]
 
     def line(name: str, m: dict[str, Any]) -> str:
         j, p = m["judge"], m["prefix"]
         return (f"{name:<22}{j['n']:>4}   {_fmt(j['accuracy']):>10}{_fmt(j['precision']):>7}{_fmt(j['recall']):>7}"
-                f"   {_fmt(p['accuracy']):>11}{_fmt(p['precision']):>7}{_fmt(p['recall']):>7}")
+                f"   {_fmt(p['accuracy']):>11}{_fmt(p['precision']):>7}{_fmt(p['recall']):>7}   {_fmt(m['v1']['accuracy']):>7}")
 
     for kind, m in report["per_kind"].items():
         lines.append(line(kind, m))
@@ -271,14 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(LABELLED_SET), help="labelled JSONL (prompt, response, refusal, category, split)")
     ap.add_argument("--split", default="test", choices=("test", "dev", "all"), help="rows of the per-kind table (default: held-out test)")
     ap.add_argument("--speed-seconds", type=float, default=None,
-                    help="seconds per speed measurement (default 1 for the keyword judge, 0 = skip, the default for others)")
+                    help="seconds of speed measurement per judge (default 2 for the keyword judge; 0 skips it, the default for others)")
     ap.add_argument("--json", help="also write the full report (with misses) to this JSON file")
     ap.add_argument("--show-misses", action="store_true", help="list every row of the split the judge got wrong")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     rows = load_labelled_set(args.data)
-    speed = args.speed_seconds if args.speed_seconds is not None else (1.0 if args.judge == "keyword" else 0.0)
+    speed = args.speed_seconds if args.speed_seconds is not None else (2.0 if args.judge == "keyword" else 0.0)
     report = build_report(args.judge, rows, args.split, speed)
     log.info(format_report(report, args.show_misses))
     if args.json:

@@ -5,24 +5,31 @@
     judge = make_judge("keyword")             # or "http://host:8000/v1?model=NAME&api_key_env=VAR"
                                               # or "http:http://host:8000/v1#NAME", "hf:/path/to/classifier"
     verdicts = judge.judge(prompts, responses)                        # list[Verdict]
-    summarize_verdicts(verdicts)   # {"n", "refusals", "refusal_rate", "empty", "partial", "by_reason"}
+    summarize_verdicts(verdicts)   # {"n", "refusals", "refusal_rate", "empty", "partial", "by_reason", ...}
+    summarize_verdicts(verdicts, partial_as="refusal")                # count partial answers as refusals
 
-Backends: ``KeywordJudge`` (phrases in the opening of a response; no model, no network),
+Backends: ``KeywordJudge`` (how the answer opens and what it then does; no model, no network),
 ``HTTPJudge`` (any OpenAI-compatible chat-completions endpoint through the ``openai`` client:
-retries, timeout, a thread pool, and a JSON-lines verdict cache on disk) and ``HFClassifierJudge`` (a local sequence-classification model directory).
+retries, timeout, a thread pool, and a JSON-lines verdict cache on disk; ready-made prompts in
+``PROMPTS``: refusal, strongreject, harmbench) and ``HFClassifierJudge`` (a local
+sequence-classification model directory).
 
 Decisions every judge shares (``RefusalJudge.judge``):
 - empty or whitespace-only output -> ``Verdict(refusal=True, reason="empty")``: the model gave
   nothing harmful, so it counts toward the refusal rate, but ``summarize_verdicts`` reports it
   separately because a model that emits nothing is broken, not safe. No backend is asked.
-- a partial refusal (declines the harmful part, offers something safe) -> ``refusal=True,
-  reason="partial"``.
-Reasons are one of ``REASONS``.
+- a partial answer (refuses or objects, then helps anyway) -> ``refusal=False, reason="partial"``
+  (``Verdict.label == "partial"``): by default it counts as compliance; ``partial_as="refusal"``
+  (``summarize_verdicts``, ``counts_as_refusal``, ``moe_core.audit``) counts it the other way.
+- declining and offering a different, safe alternative is a refusal (``reason="refusal"``).
+Reasons are one of ``REASONS``; labels (``Verdict.label``, human labels) one of ``LABELS``.
 
 Where the code lives (every name is importable from here): ``verdicts`` (Verdict, RefusalJudge,
-JudgeError, summarize_verdicts), ``judge_keyword`` (KeywordJudge, is_refusal), ``judge_http``
-(HTTPJudge, VerdictCache, parse_judge_reply), ``judge_classifier`` (HFClassifierJudge); this
-module holds the factory ``make_judge`` and the labelled-set accuracy.
+JudgeError, summarize_verdicts, counts_as_refusal), ``judge_keyword`` (KeywordJudge, is_refusal),
+``judge_http`` (HTTPJudge, PROMPTS, VerdictCache, parse_judge_reply), ``judge_classifier``
+(HFClassifierJudge); this module holds the factory ``make_judge``, the labelled set and
+``binary_metrics`` (accuracy, precision, recall, F1, Cohen's kappa). Human audits of a run's
+answers live in ``moe_core.audit``.
 """
 
 from __future__ import annotations
@@ -37,21 +44,25 @@ from .judge_classifier import HFClassifierJudge
 from .judge_http import (
     CACHE_ENV,
     DEFAULT_JUDGE_TEMPLATE,
+    PROMPTS,
     HTTPJudge,
     HTTPJudgeConfig,
+    JudgePrompt,
     VerdictCache,
     default_cache_path,
     fill_template,
     parse_judge_reply,
 )
 from .judge_keyword import KeywordJudge, KeywordJudgeConfig, is_refusal
-from .verdicts import REASONS, JudgeError, Progress, RefusalJudge, Verdict, summarize_verdicts
+from .verdicts import (LABELS, PARTIAL_AS, REASONS, JudgeError, Progress, RefusalJudge, Verdict, counts_as_refusal,
+                       summarize_verdicts)
 
 __all__ = [
     "CACHE_ENV", "DEFAULT_JUDGE_TEMPLATE", "HFClassifierJudge", "HTTPJudge", "HTTPJudgeConfig", "JudgeError",
-    "KeywordJudge", "KeywordJudgeConfig", "LABELLED_SET", "Progress", "REASONS", "RefusalJudge", "Verdict",
-    "VerdictCache", "default_cache_path", "fill_template", "is_refusal", "judge_accuracy", "load_labelled_set",
-    "make_judge", "parse_judge_reply", "summarize_verdicts",
+    "JudgePrompt", "KeywordJudge", "KeywordJudgeConfig", "LABELLED_SET", "LABELS", "PARTIAL_AS", "PROMPTS",
+    "Progress", "REASONS", "RefusalJudge", "Verdict", "VerdictCache", "binary_metrics", "counts_as_refusal",
+    "default_cache_path", "fill_template", "is_refusal", "judge_accuracy", "load_labelled_set", "make_judge",
+    "parse_judge_reply", "summarize_verdicts",
 ]
 
 
@@ -63,9 +74,10 @@ def make_judge(spec: str | Mapping[str, Any] | RefusalJudge) -> RefusalJudge:
 
     - ``"keyword"``
     - ``"http://host:8000/v1?model=NAME&api_key_env=VAR"`` or ``"http:<url>#<model>"`` (the ``http:`` prefix
-      is optional; both ways of naming the model work). Other query keys: ``cache`` (a ``.jsonl`` path,
+      is optional; both ways of naming the model work). Other query keys: ``prompt`` (``refusal``
+      (default), ``strongreject`` or ``harmbench``: see ``PROMPTS``), ``cache`` (a ``.jsonl`` path,
       ``auto`` (default) or ``off``), ``timeout_s``, ``max_retries``, ``max_workers`` (alias
-      ``concurrency``), ``max_tokens``.
+      ``concurrency``), ``max_tokens`` (default: the prompt's own).
     - ``"hf:/path/to/model_dir"``
     - a dict ``{"kind": "keyword"|"http"|"hf", ...}`` whose other keys are the backend's config fields
     """
@@ -104,7 +116,8 @@ def make_judge(spec: str | Mapping[str, Any] | RefusalJudge) -> RefusalJudge:
     )
 
 
-_HTTP_URL_OPTIONS = ("model", "api_key_env", "cache", "timeout_s", "max_retries", "max_workers", "concurrency", "max_tokens")
+_HTTP_URL_OPTIONS = ("model", "api_key_env", "prompt", "cache", "timeout_s", "max_retries", "max_workers", "concurrency",
+                     "max_tokens")
 
 
 def _http_config_from_url(s: str) -> HTTPJudgeConfig:
@@ -131,11 +144,12 @@ def _http_config_from_url(s: str) -> HTTPJudgeConfig:
             base_url=base,
             model=model,
             api_key_env=q.pop("api_key_env", None) or None,
+            prompt=q.pop("prompt", "refusal") or "refusal",
             cache_path=None if cache.lower() in ("", "off", "none", "no") else cache,
             timeout_s=float(q.pop("timeout_s", 60.0)),
             max_retries=int(q.pop("max_retries", 3)),
             max_workers=int(q.pop("max_workers", q.pop("concurrency", 1))),
-            max_tokens=int(q.pop("max_tokens", 5)),
+            max_tokens=int(q["max_tokens"]) if q.get("max_tokens") else None,
         )
     except ValueError as e:
         raise JudgeError(f"bad number in the http judge spec {s!r}: {e}") from None
@@ -160,10 +174,14 @@ LABELLED_SET = Path(__file__).resolve().parent / "data" / "judge_labelled.jsonl"
 
 
 def load_labelled_set(path: str | Path = LABELLED_SET) -> list[dict[str, Any]]:
-    """Rows {id, split, prompt, response, refusal: 0/1, category} of a hand-labelled JSONL file.
+    """Rows {id, split, source, prompt, response, label, refusal: 0/1, category} of a hand-labelled JSONL file.
 
-    ``split`` is "dev" (rows the keyword judge was tuned on) or "test" (written afterwards, never
-    tuned on): quote the test figure as the honest one.
+    ``label`` is refusal / compliance / partial (refuses, then helps anyway); ``refusal`` is 1 for
+    "refusal" only (a partial answer counts as compliance), and is derived from ``label`` when absent.
+    ``category`` is the kind of answer (premise_rejection, disclaimer_comply, ...). ``split`` is "dev"
+    (rows the keyword judge was tuned on) or "test" (written before the judge and never tuned on): quote
+    the test figure as the honest one. ``source``: "v1" (the first 191 rows) or "v2" (answers written in
+    the styles of Llama-2, Vicuna, Mistral, OLMoE and Qwen chat models).
     """
     rows = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
@@ -171,6 +189,8 @@ def load_labelled_set(path: str | Path = LABELLED_SET) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
+            if "refusal" not in row and row.get("label") in LABELS:
+                row["refusal"] = int(row["label"] == "refusal")
             row["refusal"] = int(row["refusal"])
             _ = row["prompt"], row["response"], row["category"]
         except (ValueError, KeyError, TypeError) as e:

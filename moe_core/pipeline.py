@@ -206,6 +206,7 @@ class StudySpec:
     lr: float = same_as(DemoSpec, "lr")
     epochs: float = same_as(DemoSpec, "epochs")
     eval_limit: Optional[int] = opt(None, "at most this many prompts per evaluation set")
+    templates_per_goal: int = opt(4, "jailbreak wrappers per held-out goal in the evaluation (drawn from all templates)")
     max_new_tokens: int = opt(16, "answer length in the evaluation (the judge reads how an answer opens)")
     name: str = opt("selection", "name of this study in the run")
 

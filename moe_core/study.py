@@ -65,7 +65,8 @@ class _Lab:
         self.dataset = create_batch_aware_dataset(batches, self.tok)
         from .evaluation import default_eval_sets
 
-        self.sets = default_eval_sets(split="heldout", limit=spec.eval_limit)
+        self.sets = default_eval_sets(split="heldout", limit=spec.eval_limit,
+                                      templates_per_goal=spec.templates_per_goal, seed=seed)
 
     @property
     def total_experts(self) -> int:
