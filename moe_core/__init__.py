@@ -5,7 +5,7 @@ Data flows one way, each arrow a file in the run directory (see ``runs.py``):
 prompts -> BatchPlan -> routing records -> risk tables -> ExpertMask -> SFT dataset ->
 trained experts -> evaluation.
 
-This package never imports Streamlit; the app in ``app.py``/``app_pages/`` is a thin layer over it.
+This package never imports Streamlit; the app in ``app.py``/``pages/`` is a thin layer over it.
 """
 
 __version__ = "0.1.0"

@@ -80,7 +80,7 @@ def _click_layer(z: np.ndarray, label: str, fmt: str = ".3f") -> go.Scatter:
     vals = np.where(np.isfinite(z), z, np.nan).ravel()
     return go.Scatter(
         x=ee.ravel().tolist(), y=ll.ravel().tolist(), mode="markers", name="cells", showlegend=False,
-        marker=dict(symbol="square", size=max(4, min(18, int(700 / max(n_e, 1)))), opacity=0, color="#000"),
+        marker=dict(symbol="square", size=max(4, min(18, int(700 / max(n_e, 1)))), opacity=0.01, color="#000"),
         customdata=[[None if np.isnan(v) else float(v)] for v in vals],
         hovertemplate="layer %{y}, expert %{x}<br>" + label + " %{customdata[0]:" + fmt + "}<br>"
                       "<i>click to drill down</i><extra></extra>",

@@ -130,6 +130,8 @@ class TrainSpec:
     router_consistency: Consistency = opt("none", "KL between a batch's mean safe and unsafe routing")
     router_consistency_weight: float = opt(0.1, "weight of that loss")
     max_length: int = opt(512, "max tokens per training example")
+    monitor_batches: bool = opt(False, "print the seed's per-step line 'Current training batch contains samples "
+                                       "from batches: [k]' (the app's live batch monitor reads it)")
     seed: int = opt(0, "training seed (batch order, random baseline draw)")
     name: Optional[str] = opt(None, "name of this training in the run (default from mask/baseline)")
     model: Optional[str] = opt(None, "model to train (default: the run's model)")
@@ -442,7 +444,7 @@ def train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Any:
             model, tok, dataset, masks, output_dir=out, progress=progress, baseline=spec.baseline, mask_mode=spec.mask_mode,
             learning_rate=spec.lr, num_train_epochs=spec.epochs, weight_decay=spec.weight_decay, seed=spec.seed,
             train_router=spec.train_router, router_consistency_loss=spec.router_consistency,
-            router_consistency_weight=spec.router_consistency_weight,
+            router_consistency_weight=spec.router_consistency_weight, monitor_batches=spec.monitor_batches,
         )
     except JobStopped:
         run.set_step(f"train:{name}", "stopped")

@@ -51,7 +51,7 @@ with st.container(border=True):
                       format_func=CONSISTENCY.get, key="tr_rc")
     rcw = float(c4.number_input("Consistency weight", 0.0, 100.0, d.router_consistency_weight, 0.05, key="tr_rcw",
                                 disabled=rc == "none"))
-    spec = TrainSpec(mask=mask_name or d.mask, mask_mode=mask_mode, baseline=baseline, lr=lr, epochs=epochs,
+    spec = TrainSpec(monitor_batches=True, mask=mask_name or d.mask, mask_mode=mask_mode, baseline=baseline, lr=lr, epochs=epochs,
                      router_consistency=rc, router_consistency_weight=rcw)
     if st.button("Start training", type="primary", icon=":material/play_arrow:", disabled=not mask_name or info.active):
         with ui.guard("Not started: "):

@@ -95,9 +95,9 @@ def test_validation_errors_name_the_file_and_the_field() -> None:
 # -- the app's error boundary ----------------------------------------------------------------------
 @pytest.fixture
 def ui(monkeypatch):
-    """app_pages._ui with st.error captured (no Streamlit script run needed)."""
+    """app_ui with st.error captured (no Streamlit script run needed)."""
     pytest.importorskip("streamlit")
-    from app_pages import _ui
+    import app_ui as _ui
 
     shown: list[str] = []
     monkeypatch.setattr(_ui.st, "error", lambda text, **kw: shown.append(text))

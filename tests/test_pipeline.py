@@ -65,7 +65,9 @@ def test_old_flag_spellings_still_parse():
 
 def test_no_page_builds_a_cli_flag_list():
     """Pages launch specs (jobs.start_step); only the resume button replays a stored launch."""
-    for page in sorted((ROOT / "app_pages").glob("*.py")) + [ROOT / "app.py"]:
+    pages = sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py", ROOT / "app_ui.py"]
+    assert len(pages) > 5, "the app's pages moved: point this test at them"
+    for page in pages:
         tree = ast.parse(page.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("--"):
