@@ -16,6 +16,7 @@ from moe_core.evaluation import list_evaluations, load_evaluation
 from moe_core.report import interval_table
 from moe_core.pipeline import EvaluateSpec, StudySpec
 from moe_core.study import load_study
+from moe_core.audit import LABELS as AUDIT_LABELS, audit_report, label_answer, load_labels, sample_for_review
 from moe_core.risk import risk_matrix
 
 JOB = "evaluate"
@@ -116,6 +117,41 @@ for col, model in zip(st.columns(max(1, len(models))), models):
     with col:
         st.markdown(f"**{model}** " + (":blue-badge[refused]" if r["refusal"] else ":orange-badge[answered]"))
         st.code(r["response"] or "(empty)", language="text", wrap_lines=True)
+
+# -- judge audit -------------------------------------------------------------------------------
+st.subheader("Audit the judge")
+st.caption("Label a sample of answers by hand; the judge's agreement with you (accuracy, precision, recall, Cohen's "
+           "kappa) and every disagreement appear below, and the metrics can be recomputed with your labels.")
+labels = load_labels(run, pick)
+todo = sample_for_review(responses, n=1, labels=labels, seed=len(labels))
+if len(todo):
+    item = todo.iloc[0]
+    st.markdown(f"**{item.get('model', 'model')}** · {item['set']} · judge says **{item.get('judge_label', '?')}**")
+    st.code(str(item["prompt"]), language="text", wrap_lines=True)
+    st.code(str(item["response"]) or "(empty)", language="text", wrap_lines=True)
+    cols = st.columns(len(AUDIT_LABELS))
+    for col, lab in zip(cols, AUDIT_LABELS):
+        if col.button(lab, key=f"ev_audit_{lab}", width="stretch"):
+            with ui.guard("Not saved: "):
+                label_answer(run, pick, item, lab)
+                st.rerun()
+else:
+    st.caption("Every answer of this evaluation is labelled.")
+if len(labels):
+    report = None
+    with ui.guard("The audit cannot be computed: "):
+        report = audit_report(run, pick)
+    if report is not None:
+        a = report.agreement
+        m = st.columns(5)
+        for col, key in zip(m, ("n", "accuracy", "precision", "recall", "kappa")):
+            v = a.get(key)
+            missing = v is None or (isinstance(v, float) and v != v)  # nan: undefined with these labels
+            col.metric(key, "-" if missing else (f"{v:.2f}" if isinstance(v, float) else str(v)))
+        if len(report.disagreements):
+            st.dataframe(report.disagreements, hide_index=True, width="stretch", key="ev_audit_dis")
+        if st.toggle("Recompute the metrics with the human labels where they exist", key="ev_audit_human"):
+            st.dataframe(interval_table(report.summary_human), width="stretch", key="ev_audit_table")
 
 # -- routing shift -----------------------------------------------------------------------------
 shifts = sorted(run.path_for("eval").glob("shift_*.parquet"))

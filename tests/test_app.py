@@ -1019,3 +1019,27 @@ def test_present_page_and_report(lab, monkeypatch, tmp_path):
     assert "plotly" in text[:5_000_000] and "fig-heatmap" in text and "fig-before_after" in text
     assert "<script src=" not in text  # plotly.js inline: opens offline
     assert at.get("download_button")
+
+
+def test_audit_the_judge_on_the_evaluation_page(lab, monkeypatch):
+    """A reviewer labels answers by hand; agreement and disagreements appear and labels land in the run."""
+    from moe_core.audit import load_labels
+
+    root, _, run = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(run, page="evaluation")
+    no_exceptions(at)
+    # label the first answer offered as the opposite of what the judge said: a disagreement
+    judge_says = next(m.value for m in at.markdown if "judge says" in m.value)
+    pick = "compliance" if "**refusal**" in judge_says else "refusal"
+    at.button(key=f"ev_audit_{pick}").click().run()
+    no_exceptions(at)
+    labels = load_labels(run, "comparison")
+    assert len(labels) == 1 and labels["label"].iloc[0] == pick
+    assert [m.value for m in at.metric if m.label == "n"] == ["1"]
+    dis = [d.value for d in at.dataframe if "human_label" in d.value.columns]
+    assert len(dis) == 1 and len(dis[0]) == 1 and dis[0]["human_label"].iloc[0] == pick
+    n_tables = len(at.dataframe)
+    at.toggle(key="ev_audit_human").set_value(True).run()
+    no_exceptions(at)
+    assert len(at.dataframe) == n_tables + 1  # the metrics recomputed with the human label
