@@ -89,44 +89,47 @@ def reproduce_commands(run: Run) -> list[str]:
     return out
 
 
-def sections(run: Run) -> list[tuple[str, str]]:
-    """(title, html body) of every step the run has reached, in story order."""
+def _batches_section(run: Run) -> tuple[str, str] | None:
     from .batches import load_plan
-    from .evaluation import list_evaluations, load_evaluation
-    from .pipeline import StudySpec
+
+    plan_path = run.path_for("plan")
+    if not plan_path.is_file():
+        return None
+    plan = load_plan(plan_path)
+    b0 = plan.batches[0]
+    ex = ""
+    if plan.paired and b0.safe and b0.unsafe:
+        twin = next((u for u in b0.unsafe if u.pair_id == b0.safe[0].pair_id), b0.unsafe[0])
+        ex = (f"<div class='pair'><div><h4>Plain request (safe: refused)</h4><pre>{_esc(b0.safe[0].text)}</pre></div>"
+              f"<div><h4>Same request, jailbroken (unsafe: complied)</h4><pre>{_esc(twin.text)}</pre></div></div>")
+    return ("The batches", (
+        f"<p>{len(plan)} batches of {plan.batch_size} prompts ({len(b0.safe)} safe then {b0.size - len(b0.safe)} "
+        f"unsafe each), {'paired: each plain request beside its jailbreak' if plan.paired else 'unpaired'}; "
+        f"{plan.num_items} prompts in all. Training replays exactly these batches.</p>{ex}"))
+
+
+def _experts_section(run: Run) -> tuple[str, str] | None:
     from .risk import risk_matrix
     from .runs import read_parquet
-    from .study import load_study
 
-    out: list[tuple[str, str]] = [("The question", f"<p>{_esc(QUESTION)}</p><p>{SAFE_UNSAFE}</p>")]
-    plan_path = run.path_for("plan")
-    if plan_path.is_file():
-        plan = load_plan(plan_path)
-        b0 = plan.batches[0]
-        ex = ""
-        if plan.paired and b0.safe and b0.unsafe:
-            twin = next((u for u in b0.unsafe if u.pair_id == b0.safe[0].pair_id), b0.unsafe[0])
-            ex = (f"<div class='pair'><div><h4>Plain request (safe: refused)</h4><pre>{_esc(b0.safe[0].text)}</pre></div>"
-                  f"<div><h4>Same request, jailbroken (unsafe: complied)</h4><pre>{_esc(twin.text)}</pre></div></div>")
-        out.append(("The batches", (
-            f"<p>{len(plan)} batches of {plan.batch_size} prompts ({len(b0.safe)} safe then {b0.size - len(b0.safe)} "
-            f"unsafe each), {'paired: each plain request beside its jailbreak' if plan.paired else 'unpaired'}; "
-            f"{plan.num_items} prompts in all. Training replays exactly these batches.</p>{ex}")))
     agg_path = run.path_for("risk_aggregated")
-    if agg_path.is_file():
-        agg = read_parquet(agg_path)
-        n_l, n_e = grid_of(run, agg)
-        m = chosen_mask(run)
-        marked = m[1].experts() if m else []
-        fig = charts.risk_heatmap(risk_matrix(agg, "risk_diff", n_l, n_e), marked=marked,
-                                  title=f"Mean risk difference (unsafe rate − safe rate); squares: "
-                                        f"{len(marked)} chosen experts" if marked else "Mean risk difference")
-        cols = [c for c in ("layer", "expert", "risk_diff", "risk_diff_std", "sign_consistency", "n_batches") if c in agg.columns]
-        top = agg[cols].head(10)
-        out.append(("The experts", (
-            "<p>Red cells fire more when the model complies, blue ones when it refuses.</p>"
-            + _figure(fig, "heatmap") + (f"<p>Mask <code>{_esc(m[0])}</code>: {len(marked)} experts.</p>" if m else "")
-            + "<h4>Top 10 experts by risk difference</h4>" + _table(top))))
+    if not agg_path.is_file():
+        return None
+    agg = read_parquet(agg_path)
+    n_l, n_e = grid_of(run, agg)
+    m = chosen_mask(run)
+    marked = m[1].experts() if m else []
+    fig = charts.risk_heatmap(risk_matrix(agg, "risk_diff", n_l, n_e), marked=marked,
+                              title=f"Mean risk difference (unsafe rate − safe rate); squares: "
+                                    f"{len(marked)} chosen experts" if marked else "Mean risk difference")
+    cols = [c for c in ("layer", "expert", "risk_diff", "risk_diff_std", "sign_consistency", "n_batches") if c in agg.columns]
+    return ("The experts", (
+        "<p>Red cells fire more when the model complies, blue ones when it refuses.</p>"
+        + _figure(fig, "heatmap") + (f"<p>Mask <code>{_esc(m[0])}</code>: {len(marked)} experts.</p>" if m else "")
+        + "<h4>Top 10 experts by risk difference</h4>" + _table(agg[cols].head(10))))
+
+
+def _training_section(run: Run) -> tuple[str, str] | None:
     trained = []
     for meta_path in sorted((run.path / "train").glob("*/training_metadata.json")) if (run.path / "train").is_dir() else []:
         meta = read_json(meta_path)
@@ -136,24 +139,41 @@ def sections(run: Run) -> list[tuple[str, str]]:
                         "trained experts": "all" if meta.get("baseline") == "full" else rep.get("trained_experts"),
                         "steps": len(meta.get("batch_monitor") or []),
                         "final loss": losses[-1] if losses else None})
-    if trained:
-        out.append(("The training", "<p>Only the chosen experts' rows get gradients and optimizer state; the "
-                    "baselines train as many random experts, or everything.</p>" + _table(pd.DataFrame(trained))))
+    if not trained:
+        return None
+    return ("The training", "<p>Only the chosen experts' rows get gradients and optimizer state; the "
+            "baselines train as many random experts, or everything.</p>" + _table(pd.DataFrame(trained)))
+
+
+def _evaluation_section(run: Run) -> tuple[str, str] | None:
+    from .evaluation import list_evaluations, load_evaluation
+
     evals = list_evaluations(run)
-    if evals:
-        name = "comparison" if "comparison" in evals else evals[-1]
-        _, summary = load_evaluation(run, name)
-        head = summary[summary["metric"].notna()]
-        arrows = head["better"].map({"lower": " (lower is better)", "higher": " (higher is better)"}).fillna("")
-        fig = charts.metric_bars(head.assign(metric=(head["metric"] + arrows).map(charts.wrap_label)),
-                                 title="Held-out behaviour before vs after (95% intervals)")
-        out.append(("Before vs after", _figure(fig, "before_after") + _table(interval_table(summary), index=True)))
+    if not evals:
+        return None
+    name = "comparison" if "comparison" in evals else evals[-1]
+    _, summary = load_evaluation(run, name)
+    head = summary[summary["metric"].notna()]
+    arrows = head["better"].map({"lower": " (lower is better)", "higher": " (higher is better)"}).fillna("")
+    fig = charts.metric_bars(head.assign(metric=(head["metric"] + arrows).map(charts.wrap_label)),
+                             title="Held-out behaviour before vs after (95% intervals)")
+    return ("Before vs after", _figure(fig, "before_after") + _table(interval_table(summary), index=True))
+
+
+def _study_section(run: Run) -> tuple[str, str] | None:
+    from .pipeline import StudySpec
+    from .study import load_study
+
     study = load_study(run, StudySpec().name)
-    if study is not None:
-        fig_path = run.path_for("study", name=StudySpec().name) / "figure.json"
-        fig = go.Figure(json.loads(fig_path.read_text())) if fig_path.is_file() else charts.study_figure(study[1])
-        out.append(("Do the chosen experts matter?", "<p>Chosen experts vs as many random ones, over expert budgets."
-                    "</p>" + _figure(fig, "study") + _table(study[1])))
+    if study is None:
+        return None
+    fig_path = run.path_for("study", name=StudySpec().name) / "figure.json"
+    fig = go.Figure(json.loads(fig_path.read_text())) if fig_path.is_file() else charts.study_figure(study[1])
+    return ("Do the chosen experts matter?", "<p>Chosen experts vs as many random ones, over expert budgets."
+            "</p>" + _figure(fig, "study") + _table(study[1]))
+
+
+def _settings_section(run: Run) -> tuple[str, str]:
     settings = {"run": run.id, "name": run.name, "model": run.manifest.get("model"),
                 "created": run.manifest.get("created"), **{f"config.{k}": v for k, v in (run.manifest.get("config") or {}).items()}}
     step = run.step("analysis") or {}
@@ -161,10 +181,20 @@ def sections(run: Run) -> list[tuple[str, str]]:
         if k in (step.get("config") or {}):
             settings[f"analysis.{k}"] = step["config"][k]
     cmds = reproduce_commands(run)
-    out.append(("Settings and how to reproduce", _table(pd.DataFrame(
+    return ("Settings and how to reproduce", _table(pd.DataFrame(
         {"setting": list(settings), "value": [json.dumps(v) if not isinstance(v, str) else v for v in settings.values()]}))
         + ("<pre>" + _esc("\n".join(cmds)) + "</pre>" if cmds else "<p>No jobs were launched in this run "
-           "(it was built by the library directly).</p>")))
+           "(it was built by the library directly).</p>"))
+
+
+def sections(run: Run) -> list[tuple[str, str]]:
+    """(title, html body) of every step the run has reached, in story order."""
+    out: list[tuple[str, str]] = [("The question", f"<p>{_esc(QUESTION)}</p><p>{SAFE_UNSAFE}</p>")]
+    for section in (_batches_section, _experts_section, _training_section, _evaluation_section, _study_section):
+        part = section(run)
+        if part is not None:
+            out.append(part)
+    out.append(_settings_section(run))
     return out
 
 
