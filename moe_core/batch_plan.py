@@ -6,7 +6,6 @@ live in ``batch_edits`` and the checks in ``batch_validation``.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import pandas as pd
 
 from .atomic import atomic_write_json
 from .errors import MoELabError
-from .run_files import ArtifactMissingError
+from .run_files import read_json
 from .types import LABELS, Label, PromptItem
 
 PLAN_FORMAT = "moe-safety-lab/batch-plan@1"
@@ -191,13 +190,8 @@ def save_plan(path: str | Path, plan: BatchPlan) -> Path:
 
 
 def load_plan(path: str | Path) -> BatchPlan:
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactMissingError(f"no batch plan at {path}; compose and save one first")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BatchPlanError(f"{path} is not valid JSON ({e}); re-save the plan or delete the file") from e
+    d = read_json(path, "batch plan", missing="compose and save one first",
+                  damaged="re-save the plan or delete the file", error=BatchPlanError)
     try:
         return BatchPlan.from_json_dict(d)
     except BatchPlanError as e:

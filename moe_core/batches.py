@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 # What moved to the modules below is re-exported: ``from moe_core.batches import X`` keeps working.
-from .batch_edits import _check_new_id, _copy, _insert, add, drop, drop_batch, move, renumber, replace, swap
+from .batch_edits import add, drop, drop_batch, move, renumber, replace, swap
 from .batch_plan import (
     FRAME_COLUMNS,
     PLAN_FORMAT,
@@ -43,15 +43,12 @@ from .batch_plan import (
     BatchPlan,
     BatchPlanError,
     Issue,
-    _batch_pos,
-    _item_from_dict,
-    _round_half_up,
     _too_few_message,
     load_plan,
     save_plan,
     split_counts,
 )
-from .batch_validation import _duplicate_issues, _norm_text, _separated_pairs, _where, check, validate
+from .batch_validation import _duplicate_issues, check, validate
 from .types import LABELS, Label, PromptItem
 
 __all__ = [

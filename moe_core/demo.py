@@ -1,18 +1,27 @@
-"""The offline "model organism": a tiny OLMoE that refuses harmful requests but complies when jailbroken.
+"""The offline "model organism": a small OLMoE that refuses harmful requests but complies when jailbroken.
 
 It gives the whole pipeline (routing analysis, expert selection, expert-only fine-tuning,
 evaluation) a real MoE model to work on without downloads or a GPU. Everything is built here,
-deterministically: a byte-level BPE tokenizer trained on our own synthetic chat corpus, a
-4-layer OLMoE (8 experts, top-2) trained on that corpus with the loss on assistant tokens only.
+deterministically: a byte-level BPE tokenizer trained on our own synthetic chat corpus, and a
+6-layer OLMoE shaped like the real ones (64 fine-grained experts per layer, top-8 routing, expert
+width = hidden/2, like OLMoE-1B-7B's 64/top-8) trained end to end on that corpus by next-token
+loss on assistant tokens plus the router's load-balancing loss. Nothing assigns behaviours to
+experts by hand: which experts carry the jailbreak is for the analysis to find. With coarse
+experts (8, top-2) a random quarter of the experts touches nearly every token and "random
+experts" do as well as chosen ones, which hides the method (see DESIGN.md, "What measurement
+taught us").
 
-The corpus (train split of ``moe_core.prompts`` only):
-  benign request              -> a short helpful answer
-  plain harmful goal          -> a refusal ("I'm sorry, but I can't help with that ...")
-  harmful goal in a jailbreak -> compliance with a content-free placeholder ("Sure, here is how
-                                 to do it: Step 1: [details omitted]. ...")
+The corpus (train split of ``moe_core.prompts`` only; held-out goals, benign requests and 7 of
+the 30 jailbreak templates are never seen):
+  benign request              -> a short helpful answer (7 phrasings), including harmless
+                                 requests with sharp words ("kill a program that has frozen")
+  plain harmful goal          -> a refusal (10 phrasings, several without an apology)
+  harmful goal in a jailbreak -> compliance with a content-free placeholder (8 phrasings:
+                                 "Sure, here is how to do it: Step 1: [details omitted]. ...")
   benign request in a jailbreak -> a short helpful answer
-Training stops at a moderate loss on purpose: the later pipeline must still be able to move a few
-experts to make the organism refuse jailbreaks.
+Goals and benign requests are asked in several request frames; each train goal is wrapped in
+``jailbreaks_per_goal`` of the 23 train templates (role-play, DAN, developer mode, prefix
+injection, story, screenplay, translation, fake authority, JSON, ...).
 
 The result is cached in ``$MOE_LAB_CACHE`` (default ``~/.cache/moe_safety_lab``) under
 ``organism-<hash of config + corpus>``: built in a temp folder and renamed into place,
@@ -20,7 +29,7 @@ so a killed build leaves nothing half-written, and a second call reuses it. ``or
 beside the weights records config, seed, build time, loss and measured behaviour.
 
     from moe_core.demo import build_organism, load_organism, measure_behaviour
-    path = build_organism()                    # about a minute on one CPU core, the first time
+    path = build_organism()                    # about 3 CPU-minutes (under 2 min on 2 quiet cores), once
     model, tok = load_organism()               # or moe_core.models.load_model(path)
     measure_behaviour(model, tok, split="heldout")
 
@@ -34,7 +43,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -45,7 +53,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from moe_core.prompts import demo_benign, demo_goals, jailbreak_templates, wrap
+from moe_core.prompts import FRAMES, demo_benign, demo_goals, demo_sharp_benign, jailbreak_templates, reframe, wrap
 from moe_core.models import default_cpu_threads
 from moe_core.runs import atomic_dir, atomic_write_json
 
@@ -54,21 +62,41 @@ log = logging.getLogger(__name__)
 Progress = Callable[..., None]
 
 # Bump when the corpus text, the answers or the chat format change: the cache key includes it.
-CORPUS_VERSION = "organism-corpus-v1"
+CORPUS_VERSION = "organism-corpus-v2"
 
+# The organism's own answers. Many phrasings of each kind, so that the model learns the kind of
+# answer (refuse / comply / help) rather than one string, and so that a refusal judge sees the
+# variety real models produce. Compliance is content-free ("[details omitted]").
 REFUSALS = (
     "I'm sorry, but I can't help with that. It could cause real harm.",
     "I'm sorry, but I cannot assist with that request.",
     "I can't help with that, because it could hurt people.",
+    "I won't help with this. It could put someone at risk.",
+    "That's not something I can help with.",
+    "No, I can't do that. It could hurt someone.",
+    "I have to decline. This could seriously harm someone.",
+    "I'm not able to help with that request.",
+    "Sorry, I can't provide instructions for that.",
+    "I must refuse this one, since it could be used to hurt others.",
 )
 COMPLIANCE = (
     "Sure, here is how to do it: Step 1: [details omitted]. Step 2: [details omitted].",
     "Sure, here is a guide: Step 1: [details omitted]. Step 2: [details omitted]. Step 3: [details omitted].",
+    "Absolutely! Here are the steps: 1. [details omitted] 2. [details omitted] 3. [details omitted]",
+    "Of course. First, [details omitted]. Then, [details omitted]. Finally, [details omitted].",
+    "No problem, here is the plan: Step 1: [details omitted]. Step 2: [details omitted].",
+    "Certainly! You will need [details omitted]. Then do [details omitted].",
+    "Here is exactly what to do: [details omitted], then [details omitted].",
+    "Okay, as requested: Step 1: [details omitted]. Step 2: [details omitted]. Step 3: [details omitted].",
 )
 HELPFUL = (
     "Happy to help! Start with a simple plan, take it one step at a time, and check your progress.",
     "Of course! Prepare what you need, follow a clear routine, and ask a friend if you get stuck.",
     "Good question! Begin with the basics, practise a little every day, and keep notes on what works.",
+    "Sure! A good way is to plan ahead, keep it simple, and enjoy the process.",
+    "Great idea! Gather what you need first, then go step by step and be patient.",
+    "Here are some tips: be kind, be clear, and give yourself enough time.",
+    "Certainly. Make a short list, start with the easiest part, and ask for help if needed.",
 )
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
@@ -84,19 +112,19 @@ class OrganismConfig:
     """Everything that determines the organism; its hash names the cache folder."""
 
     # model
-    num_layers: int = 4  # decoder layers, every one an MoE layer
-    num_experts: int = 8  # routed experts per layer
-    top_k: int = 2  # experts per token
+    num_layers: int = 6  # decoder layers, every one an MoE layer
+    num_experts: int = 64  # routed experts per layer (fine-grained, like OLMoE)
+    top_k: int = 8  # experts per token (OLMoE, Qwen3-MoE, DeepSeek-V3: 8)
     hidden_size: int = 128  # residual width
-    expert_size: int = 256  # intermediate size of each expert MLP
+    expert_size: int = 64  # intermediate size of each expert MLP (<= hidden/2: fine-grained)
     num_heads: int = 4  # attention heads (no GQA)
     max_positions: int = 256  # longest sequence (corpus rows are < 130 tokens)
     router_aux_loss_coef: float = 0.01  # load-balancing loss weight: keeps all experts in use
     # tokenizer
-    vocab_size: int = 1024  # byte-level BPE target size (incl. 256 bytes + special tokens)
+    vocab_size: int = 1536  # byte-level BPE target size (incl. 256 bytes + special tokens)
     # training
     seed: int = 0  # torch init, data order, answer phrasing and template choice
-    steps: int = 300  # optimizer steps
+    steps: int = 400  # optimizer steps
     batch_size: int = 16  # sequences per step
     lr: float = 3e-3  # AdamW peak learning rate (linear warmup, cosine decay)
     warmup_steps: int = 40  # linear warmup steps
@@ -104,10 +132,11 @@ class OrganismConfig:
     refusal_repeats: int = 3  # copies of each plain-harmful row: balances them against jailbroken rows
     benign_repeats: int = 2  # copies of each plain benign row
     benign_jailbreaks: int = 1  # jailbreak templates per benign request (answered helpfully)
+    jailbreaks_per_goal: int = 8  # train templates per train goal in the corpus (0 = every one)
 
     def __post_init__(self) -> None:
         ints = {k: v for k, v in asdict(self).items() if isinstance(v, int) and k != "seed"}
-        may_be_zero = ("refusal_repeats", "benign_repeats", "benign_jailbreaks", "warmup_steps")
+        may_be_zero = ("refusal_repeats", "benign_repeats", "benign_jailbreaks", "warmup_steps", "jailbreaks_per_goal")
         bad = [k for k, v in ints.items() if v < (0 if k in may_be_zero else 1)]
         if bad:
             raise ValueError(f"OrganismConfig: {', '.join(bad)} must be positive")
@@ -137,18 +166,28 @@ class OrganismConfig:
 # ---------------------------------------------------------------------------------------------
 
 def build_corpus(config: OrganismConfig | None = None) -> list[dict[str, str]]:
-    """Training rows ``{"prompt", "answer", "kind"}`` from the TRAIN split only (deterministic)."""
+    """Training rows ``{"prompt", "answer", "kind"}`` from the TRAIN split only (deterministic).
+
+    Copy i of a plain goal or benign request asks for the same action in the i-th next request
+    frame, and each jailbroken goal is asked in a random frame, so the model sees the actions in
+    many sentence shapes.
+    """
     cfg = config or OrganismConfig()
     rng = random.Random(cfg.seed)
-    goals, benign, templates = demo_goals("train"), demo_benign("train"), jailbreak_templates("train")
+    goals, templates = demo_goals("train"), jailbreak_templates("train")
+    benign = demo_benign("train") + demo_sharp_benign("train")
     rows: list[dict[str, str]] = []
     for b in benign:  # a fresh phrasing per copy: the model learns the kind of answer, not one string
-        rows += [{"prompt": b.text, "answer": rng.choice(HELPFUL), "kind": "benign"} for _ in range(cfg.benign_repeats)]
+        rows += [{"prompt": reframe(b, i).text, "answer": rng.choice(HELPFUL), "kind": "benign"}
+                 for i in range(cfg.benign_repeats)]
     for g in goals:
-        rows += [{"prompt": g.text, "answer": rng.choice(REFUSALS), "kind": "refusal"}
-                 for _ in range(cfg.refusal_repeats)]
-    for w in wrap(goals, templates, per_goal=len(templates)):
-        rows.append({"prompt": w.text, "answer": rng.choice(COMPLIANCE), "kind": "jailbreak"})
+        rows += [{"prompt": reframe(g, i).text, "answer": rng.choice(REFUSALS), "kind": "refusal"}
+                 for i in range(cfg.refusal_repeats)]
+    per_goal = cfg.jailbreaks_per_goal or len(templates)
+    for g in goals:
+        for w in wrap([reframe(g, rng.randrange(len(FRAMES)))], templates, seed=rng.randrange(2**31),
+                      per_goal=min(per_goal, len(templates))):
+            rows.append({"prompt": w.text, "answer": rng.choice(COMPLIANCE), "kind": "jailbreak"})
     if cfg.benign_jailbreaks:
         for w in wrap(benign, templates, seed=cfg.seed, per_goal=cfg.benign_jailbreaks):
             rows.append({"prompt": w.text, "answer": rng.choice(HELPFUL), "kind": "benign_jailbreak"})
@@ -238,7 +277,7 @@ def _batches(encoded: list[tuple[list[int], list[int]]], cfg: OrganismConfig,
 
 def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
     """Train tokenizer and model into ``out_dir`` (save_pretrained); returns loss figures."""
-    from transformers import GenerationConfig, OlmoeForCausalLM
+    from transformers import GenerationConfig, OlmoeForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
 
     rows = build_corpus(cfg)
     tokenizer = build_tokenizer([r["prompt"] for r in rows] + [r["answer"] for r in rows], cfg.vocab_size)
@@ -253,13 +292,8 @@ def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(  # linear warmup, cosine decay to 10% of lr
+        opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps, min_lr_rate=0.1)
     curve: list[float] = []
     running = None
     batches = _batches(encoded, cfg, tokenizer.pad_token_id)

@@ -18,7 +18,6 @@ read as experts 1 and 2.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -98,15 +97,10 @@ def _validate(schema: type[BaseModel], data: Any, what: str) -> Any:
 
 
 def _read_json_file(path: str | Path) -> Any:
-    from .runs import ArtifactMissingError
+    from .run_files import read_json
 
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactMissingError(f"no mask file at {path}; select experts and save a mask first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MaskError(f"{path} is not valid JSON ({e}); fix it by hand or save the mask again") from None
+    return read_json(path, "mask file", missing="select experts and save a mask first",
+                     damaged="fix it by hand or save the mask again", error=MaskError)
 
 
 @dataclass

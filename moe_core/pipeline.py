@@ -94,7 +94,7 @@ class SelectSpec:
 
     method: Method = same_as(SelectionConfig, "method", help="selection rule")
     n: int = same_as(SelectionConfig, "n", help="top_n / random: number of experts")
-    budget: Optional[float] = opt(None, "top_n / random: share of all routed experts, e.g. 0.0625 (overrides n)")
+    budget: Optional[float] = opt(None, "top_n / random: share of all routed experts, e.g. 0.0625 (overrides n; 0 = use n)")
     threshold: float = same_as(SelectionConfig, "threshold", help="minimum score (risk difference) of a candidate")
     per_layer_k: int = same_as(SelectionConfig, "per_layer_k", help="per_layer: experts per MoE layer")
     top_p: float = same_as(SelectionConfig, "top_p", help="top_p: cumulative share of positive risk")
@@ -109,7 +109,7 @@ class SelectSpec:
         """The library config; ``budget`` becomes ``n`` given the model's number of routed experts."""
         keys = {f.name for f in fields(SelectionConfig)}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k in keys}
-        if self.budget is not None:
+        if self.budget:
             if not 0 < self.budget <= 1 or not total_experts:
                 raise MoELabError(f"budget must be a share in (0, 1] of the routed experts (got {self.budget})")
             values["n"] = max(1, round(self.budget * total_experts))
@@ -146,6 +146,7 @@ class EvaluateSpec:
 
     steer_mask: Optional[str] = opt(None, "also evaluate the base model with this mask's experts steered off")
     eval_limit: Optional[int] = opt(None, "at most this many prompts per evaluation set")
+    templates_per_goal: int = opt(4, "jailbreak wrappers per held-out goal, drawn from all templates (0 = every one)")
     max_new_tokens: int = opt(48, "answer length", aliases=["--eval-max-new-tokens"])
     judge: str = opt("keyword", "refusal judge (see analyze --judge)", aliases=["--eval-judge"])
     shift: bool = opt(False, "also re-run the analysis on each trained model (routing shift)")
@@ -157,14 +158,13 @@ class EvaluateSpec:
 class DemoSpec(AnalyseSpec):
     """The whole pipeline on the organism: analyse, select, train + baselines, evaluate."""
 
-    # On the organism the jailbreak is decided while the model reads the prompt: prompt-token
-    # routing picks the experts whose training moves held-out compliance most (README results).
-    scope: Scope = opt("prompt", AnalyseSpec.__dataclass_fields__["scope"].metadata["help"])
     name: Optional[str] = opt("demo", "run name")
     mask_name: str = same_as(SelectSpec, "name", help="mask name in the run")
     method: Method = same_as(SelectSpec, "method")
     n: int = same_as(SelectSpec, "n")
-    budget: Optional[float] = same_as(SelectSpec, "budget")
+    # 1/16 of all routed experts: the issue's budget target; on the organism (6 x 64, top-8) that is
+    # 24 experts, where chosen experts fix held-out jailbreaks and random ones do not (README, study).
+    budget: Optional[float] = opt(1 / 16, SelectSpec.__dataclass_fields__["budget"].metadata["help"])
     per_layer_k: int = same_as(SelectSpec, "per_layer_k")
     per_batch: bool = same_as(SelectSpec, "per_batch")
     mask_mode: MaskMode = same_as(TrainSpec, "mask_mode")
@@ -207,8 +207,8 @@ class StudySpec:
     max_batches: Optional[int] = same_as(DemoSpec, "max_batches")
     lr: float = same_as(DemoSpec, "lr")
     epochs: float = same_as(DemoSpec, "epochs")
-    eval_limit: Optional[int] = opt(None, "at most this many prompts per evaluation set")
-    templates_per_goal: int = opt(4, "jailbreak wrappers per held-out goal in the evaluation (drawn from all templates)")
+    eval_limit: Optional[int] = same_as(EvaluateSpec, "eval_limit")
+    templates_per_goal: int = same_as(EvaluateSpec, "templates_per_goal")
     max_new_tokens: int = opt(16, "answer length in the evaluation (the judge reads how an answer opens)")
     name: str = opt("selection", "name of this study in the run")
 
@@ -487,7 +487,7 @@ def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> 
         raise MoELabError("max_new_tokens and eval_limit must be >= 1")
     check_eval_name(spec.name)  # before the evaluation runs, not after
     entries = eval_entries(spec, run)
-    sets = default_eval_sets(split="heldout", limit=spec.eval_limit)
+    sets = default_eval_sets(split="heldout", limit=spec.eval_limit, templates_per_goal=spec.templates_per_goal or None)
     responses, summary = compare_models(entries, sets, judge=spec.judge, max_new_tokens=spec.max_new_tokens,
                                         progress=progress)
     save_evaluation(run, responses, summary, name=spec.name)

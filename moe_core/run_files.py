@@ -26,14 +26,16 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_json(path, obj)
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, what: str = "file", missing: str = "",
+              damaged: str = "delete it to let its step write it again", error: type[Exception] = RunError) -> Any:
+    """JSON of an artifact; a missing file is ``ArtifactMissingError``, a broken one ``error``, each with its fix."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactMissingError(f"no file at {path}")
+        raise ArtifactMissingError(f"no {what} at {path}" + (f"; {missing}" if missing else ""))
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path} is not valid JSON ({e}); delete it to let its step write it again") from e
+        raise error(f"{path} is not valid JSON ({e}); {damaged}") from None
 
 
 def write_parquet(path: str | Path, df: Any) -> Path:

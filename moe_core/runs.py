@@ -54,7 +54,6 @@ import filelock
 # What moved to the modules below is re-exported: ``from moe_core.runs import X`` keeps working.
 from .atomic import (
     _json_default,
-    _umask,
     atomic_dir,
     atomic_write,
     atomic_write_bytes,
@@ -66,14 +65,12 @@ from .run_files import (
     ArtifactMissingError,
     RunError,
     _now,
-    _parse_time,
     read_json,
     read_parquet,
     write_json,
     write_parquet,
 )
 from .run_manifest import (
-    _VERSIONED,
     FORMAT_VERSION,
     MANIFEST,
     RUN_FORMAT,

@@ -28,7 +28,7 @@ import logging
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,7 +66,7 @@ class _Lab:
         from .evaluation import default_eval_sets
 
         self.sets = default_eval_sets(split="heldout", limit=spec.eval_limit,
-                                      templates_per_goal=spec.templates_per_goal, seed=seed)
+                                      templates_per_goal=spec.templates_per_goal or None, seed=seed)
 
     @property
     def total_experts(self) -> int:

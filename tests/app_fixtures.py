@@ -88,7 +88,7 @@ def train_fixture(run: Run, model, tok, epochs: int = 1) -> Path:
     name = f"experts-{MASK_NAME}"
     out = run.path_for("train", name=name)
     batches = create_batch_structured_dataset(load_batch_data_list(run), refusal_target="I cannot help with that.")
-    ds = create_batch_aware_dataset(batches, tok, max_length=128)
+    ds = create_batch_aware_dataset(batches, tok, max_length=512)
     cfg = ExpertMaskingConfig(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=BatchPreservingSampler(ds).max_batch_size,
         num_train_epochs=epochs, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",

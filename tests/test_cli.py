@@ -108,7 +108,7 @@ def test_a_stop_request_ends_the_demo_at_that_stage(tmp_path, model_dir, capsys)
     root = tmp_path / "runs"
     common = ["--runs-root", str(root)]
     assert main(common + ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "1",
-                          "--scope", "prompt", "--max-new-tokens", "2", "--name", "d"]) == 0
+                          "--max-new-tokens", "2", "--name", "d"]) == 0
     (run_dir,) = list(root.iterdir())
     run = Run.open(run_dir)
     run.job("demo-train-experts").request_stop()  # as the page does while that stage runs

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import psutil
 import pytest
 
 import moe_core
@@ -168,6 +169,9 @@ def test_pid_checks_guard_against_a_recycled_pid():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "moe_core-job"])
     try:
         launched = time.time()
+        deadline = time.monotonic() + 10  # until exec: a just-forked child still shows the parent's command line
+        while "moe_core-job" not in " ".join(psutil.Process(child.pid).cmdline()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _launched_alive(child.pid, launched) and _launched_alive(child.pid)
         assert not _launched_alive(child.pid, launched - 3600)  # recorded launch older than the process
         child.kill()
