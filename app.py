@@ -25,7 +25,10 @@ import streamlit as st  # noqa: E402
 
 import app_ui as ui  # noqa: E402
 from moe_core import jobs  # noqa: E402
-from moe_core.pipeline import DemoSpec  # noqa: E402
+from typing import Any  # noqa: E402
+
+from moe_core.errors import MoELabError  # noqa: E402
+from moe_core.pipeline import DemoSpec, StudySpec  # noqa: E402
 from moe_core.runs import Run, list_runs  # noqa: E402
 
 run = ui.setup()
@@ -176,3 +179,43 @@ else:
 
     with left:
         status()
+
+
+def _newest_study() -> tuple[Run, Any] | None:
+    """The newest run under the runs root that holds a finished selection study, with (results, summary)."""
+    from moe_core.study import load_study
+
+    for r in sorted((s for s in list_runs(ui.runs_root()) if not s.error), key=lambda s: s.id, reverse=True):
+        try:
+            opened = Run.open(r.path)
+            study = load_study(opened, StudySpec().name)
+        except (MoELabError, OSError):
+            continue
+        if study is not None:
+            return opened, study
+    return None
+
+
+st.divider()
+st.subheader("Do the chosen experts matter?")
+st.caption("The selection study trains the experts with the highest risk difference and, at the same budget, "
+           "random experts (uniform and layer-matched), over budgets and seeds; full fine-tuning and router "
+           "steering beside them. Reproduce it with `python -m moe_core study` (about an hour on 2 cores; "
+           "`--quick` takes minutes) or from the Evaluation page.")
+found = _newest_study()
+if found is None:
+    st.info("No selection study under this runs folder yet.", icon=":material/info:")
+else:
+    study_run, (results, summary) = found
+    figure = ui.read_json_cached(study_run.path_for("study", name=StudySpec().name) / "figure.json")
+    if figure:
+        st.plotly_chart(figure, key="home_study_fig")
+    budget = min(summary["budget"][summary["budget"].between(0, 1, inclusive="neither")], key=lambda b: abs(b - 1 / 16),
+                 default=None)
+    view = summary[(summary["budget"] == budget) | summary["method"].isin(["base", "full"])]
+    st.dataframe(view[["method", "n_experts", "runs", "jailbreak_compliance", "jailbreak_compliance_ci_low",
+                       "jailbreak_compliance_ci_high", "benign_answer_rate", "over_refusal"]],
+                 hide_index=True, width="stretch", key="home_study_table",
+                 column_config={c: st.column_config.NumberColumn(format="%.2f") for c in summary.columns
+                                if c.startswith(("jailbreak", "benign", "over"))})
+    st.caption(f"Study of run `{study_run.id}`; seeds {sorted(results['seed'].unique().tolist())}.")

@@ -1045,3 +1045,23 @@ def test_audit_the_judge_on_the_evaluation_page(lab, monkeypatch):
     at.toggle(key="ev_audit_human").set_value(True).run()
     no_exceptions(at)
     assert len(at.dataframe) == n_tables + 1  # the metrics recomputed with the human label
+
+
+def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
+    """The Home page shows the study's curve and table (issue 8) from a run that has one."""
+    from moe_core.pipeline import StudySpec
+    from moe_core.study import run_study
+
+    root = tmp_path / "runs"
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app()
+    assert any("No selection study" in i.value for i in at.info)
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    run_study(StudySpec(model=str(model_dir), budgets=[1 / 8], random_draws=1, seeds=[0], eval_limit=2,
+                        max_new_tokens=2, max_batches=1, epochs=1, steering=False), runs_root=root)
+    at = open_app()
+    no_exceptions(at)
+    names = {t["name"] for spec in plotly_specs(at) for t in spec["data"]}
+    assert {"chosen", "random", "random_layer"} <= names
+    table = [d.value for d in at.dataframe if "jailbreak_compliance" in d.value.columns]
+    assert table and set(table[0]["method"]) == {"base", "chosen", "random", "random_layer", "full"}
