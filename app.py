@@ -144,7 +144,7 @@ with right:
     with st.container(border=True):
         st.subheader(":material/rocket_launch: One-click demo")
         st.markdown(
-            "Runs the whole pipeline on the built-in **model organism** (a tiny OLMoE trained here to refuse "
+            "Runs the whole pipeline on the built-in **model organism** (a small OLMoE-shaped MoE, 6 layers x 64 experts, top-8, trained here to refuse "
             "harmful requests but comply when jailbroken): batches, routing analysis, unsafe experts, "
             "expert-only fine-tuning with baselines, evaluation. Offline and CPU-friendly."
         )

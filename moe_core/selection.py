@@ -224,8 +224,10 @@ def random_layer_matched(mask: ExpertMask, seed: int | Sequence[int], exclude_ch
     picked: list[tuple[int, int]] = []
     for layer, chosen in sorted(mask.by_layer().items()):
         pool = np.setdiff1d(np.arange(mask.num_experts), chosen) if exclude_chosen else np.arange(mask.num_experts)
-        if pool.size < len(chosen):
-            raise SelectionError(f"layer {layer} has only {pool.size} other experts to draw {len(chosen)} from")
+        if pool.size < len(chosen):  # the layer is mostly chosen: take every other expert, fill up with chosen ones
+            fill = rng.choice(np.asarray(chosen), size=len(chosen) - pool.size, replace=False)
+            picked += [(layer, int(e)) for e in np.concatenate([pool, fill])]
+            continue
         picked += [(layer, int(e)) for e in rng.choice(pool, size=len(chosen), replace=False)]
     return ExpertMask.from_experts(picked, mask.num_layers, mask.num_experts,
                                    selection={"method": "random_layer_matched", "n": len(picked)},

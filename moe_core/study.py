@@ -122,6 +122,7 @@ def _masks(lab: _Lab, budget: float) -> tuple[int, Any, Any]:
     """(N, chosen mask, safest mask) for a budget: top-N by risk difference and by its negative."""
     from .analysis import model_info_of
     from .runs import read_parquet
+    from .masks import ExpertMask
     from .selection import SelectionConfig, select_experts
 
     n = max(1, round(budget * lab.total_experts))
@@ -129,13 +130,17 @@ def _masks(lab: _Lab, budget: float) -> tuple[int, Any, Any]:
     agg = read_parquet(lab.run.path_for("risk_aggregated"))
     nl, ne = info["num_layers"], info["num_experts"]
     chosen = select_experts(agg, SelectionConfig(method="top_n", n=n, threshold=-np.inf), nl, ne)
-    safest = select_experts(agg.assign(safety=-agg["risk_diff"]),
-                            SelectionConfig(method="top_n", n=n, threshold=-np.inf, score="safety"), nl, ne)
+    # Forcing experts on can use at most top_k slots per layer: the safest N, at most top_k per layer.
+    ranked = agg.sort_values(["risk_diff", "layer", "expert"])
+    capped = ranked[ranked.groupby("layer").cumcount() < lab.adapter.top_k].head(n)
+    safest = ExpertMask.from_experts(zip(capped["layer"], capped["expert"]), nl, ne,
+                                     selection={"method": "safest", "n": int(len(capped))})
     return n, chosen, safest
 
 
-def study_seed(spec: P.StudySpec, seed: int, root: Path, progress: P.Progress | None = None) -> list[dict[str, Any]]:
-    """Every arm of the study for one seed -> rows of counts."""
+def study_seed(spec: P.StudySpec, seed: int, root: Path, progress: P.Progress | None = None,
+               on_row: Any = None) -> list[dict[str, Any]]:
+    """Every arm of the study for one seed -> rows of counts (``on_row(rows)`` after each arm)."""
     from .selection import random_experts, random_layer_matched
 
     lab = _Lab(spec, seed, root, progress)
@@ -143,6 +148,8 @@ def study_seed(spec: P.StudySpec, seed: int, root: Path, progress: P.Progress | 
 
     def add(method: str, budget: float, n: int, draw: int, counts: dict[str, int]) -> None:
         rows.append({"seed": seed, "method": method, "budget": budget, "n_experts": n, "draw": draw, **counts})
+        if on_row:
+            on_row(rows)
         log.info("study seed %d %s budget %.4f draw %d: jailbreak compliance %d/%d", seed, method, budget, draw,
                  counts["jailbreak_compliance_k"], counts["jailbreak_compliance_n"])
 
@@ -195,8 +202,9 @@ def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path |
     run.set_step(f"study:{spec.name}", "running", spec=asdict(spec))
     rows: list[dict[str, Any]] = []
     for seed in spec.seeds:
-        rows += study_seed(spec, seed, out / "runs", progress)
-        write_parquet(out / "results.parquet", pd.DataFrame(rows))  # partial results survive a kill
+        done = list(rows)  # partial results (every arm so far) survive a kill
+        rows += study_seed(spec, seed, out / "runs", progress,
+                           on_row=lambda seed_rows: write_parquet(out / "results.parquet", pd.DataFrame(done + seed_rows)))
     results = pd.DataFrame(rows)
     summary = summarize_study(results)
     write_parquet(out / "summary.parquet", summary)

@@ -36,15 +36,15 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_study_runs_every_arm_and_writes_table_and_figure(tmp_path, tiny_dir):
-    spec = P.StudySpec(model=str(tiny_dir), budgets=[1 / 8], random_draws=2, seeds=[0], eval_limit=3,
+    spec = P.StudySpec(model=str(tiny_dir), budgets=[1 / 8, 1 / 2], random_draws=2, seeds=[0], eval_limit=3,
                        max_new_tokens=2, max_batches=2, epochs=1)
     run, summary = run_study(spec, runs_root=tmp_path)
     out = run.path_for("study", name=spec.name)
     results = pd.read_parquet(out / "results.parquet")
     assert sorted(results["method"].unique()) == ["base", "chosen", "full", "random", "random_layer",
                                                    "steer_both", "steer_off", "steer_on"]
-    assert (results.loc[results["method"] == "random", "draw"].tolist()) == [0, 1]
-    chosen = results[results["method"] == "chosen"].iloc[0]
+    assert (results.loc[results["method"] == "random", "draw"].tolist()) == [0, 1, 0, 1]  # 1/2: more than top-k per layer forced on
+    chosen = results[(results["method"] == "chosen") & (results["budget"] == 1 / 8)].iloc[0]
     cfg = json.loads((tiny_dir / "config.json").read_text())
     assert chosen["n_experts"] == max(1, round(cfg["num_hidden_layers"] * cfg["num_experts"] / 8))
     assert set(summary["method"]) == set(results["method"])
