@@ -311,3 +311,29 @@ def test_present_and_the_exported_report_opens_offline(server, playwright_sync):
             offline.screenshot(path=str(SHOTS / "13_report.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_a_reviewer_audits_the_judge_in_the_browser(server, playwright_sync):
+    """Issue 11: label an answer on the Evaluation page; the label lands in the run and the agreement shows."""
+    from moe_core.audit import load_labels
+
+    url, _, _ = server
+    newest = RUNS["newest"]
+    before = len(load_labels(newest, "comparison"))
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(f"{url}/evaluation?run={newest.id}", wait_until="domcontentloaded")
+            page.get_by_role("heading", name="Audit the judge").first.wait_for(timeout=60_000)
+            _wait_idle(page)
+            page.get_by_role("button", name="partial", exact=True).click()
+            page.get_by_text("kappa").first.wait_for(timeout=60_000)
+            _wait_idle(page)
+            _fit_viewport_to_content(page)
+            page.screenshot(path=str(SHOTS / "14_audit.png"), full_page=True)
+            assert page.locator('[data-testid="stException"]').count() == 0
+        finally:
+            browser.close()
+    labels = load_labels(newest, "comparison")
+    assert len(labels) == before + 1 and "partial" in set(labels["label"])
