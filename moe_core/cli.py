@@ -43,10 +43,14 @@ class TqdmProgress:
     def __init__(self, desc: str):
         self.desc = desc
         self.bar: Any = None
+        self.finished = False  # a closing "done" call after the bar completed draws no second bar
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
         from tqdm.auto import tqdm
 
+        if self.bar is None and self.finished and done >= total:
+            return
+        self.finished = False
         if self.bar is None:
             self.bar = tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr, dynamic_ncols=True)
         self.bar.total = total
@@ -59,6 +63,7 @@ class TqdmProgress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.finished = self.bar.n >= (self.bar.total or 0)
             self.bar.close()
             self.bar = None
 
