@@ -14,6 +14,7 @@ or a traceback. Skipped when chromium or playwright is missing (``make browser-d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -104,6 +105,17 @@ def server(tmp_path_factory, playwright_sync):
         log.close()
 
 
+@contextlib.contextmanager
+def browser_page(playwright_sync):
+    """(browser, a 1440x1000 page) of Debian's chromium; the browser always closes."""
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser, browser.new_page(viewport={"width": 1440, "height": 1000})
+        finally:
+            browser.close()
+
+
 def _wait_idle(page, timeout_s: float = 60) -> None:
     """Until the script run is over (no 'running' status widget) and the page stopped changing."""
     deadline = time.time() + timeout_s
@@ -133,29 +145,24 @@ def test_every_page_renders_without_errors(server, playwright_sync):
             old.unlink()
     SHOTS.mkdir(exist_ok=True)
     problems = []
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            for shot, url_path, title in PAGES:
-                page.set_viewport_size({"width": 1440, "height": 1000})
-                page.goto(f"{url}/{url_path}", wait_until="domcontentloaded")
-                page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=60_000)
-                _wait_idle(page)
-                _fit_viewport_to_content(page)
-                page.screenshot(path=str(SHOTS / f"{shot}.png"), full_page=True)
-                n_exc = page.locator('[data-testid="stException"]').count()
-                body = page.inner_text("body")
-                if n_exc or "Traceback" in body:
-                    problems.append(f"{url_path}: {n_exc} exception box(es); {body[:800]!r}")
-                # the sidebar (run picker, model) is on every page: the app script ran, not just the page file
-                sidebar = page.locator('[data-testid="stSidebar"]')
-                if sidebar.get_by_text("Model:").count() == 0 or sidebar.get_by_text("tiny-olmoe").count() == 0:
-                    problems.append(f"{url_path}: the sidebar does not show the open run's model")
-                if page.get_by_text("Page not found").count():
-                    problems.append(f"{url_path}: 'Page not found'")
-        finally:
-            browser.close()
+    with browser_page(playwright_sync) as (browser, page):
+        for shot, url_path, title in PAGES:
+            page.set_viewport_size({"width": 1440, "height": 1000})
+            page.goto(f"{url}/{url_path}", wait_until="domcontentloaded")
+            page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=60_000)
+            _wait_idle(page)
+            _fit_viewport_to_content(page)
+            page.screenshot(path=str(SHOTS / f"{shot}.png"), full_page=True)
+            n_exc = page.locator('[data-testid="stException"]').count()
+            body = page.inner_text("body")
+            if n_exc or "Traceback" in body:
+                problems.append(f"{url_path}: {n_exc} exception box(es); {body[:800]!r}")
+            # the sidebar (run picker, model) is on every page: the app script ran, not just the page file
+            sidebar = page.locator('[data-testid="stSidebar"]')
+            if sidebar.get_by_text("Model:").count() == 0 or sidebar.get_by_text("tiny-olmoe").count() == 0:
+                problems.append(f"{url_path}: the sidebar does not show the open run's model")
+            if page.get_by_text("Page not found").count():
+                problems.append(f"{url_path}: 'Page not found'")
     assert not problems, "\n".join(problems)
     assert {f"{s}.png" for s, _, _ in PAGES} <= {p.name for p in SHOTS.glob("*.png")}
 
@@ -169,32 +176,27 @@ def test_a_background_job_shows_live_progress_then_its_results(server, playwrigh
     url, runs_root, model_dir = server
     run = Run.create(runs_root, name="live job")
     save_plan(run.path_for("plan"), compose_plan(10, seed=2))
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.goto(f"{url}/analysis?run={run.id}", wait_until="domcontentloaded")
-            page.get_by_role("heading", name="Analysis", exact=True).first.wait_for(timeout=60_000)
-            _wait_idle(page)
-            page.get_by_text("Local model folder").click()
-            box = page.get_by_role("textbox", name="Model folder", exact=True)
-            box.wait_for(timeout=30_000)
-            box.fill(str(model_dir))
-            box.press("Enter")
-            _wait_idle(page)
-            page.get_by_role("button", name="Start analysis").click()
-            # the panel refreshes itself: the bar advances to "k / 10 batches" without any click or reload
-            page.get_by_text(re.compile(r"\b[1-9] / 10 batches")).first.wait_for(timeout=300_000)
-            SHOTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(SHOTS / "02b_analysis_running.png"))
-            page.get_by_role("heading", name="Results").wait_for(timeout=300_000)  # no reload: the panel polls
-            _wait_idle(page)
-            _fit_viewport_to_content(page)
-            page.screenshot(path=str(SHOTS / "02c_analysis_done.png"), full_page=True)
-            assert page.locator('[data-testid="stException"]').count() == 0
-            assert "Traceback" not in page.inner_text("body")
-        finally:
-            browser.close()
+    with browser_page(playwright_sync) as (browser, page):
+        page.goto(f"{url}/analysis?run={run.id}", wait_until="domcontentloaded")
+        page.get_by_role("heading", name="Analysis", exact=True).first.wait_for(timeout=60_000)
+        _wait_idle(page)
+        page.get_by_text("Local model folder").click()
+        box = page.get_by_role("textbox", name="Model folder", exact=True)
+        box.wait_for(timeout=30_000)
+        box.fill(str(model_dir))
+        box.press("Enter")
+        _wait_idle(page)
+        page.get_by_role("button", name="Start analysis").click()
+        # the panel refreshes itself: the bar advances to "k / 10 batches" without any click or reload
+        page.get_by_text(re.compile(r"\b[1-9] / 10 batches")).first.wait_for(timeout=300_000)
+        SHOTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(SHOTS / "02b_analysis_running.png"))
+        page.get_by_role("heading", name="Results").wait_for(timeout=300_000)  # no reload: the panel polls
+        _wait_idle(page)
+        _fit_viewport_to_content(page)
+        page.screenshot(path=str(SHOTS / "02c_analysis_done.png"), full_page=True)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        assert "Traceback" not in page.inner_text("body")
     assert Run.open(run.path).completed_batches() == set(range(10))
 
 
@@ -219,28 +221,23 @@ def test_every_page_by_url_and_after_a_reload_keeps_the_run(server, playwright_s
     older = RUNS["older"]
     problems: list[str] = []
     SHOTS.mkdir(exist_ok=True)
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            for shot, url_path, title in PAGES:
-                page.goto(f"{url}/{url_path}?run={older.id}", wait_until="domcontentloaded")
-                _check_page(page, title, older.id, problems, f"/{url_path} by URL")
-                page.reload(wait_until="domcontentloaded")
-                _check_page(page, title, older.id, problems, f"/{url_path} after a reload")
-                if f"run={older.id}" not in page.url:
-                    problems.append(f"/{url_path}: the URL lost the run: {page.url}")
-            page.screenshot(path=str(SHOTS / "10_by_url_older_run.png"))
-            # navigate with the sidebar, then reload and go back: still the older run
-            page.locator('[data-testid="stSidebar"]').get_by_role("link", name="Heatmaps").click()
-            page.wait_for_url(re.compile(r"/heatmaps\?run="), timeout=30_000)
-            _check_page(page, "Heatmaps", older.id, problems, "sidebar click")
+    with browser_page(playwright_sync) as (browser, page):
+        for shot, url_path, title in PAGES:
+            page.goto(f"{url}/{url_path}?run={older.id}", wait_until="domcontentloaded")
+            _check_page(page, title, older.id, problems, f"/{url_path} by URL")
             page.reload(wait_until="domcontentloaded")
-            _check_page(page, "Heatmaps", older.id, problems, "reload after a sidebar click")
-            page.go_back(wait_until="domcontentloaded")
-            _check_page(page, "Runs", older.id, problems, "back")
-        finally:
-            browser.close()
+            _check_page(page, title, older.id, problems, f"/{url_path} after a reload")
+            if f"run={older.id}" not in page.url:
+                problems.append(f"/{url_path}: the URL lost the run: {page.url}")
+        page.screenshot(path=str(SHOTS / "10_by_url_older_run.png"))
+        # navigate with the sidebar, then reload and go back: still the older run
+        page.locator('[data-testid="stSidebar"]').get_by_role("link", name="Heatmaps").click()
+        page.wait_for_url(re.compile(r"/heatmaps\?run="), timeout=30_000)
+        _check_page(page, "Heatmaps", older.id, problems, "sidebar click")
+        page.reload(wait_until="domcontentloaded")
+        _check_page(page, "Heatmaps", older.id, problems, "reload after a sidebar click")
+        page.go_back(wait_until="domcontentloaded")
+        _check_page(page, "Runs", older.id, problems, "back")
     assert not problems, "\n".join(problems)
 
 
@@ -258,59 +255,49 @@ def _cell_center(page, layer: int, expert: int) -> tuple[float, float]:
 def test_clicking_a_heatmap_cell_drills_down(server, playwright_sync):
     url, _, _ = server
     newest = RUNS["newest"]
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.goto(f"{url}/heatmaps?run={newest.id}", wait_until="domcontentloaded")
-            page.get_by_role("heading", name="Heatmaps", exact=True).first.wait_for(timeout=60_000)
-            _wait_idle(page)
-            chart = page.locator(".js-plotly-plot").first
-            chart.wait_for(timeout=30_000)
-            chart.scroll_into_view_if_needed()
-            time.sleep(1.0)
-            x, y = _cell_center(page, 1, 5)
-            page.mouse.move(x, y)
-            time.sleep(0.5)
-            page.mouse.click(x, y)
-            SHOTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(SHOTS / "11a_heatmap_clicked.png"))
-            page.get_by_text("Layer 1, expert 5: risk difference per batch").first.wait_for(timeout=30_000)
-            _wait_idle(page)
-            SHOTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(SHOTS / "11_heatmap_click.png"))
-            assert page.get_by_text("Tokens of batch 0 routed to layer 1, expert 5").count() == 1
-            assert page.locator('[data-testid="stException"]').count() == 0
-        finally:
-            browser.close()
+    with browser_page(playwright_sync) as (browser, page):
+        page.goto(f"{url}/heatmaps?run={newest.id}", wait_until="domcontentloaded")
+        page.get_by_role("heading", name="Heatmaps", exact=True).first.wait_for(timeout=60_000)
+        _wait_idle(page)
+        chart = page.locator(".js-plotly-plot").first
+        chart.wait_for(timeout=30_000)
+        chart.scroll_into_view_if_needed()
+        time.sleep(1.0)
+        x, y = _cell_center(page, 1, 5)
+        page.mouse.move(x, y)
+        time.sleep(0.5)
+        page.mouse.click(x, y)
+        SHOTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(SHOTS / "11a_heatmap_clicked.png"))
+        page.get_by_text("Layer 1, expert 5: risk difference per batch").first.wait_for(timeout=30_000)
+        _wait_idle(page)
+        SHOTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(SHOTS / "11_heatmap_click.png"))
+        assert page.get_by_text("Tokens of batch 0 routed to layer 1, expert 5").count() == 1
+        assert page.locator('[data-testid="stException"]').count() == 0
 
 
 def test_present_and_the_exported_report_opens_offline(server, playwright_sync):
     url, _, _ = server
     newest = RUNS["newest"]
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.goto(f"{url}/present?run={newest.id}", wait_until="domcontentloaded")
-            page.get_by_role("heading", name="Present", exact=True).first.wait_for(timeout=60_000)
-            _wait_idle(page)
-            page.get_by_role("button", name="Export report").click()
-            page.get_by_role("button", name="Download report.html").wait_for(timeout=60_000)
-            _wait_idle(page)
-            _fit_viewport_to_content(page)
-            page.screenshot(path=str(SHOTS / "12_present.png"), full_page=True)
-            assert page.locator('[data-testid="stException"]').count() == 0
-            report = newest.path / "report.html"
-            assert report.is_file()
-            # the file on its own, offline (no server, no network): its figures draw
-            offline = browser.new_context(offline=True, viewport={"width": 1200, "height": 900}).new_page()
-            offline.goto(report.as_uri(), wait_until="load")
-            offline.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
-            assert offline.locator(".js-plotly-plot").count() >= 2
-            offline.screenshot(path=str(SHOTS / "13_report.png"), full_page=True)
-        finally:
-            browser.close()
+    with browser_page(playwright_sync) as (browser, page):
+        page.goto(f"{url}/present?run={newest.id}", wait_until="domcontentloaded")
+        page.get_by_role("heading", name="Present", exact=True).first.wait_for(timeout=60_000)
+        _wait_idle(page)
+        page.get_by_role("button", name="Export report").click()
+        page.get_by_role("button", name="Download report.html").wait_for(timeout=60_000)
+        _wait_idle(page)
+        _fit_viewport_to_content(page)
+        page.screenshot(path=str(SHOTS / "12_present.png"), full_page=True)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        report = newest.path / "report.html"
+        assert report.is_file()
+        # the file on its own, offline (no server, no network): its figures draw
+        offline = browser.new_context(offline=True, viewport={"width": 1200, "height": 900}).new_page()
+        offline.goto(report.as_uri(), wait_until="load")
+        offline.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
+        assert offline.locator(".js-plotly-plot").count() >= 2
+        offline.screenshot(path=str(SHOTS / "13_report.png"), full_page=True)
 
 
 def test_a_reviewer_audits_the_judge_in_the_browser(server, playwright_sync):
@@ -320,20 +307,15 @@ def test_a_reviewer_audits_the_judge_in_the_browser(server, playwright_sync):
     url, _, _ = server
     newest = RUNS["newest"]
     before = len(load_labels(newest, "comparison"))
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.goto(f"{url}/evaluation?run={newest.id}", wait_until="domcontentloaded")
-            page.get_by_role("heading", name="Audit the judge").first.wait_for(timeout=60_000)
-            _wait_idle(page)
-            page.get_by_role("button", name="partial", exact=True).click()
-            page.get_by_text("kappa").first.wait_for(timeout=60_000)
-            _wait_idle(page)
-            _fit_viewport_to_content(page)
-            page.screenshot(path=str(SHOTS / "14_audit.png"), full_page=True)
-            assert page.locator('[data-testid="stException"]').count() == 0
-        finally:
-            browser.close()
+    with browser_page(playwright_sync) as (browser, page):
+        page.goto(f"{url}/evaluation?run={newest.id}", wait_until="domcontentloaded")
+        page.get_by_role("heading", name="Audit the judge").first.wait_for(timeout=60_000)
+        _wait_idle(page)
+        page.get_by_role("button", name="partial", exact=True).click()
+        page.get_by_text("kappa").first.wait_for(timeout=60_000)
+        _wait_idle(page)
+        _fit_viewport_to_content(page)
+        page.screenshot(path=str(SHOTS / "14_audit.png"), full_page=True)
+        assert page.locator('[data-testid="stException"]').count() == 0
     labels = load_labels(newest, "comparison")
     assert len(labels) == before + 1 and "partial" in set(labels["label"])
