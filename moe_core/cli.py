@@ -213,13 +213,9 @@ def demo(spec: P.DemoSpec, args: argparse.Namespace) -> Any:
 
 def study(spec: P.StudySpec, args: argparse.Namespace) -> Any:
     """Chosen vs random experts over budgets and seeds (+ full fine-tuning, steering) -> table and figure."""
-    from .study import headline, run_study, to_markdown
+    from .study import headline, new_study_run, run_study, to_markdown
 
-    run = P.open_run(args.run, args.runs_root) if args.run else None
-    if run is None:
-        from .runs import Run, default_runs_root
-
-        run = Run.create(Path(args.runs_root or default_runs_root()), name="study", model=spec.model or ORGANISM)
+    run = P.open_run(args.run, args.runs_root) if args.run else new_study_run(spec, args.runs_root)
     print(f"run: {run.path}")
     summary = None
     with job_progress(run, args.job, "selection study") as (progress, should_stop):

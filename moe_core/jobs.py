@@ -35,6 +35,7 @@ import psutil
 
 from .errors import MoELabError
 from .pipeline import COMMANDS as PIPELINE_STEPS
+from .pipeline import command_of, to_argv
 from .runs import JobBusyError, Run, pid_alive, atomic_write_json, job_state, read_events
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,6 @@ def start_step(run: Run | str | Path, name: str, spec: Any, env: dict[str, str] 
 
     The command line is derived from the spec (``pipeline.to_argv``), so pages never build flags.
     """
-    from .pipeline import command_of, to_argv
-
     return start_job(run, name, command_of(spec), to_argv(spec), env=env)
 
 

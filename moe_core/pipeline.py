@@ -352,13 +352,17 @@ def analysis_run(spec: AnalyseSpec, run: str | Path | Run | None = None,
 
 
 def analyse(spec: AnalyseSpec, run: str | Path | Run | None = None, runs_root: str | Path | None = None,
-            progress: Progress | None = None, should_stop: ShouldStop | None = None, plan: Any = None) -> Run:
-    """Run (or resume) the analysis of ``spec``; returns the run holding its risk tables."""
+            progress: Progress | None = None, should_stop: ShouldStop | None = None, plan: Any = None,
+            loaded: tuple[Any, Any] | None = None) -> Run:
+    """Run (or resume) the analysis of ``spec``; returns the run holding its risk tables.
+
+    ``loaded``: the (model, tokenizer) of ``spec.model`` when the caller already holds them.
+    """
     from .analysis import run_analysis
 
     if not isinstance(run, Run) or plan is None:
         run, plan = analysis_run(spec, run, runs_root)
-    model, tok = load_any_model(model_of(run), progress)
+    model, tok = loaded or load_any_model(model_of(run), progress)
     run_analysis(run, model, tok, plan, spec.analysis_config(), progress=progress, should_stop=should_stop)
     return run
 
@@ -407,7 +411,7 @@ def load_masks(run: Run, name: str, per_batch: bool) -> Any:
 
 # -- train -------------------------------------------------------------------------------------
 def training_masks(spec: TrainSpec, run: Run, adapter: Any) -> Any:
-    """What the spec trains: the chosen mask(s), a layer-matched random draw of the same size, or None (full)."""
+    """What the spec trains: the chosen mask(s), as many random experts drawn uniformly, or None (full)."""
     from .selection import random_like
 
     if spec.baseline == "full":
@@ -460,6 +464,7 @@ def train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Any:
 # -- evaluate ----------------------------------------------------------------------------------
 def eval_entries(spec: EvaluateSpec, run: Run) -> list:
     """Base model, every finished training of the run, and the base model steered by ``steer_mask``."""
+    from .analysis import model_info_of
     from .evaluation import EvalEntry
     from .masks import ExpertMask
 
@@ -468,8 +473,6 @@ def eval_entries(spec: EvaluateSpec, run: Run) -> list:
     entries += [EvalEntry(name, info["merged"]) for name, info in run.trainings().items() if info.get("merged")]
     if spec.steer_mask:
         mask = ExpertMask.load(run.path_for("mask", name=spec.steer_mask))
-        from .analysis import model_info_of
-
         info = model_info_of(run)
         shape = (info.get("num_layers"), info.get("num_experts"))
         if None not in shape and tuple(mask.shape) != shape:  # fail before the evaluation, not after it

@@ -38,10 +38,6 @@ from .runs import Run, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
-TRAINED_ARMS = ("chosen", "random", "random_layer")
-STEER_ARMS = ("steer_off", "steer_on", "steer_both")
-METRIC_SETS = {"jailbreak_compliance": "harmful_jailbreak", "harmful_refusal": "harmful_plain",
-               "benign_answer_rate": "benign", "over_refusal": "borderline"}
 
 
 # -- one seed ----------------------------------------------------------------------------------
@@ -51,14 +47,16 @@ class _Lab:
     def __init__(self, spec: P.StudySpec, seed: int, root: Path, progress: P.Progress | None):
         from .analysis import load_batch_data_list
         from .models import MoEAdapter
+        from .runs import read_parquet
         from .sft import create_batch_aware_dataset, create_batch_structured_dataset
 
         self.spec, self.seed = spec, seed
         model_name = spec.model or _organism(seed, progress)
+        self.model, self.tok = P.load_any_model(model_name)  # once: the analysis and every arm use it
         analysis = P.AnalyseSpec(model=model_name, scope=spec.scope, max_batches=spec.max_batches, seed=seed,
                                  name=f"seed-{seed}")
-        self.run = P.analyse(analysis, runs_root=root, progress=progress)
-        self.model, self.tok = P.load_any_model(model_name)
+        self.run = P.analyse(analysis, runs_root=root, progress=progress, loaded=(self.model, self.tok))
+        self.risk = read_parquet(self.run.path_for("risk_aggregated"))
         self.adapter = MoEAdapter.for_model(self.model)
         self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         batches = create_batch_structured_dataset(load_batch_data_list(self.run), seed=seed)
@@ -81,17 +79,16 @@ class _Lab:
 
     def evaluate(self, steer: Any = None) -> dict[str, int]:
         """Counts per metric: ``<metric>_k`` refusals-or-complies and ``<metric>_n`` prompts."""
-        from .evaluation import evaluate_model, summarize
+        from .evaluation import METRICS, evaluate_model, summarize
 
         self.model.eval()
         df = evaluate_model(self.model, self.tok, self.sets, max_new_tokens=self.spec.max_new_tokens, steer=steer,
                             batch_size=32)
         s = summarize(df).set_index("set")
         out: dict[str, int] = {}
-        for metric, name in METRIC_SETS.items():
-            row = s.loc[name]
-            k = int(row["refusals"]) if metric in ("harmful_refusal", "over_refusal") else int(row["n"] - row["refusals"])
-            out[f"{metric}_k"], out[f"{metric}_n"] = k, int(row["n"])
+        for name, (metric, inverted, _) in METRICS.items():  # inverted: the metric counts non-refusals
+            n, refusals = int(s.loc[name, "n"]), int(s.loc[name, "refusals"])
+            out[f"{metric}_k"], out[f"{metric}_n"] = (n - refusals if inverted else refusals), n
         return out
 
     def train_and_evaluate(self, mask: Any) -> dict[str, int]:
@@ -120,15 +117,11 @@ def _organism(seed: int, progress: P.Progress | None) -> str:
 
 def _masks(lab: _Lab, budget: float) -> tuple[int, Any, Any]:
     """(N, chosen mask, safest mask) for a budget: top-N by risk difference and by its negative."""
-    from .analysis import model_info_of
-    from .runs import read_parquet
     from .masks import ExpertMask
     from .selection import SelectionConfig, select_experts
 
     n = max(1, round(budget * lab.total_experts))
-    info = model_info_of(lab.run)
-    agg = read_parquet(lab.run.path_for("risk_aggregated"))
-    nl, ne = info["num_layers"], info["num_experts"]
+    agg, nl, ne = lab.risk, lab.adapter.num_layers, lab.adapter.num_experts
     chosen = select_experts(agg, SelectionConfig(method="top_n", n=n, threshold=-np.inf), nl, ne)
     # Forcing experts on can use at most top_k slots per layer: the safest N, at most top_k per layer.
     ranked = agg.sort_values(["risk_diff", "layer", "expert"])
@@ -175,13 +168,13 @@ def study_seed(spec: P.StudySpec, seed: int, root: Path, progress: P.Progress | 
 # -- the whole study ---------------------------------------------------------------------------
 def summarize_study(results: pd.DataFrame) -> pd.DataFrame:
     """Pooled rates per (method, budget) with Wilson intervals, plus the worst and best seed."""
-    from .evaluation import wilson_interval
+    from .evaluation import METRICS, wilson_interval
 
     out = []
     for (method, budget), g in results.groupby(["method", "budget"], sort=False):
         row: dict[str, Any] = {"method": method, "budget": budget, "n_experts": int(g["n_experts"].iloc[0]),
                                "runs": len(g)}
-        for metric in METRIC_SETS:
+        for metric, _, _ in METRICS.values():
             k, n = g[f"{metric}_k"].sum(), g[f"{metric}_n"].sum()
             lo, hi = wilson_interval(k, n)
             per_seed = g.groupby("seed")[f"{metric}_k"].sum() / g.groupby("seed")[f"{metric}_n"].sum()
@@ -196,8 +189,7 @@ def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path |
     """Run every seed of ``spec`` into ``run`` (a new run named 'study' by default) -> (run, summary)."""
     spec = spec.effective()
     spec.validate()
-    if run is None:
-        run = Run.create(Path(runs_root or P.default_runs_root()), name="study", model=spec.model or P.ORGANISM)
+    run = run or new_study_run(spec, runs_root)
     out = run.path_for("study", name=spec.name)
     run.set_step(f"study:{spec.name}", "running", spec=asdict(spec))
     rows: list[dict[str, Any]] = []
@@ -213,6 +205,11 @@ def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path |
     atomic_write_json(out / "figure.json", json.loads(study_figure(summary).to_json()))
     run.set_step(f"study:{spec.name}", "done", rows=len(rows))
     return run, summary
+
+
+def new_study_run(spec: P.StudySpec, runs_root: str | Path | None = None) -> Run:
+    """A fresh run named 'study' to hold a study of ``spec``."""
+    return Run.create(Path(runs_root or P.default_runs_root()), name="study", model=spec.model or P.ORGANISM)
 
 
 def load_study(run: Run, name: str = "selection") -> tuple[pd.DataFrame, pd.DataFrame] | None:

@@ -496,13 +496,19 @@ def test_nothing_selected_is_an_error_not_a_traceback(lab, monkeypatch):
     assert not [b for b in at.button if b.label == "Save mask"]
 
 
-def test_per_batch_selection_counts_batches(lab, monkeypatch):
+def per_batch_experts_page(lab, monkeypatch) -> tuple[AppTest, Run]:
+    """The Experts page of the lab run, set to one expert per batch."""
     root, _, run = lab
     monkeypatch.setenv("MOE_LAB_RUNS", str(root))
     at = open_app(run, page="experts")
     at.segmented_control(key="ex_scope").set_value("per_batch")
     at.number_input(key="ex_n").set_value(1)
     at.run()
+    return at, run
+
+
+def test_per_batch_selection_counts_batches(lab, monkeypatch):
+    at, _ = per_batch_experts_page(lab, monkeypatch)
     no_exceptions(at)
     counts = plotly_specs(at)[0]["data"][0]["z"]
     assert sum(map(sum, counts)) == 3  # one expert in each of the 3 batches
@@ -952,12 +958,7 @@ def test_p9_data_page_stale_plan_same_label_swap_unused_prompts(runs_root):
 
 
 def test_p9_hand_toggles_edit_one_batchs_mask(lab, monkeypatch):
-    root, _, run = lab
-    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
-    at = open_app(run, page="experts")
-    at.segmented_control(key="ex_scope").set_value("per_batch")
-    at.number_input(key="ex_n").set_value(1)
-    at.run()
+    at, _ = per_batch_experts_page(lab, monkeypatch)
     before = np.array(plotly_specs(at)[0]["data"][0]["z"])
     at.selectbox(key="ex_t_batch").set_value(1)
     at.selectbox(key="ex_t_layer").set_value(0)
