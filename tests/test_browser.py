@@ -175,7 +175,11 @@ def test_a_background_job_shows_live_progress_then_its_results(server, playwrigh
 
     url, runs_root, model_dir = server
     run = Run.create(runs_root, name="live job")
-    save_plan(run.path_for("plan"), compose_plan(10, seed=2))
+    # Enough work (every demo batch, 96 new tokens) that a quiet machine still needs several of the
+    # panel's 2-second polls: with 10 short batches the job could finish between two polls.
+    plan = compose_plan(100, seed=2)
+    n = len(plan.batches)
+    save_plan(run.path_for("plan"), plan)
     with browser_page(playwright_sync) as (browser, page):
         page.goto(f"{url}/analysis?run={run.id}", wait_until="domcontentloaded")
         page.get_by_role("heading", name="Analysis", exact=True).first.wait_for(timeout=60_000)
@@ -186,9 +190,14 @@ def test_a_background_job_shows_live_progress_then_its_results(server, playwrigh
         box.fill(str(model_dir))
         box.press("Enter")
         _wait_idle(page)
+        max_new = page.get_by_label("Max new tokens")
+        max_new.fill("96")
+        max_new.press("Enter")
+        _wait_idle(page)
         page.get_by_role("button", name="Start analysis").click()
-        # the panel refreshes itself: the bar advances to "k / 10 batches" without any click or reload
-        page.get_by_text(re.compile(r"\b[1-9] / 10 batches")).first.wait_for(timeout=300_000)
+        # the panel refreshes itself: the bar advances to "k / n batches" (0 < k < n) without any click or reload
+        running = "|".join(str(k) for k in range(1, n))
+        page.get_by_text(re.compile(rf"\b({running}) / {n} batches")).first.wait_for(timeout=300_000)
         SHOTS.mkdir(exist_ok=True)
         page.screenshot(path=str(SHOTS / "02b_analysis_running.png"))
         page.get_by_role("heading", name="Results").wait_for(timeout=300_000)  # no reload: the panel polls
@@ -197,7 +206,8 @@ def test_a_background_job_shows_live_progress_then_its_results(server, playwrigh
         page.screenshot(path=str(SHOTS / "02c_analysis_done.png"), full_page=True)
         assert page.locator('[data-testid="stException"]').count() == 0
         assert "Traceback" not in page.inner_text("body")
-    assert Run.open(run.path).completed_batches() == set(range(10))
+    assert Run.open(run.path).completed_batches() == set(range(n))
+    assert (Run.open(run.path).step("analysis") or {}).get("config", {}).get("max_new_tokens") == 96
 
 
 def _check_page(page, title: str, run_id: str, problems: list[str], where: str) -> None:
