@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8501
 
-.PHONY: venv vllm demo app test test-fast bench browser-deps clean
+.PHONY: venv vllm demo app test test-fast test-vllm bench browser-deps clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt
 
 vllm: $(VLLM_VENV)/.installed
 
+## test-vllm: vLLM vs HF parity on the organism (needs ./.venv-vllm: `make vllm`, a ~3.4 GB install)
+test-vllm: venv vllm
+	$(PY) -m pytest -q -rs tests/test_vllm.py
+
 ## demo: build the organism, analyse it, pick and train its unsafe experts, print the figures
 demo: venv
 	$(PY) -m moe_core demo
@@ -36,8 +40,9 @@ demo: venv
 app: venv
 	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
 
-## test: the whole suite, real browser included (installs Debian's chromium when missing)
-test: venv browser-deps
+## test: the whole suite, real browser and vLLM parity included (installs Debian's chromium when missing;
+## creates ./.venv-vllm: about 1-5 min from the local wheel mirror, the parity tests about 2-3 min more)
+test: venv vllm browser-deps
 	$(PY) -m pytest -q
 
 ## test-fast: skip the slow organism and browser tests

@@ -134,9 +134,11 @@ def flash(message: str) -> None:
 
 
 def show_flash() -> None:
-    msg = st.session_state.pop(FLASH_KEY, None)
+    """The remembered message, in a slot that is there with or without one: the elements below keep
+    their place, so a tab or a table selection survives the rerun that clears the message."""
+    msg, slot = st.session_state.pop(FLASH_KEY, None), st.empty()
     if msg:
-        st.success(msg, icon=":material/check_circle:")
+        slot.success(msg, icon=":material/check_circle:")
 
 
 # -- runs -------------------------------------------------------------------------------------
@@ -239,17 +241,26 @@ def link(key: str, label: str | None = None, icon: str | None = None, container:
     target.page_link(file, label=label or default_label, icon=icon or default_icon, query_params=params or None, **kw)
 
 
-def clicked_cell(event: Any, memo_key: str) -> tuple[int, int] | None:
-    """(layer, expert) of a new click/selection on a layer x expert heatmap (``st.plotly_chart``
-    with ``on_select``), once per click: the same selection seen again on a later rerun is None,
-    so the boxes it filled can be changed by hand afterwards."""
+def clicked_point(event: Any, memo_key: str, fields: tuple[str, ...] = ("y", "x")) -> tuple[int, ...] | None:
+    """``fields`` (as ints) of a new click/selection on a chart drawn with ``st.plotly_chart(on_select=...)``,
+    once per click: the same selection seen again on a later rerun is None, so the boxes it filled
+    can be changed by hand afterwards."""
     points = ((getattr(event, "selection", None) or {}).get("points") or []) if event else []
-    cell = next(((int(pt["y"]), int(pt["x"])) for pt in points if pt.get("x") is not None and pt.get("y") is not None),
-                None)
-    if cell is None or st.session_state.get(memo_key) == list(cell):
+    found = next((tuple(int(pt[f]) for f in fields) for pt in points if all(pt.get(f) is not None for f in fields)),
+                 None)
+    if found is None:  # nothing selected (a second click on a point deselects it): the next click counts again
+        st.session_state.pop(memo_key, None)
         return None
-    st.session_state[memo_key] = list(cell)
-    return cell
+    if st.session_state.get(memo_key) == list(found):
+        return None
+    st.session_state[memo_key] = list(found)
+    return found
+
+
+def clicked_cell(event: Any, memo_key: str) -> tuple[int, int] | None:
+    """(layer, expert) of a new click on a layer x expert heatmap (its click layer: x = expert, y = layer)."""
+    cell = clicked_point(event, memo_key, ("y", "x"))
+    return None if cell is None else (cell[0], cell[1])
 
 
 def take_param(name: str) -> int | None:

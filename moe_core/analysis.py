@@ -108,18 +108,22 @@ def analyse_batch(
     config: AnalysisConfig,
     judge: RefusalJudge,
     adapter: MoEAdapter,
+    generator: Any = None,
 ) -> tuple[list[RoutedSample], dict[str, Any], pd.DataFrame]:
-    """Run one analysis batch: routing, answers, verdicts, filter, risk table."""
+    """Run one analysis batch: routing, answers, verdicts, filter, risk table.
+
+    ``generator`` (``backends.open_backend``): another engine (vLLM) writes the answers (``backends.route_generated``).
+    """
     items = batch.items
-    samples = route_batch(
-        model,
-        tokenizer,
-        [it.messages(config.system_prompt) for it in items],
-        scope=config.scope,
-        max_new_tokens=config.max_new_tokens,
-        responses=_responses_for(batch, config.scope),
-        adapter=adapter,
-    )
+    messages = [it.messages(config.system_prompt) for it in items]
+    if generator is not None and config.scope != "response" and config.max_new_tokens > 0:
+        from .backends import route_generated
+
+        samples, source = route_generated(model, tokenizer, messages, config.max_new_tokens, generator, adapter)
+    else:
+        samples = route_batch(model, tokenizer, messages, scope=config.scope, max_new_tokens=config.max_new_tokens,
+                              responses=_responses_for(batch, config.scope), adapter=adapter)
+        source = "hf-teacher-forced" if config.scope == "response" or not config.max_new_tokens else "hf-generate"
     texts = [s.generation.text for s in samples]
     verdicts = judge.judge([it.text for it in items], texts)
     refused = [v.refusal for v in verdicts]
@@ -137,6 +141,7 @@ def analyse_batch(
     outputs = {
         "batch_idx": batch.batch_idx,
         "scope": config.scope,
+        "generation": {"backend": getattr(generator, "name", "hf"), "routing_source": source},
         "samples": [
             {
                 "in_batch_idx": i,
@@ -164,6 +169,26 @@ def analyse_batch(
 
 
 # -- the job ------------------------------------------------------------------------------------
+def _checked_plan(run: Run, plan: BatchPlan | None, config: AnalysisConfig) -> BatchPlan:
+    """The plan to analyse (saved in the run on first use); another plan or other settings are refused first."""
+    previous = analysis_config_of(run)
+    if previous and asdict(previous) != asdict(config) and run.completed_batches():
+        raise AnalysisError(
+            f"run {run.id} was analysed with {asdict(previous)}; resuming with {asdict(config)} would mix results. "
+            "Start a new run or resume with the same settings."
+        )
+    plan_path = run.path_for("plan")
+    if plan is None:
+        if not plan_path.exists():
+            raise AnalysisError(f"run {run.id} has no batch plan; compose batches first")
+        return load_plan(plan_path)
+    if not plan_path.exists():
+        save_plan(plan_path, plan)
+    elif load_plan(plan_path).to_json_dict() != plan.to_json_dict():
+        raise AnalysisError(f"run {run.id} already holds a different batch plan; start a new run to analyse this one")
+    return plan
+
+
 def run_analysis(
     run: Run,
     model: Any,
@@ -172,33 +197,30 @@ def run_analysis(
     config: AnalysisConfig | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    generator: Any = None,
 ) -> AnalysisResult:
     """Analyse every batch of ``plan`` into ``run``; batches already finished there are skipped.
+
+    ``generator``: answers from another engine (vLLM; see ``analyse_batch``); each batch's outputs
+    and routing file record which backend and routing source produced it.
 
     ``plan`` defaults to the plan saved in the run (resume). The run's config records the
     analysis config; resuming with a different one is refused rather than mixing results.
     """
+    from .doctor import intact_batches
+    from .provenance import check_model, check_plan, record
+
     config = config or AnalysisConfig()
-    plan_path = run.path_for("plan")
-    if plan is None:
-        if not plan_path.exists():
-            raise AnalysisError(f"run {run.id} has no batch plan; compose batches first")
-        plan = load_plan(plan_path)
-    elif not plan_path.exists():
-        save_plan(plan_path, plan)
-    elif load_plan(plan_path).to_json_dict() != plan.to_json_dict():
-        raise AnalysisError(f"run {run.id} already holds a different batch plan; start a new run to analyse this one")
-    previous = analysis_config_of(run)
-    if previous and asdict(previous) != asdict(config) and run.completed_batches():
-        raise AnalysisError(
-            f"run {run.id} was analysed with {asdict(previous)}; resuming with {asdict(config)} would mix results. "
-            "Start a new run or resume with the same settings."
-        )
+    fingerprints = check_model(run, model, tokenizer)  # another model or tokenizer: refused before any write
+    plan = _checked_plan(run, plan, config)
+    fingerprints["plan_fingerprint"] = check_plan(run, plan)
     adapter = MoEAdapter.for_model(model)
     judge = make_judge(config.judge)
-    run.set_step("analysis", "running", config=asdict(config), model_info=adapter.describe(), batches=len(plan.batches))
+    record(run, replace=not run.completed_batches(), analysis=asdict(config), model_info=adapter.describe(), **fingerprints)
+    run.set_step("analysis", "running", config=asdict(config), model_info=adapter.describe(), batches=len(plan.batches),
+                 backend=getattr(generator, "name", "hf"))
 
-    done = run.completed_batches()
+    done = intact_batches(run)  # a damaged batch (truncated file, deleted risk table) is analysed again
     total = len(plan.batches)
     if progress:
         progress(len(done), total, f"{len(done)} of {total} batches already done" if done else "starting")
@@ -208,11 +230,12 @@ def run_analysis(
         if should_stop and should_stop():
             run.set_step("analysis", "stopped", done=len(done), total=total)
             raise JobStopped(f"stopped after {len(done)} of {total} batches; resume to continue")
-        samples, outputs, table = analyse_batch(model, tokenizer, batch, config, judge, adapter)
+        samples, outputs, table = analyse_batch(model, tokenizer, batch, config, judge, adapter, generator)
         # Order matters for resume: outputs (the completion marker) is written last.
         b = batch.batch_idx
-        meta = {"batch_idx": b, "num_experts": adapter.num_experts, "top_k": adapter.top_k}
-        save_batch_routing(run.path_for("routing", batch_idx=b), samples, adapter.moe_layers, meta=meta)
+        meta = {"batch_idx": b, "num_experts": adapter.num_experts, "top_k": adapter.top_k, **outputs["generation"]}
+        weights = all(s.routing.weights is not None for s in samples)  # vLLM's routed experts carry no weights
+        save_batch_routing(run.path_for("routing", batch_idx=b), samples, adapter.moe_layers, meta=meta, keep_weights=weights)
         write_parquet(run.path_for("risk", batch_idx=b), table)
         write_json(run.path_for("outputs", batch_idx=b), outputs)
         done.add(batch.batch_idx)
@@ -244,13 +267,13 @@ def finalize_analysis(run: Run) -> AnalysisResult:
 
 def analysis_config_of(run: Run) -> AnalysisConfig | None:
     """The analysis settings a run was (or is being) analysed with, if any."""
-    step = run.step("analysis") or {}
-    return AnalysisConfig(**step["config"]) if step.get("config") else None
+    cfg = (run.step("analysis") or {}).get("config") or (run.manifest.get("provenance") or {}).get("analysis")
+    return AnalysisConfig(**cfg) if cfg else None
 
 
 def model_info_of(run: Run) -> dict[str, Any]:
-    """num_layers, num_experts, top_k, moe_layers... of the model the run analysed."""
-    return dict((run.step("analysis") or {}).get("model_info") or {})
+    """num_layers, num_experts, top_k, moe_layers... of the model the run analysed (step record, else provenance)."""
+    return dict((run.step("analysis") or {}).get("model_info") or (run.manifest.get("provenance") or {}).get("model_info") or {})
 
 
 def load_batch_data_list(run: Run, with_routing: bool = False) -> dict[str, Any]:

@@ -25,6 +25,7 @@ transformers internal used here is listed in ``moe_core.trainer_internals``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -45,6 +46,7 @@ from .training_config import CONSISTENCY_LOSSES, BatchPreservingConfig, BatchStr
 log = logging.getLogger(__name__)
 
 MONITOR_LINE = "Current training batch contains samples from batches: %s"  # the seed's words
+BATCH_LOG = "batch_log.json"  # the batch monitor's rows, in each checkpoint
 
 
 # -- router consistency ----------------------------------------------------------------
@@ -322,6 +324,20 @@ class BatchPreservingTrainer(Trainer):
         out.mkdir(parents=True, exist_ok=True)
         self._save_weights(out, state_dict)
         atomic_write_text(out / "training_args.json", self.args.to_json_string())
+        atomic_write_text(out / BATCH_LOG, json.dumps(self.batch_log))  # a resume continues the batch monitor
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._restore_batch_log(resume_from_checkpoint)
+
+    def _restore_batch_log(self, checkpoint: str) -> None:
+        """The batch monitor's rows up to the checkpoint, so a resumed training logs every step once.
+
+        Checkpoints are written by the main process only, so they hold its rows: other ranks start empty.
+        """
+        path = Path(checkpoint) / BATCH_LOG
+        if path.is_file() and self.args.process_index == 0:
+            self.batch_log = json.loads(path.read_text())
 
     def _save_weights(self, out: Path, state_dict: dict | None) -> None:
         self.accelerator.unwrap_model(self.model).save_pretrained(out, state_dict=state_dict)

@@ -24,6 +24,7 @@ import plotly.graph_objects as go
 DIVERGING = "RdBu_r"  # blue = fires more on safe tokens, red = more on unsafe tokens
 SEQUENTIAL = "Reds"
 MARK_COLOR = "#111111"
+PICK_COLOR = "#f0a500"  # the clicked cell
 SAFE_COLOR = "#2c7fb8"
 UNSAFE_COLOR = "#d7301f"
 _LAYOUT = dict(margin=dict(l=60, r=20, t=50, b=50), template="plotly_white")
@@ -31,6 +32,9 @@ _LAYOUT = dict(margin=dict(l=60, r=20, t=50, b=50), template="plotly_white")
 # margins grown to fit the labels, so a 400 px wide screen shows no overlap
 _NARROW_SAFE = dict(margin=dict(l=50, r=10, t=80, b=40, autoexpand=True), template="plotly_white",
                     legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0))
+# a click selects the cell under it. Not dragmode "select"/"lasso": there Streamlit's chart turns clickmode
+# to "event" and a click only clears the selection (box select stays one modebar button away)
+CLICK_LAYOUT = dict(clickmode="event+select", dragmode="zoom", hovermode="closest")
 
 
 def _symmetric_limit(z: np.ndarray, floor: float = 1e-6) -> float:
@@ -43,8 +47,9 @@ def _grid_layout(fig: go.Figure, title: str, num_layers: int, num_experts: int, 
     fig.update_layout(
         title=dict(text=title, x=0.0, xanchor="left"),
         xaxis=dict(title="expert", tickmode="linear" if num_experts <= 32 else "auto", dtick=1 if num_experts <= 32 else None,
-                   showgrid=False, zeroline=False, constrain="domain"),
-        yaxis=dict(title="layer", autorange="reversed", tickmode="linear" if num_layers <= 32 else "auto",
+                   showgrid=False, zeroline=False, constrain="domain", range=[-0.5, num_experts - 0.5]),
+        # fixed ranges: the click layer's markers would otherwise pad the axes past the cells
+        yaxis=dict(title="layer", range=[num_layers - 0.5, -0.5], tickmode="linear" if num_layers <= 32 else "auto",
                    dtick=1 if num_layers <= 32 else None, showgrid=False, zeroline=False),
         height=height or int(min(900, max(260, 60 + 26 * num_layers))),
         **_LAYOUT,
@@ -80,7 +85,10 @@ def _click_layer(z: np.ndarray, label: str, fmt: str = ".3f") -> go.Scatter:
     vals = np.where(np.isfinite(z), z, np.nan).ravel()
     return go.Scatter(
         x=ee.ravel().tolist(), y=ll.ravel().tolist(), mode="markers", name="cells", showlegend=False,
-        marker=dict(symbol="square", size=max(4, min(18, int(700 / max(n_e, 1)))), opacity=0.01, color="#000"),
+        # invisible until clicked: the selected cell gets an amber outline (plotly's selected-point style)
+        marker=dict(symbol="square-open", size=max(6, min(22, int(800 / max(n_e, 1)))), opacity=0.01, color=PICK_COLOR,
+                    line=dict(width=3)),
+        selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=0.01)),
         customdata=[[None if np.isnan(v) else float(v)] for v in vals],
         hovertemplate="layer %{y}, expert %{x}<br>" + label + " %{customdata[0]:" + fmt + "}<br>"
                       "<i>click to drill down</i><extra></extra>",
@@ -121,7 +129,7 @@ def risk_heatmap(
     if clickable:
         fig.data[0].hoverinfo = "skip"  # the click layer on top shows the same text
         fig.add_trace(_click_layer(z, colorbar_title))
-        fig.update_layout(showlegend=False, clickmode="event+select", dragmode="select")
+        fig.update_layout(showlegend=False, **CLICK_LAYOUT)
     return _grid_layout(fig, title, n_l, n_e, height)
 
 
@@ -158,22 +166,27 @@ def count_heatmap(counts: np.ndarray, title: str, colorbar_title: str = "batches
     if clickable:
         fig.data[0].hoverinfo = "skip"
         fig.add_trace(_click_layer(z, colorbar_title, ".0f"))
-        fig.update_layout(showlegend=False, clickmode="event+select", dragmode="select")
+        fig.update_layout(showlegend=False, **CLICK_LAYOUT)
     return _grid_layout(fig, title, n_l, n_e, None)
 
 
-def expert_across_batches(batch_ids: Sequence[int], values: Sequence[float], layer: int, expert: int) -> go.Figure:
-    """One expert's risk difference in every batch (bars coloured by sign)."""
+def expert_across_batches(batch_ids: Sequence[int], values: Sequence[float], layer: int, expert: int,
+                          current: int | None = None) -> go.Figure:
+    """One expert's risk difference in every batch (bars coloured by sign; the ``current`` batch outlined).
+
+    A click on a bar selects it (``st.plotly_chart(on_select=...)`` reports its ``x`` = batch)."""
     v = np.asarray(values, dtype=np.float64)
     colors = [UNSAFE_COLOR if x > 0 else SAFE_COLOR for x in np.nan_to_num(v)]
+    outline = [3 if current is not None and int(b) == int(current) else 0 for b in batch_ids]
     fig = go.Figure(go.Bar(
         x=[int(b) for b in batch_ids], y=np.where(np.isfinite(v), v, None).tolist(), marker_color=colors,
-        hovertemplate="batch %{x}: %{y:.3f}<extra></extra>",
+        marker_line=dict(width=outline, color=MARK_COLOR),
+        hovertemplate="batch %{x}: %{y:.3f}<br><i>click to see this batch's tokens</i><extra></extra>",
     ))
     fig.add_hline(y=0, line_width=1, line_color="#888")
     fig.update_layout(
         title=dict(text=f"Layer {layer}, expert {expert}: risk difference per batch", x=0.0),
-        xaxis=_int_axis("batch", len(v)), yaxis_title="risk diff", height=280, **_LAYOUT,
+        xaxis=_int_axis("batch", len(v)), yaxis_title="risk diff", height=280, **_LAYOUT, **CLICK_LAYOUT,
     )
     return fig
 
@@ -214,13 +227,14 @@ def metric_bars(summary: pd.DataFrame, x: str = "metric", group: str = "model", 
         fig.add_trace(go.Bar(x=sub[x].astype(str).tolist(), y=vals.tolist(), name=str(name), error_y=err,
                              hovertemplate=f"{name}<br>%{{x}}: %{{y:.2f}}<extra></extra>"))
     fig.update_layout(barmode="group", title=dict(text=title, x=0.0), yaxis=dict(range=[0, 1.05], title="rate"),
-                      xaxis=dict(automargin=True, tickangle=0), height=420, **_NARROW_SAFE)
+                      xaxis=dict(automargin=True, tickangle=0, tickfont=dict(size=11)), height=420, **_NARROW_SAFE)
     return fig
 
 
-def wrap_label(text: str, width: int = 20) -> str:
+def wrap_label(text: str, width: int = 11) -> str:
     """``text`` broken into lines of about ``width`` characters with ``<br>`` (plotly tick labels do
-    not wrap by themselves and overlap on a narrow screen)."""
+    not wrap by themselves and overlap on a narrow screen: four categories on a 400 px screen leave
+    about 75 px, 11 characters, per label)."""
     words, lines, cur = str(text).replace("_", " ").split(), [], ""
     for w in words:
         if cur and len(cur) + 1 + len(w) > width:

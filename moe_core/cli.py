@@ -26,6 +26,7 @@ from transformers import HfArgumentParser
 
 from . import pipeline as P
 from .errors import MoELabError
+from .run_lock import secondary_rank
 
 log = logging.getLogger("moe_core")
 
@@ -77,7 +78,7 @@ def job_progress(run: Any, job_name: str | None, desc: str) -> Iterator[tuple[Ca
     """
     bar = TqdmProgress(desc)
     try:
-        if not job_name:
+        if not job_name or secondary_rank():  # rank 0 of `accelerate launch` reports the job
             yield bar, lambda: False
             return
         job = run.job(job_name)
@@ -125,14 +126,20 @@ def analyze(spec: P.AnalyseSpec, args: argparse.Namespace) -> Any:
     """Analyse (or resume); returns the run, or None when the job was stopped."""
     from .analysis import finalize_analysis
 
-    run, plan = P.analysis_run(spec, args.run, args.runs_root)
+    run, plan = P.analysis_run(spec, args.run, args.runs_root)  # refuses another model/settings before writing
     print(f"run: {run.path}")
-    with job_progress(run, args.job, "analysis") as (progress, should_stop):
-        P.analyse(spec, run, progress=progress, should_stop=should_stop, plan=plan)
-    if _was_stopped(run, args.job):
-        print(f"analysis stopped; resume with `python -m moe_core analyze --run {run.path}`")
-        return None
-    result = finalize_analysis(run)
+    try:
+        with run.writing(args.job or "analysis"):
+            with job_progress(run, args.job, "analysis") as (progress, should_stop):
+                P.analyse(spec, run, progress=progress, should_stop=should_stop, plan=plan)
+            if _was_stopped(run, args.job):
+                print(f"analysis stopped; resume with `python -m moe_core analyze --run {run.path}`")
+                return None
+            result = finalize_analysis(run)
+    except Exception:
+        if args.run is None:  # this command made the run: a failure before any batch leaves no empty run
+            run.discard_if_empty()
+        raise
     _print_top(result.aggregated, spec.top)
     if spec.quality_filter:
         print(f"quality filter dropped: {result.dropped['safe']} safe, {result.dropped['unsafe']} unsafe samples")
@@ -159,8 +166,10 @@ def train(spec: P.TrainSpec, args: argparse.Namespace) -> Any:
     with job_progress(run, args.job, f"training {name}") as (progress, should_stop):
         result = P.train(spec, run, progress=_stopping(progress, should_stop))
     if result is None:
-        print(f"training {name} stopped")
+        print(f"training {name} stopped; run the same command again to resume it from its last checkpoint")
         return None
+    if result.merged_path is None and secondary_rank():
+        return result  # another rank of `accelerate launch`: rank 0 reports (and wrote) the result
     print(f"trained {name}: {result.report}")
     print(f"merged model -> {result.merged_path}")
     return result
@@ -205,7 +214,7 @@ def demo(spec: P.DemoSpec, args: argparse.Namespace) -> Any:
             if train(spec.train_spec(baseline), stage) is None:
                 return None
         stage = argparse.Namespace(**{**vars(args), "job": _sub_job(args.job, "eval")})
-        if evaluate(P.EvaluateSpec(steer_mask=spec.mask_name, eval_limit=spec.eval_limit), stage) is None:
+        if evaluate(spec.evaluate_spec(), stage) is None:
             return None
     print(f"\nrun directory: {run.path}")
     return run
@@ -218,8 +227,9 @@ def study(spec: P.StudySpec, args: argparse.Namespace) -> Any:
     run = P.open_run(args.run, args.runs_root) if args.run else new_study_run(spec, args.runs_root)
     print(f"run: {run.path}")
     summary = None
-    with job_progress(run, args.job, "selection study") as (progress, should_stop):
-        _, summary = run_study(spec, run, progress=_stopping(progress, should_stop))
+    with run.writing(args.job or "study"), P.step_outcome(run):  # one writer; never left "running" on an error
+        with job_progress(run, args.job, "selection study") as (progress, should_stop):
+            _, summary = run_study(spec, run, progress=_stopping(progress, should_stop))
     if summary is None:
         print("study stopped; partial results are in the run")
         return None
@@ -242,6 +252,7 @@ def apply_delta(args: argparse.Namespace) -> Path:
 
 
 def runs_cmd(args: argparse.Namespace) -> None:
+    """One line per run: id, name, model, created, each step's status (a damaged run says why)."""
     from .runs import default_runs_root, list_runs
 
     root = Path(args.runs_root) if args.runs_root else default_runs_root()
@@ -249,7 +260,49 @@ def runs_cmd(args: argparse.Namespace) -> None:
     if not rows:
         print(f"no runs under {root}")
     for r in rows:
-        print(r)
+        if r.error:
+            print(f"{r.id}  DAMAGED: {r.error}  (try `python -m moe_core doctor --run {r.path}`)")
+            continue
+        steps = ", ".join(f"{k} {v}" for k, v in r.steps.items()) or "no steps yet"
+        print(f"{r.id}  {r.name!r}  model {r.model or '-'}  created {(r.created or '?')[:16].replace('T', ' ')}  {steps}")
+
+
+def doctor_cmd(args: argparse.Namespace) -> None:
+    """List damaged or missing pieces of a run; repair what can be recomputed (unless --check-only)."""
+    from .doctor import diagnose
+
+    run = P.open_run(args.run, args.runs_root)
+    found = diagnose(run, repair=not args.check_only)
+    for f in found:
+        print(f.line())
+    left = [f for f in found if not f.repaired]
+    if left:
+        raise CLIError(f"{len(left)} problem(s) in run {run.id} " + ("(listed above; run without --check-only to "
+                       "repair what can be recomputed)" if args.check_only else "need the fix named above"))
+    print(f"run {run.id}: " + ("all repaired" if found else "no problems found"))
+
+
+@contextlib.contextmanager
+def holding(args: argparse.Namespace) -> Iterator[None]:
+    """With ``--run``: this command is the run's one writer for its whole length (``RunBusyError`` otherwise).
+
+    A refused job (``--job``) records the refusal in its own status, so the app shows it.
+    """
+    if not getattr(args, "run", None):
+        yield
+        return
+    from .run_lock import RunBusyError
+
+    from .run_lock import holder
+
+    run = P.open_run(args.run, args.runs_root)
+    try:
+        with run.writing(args.job or args.command):
+            yield
+    except RunBusyError as e:
+        if args.job and (holder(run.path) or {}).get("job") != args.job:  # never touch the live job's own files
+            run.job(args.job).write_status("error", error=str(e))
+        raise
 
 
 STEPS: dict[str, Callable[..., Any]] = {"analyze": analyze, "select": select, "train": train,
@@ -278,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=apply_delta)
     r = sub.add_parser("runs", help="list runs")
     r.set_defaults(func=runs_cmd)
+    d = sub.add_parser("doctor", help="check a run for damaged or missing pieces and repair what can be recomputed")
+    d.add_argument("--run", required=True, help="run directory or id")
+    d.add_argument("--check-only", action="store_true", help="only list the problems, change nothing")
+    d.set_defaults(func=doctor_cmd)
     return p
 
 
@@ -297,13 +354,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "spec_class", None) is not None:
-            STEPS[args.command](spec_from_args(args), args)
+            spec = spec_from_args(args)
+            with holding(args):
+                STEPS[args.command](spec, args)
         else:
             args.func(args)
     except MoELabError as e:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a read-only folder is the user's to fix, not a bug
+        from .run_files import os_error_message
+
+        if os_error_message(e) is None or args.verbose:
+            raise
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished batches are saved, resume with --run RUN", file=sys.stderr)

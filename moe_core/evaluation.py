@@ -28,7 +28,10 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
@@ -151,11 +154,13 @@ def evaluate_model(
     steer: tuple[Any, Any] | ExpertMask | None = None,
     system_prompt: str | None = None,
     progress: Progress | None = None,
+    generator: Any = None,
 ) -> pd.DataFrame:
     """Greedy answers to every prompt of every set, judged: one row per (set, prompt).
 
     Columns ``RESPONSE_COLUMNS``. ``steer`` = (deactivate, activate) expert masks applied with
     ``steering.steer_experts`` around generation only (removed afterwards, also on error).
+    ``generator`` (``backends.open_backend``): answers from vLLM; steering always runs here (HF).
     """
     if not sets:
         raise EvaluationError("no evaluation sets given: pass e.g. default_eval_sets()")
@@ -170,7 +175,7 @@ def evaluate_model(
         messages = [it.messages(system_prompt) for it in items]
         sub = (lambda d, t, m="", _o=done, _n=name: progress(_o + d, total, f"{_n}: {d}/{t}")) if progress else None
         if deactivate is None and activate is None:
-            gens = generate(model, tokenizer, messages, max_new_tokens, batch_size, sub)
+            gens = generate(model, tokenizer, messages, max_new_tokens, batch_size, sub, generator)
         else:
             with steer_experts(model, deactivate=deactivate, activate=activate):
                 gens = generate(model, tokenizer, messages, max_new_tokens, batch_size, sub)
@@ -286,6 +291,15 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _backend_for(e: EvalEntry, entries: Sequence[EvalEntry], backend: str, url: str | None, steer: Any) -> Any:
+    """The generator for one entry: vLLM for a saved, unsteered model; HF (None) otherwise."""
+    from .backends import check_backend, open_backend
+
+    check_backend(backend, url)
+    use = backend == "vllm" and steer is None and e.model_dir is not None
+    return open_backend("vllm" if use else "hf", e.model_dir, url if use and e.model_dir == entries[0].model_dir else None)
+
+
 def compare_models(
     entries: Sequence[EvalEntry],
     sets: EvalSets,
@@ -297,8 +311,13 @@ def compare_models(
     system_prompt: str | None = None,
     loaded: tuple[Any, Any] | None = None,
     progress: Progress | None = None,
+    backend: str = "hf",
+    vllm_url: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate every entry on the same sets: (responses with a ``model`` column, summary).
+
+    ``backend="vllm"``: unsteered entries with a ``model_dir`` generate through a vLLM server of
+    that directory (``vllm_url`` serves the first entry's model; the others get their own).
 
     Models are loaded with ``models.load_model`` one at a time; consecutive entries with the same
     ``model_dir`` (base, then base steered) reuse it, and each is freed before the next loads.
@@ -327,14 +346,15 @@ def compare_models(
             current_dir = e.model_dir
         sub = (lambda d, t, m="", _o=i * per_model, _n=e.name: progress(_o + d, total, f"{_n}: {m}")) if progress else None
         steer = (e.steer_deactivate, e.steer_activate) if (e.steer_deactivate is not None or e.steer_activate is not None) else None
-        df = evaluate_model(model, tok, sets, jd, max_new_tokens, batch_size, steer, system_prompt, sub)
+        with _backend_for(e, entries, backend, vllm_url, steer) as gen:
+            df = evaluate_model(model, tok, sets, jd, max_new_tokens, batch_size, steer, system_prompt, sub, gen)
         frames.append(df.assign(model=e.name))
     model = tok = None
     _free_memory()
     responses = pd.concat(frames, ignore_index=True)[["model"] + RESPONSE_COLUMNS]
     responses.attrs["evaluation"] = {
         "judge": judge if isinstance(judge, (str, dict)) else jd.name,
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "system_prompt": system_prompt,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "system_prompt": system_prompt, "backend": backend,
         "models": [e.describe() for e in entries], "sets": {k: len(v) for k, v in sets.items()},
     }
     return responses, summarize(responses)
@@ -362,11 +382,18 @@ def save_evaluation(run: Run, responses: pd.DataFrame, summary: pd.DataFrame, na
     """
     r_path, s_path, j_path = _eval_paths(run, name)
     info = {**responses.attrs.get("evaluation", {}), **(settings or {})}
-    write_parquet(r_path, _plain(responses))
-    write_parquet(s_path, _plain(summary))
     meta = {"name": name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "n_responses": len(responses), "models": info.pop("models", None), "settings": info}
-    write_json(j_path, meta)
+    r_path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=r_path.parent))
+    try:  # all three written first (a full disk stops here, the previous evaluation untouched), then renamed
+        write_parquet(stage / r_path.name, _plain(responses))
+        write_parquet(stage / s_path.name, _plain(summary))
+        write_json(stage / j_path.name, meta)
+        for p in (r_path, s_path, j_path):
+            os.replace(stage / p.name, p)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return j_path
 
 

@@ -260,3 +260,4 @@ class ExpertMaskingTrainer(BatchPreservingTrainer):
         with torch.no_grad():
             for k, p in wanted.items():
                 p.copy_(tensors[k].to(p.dtype))
+        self._restore_batch_log(resume_from_checkpoint)

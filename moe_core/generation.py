@@ -8,11 +8,24 @@ what "the model's answer" and "its tokens" are. Routing capture wraps this same 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
 Messages = list[dict[str, str]]
+
+
+class TokenGenerator(Protocol):
+    """Another engine that continues exact prompt token ids greedily (e.g. ``backends.VLLMGenerator``).
+
+    ``complete`` returns, per prompt, the generated ids (an EOS may be included; it is cut here)
+    and a dict of extras kept in ``Generation.meta`` (finish reason, routed experts, backend).
+    """
+
+    name: str
+
+    def complete(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                 eos_ids: Sequence[int]) -> list[tuple[list[int], dict[str, Any]]]: ...
 
 
 @dataclass
@@ -40,6 +53,26 @@ def encode_prompts(tokenizer: Any, messages_list: Sequence[Messages], device: to
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
+def prompt_token_ids(tokenizer: Any, messages_list: Sequence[Messages]) -> list[list[int]]:
+    """The exact ids ``encode_prompts`` gives each conversation, without padding."""
+    enc = encode_prompts(tokenizer, messages_list, "cpu")
+    return [row[m].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"].bool())]
+
+
+def finish(tokenizer: Any, prompt_ids: list[int], new_ids: Sequence[int], eos: set[int],
+           meta: dict[str, Any] | None = None) -> Generation:
+    """Cut an answer at its first EOS and decode it: the one stop rule every backend shares."""
+    new = list(new_ids)
+    cut = next((j for j, t in enumerate(new) if t in eos), None)
+    new = new[:cut] if cut is not None else new
+    return Generation(prompt_ids, new, tokenizer.decode(new, skip_special_tokens=True).strip(), dict(meta or {}))
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends an answer: the model's generation config, its config, the tokenizer."""
+    return _eos_ids(model, tokenizer)
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
     for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
@@ -59,10 +92,20 @@ def generate_batch(
     tokenizer: Any,
     messages_list: Sequence[Messages],
     max_new_tokens: int = 64,
+    generator: TokenGenerator | None = None,
 ) -> list[Generation]:
-    """Greedy answers for one batch of conversations (padded together, as in the analysis batch)."""
+    """Greedy answers for one batch of conversations (padded together, as in the analysis batch).
+
+    With ``generator`` another engine continues the same prompt ids (same template, same stop rule).
+    """
     if not messages_list:
         return []
+    if generator is not None:
+        eos = _eos_ids(model, tokenizer)
+        prompts = prompt_token_ids(tokenizer, messages_list)
+        outs = generator.complete(prompts, max_new_tokens, sorted(eos))
+        return [finish(tokenizer, p, new, eos, {"backend": generator.name, **extra})
+                for p, (new, extra) in zip(prompts, outs)]
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, messages_list, device)
     eos = _eos_ids(model, tokenizer)
@@ -77,11 +120,7 @@ def generate_batch(
     results = []
     for i in range(len(messages_list)):
         mask = enc["attention_mask"][i].bool()
-        prompt_ids = enc["input_ids"][i][mask].tolist()
-        new = out[i, plen:].tolist()
-        cut = next((j for j, t in enumerate(new) if t in eos), None)
-        new = new[:cut] if cut is not None else new
-        results.append(Generation(prompt_ids, new, tokenizer.decode(new, skip_special_tokens=True).strip()))
+        results.append(finish(tokenizer, enc["input_ids"][i][mask].tolist(), out[i, plen:].tolist(), eos))
     return results
 
 
@@ -92,11 +131,12 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    generator: TokenGenerator | None = None,
 ) -> list[Generation]:
-    """Greedy answers for many conversations, ``batch_size`` at a time."""
+    """Greedy answers for many conversations, ``batch_size`` at a time (``generator``: see generate_batch)."""
     out: list[Generation] = []
     for start in range(0, len(messages_list), batch_size):
-        out.extend(generate_batch(model, tokenizer, messages_list[start : start + batch_size], max_new_tokens))
+        out.extend(generate_batch(model, tokenizer, messages_list[start : start + batch_size], max_new_tokens, generator))
         if progress:
             progress(len(out), len(messages_list))
     return out

@@ -137,3 +137,16 @@ def job_state(status: dict[str, Any] | None, stale_after_s: float = 120.0, now: 
         if isinstance(pid, int) and host in (None, socket.gethostname()) and not pid_alive(pid, started):
             return "dead"
     return state
+
+
+INTERRUPTED = "interrupted"  # shown (never stored) for a "running" step whose process is gone
+
+
+def step_status(step: dict[str, Any]) -> str:
+    """The status a reader should show: a "running" step of a dead process (pid check) is "interrupted"."""
+    status = str(step.get("status", "pending"))
+    pid = step.get("pid")
+    if status == "running" and isinstance(pid, int) and step.get("host") in (None, socket.gethostname()):
+        if not pid_alive(pid, _parse_time(step.get("started"))):
+            return INTERRUPTED
+    return status

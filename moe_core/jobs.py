@@ -13,7 +13,8 @@ job, and the same job can be started from a terminal with the CLI.
     start_job(run, "analysis", ...)         # resume: the analysis skips finished batches
 
 ``start_job`` refuses to start a second live job of the same name in a run and returns the
-existing one instead. ``check_model_source`` validates a model choice (local dir / HF id) from
+existing one instead; while another job writes the run (``run_lock``) it raises ``JobLaunchError``
+saying which job holds it. ``check_model_source`` validates a model choice (local dir / HF id) from
 its config alone, so the page can show a clear error before anything is launched.
 """
 
@@ -164,13 +165,19 @@ def start_job(
     Returns the job's state right after launch (or the live job's state, unchanged). The
     process runs in its own session, so it outlives the Streamlit script run (and the server).
     """
+    from .run_lock import RunBusyError, check_free
+
     run = _as_run(run)
     argv = job_command(command, run, name, flags)
-    job = run.job(name)
     current = read_job(run, name)
     if current.active:
         log.info("job %s of run %s is already %s; not starting another", name, run.id, current.state)
         return current
+    try:
+        check_free(run.path)  # another job writes this run: say so now, not in a log after the launch
+    except RunBusyError as e:
+        raise JobLaunchError(str(e)) from None
+    job = run.job(name)
     try:
         job.queue(command=argv[3:], launcher_pid=os.getpid())
     except JobBusyError:  # another tab launched it a moment ago

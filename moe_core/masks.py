@@ -247,3 +247,21 @@ def load_batch_masks(path: str | Path) -> dict[int, ExpertMask]:
         b: ExpertMask.from_experts([(layer, e) for layer, es in ex.items() for e in es], f.num_layers, f.num_experts)
         for b, ex in sorted(f.batches.items())
     }
+
+
+def load_run_masks(run: Any, name: str, per_batch: bool) -> Any:
+    """A saved mask: per-batch masks ``{batch_idx: ExpertMask}`` or one global mask (union of per-batch ones)."""
+    import functools
+
+    path = run.path_for("mask", name=name)
+    if not path.exists():
+        have = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.exists() else []
+        raise MaskError(f"run {run.id} has no mask named {name!r} (masks: {have or 'none'}); "
+                        "run `python -m moe_core select` first")
+    if "batches" in _read_json_file(path):
+        masks = load_batch_masks(path)
+        return masks if per_batch else functools.reduce(ExpertMask.union, masks.values())
+    if per_batch:
+        raise MaskError(f"mask {name!r} is one global mask; --mask-mode per_batch needs a mask saved with "
+                        "`select --per-batch`")
+    return ExpertMask.load(path)

@@ -27,8 +27,10 @@ from typing import Any, Callable, Literal, Optional
 
 from .analysis import AnalysisConfig
 from .errors import MoELabError
+from .run_lock import step_outcome, writes_run
 from .runs import JobStopped, Run, RunError, default_runs_root
 from .selection import METHODS, SelectionConfig
+from .spec_checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SHARE, SpecError, check_free, check_names, check_range
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ Method = Literal["top_n", "threshold", "per_layer", "top_p", "random"]
 MaskMode = Literal["union", "per_batch"]
 Baseline = Literal["experts", "full", "random_experts"]
 Consistency = Literal["none", "forward", "reverse", "symmetric", "js"]
+Backend = Literal["hf", "vllm"]  # moe_core.backends.BACKENDS
 assert set(Method.__args__) == set(METHODS), "selection methods and the spec's choices drifted apart"
 
 
@@ -80,8 +83,16 @@ class AnalyseSpec:
     max_new_tokens: int = same_as(AnalysisConfig, "max_new_tokens", help="answer length per prompt")
     quality_filter: bool = same_as(AnalysisConfig, "quality_filter", help="keep a pair only if safe was refused and unsafe complied")
     judge: str = same_as(AnalysisConfig, "judge", help="refusal judge: keyword | http:<url>?model=<model> | hf:<dir>")
+    backend: Backend = opt("hf", "generation: hf (model.generate here) or vllm (a `vllm serve` process; `make vllm`)")
+    vllm_url: Optional[str] = opt(None, "with --backend vllm: use the server at this URL (.../v1) instead of starting one")
     name: Optional[str] = opt(None, "run name")
     top: int = opt(10, "how many top experts to print")
+
+    def __post_init__(self) -> None:
+        check_range(self, limit=AT_LEAST_1, batch_size=(lambda v: v >= 2, "a whole number >= 2 (safe and unsafe rows)"),
+                    safe_ratio=(lambda v: 0 < v < 1, "a share strictly between 0 and 1"),
+                    max_batches=(lambda v: v >= 1, ">= 1 (omit it to analyse every batch)"),
+                    max_new_tokens=AT_LEAST_1, top=NON_NEGATIVE, vllm_url=(lambda v: self.backend == "vllm", "given only with --backend vllm"))
 
     def analysis_config(self) -> AnalysisConfig:
         return AnalysisConfig(scope=self.scope, max_new_tokens=self.max_new_tokens,
@@ -104,6 +115,12 @@ class SelectSpec:
     per_batch: bool = opt(False, "one mask per analysis batch instead of one global mask")
     seed: int = opt(0, "seed of the random baseline")
     name: str = opt("unsafe_experts", "mask name in the run")
+    overwrite: bool = opt(False, "replace a mask of the same name (otherwise an existing name is refused)")
+
+    def __post_init__(self) -> None:
+        check_range(self, n=AT_LEAST_1, budget=(lambda v: 0 <= v <= 1, "a share in (0, 1] (0 = use --n)"),
+                    per_layer_k=AT_LEAST_1, top_p=SHARE, min_sign_consistency=(lambda v: 0 <= v <= 1, "in [0, 1]"))
+        check_names(self, "name")
 
     def selection_config(self, total_experts: int | None = None) -> SelectionConfig:
         """The library config; ``budget`` becomes ``n`` given the model's number of routed experts."""
@@ -135,6 +152,16 @@ class TrainSpec:
     seed: int = opt(0, "training seed (batch order, random baseline draw)")
     name: Optional[str] = opt(None, "name of this training in the run (default from mask/baseline)")
     model: Optional[str] = opt(None, "model to train (default: the run's model)")
+    checkpoint_every: int = opt(10, "save a resumable checkpoint every N steps (a killed training resumes from it)")
+    overwrite: bool = opt(False, "replace a finished training of the same name, or discard an unfinished one "
+                                 "with other settings (otherwise refused; an unfinished one with the same settings resumes)")
+
+    def __post_init__(self) -> None:
+        check_range(self, lr=POSITIVE, epochs=POSITIVE, weight_decay=NON_NEGATIVE,
+                    router_consistency_weight=NON_NEGATIVE, max_length=(lambda v: v >= 8, "a whole number >= 8"),
+                    checkpoint_every=AT_LEAST_1, mask_mode=(lambda v: v == "union" or self.baseline != "full",
+                                                            "union with --baseline full (it trains every parameter)"))
+        check_names(self, "mask", "name")
 
     def training_name(self) -> str:
         return self.name or (f"experts-{self.mask}" if self.baseline == "experts" else self.baseline)
@@ -152,6 +179,14 @@ class EvaluateSpec:
     shift: bool = opt(False, "also re-run the analysis on each trained model (routing shift)")
     name: str = opt("comparison", "name of this evaluation in the run")
     model: Optional[str] = opt(None, "base model (default: the run's model)")
+    overwrite: bool = opt(False, "replace an evaluation of the same name (otherwise an existing name is refused)")
+    backend: Backend = same_as(AnalyseSpec, "backend", help="generation of unsteered models: hf or vllm (steering: always hf)")
+    vllm_url: Optional[str] = same_as(AnalyseSpec, "vllm_url", help="with --backend vllm: a server of the base model")
+
+    def __post_init__(self) -> None:
+        check_range(self, eval_limit=AT_LEAST_1, templates_per_goal=(lambda v: v >= 0, "a whole number >= 0"),
+                    max_new_tokens=AT_LEAST_1, vllm_url=(lambda v: self.backend == "vllm", "given only with --backend vllm"))
+        check_names(self, "name", "steer_mask")
 
 
 @dataclass
@@ -175,16 +210,27 @@ class DemoSpec(AnalyseSpec):
     router_consistency_weight: float = same_as(TrainSpec, "router_consistency_weight")
     eval_limit: Optional[int] = same_as(EvaluateSpec, "eval_limit")
     skip_training: bool = opt(False, "stop after expert selection")
+    overwrite: bool = opt(False, "re-running the demo on a run (--run): replace its mask, trainings and evaluation")
+
+    def __post_init__(self) -> None:
+        """Every setting checked now, by the specs of the steps it feeds (each rule is written once)."""
+        super().__post_init__()
+        self.select_spec(), self.train_spec("experts"), self.evaluate_spec()
 
     def select_spec(self) -> SelectSpec:
         return SelectSpec(method=self.method, n=self.n, budget=self.budget, per_layer_k=self.per_layer_k,
-                          per_batch=self.per_batch, seed=self.seed, name=self.mask_name)
+                          per_batch=self.per_batch, seed=self.seed, name=self.mask_name, overwrite=self.overwrite)
 
     def train_spec(self, baseline: str) -> TrainSpec:
         return TrainSpec(mask=self.mask_name, mask_mode=self.mask_mode if baseline != "full" else "union",
                          baseline=baseline, lr=self.lr, epochs=self.epochs, weight_decay=self.weight_decay,
                          router_consistency=self.router_consistency,
-                         router_consistency_weight=self.router_consistency_weight, seed=self.seed)
+                         router_consistency_weight=self.router_consistency_weight, seed=self.seed,
+                         overwrite=self.overwrite)
+
+    def evaluate_spec(self) -> "EvaluateSpec":
+        return EvaluateSpec(steer_mask=self.mask_name, eval_limit=self.eval_limit, overwrite=self.overwrite,
+                            backend=self.backend, vllm_url=self.vllm_url)
 
 
 BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4)  # shares of all routed experts the study trains
@@ -211,6 +257,11 @@ class StudySpec:
     templates_per_goal: int = same_as(EvaluateSpec, "templates_per_goal")
     max_new_tokens: int = opt(16, "answer length in the evaluation (the judge reads how an answer opens)")
     name: str = opt("selection", "name of this study in the run")
+    backend: Backend = same_as(DemoSpec, "backend", help="generation in each seed's analysis: hf or vllm")
+    vllm_url: Optional[str] = same_as(DemoSpec, "vllm_url")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def effective(self) -> "StudySpec":
         """The spec with ``quick`` applied."""
@@ -222,10 +273,9 @@ class StudySpec:
     def validate(self) -> None:
         if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
             raise MoELabError(f"budgets must be shares in (0, 1]; got {self.budgets}")
-        if self.random_draws < 1 or not self.seeds:
-            raise MoELabError("random_draws must be >= 1 and seeds non-empty")
-        if self.epochs <= 0 or self.lr <= 0 or self.max_new_tokens < 1:
-            raise MoELabError("epochs, lr and max_new_tokens must be > 0")
+        check_range(self, seeds=(len, "at least one seed"), random_draws=AT_LEAST_1, lr=POSITIVE, epochs=POSITIVE,
+                    max_new_tokens=AT_LEAST_1, eval_limit=AT_LEAST_1, max_batches=AT_LEAST_1,
+                    templates_per_goal=NON_NEGATIVE)
 
 
 COMMANDS: dict[str, type] = {"analyze": AnalyseSpec, "select": SelectSpec, "train": TrainSpec,
@@ -330,24 +380,27 @@ def analysis_run(spec: AnalyseSpec, run: str | Path | Run | None = None,
                  runs_root: str | Path | None = None) -> tuple[Run, Any]:
     """Open the run to resume (its saved plan) or create one for ``spec`` with its plan -> (run, plan | None).
 
-    The plan is composed before the run is created, so a bad prompt file leaves no empty run.
+    The plan is composed before the run is created, so a bad prompt file leaves no empty run. A resume
+    with another model or other settings is refused before anything is written (``provenance``).
     """
+    from .batches import save_plan
+    from .provenance import check_resume, plan_source, record
+
     if run is not None:
         r = run if isinstance(run, Run) else open_run(run, runs_root)
-        plan = None if r.path_for("plan").exists() else compose(spec)
-        current = r.manifest.get("model")
-        if spec.model and current not in (None, spec.model):
-            if r.completed_batches():  # never mix two models' routing in one run
-                raise MoELabError(
-                    f"run {r.id} was analysed with model {current!r}, not {spec.model!r}; "
-                    "resume without --model or start a new run")
-            r.update(model=spec.model)
-        elif current is None:
-            r.update(model=spec.model or ORGANISM)
+        with r.writing("analysis"):
+            spec = check_resume(r, spec)
+            plan = None if r.path_for("plan").exists() else compose(spec)
+            if r.manifest.get("model") != (model := spec.model or r.manifest.get("model") or ORGANISM):
+                r.update(model=model)
+            if plan is not None:  # composed here from the spec (a plan saved by the app has no spec source)
+                record(r, plan_source=plan_source(spec))
         return r, plan
     plan = compose(spec)
     r = Run.create(Path(runs_root or default_runs_root()), name=spec.name, model=spec.model or ORGANISM,
-                   config={"batch_size": spec.batch_size, "safe_ratio": spec.safe_ratio, "seed": spec.seed})
+                   config={"batch_size": spec.batch_size, "safe_ratio": spec.safe_ratio, "seed": spec.seed},
+                   provenance={"plan_source": plan_source(spec)})
+    save_plan(r.path_for("plan"), plan)  # at once: a resume after a kill reads the user's plan, never a default
     return r, plan
 
 
@@ -356,18 +409,30 @@ def analyse(spec: AnalyseSpec, run: str | Path | Run | None = None, runs_root: s
             loaded: tuple[Any, Any] | None = None) -> Run:
     """Run (or resume) the analysis of ``spec``; returns the run holding its risk tables.
 
-    ``loaded``: the (model, tokenizer) of ``spec.model`` when the caller already holds them.
+    ``loaded``: the (model, tokenizer) of ``spec.model`` when the caller already holds them. A new run
+    that fails before its first batch is finished is removed again.
     """
     from .analysis import run_analysis
+    from .backends import open_backend
 
+    created = run is None
     if not isinstance(run, Run) or plan is None:
         run, plan = analysis_run(spec, run, runs_root)
-    model, tok = loaded or load_any_model(model_of(run), progress)
-    run_analysis(run, model, tok, plan, spec.analysis_config(), progress=progress, should_stop=should_stop)
+    try:
+        with run.writing("analysis"), step_outcome(run):
+            model, tok = loaded or load_any_model(model_of(run), progress)
+            with open_backend(spec.backend, model_dir(model_of(run)), spec.vllm_url) as generator:
+                run_analysis(run, model, tok, plan, spec.analysis_config(), progress=progress, should_stop=should_stop,
+                             generator=generator)
+    except Exception as e:
+        if created and not isinstance(e, JobStopped):
+            run.discard_if_empty()
+        raise
     return run
 
 
 # -- select ------------------------------------------------------------------------------------
+@writes_run("select")
 def select(spec: SelectSpec, run: Run) -> Any:
     """Choose experts from the run's risk table -> the saved ``ExpertMask`` (or per-batch masks)."""
     from .analysis import model_info_of
@@ -377,8 +442,11 @@ def select(spec: SelectSpec, run: Run) -> Any:
 
     if not run.path_for("risk_aggregated").exists():
         raise MoELabError(f"run {run.id} has no risk table yet; run `python -m moe_core analyze` first")
+    check_free(run.path_for("mask", name=spec.name), f"mask {spec.name!r}", spec.overwrite)
     info = model_info_of(run)
     nl, ne = info.get("num_layers"), info.get("num_experts")
+    if nl is None or ne is None:  # a manifest that lost its analysis step: refused, not a TypeError later
+        raise RunError(f"run {run.id} does not record its model's shape; resume its analysis to record it")
     cfg = spec.selection_config(len(info.get("moe_layers") or range(nl or 0)) * (ne or 0))
     if spec.per_batch:
         masks = select_per_batch(read_parquet(run.path_for("risk_per_batch")), cfg, nl, ne)
@@ -389,76 +457,17 @@ def select(spec: SelectSpec, run: Run) -> Any:
     return mask
 
 
-def load_masks(run: Run, name: str, per_batch: bool) -> Any:
-    """A saved mask: per-batch masks ``{batch_idx: ExpertMask}`` or one global mask (union of per-batch ones)."""
-    import json
-
-    from .masks import ExpertMask, load_batch_masks
-
-    path = run.path_for("mask", name=name)
-    if not path.exists():
-        have = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.exists() else []
-        raise MoELabError(f"run {run.id} has no mask named {name!r} (masks: {have or 'none'}); "
-                          "run `python -m moe_core select` first")
-    if "batches" in json.loads(path.read_text()):
-        masks = load_batch_masks(path)
-        return masks if per_batch else functools.reduce(ExpertMask.union, masks.values())
-    if per_batch:
-        raise MoELabError(f"mask {name!r} is one global mask; --mask-mode per_batch needs a mask saved with "
-                          "`select --per-batch`")
-    return ExpertMask.load(path)
-
-
 # -- train -------------------------------------------------------------------------------------
-def training_masks(spec: TrainSpec, run: Run, adapter: Any) -> Any:
-    """What the spec trains: the chosen mask(s), as many random experts drawn uniformly, or None (full)."""
-    from .selection import random_like
-
-    if spec.baseline == "full":
-        return None
-    masks = load_masks(run, spec.mask, spec.mask_mode == "per_batch")
-    if spec.baseline == "random_experts":  # as many experts, drawn uniformly over the MoE layers by selection
-        if isinstance(masks, dict):
-            return {b: random_like(m, [spec.seed, b], layers=adapter.moe_layers) if m.count() else m
-                    for b, m in masks.items()}
-        return random_like(masks, spec.seed, layers=adapter.moe_layers)
-    return masks
-
-
+@writes_run("train")
 def train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Any:
-    """Train what ``spec`` names on the run's analysis batches; the merged model lands in the run."""
-    from .analysis import load_batch_data_list
-    from .models import MoEAdapter
-    from .sft import create_batch_aware_dataset, create_batch_structured_dataset, save_structured_batches
-    from .training import train_model
+    """Train what ``spec`` names on the run's analysis batches into train/<name>/ (``moe_core.train_step``).
 
-    if spec.epochs <= 0 or spec.lr <= 0 or spec.weight_decay < 0:
-        raise MoELabError(f"epochs ({spec.epochs}) and lr ({spec.lr}) must be > 0 and weight_decay "
-                          f"({spec.weight_decay}) >= 0")
-    name = spec.training_name()
-    out = run.path_for("train", name=name)
-    model, tok = load_any_model(model_of(run, spec.model), progress)
-    masks = training_masks(spec, run, MoEAdapter.for_model(model))
-    batches = create_batch_structured_dataset(load_batch_data_list(run), seed=spec.seed)
-    save_structured_batches(batches, run.path_for("sft") / "batches")
-    dataset = create_batch_aware_dataset(batches, tok, max_length=spec.max_length)
-    run.set_step(f"train:{name}", "running", mask=spec.mask, baseline=spec.baseline, mask_mode=spec.mask_mode)
-    try:
-        result = train_model(
-            model, tok, dataset, masks, output_dir=out, progress=progress, baseline=spec.baseline, mask_mode=spec.mask_mode,
-            learning_rate=spec.lr, num_train_epochs=spec.epochs, weight_decay=spec.weight_decay, seed=spec.seed,
-            train_router=spec.train_router, router_consistency_loss=spec.router_consistency,
-            router_consistency_weight=spec.router_consistency_weight, monitor_batches=spec.monitor_batches,
-        )
-    except JobStopped:
-        run.set_step(f"train:{name}", "stopped")
-        raise
-    except BaseException as e:  # never leave a step "running" behind
-        run.set_step(f"train:{name}", "error", error=f"{type(e).__name__}: {e}")
-        raise
-    run.set_step(f"train:{name}", "done", merged=str(result.merged_path), report=result.report,
-                 train_loss=result.metrics.get("train_loss"))
-    return result
+    Checked before the model loads; built in a stage folder with checkpoints and committed whole, so a
+    failure never touches a previous training of that name; a killed attempt resumes when run again.
+    """
+    from .train_step import run_train
+
+    return run_train(spec, run, progress)
 
 
 # -- evaluate ----------------------------------------------------------------------------------
@@ -482,17 +491,17 @@ def eval_entries(spec: EvaluateSpec, run: Run) -> list:
     return entries
 
 
+@writes_run("evaluate")
 def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> Any:
     """Evaluate base vs trained (vs steered) models; saves responses and summary into the run -> table."""
-    from .evaluation import check_eval_name, compare_models, comparison_table, default_eval_sets, save_evaluation
+    from .evaluation import _eval_paths, compare_models, comparison_table, default_eval_sets, save_evaluation
 
-    if spec.max_new_tokens < 1 or (spec.eval_limit is not None and spec.eval_limit < 1):
-        raise MoELabError("max_new_tokens and eval_limit must be >= 1")
-    check_eval_name(spec.name)  # before the evaluation runs, not after
+    r_path, s_path, j_path = _eval_paths(run, spec.name)  # name, overwrite and steer mask: before the evaluation runs
+    check_free(j_path, f"evaluation {spec.name!r}", spec.overwrite, r_path, s_path)
     entries = eval_entries(spec, run)
     sets = default_eval_sets(split="heldout", limit=spec.eval_limit, templates_per_goal=spec.templates_per_goal or None)
     responses, summary = compare_models(entries, sets, judge=spec.judge, max_new_tokens=spec.max_new_tokens,
-                                        progress=progress)
+                                        progress=progress, backend=spec.backend, vllm_url=spec.vllm_url)
     save_evaluation(run, responses, summary, name=spec.name)
     run.set_step(f"evaluation:{spec.name}", "done", models=[e.name for e in entries])
     return comparison_table(summary)

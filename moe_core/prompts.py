@@ -112,6 +112,19 @@ def _format_for(name: str | None, fmt: str | None, data: bytes | None = None) ->
         f"cannot tell the format of {name or 'the input'}: pass format='csv'|'json'|'jsonl'|'parquet'")
 
 
+def _jsonl_rows(data: bytes, where: str) -> list:
+    """One JSON value per line; a broken line is named by its own number (not "line 1" of that line)."""
+    rows = []
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise PromptLoadError(f"{where}: line {n} is not valid JSON ({e.msg}, column {e.colno}); "
+                                      "fix or delete that line") from None
+    return rows
+
+
 def _frame_from_bytes(data: bytes, fmt: str, where: str):
     import pandas as pd
 
@@ -121,7 +134,7 @@ def _frame_from_bytes(data: bytes, fmt: str, where: str):
         if fmt == "parquet":
             return pd.read_parquet(io.BytesIO(data))
         if fmt == "jsonl":
-            rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+            rows = _jsonl_rows(data, where)
         else:
             rows = json.loads(data.decode("utf-8"))
             if isinstance(rows, dict):  # {"data": [...]}-style wrapper: one list inside

@@ -83,8 +83,9 @@ def reproduce_commands(run: Run) -> list[str]:
 
     out = []
     for j in jobs.list_jobs(run.path):
-        if j.argv:
-            out.append(" ".join(shlex.quote(a) for a in j.argv))
+        if j.argv:  # the interpreter's own path means nothing on the reader's machine
+            argv = ["python", *j.argv[1:]] if j.argv[1:3] == ["-m", "moe_core"] else j.argv
+            out.append(" ".join(shlex.quote(a) for a in argv))
     return out
 
 
@@ -129,19 +130,25 @@ def _experts_section(run: Run) -> tuple[str, str] | None:
 
 
 def _training_section(run: Run) -> tuple[str, str] | None:
-    trained = []
+    trained, curves = [], []
     for meta_path in sorted((run.path / "train").glob("*/training_metadata.json")) if (run.path / "train").is_dir() else []:
         meta = read_json(meta_path)
         rep = meta.get("report") or {}
         losses = [h["loss"] for h in meta.get("loss_history") or [] if "loss" in h]
+        curves.append((meta_path.parent.name, [h for h in meta.get("loss_history") or [] if "loss" in h]))
         trained.append({"training": meta_path.parent.name, "baseline": meta.get("baseline"),
                         "trained experts": "all" if meta.get("baseline") == "full" else rep.get("trained_experts"),
                         "steps": len(meta.get("batch_monitor") or []),
                         "final loss": losses[-1] if losses else None})
     if not trained:
         return None
+    # the loss of the chosen experts' training (the demo's baselines train after it), when it was logged
+    name, hist = min(curves, key=lambda c: (not c[0].startswith("experts"), c[0]))
+    fig = (_figure(charts.loss_curve(pd.DataFrame([{"step": h.get("step", i + 1), "loss": h["loss"]}
+                                                   for i, h in enumerate(hist)]), title=f"Training loss: {name}"), "loss")
+           if hist else "")
     return ("The training", "<p>Only the chosen experts' rows get gradients and optimizer state; the "
-            "baselines train as many random experts, or everything.</p>" + _table(pd.DataFrame(trained)))
+            "baselines train as many random experts, or everything.</p>" + fig + _table(pd.DataFrame(trained)))
 
 
 def _evaluation_section(run: Run) -> tuple[str, str] | None:

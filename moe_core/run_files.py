@@ -6,6 +6,7 @@ Everything here is also importable from ``moe_core.runs``.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,22 @@ class RunError(MoELabError, ValueError):
 
 class ArtifactMissingError(MoELabError, FileNotFoundError):
     """An artifact a step needs is not there yet (run the step that writes it); also a ``FileNotFoundError``."""
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def os_error_message(e: OSError) -> str | None:
+    """One line for a disk-full or permission error (what happened, where, what to do); None for others."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in _DISK_FULL:
+        return (f"the disk is full{where}: free some space (or point MOE_LAB_RUNS at a bigger disk) and run the same "
+                "command again; finished batches and steps are kept, nothing was half-written")
+    if e.errno in _NO_ACCESS:
+        return (f"no permission to write{where}: {e.strerror}; make the runs folder writable (or point MOE_LAB_RUNS "
+                "elsewhere) and run the same command again")
+    return None
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -53,7 +70,15 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> Any:
     try:
         return pd.read_parquet(path, engine="pyarrow", columns=columns)
     except (pa.ArrowException, OSError) as e:
-        raise RunError(f"{path} is not a readable Parquet file ({e}); delete it to let its step write it again") from e
+        raise RunError(f"{path} is not a readable Parquet file ({e}); {_repair_hint(path)}") from e
+
+
+def _repair_hint(path: Path) -> str:
+    """The one-line fix for a damaged artifact: the doctor of the run it lies in (or rewriting it)."""
+    run = next((p for p in path.parents if (p / "manifest.json").is_file()), None)
+    if run is None:
+        return "delete it to let its step write it again"
+    return f"`python -m moe_core doctor --run {run}` repairs or removes it (a resume then redoes what is missing)"
 
 
 def _now() -> str:

@@ -12,9 +12,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import describe_validation_error
+from .job_events import step_status
 from .run_files import RunError, _parse_time
 
 MANIFEST = "manifest.json"
@@ -58,6 +59,12 @@ class RunManifest(BaseModel):
     versions: dict[str, str | None] = Field(default_factory=dict)  # package -> version (package_versions)
     steps: dict[str, dict[str, Any]] = Field(default_factory=dict)  # step -> {"status", "updated", ...}
     notes: str = ""
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _no_steps(cls, v: Any) -> Any:
+        """``"steps": []`` or ``null`` (hand-edited, or written by other tools) means no step yet."""
+        return {} if v in ([], None) else v
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -109,7 +116,7 @@ def list_runs(root: str | Path | None = None) -> list[RunSummary]:
             continue
         try:
             m = _read_manifest(d)
-            steps = {k: str(v.get("status")) for k, v in (m.get("steps") or {}).items() if isinstance(v, dict)}
+            steps = {k: step_status(v) for k, v in (m.get("steps") or {}).items() if isinstance(v, dict)}
             s = RunSummary(str(m["id"]), d, m.get("name"), m.get("created"), m.get("updated"), m.get("model"), steps)
             t = _parse_time(s.created) or d.stat().st_mtime
         except (RunError, OSError) as e:

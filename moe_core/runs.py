@@ -60,7 +60,17 @@ from .atomic import (
     atomic_write_json,
     atomic_write_text,
 )
-from .job_events import EVENT_KINDS, PID_CLOCK_SLACK_S, JobEvents, job_state, latest_progress, pid_alive, read_events
+from .job_events import (
+    EVENT_KINDS,
+    INTERRUPTED,
+    PID_CLOCK_SLACK_S,
+    JobEvents,
+    job_state,
+    latest_progress,
+    pid_alive,
+    read_events,
+    step_status,
+)
 from .run_files import (
     ArtifactMissingError,
     RunError,
@@ -85,15 +95,17 @@ from .run_manifest import (
 
 __all__ = [
     "ARTIFACTS", "ArtifactMissingError", "EVENT_KINDS", "FORMAT_VERSION", "JOB_STATES", "Job", "JobBusyError",
-    "JobEvents", "JobStopped", "LOCK_TIMEOUT_S", "MANIFEST", "PID_CLOCK_SLACK_S", "RUN_FORMAT", "Run",
+    "INTERRUPTED", "JobEvents", "JobStopped", "LOCK_TIMEOUT_S", "MANIFEST", "PID_CLOCK_SLACK_S", "RUN_FORMAT", "Run",
     "RunError", "RunManifest", "RunSummary", "STEP_STATUSES", "atomic_dir", "atomic_write", "atomic_write_bytes",
     "atomic_write_json", "atomic_write_text", "default_runs_root", "job_state", "latest_progress", "list_runs",
-    "package_versions", "pid_alive", "read_events", "read_json", "read_parquet", "write_json", "write_parquet",
+    "package_versions", "pid_alive", "read_events", "read_json", "read_parquet", "step_status", "write_json",
+    "write_parquet",
 ]
 
 log = logging.getLogger(__name__)
 
-STEP_STATUSES = ("pending", "running", "done", "error", "stopped", "skipped")
+# "failed" (with the reason) is what a step records when it ends in an error; "error" is read from old runs
+STEP_STATUSES = ("pending", "running", "done", "failed", "error", "stopped", "skipped")
 JOB_STATES = ("queued", "running", "done", "error", "stopped")
 
 # kind -> path template inside a run; the single place artifact paths are spelled
@@ -186,13 +198,15 @@ class Run:
         model: str | None = None,
         seeds: dict[str, int] | None = None,
         notes: str = "",
+        provenance: dict[str, Any] | None = None,
     ) -> "Run":
         """New run folder ``<UTC time>-<slug of name>`` (``-2``, ``-3``... if taken).
 
-        ``seeds`` defaults to the config's top-level keys that contain "seed".
+        ``seeds`` defaults to the config's top-level keys that contain "seed"; ``provenance`` is what
+        the run is made from (``moe_core.provenance``), written with the first manifest.
         """
         config = dict(config or {})
-        _check_jsonable(config=config, seeds=seeds)
+        _check_jsonable(config=config, seeds=seeds, provenance=provenance)
         if seeds is None:
             seeds = {k: v for k, v in config.items() if "seed" in k.lower() and isinstance(v, int)}
         root = Path(root)
@@ -223,6 +237,7 @@ class Run:
                 "versions": package_versions(),
                 "steps": {},
                 "notes": notes,
+                **({"provenance": provenance} if provenance else {}),
             }, root / run_id / MANIFEST)
         except RunError:
             (root / run_id).rmdir()  # nothing was written into it yet
@@ -252,8 +267,8 @@ class Run:
         return m
 
     def update(self, **fields: Any) -> dict[str, Any]:
-        """Change name, model, config, seeds or notes."""
-        allowed = {"name", "model", "config", "seeds", "notes"}
+        """Change name, model, config, seeds, notes or provenance (see ``provenance.record``)."""
+        allowed = {"name", "model", "config", "seeds", "notes", "provenance"}
         bad = set(fields) - allowed
         if bad:
             raise RunError(f"cannot update {sorted(bad)} in the manifest; allowed: {sorted(allowed)}")
@@ -268,8 +283,8 @@ class Run:
         def change(m: dict[str, Any]) -> None:
             step = m.setdefault("steps", {}).setdefault(name, {})
             now = _now()
-            if status == "running":
-                step["started"] = now
+            if status == "running":  # pid + host: a reader can tell a live step from a killed one
+                step.update(started=now, pid=os.getpid(), host=socket.gethostname(), reason=None)
             step.update(info, status=status, updated=now)
 
         return self._update(change)
@@ -278,14 +293,60 @@ class Run:
         return self.manifest.get("steps", {}).get(name)
 
     def status(self) -> dict[str, str]:
-        """Status of every recorded step, e.g. ``{"analysis": "done", "train:experts-x": "running"}``."""
-        return {k: str(v.get("status", "pending")) for k, v in sorted(self.manifest.get("steps", {}).items())}
+        """Status of every recorded step, e.g. ``{"analysis": "done", "train:experts-x": "running"}``.
+
+        A "running" step whose process is gone (pid check) reads "interrupted": resume it.
+        """
+        return {k: step_status(v) for k, v in sorted(self.manifest.get("steps", {}).items())}
+
+    def discard_if_empty(self) -> None:
+        """Remove this run when nothing was finished in it (a new run whose first step failed)."""
+        import shutil
+
+        if not self.completed_batches() and not self.trainings(status=None):
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def writing(self, job: str) -> Any:
+        """Hold this run as its one writer while a block writes it (``run_lock.writing``)."""
+        from .run_lock import writing
+
+        return writing(self.path, job)
+
+    def resolve(self, stored: str | Path | None) -> Path | None:
+        """A path the manifest stores (relative to the run; old runs: absolute) as a path in THIS run.
+
+        An absolute path of an artifact (``.../train/x/merged``) written where the run lived before
+        it was moved or copied is mapped to the same artifact here, so a copy never uses the original's.
+        """
+        if stored in (None, ""):
+            return None
+        p = Path(stored)
+        if not p.is_absolute():
+            return self.path / p
+        parts = p.parts
+        for anchor in ("train", "eval", "masks", "study", "sft"):
+            if anchor in parts:
+                i = len(parts) - 1 - parts[::-1].index(anchor)
+                return self.path.joinpath(*parts[i:])
+        return p
+
+    def relative(self, path: str | Path) -> str:
+        """``path`` relative to the run when it lies inside it (what the manifest stores), else as given."""
+        p = Path(path)
+        try:
+            return p.resolve().relative_to(self.path.resolve()).as_posix()
+        except ValueError:
+            return str(p)
 
     def trainings(self, status: str | None = "done") -> dict[str, dict[str, Any]]:
         """Trainings of this run by name (``train:<name>`` steps), only those with ``status`` (None: all)."""
         steps = self.manifest.get("steps", {})
-        return {k.split(":", 1)[1]: dict(v) for k, v in sorted(steps.items())
-                if k.startswith("train:") and (status is None or v.get("status") == status)}
+        out = {k.split(":", 1)[1]: dict(v) for k, v in sorted(steps.items())
+               if k.startswith("train:") and (status is None or v.get("status") == status)}
+        for info in out.values():  # stored relative to the run: absolute paths where the run is now
+            if info.get("merged"):
+                info["merged"] = str(self.resolve(info["merged"]))
+        return out
 
     # -- artifacts ---------------------------------------------------------------------------
     def path_for(self, kind: str, batch_idx: int | None = None, name: str | None = None) -> Path:

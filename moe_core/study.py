@@ -54,7 +54,7 @@ class _Lab:
         model_name = spec.model or _organism(seed, progress)
         self.model, self.tok = P.load_any_model(model_name)  # once: the analysis and every arm use it
         analysis = P.AnalyseSpec(model=model_name, scope=spec.scope, max_batches=spec.max_batches, seed=seed,
-                                 name=f"seed-{seed}")
+                                 name=f"seed-{seed}", backend=spec.backend, vllm_url=spec.vllm_url)
         self.run = P.analyse(analysis, runs_root=root, progress=progress, loaded=(self.model, self.tok))
         self.risk = read_parquet(self.run.path_for("risk_aggregated"))
         self.adapter = MoEAdapter.for_model(self.model)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
 from torch import nn
 from transformers import TrainerCallback
 
@@ -249,7 +250,8 @@ def train_model(
         raise TrainingConfigError("baseline='random_experts' but the masks were not drawn at random: draw them with "
                                   "moe_core.selection.random_like (or use train_experts, which draws them)")
     fields = dict(output_dir=str(out / "checkpoints"), per_device_train_batch_size=_largest_batch(dataset),
-                  lr_scheduler_type="constant", save_strategy="no", logging_steps=1, report_to="none")
+                  lr_scheduler_type="constant", save_strategy="no", logging_steps=1, report_to="none",
+                  use_cpu=not torch.cuda.is_available())  # on CPU, `accelerate launch` ranks join over gloo
     config = as_config(None, ExpertMaskingConfig, **{**fields, **config_fields, "baseline": label})
     callbacks = [_ProgressCallback(progress)] if progress else None
     trainer = make_trainer(model, tokenizer, dataset, None if label == "full" else masks, config, callbacks=callbacks)
@@ -298,5 +300,18 @@ def _run(trainer: BatchPreservingTrainer, model: nn.Module, tokenizer: Any, out:
         atomic_write_text(out / "batch_monitor.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.batch_log))
     if progress:
         progress(trainer.state.global_step, trainer.state.global_step, "done")
-    return TrainingResult(out, meta_path or out / "training_metadata.json", delta, merged,
-                          dict(result.metrics), report)
+    metrics = dict(result.metrics)
+    if resume_from_checkpoint:  # the Trainer averages only this session's steps (0.0 when none were left)
+        metrics["train_loss"] = logged_loss(trainer.state.log_history)
+    return TrainingResult(out, meta_path or out / "training_metadata.json", delta, merged, metrics, report)
+
+
+def logged_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over every step logged so far (a resumed run included), from the loss log."""
+    total = steps = last = 0
+    for h in log_history:
+        if "loss" in h and "step" in h:
+            total += h["loss"] * (h["step"] - last)
+            steps += h["step"] - last
+            last = h["step"]
+    return total / steps if steps else None

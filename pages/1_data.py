@@ -280,7 +280,16 @@ with st.container(border=True):
             "label": st.column_config.TextColumn("label", width="small"),
         })
     with t2:
-        st.dataframe(overview, hide_index=True, width="stretch")
+        st.caption("Select a batch (the box at the start of its row) to see its prompts.")
+        picked = st.dataframe(overview, hide_index=True, width="stretch", key="overview_table", on_select="rerun",
+                              selection_mode="single-row")
+        rows_sel = [r for r in (picked.selection.rows if picked is not None else []) if r < len(overview)]
+        if rows_sel:  # (a selection kept from a longer plan composed before is ignored)
+            sel_b = int(overview.iloc[rows_sel[0]]["batch_idx"])
+            st.markdown(f"**Prompts of batch {sel_b}**")
+            st.dataframe(frame[frame["batch_idx"] == sel_b][["in_batch_idx", "label", "id", "text"]], hide_index=True,
+                         width="stretch", key="overview_batch", column_config={
+                             "text": st.column_config.TextColumn("text", width="large")})
 
 # -- 4. hand-pick ----------------------------------------------------------------------------------
 ids = frame["id"].tolist()

@@ -8,7 +8,7 @@ import streamlit as st
 
 from moe_core import jobs
 from moe_core.analysis import analysis_config_of
-from moe_core.pipeline import ORGANISM, AnalyseSpec, Scope
+from moe_core.pipeline import ORGANISM, AnalyseSpec, Backend, Scope
 
 JOB = "analysis"
 
@@ -41,18 +41,24 @@ with st.container(border=True):
     kinds = ["organism", "local", "hf"]
     current_kind = ("organism" if current_model in ("", ORGANISM) else
                     "local" if current_model.startswith(("/", ".", "~")) else "hf")
-    kind = c1.radio("Model", kinds, index=kinds.index(current_kind), key="an_model_kind", format_func={
-        "organism": "Model organism (built offline)", "local": "Local model folder", "hf": "Hugging Face id"}.get)
-    model = ORGANISM
-    if kind == "local":
-        model = c2.text_input("Model folder", value=current_model if current_model.startswith("/") else "",
-                              key="an_model_dir", placeholder="/models/OLMoE-1B-7B-0125-Instruct")
-    elif kind == "hf":
-        model = c2.text_input("Hugging Face id", value=current_model if current_kind == "hf" else "",
-                              key="an_model_id", placeholder="allenai/OLMoE-1B-7B-0125-Instruct")
+    if done and current_model:  # a resume runs on the model the batches were analysed with, whatever the widgets say
+        model = current_model
+        c1.markdown("**Model**")
+        c2.caption(f"`{current_model}`: fixed for this run (its finished batches were analysed with it). "
+                   "To analyse another model, create a new run in the sidebar.")
     else:
-        c2.caption("A small OLMoE-shaped MoE trained here to refuse harmful requests and comply with "
-                   "jailbreaks. Built on first use (a few minutes on CPU), then cached.")
+        kind = c1.radio("Model", kinds, index=kinds.index(current_kind), key="an_model_kind", format_func={
+            "organism": "Model organism (built offline)", "local": "Local model folder", "hf": "Hugging Face id"}.get)
+        model = ORGANISM
+        if kind == "local":
+            model = c2.text_input("Model folder", value=current_model if current_kind == "local" else "",
+                                  key="an_model_dir", placeholder="/models/OLMoE-1B-7B-0125-Instruct")
+        elif kind == "hf":
+            model = c2.text_input("Hugging Face id", value=current_model if current_kind == "hf" else "",
+                                  key="an_model_id", placeholder="allenai/OLMoE-1B-7B-0125-Instruct")
+        else:
+            c2.caption("A small OLMoE-shaped MoE trained here to refuse harmful requests and comply with "
+                       "jailbreaks. Built on first use (a few minutes on CPU), then cached.")
     c1, c2, c3, c4 = st.columns(4)
     start = previous or AnalyseSpec()  # a resume keeps the run's settings; a new analysis starts at the defaults
     scopes = list(Scope.__args__)
@@ -63,7 +69,14 @@ with st.container(border=True):
                           help="keyword (offline) | http:<url>?model=<model> | hf:<classifier dir>")
     qf = c4.checkbox("Quality filter", start.quality_filter, key="an_qf",
                      help="keep a pair only if its safe item was refused and its unsafe item complied (RASA)")
-    spec = AnalyseSpec(model=model.strip(), scope=scope, max_new_tokens=max_new, judge=judge.strip(), quality_filter=qf)
+    d, b1, b2 = AnalyseSpec(), *st.columns([1, 2])  # generation backend: the spec's defaults, never the page's
+    backend = b1.selectbox("Generation backend", list(Backend.__args__), index=list(Backend.__args__).index(d.backend),
+                           key="an_backend", help="hf: model.generate inside the job. vllm: a vLLM server from "
+                           "./.venv-vllm (create it with `make vllm`), started or shared by the job; same answers")
+    vllm_url = b2.text_input("vLLM server URL (optional)", d.vllm_url or "", key="an_vllm_url",
+                             disabled=backend != "vllm", placeholder="http://host:8000/v1 (empty: the job starts one)")
+    spec = AnalyseSpec(model=model.strip(), scope=scope, max_new_tokens=max_new, judge=judge.strip(), quality_filter=qf,
+                       backend=backend, vllm_url=(vllm_url.strip() or None) if backend == "vllm" else None)
     remaining = (len(plan) - len(done & set(plan.batch_indices))) if plan else 0
     label = "Resume analysis" if done and remaining else "Start analysis"
     if st.button(label, type="primary", icon=":material/play_arrow:", disabled=plan is None or info.active or (plan is not None and remaining == 0)):

@@ -41,8 +41,9 @@ view = st.segmented_control("View", ["batch", "aggregated", "consistency"], defa
                             key="hm_view", format_func={"batch": "Per batch", "aggregated": "Aggregated (mean)",
                                                         "consistency": "Sign consistency"}.get)
 if len(batch_ids) > 1:
-    if _asked["batch"] in {int(b) for b in batch_ids}:
-        st.session_state["hm_batch"] = _asked["batch"]
+    _wanted = _asked["batch"] if _asked["batch"] is not None else st.session_state.pop("hm_bar_batch", None)
+    if _wanted in {int(b) for b in batch_ids}:  # a link, or a click on a bar of the drill-down
+        st.session_state["hm_batch"] = _wanted
     batch = st.select_slider("Batch", options=[int(b) for b in batch_ids], key="hm_batch")
 else:
     batch = int(batch_ids[0])
@@ -77,7 +78,14 @@ if not row.empty:
     c3.markdown(f"mean risk diff **{r['risk_diff']:+.3f}** ± {r['risk_diff_std']:.3f} · sign consistency "
                 f"**{r['sign_consistency']:.2f}** over {int(r['n_batches'])} batches · rank "
                 f"{int(row.index[0]) + 1} of {len(agg)}")
-st.plotly_chart(charts.expert_across_batches(batch_ids, tensor[:, layer, expert], layer, expert), key="hm_bars")
+bars = st.plotly_chart(charts.expert_across_batches(batch_ids, tensor[:, layer, expert], layer, expert, current=batch),
+                       key="hm_bars", on_select="rerun", selection_mode="points", config=ui.PLOT_EXPORT)
+if len(batch_ids) > 1:
+    st.caption("Click a bar to see that batch's prompts and tokens below.")
+_bar = ui.clicked_point(bars, "hm_last_bar", ("x",))
+if _bar is not None and _bar[0] != batch and len(batch_ids) > 1:
+    st.session_state["hm_bar_batch"] = _bar[0]  # the batch slider above takes it on the rerun
+    st.rerun()
 
 # -- tokens routed to the expert in this batch ----------------------------------------------------
 st.markdown(f"**Tokens of batch {batch} routed to layer {layer}, expert {expert}** "

@@ -14,6 +14,7 @@ from moe_core import charts
 from moe_core.masks import ExpertMask, save_batch_masks
 from moe_core.risk import risk_matrix
 from moe_core.pipeline import SelectSpec
+from moe_core.spec_checks import check_free
 from moe_core.selection import METHODS, SelectionConfig, random_like, select_experts, select_per_batch
 
 
@@ -167,9 +168,16 @@ if mask is not None or batch_masks is not None:
         name = c1.text_input("Mask name", default, key=f"ex_name_{scope}_{method == 'random'}")
         also_random = c2.checkbox("Also save a random baseline of the same size", key="ex_also_random",
                                   disabled=mask is None or method == "random")
+        replace = False  # no silent overwrite: an existing mask is replaced only when the user ticks this
+        with ui.guard():
+            if run.path_for("mask", name=name.strip()).exists():
+                replace = st.checkbox(f"A mask named {name.strip()!r} exists: overwrite it?", key="ex_replace")
         if st.button("Save mask", type="primary", icon=":material/save:"):
             with ui.guard("Not saved: "):
                 path = run.path_for("mask", name=name.strip())
+                check_free(path, f"mask {name.strip()!r}", replace)
+                if mask is not None and also_random:
+                    check_free(run.path_for("mask", name=f"{name.strip()}_random"), "its random baseline", replace)
                 if mask is not None:
                     mask.save(path)
                     msg = f"Saved {mask.count()} experts as {path.name}"

@@ -11,6 +11,8 @@ import streamlit as st
 
 from moe_core import charts, jobs
 from moe_core.pipeline import TrainSpec
+from moe_core.spec_checks import check_free
+from moe_core.train_step import stage_of
 
 JOB = "train"
 BASELINES = {"experts": "chosen experts only", "full": "full fine-tuning (baseline)",
@@ -51,15 +53,23 @@ with st.container(border=True):
                       format_func=CONSISTENCY.get, key="tr_rc")
     rcw = float(c4.number_input("Consistency weight", 0.0, 100.0, d.router_consistency_weight, 0.05, key="tr_rcw",
                                 disabled=rc == "none"))
-    spec = TrainSpec(monitor_batches=True, mask=mask_name or d.mask, mask_mode=mask_mode, baseline=baseline, lr=lr, epochs=epochs,
-                     router_consistency=rc, router_consistency_weight=rcw)
-    if st.button("Start training", type="primary", icon=":material/play_arrow:", disabled=not mask_name or info.active):
+    spec = None
+    with ui.guard("Not ready: "):  # a combination the spec refuses (full fine-tuning + per-batch) is a message
+        spec = TrainSpec(monitor_batches=True, mask=mask_name or d.mask, mask_mode=mask_mode, baseline=baseline, lr=lr,
+                         epochs=epochs, router_consistency=rc, router_consistency_weight=rcw)
+    out = run.path_for("train", name=spec.training_name()) if spec else None
+    if out is not None and out.exists():  # no silent overwrite: replaced only when the user ticks this
+        spec.overwrite = st.checkbox(f"A training named {out.name!r} exists: overwrite it?", key="tr_replace")
+    elif out is not None and stage_of(out).exists():
+        st.info(f"An unfinished training {out.name!r} is in this run: starting it with the same settings resumes it "
+                "from its last checkpoint.", icon=":material/restart_alt:")
+    if st.button("Start training", type="primary", icon=":material/play_arrow:",
+                 disabled=not mask_name or info.active or spec is None):
         with ui.guard("Not started: "):
+            check_free(out, f"training {out.name!r}", spec.overwrite)
             if not run.path_for("plan").exists() or not run.completed_batches():
                 raise ValueError("this run has no analysed batches: training replays the analysis batches, "
                                  "so run the analysis first")
-            if baseline == "full" and mask_mode == "per_batch":
-                raise ValueError("full fine-tuning trains every parameter; per-batch masks do not apply: choose 'union'")
             jobs.start_step(run.path, JOB, spec)
             ui.flash(f"Training started with mask {mask_name} ({mask_mode}, {BASELINES[baseline]}).")
             st.rerun()

@@ -1,4 +1,5 @@
-"""Runs: every run with its settings, a side-by-side comparison, and tracing a training step to its batch."""
+"""Runs: every run with its settings, a health check (doctor), a side-by-side comparison, and tracing a
+training step to its batch. A damaged file is shown as a message naming it, never a crash."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from moe_core.analysis import analysis_config_of, model_info_of
+from moe_core.doctor import diagnose
 from moe_core.runs import Run, list_runs
 
 ui.setup("Runs")
@@ -24,7 +26,7 @@ if not runs:
 
 
 def _row(r) -> dict:
-    mark = {"done": "✓", "running": "…", "error": "✗", "stopped": "■"}
+    mark = {"done": "✓", "running": "…", "error": "✗", "failed": "✗", "stopped": "■", "interrupted": "⚠"}
     row = {"id": r.id, "name": r.name, "created": (r.created or "")[:19].replace("T", " "), "model": r.model,
            "steps": ", ".join(f"{k} {mark.get(v, v)}" for k, v in r.steps.items())}
     if r.error:
@@ -56,6 +58,34 @@ def _settings(run: Run) -> dict[str, str]:
     out["masks"] = ", ".join(ui.mask_names(run))
     return out
 
+
+# -- doctor -------------------------------------------------------------------------------------
+def _doctor(run: Run) -> None:
+    """List damaged or missing pieces of the open run; the button repairs what can be recomputed (seconds:
+    file checks and table recomputes, no model), holding the run's writer lease like any job."""
+    st.subheader("Check this run")
+    st.caption("Damaged or missing pieces (truncated routing, broken tables, temp files of killed writes, steps "
+               "of processes that are gone). Same as `python -m moe_core doctor --run RUN`.")
+    with ui.guard("The check failed: "):
+        found = diagnose(run)
+        if not found:
+            st.success(f"Run {run.id}: no problems found.", icon=":material/check_circle:")
+            return
+        st.dataframe(pd.DataFrame([{"piece": f.path, "problem": f.problem, "fix": f.fix} for f in found]),
+                     hide_index=True, width="stretch")
+        if st.button("Repair what can be recomputed", icon=":material/build:", key="doctor_repair"):
+            done = diagnose(run, repair=True)
+            left = [f for f in done if not f.repaired]
+            ui.flash(f"Repaired {len(done) - len(left)} piece(s)" + (f"; {len(left)} need the fix named in the table."
+                                                                      if left else "."))
+            st.rerun()
+
+
+ui.show_flash()
+_open = ui.current_run()
+if _open is not None:
+    with st.container(border=True):
+        _doctor(_open)
 
 # -- compare ------------------------------------------------------------------------------------
 if len(good) >= 2:
@@ -98,9 +128,13 @@ with st.container(border=True):
     steps = []
     train_root = run.path / "train"
     for out in sorted(train_root.iterdir()) if train_root.is_dir() else []:
-        meta = ui.read_json_cached(out / "training_metadata.json") if (out / "training_metadata.json").is_file() else None
-        for rec in (meta or {}).get("batch_monitor") or []:
-            steps.append({"training": out.name, **rec})
+        meta = None
+        with ui.guard(f"Training {out.name}: "):  # a damaged metadata file is named, the rest of the page works
+            meta = ui.read_json_cached(out / "training_metadata.json")
+        monitor = (meta or {}).get("batch_monitor") if isinstance(meta, dict) else None
+        for rec in monitor if isinstance(monitor, list) else []:
+            if isinstance(rec, dict) and {"step", "epoch", "batch_idx"} <= set(rec):
+                steps.append({"training": out.name, **rec})
     c1, c2 = st.columns(2)
     if steps:
         pick = c1.selectbox("Training step", range(len(steps)), key="tr_step", format_func=lambda i: (
@@ -116,14 +150,18 @@ with st.container(border=True):
     st.markdown(f"**Example** `{item.id}` ({item.label}), batch **{batch}**, position {example} "
                 f"(safe items 0-{len(b.safe) - 1}, unsafe {len(b.safe)}-{b.size - 1})")
     st.code(item.text, language="text", wrap_lines=True)
-    outputs = ui.read_json_cached(run.path_for("outputs", batch_idx=batch))
-    if outputs:
+    outputs = None
+    with ui.guard(f"Batch {batch}'s answers cannot be read (the check above repairs it): "):
+        outputs = ui.read_json_cached(run.path_for("outputs", batch_idx=batch))
+    if isinstance(outputs, dict) and isinstance(outputs.get("samples"), list):
         sample = next((s for s in outputs["samples"] if s["id"] == item.id), None)
         if sample:
             st.markdown(f"Answer during the analysis ({'refused' if sample['refusal'] else 'complied'}"
                         f"{'' if sample.get('kept', True) else ', filtered out'}):")
             st.code(sample["generated_text"] or "(empty)", language="text", wrap_lines=True)
-    risk = ui.read_table(run.path_for("risk", batch_idx=batch))
+    risk = None
+    with ui.guard(f"Batch {batch}'s risk table cannot be read (the check above repairs it): "):
+        risk = ui.read_table(run.path_for("risk", batch_idx=batch))
     if risk is None:
         st.info(f"Batch {batch} has not been analysed yet.")
     else:

@@ -540,6 +540,8 @@ def test_training_job_from_the_page_trains_and_reports(lab, runs_root):
     at.number_input(key="tr_epochs").set_value(1)
     at.selectbox(key="tr_rc").set_value("symmetric")
     at.run()
+    at.checkbox(key="tr_replace").check()  # the run already has this training: the page asks first (issue 13)
+    at.run()
     button(at, "Start training").click()
     at.run()
     no_exceptions(at)
@@ -875,6 +877,12 @@ def test_p4_heatmap_cells_are_clickable_and_links_open_an_expert(lab, monkeypatc
     clicks = plotly_specs(at)[0]["data"][-1]  # the click layer: one point per cell, on top
     assert clicks["type"] == "scatter" and len(clicks["x"]) == 2 * 8
     assert sorted(zip(clicks["y"], clicks["x"])) == [(l, e) for l in range(2) for e in range(8)]
+    # a click selects (Streamlit turns clickmode to "event" under a select/lasso dragmode: clicks then select
+    # nothing), and the per-batch bars below are clickable the same way (a bar picks the batch)
+    heat, bars = plotly_specs(at)[:2]
+    for layout in (heat["layout"], bars["layout"]):
+        assert layout["clickmode"] == "event+select" and layout.get("dragmode") not in ("select", "lasso")
+    assert all(len(el.proto.selection_mode) for el in at.get("plotly_chart")[:2])
     # a link from the Experts / Present page names the expert: the drill-down opens on it
     at = AppTest.from_file(APP, default_timeout=90)
     at.session_state["run_path"] = str(run.path)

@@ -493,3 +493,44 @@ def test_background_job_stops_on_request(tmp_path):
     last = job.events.read()[-1]
     assert last["kind"] == "stopped" and last["message"].startswith("stopped before batch")
     assert 3 <= latest_progress(job.events.read())["done"] < 10_000
+
+
+def test_writer_lease_nests_in_one_thread_and_refuses_another(tmp_path):
+    import threading
+
+    from moe_core.run_lock import LEASE, RunBusyError, holder
+
+    run = Run.create(tmp_path, name="lease")
+    with run.writing("outer"):
+        with run.writing("inner"):  # the demo: its steps take the run again
+            assert holder(run.path)["job"] == "outer"
+        assert (run.path / LEASE).exists()  # still held by the outer block
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(pytest.raises(RunBusyError, run.writing("x").__enter__)))
+        t.start()
+        t.join()
+        assert seen and "busy with job 'outer'" in str(seen[0].value)
+    assert not (run.path / LEASE).exists() and holder(run.path) is None
+
+
+def test_manifest_paths_are_relative_and_resolve_where_the_run_is(tmp_path):
+    run = Run.create(tmp_path / "a", name="paths")
+    inside = run.path / "train" / "x" / "merged_model"
+    assert run.relative(inside) == "train/x/merged_model"
+    assert run.relative("/models/base") == "/models/base"  # outside the run: kept as given
+    assert run.resolve("train/x/merged_model") == inside
+    assert run.resolve("/old/place/runs/r1/train/x/merged_model") == inside  # an older absolute path, moved run
+    assert run.resolve("/models/base") == Path("/models/base") and run.resolve(None) is None
+
+
+def test_ranks_of_one_distributed_launch_share_rank_0s_lease(tmp_path, monkeypatch):
+    from moe_core.run_lock import LEASE
+
+    run = Run.create(tmp_path, name="ranks")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with run.writing("train"):  # rank 1 takes nothing
+        assert not (run.path / LEASE).exists()
+    monkeypatch.setenv("RANK", "0")
+    with run.writing("train"):
+        assert json.loads((run.path / LEASE).read_text())["job"] == "train"

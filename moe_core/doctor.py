@@ -1,0 +1,328 @@
+"""Run doctor: find damaged or missing pieces of a run and repair what can be recomputed.
+
+Why: a kill, a full disk or a hand edit can leave a truncated routing file, a broken table or a
+stale temp file; readers then failed far from the cause, and deleting a file as advised could leave
+a run stuck. Every per-batch artifact is checked cheaply (safetensors header against the file size,
+Parquet footer and columns, JSON structure); ``diagnose(run, repair=True)`` (``python -m moe_core
+doctor --run R``, or the button on the Runs page) then:
+
+- removes a batch whose routing or outputs are damaged, so a resume redoes exactly that batch;
+- recomputes a batch's risk table from its routing and outputs, and the aggregated tables;
+- deletes stale ``.*.tmp`` leftovers and the lease of a dead writer; marks steps of dead processes failed;
+- writes a lost or damaged plan again from the recorded prompt files when it comes out identical;
+- names everything else (masks, trainings, evaluations) with its one-line fix.
+
+    for f in diagnose(run, repair=True): print(f.line())
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .job_events import INTERRUPTED, step_status
+from .risk import SEED_COLUMNS
+from .runs import ARTIFACTS, Run
+
+log = logging.getLogger(__name__)
+
+PER_BATCH = ("routing", "risk", "outputs")
+_TMP = re.compile(r"^\..+\.(tmp|old)$")  # atomic.py's temp files and folders
+_ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+@dataclass
+class Finding:
+    """One damaged or missing piece: where, what is wrong, the fix, and whether ``diagnose`` did it."""
+
+    path: str  # relative to the run
+    problem: str
+    fix: str
+    repaired: bool = False
+
+    def line(self) -> str:
+        return f"{'repaired' if self.repaired else 'PROBLEM '}  {self.path}: {self.problem} -> {self.fix}"
+
+
+# -- checks: None when the file is sound, else what is wrong ------------------------------------
+def check_safetensors(path: Path) -> str | None:
+    """Header readable, every tensor's byte range matches its shape, and the file is exactly that long."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                return "header length is implausible (not a safetensors file)"
+            header = json.loads(f.read(n))
+        size = path.stat().st_size
+        end = 0
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = t["data_offsets"]
+            want = int(np.prod(t["shape"], dtype=np.int64)) * _ST_SIZES[t["dtype"]]
+            if b - a != want:
+                return f"tensor {name} holds {b - a} bytes, its shape needs {want}"
+            end = max(end, b)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        return f"unreadable safetensors header ({type(e).__name__}: {e})"
+    if size != 8 + n + end:
+        return f"truncated or padded: {size} bytes, the header describes {8 + n + end}"
+    return None
+
+
+def check_parquet(path: Path, columns: list[str] | None = None) -> str | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as e:
+        return f"not a readable Parquet file ({e})"
+    missing = [c for c in columns or [] if c not in names]
+    return f"columns {missing} are missing" if missing else None
+
+
+def check_json(path: Path, validate: Callable[[Any], str | None] | None = None) -> str | None:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"not valid JSON ({e})"
+    return validate(d) if validate else None
+
+
+def _outputs_shape(batch_idx: int) -> Callable[[Any], str | None]:
+    def validate(d: Any) -> str | None:
+        if not isinstance(d, dict) or d.get("batch_idx") != batch_idx or not isinstance(d.get("samples"), list):
+            return f"not the outputs of batch {batch_idx} (needs batch_idx and a samples list)"
+        bad = [i for i, s in enumerate(d["samples"]) if not isinstance(s, dict) or not {"label", "kept"} <= set(s)]
+        return f"samples {bad[:5]} lack label/kept" if bad else None
+
+    return validate
+
+
+def batch_problems(run: Run, b: int) -> dict[str, str]:
+    """kind -> problem for batch ``b``'s routing, risk and outputs files (missing counts as a problem)."""
+    out = {}
+    for kind in PER_BATCH:
+        p = run.path_for(kind, batch_idx=b)
+        if not p.is_file():
+            out[kind] = "missing"
+        elif kind == "routing":
+            out[kind] = check_safetensors(p)
+        elif kind == "risk":
+            out[kind] = check_parquet(p, SEED_COLUMNS)
+        else:
+            out[kind] = check_json(p, _outputs_shape(b))
+    return {k: v for k, v in out.items() if v}
+
+
+def drop_batch(run: Run, b: int) -> None:
+    """Remove a batch's files (outputs first: it marks the batch done), so a resume redoes it."""
+    for kind in ("outputs", "risk", "routing"):
+        run.path_for(kind, batch_idx=b).unlink(missing_ok=True)
+
+
+def intact_batches(run: Run) -> set[int]:
+    """Finished batches whose three files are sound; damaged ones and stale temp files are removed.
+
+    Called by the analysis under the run's writer lease, so a resume redoes exactly the damaged batches.
+    """
+    done = set()
+    for kind in PER_BATCH:  # the analysis is the one writer of these folders: every temp file is stale
+        folder = run.path_for(kind, batch_idx=0).parent
+        for p in folder.glob(".*.tmp") if folder.is_dir() else ():
+            p.unlink(missing_ok=True)
+    for b in sorted(run.completed_batches()):
+        problems = batch_problems(run, b)
+        if problems:
+            log.warning("run %s: batch %d is damaged (%s); it will be analysed again", run.id, b, problems)
+            drop_batch(run, b)
+        else:
+            done.add(b)
+    return done
+
+
+def recompute_risk(run: Run, b: int) -> None:
+    """Batch ``b``'s risk table again from its routing file and outputs (same values as the analysis)."""
+    from .analysis import SCOPE_SPAN, analysis_config_of
+    from .risk import risk_table
+    from .routing import load_batch_routing
+    from .runs import read_json, write_parquet
+
+    cfg = analysis_config_of(run)
+    span = SCOPE_SPAN[cfg.scope if cfg else "generated"]
+    routing = load_batch_routing(run.path_for("routing", batch_idx=b))
+    outputs = read_json(run.path_for("outputs", batch_idx=b))
+    k = int(routing.meta.get("top_k") or routing[0].expert_ids.shape[-1])
+    n_moe = len(routing.moe_layers)
+
+    def cat(label: str) -> np.ndarray:
+        arrs = [routing[s["in_batch_idx"]].select(span)[0] for s in outputs["samples"] if s["kept"] and s["label"] == label]
+        return np.concatenate(arrs, axis=1) if arrs else np.zeros((n_moe, 0, k), dtype=np.int16)
+
+    table = risk_table(b, cat("safe"), cat("unsafe"), int(routing.meta["num_experts"]), layers=routing.moe_layers)
+    write_parquet(run.path_for("risk", batch_idx=b), table)
+
+
+# -- the whole run -----------------------------------------------------------------------------
+def _rel(run: Run, p: Path) -> str:
+    return p.relative_to(run.path).as_posix()
+
+
+def _batches(run: Run, repair: bool) -> list[Finding]:
+    """Every per-batch artifact; repairs: recompute risk, or remove the batch so a resume redoes it."""
+    found = []
+    batches = set()
+    for kind in PER_BATCH:
+        batches |= run.completed_batches(kind)
+    for b in sorted(batches):
+        problems = batch_problems(run, b)
+        if not problems:
+            continue
+        only_risk = set(problems) == {"risk"}
+        if problems.get("outputs") == "missing":  # killed mid-batch: outputs (written last) never came
+            problems = {"outputs": "missing: the batch was interrupted before it finished"}
+        for kind, problem in problems.items():
+            fix = ("recomputed from the batch's routing and outputs" if only_risk else
+                   f"batch {b} removed; resume the analysis (`python -m moe_core analyze --run {run.path}`) to redo it")
+            found.append(Finding(_rel(run, run.path_for(kind, batch_idx=b)), problem, fix))
+        if repair:
+            try:
+                recompute_risk(run, b) if only_risk else drop_batch(run, b)
+            except Exception as e:  # noqa: BLE001 - a failed recompute falls back to redoing the batch
+                log.warning("batch %d: recomputing its risk table failed (%s); removing the batch", b, e)
+                drop_batch(run, b)
+                for f in found[-len(problems):]:
+                    f.fix = f"batch {b} removed; resume the analysis to redo it"
+            for f in found[-len(problems):]:
+                f.repaired = True
+    return found
+
+
+def _tables(run: Run, repair: bool, batches_changed: bool) -> list[Finding]:
+    from .risk import AGG_SEED_COLUMNS
+
+    found = []
+    if not run.completed_batches():
+        return found
+    for kind, cols in (("risk_per_batch", SEED_COLUMNS), ("risk_aggregated", AGG_SEED_COLUMNS)):
+        p = run.path_for(kind)
+        problem = "missing" if not p.is_file() else check_parquet(p, cols)
+        if problem or batches_changed:
+            found.append(Finding(_rel(run, p), problem or "out of date (batches were repaired)",
+                                 "recomputed from the per-batch risk tables"))
+    if found and repair:
+        from .analysis import finalize_analysis
+
+        finalize_analysis(run)
+        for f in found:
+            f.repaired = True
+    return found
+
+
+def _files(run: Run) -> list[Finding]:
+    """Plan, masks, training metadata and evaluations: named with their fix (not recomputable here)."""
+    from .masks import ExpertMask, load_batch_masks
+
+    found = []
+    plan = run.path_for("plan")
+    if plan.is_file() and (problem := check_json(plan, lambda d: None if isinstance(d, dict) and "batches" in d
+                                                 else "not a batch plan (no batches)")):
+        found.append(Finding("plan.json", problem, "restore it from a copy, or start a new run from the same prompts"))
+    elif not plan.is_file() and run.completed_batches():
+        found.append(Finding("plan.json", "missing while batches were analysed", "restore it, or start a new run"))
+    for p in sorted((run.path / "masks").glob("*.json")):
+        try:
+            is_batches = "batches" in json.loads(p.read_text(encoding="utf-8"))
+            load_batch_masks(p) if is_batches else ExpertMask.load(p)
+        except Exception as e:  # noqa: BLE001 - any failure to load is the finding
+            found.append(Finding(_rel(run, p), str(e).splitlines()[0][:200],
+                                 f"delete it and run `python -m moe_core select --run {run.path} --name {p.stem}`"))
+    for p in sorted([*run.path.glob("train/*/*.json"), *run.path.glob("eval/**/*.json")]):
+        if problem := check_json(p):
+            found.append(Finding(_rel(run, p), problem, "delete it and run that training or evaluation again"))
+    for p in sorted(run.path.glob("eval/**/*.parquet")):
+        if problem := check_parquet(p):
+            found.append(Finding(_rel(run, p), problem, "delete it and run the evaluation again"))
+    for name, info in run.trainings().items():
+        merged = Path(info.get("merged") or "")
+        if info.get("merged") and not (merged / "config.json").is_file():
+            found.append(Finding(f"train/{name}", f"the trained model {merged} is missing",
+                                 f"run `python -m moe_core train --run {run.path} --name {name}` again"))
+    return found
+
+
+def _recompose_plan(run: Run) -> bool:
+    """Write the plan again from the prompt files and settings the run recorded, if it comes out identical
+    to the one its batches were analysed with (same fingerprint); False when that cannot be shown."""
+    from .batches import save_plan
+    from .pipeline import AnalyseSpec, compose
+    from .provenance import plan_fingerprint, recorded
+
+    prov = recorded(run)
+    if not prov.get("plan_source") or not prov.get("plan_fingerprint"):
+        return False
+    try:
+        plan = compose(AnalyseSpec(**prov["plan_source"]))
+    except Exception as e:  # noqa: BLE001 - the prompt files moved or changed: the finding stays, with its fix
+        log.warning("run %s: cannot recompose the plan: %s", run.id, e)
+        return False
+    if plan_fingerprint(plan) != prov["plan_fingerprint"]:
+        return False
+    save_plan(run.path_for("plan"), plan)
+    return True
+
+
+def _leftovers(run: Run, repair: bool) -> list[Finding]:
+    """Stale temp files, a dead writer's lease and steps a dead process left "running"."""
+    from .run_lock import LEASE, holder
+
+    found = []
+    for p in sorted(run.path.rglob(".*")):
+        if _TMP.match(p.name):
+            found.append(Finding(_rel(run, p), "left over by an interrupted write", "deleted", repair))
+            if repair:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    lease = run.path / LEASE
+    if lease.is_file() and holder(run.path) is None:
+        found.append(Finding(LEASE, "lease of a writer that is gone", "deleted", repair))
+        if repair:
+            lease.unlink(missing_ok=True)
+    for name, step in run.manifest.get("steps", {}).items():
+        if step_status(step) == INTERRUPTED:
+            found.append(Finding(f"manifest.json steps.{name}", "'running', but its process is gone",
+                                 "recorded as failed; run the step again (it resumes where it can)", repair))
+            if repair:
+                run.set_step(name, "failed", reason="interrupted: the process ended without reporting")
+    return found
+
+
+def diagnose(run: Run, repair: bool = False) -> list[Finding]:
+    """Every damaged or missing piece of ``run``; with ``repair`` the recomputable ones are fixed.
+
+    Repairs hold the run's writer lease, so they never race a running job (``RunBusyError`` then).
+    """
+    if not repair:
+        return _leftovers(run, False) + _batches(run, False) + _tables(run, False, False) + _files(run)
+    with run.writing("doctor"):
+        run._update(lambda m: None)  # rewrites a manifest the reader normalised (e.g. "steps": [])
+        found = _leftovers(run, True)
+        batches = _batches(run, True)
+        files = _files(run)
+        for f in files:
+            if f.path == "plan.json" and _recompose_plan(run):
+                f.repaired, f.fix = True, "written again from the run's recorded prompt files (identical fingerprint)"
+        found += batches + _tables(run, True, bool(batches)) + files
+    return found
+
+
+assert set(PER_BATCH) <= set(ARTIFACTS)

@@ -1,0 +1,171 @@
+"""Provenance: what a run was made from, recorded once and checked before anything is written again.
+
+Why: resuming a run with another model (or other settings, or after a kill before ``plan.json``
+existed) silently mixed two experiments in one folder. The run's manifest records, under
+``provenance``, the model (name + a fingerprint of its weights), the tokenizer (fingerprint) and
+where the batch plan came from (prompt files and batch settings); a resume or a later step whose
+model, tokenizer or settings differ is refused with ``ProvenanceError`` naming each difference and
+how to start a new run instead. Fingerprints are sha256 over every tensor's name, shape, dtype and a
+fixed sample of its values: a same-shaped model with other weights differs; cost is milliseconds.
+
+    check_resume(run, spec)                       # before analysis_run touches the run
+    check_model(run, model, tokenizer)            # before the first byte of a batch is written
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .errors import MoELabError
+
+# AnalyseSpec fields that decide the batch plan (its prompts and batches)
+PLAN_FIELDS = ("safe", "unsafe", "safe_column", "unsafe_column", "pair_by_row", "demo_sets", "demo_mode",
+               "limit", "batch_size", "safe_ratio", "seed", "max_batches")
+_SAMPLES = 64  # values hashed per tensor, evenly spaced
+
+
+class ProvenanceError(MoELabError, ValueError):
+    """A resume or step would mix this run with another model, tokenizer or settings."""
+
+
+def model_fingerprint(model: Any) -> str:
+    """sha256 of every tensor's name, shape, dtype and ``_SAMPLES`` evenly spaced values (16 hex digits)."""
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            if t.device.type == "meta" or t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES, flat.numel())).long().to(flat.device)
+            h.update(flat[idx].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the vocabulary, special tokens and chat template (16 hex digits)."""
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    parts = [vocab, getattr(tokenizer, "chat_template", None), sorted(map(str, tokenizer.all_special_tokens)),
+             getattr(tokenizer, "padding_side", None)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def plan_source(spec: Any) -> dict[str, Any]:
+    """The spec's plan-deciding settings; prompt files as absolute paths (a cwd change keeps them)."""
+    out = {k: getattr(spec, k) for k in PLAN_FIELDS}
+    for k in ("safe", "unsafe"):
+        if out[k] and Path(out[k]).expanduser().exists():
+            out[k] = str(Path(out[k]).expanduser().resolve())
+    return out
+
+
+def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``["scope: 'prompt' (run) vs 'generated' (now)", ...]`` for every key whose value differs."""
+    return [f"{k}: {recorded.get(k)!r} (run) vs {now.get(k)!r} (now)"
+            for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
+
+
+def _new_run_hint(run: Any) -> str:
+    return (f"to analyse with these settings start a new run (the same command without --run), or resume "
+            f"run {run.id} with its own settings (`python -m moe_core analyze --run {run.path}` plus the flags "
+            "shown in its manifest)")
+
+
+def recorded(run: Any) -> dict[str, Any]:
+    return dict(run.manifest.get("provenance") or {})
+
+
+def check_resume(run: Any, spec: Any) -> Any:
+    """Refuse a resume of ``run`` with another model or settings; returns the spec to resume with.
+
+    Writes nothing. When the plan was never saved (killed before it), the recorded plan source is
+    used, so the resume analyses the user's own prompt files, not the demo set.
+    """
+    import dataclasses
+
+    from .analysis import analysis_config_of
+
+    prov = recorded(run)
+    started = bool(run.completed_batches()) or bool(prov.get("model_fingerprint"))
+    current = run.manifest.get("model")
+    if spec.model and current and spec.model != current and started:
+        raise ProvenanceError(f"run {run.id} was analysed with model {current!r}, not {spec.model!r}: resuming "
+                              f"would mix two models' routing; {_new_run_hint(run)}")
+    previous = analysis_config_of(run)
+    if previous is not None and run.completed_batches():
+        diff = differences(asdict(previous), asdict(spec.analysis_config()))
+        if diff:
+            raise ProvenanceError(f"run {run.id} was analysed with other settings ({'; '.join(diff)}); resuming "
+                                  f"would mix results; {_new_run_hint(run)}")
+    source = prov.get("plan_source")
+    if not source:
+        return spec
+    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
+    given = {k: v for k, v in plan_source(spec).items() if v != defaults.get(k)}  # what the user typed
+    diff = differences({k: source.get(k) for k in given}, given)
+    if diff:
+        raise ProvenanceError(f"run {run.id} was started from other prompts or batch settings "
+                              f"({'; '.join(diff)}); {_new_run_hint(run)}")
+    if not run.path_for("plan").exists():  # killed before the plan was saved: recompose the user's own
+        spec = dataclasses.replace(spec, **{k: v for k, v in source.items() if k in PLAN_FIELDS})
+    return spec
+
+
+def check_model(run: Any, model: Any, tokenizer: Any, what: str = "analysed") -> dict[str, str]:
+    """Refuse a model or tokenizer other than the one the run recorded; returns the fingerprints now.
+
+    A run with no recorded fingerprint yet (new, or made by an older version) accepts any model.
+    """
+    now = {"model_fingerprint": model_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    prov = recorded(run)
+    diff = [f"{k.split('_')[0]} {prov[k]} (run) vs {v} (now)" for k, v in now.items() if prov.get(k) not in (None, v)]
+    if diff:
+        raise ProvenanceError(
+            f"run {run.id} was {what} with another {' and '.join(d.split()[0] for d in diff)} "
+            f"(fingerprint {'; '.join(diff)}): the model {run.manifest.get('model')!r} changed since, or another "
+            "one was given; its results would be mixed with the run's. Start a new run for this model, or restore "
+            "the model the run was made with")
+    return now
+
+
+def record(run: Any, replace: bool = False, **fields: Any) -> None:
+    """Add ``fields`` to the run's provenance; values already recorded are kept unless ``replace``
+    (allowed while no batch is finished: nothing yet depends on them)."""
+    prov = recorded(run)
+    new = {k: v for k, v in fields.items() if (replace or prov.get(k) is None) and v is not None and prov.get(k) != v}
+    if new:
+        run.update(provenance={**prov, **new})
+
+
+def check_step_model(run: Any, model: str | None) -> None:
+    """A later step (train, evaluate) given ``--model`` other than the run's analysed model is refused:
+    the masks and batches of the run came from that model."""
+    current = run.manifest.get("model")
+    if model and current and model != current and (recorded(run).get("model_fingerprint") or run.completed_batches()):
+        raise ProvenanceError(f"run {run.id} was analysed with model {current!r}; --model {model!r} would mix that "
+                              f"model's experts and batches with another model. Omit --model, or analyse {model!r} "
+                              "in a new run (`python -m moe_core analyze --model ...` without --run)")
+
+
+def plan_fingerprint(plan: Any) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(plan.to_json_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_plan(run: Any, plan: Any) -> str:
+    """Refuse a plan other than the one the run's finished batches came from (e.g. re-saved on the Data page)."""
+    now = plan_fingerprint(plan)
+    before = recorded(run).get("plan_fingerprint")
+    if before not in (None, now) and run.completed_batches():
+        raise ProvenanceError(f"run {run.id}'s batch plan changed after batches were analysed with the earlier one "
+                              f"(fingerprint {before} then, {now} now); analyse the new plan in a new run, or restore "
+                              "the earlier plan.json")
+    return now

@@ -1,0 +1,504 @@
+"""Runs you can trust (issue 13, the run store): kills, two writers, a full disk, damaged files, moved runs.
+
+Every case asserts a clear one-line error or an exact resume with nothing lost. Tiny random OLMoEs
+(tests/tiny.py) saved as local model folders stand in for the organism; the only subprocesses are a
+CLI analysis killed at random points and a lease holder (a few seconds each).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moe_core import pipeline as P
+from moe_core.cli import main
+from moe_core.doctor import diagnose
+from moe_core.jobs import JobLaunchError, start_step
+from moe_core.provenance import ProvenanceError
+from moe_core.run_lock import LEASE, RunBusyError, holder
+from moe_core.routing import load_batch_routing
+from moe_core.runs import JobStopped, Run, list_runs, read_parquet
+from tests.test_analysis import _items
+from tests.tiny import tiny_model, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+N_SAFE = N_UNSAFE = 12  # batches of 4: 6 batches
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+def _save(path: Path, seed: int, **overrides) -> Path:
+    tiny_model("olmoe", seed=seed, **overrides).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Three local model folders: the run's model, a same-shaped other one, another shape."""
+    d = tmp_path_factory.mktemp("models")
+    return {"a": _save(d / "a", 1), "same_shape": _save(d / "b", 2), "other_shape": _save(d / "c", 3, num_experts=4)}
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("prompts")
+    safe, unsafe = d / "safe.csv", d / "unsafe.csv"
+    pd.DataFrame({"prompt": [i.text for i in _items("safe", N_SAFE)]}).to_csv(safe, index=False)
+    pd.DataFrame({"prompt": [i.text for i in _items("unsafe", N_UNSAFE)]}).to_csv(unsafe, index=False)
+    return safe, unsafe
+
+
+def _argv(root: Path, model: Path, prompts: tuple[Path, Path], *extra: str) -> list[str]:
+    return ["--runs-root", str(root), "analyze", "--model", str(model), "--safe", str(prompts[0]),
+            "--unsafe", str(prompts[1]), "--batch-size", "4", "--scope", "generated", "--max-new-tokens", "8",
+            "--name", "faults", *extra]
+
+
+def _only_run(root: Path) -> Path:
+    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def snapshot(run_dir: Path) -> dict[str, str]:
+    """Every file of a run (name -> sha256), so a refused command can be shown to have written nothing."""
+    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+def error_line(capsys) -> str:
+    """The one ``error:`` line a refused command printed (progress bars aside), and no traceback."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def tables(run_dir: Path) -> pd.DataFrame:
+    df = read_parquet(run_dir / "risk" / "per_batch.parquet")
+    return df.sort_values(["batch_idx", "layer", "expert"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, models, prompts) -> Path:
+    """An uninterrupted analysis through the CLI: what every resume must reproduce exactly."""
+    root = tmp_path_factory.mktemp("reference")
+    assert main(_argv(root, models["a"], prompts)) == 0
+    return _only_run(root)
+
+
+def _partial(tmp_path: Path, models, prompts, batches: int = 2) -> Path:
+    """A run stopped after its first ``batches`` batches (the rest still to do), as the Stop button leaves it."""
+    done = [0]
+
+    def progress(n: int, total: int, message: str = "") -> None:
+        done[0] = n
+
+    spec = P.AnalyseSpec(model=str(models["a"]), safe=str(prompts[0]), unsafe=str(prompts[1]), batch_size=4,
+                         max_new_tokens=8, name="faults")
+    with pytest.raises(JobStopped):
+        P.analyse(spec, runs_root=tmp_path / "runs", progress=progress, should_stop=lambda: done[0] >= batches)
+    run_dir = _only_run(tmp_path / "runs")
+    assert Run.open(run_dir).completed_batches() == set(range(batches))
+    return run_dir
+
+
+# -- 1. provenance: another model or other settings are refused before a byte is written --------
+@pytest.mark.parametrize("other", ["same_shape", "other_shape"])
+def test_resume_with_another_model_is_refused_and_writes_nothing(tmp_path, models, prompts, capsys, other):
+    run_dir = _partial(tmp_path, models, prompts)
+    before = snapshot(run_dir)
+    rc = main(["--runs-root", str(tmp_path / "runs"), "analyze", "--run", str(run_dir), "--model", str(models[other])])
+    err = error_line(capsys)
+    assert rc == 2 and err.startswith("error: run ")
+    assert "mix two models" in err and "start a new run" in err
+    assert snapshot(run_dir) == before  # the manifest's model was not rewritten either
+
+
+def test_later_steps_with_another_model_are_refused(tmp_path, models, prompts, capsys):
+    run_dir = _partial(tmp_path, models, prompts)
+    before = snapshot(run_dir)
+    for step in ("train", "evaluate"):
+        assert main([step, "--run", str(run_dir), "--model", str(models["same_shape"])]) == 2
+        assert "would mix that model's experts" in error_line(capsys)
+    assert snapshot(run_dir) == before
+
+
+def test_same_named_model_with_other_weights_is_refused_by_fingerprint(tmp_path, models, prompts):
+    run_dir = _partial(tmp_path, models, prompts)
+    model_dir = Path(json.loads((run_dir / "manifest.json").read_text())["model"])
+    assert model_dir == models["a"]
+    swapped = tmp_path / "swapped"
+    _save(swapped, seed=7)
+    run = Run.open(run_dir)
+    before = snapshot(run_dir)
+    with pytest.raises(ProvenanceError, match="fingerprint"):
+        P.analyse(P.AnalyseSpec(scope="generated", max_new_tokens=8), run, loaded=P.load_any_model(str(swapped)))
+    assert snapshot(run_dir) == before
+
+
+def test_resume_with_other_settings_is_refused_before_the_manifest_changes(tmp_path, models, prompts, capsys):
+    run_dir = _partial(tmp_path, models, prompts)
+    before = snapshot(run_dir)
+    rc = main(["analyze", "--run", str(run_dir), "--scope", "prompt"])
+    err = error_line(capsys)
+    assert rc == 2 and "scope: 'generated' (run) vs 'prompt' (now)" in err and "new run" in err
+    rc = main(["analyze", "--run", str(run_dir), "--scope", "generated", "--max-new-tokens", "8", "--batch-size", "6"])
+    assert rc == 2 and "batch_size: 4 (run) vs 6 (now)" in error_line(capsys)
+    assert snapshot(run_dir) == before
+
+
+def test_a_plan_changed_after_analysis_is_refused(tmp_path, models, prompts, capsys):
+    run_dir = _partial(tmp_path, models, prompts)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    plan["batches"] = plan["batches"][::-1]  # e.g. re-saved on the Data page
+    (run_dir / "plan.json").write_text(json.dumps(plan))
+    before = snapshot(run_dir)
+    assert main(["analyze", "--run", str(run_dir), "--max-new-tokens", "8"]) == 2
+    assert "batch plan changed" in error_line(capsys)
+    assert snapshot(run_dir) == before
+
+
+def test_a_kill_before_the_plan_resumes_with_the_users_files(tmp_path, models, prompts, reference):
+    root = tmp_path / "runs"
+    spec = P.AnalyseSpec(model=str(models["a"]), safe=str(prompts[0]), unsafe=str(prompts[1]), batch_size=4,
+                         max_new_tokens=8, name="faults")
+    run, _ = P.analysis_run(spec, None, root)
+    run.path_for("plan").unlink()  # as if killed between the manifest and the plan
+    rc = main(["--runs-root", str(root), "analyze", "--run", str(run.path), "--max-new-tokens", "8"])
+    assert rc == 0
+    plan = json.loads(run.path_for("plan").read_text())
+    assert plan["batch_size"] == 4 and len(plan["batches"]) == 6
+    assert plan["batches"] == json.loads((reference / "plan.json").read_text())["batches"]  # the user's prompts
+    pd.testing.assert_frame_equal(tables(run.path), tables(reference))
+
+
+# -- 2. one writer per run -----------------------------------------------------------------------
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from moe_core.run_lock import writing
+    with writing(sys.argv[1], sys.argv[2]):
+        print("held", flush=True)
+        time.sleep(120)
+""")
+
+
+def _hold(run_dir: Path, job: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), job], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lease_is_taken_over(tmp_path, models, prompts, capsys):
+    run_dir = _partial(tmp_path, models, prompts)
+    proc = _hold(run_dir, "analysis")
+    try:
+        before = snapshot(run_dir)
+        for argv in (["analyze", "--run", str(run_dir)], ["select", "--run", str(run_dir), "--n", "3"],
+                     ["train", "--run", str(run_dir), "--job", "analysis"], ["doctor", "--run", str(run_dir)]):
+            assert main(argv) == 2, argv
+            err = error_line(capsys)
+            assert f"is busy with job 'analysis' (pid {proc.pid}" in err and "started " in err, err
+        with pytest.raises(RunBusyError, match=f"pid {proc.pid}"):
+            P.select(P.SelectSpec(n=3), Run.open(run_dir))
+        with pytest.raises(JobLaunchError, match="busy with job 'analysis'"):  # the app's launch
+            start_step(run_dir, "select", P.SelectSpec(n=3))
+        assert snapshot(run_dir) == before  # no job status, no mask: nothing written by the refused ones
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (run_dir / LEASE).exists() and holder(run_dir) is None  # stale: its process is gone
+    assert main(["doctor", "--run", str(run_dir)]) == 0  # taken over; the stopped run's tables are computed
+    assert main(["select", "--run", str(run_dir), "--n", "3"]) == 0
+    assert not (run_dir / LEASE).exists()
+
+
+def test_a_second_job_of_the_same_name_does_not_touch_the_first(tmp_path, models, prompts, capsys):
+    run_dir = _partial(tmp_path, models, prompts)
+    proc = _hold(run_dir, "train-x")
+    try:
+        status = run_dir / "jobs" / "train-x" / "status.json"
+        status.parent.mkdir(parents=True)
+        status.write_text('{"state": "running"}')
+        assert main(["train", "--run", str(run_dir), "--job", "train-x"]) == 2
+        assert "busy with job 'train-x'" in error_line(capsys)
+        assert status.read_text() == '{"state": "running"}'
+        assert main(["select", "--run", str(run_dir), "--job", "select"]) == 2  # another name: its refusal is recorded
+        st = json.loads((run_dir / "jobs" / "select" / "status.json").read_text())
+        assert st["state"] == "error" and "busy with job 'train-x'" in st["error"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- 3. SIGKILL at random points, then an exact resume ----------------------------------------
+def test_sigkill_at_random_points_resumes_exactly(tmp_path, models, prompts, reference):
+    root = tmp_path / "runs"
+    rng = random.Random(int(os.environ.get("FAULT_SEED", "13")))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "moe_core", *_argv(root, models["a"], prompts)]
+    killed: list[bool] = []
+    for attempt in range(2):
+        kill_after = rng.randint(1, 4)  # routing files seen: mid-batch or between batches
+        proc = subprocess.Popen(argv if attempt == 0 else [*argv[:3], "--runs-root", str(root), "analyze", "--run",
+                                _only_run(root).name, "--max-new-tokens", "8"],
+                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            routed = list(root.glob("*/routing/batch_*.safetensors"))
+            if len(routed) >= kill_after + 2 * attempt:
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        killed.append(proc.wait() == -signal.SIGKILL)
+        run = Run.open(_only_run(root))
+        assert run.status().get("analysis") in ("interrupted", "done"), run.status()  # never "running" for a dead pid
+    assert killed[0] and Run.open(_only_run(root)).completed_batches() != set(range(6))  # really cut mid-analysis
+    assert main(["--runs-root", str(root), "analyze", "--run", _only_run(root).name, "--max-new-tokens", "8"]) == 0
+    run = Run.open(_only_run(root))
+    assert run.status()["analysis"] == "done" and not list(run.path.rglob("*.tmp"))
+    pd.testing.assert_frame_equal(tables(run.path), tables(reference))
+    assert snapshot(run.path)["risk/aggregated.parquet"] == snapshot(reference)["risk/aggregated.parquet"]
+
+
+# -- 7. errors that are errors ---------------------------------------------------------------------
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "no permission to write")])
+def test_full_disk_and_permission_errors_are_one_line_and_resumable(tmp_path, models, prompts, reference, monkeypatch,
+                                                                    capsys, code, words):
+    import moe_core.analysis as analysis
+
+    real, calls = analysis.write_parquet, []
+
+    def failing(path, df):
+        calls.append(path)
+        if len(calls) == 3:  # the third batch's risk table: the disk fills up mid-analysis
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, df)
+
+    monkeypatch.setattr(analysis, "write_parquet", failing)
+    root = tmp_path / "runs"
+    assert main(_argv(root, models["a"], prompts)) == 2
+    err = error_line(capsys)
+    assert err.startswith(f"error: {words}") and "batch_00002.parquet" in err
+    run = Run.open(_only_run(root))
+    step = run.step("analysis")
+    assert step["status"] == "failed" and "Errno" in step["reason"]
+    assert run.completed_batches() == {0, 1} and not list(run.path.rglob("*.tmp"))
+    monkeypatch.setattr(analysis, "write_parquet", real)
+    assert main(["--runs-root", str(root), "analyze", "--run", run.id, "--max-new-tokens", "8"]) == 0
+    pd.testing.assert_frame_equal(tables(run.path), tables(reference))
+
+
+def test_a_failed_new_analysis_leaves_no_empty_run(tmp_path, prompts, capsys):
+    root = tmp_path / "runs"
+    rc = main(_argv(root, tmp_path / "no-such-model", prompts))
+    assert rc == 2 and "no-such-model" in error_line(capsys)
+    assert not root.exists() or not [p for p in root.iterdir() if p.is_dir()]
+
+
+def test_steps_record_failed_and_running_only_for_a_live_process(tmp_path):
+    run = Run.create(tmp_path, name="steps")
+    run.set_step("old", "error", error="from an older version")
+    run.set_step("dead", "running")
+    m = json.loads(run.path_for("manifest").read_text())
+    m["steps"]["dead"]["pid"] = 2 ** 22 + 12345  # no such process
+    run.path_for("manifest").write_text(json.dumps(m))
+    run = Run.open(run.path)
+    run.set_step("live", "running")
+    assert run.status() == {"dead": "interrupted", "live": "running", "old": "error"}
+    assert list_runs(tmp_path)[0].steps["dead"] == "interrupted"
+    with pytest.raises(ZeroDivisionError):
+        with run.writing("x"), P.step_outcome(run):
+            1 / 0
+    assert run.reload()["steps"]["live"]["status"] == "failed"
+    assert run.step("live")["reason"] == "ZeroDivisionError: division by zero"
+    assert diagnose(run, repair=True) and Run.open(run.path).status()["dead"] == "failed"
+
+
+def test_runs_lists_readable_lines_and_names_broken_ones(tmp_path, capsys):
+    run = Run.create(tmp_path, name="listed", model="organism")
+    run.set_step("analysis", "done")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    assert main(["--runs-root", str(tmp_path), "runs"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run.id}  'listed'  model organism" in out and "analysis done" in out
+    assert "broken  DAMAGED:" in out and "doctor --run" in out and "RunSummary(" not in out
+
+
+def test_a_broken_jsonl_line_is_named_by_its_number(tmp_path):
+    from moe_core.prompts import PromptLoadError, load_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)) + '{"prompt": "x"\n')
+    with pytest.raises(PromptLoadError, match="line 6 is not valid JSON"):
+        load_prompts(f, label="safe")
+
+
+def test_an_invalid_mask_file_is_named(tmp_path, reference, capsys):
+    run = _damaged_copy(reference, tmp_path)
+    (run.path / "masks").mkdir()
+    (run.path / "masks" / "unsafe_experts.json").write_text('{"experts": {"0": [1,')
+    assert main(["train", "--run", str(run.path)]) == 2
+    assert "masks/unsafe_experts.json is not valid JSON" in error_line(capsys)
+
+
+# -- 8. damaged runs: noticed, named, repaired --------------------------------------------------
+def _damaged_copy(reference: Path, tmp_path: Path) -> Run:
+    dst = tmp_path / "runs" / reference.name
+    shutil.copytree(reference, dst)
+    return Run.open(dst)
+
+
+def test_truncated_routing_and_deleted_risk_are_redone_on_resume(tmp_path, reference):
+    run = _damaged_copy(reference, tmp_path)
+    routing = run.path_for("routing", batch_idx=2)
+    routing.write_bytes(routing.read_bytes()[:-40])
+    run.path_for("risk", batch_idx=4).unlink()  # what an older message advised for a damaged table
+    assert main(["analyze", "--run", str(run.path), "--max-new-tokens", "8"]) == 0
+    for b in (2, 4):
+        redone, ref = (load_batch_routing(r / f"routing/batch_{b:05d}.safetensors") for r in (run.path, reference))
+        assert all((x.expert_ids == y.expert_ids).all() for x, y in zip(redone, ref)) and len(redone) == len(ref)
+    pd.testing.assert_frame_equal(tables(run.path), tables(reference))
+
+
+def test_doctor_lists_and_repairs_damaged_pieces(tmp_path, reference, capsys):
+    run = _damaged_copy(reference, tmp_path)
+    run.path_for("risk", batch_idx=1).write_bytes(b"PAR1 broken")
+    out = run.path_for("outputs", batch_idx=3)
+    out.write_text(out.read_text()[:50])
+    run.path_for("risk_aggregated").write_bytes(b"")
+    (run.path / "risk" / ".batch_00005.parquet.x1.tmp").write_bytes(b"half")
+    (run.path / "masks").mkdir()
+    (run.path / "masks" / "broken.json").write_text("{")
+    capsys.readouterr()
+    rc = main(["doctor", "--run", str(run.path), "--check-only"])
+    printed = capsys.readouterr()
+    assert rc == 2 and "problem(s)" in printed.err
+    for piece in ("risk/batch_00001.parquet", "outputs/batch_00003.json", "risk/aggregated.parquet",
+                  "risk/.batch_00005.parquet.x1.tmp", "masks/broken.json"):
+        assert piece in printed.out, piece
+    assert main(["doctor", "--run", str(run.path)]) == 2  # the mask needs a hand fix; the rest is repaired
+    printed = capsys.readouterr().out
+    assert "select --run" in printed and "masks/broken.json" in printed
+    assert not list(run.path.rglob("*.tmp")) and run.completed_batches() == {0, 1, 2, 4, 5}
+    ref_risk = read_parquet(reference / "risk" / "batch_00001.parquet")
+    pd.testing.assert_frame_equal(read_parquet(run.path_for("risk", batch_idx=1)), ref_risk)  # recomputed exactly
+    assert main(["analyze", "--run", str(run.path), "--max-new-tokens", "8"]) == 0  # redoes batch 3 only
+    pd.testing.assert_frame_equal(tables(run.path), tables(reference))
+    (run.path / "masks" / "broken.json").unlink()
+    assert main(["doctor", "--run", str(run.path)]) == 0 and "no problems found" in capsys.readouterr().out
+
+
+def test_doctor_writes_a_damaged_plan_again_from_the_recorded_prompts(tmp_path, reference, prompts, capsys):
+    run = _damaged_copy(reference, tmp_path)
+    original = run.path_for("plan").read_bytes()
+    run.path_for("plan").write_text('{"batches": [')
+    assert main(["select", "--run", str(run.path), "--n", "3"]) == 0  # select does not need the plan
+    assert main(["doctor", "--run", str(run.path)]) == 0
+    assert "repaired  plan.json" in capsys.readouterr().out
+    assert json.loads(run.path_for("plan").read_text()) == json.loads(original)
+
+
+def test_damaged_tables_and_steps_list_are_clear_errors(tmp_path, reference, capsys):
+    run = _damaged_copy(reference, tmp_path)
+    m = json.loads(run.path_for("manifest").read_text())
+    m["steps"] = []
+    run.path_for("manifest").write_text(json.dumps(m))
+    assert Run.open(run.path).status() == {} and list_runs(tmp_path / "runs")[0].error is None
+    run.path_for("risk_aggregated").write_bytes(b"PAR1 truncated")
+    assert main(["select", "--run", str(run.path), "--n", "3"]) == 2
+    err = error_line(capsys)
+    assert "aggregated.parquet" in err and "doctor --run" in err
+    assert main(["doctor", "--run", str(run.path)]) == 0
+    assert json.loads(run.path_for("manifest").read_text())["steps"] == {}
+    assert main(["select", "--run", str(run.path), "--n", "3"]) == 0
+
+
+def test_moved_and_copied_runs_use_their_own_artifacts(tmp_path, reference, models):
+    run = _damaged_copy(reference, tmp_path)
+    merged = run.path / "train" / "t" / "merged_model"
+    shutil.copytree(models["a"], merged)
+    run.set_step("train:t", "done", merged=run.relative(merged))
+    run.set_step("train:old", "done", merged=str(merged))  # how older versions stored it: absolute
+    assert run.manifest["steps"]["train:t"]["merged"] == "train/t/merged_model"
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(run.path), moved)
+    copied = tmp_path / "copy"
+    shutil.copytree(moved, copied)
+    for where in (moved, copied):
+        entries = P.eval_entries(P.EvaluateSpec(), Run.open(where))
+        paths = {e.name: Path(e.model_dir) for e in entries if e.name != "base"}
+        assert paths == {"t": where / "train/t/merged_model", "old": where / "train/t/merged_model"}
+        assert all((p / "config.json").is_file() for p in paths.values())
+        assert diagnose(Run.open(where)) == []
+
+
+def test_shipped_streamlit_config_hides_tracebacks():
+    import tomllib
+
+    cfg = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert cfg["client"]["showErrorDetails"] == "none"
+
+
+def test_runs_page_names_damaged_files_and_repairs_them(tmp_path, reference, monkeypatch):
+    """The Runs page with damaged files: messages naming them (tracebacks hidden), and the doctor button."""
+    from tests.test_app import button, errors, no_exceptions, open_app
+
+    monkeypatch.setenv("MOE_LAB_RUNS", str(tmp_path / "runs"))
+    run = _damaged_copy(reference, tmp_path)
+    run.path_for("outputs", batch_idx=0).write_text('{"batch_idx": 0, "samples": [')
+    (run.path / "train" / "t").mkdir(parents=True)
+    (run.path / "train" / "t" / "training_metadata.json").write_text("{")
+    other = Run.create(tmp_path / "runs", name="no steps")
+    m = json.loads(other.path_for("manifest").read_text())
+    m["steps"] = []
+    other.path_for("manifest").write_text(json.dumps(m))
+    at = open_app(run, page="runs")
+    no_exceptions(at)
+    shown = " ".join(errors(at))
+    assert "training_metadata.json is not valid JSON" in shown and "outputs/batch_00000.json" in shown
+    table = at.dataframe[0].value  # the runs table lists both runs, the one without steps too
+    assert set(table["id"]) == {run.id, other.id}
+    doctor = [d.value for d in at.dataframe if "piece" in d.value.columns][0]
+    assert {"outputs/batch_00000.json", "train/t/training_metadata.json"} <= set(doctor["piece"])
+    button(at, "Repair what can be recomputed").click()
+    at.run()
+    no_exceptions(at)
+    assert any("Repaired" in s.value for s in at.success)
+    assert 0 not in Run.open(run.path).completed_batches()  # removed: a resume redoes it
+
+
+def test_analysis_page_resumes_a_local_model_run_with_that_model(tmp_path, models, prompts, monkeypatch):
+    """The page relaunched runs made with a local model as `--model organism`; now the run's model is fixed."""
+    from moe_core import jobs
+    from tests.test_app import button, no_exceptions, open_app
+
+    monkeypatch.setenv("MOE_LAB_RUNS", str(tmp_path / "runs"))
+    run_dir = _partial(tmp_path, models, prompts)
+    launched = []
+    monkeypatch.setattr(jobs, "start_step", lambda run, name, spec, env=None: launched.append(spec))
+    at = open_app(Run.open(run_dir), page="analysis")
+    no_exceptions(at)
+    assert not [r for r in at.radio if r.key == "an_model_kind"]  # no model choice for a run with finished batches
+    at.number_input(key="an_max_new").set_value(8)
+    at.run()
+    button(at, "Resume analysis").click()
+    at.run()
+    no_exceptions(at)
+    assert [s.model for s in launched] == [str(models["a"])]
