@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 import streamlit as st
+from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
 
 from moe_core import jobs
 from moe_core.errors import MoELabError
@@ -276,8 +277,20 @@ def take_param(name: str) -> int | None:
 
 
 # -- page setup and the shared sidebar -------------------------------------------------------------
+def _user_error_boundary(e: Exception) -> bool:
+    """Streamlit's handler of an exception no ``guard`` caught: a user error (a damaged file named with
+    its fix) is one message; a bug keeps Streamlit's own box (its traceback goes to the log)."""
+    is_bug, _ = error_text(e)
+    if not is_bug:
+        report_error(e)
+    return not is_bug  # True: Streamlit shows nothing more
+
+
 def setup(title: str = "MoE Safety Lab", sidebar_state: str = "auto") -> Run | None:
     """First call of every page: page config, the shared sidebar; returns the open run (or None)."""
+    ctx = get_script_run_ctx()
+    if ctx is not None:  # the page-wide boundary (the context's on_script_error, as st.App's option sets it)
+        ctx.on_script_error = _user_error_boundary
     st.set_page_config(page_title=f"{title} · MoE Safety Lab" if title != "MoE Safety Lab" else title,
                        page_icon=":material/hub:", layout="wide", initial_sidebar_state=sidebar_state)
     sidebar()

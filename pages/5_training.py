@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from moe_core import charts, jobs
+from moe_core.errors import MoELabError
 from moe_core.pipeline import TrainSpec
 from moe_core.spec_checks import check_free
 from moe_core.train_step import stage_of
@@ -124,8 +125,11 @@ if info.state != "none":
     live()
 
 def _baseline(path) -> str:
-    meta = ui.read_json_cached(path / "training_metadata.json") or {}
-    return str(meta.get("baseline", "?"))
+    try:
+        meta = ui.read_json_cached(path / "training_metadata.json")
+    except MoELabError:  # damaged: named below, when it is picked
+        return "damaged"
+    return str(meta.get("baseline", "?")) if isinstance(meta, dict) else "damaged"
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -140,7 +144,10 @@ if outs:
                        key="tr_out")
     meta = None
     with ui.guard("The training metadata cannot be read: "):
-        meta = ui.read_json_cached(out / "training_metadata.json")
+        data = ui.read_json_cached(out / "training_metadata.json")
+        if data is not None and not isinstance(data, dict):
+            raise MoELabError(f"{out / 'training_metadata.json'} is not a JSON object; delete {out.name} and train again")
+        meta = data
     if meta:
         report = meta.get("report") or {}
         m = st.columns(4)

@@ -502,3 +502,37 @@ def test_analysis_page_resumes_a_local_model_run_with_that_model(tmp_path, model
     at.run()
     no_exceptions(at)
     assert [s.model for s in launched] == [str(models["a"])]
+
+
+DAMAGE = {  # artifact (relative to the run) -> what a torn write or a bad edit leaves in it
+    "plan.json": "{",
+    "outputs/batch_00000.json": '{"batch_idx": 0, "samples": [',
+    "risk/per_batch.parquet": b"PAR1 torn",
+    "risk/aggregated.parquet": b"PAR1 torn",
+    "masks/unsafe_experts.json": '{"experts": {"0": "12"}}',
+    "train/experts-unsafe_experts/training_metadata.json": "[1, 2]",
+    "train/experts-unsafe_experts/batch_monitor.jsonl": "{",
+    "eval/comparison_responses.parquet": b"PAR1 torn",
+}
+
+
+@pytest.mark.parametrize("piece", sorted(DAMAGE))
+def test_every_page_names_a_damaged_artifact_instead_of_crashing(piece, tmp_path_factory, monkeypatch):
+    """Each kind of damaged file, on every page of the app: a message (or the page's other content), no exception."""
+    from tests.app_fixtures import MASK_NAME, build_finished_run, save_tiny_model
+    from tests.test_app import FILES, open_app
+
+    assert MASK_NAME == "unsafe_experts"
+    base = tmp_path_factory.getbasetemp() / "finished_for_damage"
+    if not base.exists():  # one trained and evaluated run, copied for each kind of damage
+        build_finished_run(base / "runs", save_tiny_model(base / "tiny"), n_batches=2, evaluate=True)
+    src = next((base / "runs").iterdir())
+    run = _damaged_copy(src, tmp_path_factory.mktemp("damaged"))
+    target = run.path / piece
+    assert target.exists(), sorted(str(p.relative_to(run.path)) for p in run.path.rglob("*") if p.is_file())
+    data = DAMAGE[piece]
+    target.write_bytes(data) if isinstance(data, bytes) else target.write_text(data)
+    monkeypatch.setenv("MOE_LAB_RUNS", str(run.path.parent))
+    for page in FILES:
+        at = open_app(run, page=None if page == "home" else page)
+        assert not at.exception, (page, [e.value for e in at.exception])
