@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -423,13 +422,6 @@ def load_evaluation(run: Run, name: str = "comparison") -> tuple[pd.DataFrame, p
 
 
 # -- routing shift ------------------------------------------------------------------------------
-def model_fingerprint(model: Any) -> str:
-    """Cheap identity of a model's weights (per-tensor sums), so a sub-run never mixes two models."""
-    with torch.no_grad():
-        sums = torch.stack([p.detach().float().sum() for p in model.parameters()]).cpu().double().numpy()
-    return hashlib.sha1(np.round(sums, 4).tobytes()).hexdigest()[:16]
-
-
 def _open_subrun(path: Path, parent: Run, name: str, fingerprint: str, overwrite: bool) -> Run:
     """The shift's own Run at ``path`` (created once, so a killed shift resumes there)."""
     if (path / MANIFEST).is_file():
@@ -472,6 +464,8 @@ def routing_shift(run: Run, model: Any, tokenizer: Any, name: str = "trained", o
         if key in info and info[key] != getattr(adapter, key):
             raise EvaluationError(f"the model has {key}={getattr(adapter, key)} but run {run.id} analysed one with "
                                   f"{info[key]}: a routing shift compares the same architecture")
+    from .provenance import model_fingerprint
+
     sub = _open_subrun(out_path.with_suffix(""), run, name, model_fingerprint(model), overwrite)
     try:
         after = run_analysis(sub, model, tokenizer, load_plan(run.path_for("plan")), config, progress).aggregated

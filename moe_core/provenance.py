@@ -24,7 +24,7 @@ from .errors import MoELabError
 # AnalyseSpec fields that decide the batch plan (its prompts and batches)
 PLAN_FIELDS = ("safe", "unsafe", "safe_column", "unsafe_column", "pair_by_row", "demo_sets", "demo_mode",
                "limit", "batch_size", "safe_ratio", "seed", "max_batches")
-_SAMPLES = 64  # values hashed per tensor, evenly spaced
+_SAMPLES = 64  # values hashed per tensor (per expert of a fused expert tensor), evenly spaced
 
 
 class ProvenanceError(MoELabError, ValueError):
@@ -32,7 +32,11 @@ class ProvenanceError(MoELabError, ValueError):
 
 
 def model_fingerprint(model: Any) -> str:
-    """sha256 of every tensor's name, shape, dtype and ``_SAMPLES`` evenly spaced values (16 hex digits)."""
+    """sha256 of every tensor's name, shape, dtype and evenly spaced values (16 hex digits).
+
+    Exact values, not sums, so the print does not depend on the device; ``_SAMPLES`` per expert of a
+    fused ``[experts, ...]`` tensor, so a model that differs only in a few trained experts differs here.
+    """
     import torch
 
     h = hashlib.sha256()
@@ -42,7 +46,8 @@ def model_fingerprint(model: Any) -> str:
             if t.device.type == "meta" or t.numel() == 0:
                 continue
             flat = t.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES, flat.numel())).long().to(flat.device)
+            per = t.shape[0] if t.dim() >= 3 else 1  # fused experts: dim 0 is the expert
+            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES * per, flat.numel())).long().to(flat.device)
             h.update(flat[idx].to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()[:16]
 

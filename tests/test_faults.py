@@ -536,3 +536,22 @@ def test_every_page_names_a_damaged_artifact_instead_of_crashing(piece, tmp_path
     for page in FILES:
         at = open_app(run, page=None if page == "home" else page)
         assert not at.exception, (page, [e.value for e in at.exception])
+
+
+def test_the_weight_fingerprint_sees_one_trained_expert_in_every_family():
+    """Provenance must tell a model from the same model with one expert fine-tuned (what this lab makes)."""
+    import torch
+
+    from moe_core.provenance import model_fingerprint
+    from tests.tiny import tiny_model
+
+    many = {"olmoe": {"num_experts": 128}, "qwen3_moe": {"num_experts": 128}, "gpt_oss": {"num_local_experts": 128}}
+    for family, experts in many.items():  # as many experts as Qwen3-MoE: more than values sampled per tensor
+        model = tiny_model(family, **experts)
+        before = model_fingerprint(model)
+        assert model_fingerprint(model) == before
+        fused = [(n, p) for n, p in model.named_parameters() if n.endswith("experts.gate_up_proj")]
+        name, p = fused[-1]
+        with torch.no_grad():
+            p[1] += 1e-3  # expert 1 of the last layer, every value nudged as training does
+        assert model_fingerprint(model) != before, (family, name)
