@@ -373,6 +373,14 @@ def _eval_paths(run: Run, name: str) -> tuple[Path, Path, Path]:
     return d / f"{name}_responses.parquet", d / f"{name}_summary.parquet", d / f"{name}.json"
 
 
+def check_evaluation_free(run: Run, name: str, overwrite: bool) -> None:
+    """No silent overwrite of any of an evaluation's three files (checked before the evaluation runs)."""
+    from .spec_checks import check_free
+
+    r_path, s_path, j_path = _eval_paths(run, name)
+    check_free(j_path, f"evaluation {name!r}", overwrite, r_path, s_path)
+
+
 def save_evaluation(run: Run, responses: pd.DataFrame, summary: pd.DataFrame, name: str = "comparison",
                     settings: dict[str, Any] | None = None) -> Path:
     """Write eval/<name>_responses.parquet, eval/<name>_summary.parquet and eval/<name>.json atomically.

@@ -165,7 +165,7 @@ def start_job(
     Returns the job's state right after launch (or the live job's state, unchanged). The
     process runs in its own session, so it outlives the Streamlit script run (and the server).
     """
-    from .run_lock import RunBusyError, check_free
+    from .run_lock import RunBusyError, check_not_busy
 
     run = _as_run(run)
     argv = job_command(command, run, name, flags)
@@ -174,7 +174,7 @@ def start_job(
         log.info("job %s of run %s is already %s; not starting another", name, run.id, current.state)
         return current
     try:
-        check_free(run.path)  # another job writes this run: say so now, not in a log after the launch
+        check_not_busy(run.path)  # another job writes this run: say so now, not in a log after the launch
     except RunBusyError as e:
         raise JobLaunchError(str(e)) from None
     job = run.job(name)

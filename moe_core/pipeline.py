@@ -19,7 +19,6 @@ Steps take ``progress(done, total, message)`` and ``should_stop()`` callables, n
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,7 +29,7 @@ from .errors import MoELabError
 from .run_lock import step_outcome, writes_run
 from .runs import JobStopped, Run, RunError, default_runs_root
 from .selection import METHODS, SelectionConfig
-from .spec_checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SHARE, SpecError, check_free, check_names, check_range
+from .spec_checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SHARE, check_free, check_names, check_range
 
 log = logging.getLogger(__name__)
 
@@ -494,10 +493,9 @@ def eval_entries(spec: EvaluateSpec, run: Run) -> list:
 @writes_run("evaluate")
 def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> Any:
     """Evaluate base vs trained (vs steered) models; saves responses and summary into the run -> table."""
-    from .evaluation import _eval_paths, compare_models, comparison_table, default_eval_sets, save_evaluation
+    from .evaluation import check_evaluation_free, compare_models, comparison_table, default_eval_sets, save_evaluation
 
-    r_path, s_path, j_path = _eval_paths(run, spec.name)  # name, overwrite and steer mask: before the evaluation runs
-    check_free(j_path, f"evaluation {spec.name!r}", spec.overwrite, r_path, s_path)
+    check_evaluation_free(run, spec.name, spec.overwrite)  # name, overwrite and steer mask: before the evaluation runs
     entries = eval_entries(spec, run)
     sets = default_eval_sets(split="heldout", limit=spec.eval_limit, templates_per_goal=spec.templates_per_goal or None)
     responses, summary = compare_models(entries, sets, judge=spec.judge, max_new_tokens=spec.max_new_tokens,

@@ -81,7 +81,7 @@ def busy_message(run_path: str | Path, lease: dict[str, Any]) -> str:
             "stop it on its page, or start a new run")
 
 
-def check_free(run_path: str | Path) -> None:
+def check_not_busy(run_path: str | Path) -> None:
     """``RunBusyError`` if another process writes the run now (a cheap look, takes nothing)."""
     lease = holder(run_path)
     if lease is not None and not _mine(Path(run_path), lease):

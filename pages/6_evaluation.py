@@ -12,10 +12,9 @@ import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
 import streamlit as st
 
 from moe_core import charts, jobs
-from moe_core.evaluation import list_evaluations, load_evaluation
+from moe_core.evaluation import check_evaluation_free, list_evaluations, load_evaluation
 from moe_core.report import interval_table
 from moe_core.pipeline import Backend, EvaluateSpec, StudySpec
-from moe_core.spec_checks import check_free
 from moe_core.study import load_study
 from moe_core.audit import LABELS as AUDIT_LABELS, audit_report, label_answer, load_labels, sample_for_review
 from moe_core.risk import risk_matrix
@@ -62,7 +61,7 @@ with st.container(border=True):
             spec = EvaluateSpec(name=name.strip(), max_new_tokens=max_new, eval_limit=limit or None, shift=shift,
                                 steer_mask=None if steer == "(no steering)" else steer, overwrite=replace,
                                 backend=backend, vllm_url=(vllm_url.strip() or None) if backend == "vllm" else None)
-            check_free(run.path_for("eval") / f"{spec.name}.json", f"evaluation {spec.name!r}", replace)
+            check_evaluation_free(run, spec.name, replace)
             jobs.start_step(run.path, JOB, spec)
             ui.flash("Evaluation started.")
             st.rerun()
