@@ -69,7 +69,7 @@ with st.container(border=True):
         with ui.guard("Not started: "):
             check_free(out, f"training {out.name!r}", spec.overwrite)
             if not run.path_for("plan").exists() or not run.completed_batches():
-                raise ValueError("this run has no analysed batches: training replays the analysis batches, "
+                raise MoELabError("this run has no analysed batches: training replays the analysis batches, "
                                  "so run the analysis first")
             jobs.start_step(run.path, JOB, spec)
             ui.flash(f"Training started with mask {mask_name} ({mask_mode}, {BASELINES[baseline]}).")
