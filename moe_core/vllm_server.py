@@ -37,6 +37,7 @@ from filelock import FileLock
 
 from .atomic import atomic_write_json
 from .errors import MoELabError
+from .job_events import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -202,14 +203,6 @@ def registry_dir() -> Path:
     return cache_root() / "vllm"
 
 
-def _alive(pid: int, created: float | None) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and (created is None or abs(p.create_time() - created) < 1.0)
-    except psutil.Error:
-        return False
-
-
 def _created(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
@@ -296,7 +289,7 @@ def _start(settings: ServerSettings, port: int | None, start_timeout: float) -> 
 
 def _terminate(pid: int, created: float | None, grace: float = 30.0) -> None:
     """Stop a server we started (its own session: the engine's worker processes go with it)."""
-    if not _alive(pid, created):
+    if not pid_alive(pid, created):
         return
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -319,13 +312,13 @@ def acquire(settings: ServerSettings, port: int | None = None, keep: bool = Fals
     with _lock():
         reg = read_registry()
         entry = reg.get(key)
-        if entry and not (_alive(entry["pid"], entry.get("created")) and healthy(entry["url"])):
+        if entry and not (pid_alive(entry["pid"], entry.get("created")) and healthy(entry["url"])):
             _terminate(entry["pid"], entry.get("created"))
             entry = None
         if entry is None:
             entry = _start(settings, port, start_timeout)
         me = _me()
-        entry["users"] = [u for u in entry["users"] if _alive(u[0], u[1])] + [me]
+        entry["users"] = [u for u in entry["users"] if pid_alive(u[0], u[1])] + [me]
         entry["keep"] = bool(entry.get("keep") or keep)
         reg[key] = entry
         _write_registry(reg)
@@ -342,7 +335,7 @@ def release(server: Server) -> None:
         entry = reg.get(server.key)
         if not entry or entry["pid"] != server.pid:
             return
-        entry["users"] = [u for u in entry["users"] if u != server.user and _alive(u[0], u[1])]
+        entry["users"] = [u for u in entry["users"] if u != server.user and pid_alive(u[0], u[1])]
         if not entry["users"] and not entry.get("keep"):
             _terminate(entry["pid"], entry.get("created"))
             del reg[server.key]
@@ -353,7 +346,7 @@ def stop_servers() -> int:
     """Stop every server in the registry (also kept ones) -> how many were running."""
     with _lock():
         reg = read_registry()
-        n = sum(_alive(e["pid"], e.get("created")) for e in reg.values())
+        n = sum(pid_alive(e["pid"], e.get("created")) for e in reg.values())
         for e in reg.values():
             _terminate(e["pid"], e.get("created"))
         _write_registry({})
