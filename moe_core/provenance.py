@@ -159,10 +159,15 @@ def check_step_model(run: Any, model: str | None) -> None:
                               "in a new run (`python -m moe_core analyze --model ...` without --run)")
 
 
-def plan_fingerprint(plan: Any) -> str:
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of JSON-able data (plans, masks, training batches): equal data, equal print."""
     import json
 
-    return hashlib.sha256(json.dumps(plan.to_json_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_fingerprint(plan: Any) -> str:
+    return fingerprint(plan.to_json_dict())
 
 
 def check_plan(run: Any, plan: Any) -> str:

@@ -22,7 +22,6 @@ Rules (``python -m moe_core train``; the app's Training page asks before it sets
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any
 
 from .atomic import atomic_write_json
 from .errors import MoELabError
+from .provenance import fingerprint
 from .spec_checks import check_free
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,6 @@ class TrainingStepError(MoELabError):
 def stage_of(out: Path) -> Path:
     """The hidden sibling an attempt at ``out`` is built in (readers of a run skip dot-folders)."""
     return out.parent / f".{out.name}.partial"
-
-
-def fingerprint(obj: Any) -> str:
-    """A short stable hash of JSON-able data (masks, training batches): equal data, equal print."""
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def checkpointing(every: int) -> dict[str, Any]:
