@@ -254,8 +254,15 @@ def test_every_page_by_url_and_after_a_reload_keeps_the_run(server, playwright_s
     assert not problems, "\n".join(problems)
 
 
+def _wait_plotted(page, nth: int = 0) -> None:
+    """Until Plotly has drawn the ``nth`` chart: its div exists before Plotly lays it out (slow under load)."""
+    page.wait_for_function("""i => { const gd = document.querySelectorAll('.js-plotly-plot')[i];
+                                     return !!(gd && gd._fullLayout && gd._fullLayout.xaxis); }""", arg=nth, timeout=60_000)
+
+
 def _cell_center(page, layer: int, expert: int) -> tuple[float, float]:
     """Screen position of a heatmap cell (plotly's own axis mapping of the first chart)."""
+    _wait_plotted(page)
     return page.evaluate(
         """([l, e]) => { const gd = document.querySelector('.js-plotly-plot');
              const r = gd.getBoundingClientRect(); const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
@@ -363,6 +370,10 @@ def test_the_evaluation_chart_is_readable_on_a_400px_screen(server, playwright_s
         page.goto(f"{url}/evaluation?run={newest.id}", wait_until="domcontentloaded")
         page.get_by_role("heading", name="Answers side by side").wait_for(timeout=60_000)
         _wait_idle(page)
+        chart_js = """() => [...document.querySelectorAll('.js-plotly-plot')]
+                   .find(g => g._fullLayout && ((g._fullLayout.title || {}).text || '').includes('Held-out behaviour')
+                              && g.querySelectorAll('.xtick text').length > 0)"""
+        page.wait_for_function(f"() => !!({chart_js})()", timeout=60_000)  # Plotly draws after the script run ends
         boxes = page.evaluate(
             """() => { const gd = [...document.querySelectorAll('.js-plotly-plot')]
                    .find(g => ((g._fullLayout.title || {}).text || '').includes('Held-out behaviour'));
@@ -474,6 +485,7 @@ class Walk:
         gd.wait_for(timeout=30_000)
         gd.scroll_into_view_if_needed()
         time.sleep(0.8)
+        _wait_plotted(self.page, chart)
         x, y = self.page.evaluate(
             """([i, xv, yv]) => { const gd = document.querySelectorAll('.js-plotly-plot')[i];
                  const r = gd.getBoundingClientRect(); const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
