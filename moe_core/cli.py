@@ -19,6 +19,7 @@ import contextlib
 import logging
 import sys
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -315,23 +316,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe_core", description="MoE Safety Lab: find and fine-tune the unsafe experts of an MoE LLM.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--runs-root", help="where runs live (default: $MOE_LAB_RUNS or ./runs)")
+    # the same two options after the command too (`runs --runs-root X`); SUPPRESS: absent there, the top-level value stays
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("--runs-root", default=argparse.SUPPRESS, help="where runs live (default: $MOE_LAB_RUNS or ./runs)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    add = partial(sub.add_parser, parents=[common])
     for command, cls in P.COMMANDS.items():
-        sp = sub.add_parser(command, dataclass_types=[cls], help=cls.__doc__.splitlines()[0],
-                            description=cls.__doc__.splitlines()[0])
+        sp = add(command, dataclass_types=[cls], help=cls.__doc__.splitlines()[0],
+                 description=cls.__doc__.splitlines()[0])
         needs_run = command in ("select", "train", "evaluate")
         sp.add_argument("--run", required=needs_run,
                         help="run directory or id" + ("" if needs_run else " (default: a new run)"))
         sp.add_argument("--job", help="also write job events/status into the run under this name (used by the app)")
         sp.set_defaults(spec_class=cls)
-    x = sub.add_parser("apply-delta", help="apply a trained expert delta to a base model and save the merged model")
+    x = add("apply-delta", help="apply a trained expert delta to a base model and save the merged model")
     x.add_argument("--base", required=True, help="base model directory (or 'organism')")
     x.add_argument("--delta", required=True, help="expert_delta.safetensors from a training")
     x.add_argument("--out", required=True, help="output model directory")
     x.set_defaults(func=apply_delta)
-    r = sub.add_parser("runs", help="list runs")
+    r = add("runs", help="list runs")
     r.set_defaults(func=runs_cmd)
-    d = sub.add_parser("doctor", help="check a run for damaged or missing pieces and repair what can be recomputed")
+    d = add("doctor", help="check a run for damaged or missing pieces and repair what can be recomputed")
     d.add_argument("--run", required=True, help="run directory or id")
     d.add_argument("--check-only", action="store_true", help="only list the problems, change nothing")
     d.set_defaults(func=doctor_cmd)

@@ -57,7 +57,7 @@ CATEGORY_COLUMNS: tuple[str, ...] = ("category", "Category", "SemanticCategory",
 TARGET_COLUMNS: tuple[str, ...] = ("target", "Target")
 FORMATS: dict[str, str] = {
     ".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-    ".parquet": "parquet", ".pq": "parquet",
+    ".parquet": "parquet", ".pq": "parquet", ".txt": "txt",  # txt: one prompt per line
 }
 Source = str | Path | bytes | BinaryIO
 
@@ -109,7 +109,7 @@ def _format_for(name: str | None, fmt: str | None, data: bytes | None = None) ->
             return "jsonl"
         return "csv"
     raise PromptLoadError(
-        f"cannot tell the format of {name or 'the input'}: pass format='csv'|'json'|'jsonl'|'parquet'")
+        f"cannot tell the format of {name or 'the input'}: name the file with one of {', '.join(FORMATS)}")
 
 
 def _jsonl_rows(data: bytes, where: str) -> list:
@@ -133,6 +133,8 @@ def _frame_from_bytes(data: bytes, fmt: str, where: str):
             return pd.read_csv(io.BytesIO(data), sep="\t" if fmt == "tsv" else ",")
         if fmt == "parquet":
             return pd.read_parquet(io.BytesIO(data))
+        if fmt == "txt":  # one prompt per line; blank lines separate nothing and are skipped
+            return pd.DataFrame({"text": [ln.strip() for ln in data.decode("utf-8").splitlines() if ln.strip()]})
         if fmt == "jsonl":
             rows = _jsonl_rows(data, where)
         else:
@@ -178,7 +180,7 @@ def _read_table(source: Source, format: str | None, split: str | None, config: s
     path = Path(source).expanduser()
     if path.is_file():
         fmt = _format_for(path.name, format)
-        return _frame_from_bytes(path.read_bytes(), fmt, str(path)), name or f"{path.parent.name}/{path.stem}"
+        return _frame_from_bytes(path.read_bytes(), fmt, str(path)), name or f"{path.resolve().parent.name}/{path.stem}"
     if path.is_dir():
         raise PromptLoadError(f"{path} is a folder: pass one of the files in it")
     if isinstance(source, Path) or _looks_like_path(str(source)):
@@ -202,11 +204,11 @@ def _hf_table(name: str, split: str | None, config: str | None):
             raise PromptLoadError(
                 f"could not load {what}: the Hugging Face hub is unreachable from this machine "
                 f"({type(e).__name__}: {e}). Download the data where there is internet and pass the local "
-                "file (CSV, JSON, JSONL or Parquet) instead."
+                "file (CSV, JSON, JSONL, Parquet or one prompt per line in .txt) instead."
             ) from None
         raise PromptLoadError(
             f"could not load {what}: {type(e).__name__}: {e}. Check the dataset name, config and split, "
-            "or pass a local file (CSV, JSON, JSONL or Parquet); if you meant a file, check its path."
+            "or pass a local file (CSV, JSON, JSONL, Parquet or .txt); if you meant a file, check its path."
         ) from None
     if isinstance(ds, datasets.DatasetDict):
         chosen = "train" if "train" in ds else next(iter(ds))

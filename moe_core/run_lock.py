@@ -131,11 +131,19 @@ def _give_back(run_path: Path) -> None:
             (run_path / LEASE).unlink(missing_ok=True)
 
 
-def secondary_rank() -> bool:
-    """A process of a distributed launch (``accelerate launch``/``torchrun``) other than rank 0: it does not
-    take the lease; rank 0 holds it for the launch (and only rank 0 may write the run's files)."""
+def world_size() -> int:
+    """Processes of this distributed launch (``accelerate launch``/``torchrun`` set WORLD_SIZE); 1 alone."""
     try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def secondary_rank() -> bool:
+    """A process of a distributed launch other than rank 0: it does not take the lease; rank 0 holds it
+    for the launch (and only rank 0 may write the run's files)."""
+    try:
+        return world_size() > 1 and int(os.environ.get("RANK", "0")) != 0
     except ValueError:
         return False
 

@@ -152,9 +152,9 @@ def launch_roles() -> tuple[bool, Any]:
     Under ``accelerate launch`` every rank runs the step; only rank 0 stages, records and commits,
     the others wait for it and train in the same stage folder (the Trainer shards whole batches).
     """
-    from .run_lock import secondary_rank
+    from .run_lock import secondary_rank, world_size
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return True, lambda: None
     import torch
     from accelerate import PartialState  # joins the launch's process group (the Trainer's arguments reuse it)

@@ -15,7 +15,7 @@ import streamlit as st
 
 from moe_core import batches as bp
 from moe_core.prompts import (
-    PromptLoadError, demo_sets, detect_prompt_column, list_columns, load_prompts, pair_by_row,
+    FORMATS, PromptLoadError, demo_sets, detect_prompt_column, list_columns, load_prompts, pair_by_row,
 )
 from moe_core.runs import atomic_write_bytes
 from moe_core.types import PromptItem
@@ -90,7 +90,7 @@ def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
     name: str | None = None
     split: str | None = None
     if mode == "upload":
-        f = st.file_uploader(f"{label} file", type=["csv", "json", "jsonl", "parquet"], key=f"up_{label}",
+        f = st.file_uploader(f"{label} file", type=[suffix.lstrip(".") for suffix in FORMATS], key=f"up_{label}",
                              label_visibility="collapsed")
         if f is not None:
             source, name = f.getvalue(), f.name

@@ -44,11 +44,12 @@ def test_cli_analyze_and_select_on_a_local_model_dir(tmp_path, model_dir, capsys
     assert rc == 0
     (run_dir,) = list(root.iterdir())
     assert (run_dir / "risk" / "aggregated.parquet").exists()
-    rc = main(["--runs-root", str(root), "select", "--run", run_dir.name, "--method", "top_n", "--n", "3"])
+    rc = main(["select", "--run", run_dir.name, "--method", "top_n", "--n", "3", "--runs-root", str(root)])  # after the command too
     assert rc == 0
     mask = json.loads((run_dir / "masks" / "unsafe_experts.json").read_text())
     assert sum(len(v) for v in mask["experts"].values()) == 3
     assert "L" in capsys.readouterr().out
+    assert main(["runs", "--runs-root", str(root)]) == 0 and run_dir.name in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):

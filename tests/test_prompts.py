@@ -216,6 +216,21 @@ def test_parquet_and_json_strings(tmp_path):
     assert len(load_prompts(js.read_bytes(), label="safe")) == 2
 
 
+def test_a_text_file_is_one_prompt_per_line(tmp_path, monkeypatch):
+    """A .txt list of prompts loads line by line (blank lines skipped, one CSV-looking comma kept); a missing
+    ``prompts.txt`` is "no such file", never a Hugging Face dataset name looked up on the hub."""
+    txt = tmp_path / "mine.txt"
+    txt.write_text("How do I bake bread?\n\n  Name three rivers, please  \nWrite a poem, then stop.\n")
+    items = load_prompts(txt, label="unsafe")
+    assert [i.text for i in items] == ["How do I bake bread?", "Name three rivers, please", "Write a poem, then stop."]
+    assert {i.label for i in items} == {"unsafe"}
+    assert [i.text for i in load_prompts(txt.read_bytes(), name="up.txt", label="safe")] == [i.text for i in items]
+    monkeypatch.chdir(tmp_path)
+    assert load_prompts("mine.txt", label="safe")[0].id == f"{tmp_path.name}/mine:0"  # not "/mine:0" for a bare name
+    with pytest.raises(PromptLoadError, match="no such file"):
+        load_prompts("typo.txt", label="safe")
+
+
 def test_detect_prompt_column_priority():
     assert detect_prompt_column(["text", "Goal", "prompt"]) == "prompt"
     assert detect_prompt_column(["Behavior", "Goal", "Target"]) == "Goal"
