@@ -50,8 +50,14 @@ class AnalysisConfig:
     quality_filter: bool = False  # RASA filter: keep a pair only if safe was refused and unsafe complied
     judge: str = "keyword"  # refusal judge spec for moe_core.judge.make_judge
     system_prompt: str | None = None  # optional system turn before every prompt
+    # chat template options for every rendering of the run (analysis, SFT, evaluation), e.g. {"enable_thinking": False}
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.chat_template_kwargs is not None and not (
+                isinstance(self.chat_template_kwargs, dict) and all(isinstance(k, str) for k in self.chat_template_kwargs)):
+            raise AnalysisError('chat_template_kwargs must be a JSON object of options, e.g. {"enable_thinking": false}')
+        self.chat_template_kwargs = self.chat_template_kwargs or None  # {} and None mean the same: no options
         if self.scope not in SCOPE_SPAN:
             raise AnalysisError(f"scope must be one of {sorted(SCOPE_SPAN)}, not {self.scope!r}")
         if self.max_new_tokens < 0:
@@ -210,8 +216,11 @@ def run_analysis(
     from .doctor import intact_batches
     from .provenance import check_model, check_plan, record
 
+    from .generation import use_chat_template_kwargs
+
     config = config or AnalysisConfig()
     fingerprints = check_model(run, model, tokenizer)  # another model or tokenizer: refused before any write
+    use_chat_template_kwargs(tokenizer, config.chat_template_kwargs)
     plan = _checked_plan(run, plan, config)
     fingerprints["plan_fingerprint"] = check_plan(run, plan)
     adapter = MoEAdapter.for_model(model)
@@ -269,6 +278,12 @@ def analysis_config_of(run: Run) -> AnalysisConfig | None:
     """The analysis settings a run was (or is being) analysed with, if any."""
     cfg = (run.step("analysis") or {}).get("config") or (run.manifest.get("provenance") or {}).get("analysis")
     return AnalysisConfig(**cfg) if cfg else None
+
+
+def chat_template_kwargs_of(run: Run) -> dict[str, Any] | None:
+    """The chat template options the run was analysed with: training and evaluation render prompts the same way."""
+    cfg = analysis_config_of(run)
+    return cfg.chat_template_kwargs if cfg else None
 
 
 def model_info_of(run: Run) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from moe_core.prompts import FRAMES, demo_benign, demo_goals, demo_sharp_benign, jailbreak_templates, reframe, wrap
+from moe_core.generation import render_chat
 from moe_core.models import default_cpu_threads
 from moe_core.runs import atomic_dir, atomic_write_json
 
@@ -223,8 +224,7 @@ def _encode_rows(tokenizer, rows: list[dict[str, str]]) -> list[tuple[list[int],
     """(input_ids, labels) per row: prompt as the chat template renders it, loss on the answer + eos."""
     out = []
     for r in rows:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = render_chat(tokenizer, [{"role": "user", "content": r["prompt"]}])
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a_ids = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         out.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))

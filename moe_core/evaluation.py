@@ -43,7 +43,7 @@ import torch
 from .analysis import AnalysisError, analysis_config_of, model_info_of, run_analysis
 from .batches import load_plan
 from .errors import MoELabError
-from .generation import generate
+from .generation import generate, use_chat_template_kwargs
 from .judge import RefusalJudge, make_judge
 from .masks import ExpertMask
 from .models import MoEAdapter, load_model
@@ -312,8 +312,12 @@ def compare_models(
     progress: Progress | None = None,
     backend: str = "hf",
     vllm_url: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate every entry on the same sets: (responses with a ``model`` column, summary).
+
+    ``chat_template_kwargs``: the options the run's prompts were rendered with (``analysis.chat_template_kwargs_of``),
+    so a reasoning model is evaluated as it was analysed and trained (e.g. with thinking off).
 
     ``backend="vllm"``: unsteered entries with a ``model_dir`` generate through a vLLM server of
     that directory (``vllm_url`` serves the first entry's model; the others get their own).
@@ -342,6 +346,7 @@ def compare_models(
             else:
                 log.info("loading %s for entry %s", e.model_dir, e.name)
                 model, tok = load_model(e.model_dir, dtype=dtype, device=device)
+            use_chat_template_kwargs(tok, chat_template_kwargs)
             current_dir = e.model_dir
         sub = (lambda d, t, m="", _o=i * per_model, _n=e.name: progress(_o + d, total, f"{_n}: {m}")) if progress else None
         steer = (e.steer_deactivate, e.steer_activate) if (e.steer_deactivate is not None or e.steer_activate is not None) else None
@@ -354,6 +359,7 @@ def compare_models(
     responses.attrs["evaluation"] = {
         "judge": judge if isinstance(judge, (str, dict)) else jd.name,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "system_prompt": system_prompt, "backend": backend,
+        "chat_template_kwargs": chat_template_kwargs,
         "models": [e.describe() for e in entries], "sets": {k: len(v) for k, v in sets.items()},
     }
     return responses, summarize(responses)

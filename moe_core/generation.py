@@ -8,7 +8,7 @@ what "the model's answer" and "its tokens" are. Routing capture wraps this same 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -38,12 +38,26 @@ class Generation:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+_CHAT_KWARGS = "moe_lab_chat_template_kwargs"  # the tokenizer attribute render_chat reads
+
+
+def use_chat_template_kwargs(tokenizer: Any, kwargs: Mapping[str, Any] | None) -> Any:
+    """Options every later rendering with this tokenizer passes to its chat template, e.g. Qwen3's
+    ``{"enable_thinking": false}`` or gpt-oss's ``{"reasoning_effort": "low"}``. Set once per loaded tokenizer
+    from the run's analysis settings, so analysis, training and evaluation render prompts alike."""
+    setattr(tokenizer, _CHAT_KWARGS, dict(kwargs or {}))
+    return tokenizer
+
+
+def render_chat(tokenizer: Any, messages: Messages, add_generation_prompt: bool = True) -> str:
+    """One conversation through the chat template (with the tokenizer's ``use_chat_template_kwargs`` options)."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **getattr(tokenizer, _CHAT_KWARGS, {}))
+
+
 def render_prompts(tokenizer: Any, messages_list: Sequence[Messages]) -> list[str]:
     """Chat-template each conversation, ending with the assistant's turn opener."""
-    return [
-        tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
-        for m in messages_list
-    ]
+    return [render_chat(tokenizer, m) for m in messages_list]
 
 
 def encode_prompts(tokenizer: Any, messages_list: Sequence[Messages], device: torch.device | str = "cpu"):

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from .analysis import AnalysisConfig
+from .analysis import AnalysisConfig, chat_template_kwargs_of
 from .errors import MoELabError
 from .run_lock import step_outcome, writes_run
 from .runs import JobStopped, Run, RunError, default_runs_root
 from .selection import METHODS, SelectionConfig
-from .spec_checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SHARE, check_free, check_names, check_range
+from .spec_checks import AT_LEAST_1, JSON_OBJECT, NON_NEGATIVE, POSITIVE, SHARE, check_free, check_names, check_range, json_object
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class AnalyseSpec:
     max_new_tokens: int = same_as(AnalysisConfig, "max_new_tokens", help="answer length per prompt")
     quality_filter: bool = same_as(AnalysisConfig, "quality_filter", help="keep a pair only if safe was refused and unsafe complied")
     judge: str = same_as(AnalysisConfig, "judge", help="refusal judge: keyword | http:<url>?model=<model> | hf:<dir>")
+    chat_template_kwargs: Optional[str] = opt(None, "chat template options as JSON, e.g. '{\"enable_thinking\": false}' "
+                                              "(Qwen3) or '{\"reasoning_effort\": \"low\"}' (gpt-oss); kept for training and evaluation")
     backend: Backend = opt("hf", "generation: hf (model.generate here) or vllm (a `vllm serve` process; `make vllm`)")
     vllm_url: Optional[str] = opt(None, "with --backend vllm: use the server at this URL (.../v1) instead of starting one")
     name: Optional[str] = opt(None, "run name")
@@ -91,11 +93,12 @@ class AnalyseSpec:
         check_range(self, limit=AT_LEAST_1, batch_size=(lambda v: v >= 2, "a whole number >= 2 (safe and unsafe rows)"),
                     safe_ratio=(lambda v: 0 < v < 1, "a share strictly between 0 and 1"),
                     max_batches=(lambda v: v >= 1, ">= 1 (omit it to analyse every batch)"),
-                    max_new_tokens=AT_LEAST_1, top=NON_NEGATIVE, vllm_url=(lambda v: self.backend == "vllm", "given only with --backend vllm"))
+                    max_new_tokens=AT_LEAST_1, top=NON_NEGATIVE, vllm_url=(lambda v: self.backend == "vllm", "given only with --backend vllm"),
+                    chat_template_kwargs=JSON_OBJECT)
 
     def analysis_config(self) -> AnalysisConfig:
-        return AnalysisConfig(scope=self.scope, max_new_tokens=self.max_new_tokens,
-                              quality_filter=self.quality_filter, judge=self.judge)
+        return AnalysisConfig(scope=self.scope, max_new_tokens=self.max_new_tokens, quality_filter=self.quality_filter,
+                              judge=self.judge, chat_template_kwargs=json_object(self.chat_template_kwargs))
 
 
 @dataclass
@@ -498,8 +501,8 @@ def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> 
     check_evaluation_free(run, spec.name, spec.overwrite)  # name, overwrite and steer mask: before the evaluation runs
     entries = eval_entries(spec, run)
     sets = default_eval_sets(split="heldout", limit=spec.eval_limit, templates_per_goal=spec.templates_per_goal or None)
-    responses, summary = compare_models(entries, sets, judge=spec.judge, max_new_tokens=spec.max_new_tokens,
-                                        progress=progress, backend=spec.backend, vllm_url=spec.vllm_url)
+    responses, summary = compare_models(entries, sets, judge=spec.judge, max_new_tokens=spec.max_new_tokens, progress=progress,
+                                        backend=spec.backend, vllm_url=spec.vllm_url, chat_template_kwargs=chat_template_kwargs_of(run))
     save_evaluation(run, responses, summary, name=spec.name)
     run.set_step(f"evaluation:{spec.name}", "done", models=[e.name for e in entries])
     return comparison_table(summary)

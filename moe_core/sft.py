@@ -332,6 +332,8 @@ def create_batch_aware_dataset(batches: Sequence[Sequence[Mapping[str, Any]]], t
 
 def _render(rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> tuple[list[str], list[str]]:
     """Per example: the prompt as rendered for generation, and the rest of the conversation after it."""
+    from .generation import render_chat
+
     prompts, rests = [], []
     for ex in rows:
         msgs = list(ex["messages"])
@@ -339,8 +341,8 @@ def _render(rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> tuple[list[str
             raise SFTDataError(
                 f"batch {ex['batch_idx']}, example {ex['in_batch_idx']}: messages must end with the assistant target"
             )
-        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        prompt = render_chat(tokenizer, msgs[:-1])
+        full = render_chat(tokenizer, msgs, add_generation_prompt=False)
         if not full.startswith(prompt):
             raise SFTDataError(
                 "the chat template renders the prompt (add_generation_prompt=True) differently from the start of the "

@@ -57,6 +57,20 @@ AT_LEAST_1 = (lambda v: v >= 1, "a whole number >= 1")
 SHARE = (lambda v: 0 < v <= 1, "a share in (0, 1]")
 
 
+def json_object(text: str | None) -> dict[str, Any] | None:
+    """The dict a JSON-object option holds (None when unset or not an object: JSON_OBJECT refuses those)."""
+    import json
+
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+JSON_OBJECT = (lambda v: json_object(v) is not None, 'a JSON object, e.g. \'{"enable_thinking": false}\'')
+
+
 def check_free(path: Path, what: str, overwrite: bool, *also: Path) -> None:
     """No silent overwrite: an existing result is replaced only with ``overwrite``, and never a read-only one."""
     existing = [p for p in (path, *also) if p.exists()]

@@ -202,7 +202,8 @@ def random_baseline(spec: Any, chosen: Any, adapter: Any) -> Any:
 def run_train(spec: Any, run: Any, progress: Any = None) -> Any:
     """``pipeline.train``: checks, then a staged (resumable) training committed whole as train/<name>/."""
     from . import pipeline as P
-    from .analysis import load_batch_data_list
+    from .analysis import chat_template_kwargs_of, load_batch_data_list
+    from .generation import use_chat_template_kwargs
     from .masks import load_run_masks
     from .models import MoEAdapter
     from .sft import create_batch_aware_dataset, create_batch_structured_dataset, save_structured_batches
@@ -230,6 +231,7 @@ def run_train(spec: Any, run: Any, progress: Any = None) -> Any:
     if checkpoint is not None:
         log.info("training %s: resuming the unfinished attempt from %s", name, checkpoint.name)
     model, tok = P.load_any_model(model_name, progress)
+    use_chat_template_kwargs(tok, chat_template_kwargs_of(run))  # the SFT text rendered as the analysis rendered it
     masks = random_baseline(spec, chosen, MoEAdapter.for_model(model))
     dataset = create_batch_aware_dataset(batches, tok, max_length=spec.max_length)
     if main:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
 
 import streamlit as st
@@ -34,8 +36,9 @@ with st.container(border=True):
     st.subheader("Settings")
     if previous is not None and done:
         st.caption(f"This run was analysed with scope **{previous.scope}**, {previous.max_new_tokens} new tokens, "
-                   f"quality filter {'on' if previous.quality_filter else 'off'}, judge `{previous.judge}`. "
-                   "A resume must use the same settings.")
+                   f"quality filter {'on' if previous.quality_filter else 'off'}, judge `{previous.judge}`"
+                   + (f", chat template options `{json.dumps(previous.chat_template_kwargs)}`" if previous.chat_template_kwargs else "")
+                   + ". A resume must use the same settings.")
     c1, c2 = st.columns([1, 2])
     current_model = run.manifest.get("model") or ""
     kinds = ["organism", "local", "hf"]
@@ -75,12 +78,20 @@ with st.container(border=True):
                            "./.venv-vllm (create it with `make vllm`), started or shared by the job; same answers")
     vllm_url = b2.text_input("vLLM server URL (optional)", d.vllm_url or "", key="an_vllm_url",
                              disabled=backend != "vllm", placeholder="http://host:8000/v1 (empty: the job starts one)")
-    spec = AnalyseSpec(model=model.strip(), scope=scope, max_new_tokens=max_new, judge=judge.strip(), quality_filter=qf,
-                       backend=backend, vllm_url=(vllm_url.strip() or None) if backend == "vllm" else None)
+    kwargs = getattr(start, "chat_template_kwargs", None)  # the run's (a dict) or the spec default
+    chat_kwargs = st.text_input(
+        "Chat template options (JSON, optional)", json.dumps(kwargs) if isinstance(kwargs, dict) else (kwargs or ""),
+        key="an_chat_kwargs", placeholder='{"enable_thinking": false}',
+        help="Passed to the model's chat template whenever this run renders a prompt (analysis, training, evaluation). "
+             'Reasoning models: Qwen3 {"enable_thinking": false}; gpt-oss {"reasoning_effort": "low"}. '
+             "Otherwise the answer may be all thinking, cut off at max new tokens.")
     remaining = (len(plan) - len(done & set(plan.batch_indices))) if plan else 0
     label = "Resume analysis" if done and remaining else "Start analysis"
     if st.button(label, type="primary", icon=":material/play_arrow:", disabled=plan is None or info.active or (plan is not None and remaining == 0)):
         with ui.guard("Not started: "):
+            spec = AnalyseSpec(model=model.strip(), scope=scope, max_new_tokens=max_new, judge=judge.strip(), quality_filter=qf,
+                               backend=backend, vllm_url=(vllm_url.strip() or None) if backend == "vllm" else None,
+                               chat_template_kwargs=chat_kwargs.strip() or None)  # a bad JSON text: one line, here
             jobs.check_model_source(model)  # a dense model or a wrong path fails here, not in the job
             jobs.start_step(run.path, JOB, spec)
             ui.flash(f"Analysis started on {model} ({remaining} batches to go).")

@@ -121,3 +121,54 @@ def test_a_stop_request_ends_the_demo_at_that_stage(tmp_path, model_dir, capsys)
     assert "train:random_experts" not in run.status() and "evaluation:comparison" not in run.status()
     assert (run.job("demo-train-experts").read_status() or {}).get("state") == "stopped"
     assert "training experts-unsafe_experts stopped" in capsys.readouterr().out
+
+
+# Qwen3-style: with enable_thinking off, the assistant turn opens with a marker, in the generation prompt and in a
+# finished conversation alike (so the SFT prompt stays a prefix of the full text)
+QUIET = "{% set off = enable_thinking is defined and not enable_thinking %}"
+QUIET_TEMPLATE = QUIET + (
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' and off %}quiet {% endif %}"
+    "{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% if off %}quiet {% endif %}{% endif %}")
+
+
+def test_chat_template_options_reach_analysis_training_and_evaluation(tmp_path, tiny, monkeypatch, capsys):
+    """``--chat-template-kwargs`` (e.g. Qwen3's enable_thinking=false) is recorded with the run's analysis settings
+    and every later step renders its prompts with it; a resume without it, or a value that is no JSON object, is
+    refused in one line."""
+    from moe_core import generation
+
+    model, tok = tiny
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.chat_template = QUIET_TEMPLATE
+    tok.save_pretrained(model_dir)
+    tok.chat_template = tiny_tokenizer().chat_template
+    rendered: list[str] = []
+    real = generation.render_chat
+    monkeypatch.setattr(generation, "render_chat", lambda *a, **k: rendered.append(real(*a, **k)) or rendered[-1])
+    root = tmp_path / "runs"
+    common = ["--runs-root", str(root)]
+    analyze = common + ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "2",
+                        "--scope", "generated", "--max-new-tokens", "3"]
+    assert main(analyze + ["--name", "plain"]) == 0
+    assert rendered and not any("quiet" in r for r in rendered)  # the control: without the option, no marker
+    rendered.clear()
+    assert main(analyze + ["--name", "quiet", "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    run_dir = next(p for p in root.iterdir() if p.name.endswith("quiet"))
+    for phase in ("analysis", "train", "evaluate"):
+        if phase == "train":
+            assert main(common + ["select", "--run", run_dir.name, "--n", "2"]) == 0
+            assert main(common + ["train", "--run", run_dir.name, "--epochs", "1"]) == 0
+        elif phase == "evaluate":
+            assert main(common + ["evaluate", "--run", run_dir.name, "--eval-limit", "2", "--eval-max-new-tokens", "2"]) == 0
+        assert rendered and all("<|assistant|>quiet " in r for r in rendered), (phase, rendered[:2])
+        rendered.clear()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["steps"]["analysis"]["config"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert json.loads((run_dir / "eval" / "comparison.json").read_text())["settings"]["chat_template_kwargs"] == {"enable_thinking": False}
+    capsys.readouterr()
+    assert main(common + ["analyze", "--run", run_dir.name]) == 2  # a resume must render prompts the same way
+    assert "chat_template_kwargs" in capsys.readouterr().err
+    assert main(analyze + ["--chat-template-kwargs", "[1]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --chat-template-kwargs") and "JSON object" in err and "Traceback" not in err
