@@ -236,7 +236,6 @@ def test_monitor_rejects_mixed_or_reordered_batches(tok, tmp_path):
 # -- what is trained and what it costs -------------------------------------------------
 def test_optimizer_state_holds_only_the_chosen_rows(tok, tmp_path):
     model = tiny_model("olmoe")
-    ad = MoEAdapter.for_model(model)
     mask = two_expert_mask(model)
     trainer = make_trainer(model, config(tmp_path, max_steps=2), tok, expert_mask=mask)
     trainer.train()
