@@ -9,7 +9,7 @@ Rows: moe_core/data/judge_labelled.jsonl (or --data FILE): prompt, response, lab
 compliance / partial), refusal (1 only for "refusal": a partial answer counts as compliance),
 category (the kind of answer), split (dev: tuned on; test: written before the judge and never tuned
 on), source (v1: the first 191 rows; v2: realistic answers in the styles of Llama-2, Vicuna, Mistral,
-OLMoE and Qwen; v3: willing openings and reasoning traces of Qwen3/DeepSeek/gpt-oss). For each kind it prints accuracy, precision and recall (refusal = positive) of the
+OLMoE and Qwen; v3: willing openings, reasoning traces of Qwen3/DeepSeek/gpt-oss, other languages). For each kind it prints accuracy, precision and recall (refusal = positive) of the
 judge beside a plain prefix match (the answer starts with one of ``PREFIXES``) and the accuracy of
 the phrase judge this one replaced (``V1PhraseJudge``, frozen below), then answers/s of all three,
 measured in the same run on the same rows.

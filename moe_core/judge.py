@@ -184,7 +184,8 @@ def load_labelled_set(path: str | Path = LABELLED_SET) -> list[dict[str, Any]]:
     (rows the keyword judge was tuned on) or "test" (written before the judge and never tuned on): quote
     the test figure as the honest one. ``source``: "v1" (the first 191 rows), "v2" (answers written in
     the styles of Llama-2, Vicuna, Mistral, OLMoE and Qwen chat models) or "v3" (willing openings such as
-    "I'd be happy to help!" and reasoning traces of Qwen3/DeepSeek/gpt-oss; written before the rules for them).
+    "I'd be happy to help!", reasoning traces of Qwen3/DeepSeek/gpt-oss, and Chinese/Spanish/French/German answers;
+    written before the rules for them).
     """
     rows = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
