@@ -64,7 +64,7 @@ class AnalyseSpec:
     """Prompts -> mixed batches -> routing -> per-batch risk differences."""
 
     # prompts and batches
-    safe: Optional[str] = opt(None, "safe prompt file (CSV, JSON, JSONL, Parquet) or HF dataset name")
+    safe: Optional[str] = opt(None, "safe prompt file (CSV, TSV, JSON, JSONL, Parquet, .txt one per line) or HF dataset name")
     unsafe: Optional[str] = opt(None, "unsafe prompt file or HF dataset name")
     safe_column: Optional[str] = opt(None, "column holding the safe prompts (auto-detected if omitted)")
     unsafe_column: Optional[str] = opt(None, "column holding the unsafe prompts (auto-detected if omitted)")
