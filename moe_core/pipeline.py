@@ -2,10 +2,9 @@
 
     analyse -> select -> train -> evaluate      (demo = all four on the organism; study = many of them)
 
-Each step is a dataclass spec plus a function ``step(spec, run, ...)``. The CLI is generated from
-these dataclasses (``cli.py``, with ``HfArgumentParser``), the app's pages build the same specs
-and launch them as jobs (``jobs.start_step``), and :func:`to_argv` turns a spec back into the
-command line that reproduces it. So a default changes in exactly one place::
+Each step is a dataclass spec plus a function ``step(spec, run, ...)``. The CLI is generated from these
+dataclasses (``cli.py``, ``HfArgumentParser``), the pages build the same specs and launch them as jobs
+(``jobs.start_step``), :func:`to_argv` gives a spec's command line. A default changes in one place::
 
     from moe_core import pipeline as P
     run = P.analyse(P.AnalyseSpec(model="organism", scope="prompt"))
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from .analysis import AnalysisConfig, chat_template_kwargs_of
+from .analysis import AnalysisConfig, analysis_config_of
 from .errors import MoELabError
 from .run_lock import step_outcome, writes_run
 from .runs import JobStopped, Run, RunError, default_runs_root
@@ -84,6 +83,7 @@ class AnalyseSpec:
     judge: str = same_as(AnalysisConfig, "judge", help="refusal judge: keyword | http:<url>?model=<model> | hf:<dir>")
     chat_template_kwargs: Optional[str] = opt(None, "chat template options as JSON, e.g. '{\"enable_thinking\": false}' "
                                               "(Qwen3) or '{\"reasoning_effort\": \"low\"}' (gpt-oss); kept for training and evaluation")
+    system_prompt: Optional[str] = same_as(AnalysisConfig, "system_prompt", help="a system turn before every prompt; kept for training and evaluation")
     backend: Backend = opt("hf", "generation: hf (model.generate here) or vllm (a `vllm serve` process; `make vllm`)")
     vllm_url: Optional[str] = opt(None, "with --backend vllm: use the server at this URL (.../v1) instead of starting one")
     name: Optional[str] = opt(None, "run name")
@@ -97,8 +97,8 @@ class AnalyseSpec:
                     chat_template_kwargs=JSON_OBJECT)
 
     def analysis_config(self) -> AnalysisConfig:
-        return AnalysisConfig(scope=self.scope, max_new_tokens=self.max_new_tokens, quality_filter=self.quality_filter,
-                              judge=self.judge, chat_template_kwargs=json_object(self.chat_template_kwargs))
+        return AnalysisConfig(scope=self.scope, max_new_tokens=self.max_new_tokens, quality_filter=self.quality_filter, judge=self.judge,
+                              system_prompt=self.system_prompt or None, chat_template_kwargs=json_object(self.chat_template_kwargs))
 
 
 @dataclass
@@ -286,9 +286,8 @@ COMMANDS: dict[str, type] = {"analyze": AnalyseSpec, "select": SelectSpec, "trai
 
 def command_of(spec: Any) -> str:
     """The CLI subcommand that runs ``spec``."""
-    for name, cls in COMMANDS.items():
-        if type(spec) is cls:
-            return name
+    for name in (n for n, cls in COMMANDS.items() if type(spec) is cls):
+        return name
     raise MoELabError(f"{type(spec).__name__} is not a pipeline step spec")
 
 
@@ -501,8 +500,9 @@ def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> 
     check_evaluation_free(run, spec.name, spec.overwrite)  # name, overwrite and steer mask: before the evaluation runs
     entries = eval_entries(spec, run)
     sets = default_eval_sets(split="heldout", limit=spec.eval_limit, templates_per_goal=spec.templates_per_goal or None)
-    responses, summary = compare_models(entries, sets, judge=spec.judge, max_new_tokens=spec.max_new_tokens, progress=progress,
-                                        backend=spec.backend, vllm_url=spec.vllm_url, chat_template_kwargs=chat_template_kwargs_of(run))
+    r = analysis_config_of(run) or AnalysisConfig()  # prompts rendered as the run's analysis and training rendered them
+    responses, summary = compare_models(entries, sets, judge=spec.judge, max_new_tokens=spec.max_new_tokens, progress=progress, backend=spec.backend,
+                                        vllm_url=spec.vllm_url, system_prompt=r.system_prompt, chat_template_kwargs=r.chat_template_kwargs)
     save_evaluation(run, responses, summary, name=spec.name)
     run.set_step(f"evaluation:{spec.name}", "done", models=[e.name for e in entries])
     return comparison_table(summary)

@@ -38,6 +38,7 @@ with st.container(border=True):
         st.caption(f"This run was analysed with scope **{previous.scope}**, {previous.max_new_tokens} new tokens, "
                    f"quality filter {'on' if previous.quality_filter else 'off'}, judge `{previous.judge}`"
                    + (f", chat template options `{json.dumps(previous.chat_template_kwargs)}`" if previous.chat_template_kwargs else "")
+                   + (f", system prompt “{ui.md_escape(previous.system_prompt)}”" if previous.system_prompt else "")
                    + ". A resume must use the same settings.")
     c1, c2 = st.columns([1, 2])
     current_model = run.manifest.get("model") or ""
@@ -79,7 +80,10 @@ with st.container(border=True):
     vllm_url = b2.text_input("vLLM server URL (optional)", d.vllm_url or "", key="an_vllm_url",
                              disabled=backend != "vllm", placeholder="http://host:8000/v1 (empty: the job starts one)")
     kwargs = getattr(start, "chat_template_kwargs", None)  # the run's (a dict) or the spec default
-    chat_kwargs = st.text_input(
+    p1, p2 = st.columns(2)
+    system = p1.text_input("System prompt (optional)", start.system_prompt or "", key="an_system",
+                           help="A system turn before every prompt of this run: analysis, training and evaluation.")
+    chat_kwargs = p2.text_input(
         "Chat template options (JSON, optional)", json.dumps(kwargs) if isinstance(kwargs, dict) else (kwargs or ""),
         key="an_chat_kwargs", placeholder='{"enable_thinking": false}',
         help="Passed to the model's chat template whenever this run renders a prompt (analysis, training, evaluation). "
@@ -91,6 +95,7 @@ with st.container(border=True):
         with ui.guard("Not started: "):
             spec = AnalyseSpec(model=model.strip(), scope=scope, max_new_tokens=max_new, judge=judge.strip(), quality_filter=qf,
                                backend=backend, vllm_url=(vllm_url.strip() or None) if backend == "vllm" else None,
+                               system_prompt=system.strip() or None,
                                chat_template_kwargs=chat_kwargs.strip() or None)  # a bad JSON text: one line, here
             jobs.check_model_source(model)  # a dense model or a wrong path fails here, not in the job
             jobs.start_step(run.path, JOB, spec)

@@ -261,7 +261,7 @@ def test_non_moe_model_folder_is_refused_before_launch(runs_root, tmp_path):
 
 def test_chat_template_options_are_checked_before_launch_and_passed_on(runs_root, monkeypatch):
     """The Analysis page's chat template box: text that is no JSON object is one error line and nothing starts;
-    a JSON object reaches the job's command line as --chat_template_kwargs."""
+    a JSON object (and a system prompt) reach the job's command line."""
     run = _run_with_plan(runs_root)
     launched = []
     monkeypatch.setattr(jobs, "start_job", lambda run, name, command, flags, env=None: launched.append(flags))
@@ -274,11 +274,13 @@ def test_chat_template_options_are_checked_before_launch_and_passed_on(runs_root
     assert any("JSON object" in e for e in errors(at)), errors(at)
     assert not launched
     at.text_input(key="an_chat_kwargs").input('{"enable_thinking": false}')
+    at.text_input(key="an_system").input("Be brief.")
     at.run()
     button(at, "Start analysis").click()
     at.run()
     (flags,) = launched
-    assert flags[flags.index(next(f for f in flags if "chat" in f)) + 1] == '{"enable_thinking": false}', flags
+    assert flags[flags.index("--chat-template-kwargs") + 1] == '{"enable_thinking": false}', flags
+    assert flags[flags.index("--system-prompt") + 1] == "Be brief.", flags
 
 
 def test_analysis_page_without_a_plan_says_what_to_do(runs_root):

@@ -132,9 +132,9 @@ QUIET_TEMPLATE = QUIET + (
 
 
 def test_chat_template_options_reach_analysis_training_and_evaluation(tmp_path, tiny, monkeypatch, capsys):
-    """``--chat-template-kwargs`` (e.g. Qwen3's enable_thinking=false) is recorded with the run's analysis settings
-    and every later step renders its prompts with it; a resume without it, or a value that is no JSON object, is
-    refused in one line."""
+    """``--chat-template-kwargs`` (e.g. Qwen3's enable_thinking=false) and ``--system-prompt`` are recorded with the
+    run's analysis settings and every later step renders its prompts with them; a resume without them, or a value
+    that is no JSON object, is refused in one line."""
     from moe_core import generation
 
     model, tok = tiny
@@ -153,7 +153,8 @@ def test_chat_template_options_reach_analysis_training_and_evaluation(tmp_path, 
     assert main(analyze + ["--name", "plain"]) == 0
     assert rendered and not any("quiet" in r for r in rendered)  # the control: without the option, no marker
     rendered.clear()
-    assert main(analyze + ["--name", "quiet", "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert main(analyze + ["--name", "quiet", "--chat-template-kwargs", '{"enable_thinking": false}',
+                           "--system-prompt", "Be brief."]) == 0
     run_dir = next(p for p in root.iterdir() if p.name.endswith("quiet"))
     for phase in ("analysis", "train", "evaluate"):
         if phase == "train":
@@ -161,11 +162,13 @@ def test_chat_template_options_reach_analysis_training_and_evaluation(tmp_path, 
             assert main(common + ["train", "--run", run_dir.name, "--epochs", "1"]) == 0
         elif phase == "evaluate":
             assert main(common + ["evaluate", "--run", run_dir.name, "--eval-limit", "2", "--eval-max-new-tokens", "2"]) == 0
-        assert rendered and all("<|assistant|>quiet " in r for r in rendered), (phase, rendered[:2])
+        assert rendered and all("<|assistant|>quiet " in r and r.startswith("<|system|>Be brief.") for r in rendered), (
+            phase, rendered[:2])
         rendered.clear()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["steps"]["analysis"]["config"]["chat_template_kwargs"] == {"enable_thinking": False}
-    assert json.loads((run_dir / "eval" / "comparison.json").read_text())["settings"]["chat_template_kwargs"] == {"enable_thinking": False}
+    settings = json.loads((run_dir / "eval" / "comparison.json").read_text())["settings"]
+    assert settings["chat_template_kwargs"] == {"enable_thinking": False} and settings["system_prompt"] == "Be brief."
     capsys.readouterr()
     assert main(common + ["analyze", "--run", run_dir.name]) == 2  # a resume must render prompts the same way
     assert "chat_template_kwargs" in capsys.readouterr().err
