@@ -258,6 +258,20 @@ def clicked_point(event: Any, memo_key: str, fields: tuple[str, ...] = ("y", "x"
     return found
 
 
+def backend_choice(prefix: str, spec: Any, backend_help: str, url_label: str) -> tuple[str, str | None]:
+    """The generation backend and, for vLLM, the server URL (widgets ``{prefix}_backend``, ``{prefix}_vllm_url``)
+    with ``spec``'s defaults -> (backend, url or None): the Analysis and Evaluation pages ask the same way."""
+    from moe_core.pipeline import Backend
+
+    choices = list(Backend.__args__)
+    b1, b2 = st.columns([1, 2])
+    backend = b1.selectbox("Generation backend", choices, index=choices.index(spec.backend), key=f"{prefix}_backend",
+                           help=backend_help)
+    url = b2.text_input(url_label, spec.vllm_url or "", key=f"{prefix}_vllm_url", disabled=backend != "vllm",
+                        placeholder="http://host:8000/v1 (empty: the job starts one)")
+    return backend, (url.strip() or None) if backend == "vllm" else None
+
+
 def clicked_cell(event: Any, memo_key: str) -> tuple[int, int] | None:
     """(layer, expert) of a new click on a layer x expert heatmap (its click layer: x = expert, y = layer)."""
     cell = clicked_point(event, memo_key, ("y", "x"))

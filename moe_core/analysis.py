@@ -137,13 +137,7 @@ def analyse_batch(
 
     span = SCOPE_SPAN[config.scope]
     ids = {lab: [s.routing.select(span)[0] for s, it, k in zip(samples, items, keep) if k and it.label == lab] for lab in ("safe", "unsafe")}
-    k = adapter.top_k
-    n_moe = len(adapter.moe_layers)
-
-    def cat(arrs: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(arrs, axis=1) if arrs else np.zeros((n_moe, 0, k), dtype=np.int16)
-
-    table = risk_table(batch.batch_idx, cat(ids["safe"]), cat(ids["unsafe"]), adapter.num_experts, layers=adapter.moe_layers)
+    table = batch_risk_table(batch.batch_idx, ids["safe"], ids["unsafe"], adapter.num_experts, adapter.moe_layers, adapter.top_k)
     outputs = {
         "batch_idx": batch.batch_idx,
         "scope": config.scope,
@@ -172,6 +166,16 @@ def analyse_batch(
         ],
     }
     return samples, outputs, table
+
+
+def batch_risk_table(batch_idx: int, safe: list[np.ndarray], unsafe: list[np.ndarray], num_experts: int,
+                     moe_layers: Sequence[int], top_k: int) -> pd.DataFrame:
+    """A batch's risk table from the routed expert ids ([moe layers, tokens, k] each) of its kept safe and
+    unsafe samples; the analysis and the doctor's recompute share it, so both give the same values."""
+    def cat(arrs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(arrs, axis=1) if arrs else np.zeros((len(moe_layers), 0, top_k), dtype=np.int16)
+
+    return risk_table(batch_idx, cat(safe), cat(unsafe), num_experts, layers=moe_layers)
 
 
 # -- the job ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import os
 import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence, get_args
 
 import numpy as np
 
@@ -31,10 +31,11 @@ from .errors import MoELabError
 from .generation import Generation, Messages, generate_batch
 from .models import MoEAdapter
 from .routing import SPAN_GENERATED, SPAN_RESPONSE, RoutedSample, SampleRouting, expert_id_dtype, route_sequences
-from .vllm_server import Server, ServerSettings, VLLMError, log_tail, serve
+from .job_events import log_tail
+from .vllm_server import Server, ServerSettings, VLLMError, serve
 
 Backend = Literal["hf", "vllm"]
-BACKENDS = ("hf", "vllm")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 SOURCE_HF_GENERATE = "hf-generate"  # router hooks during model.generate
 SOURCE_TEACHER_FORCED = "hf-teacher-forced"  # one HF forward over prompt + generated ids
 SOURCE_VLLM = "vllm-routed-experts"  # vLLM's enable_return_routed_experts

@@ -153,8 +153,7 @@ def intact_batches(run: Run) -> set[int]:
 
 def recompute_risk(run: Run, b: int) -> None:
     """Batch ``b``'s risk table again from its routing file and outputs (same values as the analysis)."""
-    from .analysis import SCOPE_SPAN, analysis_config_of
-    from .risk import risk_table
+    from .analysis import SCOPE_SPAN, analysis_config_of, batch_risk_table
     from .routing import load_batch_routing
     from .runs import read_json, write_parquet
 
@@ -163,13 +162,9 @@ def recompute_risk(run: Run, b: int) -> None:
     routing = load_batch_routing(run.path_for("routing", batch_idx=b))
     outputs = read_json(run.path_for("outputs", batch_idx=b))
     k = int(routing.meta.get("top_k") or routing[0].expert_ids.shape[-1])
-    n_moe = len(routing.moe_layers)
-
-    def cat(label: str) -> np.ndarray:
-        arrs = [routing[s["in_batch_idx"]].select(span)[0] for s in outputs["samples"] if s["kept"] and s["label"] == label]
-        return np.concatenate(arrs, axis=1) if arrs else np.zeros((n_moe, 0, k), dtype=np.int16)
-
-    table = risk_table(b, cat("safe"), cat("unsafe"), int(routing.meta["num_experts"]), layers=routing.moe_layers)
+    ids = {lab: [routing[s["in_batch_idx"]].select(span)[0] for s in outputs["samples"] if s["kept"] and s["label"] == lab]
+           for lab in ("safe", "unsafe")}
+    table = batch_risk_table(b, ids["safe"], ids["unsafe"], int(routing.meta["num_experts"]), routing.moe_layers, k)
     write_parquet(run.path_for("risk", batch_idx=b), table)
 
 

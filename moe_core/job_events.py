@@ -1,7 +1,7 @@
 """What a job has done and whether it is still alive: the append-only ``events.jsonl`` log
 (``JobEvents``, ``read_events``, ``latest_progress``) and the liveness checks (``pid_alive``,
-``job_state``). The job directory itself is ``moe_core.runs.Job``; every name here is also
-importable from ``moe_core.runs``.
+``job_state``), importable from ``moe_core.runs`` too; ``log_tail`` reads the end of a job's or a
+server's log. The job directory itself is ``moe_core.runs.Job``.
 """
 
 from __future__ import annotations
@@ -142,11 +142,36 @@ def job_state(status: dict[str, Any] | None, stale_after_s: float = 120.0, now: 
 INTERRUPTED = "interrupted"  # shown (never stored) for a "running" step whose process is gone
 
 
+def recorded_process_alive(record: dict[str, Any]) -> bool:
+    """Does the process a record names ({"pid", "host", "started"}: a step, a writer lease) still run?
+    On another host we cannot tell: it counts as alive."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return False
+    if record.get("host") not in (None, socket.gethostname()):
+        return True
+    return pid_alive(pid, _parse_time(record.get("started")))
+
+
 def step_status(step: dict[str, Any]) -> str:
     """The status a reader should show: a "running" step of a dead process (pid check) is "interrupted"."""
     status = str(step.get("status", "pending"))
-    pid = step.get("pid")
-    if status == "running" and isinstance(pid, int) and step.get("host") in (None, socket.gethostname()):
-        if not pid_alive(pid, _parse_time(step.get("started"))):
-            return INTERRUPTED
+    if status == "running" and isinstance(step.get("pid"), int) and not recorded_process_alive(step):
+        return INTERRUPTED
     return status
+
+
+def log_tail(path: str | Path, lines: int = 25, max_bytes: int = 64_000) -> str:
+    """The last ``lines`` non-empty lines of a log (read from its last ``max_bytes`` only); "" when unreadable."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    # tqdm redraws with carriage returns: keep only the last state of each line
+    rows = [r.rsplit("\r", 1)[-1] for r in data.replace("\r\n", "\n").split("\n")]
+    rows = [r for r in rows if r.strip()]
+    return "\n".join(rows[-lines:])

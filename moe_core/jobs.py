@@ -37,6 +37,7 @@ import psutil
 from .errors import MoELabError
 from .pipeline import COMMANDS as PIPELINE_STEPS
 from .pipeline import command_of, to_argv
+from .job_events import log_tail
 from .runs import JobBusyError, Run, pid_alive, atomic_write_json, job_state, read_events
 
 log = logging.getLogger(__name__)
@@ -224,21 +225,6 @@ def relaunch_flags(run: Run | str | Path, name: str) -> tuple[str, list[str]] | 
     return str(d["command"]), [str(f) for f in d.get("flags", [])]
 
 
-def _tail(path: Path, lines: int, max_bytes: int = 64_000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    # tqdm redraws with carriage returns: keep only the last state of each line
-    rows = [r.rsplit("\r", 1)[-1] for r in data.replace("\r\n", "\n").split("\n")]
-    rows = [r for r in rows if r.strip()]
-    return "\n".join(rows[-lines:])
-
-
 def _ts(s: Any) -> float | None:
     try:
         return _dt.datetime.fromisoformat(str(s)).timestamp()
@@ -322,7 +308,7 @@ def read_job(run: Run | str | Path, name: str, log_lines: int = 30) -> JobInfo:
         fraction=est["fraction"], eta_s=est["eta_s"] if state in ACTIVE_STATES else None,
         rate_per_s=est["rate_per_s"], started=status.get("started"), elapsed_s=est["elapsed_s"],
         pid=status.get("pid") or launch.get("pid"), error=error, argv=list(launch.get("argv") or []),
-        log_tail=_tail(log_path, log_lines), log_path=log_path if log_path.exists() else None, process_alive=alive,
+        log_tail=log_tail(log_path, log_lines), log_path=log_path if log_path.exists() else None, process_alive=alive,
     )
 
 

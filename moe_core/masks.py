@@ -265,3 +265,18 @@ def load_run_masks(run: Any, name: str, per_batch: bool) -> Any:
         raise MaskError(f"mask {name!r} is one global mask; --mask-mode per_batch needs a mask saved with "
                         "`select --per-batch`")
     return ExpertMask.load(path)
+
+
+def check_mask_fits(run: Any, masks: Any, name: str, what: str = "mask") -> None:
+    """A mask (or per-batch masks) must have the analysed model's [layers, experts] shape: refused before
+    a model loads or an evaluation runs, never after."""
+    from .analysis import model_info_of
+
+    info = model_info_of(run)
+    shape = (info.get("num_layers"), info.get("num_experts"))
+    if masks is None or None in shape:
+        return
+    for m in masks.values() if isinstance(masks, dict) else [masks]:
+        if tuple(m.shape) != shape:
+            raise MaskError(f"{what} {name!r} is {tuple(m.shape)} but the run's model has {shape[0]} layers x "
+                            f"{shape[1]} experts; select experts again on this run")

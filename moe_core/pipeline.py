@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 from .analysis import AnalysisConfig, analysis_config_of
+from .backends import Backend
 from .errors import MoELabError
 from .run_lock import step_outcome, writes_run
 from .runs import JobStopped, Run, RunError, default_runs_root
@@ -41,7 +42,6 @@ Method = Literal["top_n", "threshold", "per_layer", "top_p", "random"]
 MaskMode = Literal["union", "per_batch"]
 Baseline = Literal["experts", "full", "random_experts"]
 Consistency = Literal["none", "forward", "reverse", "symmetric", "js"]
-Backend = Literal["hf", "vllm"]  # moe_core.backends.BACKENDS
 assert set(Method.__args__) == set(METHODS), "selection methods and the spec's choices drifted apart"
 
 
@@ -55,6 +55,11 @@ def same_as(cls: type, name: str, **override: Any) -> Any:
     f = cls.__dataclass_fields__[name]
     meta = {**f.metadata, **override}
     return field(default=getattr(cls, name, f.default), metadata=meta)
+
+
+def _only_with_vllm(spec: Any) -> tuple[Callable[[Any], bool], str]:
+    """The rule of ``--vllm-url``: it names a vLLM server, so it goes with ``--backend vllm`` only."""
+    return (lambda v: spec.backend == "vllm", "given only with --backend vllm")
 
 
 # -- specs -------------------------------------------------------------------------------------
@@ -93,7 +98,7 @@ class AnalyseSpec:
         check_range(self, limit=AT_LEAST_1, batch_size=(lambda v: v >= 2, "a whole number >= 2 (safe and unsafe rows)"),
                     safe_ratio=(lambda v: 0 < v < 1, "a share strictly between 0 and 1"),
                     max_batches=(lambda v: v >= 1, ">= 1 (omit it to analyse every batch)"),
-                    max_new_tokens=AT_LEAST_1, top=NON_NEGATIVE, vllm_url=(lambda v: self.backend == "vllm", "given only with --backend vllm"),
+                    max_new_tokens=AT_LEAST_1, top=NON_NEGATIVE, vllm_url=_only_with_vllm(self),
                     chat_template_kwargs=JSON_OBJECT)
 
     def analysis_config(self) -> AnalysisConfig:
@@ -187,7 +192,7 @@ class EvaluateSpec:
 
     def __post_init__(self) -> None:
         check_range(self, eval_limit=AT_LEAST_1, templates_per_goal=(lambda v: v >= 0, "a whole number >= 0"),
-                    max_new_tokens=AT_LEAST_1, vllm_url=(lambda v: self.backend == "vllm", "given only with --backend vllm"))
+                    max_new_tokens=AT_LEAST_1, vllm_url=_only_with_vllm(self))
         check_names(self, "name", "steer_mask")
 
 
@@ -474,20 +479,15 @@ def train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Any:
 # -- evaluate ----------------------------------------------------------------------------------
 def eval_entries(spec: EvaluateSpec, run: Run) -> list:
     """Base model, every finished training of the run, and the base model steered by ``steer_mask``."""
-    from .analysis import model_info_of
     from .evaluation import EvalEntry
-    from .masks import ExpertMask
+    from .masks import ExpertMask, check_mask_fits
 
     base_dir = model_dir(model_of(run, spec.model))
     entries = [EvalEntry("base", base_dir)]
     entries += [EvalEntry(name, info["merged"]) for name, info in run.trainings().items() if info.get("merged")]
     if spec.steer_mask:
         mask = ExpertMask.load(run.path_for("mask", name=spec.steer_mask))
-        info = model_info_of(run)
-        shape = (info.get("num_layers"), info.get("num_experts"))
-        if None not in shape and tuple(mask.shape) != shape:  # fail before the evaluation, not after it
-            raise MoELabError(f"steer mask {spec.steer_mask!r} is {tuple(mask.shape)} but the run's model has "
-                              f"{shape[0]} layers x {shape[1]} experts")
+        check_mask_fits(run, mask, spec.steer_mask, what="steer mask")  # fail before the evaluation, not after it
         entries.append(EvalEntry(f"steer-off-{spec.steer_mask}", base_dir, steer_deactivate=mask))
     return entries
 

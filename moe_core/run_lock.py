@@ -29,8 +29,8 @@ import filelock
 
 from .atomic import atomic_write_json
 from .errors import MoELabError
-from .job_events import pid_alive
-from .run_files import _now, _parse_time
+from .job_events import recorded_process_alive
+from .run_files import _now
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -57,20 +57,10 @@ def _read_lease(run_path: Path) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else None
 
 
-def _alive(lease: dict[str, Any]) -> bool:
-    """Does the lease's process still run? On another host we cannot tell: count it as alive."""
-    pid = lease.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool):
-        return False
-    if lease.get("host") not in (None, socket.gethostname()):
-        return True
-    return pid_alive(pid, _parse_time(lease.get("started")))
-
-
 def holder(run_path: str | Path) -> dict[str, Any] | None:
     """The live writer of a run (its lease), or None when nobody (alive) writes it."""
     lease = _read_lease(Path(run_path))
-    return lease if lease and _alive(lease) else None
+    return lease if lease and recorded_process_alive(lease) else None
 
 
 def busy_message(run_path: str | Path, lease: dict[str, Any]) -> str:
@@ -114,7 +104,7 @@ def _guard(run_path: Path) -> Iterator[None]:
 def _take(run_path: Path, job: str) -> None:
     with _guard(run_path):
         lease = _read_lease(run_path)
-        if lease and _alive(lease):
+        if lease and recorded_process_alive(lease):
             raise RunBusyError(busy_message(run_path, lease))
         if lease:
             log.warning("run %s: taking over the stale lease of job %r (pid %s is gone)",

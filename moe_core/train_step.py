@@ -172,21 +172,6 @@ def masks_content(masks: Any) -> Any:
     return masks.mask.astype(int).tolist()
 
 
-def check_mask_fits(run: Any, masks: Any, name: str) -> None:
-    """A mask must have the analysed model's [layers, experts] shape: refused before the model loads."""
-    from .analysis import model_info_of
-    from .masks import MaskError
-
-    info = model_info_of(run)
-    shape = (info.get("num_layers"), info.get("num_experts"))
-    if masks is None or None in shape:
-        return
-    for m in masks.values() if isinstance(masks, dict) else [masks]:
-        if tuple(m.shape) != shape:
-            raise MaskError(f"mask {name!r} is {tuple(m.shape)} but the run's model has {shape[0]} layers x "
-                            f"{shape[1]} experts; select experts again on this run")
-
-
 def random_baseline(spec: Any, chosen: Any, adapter: Any) -> Any:
     """What the spec trains: the chosen mask(s), as many random experts drawn uniformly, or None (full)."""
     from .selection import random_like
@@ -204,7 +189,7 @@ def run_train(spec: Any, run: Any, progress: Any = None) -> Any:
     from . import pipeline as P
     from .analysis import chat_template_kwargs_of, load_batch_data_list
     from .generation import use_chat_template_kwargs
-    from .masks import load_run_masks
+    from .masks import check_mask_fits, load_run_masks
     from .models import MoEAdapter
     from .sft import create_batch_aware_dataset, create_batch_structured_dataset, save_structured_batches
     from .training import train_model

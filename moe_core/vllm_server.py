@@ -16,7 +16,6 @@ pid is never taken for a server. ``stop_servers()`` stops every server the regis
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from filelock import FileLock
 
 from .atomic import atomic_write_json
 from .errors import MoELabError
-from .job_events import pid_alive
+from .job_events import log_tail, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,9 @@ class ServerSettings:
                               self.data_parallel_size, routed, self.kv_cache_gib, self.seed, tuple(self.extra_args))
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self.resolved()), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        from .provenance import fingerprint
+
+        return fingerprint(asdict(self.resolved()))
 
     def argv(self, port: int, served_name: str) -> list[str]:
         s = self.resolved()
@@ -245,13 +245,6 @@ def check_port(port: int) -> int:
 
 
 # -- start / stop --------------------------------------------------------------------------------
-def log_tail(path: str | Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def _start(settings: ServerSettings, port: int | None, start_timeout: float) -> dict[str, Any]:
     """Launch a server from the vLLM environment and wait until it answers -> its registry entry."""
     python = vllm_python()
@@ -269,7 +262,7 @@ def _start(settings: ServerSettings, port: int | None, start_timeout: float) -> 
     deadline = time.monotonic() + start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log_tail(log_path)
+            tail = log_tail(log_path) or "(no log)"
             if "are not supported for now" in tail or "not supported" in tail and "rchitecture" in tail:
                 raise VLLMUnsupportedModel(f"vLLM does not support the architecture of {settings.model_dir}; use "
                                            f"--backend hf. Server log ({log_path}):\n{tail}")
@@ -284,7 +277,7 @@ def _start(settings: ServerSettings, port: int | None, start_timeout: float) -> 
         time.sleep(1.0)
     _terminate(proc.pid, _created(proc.pid))
     raise VLLMStartError(f"the vLLM server did not answer within {start_timeout:.0f} s. Log tail ({log_path}):\n"
-                         f"{log_tail(log_path)}")
+                         f"{log_tail(log_path) or '(no log)'}")
 
 
 def _terminate(pid: int, created: float | None, grace: float = 30.0) -> None:

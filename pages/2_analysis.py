@@ -10,7 +10,7 @@ import streamlit as st
 
 from moe_core import jobs
 from moe_core.analysis import analysis_config_of
-from moe_core.pipeline import ORGANISM, AnalyseSpec, Backend, Scope
+from moe_core.pipeline import ORGANISM, AnalyseSpec, Scope
 
 JOB = "analysis"
 
@@ -73,12 +73,9 @@ with st.container(border=True):
                           help="keyword (offline) | http:<url>?model=<model> | hf:<classifier dir>")
     qf = c4.checkbox("Quality filter", start.quality_filter, key="an_qf",
                      help="keep a pair only if its safe item was refused and its unsafe item complied (RASA)")
-    d, b1, b2 = AnalyseSpec(), *st.columns([1, 2])  # generation backend: the spec's defaults, never the page's
-    backend = b1.selectbox("Generation backend", list(Backend.__args__), index=list(Backend.__args__).index(d.backend),
-                           key="an_backend", help="hf: model.generate inside the job. vllm: a vLLM server from "
-                           "./.venv-vllm (create it with `make vllm`), started or shared by the job; same answers")
-    vllm_url = b2.text_input("vLLM server URL (optional)", d.vllm_url or "", key="an_vllm_url",
-                             disabled=backend != "vllm", placeholder="http://host:8000/v1 (empty: the job starts one)")
+    backend, vllm_url = ui.backend_choice(  # the spec's defaults, never the page's
+        "an", AnalyseSpec(), "hf: model.generate inside the job. vllm: a vLLM server from ./.venv-vllm (create it "
+        "with `make vllm`), started or shared by the job; same answers", "vLLM server URL (optional)")
     kwargs = getattr(start, "chat_template_kwargs", None)  # the run's (a dict) or the spec default
     p1, p2 = st.columns(2)
     system = p1.text_input("System prompt (optional)", start.system_prompt or "", key="an_system",
@@ -94,7 +91,7 @@ with st.container(border=True):
     if st.button(label, type="primary", icon=":material/play_arrow:", disabled=plan is None or info.active or (plan is not None and remaining == 0)):
         with ui.guard("Not started: "):
             spec = AnalyseSpec(model=model.strip(), scope=scope, max_new_tokens=max_new, judge=judge.strip(), quality_filter=qf,
-                               backend=backend, vllm_url=(vllm_url.strip() or None) if backend == "vllm" else None,
+                               backend=backend, vllm_url=vllm_url,
                                system_prompt=system.strip() or None,
                                chat_template_kwargs=chat_kwargs.strip() or None)  # a bad JSON text: one line, here
             jobs.check_model_source(model)  # a dense model or a wrong path fails here, not in the job

@@ -14,7 +14,7 @@ import streamlit as st
 from moe_core import charts, jobs
 from moe_core.evaluation import check_evaluation_free, list_evaluations, load_evaluation
 from moe_core.report import interval_table
-from moe_core.pipeline import Backend, EvaluateSpec, StudySpec
+from moe_core.pipeline import EvaluateSpec, StudySpec
 from moe_core.study import load_study
 from moe_core.audit import LABELS as AUDIT_LABELS, audit_report, label_answer, load_labels, sample_for_review
 from moe_core.risk import risk_matrix
@@ -47,12 +47,9 @@ with st.container(border=True):
     name = c4.text_input("Name", d.name, key="ev_name")
     shift = st.checkbox("Also measure the routing shift of each trained model", d.shift, key="ev_shift",
                         help="re-runs the analysis (same batches, same settings) on every trained model")
-    b1, b2 = st.columns([1, 2])
-    backend = b1.selectbox("Generation backend", list(Backend.__args__), index=list(Backend.__args__).index(d.backend),
-                           key="ev_backend", help="vllm: each saved model answers through a vLLM server from "
-                           "./.venv-vllm (`make vllm`); steered answers always come from HF")
-    vllm_url = b2.text_input("vLLM server URL of the base model (optional)", d.vllm_url or "", key="ev_vllm_url",
-                             disabled=backend != "vllm", placeholder="http://host:8000/v1 (empty: the job starts one)")
+    backend, vllm_url = ui.backend_choice("ev", d, "vllm: each saved model answers through a vLLM server from "
+                                          "./.venv-vllm (`make vllm`); steered answers always come from HF",
+                                          "vLLM server URL of the base model (optional)")
     replace = False  # no silent overwrite: an existing evaluation is replaced only when the user ticks this
     if name.strip() in list_evaluations(run):
         replace = st.checkbox(f"An evaluation named {name.strip()!r} exists: overwrite it?", key="ev_replace")
@@ -60,7 +57,7 @@ with st.container(border=True):
         with ui.guard("Not started: "):  # a bad name or an existing one is refused here, before the job starts
             spec = EvaluateSpec(name=name.strip(), max_new_tokens=max_new, eval_limit=limit or None, shift=shift,
                                 steer_mask=None if steer == "(no steering)" else steer, overwrite=replace,
-                                backend=backend, vllm_url=(vllm_url.strip() or None) if backend == "vllm" else None)
+                                backend=backend, vllm_url=vllm_url)
             check_evaluation_free(run, spec.name, replace)
             jobs.start_step(run.path, JOB, spec)
             ui.flash("Evaluation started.")
