@@ -292,9 +292,7 @@ def holding(args: argparse.Namespace) -> Iterator[None]:
     if not getattr(args, "run", None):
         yield
         return
-    from .run_lock import RunBusyError
-
-    from .run_lock import holder
+    from .run_lock import RunBusyError, holder
 
     run = P.open_run(args.run, args.runs_root)
     try:

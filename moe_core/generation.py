@@ -82,12 +82,8 @@ def finish(tokenizer: Any, prompt_ids: list[int], new_ids: Sequence[int], eos: s
     return Generation(prompt_ids, new, tokenizer.decode(new, skip_special_tokens=True).strip(), dict(meta or {}))
 
 
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Every id that ends an answer: the model's generation config, its config, the tokenizer."""
-    return _eos_ids(model, tokenizer)
-
-
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends an answer: the model's generation config, its config, the tokenizer."""
     ids: set[int] = set()
     for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
         e = getattr(src, "eos_token_id", None)

@@ -134,12 +134,12 @@ def _training_section(run: Run) -> tuple[str, str] | None:
     for meta_path in sorted((run.path / "train").glob("*/training_metadata.json")) if (run.path / "train").is_dir() else []:
         meta = read_json(meta_path)
         rep = meta.get("report") or {}
-        losses = [h["loss"] for h in meta.get("loss_history") or [] if "loss" in h]
-        curves.append((meta_path.parent.name, [h for h in meta.get("loss_history") or [] if "loss" in h]))
+        hist = [h for h in meta.get("loss_history") or [] if "loss" in h]
+        curves.append((meta_path.parent.name, hist))
         trained.append({"training": meta_path.parent.name, "baseline": meta.get("baseline"),
                         "trained experts": "all" if meta.get("baseline") == "full" else rep.get("trained_experts"),
                         "steps": len(meta.get("batch_monitor") or []),
-                        "final loss": losses[-1] if losses else None})
+                        "final loss": hist[-1]["loss"] if hist else None})
     if not trained:
         return None
     # the loss of the chosen experts' training (the demo's baselines train after it), when it was logged
