@@ -21,20 +21,35 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import MoELabError
 from .batches import Batch, BatchPlan, compose_batches, load_plan, save_plan
+from .errors import MoELabError
 from .judge import RefusalJudge, make_judge
 from .models import MoEAdapter
+from .provenance import (
+    PLAN_FIELDS,
+    ProvenanceError,
+    _new_run_hint,
+    differences,
+    plan_source,
+    recorded,
+)
 from .risk import aggregate_batch_risk_diffs, risk_table
-from .routing import SPAN_GENERATED, SPAN_PROMPT, SPAN_RESPONSE, RoutedSample, load_batch_routing, route_batch, save_batch_routing
+from .routing import (
+    SPAN_GENERATED,
+    SPAN_PROMPT,
+    SPAN_RESPONSE,
+    RoutedSample,
+    load_batch_routing,
+    route_batch,
+    save_batch_routing,
+)
 from .runs import JobStopped, Run, read_json, read_parquet, write_json, write_parquet
-from .types import PromptItem
+from .types import Progress, PromptItem
 
 log = logging.getLogger(__name__)
 
 Scope = Literal["prompt", "generated", "response"]
 SCOPE_SPAN = {"prompt": SPAN_PROMPT, "generated": SPAN_GENERATED, "response": SPAN_RESPONSE}
-Progress = Callable[..., None]
 
 
 class AnalysisError(MoELabError, ValueError):
@@ -218,9 +233,8 @@ def run_analysis(
     analysis config; resuming with a different one is refused rather than mixing results.
     """
     from .doctor import intact_batches
-    from .provenance import check_model, check_plan, record
-
     from .generation import use_chat_template_kwargs
+    from .provenance import check_model, check_plan, record
 
     config = config or AnalysisConfig()
     fingerprints = check_model(run, model, tokenizer)  # another model or tokenizer: refused before any write
@@ -290,9 +304,6 @@ def chat_template_kwargs_of(run: Run) -> dict[str, Any] | None:
     return cfg.chat_template_kwargs if cfg else None
 
 
-def model_info_of(run: Run) -> dict[str, Any]:
-    """num_layers, num_experts, top_k, moe_layers... of the model the run analysed (step record, else provenance)."""
-    return dict((run.step("analysis") or {}).get("model_info") or (run.manifest.get("provenance") or {}).get("model_info") or {})
 
 
 def load_batch_data_list(run: Run, with_routing: bool = False) -> dict[str, Any]:
@@ -372,3 +383,39 @@ def process_mixed_batches(
         if progress:
             progress(n + 1, len(plan.batches), f"batch {batch.batch_idx}")
     return out
+
+
+def check_resume(run: Any, spec: Any) -> Any:
+    """Refuse a resume of ``run`` with another model or settings; returns the spec to resume with.
+
+    Writes nothing. When the plan was never saved (killed before it), the recorded plan source is
+    used, so the resume analyses the user's own prompt files, not the demo set.
+    """
+    import dataclasses
+
+    prov = recorded(run)
+    started = bool(run.completed_batches()) or bool(prov.get("model_fingerprint"))
+    current = run.manifest.get("model")
+    if spec.model and current and spec.model != current and started:
+        raise ProvenanceError(f"run {run.id} was analysed with model {current!r}, not {spec.model!r}: resuming "
+                              f"would mix two models' routing; {_new_run_hint(run)}")
+    previous = analysis_config_of(run)
+    if previous is not None and run.completed_batches():
+        diff = differences(asdict(previous), asdict(spec.analysis_config()))
+        if diff:
+            raise ProvenanceError(f"run {run.id} was analysed with other settings ({'; '.join(diff)}); resuming "
+                                  f"would mix results; {_new_run_hint(run)}")
+    source = prov.get("plan_source")
+    if not source:
+        return spec
+    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
+    given = {k: v for k, v in plan_source(spec).items() if v != defaults.get(k)}  # what the user typed
+    diff = differences({k: source.get(k) for k in given}, given)
+    if diff:
+        raise ProvenanceError(f"run {run.id} was started from other prompts or batch settings "
+                              f"({'; '.join(diff)}); {_new_run_hint(run)}")
+    if not run.path_for("plan").exists():  # killed before the plan was saved: recompose the user's own
+        spec = dataclasses.replace(spec, **{k: v for k, v in source.items() if k in PLAN_FIELDS})
+    return spec
+
+

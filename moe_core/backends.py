@@ -29,9 +29,16 @@ import numpy as np
 
 from .errors import MoELabError
 from .generation import Generation, Messages, generate_batch
-from .models import MoEAdapter
-from .routing import SPAN_GENERATED, SPAN_RESPONSE, RoutedSample, SampleRouting, expert_id_dtype, route_sequences
 from .job_events import log_tail
+from .models import MoEAdapter
+from .routing import (
+    SPAN_GENERATED,
+    SPAN_RESPONSE,
+    RoutedSample,
+    SampleRouting,
+    expert_id_dtype,
+    route_sequences,
+)
 from .vllm_server import Server, ServerSettings, VLLMError, serve
 
 Backend = Literal["hf", "vllm"]

@@ -41,7 +41,12 @@ from .runs import atomic_write_text
 from .sampler import AnalysisBatchSampler, BatchCollator
 from .sft import META_COLUMNS
 from .trainer_internals import build_train_dataloader
-from .training_config import CONSISTENCY_LOSSES, BatchPreservingConfig, BatchStructureError, TrainingConfigError
+from .training_config import (
+    CONSISTENCY_LOSSES,
+    BatchPreservingConfig,
+    BatchStructureError,
+    TrainingConfigError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +136,9 @@ class BatchPreservingTrainer(Trainer):
 
     def __init__(self, model: nn.Module | None = None, args: Any = None, train_dataset: Any = None,
                  data_collator: Any = None, processing_class: Any = None, **kwargs: Any):
-        from .compat import reference_trainer_arguments  # the seed's keyword names, mapped in one module
+        from .compat import (
+            reference_trainer_arguments,  # the seed's keyword names, mapped in one module
+        )
 
         args, processing_class, kwargs = reference_trainer_arguments(self.config_class, args, processing_class, kwargs)
         if model is None:

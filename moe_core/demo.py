@@ -49,18 +49,29 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
+import pandas as pd
 import torch
 
-from moe_core.prompts import FRAMES, demo_benign, demo_goals, demo_sharp_benign, jailbreak_templates, reframe, wrap
-from moe_core.generation import render_chat
+from moe_core.generation import generate, render_chat
+from moe_core.judge_keyword import KeywordJudge
 from moe_core.models import default_cpu_threads
+from moe_core.prompts import (
+    FRAMES,
+    demo_benign,
+    demo_goals,
+    demo_sharp_benign,
+    jailbreak_templates,
+    reframe,
+    wrap,
+)
 from moe_core.runs import atomic_dir, atomic_write_json
+
+from .types import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., None]
 
 # Bump when the corpus text, the answers or the chat format change: the cache key includes it.
 CORPUS_VERSION = "organism-corpus-v2"
@@ -277,7 +288,11 @@ def _batches(encoded: list[tuple[list[int], list[int]]], cfg: OrganismConfig,
 
 def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
     """Train tokenizer and model into ``out_dir`` (save_pretrained); returns loss figures."""
-    from transformers import GenerationConfig, OlmoeForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+    from transformers import (
+        GenerationConfig,
+        OlmoeForCausalLM,
+        get_cosine_with_min_lr_schedule_with_warmup,
+    )
 
     rows = build_corpus(cfg)
     tokenizer = build_tokenizer([r["prompt"] for r in rows] + [r["answer"] for r in rows], cfg.vocab_size)
@@ -333,16 +348,21 @@ def measure_behaviour(model: Any, tokenizer: Any, split: str = "heldout", max_ne
     """Refusal rate on plain harmful goals, compliance on jailbroken ones, answers on benign.
 
     Uses the split's goals, benign requests and templates (``templates_per_goal`` drawn per goal
-    with ``seed``; None = every template), greedy generation and the keyword judge through
-    ``moe_core.evaluation.evaluate_model``. Compliance/answer = not a refusal.
+    with ``seed``; None = every template), greedy generation and the keyword judge (the organism is
+    measured below the evaluation layer, which it must not import). Compliance/answer = not a refusal.
     """
-    from moe_core.evaluation import evaluate_model
-
     goals, benign, templates = demo_goals(split), demo_benign(split), jailbreak_templates(split)
     per_goal = len(templates) if templates_per_goal is None else min(templates_per_goal, len(templates))
     sets = {"harmful": goals, "jailbreak": wrap(goals, templates, seed=seed, per_goal=per_goal), "benign": benign}
-    rows = evaluate_model(model, tokenizer, sets, judge="keyword", max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, progress=progress)
+    judge, total, frames = KeywordJudge(), sum(len(v) for v in sets.values()), []
+    for name, items in sets.items():
+        done = sum(len(f) for f in frames)
+        sub = (lambda d, t, m="", _o=done: progress(_o + d, total, f"{name}: {d}/{t}")) if progress else None
+        gens = generate(model, tokenizer, [it.messages() for it in items], max_new_tokens, batch_size, sub)
+        verdicts = judge.judge([it.text for it in items], [g.text for g in gens])
+        frames.append(pd.DataFrame({"set": name, "prompt": [it.text for it in items], "response": [g.text for g in gens],
+                                    "refusal": [v.refusal for v in verdicts]}))
+    rows = pd.concat(frames, ignore_index=True)
     out: dict[str, Any] = {"split": split, "examples": {}}
     for name, group in rows.groupby("set", sort=False):
         out["examples"][name] = {"prompt": group["prompt"].iloc[0], "answer": group["response"].iloc[0]}

@@ -21,23 +21,18 @@ import json
 import logging
 import re
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
-import numpy as np
-
+from .batch_files import PER_BATCH, batch_problems, drop_batch
+from .integrity import check_json, check_parquet
 from .job_events import INTERRUPTED, step_status
 from .risk import SEED_COLUMNS
 from .runs import ARTIFACTS, Run
 
 log = logging.getLogger(__name__)
 
-PER_BATCH = ("routing", "risk", "outputs")
 _TMP = re.compile(r"^\..+\.(tmp|old)$")  # atomic.py's temp files and folders
-_ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 @dataclass
@@ -53,102 +48,18 @@ class Finding:
         return f"{'repaired' if self.repaired else 'PROBLEM '}  {self.path}: {self.problem} -> {self.fix}"
 
 
-# -- checks: None when the file is sound, else what is wrong ------------------------------------
-def check_safetensors(path: Path) -> str | None:
-    """Header readable, every tensor's byte range matches its shape, and the file is exactly that long."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                return "header length is implausible (not a safetensors file)"
-            header = json.loads(f.read(n))
-        size = path.stat().st_size
-        end = 0
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            a, b = t["data_offsets"]
-            want = int(np.prod(t["shape"], dtype=np.int64)) * _ST_SIZES[t["dtype"]]
-            if b - a != want:
-                return f"tensor {name} holds {b - a} bytes, its shape needs {want}"
-            end = max(end, b)
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        return f"unreadable safetensors header ({type(e).__name__}: {e})"
-    if size != 8 + n + end:
-        return f"truncated or padded: {size} bytes, the header describes {8 + n + end}"
-    return None
 
 
-def check_parquet(path: Path, columns: list[str] | None = None) -> str | None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        names = pq.read_schema(path).names
-    except (pa.ArrowException, OSError) as e:
-        return f"not a readable Parquet file ({e})"
-    missing = [c for c in columns or [] if c not in names]
-    return f"columns {missing} are missing" if missing else None
 
 
-def check_json(path: Path, validate: Callable[[Any], str | None] | None = None) -> str | None:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return f"not valid JSON ({e})"
-    return validate(d) if validate else None
 
 
-def _outputs_shape(batch_idx: int) -> Callable[[Any], str | None]:
-    def validate(d: Any) -> str | None:
-        if not isinstance(d, dict) or d.get("batch_idx") != batch_idx or not isinstance(d.get("samples"), list):
-            return f"not the outputs of batch {batch_idx} (needs batch_idx and a samples list)"
-        bad = [i for i, s in enumerate(d["samples"]) if not isinstance(s, dict) or not {"label", "kept"} <= set(s)]
-        return f"samples {bad[:5]} lack label/kept" if bad else None
-
-    return validate
 
 
-def batch_problems(run: Run, b: int) -> dict[str, str]:
-    """kind -> problem for batch ``b``'s routing, risk and outputs files (missing counts as a problem)."""
-    out = {}
-    for kind in PER_BATCH:
-        p = run.path_for(kind, batch_idx=b)
-        if not p.is_file():
-            out[kind] = "missing"
-        elif kind == "routing":
-            out[kind] = check_safetensors(p)
-        elif kind == "risk":
-            out[kind] = check_parquet(p, SEED_COLUMNS)
-        else:
-            out[kind] = check_json(p, _outputs_shape(b))
-    return {k: v for k, v in out.items() if v}
 
 
-def drop_batch(run: Run, b: int) -> None:
-    """Remove a batch's files (outputs first: it marks the batch done), so a resume redoes it."""
-    for kind in ("outputs", "risk", "routing"):
-        run.path_for(kind, batch_idx=b).unlink(missing_ok=True)
 
 
-def intact_batches(run: Run) -> set[int]:
-    """Finished batches whose three files are sound; damaged ones and stale temp files are removed.
-
-    Called by the analysis under the run's writer lease, so a resume redoes exactly the damaged batches.
-    """
-    done = set()
-    for kind in PER_BATCH:  # the analysis is the one writer of these folders: every temp file is stale
-        folder = run.path_for(kind, batch_idx=0).parent
-        for p in folder.glob(".*.tmp") if folder.is_dir() else ():
-            p.unlink(missing_ok=True)
-    for b in sorted(run.completed_batches()):
-        problems = batch_problems(run, b)
-        if problems:
-            log.warning("run %s: batch %d is damaged (%s); it will be analysed again", run.id, b, problems)
-            drop_batch(run, b)
-        else:
-            done.add(b)
-    return done
 
 
 def recompute_risk(run: Run, b: int) -> None:

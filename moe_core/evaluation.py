@@ -34,7 +34,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -48,14 +48,23 @@ from .judge import RefusalJudge, make_judge
 from .masks import ExpertMask
 from .models import MoEAdapter, load_model
 from .prompts import demo_benign, demo_goals, jailbreak_templates, load_prompts, wrap
-from .runs import (FORMAT_VERSION, MANIFEST, RUN_FORMAT, Run, atomic_write_json, package_versions, read_json,
-                   read_parquet, write_json, write_parquet)
+from .runs import (
+    FORMAT_VERSION,
+    MANIFEST,
+    RUN_FORMAT,
+    Run,
+    atomic_write_json,
+    package_versions,
+    read_json,
+    read_parquet,
+    write_json,
+    write_parquet,
+)
 from .steering import steer_experts
-from .types import PromptItem
+from .types import Progress, PromptItem
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., None]
 EvalSets = Mapping[str, Sequence[PromptItem]]
 BORDERLINE_FILE = Path(__file__).parent / "data" / "borderline_prompts.jsonl"
 EVAL_KINDS = ("harmful_plain", "harmful_jailbreak", "benign", "borderline")

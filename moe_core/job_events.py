@@ -175,3 +175,9 @@ def log_tail(path: str | Path, lines: int = 25, max_bytes: int = 64_000) -> str:
     rows = [r.rsplit("\r", 1)[-1] for r in data.replace("\r\n", "\n").split("\n")]
     rows = [r for r in rows if r.strip()]
     return "\n".join(rows[-lines:])
+
+
+class JobStopped(Exception):
+    """Raised by a job's own loop when it sees the STOP flag (``Job.running`` records 'stopped')."""
+
+

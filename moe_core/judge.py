@@ -56,8 +56,17 @@ from .judge_http import (
     parse_judge_reply,
 )
 from .judge_keyword import KeywordJudge, KeywordJudgeConfig, is_refusal
-from .verdicts import (LABELS, PARTIAL_AS, REASONS, JudgeError, Progress, RefusalJudge, Verdict, counts_as_refusal,
-                       summarize_verdicts)
+from .verdicts import (
+    LABELS,
+    PARTIAL_AS,
+    REASONS,
+    JudgeError,
+    Progress,
+    RefusalJudge,
+    Verdict,
+    counts_as_refusal,
+    summarize_verdicts,
+)
 
 __all__ = [
     "CACHE_ENV", "DEFAULT_JUDGE_TEMPLATE", "HFClassifierJudge", "HTTPJudge", "HTTPJudgeConfig", "JudgeError",

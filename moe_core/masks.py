@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import MoELabError, describe_validation_error
 

@@ -26,16 +26,26 @@ from typing import Any, Callable, Literal, Optional
 from .analysis import AnalysisConfig, analysis_config_of
 from .backends import Backend
 from .errors import MoELabError
+from .loading import ORGANISM, load_any_model, model_dir, model_of
 from .run_lock import step_outcome, writes_run
 from .runs import JobStopped, Run, RunError, default_runs_root
 from .selection import METHODS, SelectionConfig
-from .spec_checks import AT_LEAST_1, JSON_OBJECT, NON_NEGATIVE, POSITIVE, SHARE, check_free, check_names, check_range, json_object
+from .spec_checks import (
+    AT_LEAST_1,
+    JSON_OBJECT,
+    NON_NEGATIVE,
+    POSITIVE,
+    SHARE,
+    check_free,
+    check_names,
+    check_range,
+    json_object,
+)
+from .study_summary import STUDY_NAME
+from .types import Progress, ShouldStop
 
 log = logging.getLogger(__name__)
 
-ORGANISM = "organism"  # model name that means "the offline model organism, built on demand"
-Progress = Callable[..., None]
-ShouldStop = Callable[[], bool]
 
 Scope = Literal["prompt", "generated", "response"]
 Method = Literal["top_n", "threshold", "per_layer", "top_p", "random"]
@@ -263,7 +273,7 @@ class StudySpec:
     eval_limit: Optional[int] = same_as(EvaluateSpec, "eval_limit")
     templates_per_goal: int = same_as(EvaluateSpec, "templates_per_goal")
     max_new_tokens: int = opt(16, "answer length in the evaluation (the judge reads how an answer opens)")
-    name: str = opt("selection", "name of this study in the run")
+    name: str = opt(STUDY_NAME, "name of this study in the run")
     backend: Backend = same_as(DemoSpec, "backend", help="generation in each seed's analysis: hf or vllm")
     vllm_url: Optional[str] = same_as(DemoSpec, "vllm_url")
 
@@ -325,30 +335,10 @@ def open_run(path: str | Path, runs_root: str | Path | None = None) -> Run:
     return Run.open(p)
 
 
-def model_of(run: Run, override: str | None = None) -> str:
-    """The model a step works on: an explicit override, else the run's model, else the organism."""
-    return override or run.manifest.get("model") or ORGANISM
 
 
-def model_dir(name: str) -> str:
-    """A loadable directory (or hub id) for a model name; builds the organism on demand."""
-    if name == ORGANISM:
-        from .demo import build_organism
-
-        return str(build_organism())
-    return name
 
 
-def load_any_model(name: str, progress: Progress | None = None) -> tuple[Any, Any]:
-    """``organism`` (built on demand) or a local directory / HF id -> (model, tokenizer)."""
-    if name == ORGANISM:
-        from .demo import build_organism, load_organism
-
-        build_organism(progress=progress)
-        return load_organism()
-    from .models import load_model
-
-    return load_model(name)
 
 
 # -- analyse -----------------------------------------------------------------------------------
@@ -495,7 +485,13 @@ def eval_entries(spec: EvaluateSpec, run: Run) -> list:
 @writes_run("evaluate")
 def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> Any:
     """Evaluate base vs trained (vs steered) models; saves responses and summary into the run -> table."""
-    from .evaluation import check_evaluation_free, compare_models, comparison_table, default_eval_sets, save_evaluation
+    from .evaluation import (
+        check_evaluation_free,
+        compare_models,
+        comparison_table,
+        default_eval_sets,
+        save_evaluation,
+    )
 
     check_evaluation_free(run, spec.name, spec.overwrite)  # name, overwrite and steer mask: before the evaluation runs
     entries = eval_entries(spec, run)

@@ -15,11 +15,13 @@ fixed sample of its values: a same-shaped model with other weights differs; cost
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import MoELabError
+
+if TYPE_CHECKING:
+    from .runs import Run
 
 # AnalyseSpec fields that decide the batch plan (its prompts and batches)
 PLAN_FIELDS = ("safe", "unsafe", "safe_column", "unsafe_column", "pair_by_row", "demo_sets", "demo_mode",
@@ -87,40 +89,6 @@ def recorded(run: Any) -> dict[str, Any]:
     return dict(run.manifest.get("provenance") or {})
 
 
-def check_resume(run: Any, spec: Any) -> Any:
-    """Refuse a resume of ``run`` with another model or settings; returns the spec to resume with.
-
-    Writes nothing. When the plan was never saved (killed before it), the recorded plan source is
-    used, so the resume analyses the user's own prompt files, not the demo set.
-    """
-    import dataclasses
-
-    from .analysis import analysis_config_of
-
-    prov = recorded(run)
-    started = bool(run.completed_batches()) or bool(prov.get("model_fingerprint"))
-    current = run.manifest.get("model")
-    if spec.model and current and spec.model != current and started:
-        raise ProvenanceError(f"run {run.id} was analysed with model {current!r}, not {spec.model!r}: resuming "
-                              f"would mix two models' routing; {_new_run_hint(run)}")
-    previous = analysis_config_of(run)
-    if previous is not None and run.completed_batches():
-        diff = differences(asdict(previous), asdict(spec.analysis_config()))
-        if diff:
-            raise ProvenanceError(f"run {run.id} was analysed with other settings ({'; '.join(diff)}); resuming "
-                                  f"would mix results; {_new_run_hint(run)}")
-    source = prov.get("plan_source")
-    if not source:
-        return spec
-    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
-    given = {k: v for k, v in plan_source(spec).items() if v != defaults.get(k)}  # what the user typed
-    diff = differences({k: source.get(k) for k in given}, given)
-    if diff:
-        raise ProvenanceError(f"run {run.id} was started from other prompts or batch settings "
-                              f"({'; '.join(diff)}); {_new_run_hint(run)}")
-    if not run.path_for("plan").exists():  # killed before the plan was saved: recompose the user's own
-        spec = dataclasses.replace(spec, **{k: v for k, v in source.items() if k in PLAN_FIELDS})
-    return spec
 
 
 def check_model(run: Any, model: Any, tokenizer: Any, what: str = "analysed") -> dict[str, str]:
@@ -179,3 +147,10 @@ def check_plan(run: Any, plan: Any) -> str:
                               f"(fingerprint {before} then, {now} now); analyse the new plan in a new run, or restore "
                               "the earlier plan.json")
     return now
+
+
+def model_info_of(run: Run) -> dict[str, Any]:
+    """num_layers, num_experts, top_k, moe_layers... of the model the run analysed (step record, else provenance)."""
+    return dict((run.step("analysis") or {}).get("model_info") or (run.manifest.get("provenance") or {}).get("model_info") or {})
+
+

@@ -23,7 +23,9 @@ import plotly.graph_objects as go
 
 from . import charts
 from .atomic import atomic_write_text
+from .job_records import list_jobs
 from .runs import Run, read_json
+from .study_summary import STUDY_NAME
 
 REPORT_NAME = "report.html"
 QUESTION = ("Which experts of this Mixture-of-Experts model fire when it complies with a harmful request "
@@ -79,10 +81,8 @@ def interval_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def reproduce_commands(run: Run) -> list[str]:
     """The command line of every job launched in the run (in launch order), as a shell would take it."""
-    from . import jobs
-
     out = []
-    for j in jobs.list_jobs(run.path):
+    for j in list_jobs(run.path):
         if j.argv:  # the interpreter's own path means nothing on the reader's machine
             argv = ["python", *j.argv[1:]] if j.argv[1:3] == ["-m", "moe_core"] else j.argv
             out.append(" ".join(shlex.quote(a) for a in argv))
@@ -167,13 +167,12 @@ def _evaluation_section(run: Run) -> tuple[str, str] | None:
 
 
 def _study_section(run: Run) -> tuple[str, str] | None:
-    from .pipeline import StudySpec
     from .study import load_study
 
-    study = load_study(run, StudySpec().name)
+    study = load_study(run, STUDY_NAME)
     if study is None:
         return None
-    fig_path = run.path_for("study", name=StudySpec().name) / "figure.json"
+    fig_path = run.path_for("study", name=STUDY_NAME) / "figure.json"
     fig = go.Figure(json.loads(fig_path.read_text())) if fig_path.is_file() else charts.study_figure(study[1])
     return ("Do the chosen experts matter?", "<p>Chosen experts vs as many random ones, over expert budgets."
             "</p>" + _figure(fig, "study") + _table(study[1]))

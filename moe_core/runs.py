@@ -65,6 +65,7 @@ from .job_events import (
     INTERRUPTED,
     PID_CLOCK_SLACK_S,
     JobEvents,
+    JobStopped,
     job_state,
     latest_progress,
     pid_alive,
@@ -131,8 +132,6 @@ class JobBusyError(RunError):
     """A job of that name is already queued or running in this run."""
 
 
-class JobStopped(Exception):
-    """Raised by a job's own loop when it sees the STOP flag (``Job.running`` records 'stopped')."""
 
 
 def _check_name(name: str, what: str = "name") -> str:

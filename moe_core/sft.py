@@ -285,7 +285,8 @@ def create_batch_aware_dataset(batches: Sequence[Sequence[Mapping[str, Any]]], t
     conversation; its tokens are followed by the reply's tokens, exactly as at generation time.
     Rows are ordered by batch, then ``in_batch_idx``.
     """
-    from datasets import ClassLabel, Dataset, Features, Sequence as DSeq, Value
+    from datasets import ClassLabel, Dataset, Features, Value
+    from datasets import Sequence as DSeq
 
     if max_length < 2:
         raise SFTDataError(f"max_length must be at least 2 (got {max_length})")

@@ -157,7 +157,9 @@ def launch_roles() -> tuple[bool, Any]:
     if world_size() <= 1:
         return True, lambda: None
     import torch
-    from accelerate import PartialState  # joins the launch's process group (the Trainer's arguments reuse it)
+    from accelerate import (
+        PartialState,  # joins the launch's process group (the Trainer's arguments reuse it)
+    )
 
     PartialState(cpu=not torch.cuda.is_available())  # as the Trainer will: gloo on CPU, else nccl
     return not secondary_rank(), lambda: PartialState().wait_for_everyone()
@@ -191,7 +193,11 @@ def run_train(spec: Any, run: Any, progress: Any = None) -> Any:
     from .generation import use_chat_template_kwargs
     from .masks import check_mask_fits, load_run_masks
     from .models import MoEAdapter
-    from .sft import create_batch_aware_dataset, create_batch_structured_dataset, save_structured_batches
+    from .sft import (
+        create_batch_aware_dataset,
+        create_batch_structured_dataset,
+        save_structured_batches,
+    )
     from .training import train_model
 
     name, model_name = spec.training_name(), P.model_of(run, spec.model)

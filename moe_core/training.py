@@ -36,7 +36,11 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .batch_trainer import BatchPreservingTrainer, capture_router_logits, router_consistency_loss
+from .batch_trainer import (
+    BatchPreservingTrainer,
+    capture_router_logits,
+    router_consistency_loss,
+)
 from .expert_rows import (
     DELTA_FORMAT,
     DELTA_NAME,

@@ -6,7 +6,7 @@ Kept in one module so that prompts, batches, routing and training agree on one s
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 Label = Literal["safe", "unsafe"]
 LABELS: tuple[Label, Label] = ("safe", "unsafe")
@@ -45,3 +45,7 @@ class PromptItem:
     def from_dict(cls, d: dict[str, Any]) -> "PromptItem":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
+
+
+Progress = Callable[..., None]  # progress(done, total, message=""): how every long step reports, never a UI call
+ShouldStop = Callable[[], bool]  # asked between units of work: True ends the step (JobStopped)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .errors import MoELabError
+from .types import Progress
 
-Progress = Callable[..., None]
 REASONS = ("refusal", "partial", "empty", "comply", "apology_then_comply")
 LABELS = ("refusal", "compliance", "partial")  # what a person (or Verdict.label) calls an answer
 PARTIAL_AS = ("compliance", "refusal")  # how a partial answer (refuses, then helps anyway) is counted
