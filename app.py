@@ -21,15 +21,17 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:  # pages import moe_core and app_ui from the repo root
     sys.path.insert(0, str(ROOT))
 
+from typing import Any  # noqa: E402
+
 import streamlit as st  # noqa: E402
 
 import app_ui as ui  # noqa: E402
-from moe_core import jobs  # noqa: E402
-from typing import Any  # noqa: E402
-
-from moe_core.errors import MoELabError  # noqa: E402
-from moe_core.pipeline import DemoSpec, StudySpec  # noqa: E402
-from moe_core.runs import Run, list_runs  # noqa: E402
+from moe_core import jobs
+from moe_core.errors import MoELabError
+from moe_core.pipeline import DemoSpec, StudySpec
+from moe_core.store.jobs import format_eta, list_jobs, read_job
+from moe_core.store.manifest import list_runs
+from moe_core.store.run import Run
 
 run = ui.setup()
 st.title("MoE Safety Lab")
@@ -64,7 +66,7 @@ _ICON = {"done": ":material/check_circle:", "running": ":material/progress_activ
 def _live_demo_run() -> Run | None:
     """A run whose demo process is still working (so a second click never starts another)."""
     for r in list_runs(ui.runs_root()):
-        if not r.error and jobs.read_job(r.path, DEMO, log_lines=0).process_alive:
+        if not r.error and read_job(r.path, DEMO, log_lines=0).process_alive:
             return Run.open(r.path)
     return None
 
@@ -88,7 +90,7 @@ def stop_demo(run: Run) -> None:
     """Stop the demo wherever it is: the running stage and every stage still to come (a stage that has
     not started yet finds its stop request when it starts, so the demo ends even between stages)."""
     for name, *_ in DEMO_STAGES:
-        if jobs.read_job(run.path, name, log_lines=0).state not in ("done", "error", "stopped"):
+        if read_job(run.path, name, log_lines=0).state not in ("done", "error", "stopped"):
             jobs.request_stop(run.path, name)
 
 
@@ -107,8 +109,8 @@ def checklist(r: Run) -> None:
 
 def demo_progress(r: Run) -> None:
     """Every stage of the demo with its state and, as soon as it ends, a link to its results."""
-    head = jobs.read_job(r.path, DEMO, log_lines=25)
-    found = {j.name: j for j in jobs.list_jobs(r.path, prefix=DEMO)}
+    head = read_job(r.path, DEMO, log_lines=25)
+    found = {j.name: j for j in list_jobs(r.path, prefix=DEMO)}
     known = {n for n, *_ in DEMO_STAGES}
     stages = DEMO_STAGES + [(n, n, None, None) for n in found if n not in known]
     done = sum(1 for n, *_ in stages if found.get(n) and found[n].state == "done")
@@ -122,7 +124,7 @@ def demo_progress(r: Run) -> None:
             c1.markdown(f"{_ICON.get(state, ':material/radio_button_unchecked:')} {label}")
             if j and j.state == "running" and j.total:
                 c2.progress(j.fraction or 0.0, text=f"{j.done}/{j.total}"
-                            + (f" · about {jobs.format_eta(j.eta_s)} left" if j.eta_s is not None else ""))
+                            + (f" · about {format_eta(j.eta_s)} left" if j.eta_s is not None else ""))
             else:
                 c2.caption(state + (f": {j.message}" if j and j.message and j.message != state else ""))
             if j and j.state == "done" and page:
@@ -161,13 +163,13 @@ if run is None:
         st.info("No run is open yet: start the demo, or create a run in the sidebar and begin with "
                 "**Data & batches**.", icon=":material/info:")
 else:
-    alive = jobs.read_job(run.path, DEMO, log_lines=0).process_alive
+    alive = read_job(run.path, DEMO, log_lines=0).process_alive
 
     @st.fragment(run_every=ui.POLL_S if alive else None)
     def status() -> None:
         """The checklist and the demo's stages, refreshed while the demo works (each stage ticks off
         and links to its results as soon as it ends)."""
-        head = jobs.read_job(run.path, DEMO, log_lines=0)
+        head = read_job(run.path, DEMO, log_lines=0)
         was = st.session_state.get("demo_alive")
         st.session_state["demo_alive"] = head.process_alive
         if was and not head.process_alive:
@@ -183,7 +185,7 @@ else:
 
 def _newest_study() -> tuple[Run, Any] | None:
     """The newest run under the runs root that holds a finished selection study, with (results, summary)."""
-    from moe_core.study import load_study
+    from moe_core.eval.study_summary import load_study
 
     for r in sorted((s for s in list_runs(ui.runs_root()) if not s.error), key=lambda s: s.id, reverse=True):
         try:

@@ -27,7 +27,10 @@ from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_r
 
 from moe_core import jobs
 from moe_core.errors import MoELabError
-from moe_core.runs import Run, RunError, default_runs_root, read_json
+from moe_core.store.files import RunError, read_json
+from moe_core.store.jobs import ACTIVE_STATES, JobInfo, format_eta, read_job
+from moe_core.store.manifest import default_runs_root
+from moe_core.store.run import Run
 
 log = logging.getLogger("moe_app")
 
@@ -261,7 +264,7 @@ def clicked_point(event: Any, memo_key: str, fields: tuple[str, ...] = ("y", "x"
 def backend_choice(prefix: str, spec: Any, backend_help: str, url_label: str) -> tuple[str, str | None]:
     """The generation backend and, for vLLM, the server URL (widgets ``{prefix}_backend``, ``{prefix}_vllm_url``)
     with ``spec``'s defaults -> (backend, url or None): the Analysis and Evaluation pages ask the same way."""
-    from moe_core.pipeline import Backend
+    from moe_core.model.backends import Backend
 
     choices = list(Backend.__args__)
     b1, b2 = st.columns([1, 2])
@@ -336,7 +339,7 @@ def _open_by_path() -> None:
 
 def sidebar() -> None:
     """Navigation, run picker (synced with ``?run=``), the run's model, the device, new/open run."""
-    from moe_core.runs import list_runs
+    from moe_core.store.manifest import list_runs
 
     runs = [r for r in list_runs(runs_root()) if not r.error]
     paths = [str(r.path) for r in runs]
@@ -383,7 +386,7 @@ def sidebar() -> None:
 
 def model_info(run: Run) -> dict[str, Any]:
     """Layers/experts/top-k the run's analysis recorded ({} before any analysis)."""
-    from moe_core.analysis import model_info_of
+    from moe_core.store.provenance import model_info_of
 
     return model_info_of(run)
 
@@ -408,7 +411,7 @@ def _mtime(path: Path) -> int:
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def _parquet(path: str, mtime_ns: int) -> pd.DataFrame:
-    from moe_core.runs import read_parquet
+    from moe_core.store.files import read_parquet
 
     return read_parquet(path)
 
@@ -442,8 +445,8 @@ def read_json_cached(path: Path) -> Any:
 
 @st.cache_data(max_entries=4, show_spinner="Preparing the batch x layer x expert tensor...")
 def _risk_tensor(path: str, mtime_ns: int, num_layers: int, num_experts: int, value: str):
-    from moe_core.risk import per_batch_tensor
-    from moe_core.runs import read_parquet
+    from moe_core.analysis.risk import per_batch_tensor
+    from moe_core.store.files import read_parquet
 
     return per_batch_tensor(read_parquet(path), value, num_layers, num_experts)
 
@@ -456,7 +459,7 @@ def risk_tensor(run: Run, num_layers: int, num_experts: int, value: str = "risk_
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def _plan(path: str, mtime_ns: int):
-    from moe_core.batches import load_plan
+    from moe_core.batching.plan import load_plan
 
     return load_plan(path)
 
@@ -472,7 +475,7 @@ def tokenizer_for(model_spec: str):
 
     source = model_spec
     if model_spec == "organism":
-        from moe_core.demo import organism_dir
+        from moe_core.model.organism import organism_dir
 
         source = str(organism_dir())
     try:
@@ -496,21 +499,21 @@ _STATE_BADGE = {
 }
 
 
-def job_panel(run: Run, name: str, unit: str = "steps") -> jobs.JobInfo:
+def job_panel(run: Run, name: str, unit: str = "steps") -> JobInfo:
     """Progress bar, ETA, log tail, stop/resume of job ``name``; refreshes itself while live.
 
     The panel is a fragment that re-runs every few seconds only while the job is live; when the
     job finishes it reruns the whole page once so results below it appear.
     """
-    info = jobs.read_job(run.path, name)
+    info = read_job(run.path, name)
     prev_key = f"job_state_{name}"
 
     @st.fragment(run_every=POLL_S if info.active else None)
     def panel() -> None:
-        cur = jobs.read_job(run.path, name)
+        cur = read_job(run.path, name)
         prev = st.session_state.get(prev_key)
         st.session_state[prev_key] = cur.state
-        if prev in jobs.ACTIVE_STATES and not cur.active:
+        if prev in ACTIVE_STATES and not cur.active:
             st.rerun()  # the job just ended: redraw the page with its results
         if cur.state == "none":
             return
@@ -531,7 +534,7 @@ def job_panel(run: Run, name: str, unit: str = "steps") -> jobs.JobInfo:
             if cur.total:
                 text = f"{cur.done} / {cur.total} {unit}"
                 if cur.eta_s is not None:
-                    text += f" · about {jobs.format_eta(cur.eta_s)} left"
+                    text += f" · about {format_eta(cur.eta_s)} left"
                 st.progress(cur.fraction or 0.0, text=text)
             elif cur.active:
                 st.progress(0.0, text="starting (loading the model)...")

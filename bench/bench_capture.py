@@ -36,9 +36,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_core.models import MoEAdapter  # noqa: E402
-from moe_core.routing import SampleRouting, capture_routing, expert_id_dtype, save_batch_routing  # noqa: E402
-from moe_core.runs import atomic_write_json  # noqa: E402
+from moe_core.model.adapter import MoEAdapter
+from moe_core.model.routing import (
+    SampleRouting,
+    capture_routing,
+    expert_id_dtype,
+    save_batch_routing,
+)
+from moe_core.store.atomic import atomic_write_json
 
 logger = logging.getLogger("bench_capture")
 

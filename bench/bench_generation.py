@@ -27,11 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_core import pipeline as P  # noqa: E402
-from moe_core.backends import VLLMGenerator  # noqa: E402
-from moe_core.errors import MoELabError  # noqa: E402
-from moe_core.generation import generate_batch  # noqa: E402
-from moe_core.vllm_server import ServerSettings, VLLMEnvMissing, acquire, release  # noqa: E402
+from moe_core import pipeline as P
+from moe_core.errors import MoELabError
+from moe_core.model.backends import VLLMGenerator
+from moe_core.model.generation import generate_batch
+from moe_core.model.loading import ORGANISM, load_any_model, model_dir
+from moe_core.model.vllm_server import ServerSettings, VLLMEnvMissing, acquire, release
 
 
 def timed(fn):
@@ -52,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    model, tok = P.load_any_model(P.ORGANISM)
+    model, tok = load_any_model(ORGANISM)
     plan = P.compose(P.AnalyseSpec(demo_sets=True, max_batches=args.batches))
     batches = [[it.messages(None) for it in b.items] for b in plan.batches]
     every = [m for b in batches for m in b]
     t0 = time.perf_counter()
     try:
-        server = acquire(ServerSettings(P.model_dir(P.ORGANISM)))
+        server = acquire(ServerSettings(model_dir(ORGANISM)))
     except VLLMEnvMissing as e:  # `make bench` runs every benchmark; this one needs `make vllm` first
         print(f"skipped: {e}")
         return 0

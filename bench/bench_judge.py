@@ -28,8 +28,14 @@ from typing import Any, Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_core.judge import LABELLED_SET, judge_accuracy, load_labelled_set, make_judge  # noqa: E402
-from moe_core.verdicts import Progress, RefusalJudge, Verdict  # noqa: E402
+from moe_core.judge.judges import (
+    LABELLED_SET,
+    judge_accuracy,
+    load_labelled_set,
+    make_judge,
+)
+from moe_core.judge.verdicts import RefusalJudge, Verdict
+from moe_core.types import Progress
 
 log = logging.getLogger("bench_judge")
 
@@ -194,7 +200,7 @@ def answers_per_second(judges: dict[str, RefusalJudge], prompts: Sequence[str], 
 
 
 def _metrics_by(rows: list[dict[str, Any]], preds: dict[str, list[int]], key: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-    from moe_core.judge import binary_metrics
+    from moe_core.judge.judges import binary_metrics
 
     out: dict[str, Any] = {}
     for group in sorted({key(r) for r in rows}):
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(args.judge, rows, args.split, speed)
     log.info(format_report(report, args.show_misses))
     if args.json:
-        from moe_core.runs import atomic_write_json
+        from moe_core.store.atomic import atomic_write_json
 
         atomic_write_json(args.json, report)
     return 0

@@ -1,10 +1,10 @@
-"""Benchmark: the reference's loop risk tables vs ``moe_core.risk`` on the same synthetic routing.
+"""Benchmark: the reference's loop risk tables vs ``moe_core.analysis.risk`` on the same synthetic routing.
 
 Builds mixed batches (half safe, half unsafe samples) of router logits at OLMoE sizes
 (16 layers x 64 experts, top-8) with a small unsafe-only preference for a few experts, then
 times, on the SAME data:
   - ``tests/reference_algorithm.calculate_risk_diff_per_batch`` (Python loops, from logits),
-  - ``moe_core.risk.calculate_risk_diff_per_batch`` from the logits,
+  - ``moe_core.analysis.risk.calculate_risk_diff_per_batch`` from the logits,
   - the same from top-k ids (the format our routing capture writes),
 and checks all three tables are equal. Two scenarios: float32 logits, and the same logits
 rounded to bf16 (ties at the k-th place are then common and take the exact re-ranking path).
@@ -30,8 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_core import risk  # noqa: E402
-from moe_core.runs import atomic_write_json  # noqa: E402
+from moe_core.analysis import risk
+from moe_core.store.atomic import atomic_write_json
 from tests import reference_algorithm as ref  # noqa: E402
 
 logger = logging.getLogger("bench_risk")

@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_core.models import apply_cpu_thread_policy  # noqa: E402
-from moe_core.pipeline import StudySpec  # noqa: E402
-from moe_core.study import run_study, to_markdown  # noqa: E402
+from moe_core.eval.study_summary import summary_markdown
+from moe_core.model.adapter import apply_cpu_thread_policy
+from moe_core.pipeline import StudySpec
+from moe_core.study import run_study
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_cpu_thread_policy()
     with tempfile.TemporaryDirectory(prefix="bench-selection-") as tmp:
         run, summary = run_study(StudySpec(quick=not args.full), runs_root=args.runs_root or tmp)
-        print(to_markdown(summary))
+        print(summary_markdown(summary))
         print("\nbudget  chosen  random  random/chosen  intervals overlap")
         for budget, g in summary.groupby("budget"):
             arms = g.set_index("method")

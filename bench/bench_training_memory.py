@@ -6,7 +6,7 @@
 One random OLMoE config (default 8 layers x 32 experts, hidden 256, expert width 256, fp32),
 the same 8 chosen experts, the same token batches, AdamW (weight decay 0.1), three ways:
 
-* ``expert_masked``: moe_core.training (frozen fused tensors, one trainable row copy per chosen
+* ``expert_masked``: moe_core.train.training (frozen fused tensors, one trainable row copy per chosen
   expert, only those in the optimizer);
 * ``union_freeze``: the naive way: the fused expert tensors of the chosen layers trainable,
   gradients of unselected rows zeroed before each step (AdamW state for whole tensors, and
@@ -70,9 +70,13 @@ def chosen_experts(args) -> list[tuple[int, int]]:
 def run_method(method: str, args) -> dict:
     import torch
 
-    from moe_core.masks import ExpertMask
-    from moe_core.models import MoEAdapter
-    from moe_core.training import install_expert_rows, merge_trained_experts, optimizer_state_bytes
+    from moe_core.analysis.masks import ExpertMask
+    from moe_core.model.adapter import MoEAdapter
+    from moe_core.train.expert_rows import (
+        install_expert_rows,
+        merge_trained_experts,
+        optimizer_state_bytes,
+    )
 
     torch.set_num_threads(args.threads)
     model, batches = build(args)
@@ -178,7 +182,7 @@ def main() -> None:
     log.info("* unselected expert rows (of all fused tensors) that changed: must be 0 for expert_masked; "
              "union_freeze moves them through AdamW weight decay; full trains them on purpose")
     if args.json:
-        from moe_core.runs import atomic_write_json
+        from moe_core.store.atomic import atomic_write_json
 
         atomic_write_json(args.json, {"args": vars(args) | {"json": str(args.json)}, "results": results})
 

@@ -25,13 +25,24 @@ from typing import Any, Callable, Iterator, Sequence
 
 from transformers import HfArgumentParser
 
-from . import pipeline as P
-from .errors import MoELabError
-from .run_lock import secondary_rank
+from moe_core import pipeline as P
+from moe_core.analysis.analyse import finalize_analysis
+from moe_core.doctor import diagnose
+from moe_core.errors import MoELabError
+from moe_core.eval.evaluation import to_markdown
+from moe_core.eval.study_summary import headline, summary_markdown
+from moe_core.model.adapter import apply_cpu_thread_policy, load_model
+from moe_core.model.loading import ORGANISM, model_dir
+from moe_core.store.events import JobStopped
+from moe_core.store.files import os_error_message
+from moe_core.store.lease import RunBusyError, holder, secondary_rank, step_outcome
+from moe_core.store.manifest import default_runs_root, list_runs
+from moe_core.study import new_study_run, run_study
+from moe_core.train.expert_rows import apply_expert_delta, save_merged
 
 log = logging.getLogger("moe_core")
 
-ORGANISM = P.ORGANISM
+ORGANISM = ORGANISM
 
 
 class CLIError(MoELabError):
@@ -101,7 +112,6 @@ def _sub_job(job: str | None, stage: str) -> str | None:
 
 def _stopping(progress: Callable[..., None], should_stop: Callable[[], bool]) -> Callable[..., None]:
     """A progress callable that ends the step (``JobStopped``) once a stop was requested."""
-    from .runs import JobStopped
 
     def wrapped(done: int, total: int, message: str = "") -> None:
         progress(done, total, message)
@@ -125,7 +135,6 @@ def _print_top(aggregated: Any, n: int) -> None:
 
 def analyze(spec: P.AnalyseSpec, args: argparse.Namespace) -> Any:
     """Analyse (or resume); returns the run, or None when the job was stopped."""
-    from .analysis import finalize_analysis
 
     run, plan = P.analysis_run(spec, args.run, args.runs_root)  # refuses another model/settings before writing
     print(f"run: {run.path}")
@@ -178,7 +187,6 @@ def train(spec: P.TrainSpec, args: argparse.Namespace) -> Any:
 
 def evaluate(spec: P.EvaluateSpec, args: argparse.Namespace) -> Any:
     """Evaluate; returns the comparison table, or None when the job was stopped."""
-    from .evaluation import to_markdown
 
     run = P.open_run(args.run, args.runs_root)
     table = None
@@ -223,18 +231,17 @@ def demo(spec: P.DemoSpec, args: argparse.Namespace) -> Any:
 
 def study(spec: P.StudySpec, args: argparse.Namespace) -> Any:
     """Chosen vs random experts over budgets and seeds (+ full fine-tuning, steering) -> table and figure."""
-    from .study import headline, new_study_run, run_study, to_markdown
 
     run = P.open_run(args.run, args.runs_root) if args.run else new_study_run(spec, args.runs_root)
     print(f"run: {run.path}")
     summary = None
-    with run.writing(args.job or "study"), P.step_outcome(run):  # one writer; never left "running" on an error
+    with run.writing(args.job or "study"), step_outcome(run):  # one writer; never left "running" on an error
         with job_progress(run, args.job, "selection study") as (progress, should_stop):
             _, summary = run_study(spec, run, progress=_stopping(progress, should_stop))
     if summary is None:
         print("study stopped; partial results are in the run")
         return None
-    print(to_markdown(summary))
+    print(summary_markdown(summary))
     print("\n" + headline(summary, min(spec.effective().budgets, key=lambda b: abs(b - 1 / 16))))
     print(f"\nstudy -> {run.path_for('study', name=spec.name)}")
     return summary
@@ -242,10 +249,8 @@ def study(spec: P.StudySpec, args: argparse.Namespace) -> Any:
 
 def apply_delta(args: argparse.Namespace) -> Path:
     """Base model + expert_delta.safetensors -> a merged model directory (no training code needed)."""
-    from .models import load_model
-    from .training import apply_expert_delta, save_merged
 
-    model, tok = load_model(P.model_dir(args.base), device="cpu", dtype="float32")
+    model, tok = load_model(model_dir(args.base), device="cpu", dtype="float32")
     n = apply_expert_delta(model, args.delta)
     out = save_merged(model, tok, args.out)
     print(f"applied {n} expert tensors from {args.delta} -> {out}")
@@ -254,7 +259,6 @@ def apply_delta(args: argparse.Namespace) -> Path:
 
 def runs_cmd(args: argparse.Namespace) -> None:
     """One line per run: id, name, model, created, each step's status (a damaged run says why)."""
-    from .runs import default_runs_root, list_runs
 
     root = Path(args.runs_root) if args.runs_root else default_runs_root()
     rows = list_runs(root)
@@ -270,7 +274,6 @@ def runs_cmd(args: argparse.Namespace) -> None:
 
 def doctor_cmd(args: argparse.Namespace) -> None:
     """List damaged or missing pieces of a run; repair what can be recomputed (unless --check-only)."""
-    from .doctor import diagnose
 
     run = P.open_run(args.run, args.runs_root)
     found = diagnose(run, repair=not args.check_only)
@@ -292,7 +295,6 @@ def holding(args: argparse.Namespace) -> Iterator[None]:
     if not getattr(args, "run", None):
         yield
         return
-    from .run_lock import RunBusyError, holder
 
     run = P.open_run(args.run, args.runs_root)
     try:
@@ -352,7 +354,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Oversubscribed cores slow small models several-fold when the app, a job and tests share a
     # small machine (see models.default_cpu_threads).
-    from .models import apply_cpu_thread_policy
 
     apply_cpu_thread_policy()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -369,7 +370,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk or a read-only folder is the user's to fix, not a bug
-        from .run_files import os_error_message
 
         if os_error_message(e) is None or args.verbose:
             raise

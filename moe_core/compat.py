@@ -15,8 +15,8 @@ The seed method note (``BATCH_STRUCTURE_EXPLAINED``) runs unchanged with only it
                                    args=TrainingArguments(...), train_dataset=train_dataset,
                                    tokenizer=tokenizer, data_collator=collator)
 
-Every name here is the main-path object itself (also importable from ``moe_core.sampler``,
-``moe_core.sft``, ``moe_core.training``); the only code is :func:`reference_trainer_arguments`,
+Every name here is the main-path object itself (also importable from ``moe_core.train.sampler``,
+``moe_core.train.sft``, ``moe_core.train.training``); the only code is :func:`reference_trainer_arguments`,
 which the trainers call to map the reference's keyword arguments onto their typed config:
 
 * ``args=TrainingArguments(...)``: converted to the trainer's config class, values kept;
@@ -36,11 +36,14 @@ which the trainers call to map the reference's keyword arguments onto their type
 
 from __future__ import annotations
 
-from .batch_trainer import BatchPreservingTrainer
-from .expert_trainer import ExpertMaskingTrainer
-from .reference_args import ROUTER_CONSISTENCY_TYPES, reference_trainer_arguments
-from .sampler import AnalysisBatchSampler, BatchPreservingSampler
-from .sft import (
+from moe_core.train.batch_trainer import BatchPreservingTrainer
+from moe_core.train.expert_trainer import ExpertMaskingTrainer
+from moe_core.train.reference import (
+    ROUTER_CONSISTENCY_TYPES,
+    reference_trainer_arguments,
+)
+from moe_core.train.sampler import AnalysisBatchSampler, BatchPreservingSampler
+from moe_core.train.sft import (
     create_batch_aware_dataset,
     create_batch_structured_dataset,
     load_reference_pickle,

@@ -24,11 +24,24 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .batch_files import PER_BATCH, batch_problems, drop_batch
-from .integrity import check_json, check_parquet
-from .job_events import INTERRUPTED, step_status
-from .risk import SEED_COLUMNS
-from .runs import ARTIFACTS, Run
+from moe_core.analysis.analyse import (
+    SCOPE_SPAN,
+    analysis_config_of,
+    batch_risk_table,
+    finalize_analysis,
+)
+from moe_core.analysis.batch_files import PER_BATCH, batch_problems, drop_batch
+from moe_core.analysis.masks import ExpertMask, load_batch_masks
+from moe_core.analysis.risk import AGG_SEED_COLUMNS, SEED_COLUMNS
+from moe_core.batching.plan import save_plan
+from moe_core.model.routing import load_batch_routing
+from moe_core.pipeline import AnalyseSpec, compose
+from moe_core.store.events import INTERRUPTED, step_status
+from moe_core.store.files import read_json, write_parquet
+from moe_core.store.integrity import check_json, check_parquet
+from moe_core.store.lease import LEASE, holder
+from moe_core.store.provenance import plan_fingerprint, recorded
+from moe_core.store.run import ARTIFACTS, Run
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +77,6 @@ class Finding:
 
 def recompute_risk(run: Run, b: int) -> None:
     """Batch ``b``'s risk table again from its routing file and outputs (same values as the analysis)."""
-    from .analysis import SCOPE_SPAN, analysis_config_of, batch_risk_table
-    from .routing import load_batch_routing
-    from .runs import read_json, write_parquet
 
     cfg = analysis_config_of(run)
     span = SCOPE_SPAN[cfg.scope if cfg else "generated"]
@@ -115,7 +125,6 @@ def _batches(run: Run, repair: bool) -> list[Finding]:
 
 
 def _tables(run: Run, repair: bool, batches_changed: bool) -> list[Finding]:
-    from .risk import AGG_SEED_COLUMNS
 
     found = []
     if not run.completed_batches():
@@ -127,7 +136,6 @@ def _tables(run: Run, repair: bool, batches_changed: bool) -> list[Finding]:
             found.append(Finding(_rel(run, p), problem or "out of date (batches were repaired)",
                                  "recomputed from the per-batch risk tables"))
     if found and repair:
-        from .analysis import finalize_analysis
 
         finalize_analysis(run)
         for f in found:
@@ -137,7 +145,6 @@ def _tables(run: Run, repair: bool, batches_changed: bool) -> list[Finding]:
 
 def _files(run: Run) -> list[Finding]:
     """Plan, masks, training metadata and evaluations: named with their fix (not recomputable here)."""
-    from .masks import ExpertMask, load_batch_masks
 
     found = []
     plan = run.path_for("plan")
@@ -170,9 +177,6 @@ def _files(run: Run) -> list[Finding]:
 def _recompose_plan(run: Run) -> bool:
     """Write the plan again from the prompt files and settings the run recorded, if it comes out identical
     to the one its batches were analysed with (same fingerprint); False when that cannot be shown."""
-    from .batches import save_plan
-    from .pipeline import AnalyseSpec, compose
-    from .provenance import plan_fingerprint, recorded
 
     prov = recorded(run)
     if not prov.get("plan_source") or not prov.get("plan_fingerprint"):
@@ -190,7 +194,6 @@ def _recompose_plan(run: Run) -> bool:
 
 def _leftovers(run: Run, repair: bool) -> list[Finding]:
     """Stale temp files, a dead writer's lease and steps a dead process left "running"."""
-    from .run_lock import LEASE, holder
 
     found = []
     for p in sorted(run.path.rglob(".*")):

@@ -3,7 +3,7 @@
 The app never runs analysis, training or evaluation in its own script thread: it starts
 ``python -m moe_core <command> --run RUN_DIR --job NAME ...`` as a separate process in its own
 session, with stdout/stderr going to ``jobs/<name>/job.log`` of the run. The process writes
-status, heartbeats and progress events through ``moe_core.runs.Job``; the page only reads those
+status, heartbeats and progress events through ``moe_core.store.run.Job``; the page only reads those
 files. So a browser refresh, a second tab or leaving the page neither kills nor duplicates a
 job, and the same job can be started from a terminal with the CLI.
 
@@ -29,8 +29,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import MoELabError
-from .job_records import (
+from moe_core.errors import MoELabError
+from moe_core.model.adapter import ModelLoadError, MoEAdapter, is_local_model_dir
+from moe_core.pipeline import COMMANDS as PIPELINE_STEPS
+from moe_core.pipeline import command_of, to_argv
+from moe_core.store.atomic import atomic_write_json
+from moe_core.store.jobs import (
     _CHILDREN,
     LOG_NAME,
     JobInfo,
@@ -40,13 +44,8 @@ from .job_records import (
     _run_dir,
     read_job,
 )
-from .pipeline import COMMANDS as PIPELINE_STEPS
-from .pipeline import command_of, to_argv
-from .runs import (
-    JobBusyError,
-    Run,
-    atomic_write_json,
-)
+from moe_core.store.lease import RunBusyError, check_not_busy
+from moe_core.store.run import JobBusyError, Run
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,6 @@ def start_job(
     Returns the job's state right after launch (or the live job's state, unchanged). The
     process runs in its own session, so it outlives the Streamlit script run (and the server).
     """
-    from .run_lock import RunBusyError, check_not_busy
 
     run = _as_run(run)
     argv = job_command(command, run, name, flags)
@@ -183,7 +181,6 @@ def check_model_source(source: str) -> dict[str, Any]:
     a missing folder or unreachable hub id with ``ModelLoadError``. Returns the adapter's
     ``describe()`` (layers, experts, top-k), or ``{"model_type": "organism"}``.
     """
-    from .models import ModelLoadError, MoEAdapter, is_local_model_dir
 
     source = (source or "").strip()
     if not source:

@@ -23,14 +23,38 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from .analysis import AnalysisConfig, analysis_config_of
-from .backends import Backend
-from .errors import MoELabError
-from .loading import ORGANISM, load_any_model, model_dir, model_of
-from .run_lock import step_outcome, writes_run
-from .runs import JobStopped, Run, RunError, default_runs_root
-from .selection import METHODS, SelectionConfig
-from .spec_checks import (
+from moe_core.analysis.analyse import (
+    AnalysisConfig,
+    analysis_config_of,
+    check_resume,
+    run_analysis,
+)
+from moe_core.analysis.masks import ExpertMask, check_mask_fits, save_batch_masks
+from moe_core.analysis.selection import (
+    METHODS,
+    SelectionConfig,
+    select_experts,
+    select_per_batch,
+)
+from moe_core.batching.batches import compose_batches
+from moe_core.batching.demo_prompts import demo_sets
+from moe_core.batching.plan import save_plan
+from moe_core.batching.prompts import load_prompts, pair_by_row
+from moe_core.errors import MoELabError
+from moe_core.eval.evaluation import (
+    EvalEntry,
+    check_evaluation_free,
+    compare_models,
+    comparison_table,
+    default_eval_sets,
+    routing_shift,
+    save_evaluation,
+)
+from moe_core.eval.study_summary import STUDY_NAME
+from moe_core.model.adapter import load_model
+from moe_core.model.backends import Backend, open_backend
+from moe_core.model.loading import ORGANISM, load_any_model, model_dir, model_of
+from moe_core.store.checks import (
     AT_LEAST_1,
     JSON_OBJECT,
     NON_NEGATIVE,
@@ -41,8 +65,14 @@ from .spec_checks import (
     check_range,
     json_object,
 )
-from .study_summary import STUDY_NAME
-from .types import Progress, ShouldStop
+from moe_core.store.events import JobStopped
+from moe_core.store.files import RunError, read_parquet
+from moe_core.store.lease import step_outcome, writes_run
+from moe_core.store.manifest import default_runs_root
+from moe_core.store.provenance import model_info_of, plan_source, record
+from moe_core.store.run import Run
+from moe_core.train.step import run_train
+from moe_core.types import Progress, ShouldStop
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +374,6 @@ def open_run(path: str | Path, runs_root: str | Path | None = None) -> Run:
 # -- analyse -----------------------------------------------------------------------------------
 def prompt_sets(spec: AnalyseSpec) -> tuple[list, list]:
     """The safe and unsafe prompt sets a spec names (built-in demo sets when no file is given)."""
-    from .prompts import demo_sets, load_prompts, pair_by_row
 
     if spec.demo_sets or not (spec.safe or spec.unsafe):
         if spec.safe or spec.unsafe:
@@ -361,7 +390,6 @@ def prompt_sets(spec: AnalyseSpec) -> tuple[list, list]:
 
 def compose(spec: AnalyseSpec) -> Any:
     """The spec's batch plan (``max_batches`` keeps the first N batches)."""
-    from .batches import compose_batches
 
     if spec.max_batches is not None and spec.max_batches < 1:
         raise MoELabError(f"max_batches must be >= 1 (got {spec.max_batches}); omit it to analyse every batch")
@@ -379,8 +407,6 @@ def analysis_run(spec: AnalyseSpec, run: str | Path | Run | None = None,
     The plan is composed before the run is created, so a bad prompt file leaves no empty run. A resume
     with another model or other settings is refused before anything is written (``provenance``).
     """
-    from .batches import save_plan
-    from .provenance import check_resume, plan_source, record
 
     if run is not None:
         r = run if isinstance(run, Run) else open_run(run, runs_root)
@@ -408,8 +434,6 @@ def analyse(spec: AnalyseSpec, run: str | Path | Run | None = None, runs_root: s
     ``loaded``: the (model, tokenizer) of ``spec.model`` when the caller already holds them. A new run
     that fails before its first batch is finished is removed again.
     """
-    from .analysis import run_analysis
-    from .backends import open_backend
 
     created = run is None
     if not isinstance(run, Run) or plan is None:
@@ -431,10 +455,6 @@ def analyse(spec: AnalyseSpec, run: str | Path | Run | None = None, runs_root: s
 @writes_run("select")
 def select(spec: SelectSpec, run: Run) -> Any:
     """Choose experts from the run's risk table -> the saved ``ExpertMask`` (or per-batch masks)."""
-    from .analysis import model_info_of
-    from .masks import save_batch_masks
-    from .runs import read_parquet
-    from .selection import select_experts, select_per_batch
 
     if not run.path_for("risk_aggregated").exists():
         raise MoELabError(f"run {run.id} has no risk table yet; run `python -m moe_core analyze` first")
@@ -456,12 +476,11 @@ def select(spec: SelectSpec, run: Run) -> Any:
 # -- train -------------------------------------------------------------------------------------
 @writes_run("train")
 def train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Any:
-    """Train what ``spec`` names on the run's analysis batches into train/<name>/ (``moe_core.train_step``).
+    """Train what ``spec`` names on the run's analysis batches into train/<name>/ (``moe_core.train.step``).
 
     Checked before the model loads; built in a stage folder with checkpoints and committed whole, so a
     failure never touches a previous training of that name; a killed attempt resumes when run again.
     """
-    from .train_step import run_train
 
     return run_train(spec, run, progress)
 
@@ -469,8 +488,6 @@ def train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Any:
 # -- evaluate ----------------------------------------------------------------------------------
 def eval_entries(spec: EvaluateSpec, run: Run) -> list:
     """Base model, every finished training of the run, and the base model steered by ``steer_mask``."""
-    from .evaluation import EvalEntry
-    from .masks import ExpertMask, check_mask_fits
 
     base_dir = model_dir(model_of(run, spec.model))
     entries = [EvalEntry("base", base_dir)]
@@ -485,13 +502,6 @@ def eval_entries(spec: EvaluateSpec, run: Run) -> list:
 @writes_run("evaluate")
 def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> Any:
     """Evaluate base vs trained (vs steered) models; saves responses and summary into the run -> table."""
-    from .evaluation import (
-        check_evaluation_free,
-        compare_models,
-        comparison_table,
-        default_eval_sets,
-        save_evaluation,
-    )
 
     check_evaluation_free(run, spec.name, spec.overwrite)  # name, overwrite and steer mask: before the evaluation runs
     entries = eval_entries(spec, run)
@@ -506,8 +516,6 @@ def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> 
 
 def routing_shifts(run: Run, names: list[str], progress: Progress | None = None) -> dict[str, Any]:
     """Re-run the analysis on each named training: how each expert's risk difference moved."""
-    from .evaluation import routing_shift
-    from .models import load_model
 
     out = {}
     for name in names:

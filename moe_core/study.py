@@ -33,9 +33,36 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import pipeline as P
-from .runs import Run, atomic_write_json, write_parquet
-from .study_summary import summarize_study
+from moe_core import pipeline as P
+from moe_core.analysis.analyse import load_batch_data_list
+from moe_core.analysis.masks import ExpertMask
+from moe_core.analysis.selection import (
+    SelectionConfig,
+    random_experts,
+    random_layer_matched,
+    select_experts,
+)
+from moe_core.eval.charts import study_figure
+from moe_core.eval.evaluation import (
+    METRICS,
+    default_eval_sets,
+    evaluate_model,
+    summarize,
+)
+from moe_core.eval.study_summary import summarize_study
+from moe_core.model.adapter import MoEAdapter
+from moe_core.model.loading import ORGANISM, load_any_model
+from moe_core.model.organism import OrganismConfig, build_organism
+from moe_core.store.atomic import atomic_write_json
+from moe_core.store.files import read_parquet, write_parquet
+from moe_core.store.manifest import default_runs_root
+from moe_core.store.run import Run
+from moe_core.train.sft import (
+    create_batch_aware_dataset,
+    create_batch_structured_dataset,
+)
+from moe_core.train.training import train_model
+from moe_core.types import Progress
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +72,11 @@ log = logging.getLogger(__name__)
 class _Lab:
     """One seed's base model in memory, its analysis run and SFT set; trains and evaluates arms."""
 
-    def __init__(self, spec: P.StudySpec, seed: int, root: Path, progress: P.Progress | None):
-        from .analysis import load_batch_data_list
-        from .models import MoEAdapter
-        from .runs import read_parquet
-        from .sft import create_batch_aware_dataset, create_batch_structured_dataset
+    def __init__(self, spec: P.StudySpec, seed: int, root: Path, progress: Progress | None):
 
         self.spec, self.seed = spec, seed
         model_name = spec.model or _organism(seed, progress)
-        self.model, self.tok = P.load_any_model(model_name)  # once: the analysis and every arm use it
+        self.model, self.tok = load_any_model(model_name)  # once: the analysis and every arm use it
         analysis = P.AnalyseSpec(model=model_name, scope=spec.scope, max_batches=spec.max_batches, seed=seed,
                                  name=f"seed-{seed}", backend=spec.backend, vllm_url=spec.vllm_url)
         self.run = P.analyse(analysis, runs_root=root, progress=progress, loaded=(self.model, self.tok))
@@ -62,7 +85,6 @@ class _Lab:
         self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         batches = create_batch_structured_dataset(load_batch_data_list(self.run), seed=seed)
         self.dataset = create_batch_aware_dataset(batches, self.tok)
-        from .evaluation import default_eval_sets
 
         self.sets = default_eval_sets(split="heldout", limit=spec.eval_limit,
                                       templates_per_goal=spec.templates_per_goal or None, seed=seed)
@@ -80,7 +102,6 @@ class _Lab:
 
     def evaluate(self, steer: Any = None) -> dict[str, int]:
         """Counts per metric: ``<metric>_k`` refusals-or-complies and ``<metric>_n`` prompts."""
-        from .evaluation import METRICS, evaluate_model, summarize
 
         self.model.eval()
         df = evaluate_model(self.model, self.tok, self.sets, max_new_tokens=self.spec.max_new_tokens, steer=steer,
@@ -94,7 +115,6 @@ class _Lab:
 
     def train_and_evaluate(self, mask: Any) -> dict[str, int]:
         """Train ``mask``'s experts (None: every parameter) from the base weights, evaluate, restore."""
-        from .training import train_model
 
         with tempfile.TemporaryDirectory(prefix="moe-study-") as tmp:
             train_model(self.model, self.tok, self.dataset, mask, output_dir=tmp, mask_mode="union", progress=_quiet,
@@ -110,16 +130,13 @@ def _quiet(done: int, total: int, message: str = "") -> None:
     """A progress sink: the study reports per arm, not per training step."""
 
 
-def _organism(seed: int, progress: P.Progress | None) -> str:
-    from .demo import OrganismConfig, build_organism
+def _organism(seed: int, progress: Progress | None) -> str:
 
     return str(build_organism(OrganismConfig(seed=seed), progress=progress))
 
 
 def _masks(lab: _Lab, budget: float) -> tuple[int, Any, Any]:
     """(N, chosen mask, safest mask) for a budget: top-N by risk difference and by its negative."""
-    from .masks import ExpertMask
-    from .selection import SelectionConfig, select_experts
 
     n = max(1, round(budget * lab.total_experts))
     agg, nl, ne = lab.risk, lab.adapter.num_layers, lab.adapter.num_experts
@@ -132,10 +149,9 @@ def _masks(lab: _Lab, budget: float) -> tuple[int, Any, Any]:
     return n, chosen, safest
 
 
-def study_seed(spec: P.StudySpec, seed: int, root: Path, progress: P.Progress | None = None,
+def study_seed(spec: P.StudySpec, seed: int, root: Path, progress: Progress | None = None,
                on_row: Any = None) -> list[dict[str, Any]]:
     """Every arm of the study for one seed -> rows of counts (``on_row(rows)`` after each arm)."""
-    from .selection import random_experts, random_layer_matched
 
     lab = _Lab(spec, seed, root, progress)
     rows: list[dict[str, Any]] = []
@@ -169,7 +185,7 @@ def study_seed(spec: P.StudySpec, seed: int, root: Path, progress: P.Progress | 
 
 
 def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path | None = None,
-              progress: P.Progress | None = None) -> tuple[Run, pd.DataFrame]:
+              progress: Progress | None = None) -> tuple[Run, pd.DataFrame]:
     """Run every seed of ``spec`` into ``run`` (a new run named 'study' by default) -> (run, summary)."""
     spec = spec.effective()
     spec.validate()
@@ -184,7 +200,6 @@ def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path |
     results = pd.DataFrame(rows)
     summary = summarize_study(results)
     write_parquet(out / "summary.parquet", summary)
-    from .charts import study_figure
 
     atomic_write_json(out / "figure.json", json.loads(study_figure(summary).to_json()))
     run.set_step(f"study:{spec.name}", "done", rows=len(rows))
@@ -193,7 +208,7 @@ def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path |
 
 def new_study_run(spec: P.StudySpec, runs_root: str | Path | None = None) -> Run:
     """A fresh run named 'study' to hold a study of ``spec``."""
-    return Run.create(Path(runs_root or P.default_runs_root()), name="study", model=spec.model or P.ORGANISM)
+    return Run.create(Path(runs_root or default_runs_root()), name="study", model=spec.model or ORGANISM)
 
 
 

@@ -7,17 +7,25 @@ for undo) so that nothing but paths sits in the session; "Save plan" writes the 
 
 from __future__ import annotations
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
-
 import hashlib
 
 import streamlit as st
 
-from moe_core import batches as bp
-from moe_core.prompts import (
-    FORMATS, PromptLoadError, demo_sets, detect_prompt_column, list_columns, load_prompts, pair_by_row,
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+from moe_core.batching import batches as bp
+from moe_core.batching.demo_prompts import demo_sets
+from moe_core.batching.edits import add, drop, move, replace, swap
+from moe_core.batching.plan import BatchPlan, BatchPlanError, save_plan, split_counts
+from moe_core.batching.prompts import (
+    FORMATS,
+    PromptLoadError,
+    detect_prompt_column,
+    list_columns,
+    load_prompts,
+    pair_by_row,
 )
-from moe_core.runs import atomic_write_bytes
+from moe_core.batching.validation import check, validate
+from moe_core.store.atomic import atomic_write_bytes
 from moe_core.types import PromptItem
 
 ui.setup("Data & batches")
@@ -148,17 +156,17 @@ def source_description(mode: str, demo_mode: str | None, safe: list[PromptItem] 
 
 
 # -- draft plan on disk ------------------------------------------------------------------------
-def _draft() -> bp.BatchPlan | None:
+def _draft() -> BatchPlan | None:
     if DRAFT.is_file():
         return ui.load_plan_cached(DRAFT)
     return ui.load_plan_cached(SAVED)
 
 
-def _store(plan: bp.BatchPlan, message: str) -> None:
+def _store(plan: BatchPlan, message: str) -> None:
     """Write the edited draft (keeping the previous one for undo) and redraw the page."""
     if DRAFT.is_file():
         atomic_write_bytes(UNDO, DRAFT.read_bytes())
-    bp.save_plan(DRAFT, plan)
+    save_plan(DRAFT, plan)
     ui.flash(message)
     st.rerun()
 
@@ -166,7 +174,7 @@ def _store(plan: bp.BatchPlan, message: str) -> None:
 def _new_item(text: str, label: str) -> PromptItem:
     text = text.strip()
     if not text:
-        raise bp.BatchPlanError("the new prompt is empty: type the prompt text first")
+        raise BatchPlanError("the new prompt is empty: type the prompt text first")
     digest = hashlib.sha1(f"{label}:{text}".encode()).hexdigest()[:8]
     return PromptItem(id=f"manual-{label}-{digest}", text=text, label=label, goal=text, source="manual")  # type: ignore[arg-type]
 
@@ -210,7 +218,7 @@ with st.container(border=True):
     seed = int(c3.number_input("Seed", 0, 2**31 - 1, 0, key="seed"))
     shuffle = c4.checkbox("Shuffle", True, key="shuffle")
     with ui.guard():
-        n_s, n_u = bp.split_counts(batch_size, safe_ratio)
+        n_s, n_u = split_counts(batch_size, safe_ratio)
         st.caption(f"Each batch: {n_s} safe then {n_u} unsafe items.")
     ready = bool(safe) and bool(unsafe)
     if st.button("Compose batches", type="primary", disabled=not ready, icon=":material/view_module:"):
@@ -229,7 +237,7 @@ if plan is None:
     st.stop()
 
 # -- 3. batches ----------------------------------------------------------------------------------
-issues = bp.validate(plan)
+issues = validate(plan)
 with st.container(border=True):
     st.subheader("3. Batches")
     composed_from = plan.meta.get("composed_from")
@@ -310,7 +318,7 @@ with st.container(border=True):
         to = st.selectbox("To batch", plan.batch_indices, key="mv_to")
         if st.button("Move", key="mv_go"):
             with ui.guard():
-                _store(bp.move(plan, item, int(to)), f"Moved {item} to batch {to}.")
+                _store(move(plan, item, int(to)), f"Moved {item} to batch {to}.")
     with tabs[1]:
         a = st.selectbox("Item A", ids, format_func=_fmt, key="sw_a")
         label_a = label_of.get(a)
@@ -319,7 +327,7 @@ with st.container(border=True):
                           placeholder=f"no other {label_a} item")
         if st.button("Swap", key="sw_go", disabled=b2 is None):
             with ui.guard():
-                _store(bp.swap(plan, a, b2), f"Swapped {a} and {b2}.")
+                _store(swap(plan, a, b2), f"Swapped {a} and {b2}.")
     with tabs[2]:
         item = st.selectbox("Item to replace", ids, format_func=_fmt, key="rp_item")
         label_r = label_of.get(item)
@@ -331,12 +339,12 @@ with st.container(border=True):
         if st.button("Replace", key="rp_go"):
             with ui.guard():
                 new_item = spare[choice] if choice in spare else _new_item(new_text, label_r)
-                _store(bp.replace(plan, item, new_item), f"Replaced {item} with {new_item.id}.")
+                _store(replace(plan, item, new_item), f"Replaced {item} with {new_item.id}.")
     with tabs[3]:
         item = st.selectbox("Item to drop", ids, format_func=_fmt, key="dr_item")
         if st.button("Drop", key="dr_go"):
             with ui.guard():
-                _store(bp.drop(plan, item), f"Dropped {item}.")
+                _store(drop(plan, item), f"Dropped {item}.")
     with tabs[4]:
         c1, c2 = st.columns(2)
         to = c1.selectbox("Batch", plan.batch_indices, key="ad_batch")
@@ -344,7 +352,7 @@ with st.container(border=True):
         new_text = st.text_area("Prompt text", key="ad_text", height=80)
         if st.button("Add", key="ad_go"):
             with ui.guard():
-                _store(bp.add(plan, int(to), _new_item(new_text, label)), f"Added a {label} prompt to batch {to}.")
+                _store(add(plan, int(to), _new_item(new_text, label)), f"Added a {label} prompt to batch {to}.")
     if UNDO.is_file() and st.button("Undo last edit", icon=":material/undo:"):
         atomic_write_bytes(DRAFT, UNDO.read_bytes())
         UNDO.unlink()
@@ -364,12 +372,12 @@ with st.container(border=True):
     if st.button("Save plan", type="primary", disabled=same, icon=":material/save:"):
         with ui.guard("Not saved: "):
             if analysed and not same:
-                raise bp.BatchPlanError(
+                raise BatchPlanError(
                     f"this run already has {len(analysed)} analysed batches of another plan; create a new run "
                     "(sidebar) to analyse this plan"
                 )
-            found = bp.check(plan)
-            bp.save_plan(SAVED, plan)
+            found = check(plan)
+            save_plan(SAVED, plan)
             ui.flash(f"Saved the plan ({len(plan)} batches, {len(found)} warnings) to {SAVED.name}. "
                      "Next: Analysis.")
             st.rerun()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
-
 import streamlit as st
 
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core import jobs
-from moe_core.analysis import analysis_config_of
-from moe_core.pipeline import ORGANISM, AnalyseSpec, Scope
+from moe_core.analysis.analyse import analysis_config_of
+from moe_core.model.loading import ORGANISM
+from moe_core.pipeline import AnalyseSpec, Scope
+from moe_core.store.jobs import read_job
 
 JOB = "analysis"
 
@@ -28,7 +29,7 @@ if plan is None:
     st.warning("This run has no saved batch plan yet: compose and save one first.", icon=":material/warning:")
     ui.link("data", "Go to Data & batches", ":material/arrow_back:")
 done = run.completed_batches()
-info = jobs.read_job(run.path, JOB)
+info = read_job(run.path, JOB)
 previous = analysis_config_of(run)
 
 # -- configuration -------------------------------------------------------------------------------

@@ -7,16 +7,15 @@ batch, which of its tokens were routed to that expert, safe and unsafe side by s
 
 from __future__ import annotations
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
-
 import numpy as np
 import streamlit as st
 
-from moe_core import charts
-from moe_core.analysis import analysis_config_of
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+from moe_core.analysis.analyse import analysis_config_of
+from moe_core.analysis.risk import risk_matrix
 from moe_core.errors import MoELabError
-from moe_core.risk import risk_matrix
-from moe_core.routing import SCOPES, load_batch_routing
+from moe_core.eval import charts
+from moe_core.model.routing import SCOPES, load_batch_routing
 
 ui.setup("Heatmaps")
 st.title("Heatmaps")

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
-
 import json
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from moe_core import charts
-from moe_core.masks import ExpertMask, save_batch_masks
-from moe_core.risk import risk_matrix
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+from moe_core.analysis.masks import ExpertMask, save_batch_masks
+from moe_core.analysis.risk import risk_matrix
+from moe_core.analysis.selection import (
+    METHODS,
+    SelectionConfig,
+    random_like,
+    select_experts,
+    select_per_batch,
+)
+from moe_core.eval import charts
 from moe_core.pipeline import SelectSpec
-from moe_core.spec_checks import check_free
-from moe_core.selection import METHODS, SelectionConfig, random_like, select_experts, select_per_batch
-
+from moe_core.store.checks import check_free
 
 ui.setup("Experts")
 st.title("Experts")

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
-
 import re
 
 import pandas as pd
 import streamlit as st
 
-from moe_core import charts, jobs
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+from moe_core import jobs
 from moe_core.errors import MoELabError
+from moe_core.eval import charts
 from moe_core.pipeline import TrainSpec
-from moe_core.spec_checks import check_free
-from moe_core.train_step import stage_of
+from moe_core.store.checks import check_free
+from moe_core.store.jobs import job_events, loss_points, read_job
+from moe_core.train.step import stage_of
 
 JOB = "train"
 BASELINES = {"experts": "chosen experts only", "full": "full fine-tuning (baseline)",
@@ -27,7 +28,7 @@ st.caption("Each training step is exactly one analysis batch (same items, same o
 ui.show_flash()
 run = ui.require_run("training")
 masks = ui.mask_names(run)
-info = jobs.read_job(run.path, JOB)
+info = read_job(run.path, JOB)
 
 # -- configuration ---------------------------------------------------------------------------------
 with st.container(border=True):
@@ -88,11 +89,11 @@ def live_batches(plan) -> pd.DataFrame:
     Read from the job while it runs: progress events that carry ``batch_idx``, else the trainer's
     per-step monitor line in the job log (``TrainSpec`` runs print it when monitoring is on)."""
     rows = []
-    for e in jobs.job_events(run.path, JOB):
+    for e in job_events(run.path, JOB):
         if e.get("kind") == "progress" and e.get("batch_idx") is not None:
             rows.append({"step": e.get("done"), "batch_idx": int(e["batch_idx"])})
     if not rows:
-        log = jobs.read_job(run.path, JOB, log_lines=100_000).log_tail
+        log = read_job(run.path, JOB, log_lines=100_000).log_tail
         rows = [{"step": i + 1, "batch_idx": int(m.group(1))} for i, m in enumerate(MONITOR_RE.finditer(log))]
     df = pd.DataFrame(rows, columns=["step", "batch_idx"])
     if plan is not None and len(df):
@@ -105,10 +106,10 @@ def live_batches(plan) -> pd.DataFrame:
 @st.fragment(run_every=ui.POLL_S if info.active else None)
 def live() -> None:
     """While the job runs: the loss so far and the batch monitor (one row per step)."""
-    cur = jobs.read_job(run.path, JOB, log_lines=0)
+    cur = read_job(run.path, JOB, log_lines=0)
     if not cur.active:
         return  # finished: the results below show the final loss and monitor (never both charts)
-    pts = jobs.loss_points(jobs.job_events(run.path, JOB))
+    pts = loss_points(job_events(run.path, JOB))
     left, right = st.columns([3, 2])
     if pts:
         left.plotly_chart(charts.loss_curve(pd.DataFrame(pts), title="Training loss (live)"), key="tr_live_loss")

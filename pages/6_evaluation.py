@@ -1,23 +1,34 @@
 """Evaluation: refusal and over-refusal before vs after training, as charts, with answers side by side.
 
-Reads the evaluations saved in the run's ``eval/`` folder (``moe_core.evaluation.save_evaluation``)
+Reads the evaluations saved in the run's ``eval/`` folder (``moe_core.eval.evaluation.save_evaluation``)
 and launches ``python -m moe_core evaluate --run RUN --job evaluate`` (base model vs every trained
 model of the run, optionally the base with the mask's experts steered off).
 """
 
 from __future__ import annotations
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
-
 import streamlit as st
 
-from moe_core import charts, jobs
-from moe_core.evaluation import check_evaluation_free, list_evaluations, load_evaluation
-from moe_core.report import interval_table
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+from moe_core import jobs
+from moe_core.analysis.risk import risk_matrix
+from moe_core.eval import charts
+from moe_core.eval.audit import (
+    audit_report,
+    label_answer,
+    load_labels,
+    sample_for_review,
+)
+from moe_core.eval.evaluation import (
+    check_evaluation_free,
+    list_evaluations,
+    load_evaluation,
+)
+from moe_core.eval.report import interval_table
+from moe_core.eval.study_summary import load_study
+from moe_core.judge.verdicts import LABELS as AUDIT_LABELS
 from moe_core.pipeline import EvaluateSpec, StudySpec
-from moe_core.study import load_study
-from moe_core.audit import LABELS as AUDIT_LABELS, audit_report, label_answer, load_labels, sample_for_review
-from moe_core.risk import risk_matrix
+from moe_core.store.jobs import read_job
 
 JOB = "evaluate"
 STUDY_JOB = "study"
@@ -31,7 +42,7 @@ ui.show_flash()
 run = ui.require_run("the evaluation")
 
 # -- launch ------------------------------------------------------------------------------------
-info = jobs.read_job(run.path, JOB)
+info = read_job(run.path, JOB)
 trained = sorted(run.trainings())
 with st.container(border=True):
     st.subheader("Run an evaluation")
@@ -81,7 +92,7 @@ with st.container(border=True):
                                     if c not in ("method", "n_experts", "runs", "budget")})
     quick = st.toggle("Quick setting (1 seed, 2 budgets, 2 draws: minutes instead of about an hour)", True,
                       key="ev_study_quick")
-    study_job = jobs.read_job(run.path, STUDY_JOB)
+    study_job = read_job(run.path, STUDY_JOB)
     if st.button("Run the study", icon=":material/science:", disabled=study_job.active, key="ev_study_start"):
         with ui.guard("Not started: "):
             jobs.start_step(run.path, STUDY_JOB, StudySpec(quick=quick))

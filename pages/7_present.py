@@ -7,16 +7,22 @@ after with intervals, the selection study's curve. Each appears once the run has
 
 from __future__ import annotations
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
 import numpy as np
 import streamlit as st
 
-from moe_core import charts
-from moe_core.evaluation import list_evaluations, load_evaluation
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+from moe_core.analysis.risk import risk_matrix
+from moe_core.eval import charts
+from moe_core.eval.evaluation import list_evaluations, load_evaluation
+from moe_core.eval.report import (
+    QUESTION,
+    REPORT_NAME,
+    chosen_mask,
+    interval_table,
+    write_report,
+)
+from moe_core.eval.study_summary import load_study
 from moe_core.pipeline import StudySpec
-from moe_core.report import QUESTION, REPORT_NAME, chosen_mask, interval_table, write_report
-from moe_core.risk import risk_matrix
-from moe_core.study import load_study
 
 ui.setup("Present", sidebar_state="collapsed")
 st.title("Present")
@@ -102,7 +108,7 @@ if marked:
     top = max(marked, key=lambda le: float(ranked.get(le, -np.inf)))
 header(f"What the top expert reads: layer {top[0]}, expert {top[1]}")
 with ui.guard("The tokens cannot be shown: "):
-    from moe_core.routing import load_batch_routing
+    from moe_core.model.routing import load_batch_routing
 
     rpath = run.path_for("routing", batch_idx=b0.batch_idx)
     if rpath.is_file() and outputs0:

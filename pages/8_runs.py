@@ -3,16 +3,17 @@ training step to its batch. A damaged file is shown as a message naming it, neve
 
 from __future__ import annotations
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
-
 import json
 
 import pandas as pd
 import streamlit as st
 
-from moe_core.analysis import analysis_config_of, model_info_of
+import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+from moe_core.analysis.analyse import analysis_config_of
 from moe_core.doctor import diagnose
-from moe_core.runs import Run, list_runs
+from moe_core.store.manifest import list_runs
+from moe_core.store.provenance import model_info_of
+from moe_core.store.run import Run
 
 ui.setup("Runs")
 st.title("Runs")

@@ -22,10 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_core.masks import ExpertMask  # noqa: E402
-from moe_core.sampler import AnalysisBatchSampler  # noqa: E402
-from moe_core.sft import create_batch_aware_dataset, create_batch_structured_dataset  # noqa: E402
-from moe_core.training import ExpertMaskingConfig, ExpertMaskingTrainer, merge_trained_experts  # noqa: E402
+from moe_core.analysis.masks import ExpertMask
+from moe_core.train.config import ExpertMaskingConfig
+from moe_core.train.expert_rows import merge_trained_experts
+from moe_core.train.expert_trainer import ExpertMaskingTrainer
+from moe_core.train.sampler import AnalysisBatchSampler
+from moe_core.train.sft import (
+    create_batch_aware_dataset,
+    create_batch_structured_dataset,
+)
 from tests.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 SIZES = (6, 4, 6, 5, 6)  # 5 batches on 2 ranks: the last round is padded with a whole batch

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_core.analysis import AnalysisConfig, load_batch_data_list, run_analysis
-from moe_core.batches import compose_batches
-from moe_core.prompts import demo_sets
-from moe_core.runs import Run, read_parquet
-from moe_core.selection import SelectionConfig, select_experts
+from moe_core.analysis.analyse import AnalysisConfig, load_batch_data_list, run_analysis
+from moe_core.analysis.selection import SelectionConfig, select_experts
+from moe_core.batching.batches import compose_batches
+from moe_core.batching.demo_prompts import demo_sets
+from moe_core.store.files import read_parquet
+from moe_core.store.run import Run
 from tests.tiny import tiny_model, tiny_tokenizer
 
 BATCH_SIZE = 8
@@ -60,7 +61,7 @@ def build_finished_run(root: Path, model_dir: Path, n_batches: int = 3, train: b
                        name: str = "fixture", max_new_tokens: int = 6, evaluate: bool = False, seed: int = 0) -> Run:
     """A run with plan, analysis (every batch), a saved mask; with ``train`` one expert-only training
     (merged model kept), with ``evaluate`` also a small base-vs-trained evaluation in eval/."""
-    from moe_core.models import load_model
+    from moe_core.model.adapter import load_model
 
     model, tok = load_model(model_dir, device="cpu")
     run = Run.create(root, name=name, config={"created_by": "tests"}, model=str(model_dir))
@@ -80,10 +81,14 @@ def build_finished_run(root: Path, model_dir: Path, n_batches: int = 3, train: b
 def train_fixture(run: Run, model, tok, epochs: int = 1) -> Path:
     """A real expert-only training of the saved mask (one epoch) into ``train/experts-<mask>``, recorded
     in the manifest as the CLI does (step ``train:<name>`` with the merged model's path)."""
-    from moe_core.masks import ExpertMask
-    from moe_core.sampler import BatchPreservingSampler
-    from moe_core.sft import create_batch_aware_dataset, create_batch_structured_dataset
-    from moe_core.training import ExpertMaskingConfig, train_experts
+    from moe_core.analysis.masks import ExpertMask
+    from moe_core.train.config import ExpertMaskingConfig
+    from moe_core.train.sampler import BatchPreservingSampler
+    from moe_core.train.sft import (
+        create_batch_aware_dataset,
+        create_batch_structured_dataset,
+    )
+    from moe_core.train.training import train_experts
 
     name = f"experts-{MASK_NAME}"
     out = run.path_for("train", name=name)
@@ -102,7 +107,12 @@ def train_fixture(run: Run, model, tok, epochs: int = 1) -> Path:
 
 def evaluate_fixture(run: Run, base_dir: Path, trained_dir: Path, limit: int = 3) -> None:
     """A small real comparison (base vs trained) on the held-out demo sets, saved in eval/."""
-    from moe_core.evaluation import EvalEntry, compare_models, default_eval_sets, save_evaluation
+    from moe_core.eval.evaluation import (
+        EvalEntry,
+        compare_models,
+        default_eval_sets,
+        save_evaluation,
+    )
 
     sets = default_eval_sets("heldout", limit=limit)
     responses, summary = compare_models([EvalEntry("base", str(base_dir)), EvalEntry("experts", str(trained_dir))],
@@ -120,8 +130,8 @@ def build_risk_only_run(root: Path, n_batches: int = 100, num_layers: int = 16, 
     import numpy as np
     import pandas as pd
 
-    from moe_core.risk import aggregate_batch_risk_diffs, risk_table
-    from moe_core.runs import write_parquet
+    from moe_core.analysis.risk import aggregate_batch_risk_diffs, risk_table
+    from moe_core.store.files import write_parquet
 
     rng = np.random.default_rng(seed)
     run = Run.create(root, name=f"risk only {n_batches}")

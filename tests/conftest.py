@@ -4,6 +4,6 @@ App and browser tests start the app and CLI jobs as separate processes beside py
 threads keeps them from oversubscribing a small CI machine.
 """
 
-from moe_core.models import apply_cpu_thread_policy
+from moe_core.model.adapter import apply_cpu_thread_policy
 
 apply_cpu_thread_policy()

@@ -3,7 +3,7 @@
 The reference (JACKPURCELL/SteerMoE ``demo_refactored.py``) counts, with Python loops over
 layers and tokens, how often each expert is among the top-k of the softmaxed router logits on
 safe and on unsafe tokens, and ranks experts by the difference of the two activation rates.
-This file keeps those loops on purpose: it is the yardstick that ``moe_core.risk`` (vectorised)
+This file keeps those loops on purpose: it is the yardstick that ``moe_core.analysis.risk`` (vectorised)
 must match exactly, and the baseline that ``bench/bench_risk.py`` times. Do not optimise it.
 
 Assumptions where the reference is not fully specified: the softmax is computed once over the

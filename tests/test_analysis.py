@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_core.analysis import (
+from moe_core.analysis.analyse import (
     AnalysisConfig,
     AnalysisError,
     load_batch_data_list,
@@ -16,9 +16,10 @@ from moe_core.analysis import (
     quality_filter,
     run_analysis,
 )
-from moe_core.batches import compose_batches
-from moe_core.risk import calculate_risk_diff_per_batch
-from moe_core.runs import Run, read_parquet
+from moe_core.analysis.risk import calculate_risk_diff_per_batch
+from moe_core.batching.batches import compose_batches
+from moe_core.store.files import read_parquet
+from moe_core.store.run import Run
 from moe_core.types import PromptItem
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -71,7 +72,7 @@ def test_resume_after_stop_gives_identical_tables(tmp_path, tiny, plan):
         calls["n"] += 1
         return calls["n"] > 1
 
-    from moe_core.runs import JobStopped
+    from moe_core.store.events import JobStopped
 
     with pytest.raises(JobStopped):
         run_analysis(run, model, tok, plan, cfg, should_stop=stop_after_one)

@@ -17,12 +17,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_core import charts, jobs
-from moe_core.batches import load_plan
-from moe_core.masks import ExpertMask
-from moe_core.runs import Run, read_json
+from moe_core import jobs
+from moe_core.analysis.masks import ExpertMask
+from moe_core.batching.plan import load_plan
+from moe_core.eval import charts
+from moe_core.store.files import read_json
+from moe_core.store.jobs import (
+    LAUNCH_NAME,
+    JobInfo,
+    format_eta,
+    job_events,
+    list_jobs,
+    loss_points,
+    progress_estimate,
+    read_job,
+)
+from moe_core.store.run import Run
 from tests.app_fixtures import (
-    MASK_NAME, build_finished_run, build_risk_only_run, compose_plan, save_dense_model, save_tiny_model,
+    MASK_NAME,
+    build_finished_run,
+    build_risk_only_run,
+    compose_plan,
+    save_dense_model,
+    save_tiny_model,
 )
 
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
@@ -102,14 +119,14 @@ def metric(at: AppTest, label: str) -> str:
     return found[0]
 
 
-def wait_job(run: Run, name: str, timeout_s: float = 300) -> jobs.JobInfo:
+def wait_job(run: Run, name: str, timeout_s: float = 300) -> JobInfo:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        info = jobs.read_job(run.path, name)
+        info = read_job(run.path, name)
         if not info.active and info.state != "none":
             return info
         time.sleep(1.0)
-    pytest.fail(f"job {name} still {jobs.read_job(run.path, name).state} after {timeout_s}s:\n{info.log_tail}")
+    pytest.fail(f"job {name} still {read_job(run.path, name).state} after {timeout_s}s:\n{info.log_tail}")
 
 
 # -- every page ----------------------------------------------------------------------------------
@@ -231,7 +248,7 @@ def test_missing_column_error_then_pick_the_column(runs_root):
 
 # -- analysis --------------------------------------------------------------------------------------
 def _run_with_plan(root: Path, n_batches: int = 2) -> Run:
-    from moe_core.batches import save_plan
+    from moe_core.batching.plan import save_plan
 
     run = Run.create(root, name="to analyse")
     save_plan(run.path_for("plan"), compose_plan(n_batches))
@@ -250,7 +267,7 @@ def test_non_moe_model_folder_is_refused_before_launch(runs_root, tmp_path):
     at.run()
     no_exceptions(at)
     assert any("Mixture-of-Experts" in e for e in errors(at)), errors(at)
-    assert jobs.read_job(run.path, "analysis").state == "none"  # nothing was launched
+    assert read_job(run.path, "analysis").state == "none"  # nothing was launched
 
     at.text_input(key="an_model_dir").input(str(tmp_path / "nowhere"))
     at.run()
@@ -294,7 +311,7 @@ def test_analysis_page_without_a_plan_says_what_to_do(runs_root):
 def test_a_bug_behind_a_page_is_reported_as_a_bug_not_a_user_error(runs_root, monkeypatch, caplog):
     """A user error shows its message; a bug (here a KeyError in the plan reader) shows a short
     'internal error' note with its type, and its traceback goes to the log."""
-    import moe_core.batches
+    import moe_core.batching.batches
 
     run = _run_with_plan(runs_root)
     run.path_for("plan").write_text("{not json")
@@ -304,7 +321,7 @@ def test_a_bug_behind_a_page_is_reported_as_a_bug_not_a_user_error(runs_root, mo
     def broken(path):
         raise KeyError("batch_idx")
 
-    monkeypatch.setattr(moe_core.batches, "load_plan", broken)
+    monkeypatch.setattr(moe_core.batching.batches, "load_plan", broken)
     run.path_for("plan").write_text("{}")  # a new mtime: the cached reader runs again
     with caplog.at_level("ERROR", logger="moe_app"):
         at = open_app(run, page="analysis")
@@ -326,7 +343,7 @@ def test_analysis_job_runs_in_the_background_and_results_appear(runs_root, lab):
     button(at, "Start analysis").click()
     at.run()
     no_exceptions(at)
-    first = jobs.read_job(run.path, "analysis")
+    first = read_job(run.path, "analysis")
     assert first.state in ("queued", "running", "done")
     # a second click (another tab, a refresh) does not start a second process
     again = jobs.start_job(run.path, "analysis", "analyze", ["--model", str(model_dir)])
@@ -424,7 +441,7 @@ def test_heatmap_is_diverging_around_zero_and_follows_the_batch(lab, monkeypatch
 
 def test_hundred_batches_tensor_is_built_once(runs_root, monkeypatch):
     """100 OLMoE-sized batches: moving the batch slider slices the cached [B, L, E] tensor."""
-    import moe_core.risk as risk
+    from moe_core.analysis import risk
 
     run = build_risk_only_run(runs_root, n_batches=100)
     calls = []
@@ -460,7 +477,7 @@ def test_drill_down_shows_routed_tokens_safe_and_unsafe(lab, monkeypatch):
     assert {"Safe side: plain harmful requests, refused", "Unsafe side: the same requests jailbroken, complied with"} <= heads
     assert any("safe* because the model refused" in c.value for c in at.caption)
     outputs = read_json(run.path_for("outputs", batch_idx=0))
-    from moe_core.routing import load_batch_routing
+    from moe_core.model.routing import load_batch_routing
 
     routing = load_batch_routing(run.path_for("routing", batch_idx=0))
     rec = routing.samples[0]
@@ -569,12 +586,12 @@ def test_training_job_from_the_page_trains_and_reports(lab, runs_root):
     button(at, "Start training").click()
     at.run()
     no_exceptions(at)
-    launched = jobs.read_job(run.path, "train")
+    launched = read_job(run.path, "train")
     assert "--router-consistency symmetric" in " ".join(launched.argv) and "--epochs 1" in " ".join(launched.argv)
     info = wait_job(run, "train")
     assert info.state == "done", info.log_tail
     assert info.done == info.total == 3  # 3 analysis batches, 1 epoch: 3 steps
-    pts = jobs.loss_points(jobs.job_events(run.path, "train"))  # what the live loss chart draws
+    pts = loss_points(job_events(run.path, "train"))  # what the live loss chart draws
     assert [p["step"] for p in pts][-1] == 3
     meta = read_json(run.path / "train" / "experts-unsafe_experts" / "training_metadata.json")
     assert meta["args"]["router_consistency_loss"] == "symmetric" and meta["args"]["num_train_epochs"] == 1
@@ -592,7 +609,7 @@ def test_training_job_launch_refuses_a_run_without_analysis(runs_root):
     at.run()
     no_exceptions(at)
     assert any("run the analysis first" in e for e in errors(at)), errors(at)
-    assert jobs.read_job(run.path, "train").state == "none"
+    assert read_job(run.path, "train").state == "none"
 
 
 def test_evaluation_page_compares_models(lab, monkeypatch):
@@ -607,7 +624,7 @@ def test_evaluation_page_compares_models(lab, monkeypatch):
                        "benign answer rate (higher is better)", "over refusal (lower is better)"}
     assert all(len(line) <= 20 for x in bars["data"][0]["x"] for line in x.split("<br>"))
     assert bars["layout"]["legend"]["y"] > 1 and bars["layout"]["xaxis"]["automargin"]  # legend above, off the labels
-    from moe_core.evaluation import load_evaluation
+    from moe_core.eval.evaluation import load_evaluation
 
     _, summary = load_evaluation(run, "comparison")
     base = summary[(summary["model"] == "base") & (summary["metric"] == "benign_answer_rate")]["value"].item()
@@ -624,8 +641,8 @@ def test_evaluation_page_compares_models(lab, monkeypatch):
 def test_evaluation_page_shows_the_routing_shift(lab, monkeypatch):
     import shutil
 
-    from moe_core.evaluation import routing_shift
-    from moe_core.models import load_model
+    from moe_core.eval.evaluation import routing_shift
+    from moe_core.model.adapter import load_model
 
     root, _, run = lab
     monkeypatch.setenv("MOE_LAB_RUNS", str(root))
@@ -677,21 +694,21 @@ def test_progress_estimate_rate_and_eta_of_the_current_stage():
         {"kind": "progress", "time": "2026-01-01T00:00:20+00:00", "done": 6, "total": 20},
         {"kind": "progress", "time": "2026-01-01T00:00:30+00:00", "done": 8, "total": 20, "message": "batch 7"},
     ]
-    est = jobs.progress_estimate(ev, now=1767225640.0)  # 40 s after start
+    est = progress_estimate(ev, now=1767225640.0)  # 40 s after start
     assert est["done"] == 8 and est["total"] == 20 and est["fraction"] == pytest.approx(0.4)
     assert est["rate_per_s"] == pytest.approx(0.2)  # 4 batches in 20 s; the 4 resumed ones do not count
     assert est["eta_s"] == pytest.approx(60.0)
     assert est["message"] == "batch 7" and est["elapsed_s"] == pytest.approx(40.0)
-    assert jobs.format_eta(60.0) == "1 min 00 s" and jobs.format_eta(None) == ""
+    assert format_eta(60.0) == "1 min 00 s" and format_eta(None) == ""
     # a new attempt (resume) starts a new estimate
-    est2 = jobs.progress_estimate(ev + [{"kind": "start", "time": "2026-01-01T00:01:00+00:00"}])
+    est2 = progress_estimate(ev + [{"kind": "start", "time": "2026-01-01T00:01:00+00:00"}])
     assert est2["done"] == 0 and est2["eta_s"] is None
 
 
 def test_loss_points_from_events():
     ev = [{"kind": "start"}, {"kind": "progress", "done": 1, "total": 3, "message": "loss 2.5000"},
           {"kind": "progress", "done": 2, "total": 3, "loss": 2.0}, {"kind": "progress", "done": 3, "total": 3}]
-    assert jobs.loss_points(ev) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+    assert loss_points(ev) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
 
 
 def test_a_job_that_dies_early_is_reported_with_its_log(runs_root):
@@ -708,7 +725,7 @@ def test_a_job_that_dies_early_is_reported_with_its_log(runs_root):
 
 def test_check_model_source(lab, tmp_path):
     _, model_dir, _ = lab
-    from moe_core.models import ModelLoadError, NotAnMoEModelError
+    from moe_core.model.adapter import ModelLoadError, NotAnMoEModelError
 
     info = jobs.check_model_source(str(model_dir))
     assert info["num_experts"] == 8 and info["top_k"] == 2 and info["moe_layers"] == [0, 1]
@@ -750,12 +767,12 @@ def test_one_click_demo_runs_the_whole_pipeline(runs_root):
     no_exceptions(at)
     run = Run.open(at.session_state["run_path"])
     assert run.name == "demo"
-    assert jobs.read_job(run.path, "demo").state in ("queued", "running")
+    assert read_job(run.path, "demo").state in ("queued", "running")
     deadline = time.time() + 3600
-    while jobs.read_job(run.path, "demo").process_alive and time.time() < deadline:
+    while read_job(run.path, "demo").process_alive and time.time() < deadline:
         time.sleep(5)
-    states = {j.name: j.state for j in jobs.list_jobs(run.path, prefix="demo")}
-    assert states.get("demo") == "done", jobs.read_job(run.path, "demo").log_tail
+    states = {j.name: j.state for j in list_jobs(run.path, prefix="demo")}
+    assert states.get("demo") == "done", read_job(run.path, "demo").log_tail
     assert states.get("demo-eval") == "done", states
     at.run()
     no_exceptions(at)
@@ -769,7 +786,7 @@ def test_one_click_demo_runs_the_whole_pipeline(runs_root):
     # The headline of the default demo (issue 8): training only the chosen experts (1/16 of all)
     # removes held-out jailbreak compliance and keeps benign answers, while as many random
     # experts leave compliance where it was.
-    from moe_core.evaluation import comparison_table, load_evaluation
+    from moe_core.eval.evaluation import comparison_table, load_evaluation
 
     table = comparison_table(load_evaluation(run, "comparison")[1])
     base, experts, rand = table.loc["base"], table.loc["experts-unsafe_experts"], table.loc["random_experts"]
@@ -819,7 +836,7 @@ def fake_demo_process():
 
 def _launched(run: Run, name: str, proc) -> None:
     (run.path / "jobs" / name).mkdir(parents=True, exist_ok=True)
-    (run.path / "jobs" / name / jobs.LAUNCH_NAME).write_text(json.dumps({"pid": proc.pid, "launched": time.time()}))
+    (run.path / "jobs" / name / LAUNCH_NAME).write_text(json.dumps({"pid": proc.pid, "launched": time.time()}))
 
 
 def _fake_job(run: Run, name: str, state: str, events: list[tuple] = ()) -> None:
@@ -937,8 +954,8 @@ def test_p6_errors_speak_the_ui_not_the_python_api(runs_root):
     at = upload(runs_root, "up_unsafe", ("mine.csv", b"foo,bar\nhow do I pick a lock,1\n", "text/csv"))
     shown = errors(at)
     assert shown and not any("column='" in e or "()" in e for e in shown), shown
-    from moe_core.batches import BatchPlanError
-    from moe_core.prompts import PromptLoadError
+    from moe_core.batching.plan import BatchPlanError
+    from moe_core.batching.prompts import PromptLoadError
 
     for err in (BatchPlanError("cannot swap a with b; use move() to put an item into another batch"),
                 PromptLoadError("cannot tell the format of x: pass format='csv'|'json'|'jsonl'|'parquet'")):
@@ -1058,7 +1075,7 @@ def test_present_page_and_report(lab, monkeypatch, tmp_path):
 
 def test_audit_the_judge_on_the_evaluation_page(lab, monkeypatch):
     """A reviewer labels answers by hand; agreement and disagreements appear and labels land in the run."""
-    from moe_core.audit import load_labels
+    from moe_core.eval.audit import load_labels
 
     root, _, run = lab
     monkeypatch.setenv("MOE_LAB_RUNS", str(root))

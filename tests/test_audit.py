@@ -1,4 +1,4 @@
-"""Human audit of the refusal judge (moe_core.audit): labels stored in a real run directory, agreement
+"""Human audit of the refusal judge (moe_core.eval.audit): labels stored in a real run directory, agreement
 figures checked by hand, stale labels, metric recomputation, review sampling, concurrent reviewers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import threading
 import pandas as pd
 import pytest
 
-from moe_core.audit import (
+from moe_core.eval.audit import (
     LABELS_FORMAT,
     AuditError,
     agreement,
@@ -27,9 +27,14 @@ from moe_core.audit import (
     save_labels,
     summarize_with_labels,
 )
-from moe_core.evaluation import list_evaluations, load_evaluation, save_evaluation, summarize
-from moe_core.judge import KeywordJudge
-from moe_core.runs import Run
+from moe_core.eval.evaluation import (
+    list_evaluations,
+    load_evaluation,
+    save_evaluation,
+    summarize,
+)
+from moe_core.judge.keyword import KeywordJudge
+from moe_core.store.run import Run
 
 # (model, set, id, prompt, response): judged by the keyword judge in the fixture
 ANSWERS = [

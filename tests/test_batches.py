@@ -11,25 +11,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moe_core.batches import (
+from moe_core.batching.batches import compose_batches
+from moe_core.batching.edits import add, drop, drop_batch, move, renumber, replace, swap
+from moe_core.batching.plan import (
     FRAME_COLUMNS,
     Batch,
     BatchPlan,
     BatchPlanError,
-    add,
-    check,
-    compose_batches,
-    drop,
-    drop_batch,
     load_plan,
-    move,
-    renumber,
-    replace,
     save_plan,
     split_counts,
-    swap,
-    validate,
 )
+from moe_core.batching.validation import check, validate
 from moe_core.types import PromptItem
 
 SHARED = Path(os.environ.get("MOE_LAB_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
@@ -139,7 +132,7 @@ def test_no_shuffle_keeps_input_order():
 
 
 def test_incomplete_last_batch_dropped_and_logged(caplog):
-    with caplog.at_level(logging.INFO, logger="moe_core.batches"):
+    with caplog.at_level(logging.INFO, logger="moe_core.batching.batches"):
         plan = compose_batches(items("safe", 20), items("unsafe", 20), batch_size=16)
     assert len(plan) == 2
     assert "dropped the incomplete last batch (4 safe, 4 unsafe)" in caplog.text

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from moe_core.store.jobs import LAUNCH_NAME
+
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,8 +174,8 @@ def test_every_page_renders_without_errors(server, playwright_sync):
 
 def test_a_background_job_shows_live_progress_then_its_results(server, playwright_sync):
     """Start an analysis from the page; the job panel updates by itself and the results appear."""
-    from moe_core.batches import save_plan
-    from moe_core.runs import Run
+    from moe_core.batching.plan import save_plan
+    from moe_core.store.run import Run
     from tests.app_fixtures import compose_plan
 
     url, runs_root, model_dir = server
@@ -323,15 +325,14 @@ def test_home_ticks_off_demo_stages_live(server, playwright_sync):
     import json
     import shutil
 
-    from moe_core import jobs
-    from moe_core.runs import Run
+    from moe_core.store.run import Run
 
     url, runs_root, _ = server
     run = Run.create(runs_root, name="demo live", model="organism")
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(180)", "moe_core", "demo"])
     try:
         (run.path / "jobs" / "demo").mkdir(parents=True, exist_ok=True)
-        (run.path / "jobs" / "demo" / jobs.LAUNCH_NAME).write_text(json.dumps({"pid": proc.pid, "launched": time.time()}))
+        (run.path / "jobs" / "demo" / LAUNCH_NAME).write_text(json.dumps({"pid": proc.pid, "launched": time.time()}))
         run.job("demo").events.emit("progress", 1, 3, "batch 1/3")
         run.job("demo").write_status("running")
         with browser_page(playwright_sync) as (browser, page):
@@ -394,7 +395,7 @@ def test_the_evaluation_chart_is_readable_on_a_400px_screen(server, playwright_s
 
 def test_a_reviewer_audits_the_judge_in_the_browser(server, playwright_sync):
     """Issue 11: label an answer on the Evaluation page; the label lands in the run and the agreement shows."""
-    from moe_core.audit import load_labels
+    from moe_core.eval.audit import load_labels
 
     url, _, _ = server
     newest = RUNS["newest"]
@@ -593,8 +594,9 @@ def test_the_whole_story_in_a_real_browser(server, playwright_sync):
     """Issue 12's walk: from a prepared run's Home to a new run composed, hand-edited, analysed, clicked
     through, selected, trained, evaluated, presented and exported; reloads in the middle; screenshots
     ``screenshots/20_walk_*.png``. Fails on any exception box, error banner or stale run."""
-    from moe_core.batches import compose_batches, load_plan
-    from moe_core.prompts import demo_sets
+    from moe_core.batching.batches import compose_batches
+    from moe_core.batching.demo_prompts import demo_sets
+    from moe_core.batching.plan import load_plan
 
     url, runs_root, model_dir = server
     newest = RUNS["newest"]

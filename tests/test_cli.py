@@ -104,7 +104,7 @@ def test_cli_train_and_evaluate_update_only_the_chosen_experts(tmp_path, model_d
 
 def test_a_stop_request_ends_the_demo_at_that_stage(tmp_path, model_dir, capsys):
     """The app's "Stop" on a running demo stage stops the whole demo, not just that stage."""
-    from moe_core.runs import Run
+    from moe_core.store.run import Run
 
     root = tmp_path / "runs"
     common = ["--runs-root", str(root)]
@@ -135,7 +135,7 @@ def test_chat_template_options_reach_analysis_training_and_evaluation(tmp_path, 
     """``--chat-template-kwargs`` (e.g. Qwen3's enable_thinking=false) and ``--system-prompt`` are recorded with the
     run's analysis settings and every later step renders its prompts with them; a resume without them, or a value
     that is no JSON object, is refused in one line."""
-    from moe_core import generation
+    from moe_core.model import generation
 
     model, tok = tiny
     model_dir = tmp_path / "model"

@@ -13,20 +13,18 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback, TrainingArguments
 
-import moe_core.sampler
-import moe_core.sft
-import moe_core.training
-from moe_core import compat
-from moe_core.compat import (
-    BatchPreservingSampler,
-    ExpertMaskingTrainer,
+import moe_core.train.sampler
+import moe_core.train.sft
+import moe_core.train.training
+from moe_core.analysis.masks import ExpertMask
+from moe_core.train.config import ExpertMaskingConfig, TrainingConfigError
+from moe_core.train.expert_rows import merge_trained_experts, trained_rows
+from moe_core.train.expert_trainer import ExpertMaskingTrainer
+from moe_core.train.sampler import BatchCollator, BatchPreservingSampler
+from moe_core.train.sft import (
     create_batch_aware_dataset,
     create_batch_structured_dataset,
 )
-from moe_core.expert_rows import merge_trained_experts, trained_rows
-from moe_core.masks import ExpertMask
-from moe_core.sampler import BatchCollator
-from moe_core.training_config import ExpertMaskingConfig, TrainingConfigError
 from tests.tiny import tiny_model, tiny_tokenizer
 
 N_BATCHES, BATCH_SIZE = 3, 16
@@ -71,10 +69,10 @@ def training_args(tmp_path, **kw):
 
 # -- names -----------------------------------------------------------------------------
 def test_seed_names_are_the_main_path_objects():
-    assert compat.BatchPreservingSampler is moe_core.sampler.BatchPreservingSampler
-    assert compat.create_batch_structured_dataset is moe_core.sft.create_batch_structured_dataset
-    assert compat.create_batch_aware_dataset is moe_core.sft.create_batch_aware_dataset
-    assert compat.ExpertMaskingTrainer is moe_core.training.ExpertMaskingTrainer
+    assert BatchPreservingSampler is moe_core.train.sampler.BatchPreservingSampler
+    assert create_batch_structured_dataset is moe_core.train.sft.create_batch_structured_dataset
+    assert create_batch_aware_dataset is moe_core.train.sft.create_batch_aware_dataset
+    assert ExpertMaskingTrainer is moe_core.train.expert_trainer.ExpertMaskingTrainer
 
 
 # -- 1. create_batch_structured_dataset ------------------------------------------------

@@ -16,9 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_core import demo
-from moe_core.models import default_cpu_threads
-from moe_core.demo import (
+from moe_core.batching.demo_prompts import (
+    demo_benign,
+    demo_goals,
+    demo_sharp_benign,
+    jailbreak_templates,
+)
+from moe_core.model import organism as demo
+from moe_core.model.adapter import default_cpu_threads
+from moe_core.model.organism import (
     OrganismConfig,
     build_corpus,
     build_organism,
@@ -28,7 +34,6 @@ from moe_core.demo import (
     organism_dir,
     organism_info,
 )
-from moe_core.prompts import demo_benign, demo_goals, demo_sharp_benign, jailbreak_templates
 
 TINY = OrganismConfig(num_layers=1, num_experts=4, top_k=2, hidden_size=32, expert_size=32, num_heads=2,
                       vocab_size=400, steps=3, batch_size=4, warmup_steps=1)
@@ -120,7 +125,7 @@ def test_tokenizer_chat_template_and_short_answers():
 def test_tiny_build_is_cached_atomic_and_deterministic(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moe_core.models import MoEAdapter, load_model
+    from moe_core.model.adapter import MoEAdapter, load_model
 
     prog = Counter()
     path = build_organism(TINY, cache_dir=tmp_path, measure=False, progress=prog)
@@ -222,8 +227,8 @@ def test_organism_json_and_cache_reuse(organism):
 
 # -- analysis sets with several templates per goal (more, more varied analysis = SFT batches) ----
 def test_demo_sets_with_several_templates_per_goal():
-    from moe_core.batches import compose_batches
-    from moe_core.prompts import demo_sets
+    from moe_core.batching.batches import compose_batches
+    from moe_core.batching.demo_prompts import demo_sets
 
     goals = demo_goals("train")
     safe, unsafe = demo_sets("train", mode="paired", seed=0, templates_per_goal=3)

@@ -14,16 +14,16 @@ import moe_core
 from moe_core.errors import MoELabError, describe_validation_error
 
 # Exceptions that are control flow, not errors shown to a user.
-CONTROL_FLOW = {"moe_core.runs.JobStopped"}
+CONTROL_FLOW = {"moe_core.store.events.JobStopped"}
 
 # Classes that were ValueErrors before the common base: they must stay ValueErrors, so callers that
 # catch ValueError keep working.
 STILL_VALUE_ERRORS = [
-    "moe_core.runs.RunError", "moe_core.runs.JobBusyError", "moe_core.jobs.JobLaunchError",
-    "moe_core.judge.JudgeError", "moe_core.masks.MaskError", "moe_core.prompts.PromptError",
-    "moe_core.prompts.PromptLoadError", "moe_core.batches.BatchPlanError", "moe_core.risk.RiskInputError",
-    "moe_core.selection.SelectionError", "moe_core.selection.NothingSelectedError",
-    "moe_core.analysis.AnalysisError", "moe_core.evaluation.EvaluationError",
+    "moe_core.store.files.RunError", "moe_core.store.run.JobBusyError", "moe_core.jobs.JobLaunchError",
+    "moe_core.judge.verdicts.JudgeError", "moe_core.analysis.masks.MaskError", "moe_core.batching.prompts.PromptError",
+    "moe_core.batching.prompts.PromptLoadError", "moe_core.batching.plan.BatchPlanError", "moe_core.analysis.risk.RiskInputError",
+    "moe_core.analysis.selection.SelectionError", "moe_core.analysis.selection.NothingSelectedError",
+    "moe_core.analysis.analyse.AnalysisError", "moe_core.eval.evaluation.EvaluationError",
 ]
 
 
@@ -55,7 +55,7 @@ def test_every_public_error_class_derives_from_moelaberror() -> None:
 
 
 def test_control_flow_exceptions_are_not_user_errors() -> None:
-    from moe_core.runs import JobStopped
+    from moe_core.store.events import JobStopped
 
     assert not issubclass(JobStopped, MoELabError)
 
@@ -68,9 +68,9 @@ def test_former_value_errors_keep_their_value_error_base(qualname: str) -> None:
 
 
 def test_a_missing_artifact_is_both_a_user_error_and_a_file_not_found(tmp_path) -> None:
-    from moe_core.batches import load_plan
-    from moe_core.masks import ExpertMask
-    from moe_core.runs import read_json
+    from moe_core.analysis.masks import ExpertMask
+    from moe_core.batching.plan import load_plan
+    from moe_core.store.files import read_json
 
     for read in (read_json, load_plan, ExpertMask.load):
         with pytest.raises(MoELabError) as info:
@@ -106,7 +106,7 @@ def ui(monkeypatch):
 
 
 def test_error_text_sorts_user_errors_from_bugs(ui) -> None:
-    from moe_core.runs import RunError
+    from moe_core.store.files import RunError
 
     assert ui.error_text(RunError("pick a folder made by Run.create"), "Not opened: ") == (
         False, "Not opened: pick a folder made by Run.create")
@@ -120,7 +120,7 @@ def test_error_text_sorts_user_errors_from_bugs(ui) -> None:
 
 
 def test_guard_shows_a_user_error_and_logs_a_bug_with_its_traceback(ui, caplog) -> None:
-    from moe_core.selection import NothingSelectedError
+    from moe_core.analysis.selection import NothingSelectedError
 
     with caplog.at_level(logging.INFO, logger="moe_app"):
         with ui.guard("Nothing to save: "):

@@ -9,13 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_core import evaluation as ev
-from moe_core.analysis import AnalysisConfig, run_analysis
-from moe_core.batches import compose_batches
-from moe_core.masks import ExpertMask
-from moe_core.models import MoEAdapter
-from moe_core.routing import capture_routing
-from moe_core.runs import Run, read_parquet
+from moe_core.analysis.analyse import AnalysisConfig, run_analysis
+from moe_core.analysis.masks import ExpertMask
+from moe_core.batching.batches import compose_batches
+from moe_core.eval import evaluation as ev
+from moe_core.model.adapter import MoEAdapter, load_model
+from moe_core.model.routing import capture_routing
+from moe_core.store.files import read_parquet
+from moe_core.store.run import Run
 from moe_core.types import PromptItem
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -189,7 +190,7 @@ def model_dirs(tmp_path_factory, tok):
 
 def test_compare_models_save_load_and_table(tmp_path, model_dirs, sets, monkeypatch):
     loads = []
-    real = ev.load_model
+    real = load_model
     monkeypatch.setattr(ev, "load_model", lambda d, **kw: loads.append(d) or real(d, **kw))
     base_model, _ = real(model_dirs[0], device="cpu")
     ad = MoEAdapter.for_model(base_model)

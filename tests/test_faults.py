@@ -27,10 +27,14 @@ from moe_core import pipeline as P
 from moe_core.cli import main
 from moe_core.doctor import diagnose
 from moe_core.jobs import JobLaunchError, start_step
-from moe_core.provenance import ProvenanceError
-from moe_core.run_lock import LEASE, RunBusyError, holder
-from moe_core.routing import load_batch_routing
-from moe_core.runs import JobStopped, Run, list_runs, read_parquet
+from moe_core.model.loading import load_any_model
+from moe_core.model.routing import load_batch_routing
+from moe_core.store.events import JobStopped
+from moe_core.store.files import read_parquet, write_parquet
+from moe_core.store.lease import LEASE, RunBusyError, holder, step_outcome
+from moe_core.store.manifest import list_runs
+from moe_core.store.provenance import ProvenanceError
+from moe_core.store.run import Run
 from tests.test_analysis import _items
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -145,7 +149,7 @@ def test_same_named_model_with_other_weights_is_refused_by_fingerprint(tmp_path,
     run = Run.open(run_dir)
     before = snapshot(run_dir)
     with pytest.raises(ProvenanceError, match="fingerprint"):
-        P.analyse(P.AnalyseSpec(scope="generated", max_new_tokens=8), run, loaded=P.load_any_model(str(swapped)))
+        P.analyse(P.AnalyseSpec(scope="generated", max_new_tokens=8), run, loaded=load_any_model(str(swapped)))
     assert snapshot(run_dir) == before
 
 
@@ -278,9 +282,9 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path, models, prompts, ref
 @pytest.mark.parametrize("code,words", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "no permission to write")])
 def test_full_disk_and_permission_errors_are_one_line_and_resumable(tmp_path, models, prompts, reference, monkeypatch,
                                                                     capsys, code, words):
-    import moe_core.analysis as analysis
+    from moe_core.analysis import analyse as analysis
 
-    real, calls = analysis.write_parquet, []
+    real, calls = write_parquet, []
 
     def failing(path, df):
         calls.append(path)
@@ -321,7 +325,7 @@ def test_steps_record_failed_and_running_only_for_a_live_process(tmp_path):
     assert run.status() == {"dead": "interrupted", "live": "running", "old": "error"}
     assert list_runs(tmp_path)[0].steps["dead"] == "interrupted"
     with pytest.raises(ZeroDivisionError):
-        with run.writing("x"), P.step_outcome(run):
+        with run.writing("x"), step_outcome(run):
             1 / 0
     assert run.reload()["steps"]["live"]["status"] == "failed"
     assert run.step("live")["reason"] == "ZeroDivisionError: division by zero"
@@ -341,7 +345,7 @@ def test_runs_lists_readable_lines_and_names_broken_ones(tmp_path, capsys):
 
 
 def test_a_broken_jsonl_line_is_named_by_its_number(tmp_path):
-    from moe_core.prompts import PromptLoadError, load_prompts
+    from moe_core.batching.prompts import PromptLoadError, load_prompts
 
     f = tmp_path / "p.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)) + '{"prompt": "x"\n')
@@ -542,7 +546,7 @@ def test_the_weight_fingerprint_sees_one_trained_expert_in_every_family():
     """Provenance must tell a model from the same model with one expert fine-tuned (what this lab makes)."""
     import torch
 
-    from moe_core.provenance import model_fingerprint
+    from moe_core.store.provenance import model_fingerprint
     from tests.tiny import tiny_model
 
     many = {"olmoe": {"num_experts": 128}, "qwen3_moe": {"num_experts": 128}, "gpt_oss": {"num_local_experts": 128}}

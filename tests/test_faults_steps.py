@@ -27,10 +27,12 @@ import torch
 from safetensors.torch import load_file
 
 from moe_core import pipeline as P
+from moe_core.analysis.masks import ExpertMask, MaskError
 from moe_core.cli import main
 from moe_core.errors import MoELabError
-from moe_core.masks import ExpertMask, MaskError
-from moe_core.runs import Run
+from moe_core.store.files import write_json
+from moe_core.store.run import Run
+from moe_core.train.expert_rows import save_merged
 from tests.tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +172,7 @@ def test_select_refuses_an_existing_mask_and_never_replaces_a_read_only_one(run,
 
 
 def test_a_full_disk_during_select_keeps_the_previous_mask(run, monkeypatch):
-    import moe_core.atomic as A
+    from moe_core.store import atomic as A
 
     path = run.path_for("mask", name="unsafe_experts")
     before = path.read_bytes()
@@ -183,7 +185,7 @@ def test_a_full_disk_during_select_keeps_the_previous_mask(run, monkeypatch):
 
 
 def test_evaluate_refuses_an_existing_name_and_a_bad_steer_mask_before_generating(run, monkeypatch):
-    import moe_core.evaluation as E
+    from moe_core.eval import evaluation as E
 
     monkeypatch.setattr(E, "compare_models", lambda *a, **k: pytest.fail("the evaluation ran"))
     E.save_evaluation(run, pd.DataFrame({"model": ["base"]}), pd.DataFrame({"model": ["base"]}), name="comparison")
@@ -197,11 +199,11 @@ def test_evaluate_refuses_an_existing_name_and_a_bad_steer_mask_before_generatin
 
 
 def test_a_failed_evaluation_save_keeps_the_previous_one(run, monkeypatch):
-    import moe_core.evaluation as E
+    from moe_core.eval import evaluation as E
 
     E.save_evaluation(run, pd.DataFrame({"model": ["base"]}), pd.DataFrame({"model": ["old"]}), name="comparison")
     before = files_of(run.path_for("eval"))
-    real = E.write_json
+    real = write_json
     monkeypatch.setattr(E, "write_json", lambda *a, **k: _full_disk())
     with pytest.raises(OSError):
         E.save_evaluation(run, pd.DataFrame({"model": ["x"]}), pd.DataFrame({"model": ["new"]}), name="comparison")
@@ -234,12 +236,12 @@ def test_a_finished_training_is_not_replaced_without_overwrite(run, capsys):
 
 
 def test_a_full_disk_during_a_retrain_leaves_the_previous_training_intact(run, monkeypatch):
-    import moe_core.training as T
+    from moe_core.train import training as T
 
     P.train(train_spec(), run)
     out = run.path_for("train", name=TRAINING)
     before = files_of(out)
-    real = T.save_merged
+    real = save_merged
     monkeypatch.setattr(T, "save_merged", _full_disk)  # the delta is already written when this fails
     with pytest.raises(MoELabError, match="previous training of that name is unchanged"):
         P.train(train_spec(lr=2e-2, overwrite=True), run)
@@ -254,7 +256,7 @@ def test_a_full_disk_during_a_retrain_leaves_the_previous_training_intact(run, m
 
 def test_a_commit_cut_between_its_renames_loses_nothing(run, monkeypatch):
     """Killed after moving the old training aside: the next `train` puts it back (and asks before replacing it)."""
-    import moe_core.training as T
+    from moe_core.train import training as T
 
     P.train(train_spec(epochs=1.0), run)
     out = run.path_for("train", name=TRAINING)
@@ -274,7 +276,7 @@ def test_a_commit_cut_between_its_renames_loses_nothing(run, monkeypatch):
 
 
 def test_an_unfinished_training_with_other_settings_is_refused_not_mixed(run, monkeypatch):
-    import moe_core.training as T
+    from moe_core.train import training as T
 
     monkeypatch.setattr(T, "save_merged", _full_disk)
     with pytest.raises(MoELabError):
@@ -362,7 +364,7 @@ def test_the_pages_ask_before_overwriting_a_mask_a_training_or_an_evaluation(run
 
 def test_a_stopped_per_batch_training_resumes_exactly(run, analysed, tmp_path):
     """Per-batch masks: each resumed step still updates only its own batch's experts (same result as one run)."""
-    from moe_core.runs import JobStopped
+    from moe_core.store.events import JobStopped
 
     P.select(P.SelectSpec(per_batch=True, n=2, name="pb"), run)
     spec = train_spec(mask="pb", mask_mode="per_batch", epochs=3.0)

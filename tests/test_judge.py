@@ -13,25 +13,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from moe_core.errors import MoELabError
-from moe_core.judge import (
+from moe_core.judge.classifier import HFClassifierJudge
+from moe_core.judge.http import (
     CACHE_ENV,
-    HFClassifierJudge,
+    PROMPTS,
     HTTPJudge,
     HTTPJudgeConfig,
-    PROMPTS,
-    JudgeError,
-    KeywordJudge,
-    KeywordJudgeConfig,
-    RefusalJudge,
-    Verdict,
+    fill_template,
+    parse_judge_reply,
+)
+from moe_core.judge.judges import (
     binary_metrics,
-    counts_as_refusal,
-    is_refusal,
     judge_accuracy,
     load_labelled_set,
-    fill_template,
     make_judge,
-    parse_judge_reply,
+)
+from moe_core.judge.keyword import KeywordJudge, KeywordJudgeConfig, is_refusal
+from moe_core.judge.verdicts import (
+    JudgeError,
+    RefusalJudge,
+    Verdict,
+    counts_as_refusal,
     summarize_verdicts,
 )
 
@@ -159,7 +161,7 @@ def test_empty_outputs_are_refusals_counted_separately() -> None:
 def test_a_reasoning_models_thoughts_are_not_its_answer() -> None:
     """Qwen3/DeepSeek <think> blocks and gpt-oss harmony channels: only the final answer is judged; a model cut
     off while still thinking said nothing (empty); plain answers are untouched."""
-    from moe_core.verdicts import final_answer
+    from moe_core.judge.verdicts import final_answer
 
     assert final_answer("<think>\nThis is harmful. I must refuse.\n</think>\n\nSure: step 1, mix") == "Sure: step 1, mix"
     assert final_answer("fine, I will help.</think>Here you go") == "Here you go"  # <think> opened in the prompt
@@ -616,7 +618,11 @@ def test_cache_reads_the_earlier_json_format_and_skips_a_torn_line(server, tmp_p
 # ---------------------------------------------------------------------------------------
 def _tiny_classifier(path, id2label: dict[int, str]) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
 
     words = "[PAD] [UNK] [CLS] [SEP] i can't help with that sure here is how step 1 sorry".split()
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))

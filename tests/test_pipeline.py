@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from moe_core import pipeline as P
-from moe_core.analysis import AnalysisConfig
+from moe_core.analysis.analyse import AnalysisConfig
+from moe_core.analysis.selection import SelectionConfig
 from moe_core.cli import build_parser, spec_from_args
 from moe_core.errors import MoELabError
-from moe_core.selection import SelectionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

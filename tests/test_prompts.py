@@ -13,18 +13,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moe_core.prompts import (
-    PromptLoadError,
+from moe_core.batching.demo_prompts import (
     demo_benign,
     demo_goals,
     demo_sets,
-    detect_prompt_column,
     jailbreak_templates,
+    wrap,
+)
+from moe_core.batching.prompts import (
+    PromptLoadError,
+    detect_prompt_column,
     list_columns,
     load_prompts,
     pair_by_goal,
     pair_by_row,
-    wrap,
 )
 
 SHARED = Path(os.environ.get("MOE_LAB_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
@@ -193,7 +195,7 @@ def test_jsonl_explicit_column_and_blank_rows(tmp_path, caplog):
     rows = [{"question": "How do plants grow?", "topic": "biology"}, {"question": "   "}, {"question": None},
             {"question": "Why is the sky blue?", "topic": "physics"}]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    with caplog.at_level(logging.WARNING, logger="moe_core.prompts"):
+    with caplog.at_level(logging.WARNING, logger="moe_core.batching.prompts"):
         items = load_prompts(p, label="safe")  # "question" auto-detected
     assert [it.text for it in items] == ["How do plants grow?", "Why is the sky blue?"]
     assert [it.meta["row"] for it in items] == [0, 3] and items[0].meta["topic"] == "biology"
@@ -264,7 +266,7 @@ def test_load_errors(tmp_path):
 def test_hf_dataset_by_name_offline_says_so(tmp_path):
     """HF_HUB_OFFLINE is read at import time, so the check runs in a fresh interpreter."""
     code = (
-        "from moe_core.prompts import load_prompts, PromptLoadError\n"
+        "from moe_core.batching.prompts import load_prompts, PromptLoadError\n"
         "try:\n    load_prompts('someone/some_prompt_set', label='unsafe')\n"
         "except PromptLoadError as e:\n    print('ERR', e)\n"
     )
@@ -278,7 +280,7 @@ def test_hf_dataset_by_name_offline_says_so(tmp_path):
 def test_pair_by_goal_matches_twins(caplog):
     goals = demo_goals("train")[:12]
     wrapped = list(reversed(wrap(goals[:10], jailbreak_templates("train"), seed=3)))
-    with caplog.at_level(logging.WARNING, logger="moe_core.prompts"):
+    with caplog.at_level(logging.WARNING, logger="moe_core.batching.prompts"):
         safe, unsafe = pair_by_goal([g for g in goals], wrapped)
     assert len(safe) == len(unsafe) == 10 and "dropped 2 safe" in caplog.text
     for s, u in zip(safe, unsafe):

@@ -1,4 +1,4 @@
-"""moe_core.risk: the vectorised risk tables equal the reference loop port exactly."""
+"""moe_core.analysis.risk: the vectorised risk tables equal the reference loop port exactly."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_core import risk
+from moe_core.analysis import risk
 from tests import reference_algorithm as ref
 
 L, E, K = 4, 8, 2

@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from moe_core.generation import encode_prompts
-from moe_core.models import MoEAdapter, NotAnMoEModelError
-from moe_core.routing import (
+from moe_core.model.adapter import MoEAdapter, NotAnMoEModelError
+from moe_core.model.generation import encode_prompts
+from moe_core.model.routing import (
     SPAN_GENERATED,
     SPAN_PROMPT,
     SPAN_RESPONSE,
+    RoutingCall,
     RoutingError,
     RoutingFileError,
     SampleRouting,
-    RoutingCall,
     capture_routing,
     gather_to_cpu,
     load_batch_routing,

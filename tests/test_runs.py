@@ -14,31 +14,30 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 import moe_core
-from moe_core import runs
-from moe_core.runs import (
-    Job,
-    JobBusyError,
+from moe_core.store import run as runs
+from moe_core.store.atomic import atomic_write, atomic_write_json
+from moe_core.store.events import (
     JobEvents,
     JobStopped,
-    Run,
-    RunError,
-    atomic_write,
-    atomic_write_json,
-    default_runs_root,
     job_state,
     latest_progress,
-    list_runs,
+    pid_alive,
     read_events,
+)
+from moe_core.store.files import (
+    RunError,
     read_json,
     read_parquet,
     write_json,
     write_parquet,
 )
+from moe_core.store.manifest import default_runs_root, list_runs
+from moe_core.store.run import Job, JobBusyError, Run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,12 +154,12 @@ def test_a_stuck_lock_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
 
 
 def test_pid_checks_guard_against_a_recycled_pid():
-    from moe_core.jobs import _launched_alive
+    from moe_core.store.jobs import _launched_alive
 
     now = time.time()
-    assert runs.pid_alive(os.getpid()) and runs.pid_alive(os.getpid(), started=now)
-    assert not runs.pid_alive(os.getpid(), started=now - 3600)  # this process began after that job: another program
-    assert not runs.pid_alive(-1) and not runs.pid_alive(2**22 + 12345)
+    assert pid_alive(os.getpid()) and pid_alive(os.getpid(), started=now)
+    assert not pid_alive(os.getpid(), started=now - 3600)  # this process began after that job: another program
+    assert not pid_alive(-1) and not pid_alive(2**22 + 12345)
     me = {"state": "running", "pid": os.getpid(), "host": os.uname().nodename,
           "heartbeat": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat()}
     started_long_ago = dt.datetime.fromtimestamp(now - 3600, dt.timezone.utc).isoformat()
@@ -176,9 +175,9 @@ def test_pid_checks_guard_against_a_recycled_pid():
         assert not _launched_alive(child.pid, launched - 3600)  # recorded launch older than the process
         child.kill()
         deadline = time.monotonic() + 10
-        while runs.pid_alive(child.pid) and time.monotonic() < deadline:  # a zombie until reaped: not alive
+        while pid_alive(child.pid) and time.monotonic() < deadline:  # a zombie until reaped: not alive
             time.sleep(0.05)
-        assert not runs.pid_alive(child.pid) and not _launched_alive(child.pid, launched)
+        assert not pid_alive(child.pid) and not _launched_alive(child.pid, launched)
     finally:
         child.kill()
         child.wait()
@@ -498,7 +497,7 @@ def test_background_job_stops_on_request(tmp_path):
 def test_writer_lease_nests_in_one_thread_and_refuses_another(tmp_path):
     import threading
 
-    from moe_core.run_lock import LEASE, RunBusyError, holder
+    from moe_core.store.lease import LEASE, RunBusyError, holder
 
     run = Run.create(tmp_path, name="lease")
     with run.writing("outer"):
@@ -524,7 +523,7 @@ def test_manifest_paths_are_relative_and_resolve_where_the_run_is(tmp_path):
 
 
 def test_ranks_of_one_distributed_launch_share_rank_0s_lease(tmp_path, monkeypatch):
-    from moe_core.run_lock import LEASE
+    from moe_core.store.lease import LEASE
 
     run = Run.create(tmp_path, name="ranks")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -11,9 +11,14 @@ from accelerate.data_loader import BatchSamplerShard
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-import moe_core.sampler as sampler_mod
 from moe_core.errors import MoELabError
-from moe_core.sampler import AnalysisBatchSampler, BatchCollator, BatchPreservingSampler, BatchSamplerError
+from moe_core.train import sampler as sampler_mod
+from moe_core.train.sampler import (
+    AnalysisBatchSampler,
+    BatchCollator,
+    BatchPreservingSampler,
+    BatchSamplerError,
+)
 
 
 def structured(sizes, shuffle_rows_within=False):

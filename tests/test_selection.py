@@ -1,4 +1,4 @@
-"""moe_core.selection: each method on hand-built tables, random baselines, per-batch masks."""
+"""moe_core.analysis.selection: each method on hand-built tables, random baselines, per-batch masks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_core import risk
-from moe_core.masks import ExpertMask
-from moe_core.selection import (
+from moe_core.analysis import risk
+from moe_core.analysis.masks import ExpertMask
+from moe_core.analysis.selection import (
     NothingSelectedError,
     SelectionConfig,
     SelectionError,
@@ -207,7 +207,7 @@ OLD_BATCH_MASKS = {"format": "moe-safety-lab/batch-expert-masks@1", "num_layers"
 
 
 def test_mask_files_written_by_earlier_code_still_load(tmp_path):
-    from moe_core.masks import load_batch_masks
+    from moe_core.analysis.masks import load_batch_masks
 
     (tmp_path / "m.json").write_text(json.dumps(OLD_MASK))
     mask = ExpertMask.load(tmp_path / "m.json")
@@ -229,8 +229,8 @@ def test_mask_files_written_by_earlier_code_still_load(tmp_path):
     ([[0, 1]], "not an expert mask"),
 ])
 def test_a_bad_mask_file_is_one_clear_error_naming_file_and_field(tmp_path, content, match):
+    from moe_core.analysis.masks import MaskError
     from moe_core.errors import MoELabError
-    from moe_core.masks import MaskError
 
     path = tmp_path / "hand_edited.json"
     path.write_text(json.dumps(content))
@@ -240,7 +240,7 @@ def test_a_bad_mask_file_is_one_clear_error_naming_file_and_field(tmp_path, cont
 
 
 def test_a_bad_per_batch_mask_file_names_the_batch(tmp_path):
-    from moe_core.masks import MaskError, load_batch_masks
+    from moe_core.analysis.masks import MaskError, load_batch_masks
 
     path = tmp_path / "per_batch.json"
     for batches, match in [({"0": {"1": "12"}}, r"batches\.0\.1: Input should be a valid list"),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.runs import atomic_dir
-from moe_core.sft import (
+from moe_core.store.atomic import atomic_dir
+from moe_core.train.sft import (
     IGNORE_INDEX,
     REFUSAL_TEMPLATES,
     PickleNotAllowedError,
@@ -83,7 +83,7 @@ def test_seed_signature_positional_and_keywords_checks_batches():
 
 def test_filtered_shorter_batch_is_kept_and_logged(caplog):
     data = sft_data((4, 3))  # batch 11 lost one safe sample to filtering: 1 safe + 2 unsafe
-    with caplog.at_level("INFO", logger="moe_core.sft"):
+    with caplog.at_level("INFO", logger="moe_core.train.sft"):
         batches = create_batch_structured_dataset(data, None, batch_size=4, safe_ratio=0.5)
     assert [len(b) for b in batches] == [4, 3]
     assert "batch 11 holds 3 of 4 samples" in caplog.text

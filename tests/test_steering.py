@@ -12,10 +12,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moe_core.masks import ExpertMask
-from moe_core.models import MoEAdapter, MoEFamily
-from moe_core.routing import capture_routing
-from moe_core.steering import ROUTING_RULES, SteeringError, plan_steering, steer_experts
+from moe_core.analysis.masks import ExpertMask
+from moe_core.analysis.steering import (
+    ROUTING_RULES,
+    SteeringError,
+    plan_steering,
+    steer_experts,
+)
+from moe_core.model.adapter import MoEAdapter, MoEFamily
+from moe_core.model.routing import capture_routing
 from tests.tiny import COMMON, FAMILIES, tiny_model
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moe_core import pipeline as P
-from moe_core.study import _Lab, run_study, summarize_study, to_markdown
+from moe_core.eval.study_summary import summarize_study, summary_markdown
+from moe_core.study import _Lab, run_study
 from tests.app_fixtures import save_tiny_model
 
 
@@ -50,7 +51,7 @@ def test_study_runs_every_arm_and_writes_table_and_figure(tmp_path, tiny_dir):
     assert set(summary["method"]) == set(results["method"])
     fig = json.loads((out / "figure.json").read_text())
     assert {t["name"] for t in fig["data"]} >= {"chosen", "random", "random_layer"}
-    assert "chosen" in to_markdown(summary)
+    assert "chosen" in summary_markdown(summary)
     assert run.status()[f"study:{spec.name}"] == "done"
 
 

@@ -21,31 +21,33 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.trainer_pt_utils import get_model_param_count
 
-from moe_core.masks import ExpertMask
-from moe_core.models import MoEAdapter
-from moe_core.sampler import BatchCollator
-from moe_core.sft import create_batch_aware_dataset, create_batch_structured_dataset
+from moe_core.analysis.masks import ExpertMask
+from moe_core.analysis.selection import random_like
 from moe_core.errors import MoELabError
-from moe_core.selection import random_like
-from moe_core.trainer_internals import check_internals
-from moe_core.training import (
+from moe_core.model.adapter import MoEAdapter
+from moe_core.train.batch_trainer import BatchPreservingTrainer, router_consistency_loss
+from moe_core.train.config import (
     BatchPreservingConfig,
-    BatchPreservingTrainer,
     BatchStructureError,
     ExpertMaskingConfig,
-    ExpertMaskingTrainer,
     TrainingConfigError,
+)
+from moe_core.train.expert_rows import (
     apply_expert_delta,
-    draw_random_masks,
     merge_trained_experts,
     optimizer_state_bytes,
-    router_consistency_loss,
     save_expert_delta,
     save_merged,
-    train_experts,
-    train_model,
     trained_rows,
 )
+from moe_core.train.expert_trainer import ExpertMaskingTrainer
+from moe_core.train.internals import check_internals
+from moe_core.train.sampler import BatchCollator
+from moe_core.train.sft import (
+    create_batch_aware_dataset,
+    create_batch_structured_dataset,
+)
+from moe_core.train.training import draw_random_masks, train_experts, train_model
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -606,7 +608,7 @@ def test_per_batch_masks_apply_per_batch_unless_union_is_asked_for(tok, tmp_path
 
     model = tiny_model("olmoe")
     before = snapshot(model)
-    with caplog.at_level("INFO", logger="moe_core.expert_trainer"):
+    with caplog.at_level("INFO", logger="moe_core.train.expert_trainer"):
         union = make_trainer(model, config(tmp_path, max_steps=1, shuffle_batches=False, mask_mode="union"), tok,
                              batch_expert_masks=masks)
     assert "training the union of 3 per-batch masks" in caplog.text
@@ -633,8 +635,8 @@ def test_transformers_internals_are_as_expected():
 
 
 def test_error_classes_share_the_lab_base():
-    import moe_core.sampler as sampler_mod
-    import moe_core.sft as sft_mod
+    from moe_core.train import sampler as sampler_mod
+    from moe_core.train import sft as sft_mod
 
     for cls in (TrainingConfigError, BatchStructureError, sampler_mod.BatchSamplerError, sft_mod.SFTDataError,
                 sft_mod.PickleNotAllowedError):
@@ -739,7 +741,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tmp_path):
 
 def test_cli_train_under_accelerate_launch_writes_the_run_once(tmp_path):
     """`accelerate launch -m moe_core train --run RUN` on 2 processes: one finished training, written by rank 0."""
-    from moe_core.runs import Run
+    from moe_core.store.run import Run
     from tests.app_fixtures import MASK_NAME, build_finished_run, save_tiny_model
 
     run = build_finished_run(tmp_path / "runs", save_tiny_model(tmp_path / "tiny"), n_batches=4, train=False)

@@ -27,14 +27,33 @@ import pytest
 import torch
 
 from moe_core import pipeline as P
-from moe_core.backends import (SOURCE_TEACHER_FORCED, VLLMGenerator, _from_vllm, open_backend, route_generated,
-                               routed_count)
 from moe_core.errors import MoELabError
-from moe_core.models import MoEAdapter
-from moe_core.routing import SPAN_GENERATED, load_batch_routing, route_batch
-from moe_core.runs import Run
-from moe_core.vllm_server import (PortInUse, Server, ServerSettings, VLLMEnvMissing, VLLMError, VLLMStartError,
-                                  VLLMUnsupportedModel, acquire, connect, read_registry, release, vllm_python)
+from moe_core.model.adapter import MoEAdapter
+from moe_core.model.backends import (
+    SOURCE_TEACHER_FORCED,
+    VLLMGenerator,
+    _from_vllm,
+    open_backend,
+    route_generated,
+    routed_count,
+)
+from moe_core.model.loading import ORGANISM, model_dir
+from moe_core.model.routing import SPAN_GENERATED, load_batch_routing, route_batch
+from moe_core.model.vllm_server import (
+    PortInUse,
+    Server,
+    ServerSettings,
+    VLLMEnvMissing,
+    VLLMError,
+    VLLMStartError,
+    VLLMUnsupportedModel,
+    acquire,
+    connect,
+    read_registry,
+    release,
+    vllm_python,
+)
+from moe_core.store.run import Run
 from tests.tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,8 +182,8 @@ def test_vllm_url_only_with_vllm_backend():
 
 def test_server_dying_mid_batch_leaves_nothing_and_resume_redoes_it(tmp_path, tok):
     """A dead server fails the batch before anything of it is written; a resume analyses it whole."""
-    from moe_core.analysis import AnalysisConfig, run_analysis
-    from moe_core.batches import compose_batches
+    from moe_core.analysis.analyse import AnalysisConfig, run_analysis
+    from moe_core.batching.batches import compose_batches
     from moe_core.types import PromptItem
 
     model = tiny_model("olmoe")
@@ -229,7 +248,7 @@ needs_vllm = pytest.mark.skipif(_vllm_missing() is not None, reason=f"no vLLM en
 @pytest.fixture(scope="module")
 def server():
     """One `vllm serve` of the organism for the module (float32 on CPU, small KV cache)."""
-    settings = ServerSettings(P.model_dir(P.ORGANISM))
+    settings = ServerSettings(model_dir(ORGANISM))
     srv = acquire(settings)
     yield srv
     release(srv)
@@ -267,7 +286,7 @@ def test_vllm_analysis_equals_hf_token_for_token(server, tmp_path):
             n_tokens += x.count(SPAN_GENERATED)
     assert n_tokens > 100  # real answers were compared, not empty ones
     # the evaluation too: the same held-out answers through the shared server as through HF generate
-    from moe_core.evaluation import load_evaluation
+    from moe_core.eval.evaluation import load_evaluation
 
     for backend in ("hf", "vllm"):
         P.evaluate(P.EvaluateSpec(eval_limit=4, backend=backend, name=f"ev-{backend}"), hf)

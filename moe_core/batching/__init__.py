@@ -1,0 +1,3 @@
+"""Prompt sets and mixed batches: loading prompts, composing batches (safe first, then unsafe), the
+batch plan file and its hand edits.
+"""

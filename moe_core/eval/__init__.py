@@ -1,0 +1,3 @@
+"""Evaluation and what reads results: before/after metrics, the judge audit, the study's tables,
+figures and the HTML report.
+"""
