@@ -311,7 +311,7 @@ def test_analysis_page_without_a_plan_says_what_to_do(runs_root):
 def test_a_bug_behind_a_page_is_reported_as_a_bug_not_a_user_error(runs_root, monkeypatch, caplog):
     """A user error shows its message; a bug (here a KeyError in the plan reader) shows a short
     'internal error' note with its type, and its traceback goes to the log."""
-    import moe_core.batching.batches
+    import moe_core.batching.plan
 
     run = _run_with_plan(runs_root)
     run.path_for("plan").write_text("{not json")
@@ -321,7 +321,7 @@ def test_a_bug_behind_a_page_is_reported_as_a_bug_not_a_user_error(runs_root, mo
     def broken(path):
         raise KeyError("batch_idx")
 
-    monkeypatch.setattr(moe_core.batching.batches, "load_plan", broken)
+    monkeypatch.setattr(moe_core.batching.plan, "load_plan", broken)
     run.path_for("plan").write_text("{}")  # a new mtime: the cached reader runs again
     with caplog.at_level("ERROR", logger="moe_app"):
         at = open_app(run, page="analysis")

@@ -7,6 +7,7 @@ one-line error contract: a user mistake exits 2 with ``error: ...`` and no trace
 from __future__ import annotations
 
 import json
+import sys
 
 import pandas as pd
 import pytest
@@ -145,7 +146,10 @@ def test_chat_template_options_reach_analysis_training_and_evaluation(tmp_path, 
     tok.chat_template = tiny_tokenizer().chat_template
     rendered: list[str] = []
     real = generation.render_chat
-    monkeypatch.setattr(generation, "render_chat", lambda *a, **k: rendered.append(real(*a, **k)) or rendered[-1])
+    spy = lambda *a, **k: rendered.append(real(*a, **k)) or rendered[-1]  # noqa: E731
+    for module in [m for name, m in sys.modules.items() if name.startswith("moe_core.")]:
+        if getattr(module, "render_chat", None) is real:  # every module that renders chats
+            monkeypatch.setattr(module, "render_chat", spy)
     root = tmp_path / "runs"
     common = ["--runs-root", str(root)]
     analyze = common + ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "2",

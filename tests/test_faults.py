@@ -192,7 +192,7 @@ def test_a_kill_before_the_plan_resumes_with_the_users_files(tmp_path, models, p
 # -- 2. one writer per run -----------------------------------------------------------------------
 HOLDER = textwrap.dedent("""
     import sys, time
-    from moe_core.run_lock import writing
+    from moe_core.store.lease import writing
     with writing(sys.argv[1], sys.argv[2]):
         print("held", flush=True)
         time.sleep(120)

@@ -289,7 +289,7 @@ KILLED = """
 import sys, time, torch
 torch.set_num_threads(1)
 from moe_core import pipeline as P
-from moe_core.runs import Run
+from moe_core.store.run import Run
 def slow(done, total, message=""):
     time.sleep(0.2 if done < 4 else 60)  # after step 4 wait for the kill: it always lands mid-training
 P.train(P.TrainSpec(epochs=3.0, lr=1e-2, weight_decay=0.1, checkpoint_every=1), Run.open(sys.argv[1]), progress=slow)

@@ -223,7 +223,7 @@ def test_atomic_write_under_sigkill_keeps_old_file(tmp_path):
     write_json(target, {"answers": ["old"]})
     child = textwrap.dedent(f"""
         import time
-        from moe_core.runs import atomic_write
+        from moe_core.store.atomic import atomic_write
         def slow(p):
             with open(p, "w") as f:
                 f.write('{{"answers": ["new, half')
@@ -466,7 +466,7 @@ def test_background_job_stops_on_request(tmp_path):
     job.queue()
     worker = textwrap.dedent(f"""
         import time
-        from moe_core.runs import Run, JobStopped
+        from moe_core.store.run import Run; from moe_core.store.events import JobStopped
         job = Run.open({str(run.path)!r}).job("analysis")
         with job.running(total=10_000) as events:
             for b in range(10_000):

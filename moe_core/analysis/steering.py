@@ -1,6 +1,6 @@
 """Inference-time expert steering (SteerMoE): force experts off or on at the router, no weights changed.
 
-    from moe_core.steering import steer_experts
+    from moe_core.analysis.steering import steer_experts
     with steer_experts(model, deactivate=mask) as plan:        # ExpertMask, [(layer, expert)], {layer: [e]}
         out = generate(model, tok, prompts)                     # routed as if those experts were the worst
     # hooks removed here, also when the block raised: the model is exactly as before

@@ -4,7 +4,7 @@ The risk difference of an expert is measured *inside* a batch (unsafe rate minus
 training later replays exactly the same batches, so the plan is the contract between analysis
 and training. Each batch holds its safe block first, then its unsafe block::
 
-    from moe_core.batches import compose_batches, move, check, save_plan, load_plan
+    from moe_core.batching.batches import compose_batches; from moe_core.batching.edits import move; from moe_core.batching.validation import check; from moe_core.batching.plan import save_plan, load_plan
     plan = compose_batches(safe_items, unsafe_items, batch_size=16, safe_ratio=0.5, seed=0)
     plan.batches[0].labels        # ['safe'] * 8 + ['unsafe'] * 8
     plan = move(plan, "advbench-12", to_batch=3)    # edits return a NEW plan (undo = keep the old)

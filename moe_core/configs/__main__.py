@@ -2,9 +2,8 @@
 
 import sys
 
-from moe_core import accelerate_config, accelerate_configs
-
 from ..errors import MoELabError
+from . import accelerate_config, accelerate_configs
 
 
 def main(argv: list[str]) -> int:

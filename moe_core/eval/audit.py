@@ -1,8 +1,8 @@
 """Human audit of a refusal judge: label a sample of a run's judged answers by hand, measure how far
 the judge agrees, and recompute any metric with the human labels where they exist.
 
-    from moe_core.audit import audit_report, label_answer, load_labels, sample_for_review
-    from moe_core.evaluation import load_evaluation
+    from moe_core.eval.audit import audit_report, label_answer, load_labels, sample_for_review
+    from moe_core.eval.evaluation import load_evaluation
 
     responses, _ = load_evaluation(run, "comparison")               # answers the judge already judged
     todo = sample_for_review(responses, n=40, labels=load_labels(run, "comparison"))

@@ -1,7 +1,7 @@
 """One self-contained HTML report of a run: the story, its figures (interactive), numbers, settings
 and the commands that reproduce it. Opens offline: plotly.js is inlined once.
 
-    from moe_core.report import write_report
+    from moe_core.eval.report import write_report
     path = write_report(run)            # <run>/report.html
     html = build_report(run)            # the same text, not written
 

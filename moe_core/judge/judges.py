@@ -1,6 +1,6 @@
 """Refusal judges: did the model refuse? One interface, three backends, all usable offline.
 
-    from moe_core.judge import is_refusal, make_judge, summarize_verdicts
+    from moe_core.judge.keyword import is_refusal; from moe_core.judge.judges import make_judge; from moe_core.judge.verdicts import summarize_verdicts
     is_refusal("I'm sorry, but I can't help with that.")              # True
     judge = make_judge("keyword")             # or "http://host:8000/v1?model=NAME&api_key_env=VAR"
                                               # or "http:http://host:8000/v1#NAME", "hf:/path/to/classifier"

@@ -28,7 +28,7 @@ The result is cached in ``$MOE_LAB_CACHE`` (default ``~/.cache/moe_safety_lab``)
 so a killed build leaves nothing half-written, and a second call reuses it. ``organism.json``
 beside the weights records config, seed, build time, loss and measured behaviour.
 
-    from moe_core.demo import build_organism, load_organism, measure_behaviour
+    from moe_core.model.organism import build_organism, load_organism, measure_behaviour
     path = build_organism()                    # about 3 CPU-minutes (under 2 min on 2 quiet cores), once
     model, tok = load_organism()               # or moe_core.model.adapter.load_model(path)
     measure_behaviour(model, tok, split="heldout")

@@ -172,7 +172,6 @@ def step_outcome(run: "Run") -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-
         status = "stopped" if isinstance(e, (JobStopped, KeyboardInterrupt)) else "failed"
         reason = (str(e) or "stopped on request") if status == "stopped" else f"{type(e).__name__}: {e}"
         try:
@@ -192,6 +191,7 @@ def writes_run(job: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def step(spec: Any, run: "Run", *args: Any, **kwargs: Any) -> Any:
+            with run.writing(job), step_outcome(run):
                 check_step_model(run, getattr(spec, "model", None))
                 return fn(spec, run, *args, **kwargs)
 
