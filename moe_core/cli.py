@@ -18,10 +18,11 @@ import argparse
 import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from transformers import HfArgumentParser
 

@@ -26,8 +26,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from moe_core.errors import MoELabError
 from moe_core.model.adapter import ModelLoadError, MoEAdapter, is_local_model_dir

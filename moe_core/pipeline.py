@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 from moe_core.analysis.analyse import (
     AnalysisConfig,
@@ -275,7 +276,7 @@ class DemoSpec(AnalyseSpec):
                          router_consistency_weight=self.router_consistency_weight, seed=self.seed,
                          overwrite=self.overwrite)
 
-    def evaluate_spec(self) -> "EvaluateSpec":
+    def evaluate_spec(self) -> EvaluateSpec:
         return EvaluateSpec(steer_mask=self.mask_name, eval_limit=self.eval_limit, overwrite=self.overwrite,
                             backend=self.backend, vllm_url=self.vllm_url)
 
@@ -310,7 +311,7 @@ class StudySpec:
     def __post_init__(self) -> None:
         self.validate()
 
-    def effective(self) -> "StudySpec":
+    def effective(self) -> StudySpec:
         """The spec with ``quick`` applied."""
         if not self.quick:
             return self

@@ -196,7 +196,7 @@ def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path |
     for seed in spec.seeds:
         done = list(rows)  # partial results (every arm so far) survive a kill
         rows += study_seed(spec, seed, out / "runs", progress,
-                           on_row=lambda seed_rows: write_parquet(out / "results.parquet", pd.DataFrame(done + seed_rows)))
+                           on_row=lambda seed_rows, _done=done: write_parquet(out / "results.parquet", pd.DataFrame(_done + seed_rows)))
     results = pd.DataFrame(rows)
     summary = summarize_study(results)
     write_parquet(out / "summary.parquet", summary)

@@ -5,8 +5,9 @@ Kept in one module so that prompts, batches, routing and training agree on one s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 Label = Literal["safe", "unsafe"]
 LABELS: tuple[Label, Label] = ("safe", "unsafe")
@@ -42,7 +43,7 @@ class PromptItem:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PromptItem":
+    def from_dict(cls, d: dict[str, Any]) -> PromptItem:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 

@@ -87,7 +87,7 @@ def test_resume_after_stop_gives_identical_tables(tmp_path, tiny, plan):
 def test_resume_with_other_settings_is_refused(tmp_path, tiny, plan):
     model, tok = tiny
     run = Run.create(tmp_path)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - the config check or the model, whichever refuses first
         run_analysis(run, model, tok, plan, AnalysisConfig(scope="prompt", max_new_tokens=0), should_stop=iter([False, True]).__next__)
     with pytest.raises(AnalysisError, match="would mix results"):
         run_analysis(run, model, tok, None, AnalysisConfig(scope="generated", max_new_tokens=3))

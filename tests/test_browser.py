@@ -237,7 +237,7 @@ def test_every_page_by_url_and_after_a_reload_keeps_the_run(server, playwright_s
     problems: list[str] = []
     SHOTS.mkdir(exist_ok=True)
     with browser_page(playwright_sync) as (browser, page):
-        for shot, url_path, title in PAGES:
+        for _shot, url_path, title in PAGES:
             page.goto(f"{url}/{url_path}?run={older.id}", wait_until="domcontentloaded")
             _check_page(page, title, older.id, problems, f"/{url_path} by URL")
             page.reload(wait_until="domcontentloaded")

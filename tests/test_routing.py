@@ -50,7 +50,7 @@ def tok():
     return tiny_tokenizer()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_of(family: str):
     return tiny_model(family)
 

@@ -423,7 +423,7 @@ def test_job_lifecycle_done_error_and_stop(tmp_path):
     with job.running(total=10) as events:
         for i in range(10):
             if job.stop_requested():
-                raise JobStopped("stopped at batch %d" % i)
+                raise JobStopped(f"stopped at batch {i}")
             done += 1
     assert done == 0 and job.state() == "stopped" and not job.stop_requested()
     assert latest_progress(job.events.read())["kind"] == "stopped"

@@ -6,7 +6,8 @@ resume redoes exactly the damaged batches; doctor reports the same problems."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from moe_core.analysis.risk import SEED_COLUMNS
 from moe_core.store.integrity import check_json, check_parquet, check_safetensors

@@ -18,9 +18,10 @@ read as experts 1 and 2.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from pydantic import (
@@ -74,7 +75,7 @@ class MaskFile(_MaskShape):
     meta: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _fits(self) -> "MaskFile":
+    def _fits(self) -> MaskFile:
         if self.format != MASK_FORMAT:
             hint = ": it holds per-batch masks, read it with load_batch_masks" if self.format == BATCH_MASKS_FORMAT else ""
             raise ValueError(f"format is {self.format!r}, expected {MASK_FORMAT!r}{hint}")
@@ -89,7 +90,7 @@ class BatchMasksFile(_MaskShape):
     batches: dict[int, LayerExperts]
 
     @model_validator(mode="after")
-    def _fits(self) -> "BatchMasksFile":
+    def _fits(self) -> BatchMasksFile:
         if self.format != BATCH_MASKS_FORMAT:
             raise ValueError(f"format is {self.format!r}, expected {BATCH_MASKS_FORMAT!r}")
         for b, experts in self.batches.items():
@@ -127,13 +128,13 @@ class ExpertMask:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def empty(cls, num_layers: int, num_experts: int, **meta: Any) -> "ExpertMask":
+    def empty(cls, num_layers: int, num_experts: int, **meta: Any) -> ExpertMask:
         return cls(np.zeros((num_layers, num_experts), dtype=bool), dict(meta))
 
     @classmethod
     def from_experts(
         cls, experts: Iterable[tuple[int, int]], num_layers: int, num_experts: int, **meta: Any
-    ) -> "ExpertMask":
+    ) -> ExpertMask:
         m = cls.empty(num_layers, num_experts, **meta)
         for layer, expert in experts:
             if not (0 <= layer < num_layers and 0 <= expert < num_experts):
@@ -145,7 +146,7 @@ class ExpertMask:
         return m
 
     @classmethod
-    def from_array(cls, arr: Any, **meta: Any) -> "ExpertMask":
+    def from_array(cls, arr: Any, **meta: Any) -> ExpertMask:
         """From a 0/1 (or bool) [layers, experts] array, e.g. the reference's ``expert_mask``."""
         return cls(np.asarray(arr) > 0, dict(meta))
 
@@ -175,11 +176,11 @@ class ExpertMask:
     def __len__(self) -> int:
         return self.count()
 
-    def union(self, other: "ExpertMask") -> "ExpertMask":
+    def union(self, other: ExpertMask) -> ExpertMask:
         _check_same_shape(self, other)
         return ExpertMask(self.mask | other.mask, {**self.meta})
 
-    def toggled(self, layer: int, expert: int) -> "ExpertMask":
+    def toggled(self, layer: int, expert: int) -> ExpertMask:
         m = self.mask.copy()
         m[layer, expert] = not m[layer, expert]
         return ExpertMask(m, {**self.meta})
@@ -198,7 +199,7 @@ class ExpertMask:
         }
 
     @classmethod
-    def from_json_dict(cls, d: Mapping[str, Any], source: str = "expert mask") -> "ExpertMask":
+    def from_json_dict(cls, d: Mapping[str, Any], source: str = "expert mask") -> ExpertMask:
         """From the JSON form; ``MaskError`` naming ``source`` and the bad field otherwise."""
         if not isinstance(d, Mapping):
             raise MaskError(f"{source} is not an expert mask: {_MASK_SHAPE_HINT}")
@@ -211,7 +212,7 @@ class ExpertMask:
         return atomic_write_json(path, self.to_json_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> "ExpertMask":
+    def load(cls, path: str | Path) -> ExpertMask:
         d = _read_json_file(path)
         if isinstance(d, Mapping) and "experts" not in d:
             if "batches" in d:

@@ -27,7 +27,8 @@ layer, e.g. ``MoEAdapter.moe_layers``) is given; otherwise the routing row index
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

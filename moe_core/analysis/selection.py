@@ -24,8 +24,8 @@ Usage::
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -308,7 +308,3 @@ def _json_float(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-__all__ = [
-    "METHODS", "SelectionConfig", "SelectionError", "NothingSelectedError", "identify_unsafe_experts",
-    "create_expert_mask", "select_experts", "random_experts", "random_like", "select_per_batch",
-]  # fmt: skip

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from moe_core.model.adapter import MoEAdapter
 log = logging.getLogger(__name__)
 
 ExpertSpec = Union[ExpertMask, Iterable[tuple[int, int]], Mapping[int, Iterable[int]], None]
-_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models with steering hooks on right now
+_ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models with steering hooks on right now
 
 
 class SteeringError(MoELabError, ValueError):

@@ -30,32 +30,21 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 # What moved to the modules below is re-exported: ``from moe_core.batching.batches import X`` keeps working.
-from moe_core.batching.edits import add, drop, drop_batch, move, renumber, replace, swap
 from moe_core.batching.plan import (
-    FRAME_COLUMNS,
-    PLAN_FORMAT,
     Batch,
     BatchPlan,
     BatchPlanError,
-    Issue,
     _too_few_message,
-    load_plan,
-    save_plan,
     split_counts,
 )
-from moe_core.batching.validation import _duplicate_issues, check, validate
+from moe_core.batching.validation import _duplicate_issues, check
 from moe_core.types import LABELS, Label, PromptItem
-
-__all__ = [
-    "FRAME_COLUMNS", "PLAN_FORMAT", "Batch", "BatchPlan", "BatchPlanError", "Issue", "add", "check",
-    "compose_batches", "drop", "drop_batch", "load_plan", "move", "renumber", "replace", "save_plan",
-    "split_counts", "swap", "validate",
-]
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ Everything here is also importable from ``moe_core.batching.prompts``.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Literal, Sequence
+from typing import Literal
 
 from moe_core.batching.prompts import SPLITS, PromptError, Split
 from moe_core.types import Label, PromptItem

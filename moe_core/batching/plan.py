@@ -7,9 +7,10 @@ live in ``batch_edits`` and the checks in ``batch_validation``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,7 @@ class BatchPlanError(MoELabError, ValueError):
     ``issues`` holds the validation errors behind it (empty for composition errors).
     """
 
-    def __init__(self, message: str, issues: Sequence["Issue"] = ()) -> None:
+    def __init__(self, message: str, issues: Sequence[Issue] = ()) -> None:
         super().__init__(message)
         self.issues = list(issues)
 
@@ -149,7 +150,7 @@ class BatchPlan:
         }
 
     @classmethod
-    def from_json_dict(cls, d: Mapping[str, Any]) -> "BatchPlan":
+    def from_json_dict(cls, d: Mapping[str, Any]) -> BatchPlan:
         if not isinstance(d, Mapping) or not isinstance(d.get("batches"), list):
             raise BatchPlanError("not a batch-plan file: it needs a 'batches' list")
         if d.get("format", PLAN_FORMAT) != PLAN_FORMAT:

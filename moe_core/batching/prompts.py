@@ -21,9 +21,10 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, Sequence
+from typing import Any, BinaryIO, Literal
 
 from moe_core.errors import MoELabError
 from moe_core.types import LABELS, Label, PromptItem

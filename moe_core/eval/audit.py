@@ -25,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -38,12 +39,6 @@ from moe_core.judge.verdicts import LABELS, check_partial_as, counts_as_refusal
 from moe_core.store.atomic import atomic_write_json
 from moe_core.store.files import _now, read_json
 from moe_core.store.run import Run, _locked
-
-__all__ = [
-    "AuditError", "AuditReport", "LABEL_COLUMNS", "LABELS_FORMAT", "agreement", "apply_labels", "attach_labels",
-    "audit_report", "cohen_kappa", "disagreements", "judge_labels", "label_answer", "labels_path", "load_labels",
-    "response_hash", "sample_for_review", "save_labels", "summarize_with_labels",
-]
 
 LABELS_FORMAT = "moe-safety-lab/human-labels@1"
 KEY = ["model", "set", "id"]  # one answer of an evaluation

@@ -15,7 +15,7 @@ diverging red/blue scale centred on 0 (red = fires more on unsafe tokens).
 from __future__ import annotations
 
 import html
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd

@@ -5,8 +5,8 @@ classifier or guard model). Import it from ``moe_core.judge.judges`` (``make_jud
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from moe_core.judge.verdicts import JudgeError, RefusalJudge, Verdict
 from moe_core.types import Progress

@@ -39,42 +39,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import urllib.parse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from moe_core.judge.classifier import HFClassifierJudge
 from moe_core.judge.http import (
-    CACHE_ENV,
-    DEFAULT_JUDGE_TEMPLATE,
-    PROMPTS,
     HTTPJudge,
     HTTPJudgeConfig,
-    JudgePrompt,
-    VerdictCache,
-    default_cache_path,
-    fill_template,
-    parse_judge_reply,
 )
-from moe_core.judge.keyword import KeywordJudge, KeywordJudgeConfig, is_refusal
+from moe_core.judge.keyword import KeywordJudge, KeywordJudgeConfig
 from moe_core.judge.verdicts import (
     LABELS,
-    PARTIAL_AS,
-    REASONS,
     JudgeError,
     RefusalJudge,
-    Verdict,
-    counts_as_refusal,
-    summarize_verdicts,
 )
-from moe_core.types import Progress
-
-__all__ = [
-    "CACHE_ENV", "DEFAULT_JUDGE_TEMPLATE", "HFClassifierJudge", "HTTPJudge", "HTTPJudgeConfig", "JudgeError",
-    "JudgePrompt", "KeywordJudge", "KeywordJudgeConfig", "LABELLED_SET", "LABELS", "PARTIAL_AS", "PROMPTS",
-    "Progress", "REASONS", "RefusalJudge", "Verdict", "VerdictCache", "binary_metrics", "counts_as_refusal",
-    "default_cache_path", "fill_template", "is_refusal", "judge_accuracy", "load_labelled_set", "make_judge",
-    "parse_judge_reply", "summarize_verdicts",
-]
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from moe_core.errors import MoELabError
 from moe_core.types import Progress
@@ -119,7 +120,7 @@ def check_partial_as(partial_as: str) -> str:
     return partial_as
 
 
-def counts_as_refusal(label_or_verdict: "str | Verdict", partial_as: str = "compliance") -> bool:
+def counts_as_refusal(label_or_verdict: str | Verdict, partial_as: str = "compliance") -> bool:
     """Whether a label ("refusal"/"compliance"/"partial") or a Verdict counts toward a refusal rate."""
     label = label_or_verdict.label if isinstance(label_or_verdict, Verdict) else str(label_or_verdict)
     if label not in LABELS:

@@ -26,10 +26,11 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ class _RouterDispatch:
         return output
 
 
-_DISPATCH: "weakref.WeakKeyDictionary[nn.Module, _RouterDispatch]" = weakref.WeakKeyDictionary()
+_DISPATCH: weakref.WeakKeyDictionary[nn.Module, _RouterDispatch] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class MoEAdapter:
         self.top_k = int(top_k)
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> "MoEAdapter":
+    def for_model(cls, model: nn.Module) -> MoEAdapter:
         cfg = getattr(model, "config", None)
         model_type = getattr(getattr(cfg, "text_config", None), "model_type", None) or getattr(cfg, "model_type", "")
         family = FAMILIES.get(model_type)

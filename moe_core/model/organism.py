@@ -47,9 +47,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import torch
@@ -356,7 +357,7 @@ def measure_behaviour(model: Any, tokenizer: Any, split: str = "heldout", max_ne
     judge, total, frames = KeywordJudge(), sum(len(v) for v in sets.values()), []
     for name, items in sets.items():
         done = sum(len(f) for f in frames)
-        sub = (lambda d, t, m="", _o=done: progress(_o + d, total, f"{name}: {d}/{t}")) if progress else None
+        sub = (lambda d, t, m="", _o=done, _n=name: progress(_o + d, total, f"{_n}: {d}/{t}")) if progress else None
         gens = generate(model, tokenizer, [it.messages() for it in items], max_new_tokens, batch_size, sub)
         verdicts = judge.judge([it.text for it in items], [g.text for g in gens])
         frames.append(pd.DataFrame({"set": name, "prompt": [it.text for it in items], "response": [g.text for g in gens],

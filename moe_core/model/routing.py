@@ -37,10 +37,11 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -136,13 +137,13 @@ class SampleRouting:
     def count(self, scope: str | int) -> int:
         return int(np.count_nonzero(self.spans == span_code(scope)))
 
-    def select(self, scope: str | int) -> "SpanRouting":
+    def select(self, scope: str | int) -> SpanRouting:
         """Arrays of one span only (e.g. what the risk module counts for the chosen scope)."""
         keep = self.spans == span_code(scope)
         w = None if self.weights is None else self.weights[:, keep]
         return SpanRouting(self.expert_ids[:, keep], w, self.token_ids[keep])
 
-    def subset(self, scope: str | int) -> "SampleRouting":
+    def subset(self, scope: str | int) -> SampleRouting:
         """The same record restricted to one span (keeps the type, e.g. to save a single scope)."""
         keep = self.spans == span_code(scope)
         return SampleRouting(*self.select(scope), self.spans[keep])

@@ -26,10 +26,11 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 from filelock import FileLock
@@ -79,7 +80,7 @@ class ServerSettings:
     seed: int = 0
     extra_args: tuple[str, ...] = ()  # more `vllm serve` flags, passed as given
 
-    def resolved(self) -> "ServerSettings":
+    def resolved(self) -> ServerSettings:
         """Settings with "auto" choices made for this machine and the model path made absolute."""
         cuda = _has_cuda()
         path = Path(self.model_dir).expanduser()

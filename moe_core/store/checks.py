@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from moe_core.errors import MoELabError
 from moe_core.store.run import _check_name

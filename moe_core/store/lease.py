@@ -22,8 +22,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import filelock
 
@@ -167,7 +168,7 @@ def writing(run_path: str | Path, job: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def step_outcome(run: "Run") -> Iterator[None]:
+def step_outcome(run: Run) -> Iterator[None]:
     """Steps this process left "running" end as "failed" (with the reason) or "stopped", never "running"."""
     try:
         yield
@@ -190,7 +191,7 @@ def writes_run(job: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
-        def step(spec: Any, run: "Run", *args: Any, **kwargs: Any) -> Any:
+        def step(spec: Any, run: Run, *args: Any, **kwargs: Any) -> Any:
             with run.writing(job), step_outcome(run):
                 check_step_model(run, getattr(spec, "model", None))
                 return fn(spec, run, *args, **kwargs)

@@ -45,64 +45,39 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import filelock
 
 # What moved to the modules below is re-exported: ``from moe_core.store.run import X`` keeps working.
 from moe_core.store.atomic import (
     _json_default,
-    atomic_dir,
-    atomic_write,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
 )
 from moe_core.store.events import (
-    EVENT_KINDS,
-    INTERRUPTED,
-    PID_CLOCK_SLACK_S,
     JobEvents,
     JobStopped,
     job_state,
-    latest_progress,
-    pid_alive,
-    read_events,
     step_status,
 )
 from moe_core.store.files import (
-    ArtifactMissingError,
     RunError,
     _now,
     read_json,
-    read_parquet,
-    write_json,
-    write_parquet,
 )
 from moe_core.store.lease import writing
 from moe_core.store.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     RUN_FORMAT,
-    RunManifest,
-    RunSummary,
     _read_manifest,
     _validated_manifest,
-    default_runs_root,
-    list_runs,
     package_versions,
 )
-
-__all__ = [
-    "ARTIFACTS", "ArtifactMissingError", "EVENT_KINDS", "FORMAT_VERSION", "JOB_STATES", "Job", "JobBusyError",
-    "INTERRUPTED", "JobEvents", "JobStopped", "LOCK_TIMEOUT_S", "MANIFEST", "PID_CLOCK_SLACK_S", "RUN_FORMAT", "Run",
-    "RunError", "RunManifest", "RunSummary", "STEP_STATUSES", "atomic_dir", "atomic_write", "atomic_write_bytes",
-    "atomic_write_json", "atomic_write_text", "default_runs_root", "job_state", "latest_progress", "list_runs",
-    "package_versions", "pid_alive", "read_events", "read_json", "read_parquet", "step_status", "write_json",
-    "write_parquet",
-]
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +174,7 @@ class Run:
         seeds: dict[str, int] | None = None,
         notes: str = "",
         provenance: dict[str, Any] | None = None,
-    ) -> "Run":
+    ) -> Run:
         """New run folder ``<UTC time>-<slug of name>`` (``-2``, ``-3``... if taken).
 
         ``seeds`` defaults to the config's top-level keys that contain "seed"; ``provenance`` is what
@@ -247,7 +222,7 @@ class Run:
         return run
 
     @classmethod
-    def open(cls, path: str | Path) -> "Run":
+    def open(cls, path: str | Path) -> Run:
         path = Path(path)
         return cls(path, _read_manifest(path))
 
@@ -380,7 +355,7 @@ class Run:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def job(self, name: str) -> "Job":
+    def job(self, name: str) -> Job:
         return Job(self.job_dir(name))
 
 

@@ -26,8 +26,9 @@ Two forms, one grouping (rows by ``batch_idx``, in-batch order by ``in_batch_idx
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -28,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +77,7 @@ def choose_refusal(prompt: str, templates: Sequence[str] = REFUSAL_TEMPLATES, se
     """Pick a refusal for ``prompt``; stable across processes and runs (sha256, not ``hash``)."""
     if not templates:
         raise SFTDataError("no refusal templates to choose from")
-    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
     return templates[int.from_bytes(digest[:8], "big") % len(templates)]
 
 
@@ -180,7 +181,7 @@ class _BatchShape:
     max_unsafe: int
 
     @classmethod
-    def of(cls, batch_size: int | None, safe_ratio: float | None) -> "_BatchShape | None":
+    def of(cls, batch_size: int | None, safe_ratio: float | None) -> _BatchShape | None:
         if batch_size is None and safe_ratio is None:
             return None
         if batch_size is None:

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,33 +43,17 @@ from moe_core.model.adapter import MoEAdapter
 from moe_core.store.atomic import atomic_write_json, atomic_write_text
 from moe_core.train.batch_trainer import (
     BatchPreservingTrainer,
-    capture_router_logits,
-    router_consistency_loss,
 )
 from moe_core.train.config import (
-    BASELINES,
-    CONSISTENCY_LAYERS,
-    CONSISTENCY_LOSSES,
-    MASK_MODES,
-    BatchPreservingConfig,
-    BatchStructureError,
     ExpertMaskingConfig,
     TrainingConfigError,
     as_config,
 )
 from moe_core.train.expert_rows import (
-    DELTA_FORMAT,
     DELTA_NAME,
-    ExpertRowSplice,
-    TrainedRow,
-    apply_expert_delta,
-    install_expert_rows,
     merge_trained_experts,
-    optimizer_state_bytes,
     save_expert_delta,
     save_merged,
-    trained_rows,
-    unsplice_expert_rows,
 )
 from moe_core.train.expert_trainer import (
     ExpertMaskingTrainer,
@@ -77,16 +62,6 @@ from moe_core.train.expert_trainer import (
 )
 from moe_core.train.sampler import AnalysisBatchSampler
 from moe_core.train.sft import create_batch_aware_dataset
-
-__all__ = [
-    "BASELINES", "CONSISTENCY_LAYERS", "CONSISTENCY_LOSSES", "DELTA_FORMAT", "DELTA_NAME", "MASK_MODES",
-    "METADATA_FORMAT", "BatchPreservingConfig", "BatchPreservingTrainer", "BatchStructureError",
-    "ExpertMaskingConfig", "ExpertMaskingTrainer", "ExpertRowSplice", "TrainedRow", "TrainingConfigError",
-    "TrainingResult", "apply_expert_delta", "capture_router_logits", "draw_random_masks", "install_expert_rows",
-    "make_trainer", "merge_trained_experts", "normalize_batch_masks", "optimizer_state_bytes",
-    "router_consistency_loss", "save_expert_delta", "save_merged", "train_experts", "train_model",
-    "trained_rows", "training_metadata", "unsplice_expert_rows",
-]
 
 log = logging.getLogger(__name__)
 
