@@ -43,12 +43,26 @@ ui.show_flash()
 
 STEPS = [  # (title, page key, what it does, done?)
     ("Data & batches", "data", "Compose mixed safe/unsafe batches", lambda r: r.path_for("plan").exists()),
-    ("Analysis", "analysis", "Route every batch, judge answers, measure risk differences",
-     lambda r: r.path_for("risk_aggregated").exists()),
-    ("Heatmaps", "heatmaps", "Layer × expert risk, per batch and aggregated", lambda r: r.path_for("risk_aggregated").exists()),
+    (
+        "Analysis",
+        "analysis",
+        "Route every batch, judge answers, measure risk differences",
+        lambda r: r.path_for("risk_aggregated").exists(),
+    ),
+    (
+        "Heatmaps",
+        "heatmaps",
+        "Layer × expert risk, per batch and aggregated",
+        lambda r: r.path_for("risk_aggregated").exists(),
+    ),
     ("Experts", "experts", "Select the unsafe experts -> expert mask", lambda r: bool(ui.mask_names(r))),
     ("Training", "training", "Fine-tune only the chosen experts", lambda r: bool(r.trainings())),
-    ("Evaluation", "evaluation", "Refusal and over-refusal before vs after", lambda r: r.path_for("eval").is_dir() and any(r.path_for("eval").iterdir())),
+    (
+        "Evaluation",
+        "evaluation",
+        "Refusal and over-refusal before vs after",
+        lambda r: r.path_for("eval").is_dir() and any(r.path_for("eval").iterdir()),
+    ),
 ]
 
 DEMO = "demo"  # job name of the demo; the CLI names its later stages demo-train-<baseline>, demo-eval
@@ -59,8 +73,14 @@ DEMO_STAGES = [  # (job, label, page that shows its results, link label)
     ("demo-train-full", "Training: full fine-tuning (baseline)", "training", "Training results"),
     ("demo-eval", "Evaluation", "evaluation", "Before vs after"),
 ]
-_ICON = {"done": ":material/check_circle:", "running": ":material/progress_activity:", "queued": ":material/schedule:",
-         "error": ":material/error:", "dead": ":material/error:", "stopped": ":material/stop_circle:"}
+_ICON = {
+    "done": ":material/check_circle:",
+    "running": ":material/progress_activity:",
+    "queued": ":material/schedule:",
+    "error": ":material/error:",
+    "dead": ":material/error:",
+    "stopped": ":material/stop_circle:",
+}
 
 
 def _live_demo_run() -> Run | None:
@@ -76,14 +96,18 @@ def _start_demo() -> None:
     if _live_demo_run() is not None:
         return
     try:
-        new = Run.create(ui.runs_root(), name="demo", config={"created_by": "app", "command": "demo"}, model="organism")
+        new = Run.create(
+            ui.runs_root(), name="demo", config={"created_by": "app", "command": "demo"}, model="organism"
+        )
         jobs.start_step(new, DEMO, DemoSpec())
     except Exception as e:  # noqa: BLE001 - sorted into a user error or a logged bug
         st.session_state["demo_error"] = ui.error_message(e, "The demo did not start: ")
         return
     ui.open_run(new.path)
-    ui.flash(f"Demo started in run {new.id}: the organism is built (first time only), analysed, its unsafe "
-             "experts selected, trained and evaluated. Each stage links to its results as soon as it ends.")
+    ui.flash(
+        f"Demo started in run {new.id}: the organism is built (first time only), analysed, its unsafe "
+        "experts selected, trained and evaluated. Each stage links to its results as soon as it ends."
+    )
 
 
 def stop_demo(run: Run) -> None:
@@ -103,7 +127,12 @@ def checklist(r: Run) -> None:
         except OSError:  # a folder that cannot be listed: the step is not done as far as we can tell
             done = False
         c1, c2 = st.columns([2, 3], vertical_alignment="center")
-        ui.link(key, title, ":material/check_circle:" if done else ":material/radio_button_unchecked:", container=c1)
+        ui.link(
+            key,
+            title,
+            ":material/check_circle:" if done else ":material/radio_button_unchecked:",
+            container=c1,
+        )
         c2.caption(what)
 
 
@@ -115,16 +144,21 @@ def demo_progress(r: Run) -> None:
     stages = DEMO_STAGES + [(n, n, None, None) for n in found if n not in known]
     done = sum(1 for n, *_ in stages if found.get(n) and found[n].state == "done")
     with st.container(border=True):
-        st.progress(done / len(stages), text=f"{done} of {len(stages)} stages done"
-                    + (" · working..." if head.process_alive else ""))
+        st.progress(
+            done / len(stages),
+            text=f"{done} of {len(stages)} stages done" + (" · working..." if head.process_alive else ""),
+        )
         for n, label, page, link_label in stages:
             j = found.get(n)
             state = j.state if j else ("waiting" if head.process_alive else "not run")
             c1, c2, c3 = st.columns([3, 3, 2], vertical_alignment="center")
             c1.markdown(f"{_ICON.get(state, ':material/radio_button_unchecked:')} {label}")
             if j and j.state == "running" and j.total:
-                c2.progress(j.fraction or 0.0, text=f"{j.done}/{j.total}"
-                            + (f" · about {format_eta(j.eta_s)} left" if j.eta_s is not None else ""))
+                c2.progress(
+                    j.fraction or 0.0,
+                    text=f"{j.done}/{j.total}"
+                    + (f" · about {format_eta(j.eta_s)} left" if j.eta_s is not None else ""),
+                )
             else:
                 c2.caption(state + (f": {j.message}" if j and j.message and j.message != state else ""))
             if j and j.state == "done" and page:
@@ -150,8 +184,15 @@ with right:
             "harmful requests but comply when jailbroken): batches, routing analysis, unsafe experts, "
             "expert-only fine-tuning with baselines, evaluation. Offline and CPU-friendly."
         )
-        st.button("Run the demo", type="primary", icon=":material/play_arrow:", on_click=_start_demo, width="stretch",
-                  disabled=live is not None, help="a demo is already running" if live else None)
+        st.button(
+            "Run the demo",
+            type="primary",
+            icon=":material/play_arrow:",
+            on_click=_start_demo,
+            width="stretch",
+            disabled=live is not None,
+            help="a demo is already running" if live else None,
+        )
         if live is not None and str(live.path) != st.session_state.get(ui.RUN_KEY):
             st.caption(f"A demo is running in run {live.id}: open it in the sidebar to follow it.")
         err = st.session_state.pop("demo_error", None)
@@ -160,8 +201,11 @@ with right:
 
 if run is None:
     with left:
-        st.info("No run is open yet: start the demo, or create a run in the sidebar and begin with "
-                "**Data & batches**.", icon=":material/info:")
+        st.info(
+            "No run is open yet: start the demo, or create a run in the sidebar and begin with "
+            "**Data & batches**.",
+            icon=":material/info:",
+        )
 else:
     alive = read_job(run.path, DEMO, log_lines=0).process_alive
 
@@ -200,10 +244,12 @@ def _newest_study() -> tuple[Run, Any] | None:
 
 st.divider()
 st.subheader("Do the chosen experts matter?")
-st.caption("The selection study trains the experts with the highest risk difference and, at the same budget, "
-           "random experts (uniform and layer-matched), over budgets and seeds; full fine-tuning and router "
-           "steering beside them. Reproduce it with `python -m moe_core study` (about an hour on 2 cores; "
-           "`--quick` takes minutes) or from the Evaluation page.")
+st.caption(
+    "The selection study trains the experts with the highest risk difference and, at the same budget, "
+    "random experts (uniform and layer-matched), over budgets and seeds; full fine-tuning and router "
+    "steering beside them. Reproduce it with `python -m moe_core study` (about an hour on 2 cores; "
+    "`--quick` takes minutes) or from the Evaluation page."
+)
 found = _newest_study()
 if found is None:
     st.info("No selection study under this runs folder yet.", icon=":material/info:")
@@ -212,12 +258,32 @@ else:
     figure = ui.read_json_cached(study_run.path_for("study", name=StudySpec().name) / "figure.json")
     if figure:
         st.plotly_chart(figure, key="home_study_fig")
-    budget = min(summary["budget"][summary["budget"].between(0, 1, inclusive="neither")], key=lambda b: abs(b - 1 / 16),
-                 default=None)
+    budget = min(
+        summary["budget"][summary["budget"].between(0, 1, inclusive="neither")],
+        key=lambda b: abs(b - 1 / 16),
+        default=None,
+    )
     view = summary[(summary["budget"] == budget) | summary["method"].isin(["base", "full"])]
-    st.dataframe(view[["method", "n_experts", "runs", "jailbreak_compliance", "jailbreak_compliance_ci_low",
-                       "jailbreak_compliance_ci_high", "benign_answer_rate", "over_refusal"]],
-                 hide_index=True, width="stretch", key="home_study_table",
-                 column_config={c: st.column_config.NumberColumn(format="%.2f") for c in summary.columns
-                                if c.startswith(("jailbreak", "benign", "over"))})
+    st.dataframe(
+        view[
+            [
+                "method",
+                "n_experts",
+                "runs",
+                "jailbreak_compliance",
+                "jailbreak_compliance_ci_low",
+                "jailbreak_compliance_ci_high",
+                "benign_answer_rate",
+                "over_refusal",
+            ]
+        ],
+        hide_index=True,
+        width="stretch",
+        key="home_study_table",
+        column_config={
+            c: st.column_config.NumberColumn(format="%.2f")
+            for c in summary.columns
+            if c.startswith(("jailbreak", "benign", "over"))
+        },
+    )
     st.caption(f"Study of run `{study_run.id}`; seeds {sorted(results['seed'].unique().tolist())}.")

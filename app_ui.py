@@ -35,7 +35,9 @@ from moe_core.store.run import Run
 
 log = logging.getLogger("moe_app")
 
-PLOT_EXPORT = {"toImageButtonOptions": {"format": "svg", "scale": 2}}  # the camera icon saves an SVG (vector, for slides)
+PLOT_EXPORT = {
+    "toImageButtonOptions": {"format": "svg", "scale": 2}
+}  # the camera icon saves an SVG (vector, for slides)
 RUN_KEY = "run_path"  # session_state: absolute path of the open run (or absent); not a widget key
 PICKER_KEY = "run_picker"  # the sidebar's run selectbox (a widget's state is per page in a pages/ app:
 #                            the picker is re-seeded from RUN_KEY on every page, never the other way round)
@@ -60,10 +62,18 @@ BUG_TEXT = "Internal error (a bug): {kind}: {message}. Details are in the app's 
 
 
 UI_WORDS = [  # how moe_core's messages (written for Python callers) name things, and how a page names them
-    (re.compile(r"use move\(\) to put an item into another batch"), "use the Move tab to put an item into another batch"),
-    (re.compile(r"pass column='<name>' to say which column holds the prompts"), "pick the column that holds the prompts"),
-    (re.compile(r"pass format='csv'\|'json'\|'jsonl'\|'parquet'"),
-     "use a file whose name ends in .csv, .json, .jsonl or .parquet"),
+    (
+        re.compile(r"use move\(\) to put an item into another batch"),
+        "use the Move tab to put an item into another batch",
+    ),
+    (
+        re.compile(r"pass column='<name>' to say which column holds the prompts"),
+        "pick the column that holds the prompts",
+    ),
+    (
+        re.compile(r"pass format='csv'\|'json'\|'jsonl'\|'parquet'"),
+        "use a file whose name ends in .csv, .json, .jsonl or .parquet",
+    ),
     (re.compile(r"\b(\w+)='([^']*)'"), r"\1 \2"),  # any other keyword=value
     (re.compile(r"\b([a-z_]+)\(\)"), r"\1"),  # any other call()
 ]
@@ -101,7 +111,9 @@ def error_message(e: BaseException, prefix: str = "") -> str:
     """
     is_bug, text = error_text(e, prefix)
     if is_bug:
-        log.exception("bug behind a page (shown to the user as an internal error): %s: %s", type(e).__name__, e)
+        log.exception(
+            "bug behind a page (shown to the user as an internal error): %s: %s", type(e).__name__, e
+        )
     else:
         log.info("shown to the user: %s", text)
     return text
@@ -224,8 +236,10 @@ def sync_run_with_url(paths: list[str]) -> None:
     if wanted:
         path = resolve_run_ref(wanted)
         if path is None:
-            st.session_state["sidebar_error"] = (f"The link names run {wanted!r}, which is not under "
-                                                 f"{runs_root()}: showing another run instead.")
+            st.session_state["sidebar_error"] = (
+                f"The link names run {wanted!r}, which is not under "
+                f"{runs_root()}: showing another run instead."
+            )
         elif path != st.session_state.get(RUN_KEY):
             st.session_state[RUN_KEY] = path
     if not st.session_state.get(RUN_KEY) and paths:
@@ -235,15 +249,23 @@ def sync_run_with_url(paths: list[str]) -> None:
         st.query_params[RUN_PARAM] = run_ref(current)
 
 
-def link(key: str, label: str | None = None, icon: str | None = None, container: Any = None,
-         extra: dict[str, Any] | None = None, **kw: Any) -> None:
+def link(
+    key: str,
+    label: str | None = None,
+    icon: str | None = None,
+    container: Any = None,
+    extra: dict[str, Any] | None = None,
+    **kw: Any,
+) -> None:
     """``st.page_link`` to page ``key`` that carries the open run (and ``extra`` parameters) in the URL."""
     target = container if container is not None else st
     path = st.session_state.get(RUN_KEY)
     _, file, default_label, default_icon = next(n for n in NAV if n[0] == key)
     params = {RUN_PARAM: run_ref(path)} if path else {}
     params.update({k: str(v) for k, v in (extra or {}).items()})
-    target.page_link(file, label=label or default_label, icon=icon or default_icon, query_params=params or None, **kw)
+    target.page_link(
+        file, label=label or default_label, icon=icon or default_icon, query_params=params or None, **kw
+    )
 
 
 def clicked_point(event: Any, memo_key: str, fields: tuple[str, ...] = ("y", "x")) -> tuple[int, ...] | None:
@@ -251,9 +273,13 @@ def clicked_point(event: Any, memo_key: str, fields: tuple[str, ...] = ("y", "x"
     once per click: the same selection seen again on a later rerun is None, so the boxes it filled
     can be changed by hand afterwards."""
     points = ((getattr(event, "selection", None) or {}).get("points") or []) if event else []
-    found = next((tuple(int(pt[f]) for f in fields) for pt in points if all(pt.get(f) is not None for f in fields)),
-                 None)
-    if found is None:  # nothing selected (a second click on a point deselects it): the next click counts again
+    found = next(
+        (tuple(int(pt[f]) for f in fields) for pt in points if all(pt.get(f) is not None for f in fields)),
+        None,
+    )
+    if (
+        found is None
+    ):  # nothing selected (a second click on a point deselects it): the next click counts again
         st.session_state.pop(memo_key, None)
         return None
     if st.session_state.get(memo_key) == list(found):
@@ -269,10 +295,20 @@ def backend_choice(prefix: str, spec: Any, backend_help: str, url_label: str) ->
 
     choices = list(Backend.__args__)
     b1, b2 = st.columns([1, 2])
-    backend = b1.selectbox("Generation backend", choices, index=choices.index(spec.backend), key=f"{prefix}_backend",
-                           help=backend_help)
-    url = b2.text_input(url_label, spec.vllm_url or "", key=f"{prefix}_vllm_url", disabled=backend != "vllm",
-                        placeholder="http://host:8000/v1 (empty: the job starts one)")
+    backend = b1.selectbox(
+        "Generation backend",
+        choices,
+        index=choices.index(spec.backend),
+        key=f"{prefix}_backend",
+        help=backend_help,
+    )
+    url = b2.text_input(
+        url_label,
+        spec.vllm_url or "",
+        key=f"{prefix}_vllm_url",
+        disabled=backend != "vllm",
+        placeholder="http://host:8000/v1 (empty: the job starts one)",
+    )
     return backend, (url.strip() or None) if backend == "vllm" else None
 
 
@@ -309,8 +345,12 @@ def setup(title: str = "MoE Safety Lab", sidebar_state: str = "auto") -> Run | N
     ctx = get_script_run_ctx()
     if ctx is not None:  # the page-wide boundary (the context's on_script_error, as st.App's option sets it)
         ctx.on_script_error = _user_error_boundary
-    st.set_page_config(page_title=f"{title} · MoE Safety Lab" if title != "MoE Safety Lab" else title,
-                       page_icon=":material/hub:", layout="wide", initial_sidebar_state=sidebar_state)
+    st.set_page_config(
+        page_title=f"{title} · MoE Safety Lab" if title != "MoE Safety Lab" else title,
+        page_icon=":material/hub:",
+        layout="wide",
+        initial_sidebar_state=sidebar_state,
+    )
     sidebar()
     return current_run()
 
@@ -344,7 +384,9 @@ def sidebar() -> None:
 
     runs = [r for r in list_runs(runs_root()) if not r.error]
     paths = [str(r.path) for r in runs]
-    labels = {str(r.path): (r.name if r.name and r.name != r.id else r.id) + f"  ·  {r.id[:15]}" for r in runs}
+    labels = {
+        str(r.path): (r.name if r.name and r.name != r.id else r.id) + f"  ·  {r.id[:15]}" for r in runs
+    }
     sync_run_with_url(paths)
     extra = st.session_state.get(RUN_KEY)
     if extra and extra not in paths:  # a run opened by path, outside the runs root
@@ -362,17 +404,24 @@ def sidebar() -> None:
         st.divider()
         if paths:
             st.session_state[PICKER_KEY] = st.session_state.get(RUN_KEY)
-            st.selectbox("Run", paths, key=PICKER_KEY, format_func=lambda p: labels.get(p, p), on_change=_run_picked)
+            st.selectbox(
+                "Run", paths, key=PICKER_KEY, format_func=lambda p: labels.get(p, p), on_change=_run_picked
+            )
         else:
             st.info(f"No runs yet under `{runs_root()}`. Create one below or run the demo on Home.")
         run = current_run()
         if run is not None:
             info = model_info(run)
             model = run.manifest.get("model") or "not chosen yet"
-            shape = (f"{info['num_layers']} layers × {info['num_experts']} experts, top-{info['top_k']}"
-                     if info.get("num_experts") else "")
-            st.caption(f"**Open run:** {md_escape(run.name)} · `{run.path.name}`  \n**Model:** {model}"
-                       + (f"  \n{shape}" if shape else ""))
+            shape = (
+                f"{info['num_layers']} layers × {info['num_experts']} experts, top-{info['top_k']}"
+                if info.get("num_experts")
+                else ""
+            )
+            st.caption(
+                f"**Open run:** {md_escape(run.name)} · `{run.path.name}`  \n**Model:** {model}"
+                + (f"  \n{shape}" if shape else "")
+            )
         st.caption(f"**Device:** {device_name()}")
         with st.expander("New run", expanded=not paths):
             st.text_input("Name", key="new_run_name", placeholder="e.g. olmoe-advbench")
@@ -494,8 +543,12 @@ def device_name() -> str:
 
 # -- jobs -------------------------------------------------------------------------------------
 _STATE_BADGE = {
-    "none": ("not started", "gray"), "queued": ("starting", "blue"), "running": ("running", "blue"),
-    "done": ("done", "green"), "error": ("failed", "red"), "dead": ("stopped unexpectedly", "orange"),
+    "none": ("not started", "gray"),
+    "queued": ("starting", "blue"),
+    "running": ("running", "blue"),
+    "done": ("done", "green"),
+    "error": ("failed", "red"),
+    "dead": ("stopped unexpectedly", "orange"),
     "stopped": ("stopped", "orange"),
 }
 

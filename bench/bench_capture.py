@@ -93,14 +93,26 @@ def build_model(c: TimingConfig) -> torch.nn.Module:
 
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(
-        "olmoe", hidden_size=c.hidden, intermediate_size=c.intermediate, num_hidden_layers=c.layers,
-        num_attention_heads=4, num_key_value_heads=4, num_experts=c.experts, num_experts_per_tok=c.top_k,
-        vocab_size=c.vocab, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        "olmoe",
+        hidden_size=c.hidden,
+        intermediate_size=c.intermediate,
+        num_hidden_layers=c.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=c.experts,
+        num_experts_per_tok=c.top_k,
+        vocab_size=c.vocab,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def interleaved(with_capture: Callable[[], None], without: Callable[[], None], repeats: int) -> dict[str, float]:
+def interleaved(
+    with_capture: Callable[[], None], without: Callable[[], None], repeats: int
+) -> dict[str, float]:
     """Median seconds of each side, timed in ABBA order after one warm-up of each.
 
     ``ratio`` = median(with) / median(without); ``paired_ratio`` = median of the per-pair ratios
@@ -117,8 +129,13 @@ def interleaved(with_capture: Callable[[], None], without: Callable[[], None], r
             fn()
             out.append(time.perf_counter() - t0)
     ma, mb = statistics.median(a), statistics.median(b)
-    return {"with_ms": 1e3 * ma, "without_ms": 1e3 * mb, "ratio": ma / mb,
-            "paired_ratio": statistics.median(x / y for x, y in zip(a, b)), "min_ratio": min(a) / min(b)}
+    return {
+        "with_ms": 1e3 * ma,
+        "without_ms": 1e3 * mb,
+        "ratio": ma / mb,
+        "paired_ratio": statistics.median(x / y for x, y in zip(a, b)),
+        "min_ratio": min(a) / min(b),
+    }
 
 
 def machinery_us(c: TimingConfig, adapter: MoEAdapter, tokens: int | None = None, reps: int = 200) -> float:
@@ -167,8 +184,14 @@ def time_generate(c: TimingConfig, new_tokens: int, repeats: int) -> dict[str, f
     model = build_model(c)
     adapter = MoEAdapter.for_model(model)
     ids = torch.randint(3, c.vocab, (c.batch, c.seq))
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-              do_sample=False, pad_token_id=0)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
 
     def plain() -> None:
         model.generate(**kw)
@@ -200,8 +223,18 @@ def storage(d: ModelDims, samples: int, tokens: int, folder: Path) -> dict[str, 
             )
         )
     n = samples * tokens
-    ours = save_batch_routing(folder / f"{d.name}.safetensors", recs, list(range(d.layers)), {"batch_idx": 0}).stat().st_size
-    ids_only = save_batch_routing(folder / f"{d.name}.ids.safetensors", recs, list(range(d.layers)), keep_weights=False).stat().st_size
+    ours = (
+        save_batch_routing(folder / f"{d.name}.safetensors", recs, list(range(d.layers)), {"batch_idx": 0})
+        .stat()
+        .st_size
+    )
+    ids_only = (
+        save_batch_routing(
+            folder / f"{d.name}.ids.safetensors", recs, list(range(d.layers)), keep_weights=False
+        )
+        .stat()
+        .st_size
+    )
     ref_path = folder / f"{d.name}.logits.npy"
     np.save(ref_path, np.zeros((d.layers, n, d.experts), np.float16))
     ref = ref_path.stat().st_size
@@ -218,9 +251,15 @@ def storage(d: ModelDims, samples: int, tokens: int, folder: Path) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, help="timed runs per side for every config (default: per config, 41 / 11)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps timings steadier on a shared box)")
-    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sample in the generation timing")
+    ap.add_argument(
+        "--repeats", type=int, help="timed runs per side for every config (default: per config, 41 / 11)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 keeps timings steadier on a shared box)"
+    )
+    ap.add_argument(
+        "--new-tokens", type=int, default=32, help="tokens generated per sample in the generation timing"
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -232,30 +271,70 @@ def main(argv: list[str] | None = None) -> dict:
         n = args.repeats or c.repeats
         r = time_forward(c, n)
         results["timing"][f"forward/{c.name}"] = {**asdict(c), "repeats": n, **r}
-        logger.info("  forward  %-9s L=%d E=%-3d k=%d H=%d %dx%d tokens, %d runs/side: %8.2f ms with, %8.2f ms without, "
-                    "ratio %.3f (paired %.3f, min %.3f) %s; capture machinery alone %.0f us = %.2f%% of a forward",
-                    c.name, c.layers, c.experts, c.top_k, c.hidden, c.batch, c.seq, n, r["with_ms"], r["without_ms"],
-                    r["ratio"], r["paired_ratio"], r["min_ratio"], "target <= 1.05: ok" if r["ratio"] <= 1.05 else "target <= 1.05: MISSED",
-                    r["machinery_us"], 100 * r["machinery_fraction"])
+        logger.info(
+            "  forward  %-9s L=%d E=%-3d k=%d H=%d %dx%d tokens, %d runs/side: %8.2f ms with, %8.2f ms without, "
+            "ratio %.3f (paired %.3f, min %.3f) %s; capture machinery alone %.0f us = %.2f%% of a forward",
+            c.name,
+            c.layers,
+            c.experts,
+            c.top_k,
+            c.hidden,
+            c.batch,
+            c.seq,
+            n,
+            r["with_ms"],
+            r["without_ms"],
+            r["ratio"],
+            r["paired_ratio"],
+            r["min_ratio"],
+            "target <= 1.05: ok" if r["ratio"] <= 1.05 else "target <= 1.05: MISSED",
+            r["machinery_us"],
+            100 * r["machinery_fraction"],
+        )
     c = TIMING_CONFIGS[0]
     n = max(3, (args.repeats or c.repeats) // 4)
     r = time_generate(c, args.new_tokens, n)
     results["timing"][f"generate/{c.name}"] = {**asdict(c), "new_tokens": args.new_tokens, **r}
-    logger.info("  generate %-9s %dx%d prompt + %d new tokens, %d runs/side: %8.2f ms with, %8.2f ms without, "
-                "ratio %.3f (paired %.3f, min %.3f); capture machinery alone %.0f us = %.2f%%", c.name, c.batch, c.seq,
-                args.new_tokens, n, r["with_ms"], r["without_ms"], r["ratio"], r["paired_ratio"], r["min_ratio"],
-                r["machinery_us"],
-                100 * r["machinery_fraction"])
+    logger.info(
+        "  generate %-9s %dx%d prompt + %d new tokens, %d runs/side: %8.2f ms with, %8.2f ms without, "
+        "ratio %.3f (paired %.3f, min %.3f); capture machinery alone %.0f us = %.2f%%",
+        c.name,
+        c.batch,
+        c.seq,
+        args.new_tokens,
+        n,
+        r["with_ms"],
+        r["without_ms"],
+        r["ratio"],
+        r["paired_ratio"],
+        r["min_ratio"],
+        r["machinery_us"],
+        100 * r["machinery_fraction"],
+    )
 
-    logger.info("2) bytes per token: routing file vs reference fp16 full router logits [layers, tokens, experts]")
+    logger.info(
+        "2) bytes per token: routing file vs reference fp16 full router logits [layers, tokens, experts]"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for d in STORAGE_DIMS:
             s = storage(d, samples=16, tokens=128, folder=Path(tmp))
             results["storage"][d.name] = {**asdict(d), **s}
-            logger.info("  %-14s L=%-2d E=%-3d k=%d: ours %7.1f B/tok (ids only %6.1f), reference %7.1f B/tok -> "
-                        "ratio %.3f (ids only %.3f) %s", d.name, d.layers, d.experts, d.top_k, s["ours_B_per_token"],
-                        s["ids_only_B_per_token"], s["reference_B_per_token"], s["ratio"], s["ids_only_ratio"],
-                        "<= 1/5" if s["ratio"] <= 0.2 else ("> 1/5 (ids only <= 1/5)" if s["ids_only_ratio"] <= 0.2 else "> 1/5"))
+            logger.info(
+                "  %-14s L=%-2d E=%-3d k=%d: ours %7.1f B/tok (ids only %6.1f), reference %7.1f B/tok -> "
+                "ratio %.3f (ids only %.3f) %s",
+                d.name,
+                d.layers,
+                d.experts,
+                d.top_k,
+                s["ours_B_per_token"],
+                s["ids_only_B_per_token"],
+                s["reference_B_per_token"],
+                s["ratio"],
+                s["ids_only_ratio"],
+                "<= 1/5"
+                if s["ratio"] <= 0.2
+                else ("> 1/5 (ids only <= 1/5)" if s["ids_only_ratio"] <= 0.2 else "> 1/5"),
+            )
     if args.json:
         atomic_write_json(args.json, results)
     return results

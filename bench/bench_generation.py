@@ -43,11 +43,17 @@ def timed(fn):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", type=int, default=4, help="analysis batches of the demo plan (16 prompts each)")
+    ap.add_argument(
+        "--batches", type=int, default=4, help="analysis batches of the demo plan (16 prompts each)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for HF generate (vLLM's CPU server runs its model on 1 by default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for HF generate (vLLM's CPU server runs its model on 1 by default)",
+    )
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -70,9 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     gen = VLLMGenerator(server)
     try:
         hf_gen = lambda: [g for b in batches for g in generate_batch(model, tok, b, args.max_new_tokens)]  # noqa: E731
-        vl_batches = lambda: [g for b in batches for g in generate_batch(model, tok, b, args.max_new_tokens, gen)]  # noqa: E731
+        vl_batches = lambda: [
+            g for b in batches for g in generate_batch(model, tok, b, args.max_new_tokens, gen)
+        ]  # noqa: E731
         vl_all = lambda: generate_batch(model, tok, every, args.max_new_tokens, gen)  # noqa: E731
-        generate_batch(model, tok, batches[0][:2], 4), generate_batch(model, tok, batches[0][:2], 4, gen)  # warm-up
+        (
+            generate_batch(model, tok, batches[0][:2], 4),
+            generate_batch(model, tok, batches[0][:2], 4, gen),
+        )  # warm-up
         times: dict[str, list[float]] = {"hf": [], "vllm_per_batch": [], "vllm_all": []}
         outs = {}
         for _ in range(args.repeats):
@@ -85,19 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     same = sum(a.new_ids == b.new_ids for a, b in zip(outs["hf"], outs["vllm_all"]))
     tps = {k: tokens[k] / statistics.median(v) for k, v in times.items()}
     res = {
-        "prompts": len(every), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-        "generated_tokens": tokens["hf"], "identical_answers": f"{same}/{len(every)}",
+        "prompts": len(every),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "generated_tokens": tokens["hf"],
+        "identical_answers": f"{same}/{len(every)}",
         "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
         "seconds_per_round": {k: [round(t, 2) for t in v] for k, v in times.items()},
         "ratio_vllm_per_batch_over_hf": round(tps["vllm_per_batch"] / tps["hf"], 2),
         "ratio_vllm_all_over_hf": round(tps["vllm_all"] / tps["hf"], 2),
-        "vllm_server_start_s": round(start_s, 1), "hf_torch_threads": torch.get_num_threads(),
+        "vllm_server_start_s": round(start_s, 1),
+        "hf_torch_threads": torch.get_num_threads(),
         "machine": f"{torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
     }
     print(json.dumps(res, indent=2))
-    print(f"vLLM / HF generate: {res['ratio_vllm_per_batch_over_hf']}x per analysis batch, "
-          f"{res['ratio_vllm_all_over_hf']}x with all {len(every)} prompts in one request "
-          f"({same}/{len(every)} answers identical)")
+    print(
+        f"vLLM / HF generate: {res['ratio_vllm_per_batch_over_hf']}x per analysis batch, "
+        f"{res['ratio_vllm_all_over_hf']}x with all {len(every)} prompts in one request "
+        f"({same}/{len(every)} answers identical)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

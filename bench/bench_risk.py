@@ -109,7 +109,9 @@ def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, float, obj
 
 def tie_rows(batches: list[dict], k: int) -> float:
     """Share of (layer, token) rows whose k-th and (k+1)-th largest logits are equal."""
-    rows = np.concatenate([np.concatenate(b["safe_routings"] + b["unsafe_routings"], axis=1) for b in batches], axis=1)
+    rows = np.concatenate(
+        [np.concatenate(b["safe_routings"] + b["unsafe_routings"], axis=1) for b in batches], axis=1
+    )
     s = np.sort(rows, axis=-1)
     return float((s[..., -k] == s[..., -k - 1]).mean())
 
@@ -123,7 +125,9 @@ def run_scenario(name: str, batches: list[dict], cfg: BenchConfig) -> dict:
     w_log, c_log, log_tables = best_time(
         lambda: [risk.calculate_risk_diff_per_batch(b, k) for b in batches], cfg.repeats
     )
-    w_ids, c_ids, ids_tables = best_time(lambda: [risk.calculate_risk_diff_per_batch(b, k) for b in ids], cfg.repeats)
+    w_ids, c_ids, ids_tables = best_time(
+        lambda: [risk.calculate_risk_diff_per_batch(b, k) for b in ids], cfg.repeats
+    )
     equal = all(
         o[risk.SEED_COLUMNS].equals(r) and i.equals(o) for r, o, i in zip(ref_tables, log_tables, ids_tables)
     )

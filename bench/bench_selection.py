@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             c, r = arms.loc["chosen"], arms.loc["random"]
             ratio = r["jailbreak_compliance"] / max(c["jailbreak_compliance"], 1e-9)
             overlap = c["jailbreak_compliance_ci_high"] >= r["jailbreak_compliance_ci_low"]
-            print(f"{budget:.4f}  {c['jailbreak_compliance']:.2f}    {r['jailbreak_compliance']:.2f}    "
-                  f"{ratio:8.1f}x      {'yes' if overlap else 'no'}")
+            print(
+                f"{budget:.4f}  {c['jailbreak_compliance']:.2f}    {r['jailbreak_compliance']:.2f}    "
+                f"{ratio:8.1f}x      {'yes' if overlap else 'no'}"
+            )
         if args.runs_root:
             print(f"\nstudy run: {run.path}")
     return 0

@@ -52,9 +52,19 @@ def build(args):
 
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(
-        "olmoe", hidden_size=args.hidden, intermediate_size=args.expert_width, num_hidden_layers=args.layers,
-        num_attention_heads=4, num_key_value_heads=4, num_experts=args.experts, num_experts_per_tok=args.top_k,
-        vocab_size=1024, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        "olmoe",
+        hidden_size=args.hidden,
+        intermediate_size=args.expert_width,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        vocab_size=1024,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     model = AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(1)
@@ -124,7 +134,9 @@ def run_method(method: str, args) -> dict:
         merge_trained_experts(model)
     chosen = set(pairs)
     moved_frozen = sum(
-        1 for (l, n), p in fused.items() for e in range(p.shape[0])
+        1
+        for (l, n), p in fused.items()
+        for e in range(p.shape[0])
         if (l, e) not in chosen and not torch.equal(p[e], before[(l, n)][e])
     )
     return {
@@ -150,7 +162,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     ap.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (shared machine)")
-    ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # internal: one subprocess per method
+    ap.add_argument(
+        "--method", choices=METHODS, help=argparse.SUPPRESS
+    )  # internal: one subprocess per method
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if args.method:
@@ -160,7 +174,7 @@ def main() -> None:
     passthrough = [a for a in sys.argv[1:] if not a.startswith("--json")]
     if "--json" in sys.argv:
         i = sys.argv.index("--json")
-        passthrough = sys.argv[1:i] + sys.argv[i + 2:]
+        passthrough = sys.argv[1:i] + sys.argv[i + 2 :]
     results = []
     for m in METHODS:
         cmd = [sys.executable, __file__, *passthrough, "--method", m]
@@ -169,18 +183,48 @@ def main() -> None:
         log.info("%s done", m)
     ref = results[0]
     mb = 1 / 2**20
-    log.info("OLMoE %d layers x %d experts (top-%d), hidden %d, expert width %d; %d experts trained; "
-             "batch %dx%d; %d steps", args.layers, args.experts, args.top_k, args.hidden, args.expert_width,
-             args.n_experts, args.batch, args.seq, args.steps)
-    log.info("%-14s %12s %10s %9s %11s %9s %9s %8s %7s", "method", "trainable", "optim MB", "x optim", "peakRSS+MB",
-             "x peak", "step ms", "x step", "moved*")
+    log.info(
+        "OLMoE %d layers x %d experts (top-%d), hidden %d, expert width %d; %d experts trained; "
+        "batch %dx%d; %d steps",
+        args.layers,
+        args.experts,
+        args.top_k,
+        args.hidden,
+        args.expert_width,
+        args.n_experts,
+        args.batch,
+        args.seq,
+        args.steps,
+    )
+    log.info(
+        "%-14s %12s %10s %9s %11s %9s %9s %8s %7s",
+        "method",
+        "trainable",
+        "optim MB",
+        "x optim",
+        "peakRSS+MB",
+        "x peak",
+        "step ms",
+        "x step",
+        "moved*",
+    )
     for r in results:
-        log.info("%-14s %12d %10.1f %9.1f %11.1f %9.2f %9.1f %8.2f %7d", r["method"], r["trainable_params"],
-                 r["optimizer_state_bytes"] * mb, r["optimizer_state_bytes"] / max(ref["optimizer_state_bytes"], 1),
-                 r["peak_rss_growth_bytes"] * mb, r["peak_rss_growth_bytes"] / max(ref["peak_rss_growth_bytes"], 1),
-                 r["step_s_median"] * 1e3, r["step_s_median"] / ref["step_s_median"], r["unselected_rows_moved"])
-    log.info("* unselected expert rows (of all fused tensors) that changed: must be 0 for expert_masked; "
-             "union_freeze moves them through AdamW weight decay; full trains them on purpose")
+        log.info(
+            "%-14s %12d %10.1f %9.1f %11.1f %9.2f %9.1f %8.2f %7d",
+            r["method"],
+            r["trainable_params"],
+            r["optimizer_state_bytes"] * mb,
+            r["optimizer_state_bytes"] / max(ref["optimizer_state_bytes"], 1),
+            r["peak_rss_growth_bytes"] * mb,
+            r["peak_rss_growth_bytes"] / max(ref["peak_rss_growth_bytes"], 1),
+            r["step_s_median"] * 1e3,
+            r["step_s_median"] / ref["step_s_median"],
+            r["unselected_rows_moved"],
+        )
+    log.info(
+        "* unselected expert rows (of all fused tensors) that changed: must be 0 for expert_masked; "
+        "union_freeze moves them through AdamW weight decay; full trains them on purpose"
+    )
     if args.json:
         from moe_core.store.atomic import atomic_write_json
 

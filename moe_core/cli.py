@@ -83,7 +83,9 @@ class TqdmProgress:
 
 
 @contextlib.contextmanager
-def job_progress(run: Any, job_name: str | None, desc: str) -> Iterator[tuple[Callable[..., None], Callable[[], bool]]]:
+def job_progress(
+    run: Any, job_name: str | None, desc: str
+) -> Iterator[tuple[Callable[..., None], Callable[[], bool]]]:
     """Progress callable + stop check; with ``--job NAME`` also job events/status in the run.
 
     The app launches CLI commands with ``--job`` and polls what this writes, so a browser refresh
@@ -129,7 +131,11 @@ def _was_stopped(run: Any, job: str | None) -> bool:
 
 # -- commands ---------------------------------------------------------------------------------
 def _print_top(aggregated: Any, n: int) -> None:
-    cols = [c for c in ("Layer_Expert", "risk_diff", "risk_diff_std", "sign_consistency", "n_batches") if c in aggregated.columns]
+    cols = [
+        c
+        for c in ("Layer_Expert", "risk_diff", "risk_diff_std", "sign_consistency", "n_batches")
+        if c in aggregated.columns
+    ]
     print(f"\ntop {n} experts by risk difference (unsafe rate - safe rate):")
     print(aggregated.head(n)[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
@@ -137,7 +143,9 @@ def _print_top(aggregated: Any, n: int) -> None:
 def analyze(spec: P.AnalyseSpec, args: argparse.Namespace) -> Any:
     """Analyse (or resume); returns the run, or None when the job was stopped."""
 
-    run, plan = P.analysis_run(spec, args.run, args.runs_root)  # refuses another model/settings before writing
+    run, plan = P.analysis_run(
+        spec, args.run, args.runs_root
+    )  # refuses another model/settings before writing
     print(f"run: {run.path}")
     try:
         with run.writing(args.job or "analysis"):
@@ -153,7 +161,9 @@ def analyze(spec: P.AnalyseSpec, args: argparse.Namespace) -> Any:
         raise
     _print_top(result.aggregated, spec.top)
     if spec.quality_filter:
-        print(f"quality filter dropped: {result.dropped['safe']} safe, {result.dropped['unsafe']} unsafe samples")
+        print(
+            f"quality filter dropped: {result.dropped['safe']} safe, {result.dropped['unsafe']} unsafe samples"
+        )
     return run
 
 
@@ -162,7 +172,9 @@ def select(spec: P.SelectSpec, args: argparse.Namespace) -> Any:
     masks = P.select(spec, run)
     path = run.path_for("mask", name=spec.name)
     if isinstance(masks, dict):
-        print(f"{len(masks)} per-batch masks, {sum(m.count() for m in masks.values())} experts in all -> {path}")
+        print(
+            f"{len(masks)} per-batch masks, {sum(m.count() for m in masks.values())} experts in all -> {path}"
+        )
     else:
         print(f"{masks.count()} experts: " + ", ".join(f"L{l}E{e}" for l, e in masks.experts()))
         print(f"mask -> {path}")
@@ -270,7 +282,9 @@ def runs_cmd(args: argparse.Namespace) -> None:
             print(f"{r.id}  DAMAGED: {r.error}  (try `python -m moe_core doctor --run {r.path}`)")
             continue
         steps = ", ".join(f"{k} {v}" for k, v in r.steps.items()) or "no steps yet"
-        print(f"{r.id}  {r.name!r}  model {r.model or '-'}  created {(r.created or '?')[:16].replace('T', ' ')}  {steps}")
+        print(
+            f"{r.id}  {r.name!r}  model {r.model or '-'}  created {(r.created or '?')[:16].replace('T', ' ')}  {steps}"
+        )
 
 
 def doctor_cmd(args: argparse.Namespace) -> None:
@@ -282,8 +296,14 @@ def doctor_cmd(args: argparse.Namespace) -> None:
         print(f.line())
     left = [f for f in found if not f.repaired]
     if left:
-        raise CLIError(f"{len(left)} problem(s) in run {run.id} " + ("(listed above; run without --check-only to "
-                       "repair what can be recomputed)" if args.check_only else "need the fix named above"))
+        raise CLIError(
+            f"{len(left)} problem(s) in run {run.id} "
+            + (
+                "(listed above; run without --check-only to repair what can be recomputed)"
+                if args.check_only
+                else "need the fix named above"
+            )
+        )
     print(f"run {run.id}: " + ("all repaired" if found else "no problems found"))
 
 
@@ -302,34 +322,58 @@ def holding(args: argparse.Namespace) -> Iterator[None]:
         with run.writing(args.job or args.command):
             yield
     except RunBusyError as e:
-        if args.job and (holder(run.path) or {}).get("job") != args.job:  # never touch the live job's own files
+        if (
+            args.job and (holder(run.path) or {}).get("job") != args.job
+        ):  # never touch the live job's own files
             run.job(args.job).write_status("error", error=str(e))
         raise
 
 
-STEPS: dict[str, Callable[..., Any]] = {"analyze": analyze, "select": select, "train": train,
-                                         "evaluate": evaluate, "demo": demo, "study": study}
+STEPS: dict[str, Callable[..., Any]] = {
+    "analyze": analyze,
+    "select": select,
+    "train": train,
+    "evaluate": evaluate,
+    "demo": demo,
+    "study": study,
+}
 
 
 # -- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """Top-level options + one subcommand per pipeline spec (flags, defaults and help from the dataclass)."""
-    p = argparse.ArgumentParser(prog="python -m moe_core", description="MoE Safety Lab: find and fine-tune the unsafe experts of an MoE LLM.")
+    p = argparse.ArgumentParser(
+        prog="python -m moe_core",
+        description="MoE Safety Lab: find and fine-tune the unsafe experts of an MoE LLM.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--runs-root", help="where runs live (default: $MOE_LAB_RUNS or ./runs)")
     # the same two options after the command too (`runs --runs-root X`); SUPPRESS: absent there, the top-level value stays
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    common.add_argument("--runs-root", default=argparse.SUPPRESS, help="where runs live (default: $MOE_LAB_RUNS or ./runs)")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
+    common.add_argument(
+        "--runs-root", default=argparse.SUPPRESS, help="where runs live (default: $MOE_LAB_RUNS or ./runs)"
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     add = partial(sub.add_parser, parents=[common])
     for command, cls in P.COMMANDS.items():
-        sp = add(command, dataclass_types=[cls], help=cls.__doc__.splitlines()[0],
-                 description=cls.__doc__.splitlines()[0])
+        sp = add(
+            command,
+            dataclass_types=[cls],
+            help=cls.__doc__.splitlines()[0],
+            description=cls.__doc__.splitlines()[0],
+        )
         needs_run = command in ("select", "train", "evaluate")
-        sp.add_argument("--run", required=needs_run,
-                        help="run directory or id" + ("" if needs_run else " (default: a new run)"))
-        sp.add_argument("--job", help="also write job events/status into the run under this name (used by the app)")
+        sp.add_argument(
+            "--run",
+            required=needs_run,
+            help="run directory or id" + ("" if needs_run else " (default: a new run)"),
+        )
+        sp.add_argument(
+            "--job", help="also write job events/status into the run under this name (used by the app)"
+        )
         sp.set_defaults(spec_class=cls)
     x = add("apply-delta", help="apply a trained expert delta to a base model and save the merged model")
     x.add_argument("--base", required=True, help="base model directory (or 'organism')")
@@ -357,7 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # small machine (see models.default_cpu_threads).
 
     apply_cpu_thread_policy()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         if getattr(args, "spec_class", None) is not None:
             spec = spec_from_args(args)
@@ -371,7 +417,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk or a read-only folder is the user's to fix, not a bug
-
         if os_error_message(e) is None or args.verbose:
             raise
         print(f"error: {os_error_message(e)}", file=sys.stderr)
@@ -380,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; finished batches are saved, resume with --run RUN", file=sys.stderr)
         return 130
     except Exception:
-        log.exception("internal error (a bug in moe_core, not in your input); please report it with this traceback")
+        log.exception(
+            "internal error (a bug in moe_core, not in your input); please report it with this traceback"
+        )
         return 1
     return 0

@@ -50,10 +50,13 @@ from moe_core.train.sft import (
 )
 
 __all__ = [
-    "AnalysisBatchSampler", "BatchPreservingSampler", "BatchPreservingTrainer", "ExpertMaskingTrainer",
-    "ROUTER_CONSISTENCY_TYPES", "create_batch_aware_dataset", "create_batch_structured_dataset",
-    "load_reference_pickle", "reference_trainer_arguments",
+    "AnalysisBatchSampler",
+    "BatchPreservingSampler",
+    "BatchPreservingTrainer",
+    "ExpertMaskingTrainer",
+    "ROUTER_CONSISTENCY_TYPES",
+    "create_batch_aware_dataset",
+    "create_batch_structured_dataset",
+    "load_reference_pickle",
+    "reference_trainer_arguments",
 ]
-
-
-

@@ -61,20 +61,6 @@ class Finding:
         return f"{'repaired' if self.repaired else 'PROBLEM '}  {self.path}: {self.problem} -> {self.fix}"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def recompute_risk(run: Run, b: int) -> None:
     """Batch ``b``'s risk table again from its routing file and outputs (same values as the analysis)."""
 
@@ -83,9 +69,17 @@ def recompute_risk(run: Run, b: int) -> None:
     routing = load_batch_routing(run.path_for("routing", batch_idx=b))
     outputs = read_json(run.path_for("outputs", batch_idx=b))
     k = int(routing.meta.get("top_k") or routing[0].expert_ids.shape[-1])
-    ids = {lab: [routing[s["in_batch_idx"]].select(span)[0] for s in outputs["samples"] if s["kept"] and s["label"] == lab]
-           for lab in ("safe", "unsafe")}
-    table = batch_risk_table(b, ids["safe"], ids["unsafe"], int(routing.meta["num_experts"]), routing.moe_layers, k)
+    ids = {
+        lab: [
+            routing[s["in_batch_idx"]].select(span)[0]
+            for s in outputs["samples"]
+            if s["kept"] and s["label"] == lab
+        ]
+        for lab in ("safe", "unsafe")
+    }
+    table = batch_risk_table(
+        b, ids["safe"], ids["unsafe"], int(routing.meta["num_experts"]), routing.moe_layers, k
+    )
     write_parquet(run.path_for("risk", batch_idx=b), table)
 
 
@@ -108,8 +102,11 @@ def _batches(run: Run, repair: bool) -> list[Finding]:
         if problems.get("outputs") == "missing":  # killed mid-batch: outputs (written last) never came
             problems = {"outputs": "missing: the batch was interrupted before it finished"}
         for kind, problem in problems.items():
-            fix = ("recomputed from the batch's routing and outputs" if only_risk else
-                   f"batch {b} removed; resume the analysis (`python -m moe_core analyze --run {run.path}`) to redo it")
+            fix = (
+                "recomputed from the batch's routing and outputs"
+                if only_risk
+                else f"batch {b} removed; resume the analysis (`python -m moe_core analyze --run {run.path}`) to redo it"
+            )
             found.append(Finding(_rel(run, run.path_for(kind, batch_idx=b)), problem, fix))
         if repair:
             try:
@@ -117,9 +114,9 @@ def _batches(run: Run, repair: bool) -> list[Finding]:
             except Exception as e:  # noqa: BLE001 - a failed recompute falls back to redoing the batch
                 log.warning("batch %d: recomputing its risk table failed (%s); removing the batch", b, e)
                 drop_batch(run, b)
-                for f in found[-len(problems):]:
+                for f in found[-len(problems) :]:
                     f.fix = f"batch {b} removed; resume the analysis to redo it"
-            for f in found[-len(problems):]:
+            for f in found[-len(problems) :]:
                 f.repaired = True
     return found
 
@@ -133,10 +130,14 @@ def _tables(run: Run, repair: bool, batches_changed: bool) -> list[Finding]:
         p = run.path_for(kind)
         problem = "missing" if not p.is_file() else check_parquet(p, cols)
         if problem or batches_changed:
-            found.append(Finding(_rel(run, p), problem or "out of date (batches were repaired)",
-                                 "recomputed from the per-batch risk tables"))
+            found.append(
+                Finding(
+                    _rel(run, p),
+                    problem or "out of date (batches were repaired)",
+                    "recomputed from the per-batch risk tables",
+                )
+            )
     if found and repair:
-
         finalize_analysis(run)
         for f in found:
             f.repaired = True
@@ -148,29 +149,49 @@ def _files(run: Run) -> list[Finding]:
 
     found = []
     plan = run.path_for("plan")
-    if plan.is_file() and (problem := check_json(plan, lambda d: None if isinstance(d, dict) and "batches" in d
-                                                 else "not a batch plan (no batches)")):
-        found.append(Finding("plan.json", problem, "restore it from a copy, or start a new run from the same prompts"))
+    if plan.is_file() and (
+        problem := check_json(
+            plan,
+            lambda d: None if isinstance(d, dict) and "batches" in d else "not a batch plan (no batches)",
+        )
+    ):
+        found.append(
+            Finding("plan.json", problem, "restore it from a copy, or start a new run from the same prompts")
+        )
     elif not plan.is_file() and run.completed_batches():
-        found.append(Finding("plan.json", "missing while batches were analysed", "restore it, or start a new run"))
+        found.append(
+            Finding("plan.json", "missing while batches were analysed", "restore it, or start a new run")
+        )
     for p in sorted((run.path / "masks").glob("*.json")):
         try:
             is_batches = "batches" in json.loads(p.read_text(encoding="utf-8"))
             load_batch_masks(p) if is_batches else ExpertMask.load(p)
         except Exception as e:  # noqa: BLE001 - any failure to load is the finding
-            found.append(Finding(_rel(run, p), str(e).splitlines()[0][:200],
-                                 f"delete it and run `python -m moe_core select --run {run.path} --name {p.stem}`"))
+            found.append(
+                Finding(
+                    _rel(run, p),
+                    str(e).splitlines()[0][:200],
+                    f"delete it and run `python -m moe_core select --run {run.path} --name {p.stem}`",
+                )
+            )
     for p in sorted([*run.path.glob("train/*/*.json"), *run.path.glob("eval/**/*.json")]):
         if problem := check_json(p):
-            found.append(Finding(_rel(run, p), problem, "delete it and run that training or evaluation again"))
+            found.append(
+                Finding(_rel(run, p), problem, "delete it and run that training or evaluation again")
+            )
     for p in sorted(run.path.glob("eval/**/*.parquet")):
         if problem := check_parquet(p):
             found.append(Finding(_rel(run, p), problem, "delete it and run the evaluation again"))
     for name, info in run.trainings().items():
         merged = Path(info.get("merged") or "")
         if info.get("merged") and not (merged / "config.json").is_file():
-            found.append(Finding(f"train/{name}", f"the trained model {merged} is missing",
-                                 f"run `python -m moe_core train --run {run.path} --name {name}` again"))
+            found.append(
+                Finding(
+                    f"train/{name}",
+                    f"the trained model {merged} is missing",
+                    f"run `python -m moe_core train --run {run.path} --name {name}` again",
+                )
+            )
     return found
 
 
@@ -208,8 +229,14 @@ def _leftovers(run: Run, repair: bool) -> list[Finding]:
             lease.unlink(missing_ok=True)
     for name, step in run.manifest.get("steps", {}).items():
         if step_status(step) == INTERRUPTED:
-            found.append(Finding(f"manifest.json steps.{name}", "'running', but its process is gone",
-                                 "recorded as failed; run the step again (it resumes where it can)", repair))
+            found.append(
+                Finding(
+                    f"manifest.json steps.{name}",
+                    "'running', but its process is gone",
+                    "recorded as failed; run the step again (it resumes where it can)",
+                    repair,
+                )
+            )
             if repair:
                 run.set_step(name, "failed", reason="interrupted: the process ended without reporting")
     return found
@@ -229,7 +256,10 @@ def diagnose(run: Run, repair: bool = False) -> list[Finding]:
         files = _files(run)
         for f in files:
             if f.path == "plan.json" and _recompose_plan(run):
-                f.repaired, f.fix = True, "written again from the run's recorded prompt files (identical fingerprint)"
+                f.repaired, f.fix = (
+                    True,
+                    "written again from the run's recorded prompt files (identical fingerprint)",
+                )
         found += batches + _tables(run, True, bool(batches)) + files
     return found
 

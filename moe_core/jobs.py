@@ -58,12 +58,6 @@ class JobLaunchError(MoELabError, ValueError):
     """A job cannot be launched as asked; the message says what to change."""
 
 
-
-
-
-
-
-
 def job_command(command: str, run: Run | str | Path, name: str, flags: Sequence[str] = ()) -> list[str]:
     """``[python, -m, moe_core, command, --run, RUN_DIR, --job, NAME, *flags]``."""
     if command not in COMMANDS:
@@ -71,13 +65,17 @@ def job_command(command: str, run: Run | str | Path, name: str, flags: Sequence[
     bad = [f for f in flags if not isinstance(f, str)]
     if bad:
         raise JobLaunchError(f"job flags must be strings; got {bad!r}")
-    return [sys.executable, "-m", "moe_core", command, "--run", str(_run_dir(run).resolve()), "--job", name, *flags]
-
-
-
-
-
-
+    return [
+        sys.executable,
+        "-m",
+        "moe_core",
+        command,
+        "--run",
+        str(_run_dir(run).resolve()),
+        "--job",
+        name,
+        *flags,
+    ]
 
 
 def _child_env() -> dict[str, str]:
@@ -124,15 +122,29 @@ def start_job(
         out.flush()
         try:
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=str(_PACKAGE_PARENT), env={**_child_env(), **(env or {})}, start_new_session=True,
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=str(_PACKAGE_PARENT),
+                env={**_child_env(), **(env or {})},
+                start_new_session=True,
             )
         except OSError as e:
             job.write_status("error", error=f"could not start the job process: {e}")
             raise JobLaunchError(f"could not start {' '.join(argv[1:4])}: {e}") from e
     _CHILDREN[proc.pid] = proc
-    atomic_write_json(_launch_path(job.path), {"argv": argv, "command": command, "flags": list(flags),
-                                              "pid": proc.pid, "launched": time.time(), "log": str(log_path)})
+    atomic_write_json(
+        _launch_path(job.path),
+        {
+            "argv": argv,
+            "command": command,
+            "flags": list(flags),
+            "pid": proc.pid,
+            "launched": time.time(),
+            "log": str(log_path),
+        },
+    )
     log.info("started job %s (pid %d): %s", name, proc.pid, " ".join(argv[1:]))
     return read_job(run, name)
 
@@ -156,22 +168,6 @@ def relaunch_flags(run: Run | str | Path, name: str) -> tuple[str, list[str]] | 
     if not d.get("command"):
         return None
     return str(d["command"]), [str(f) for f in d.get("flags", [])]
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def check_model_source(source: str) -> dict[str, Any]:

@@ -67,7 +67,6 @@ from moe_core.types import Progress
 log = logging.getLogger(__name__)
 
 
-
 # -- one seed ----------------------------------------------------------------------------------
 class _Lab:
     """One seed's base model in memory, its analysis run and SFT set; trains and evaluates arms."""
@@ -77,8 +76,15 @@ class _Lab:
         self.spec, self.seed = spec, seed
         model_name = spec.model or _organism(seed, progress)
         self.model, self.tok = load_any_model(model_name)  # once: the analysis and every arm use it
-        analysis = P.AnalyseSpec(model=model_name, scope=spec.scope, max_batches=spec.max_batches, seed=seed,
-                                 name=f"seed-{seed}", backend=spec.backend, vllm_url=spec.vllm_url)
+        analysis = P.AnalyseSpec(
+            model=model_name,
+            scope=spec.scope,
+            max_batches=spec.max_batches,
+            seed=seed,
+            name=f"seed-{seed}",
+            backend=spec.backend,
+            vllm_url=spec.vllm_url,
+        )
         self.run = P.analyse(analysis, runs_root=root, progress=progress, loaded=(self.model, self.tok))
         self.risk = read_parquet(self.run.path_for("risk_aggregated"))
         self.adapter = MoEAdapter.for_model(self.model)
@@ -86,8 +92,12 @@ class _Lab:
         batches = create_batch_structured_dataset(load_batch_data_list(self.run), seed=seed)
         self.dataset = create_batch_aware_dataset(batches, self.tok)
 
-        self.sets = default_eval_sets(split="heldout", limit=spec.eval_limit,
-                                      templates_per_goal=spec.templates_per_goal or None, seed=seed)
+        self.sets = default_eval_sets(
+            split="heldout",
+            limit=spec.eval_limit,
+            templates_per_goal=spec.templates_per_goal or None,
+            seed=seed,
+        )
 
     @property
     def total_experts(self) -> int:
@@ -104,8 +114,14 @@ class _Lab:
         """Counts per metric: ``<metric>_k`` refusals-or-complies and ``<metric>_n`` prompts."""
 
         self.model.eval()
-        df = evaluate_model(self.model, self.tok, self.sets, max_new_tokens=self.spec.max_new_tokens, steer=steer,
-                            batch_size=32)
+        df = evaluate_model(
+            self.model,
+            self.tok,
+            self.sets,
+            max_new_tokens=self.spec.max_new_tokens,
+            steer=steer,
+            batch_size=32,
+        )
         s = summarize(df).set_index("set")
         out: dict[str, int] = {}
         for name, (metric, inverted, _) in METRICS.items():  # inverted: the metric counts non-refusals
@@ -117,9 +133,19 @@ class _Lab:
         """Train ``mask``'s experts (None: every parameter) from the base weights, evaluate, restore."""
 
         with tempfile.TemporaryDirectory(prefix="moe-study-") as tmp:
-            train_model(self.model, self.tok, self.dataset, mask, output_dir=tmp, mask_mode="union", progress=_quiet,
-                        learning_rate=self.spec.lr, num_train_epochs=self.spec.epochs, seed=self.seed,
-                        save_outputs=False)
+            train_model(
+                self.model,
+                self.tok,
+                self.dataset,
+                mask,
+                output_dir=tmp,
+                mask_mode="union",
+                progress=_quiet,
+                learning_rate=self.spec.lr,
+                num_train_epochs=self.spec.epochs,
+                seed=self.seed,
+                save_outputs=False,
+            )
         try:
             return self.evaluate()
         finally:
@@ -144,31 +170,44 @@ def _masks(lab: _Lab, budget: float) -> tuple[int, Any, Any]:
     # Forcing experts on can use at most top_k slots per layer: the safest N, at most top_k per layer.
     ranked = agg.sort_values(["risk_diff", "layer", "expert"])
     capped = ranked[ranked.groupby("layer").cumcount() < lab.adapter.top_k].head(n)
-    safest = ExpertMask.from_experts(zip(capped["layer"], capped["expert"]), nl, ne,
-                                     selection={"method": "safest", "n": int(len(capped))})
+    safest = ExpertMask.from_experts(
+        zip(capped["layer"], capped["expert"]), nl, ne, selection={"method": "safest", "n": int(len(capped))}
+    )
     return n, chosen, safest
 
 
-def study_seed(spec: P.StudySpec, seed: int, root: Path, progress: Progress | None = None,
-               on_row: Any = None) -> list[dict[str, Any]]:
+def study_seed(
+    spec: P.StudySpec, seed: int, root: Path, progress: Progress | None = None, on_row: Any = None
+) -> list[dict[str, Any]]:
     """Every arm of the study for one seed -> rows of counts (``on_row(rows)`` after each arm)."""
 
     lab = _Lab(spec, seed, root, progress)
     rows: list[dict[str, Any]] = []
 
     def add(method: str, budget: float, n: int, draw: int, counts: dict[str, int]) -> None:
-        rows.append({"seed": seed, "method": method, "budget": budget, "n_experts": n, "draw": draw, **counts})
+        rows.append(
+            {"seed": seed, "method": method, "budget": budget, "n_experts": n, "draw": draw, **counts}
+        )
         if on_row:
             on_row(rows)
-        log.info("study seed %d %s budget %.4f draw %d: jailbreak compliance %d/%d", seed, method, budget, draw,
-                 counts["jailbreak_compliance_k"], counts["jailbreak_compliance_n"])
+        log.info(
+            "study seed %d %s budget %.4f draw %d: jailbreak compliance %d/%d",
+            seed,
+            method,
+            budget,
+            draw,
+            counts["jailbreak_compliance_k"],
+            counts["jailbreak_compliance_n"],
+        )
 
     add("base", 0.0, 0, 0, lab.evaluate())
     for budget in spec.budgets:
         n, chosen, safest = _masks(lab, budget)
         add("chosen", budget, n, 0, lab.train_and_evaluate(chosen))
         for d in range(spec.random_draws):
-            mask = random_experts(chosen.num_layers, chosen.num_experts, n, [seed, d, n], layers=lab.adapter.moe_layers)
+            mask = random_experts(
+                chosen.num_layers, chosen.num_experts, n, [seed, d, n], layers=lab.adapter.moe_layers
+            )
             add("random", budget, n, d, lab.train_and_evaluate(mask))
         add("random_layer", budget, n, 0, lab.train_and_evaluate(random_layer_matched(chosen, [seed, n])))
         if spec.steering:
@@ -176,16 +215,20 @@ def study_seed(spec: P.StudySpec, seed: int, root: Path, progress: Progress | No
             add("steer_on", budget, n, 0, lab.evaluate(steer=(None, safest)))
             add("steer_both", budget, n, 0, lab.evaluate(steer=(chosen, safest)))
         if progress:
-            progress(spec.budgets.index(budget) + 1, len(spec.budgets), f"seed {seed}: budget {budget:.4f} done")
+            progress(
+                spec.budgets.index(budget) + 1, len(spec.budgets), f"seed {seed}: budget {budget:.4f} done"
+            )
     if spec.full:
         add("full", 1.0, lab.total_experts, 0, lab.train_and_evaluate(None))
     return rows
 
 
-
-
-def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path | None = None,
-              progress: Progress | None = None) -> tuple[Run, pd.DataFrame]:
+def run_study(
+    spec: P.StudySpec,
+    run: Run | None = None,
+    runs_root: str | Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[Run, pd.DataFrame]:
     """Run every seed of ``spec`` into ``run`` (a new run named 'study' by default) -> (run, summary)."""
     spec = spec.effective()
     spec.validate()
@@ -195,8 +238,15 @@ def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path |
     rows: list[dict[str, Any]] = []
     for seed in spec.seeds:
         done = list(rows)  # partial results (every arm so far) survive a kill
-        rows += study_seed(spec, seed, out / "runs", progress,
-                           on_row=lambda seed_rows, _done=done: write_parquet(out / "results.parquet", pd.DataFrame(_done + seed_rows)))
+        rows += study_seed(
+            spec,
+            seed,
+            out / "runs",
+            progress,
+            on_row=lambda seed_rows, _done=done: write_parquet(
+                out / "results.parquet", pd.DataFrame(_done + seed_rows)
+            ),
+        )
     results = pd.DataFrame(rows)
     summary = summarize_study(results)
     write_parquet(out / "summary.parquet", summary)
@@ -209,9 +259,3 @@ def run_study(spec: P.StudySpec, run: Run | None = None, runs_root: str | Path |
 def new_study_run(spec: P.StudySpec, runs_root: str | Path | None = None) -> Run:
     """A fresh run named 'study' to hold a study of ``spec``."""
     return Run.create(Path(runs_root or default_runs_root()), name="study", model=spec.model or ORGANISM)
-
-
-
-
-
-

@@ -48,5 +48,7 @@ class PromptItem:
         return cls(**known)
 
 
-Progress = Callable[..., None]  # progress(done, total, message=""): how every long step reports, never a UI call
+Progress = Callable[
+    ..., None
+]  # progress(done, total, message=""): how every long step reports, never a UI call
 ShouldStop = Callable[[], bool]  # asked between units of work: True ends the step (JobStopped)

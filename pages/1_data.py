@@ -30,10 +30,12 @@ from moe_core.types import PromptItem
 
 ui.setup("Data & batches")
 st.title("Data & batches")
-st.caption("**Safe** items are those the model should refuse or may answer (a plain harmful goal it refuses, or a "
-           "benign request); **unsafe** items are those it complies with wrongly (the same goal jailbroken, or a "
-           "harmful request). Each batch holds its safe block, then its unsafe block; training later replays exactly "
-           "these batches.")
+st.caption(
+    "**Safe** items are those the model should refuse or may answer (a plain harmful goal it refuses, or a "
+    "benign request); **unsafe** items are those it complies with wrongly (the same goal jailbroken, or a "
+    "harmful request). Each batch holds its safe block, then its unsafe block; training later replays exactly "
+    "these batches."
+)
 ui.show_flash()
 run = ui.require_run("the data page")
 DRAFT = run.path / "plan.draft.json"
@@ -64,14 +66,43 @@ def _columns(source: str | bytes, name: str | None, split: str | None) -> list[s
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading prompts...")
-def _load(source: str | bytes, name: str | None, split: str | None, column: str | None, label: str,
-          limit: int | None) -> list[PromptItem]:
+def _load(
+    source: str | bytes,
+    name: str | None,
+    split: str | None,
+    column: str | None,
+    label: str,
+    limit: int | None,
+) -> list[PromptItem]:
     return load_prompts(source, name=name, split=split or None, column=column, label=label, limit=limit)  # type: ignore[arg-type]
 
 
-LABEL_COLUMNS = ("label", "labels", "safety_label", "is_harmful", "harmful", "is_unsafe", "unsafe", "is_safe", "safe",
-                 "type", "class")  # a column that says, per row, whether the prompt is harmful
-_UNSAFE_VALUES = {"unsafe", "harmful", "jailbreak", "jailbroken", "toxic", "malicious", "attack", "bad", "1", "true", "yes"}
+LABEL_COLUMNS = (
+    "label",
+    "labels",
+    "safety_label",
+    "is_harmful",
+    "harmful",
+    "is_unsafe",
+    "unsafe",
+    "is_safe",
+    "safe",
+    "type",
+    "class",
+)  # a column that says, per row, whether the prompt is harmful
+_UNSAFE_VALUES = {
+    "unsafe",
+    "harmful",
+    "jailbreak",
+    "jailbroken",
+    "toxic",
+    "malicious",
+    "attack",
+    "bad",
+    "1",
+    "true",
+    "yes",
+}
 _SAFE_VALUES = {"safe", "benign", "harmless", "contrast_safe", "good", "0", "false", "no"}
 
 
@@ -98,13 +129,20 @@ def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
     name: str | None = None
     split: str | None = None
     if mode == "upload":
-        f = st.file_uploader(f"{label} file", type=[suffix.lstrip(".") for suffix in FORMATS], key=f"up_{label}",
-                             label_visibility="collapsed")
+        f = st.file_uploader(
+            f"{label} file",
+            type=[suffix.lstrip(".") for suffix in FORMATS],
+            key=f"up_{label}",
+            label_visibility="collapsed",
+        )
         if f is not None:
             source, name = f.getvalue(), f.name
     else:
-        text = st.text_input(f"{label} file path or Hugging Face dataset", key=f"src_{label}",
-                             placeholder="/path/prompts.csv  or  walledai/AdvBench")
+        text = st.text_input(
+            f"{label} file path or Hugging Face dataset",
+            key=f"src_{label}",
+            placeholder="/path/prompts.csv  or  walledai/AdvBench",
+        )
         split = st.text_input("split (datasets only)", key=f"split_{label}", placeholder="train")
         source = text.strip() or None
     if source is None:
@@ -116,8 +154,11 @@ def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
         cols = _columns(source, name, split)
         auto = detect_prompt_column(cols)
         column = st.selectbox(
-            f"{label} prompt column", cols, index=cols.index(auto) if auto in cols else None,
-            key=f"col_{label}_{fid}", placeholder="choose the column holding the prompts",
+            f"{label} prompt column",
+            cols,
+            index=cols.index(auto) if auto in cols else None,
+            key=f"col_{label}_{fid}",
+            placeholder="choose the column holding the prompts",
             help="auto-detected when a usual name (prompt, goal, instruction, ...) is present",
         )
         limit = int(st.number_input(f"max {label} prompts (0 = all)", 0, 1_000_000, 0, key=f"limit_{label}"))
@@ -127,15 +168,20 @@ def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
             values = sorted({str(it.meta.get(lab_col)) for it in items})
             default = [v for v in values if side_of(v, lab_col) == label]
             keep = st.multiselect(
-                f"This file has a label column, `{lab_col}`: keep the rows whose {lab_col} is", values,
-                default=default, key=f"keep_{label}_{fid}",
+                f"This file has a label column, `{lab_col}`: keep the rows whose {lab_col} is",
+                values,
+                default=default,
+                key=f"keep_{label}_{fid}",
                 help=f"only these rows become {label} prompts; the other rows belong on the other side",
             )
             if keep:
                 items = [it for it in items if str(it.meta.get(lab_col)) in keep]
             else:
-                st.warning(f"No {lab_col} value chosen: every row of this file counts as {label}, whatever its "
-                           f"{lab_col} says.", icon=":material/warning:")
+                st.warning(
+                    f"No {lab_col} value chosen: every row of this file counts as {label}, whatever its "
+                    f"{lab_col} says.",
+                    icon=":material/warning:",
+                )
             if not items:
                 raise PromptLoadError(f"no row has {lab_col} in {keep}")
         if limit:
@@ -145,13 +191,16 @@ def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
     return None
 
 
-def source_description(mode: str, demo_mode: str | None, safe: list[PromptItem] | None,
-                       unsafe: list[PromptItem] | None) -> str:
+def source_description(
+    mode: str, demo_mode: str | None, safe: list[PromptItem] | None, unsafe: list[PromptItem] | None
+) -> str:
     """A short name of what the prompt sets are now (stored in a composed plan to spot a stale one)."""
     if mode == "demo":
         return f"the built-in demo set ({demo_mode})"
-    sides = [f"{len(items)} {side} from {items[0].source}" if items else f"no {side} prompts yet"
-             for side, items in (("safe", safe), ("unsafe", unsafe))]
+    sides = [
+        f"{len(items)} {side} from {items[0].source}" if items else f"no {side} prompts yet"
+        for side, items in (("safe", safe), ("unsafe", unsafe))
+    ]
     return " and ".join(sides)
 
 
@@ -183,7 +232,11 @@ def _new_item(text: str, label: str) -> PromptItem:
 with st.container(border=True):
     st.subheader("1. Prompt sets")
     mode = st.segmented_control(
-        "Source", ["demo", "upload", "path"], default="demo", key="data_source", required=True,
+        "Source",
+        ["demo", "upload", "path"],
+        default="demo",
+        key="data_source",
+        required=True,
         format_func={"demo": "Built-in demo set", "upload": "Upload files", "path": "Path or HF dataset"}.get,
     )
     safe: list[PromptItem] | None = None
@@ -191,12 +244,19 @@ with st.container(border=True):
     demo_mode = None
     if mode == "demo":
         demo_mode = st.radio(
-            "Demo set", ["paired", "unpaired"], horizontal=True, key="demo_mode",
-            format_func={"paired": "paired: plain harmful goal (refused) vs the same goal jailbroken",
-                         "unpaired": "unpaired: benign requests vs harmful requests"}.get,
+            "Demo set",
+            ["paired", "unpaired"],
+            horizontal=True,
+            key="demo_mode",
+            format_func={
+                "paired": "paired: plain harmful goal (refused) vs the same goal jailbroken",
+                "unpaired": "unpaired: benign requests vs harmful requests",
+            }.get,
         )
         safe, unsafe = _demo(demo_mode, 0)
-        st.caption(f"{len(safe)} safe and {len(unsafe)} unsafe prompts (our own synthetic text, train split).")
+        st.caption(
+            f"{len(safe)} safe and {len(unsafe)} unsafe prompts (our own synthetic text, train split)."
+        )
     else:
         c1, c2 = st.columns(2, gap="large")
         with c1:
@@ -223,8 +283,14 @@ with st.container(border=True):
     ready = bool(safe) and bool(unsafe)
     if st.button("Compose batches", type="primary", disabled=not ready, icon=":material/view_module:"):
         with ui.guard("Cannot compose: "):
-            plan = bp.compose_batches(safe or [], unsafe or [], batch_size=batch_size, safe_ratio=safe_ratio,
-                                      seed=seed, shuffle=shuffle)
+            plan = bp.compose_batches(
+                safe or [],
+                unsafe or [],
+                batch_size=batch_size,
+                safe_ratio=safe_ratio,
+                seed=seed,
+                shuffle=shuffle,
+            )
             plan.meta["composed_from"] = current_source
             _store(plan, f"Composed {len(plan)} batches of {batch_size}.")
     if not ready:
@@ -242,8 +308,11 @@ with st.container(border=True):
     st.subheader("3. Batches")
     composed_from = plan.meta.get("composed_from")
     if composed_from and composed_from != current_source:
-        st.warning(f"These batches were composed from {composed_from}; the prompt sets above are now "
-                   f"{current_source}. Press **Compose batches** to replace them.", icon=":material/history:")
+        st.warning(
+            f"These batches were composed from {composed_from}; the prompt sets above are now "
+            f"{current_source}. Press **Compose batches** to replace them.",
+            icon=":material/history:",
+        )
     m = st.columns(4)
     m[0].metric("Batches", len(plan))
     m[1].metric("Items", plan.num_items)
@@ -259,13 +328,20 @@ with st.container(border=True):
     if len(issues) > 20:
         st.caption(f"... and {len(issues) - 20} more findings")
     if not issues:
-        st.success("The plan is valid: every batch holds both labels in the intended ratio.", icon=":material/check:")
+        st.success(
+            "The plan is valid: every batch holds both labels in the intended ratio.", icon=":material/check:"
+        )
 
     frame = plan.to_frame()
-    overview = frame.groupby("batch_idx").agg(
-        safe=("label", lambda s: int((s == "safe").sum())), unsafe=("label", lambda s: int((s == "unsafe").sum())),
-        size=("label", "size"),
-    ).reset_index()
+    overview = (
+        frame.groupby("batch_idx")
+        .agg(
+            safe=("label", lambda s: int((s == "safe").sum())),
+            unsafe=("label", lambda s: int((s == "unsafe").sum())),
+            size=("label", "size"),
+        )
+        .reset_index()
+    )
     flagged = {i.batch_idx for i in issues if i.batch_idx is not None}
     overview["issues"] = overview["batch_idx"].map(lambda b: "yes" if b in flagged else "")
     in_plan = set(frame["id"])
@@ -273,31 +349,55 @@ with st.container(border=True):
     t1, t2, t3 = st.tabs(["One batch", "Overview of all batches", f"Unused prompts ({len(unused_items)})"])
     with t3:
         if unused_items:
-            st.caption("Loaded but in no batch (the batches are full or the ratio left them out); pick one in "
-                       "**Replace** or **Add** below to use it.")
-            st.dataframe([{"id": it.id, "label": it.label, "text": it.text} for it in unused_items], hide_index=True,
-                         width="stretch", key="unused_table")
+            st.caption(
+                "Loaded but in no batch (the batches are full or the ratio left them out); pick one in "
+                "**Replace** or **Add** below to use it."
+            )
+            st.dataframe(
+                [{"id": it.id, "label": it.label, "text": it.text} for it in unused_items],
+                hide_index=True,
+                width="stretch",
+                key="unused_table",
+            )
         else:
-            st.caption("Every loaded prompt is in a batch." if (safe or unsafe) else
-                       "Load the prompt sets above to see which of them are not in a batch.")
+            st.caption(
+                "Every loaded prompt is in a batch."
+                if (safe or unsafe)
+                else "Load the prompt sets above to see which of them are not in a batch."
+            )
     with t1:
         b = st.selectbox("Batch", plan.batch_indices, key="view_batch")
         rows = frame[frame["batch_idx"] == b][["in_batch_idx", "label", "id", "text", "category"]]
-        st.dataframe(rows, hide_index=True, width="stretch", column_config={
-            "text": st.column_config.TextColumn("text", width="large"),
-            "label": st.column_config.TextColumn("label", width="small"),
-        })
+        st.dataframe(
+            rows,
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "text": st.column_config.TextColumn("text", width="large"),
+                "label": st.column_config.TextColumn("label", width="small"),
+            },
+        )
     with t2:
         st.caption("Select a batch (the box at the start of its row) to see its prompts.")
-        picked = st.dataframe(overview, hide_index=True, width="stretch", key="overview_table", on_select="rerun",
-                              selection_mode="single-row")
+        picked = st.dataframe(
+            overview,
+            hide_index=True,
+            width="stretch",
+            key="overview_table",
+            on_select="rerun",
+            selection_mode="single-row",
+        )
         rows_sel = [r for r in (picked.selection.rows if picked is not None else []) if r < len(overview)]
         if rows_sel:  # (a selection kept from a longer plan composed before is ignored)
             sel_b = int(overview.iloc[rows_sel[0]]["batch_idx"])
             st.markdown(f"**Prompts of batch {sel_b}**")
-            st.dataframe(frame[frame["batch_idx"] == sel_b][["in_batch_idx", "label", "id", "text"]], hide_index=True,
-                         width="stretch", key="overview_batch", column_config={
-                             "text": st.column_config.TextColumn("text", width="large")})
+            st.dataframe(
+                frame[frame["batch_idx"] == sel_b][["in_batch_idx", "label", "id", "text"]],
+                hide_index=True,
+                width="stretch",
+                key="overview_batch",
+                column_config={"text": st.column_config.TextColumn("text", width="large")},
+            )
 
 # -- 4. hand-pick ----------------------------------------------------------------------------------
 ids = frame["id"].tolist()
@@ -323,8 +423,13 @@ with st.container(border=True):
         a = st.selectbox("Item A", ids, format_func=_fmt, key="sw_a")
         label_a = label_of.get(a)
         same = [i for i in ids if label_of.get(i) == label_a and i != a]
-        b2 = st.selectbox(f"Item B (also {label_a})", same, format_func=_fmt, key="sw_b",
-                          placeholder=f"no other {label_a} item")
+        b2 = st.selectbox(
+            f"Item B (also {label_a})",
+            same,
+            format_func=_fmt,
+            key="sw_b",
+            placeholder=f"no other {label_a} item",
+        )
         if st.button("Swap", key="sw_go", disabled=b2 is None):
             with ui.guard():
                 _store(swap(plan, a, b2), f"Swapped {a} and {b2}.")
@@ -333,8 +438,12 @@ with st.container(border=True):
         label_r = label_of.get(item)
         spare = {it.id: it for it in unused_items if it.label == label_r}
         NEW = "(type a new prompt)"
-        choice = st.selectbox(f"Replace it with an unused {label_r} prompt", [*spare, NEW], key="rp_with",
-                              format_func=lambda i: i if i == NEW else f"{i}: {spare[i].text[:80]}")
+        choice = st.selectbox(
+            f"Replace it with an unused {label_r} prompt",
+            [*spare, NEW],
+            key="rp_with",
+            format_func=lambda i: i if i == NEW else f"{i}: {spare[i].text[:80]}",
+        )
         new_text = st.text_area("New prompt text", key="rp_text", height=80) if choice == NEW else ""
         if st.button("Replace", key="rp_go"):
             with ui.guard():
@@ -352,7 +461,9 @@ with st.container(border=True):
         new_text = st.text_area("Prompt text", key="ad_text", height=80)
         if st.button("Add", key="ad_go"):
             with ui.guard():
-                _store(add(plan, int(to), _new_item(new_text, label)), f"Added a {label} prompt to batch {to}.")
+                _store(
+                    add(plan, int(to), _new_item(new_text, label)), f"Added a {label} prompt to batch {to}."
+                )
     if UNDO.is_file() and st.button("Undo last edit", icon=":material/undo:"):
         atomic_write_bytes(DRAFT, UNDO.read_bytes())
         UNDO.unlink()
@@ -378,7 +489,9 @@ with st.container(border=True):
                 )
             found = check(plan)
             save_plan(SAVED, plan)
-            ui.flash(f"Saved the plan ({len(plan)} batches, {len(found)} warnings) to {SAVED.name}. "
-                     "Next: Analysis.")
+            ui.flash(
+                f"Saved the plan ({len(plan)} batches, {len(found)} warnings) to {SAVED.name}. "
+                "Next: Analysis."
+            )
             st.rerun()
     ui.link("analysis", "Go to Analysis", ":material/arrow_forward:")

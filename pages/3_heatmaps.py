@@ -19,10 +19,12 @@ from moe_core.model.routing import SCOPES, load_batch_routing
 
 ui.setup("Heatmaps")
 st.title("Heatmaps")
-st.caption("Risk difference = activation rate on unsafe tokens − rate on safe tokens, per (layer, expert). "
-           "**Safe** = the model refused; **unsafe** = it complied. "
-           "Red: the expert fires more when the model complies; blue: more when it refuses. "
-           "Click a cell to see that expert's tokens below.")
+st.caption(
+    "Risk difference = activation rate on unsafe tokens − rate on safe tokens, per (layer, expert). "
+    "**Safe** = the model refused; **unsafe** = it complied. "
+    "Red: the expert fires more when the model complies; blue: more when it refuses. "
+    "Click a cell to see that expert's tokens below."
+)
 run = ui.require_run("the heatmaps")
 # a link from another page (Experts, Present) may name the expert and batch to show
 _asked = {k: ui.take_param(k) for k in ("layer", "expert", "batch")}
@@ -36,9 +38,18 @@ batch_ids, tensor = ui.risk_tensor(run, n_layers, n_experts)
 zmax = float(np.nanmax(np.abs(tensor))) if np.isfinite(tensor).any() else 1.0
 agg_m = risk_matrix(agg, "risk_diff", n_layers, n_experts)
 
-view = st.segmented_control("View", ["batch", "aggregated", "consistency"], default="batch", required=True,
-                            key="hm_view", format_func={"batch": "Per batch", "aggregated": "Aggregated (mean)",
-                                                        "consistency": "Sign consistency"}.get)
+view = st.segmented_control(
+    "View",
+    ["batch", "aggregated", "consistency"],
+    default="batch",
+    required=True,
+    key="hm_view",
+    format_func={
+        "batch": "Per batch",
+        "aggregated": "Aggregated (mean)",
+        "consistency": "Sign consistency",
+    }.get,
+)
 if len(batch_ids) > 1:
     _wanted = _asked["batch"] if _asked["batch"] is not None else st.session_state.pop("hm_bar_batch", None)
     if _wanted in {int(b) for b in batch_ids}:  # a link, or a click on a bar of the drill-down
@@ -51,11 +62,18 @@ pos = int(np.searchsorted(batch_ids, batch))
 if view == "batch":
     fig = charts.risk_heatmap(tensor[pos], title=f"Batch {batch}: risk difference", zmax=zmax, clickable=True)
 elif view == "aggregated":
-    fig = charts.risk_heatmap(agg_m, title=f"Mean risk difference over {len(batch_ids)} batches", clickable=True)
+    fig = charts.risk_heatmap(
+        agg_m, title=f"Mean risk difference over {len(batch_ids)} batches", clickable=True
+    )
 else:
     fig = charts.consistency_heatmap(agg, n_layers, n_experts, clickable=True)
-event = st.plotly_chart(fig, key=f"hm_chart_{view}", on_select="rerun", selection_mode=("points", "box"),
-                        config={"displaylogo": False, **ui.PLOT_EXPORT})
+event = st.plotly_chart(
+    fig,
+    key=f"hm_chart_{view}",
+    on_select="rerun",
+    selection_mode=("points", "box"),
+    config={"displaylogo": False, **ui.PLOT_EXPORT},
+)
 
 # a click on a cell picks the drill-down expert (once per click; the boxes below can change it after)
 clicked = ui.clicked_cell(event, "hm_last_click")
@@ -74,11 +92,18 @@ expert = c2.selectbox("Expert", list(range(n_experts)), key="dd_expert")
 row = agg[(agg["layer"] == layer) & (agg["expert"] == expert)]
 if not row.empty:
     r = row.iloc[0]
-    c3.markdown(f"mean risk diff **{r['risk_diff']:+.3f}** ± {r['risk_diff_std']:.3f} · sign consistency "
-                f"**{r['sign_consistency']:.2f}** over {int(r['n_batches'])} batches · rank "
-                f"{int(row.index[0]) + 1} of {len(agg)}")
-bars = st.plotly_chart(charts.expert_across_batches(batch_ids, tensor[:, layer, expert], layer, expert, current=batch),
-                       key="hm_bars", on_select="rerun", selection_mode="points", config=ui.PLOT_EXPORT)
+    c3.markdown(
+        f"mean risk diff **{r['risk_diff']:+.3f}** ± {r['risk_diff_std']:.3f} · sign consistency "
+        f"**{r['sign_consistency']:.2f}** over {int(r['n_batches'])} batches · rank "
+        f"{int(row.index[0]) + 1} of {len(agg)}"
+    )
+bars = st.plotly_chart(
+    charts.expert_across_batches(batch_ids, tensor[:, layer, expert], layer, expert, current=batch),
+    key="hm_bars",
+    on_select="rerun",
+    selection_mode="points",
+    config=ui.PLOT_EXPORT,
+)
 if len(batch_ids) > 1:
     st.caption("Click a bar to see that batch's prompts and tokens below.")
 _bar = ui.clicked_point(bars, "hm_last_bar", ("x",))
@@ -87,8 +112,10 @@ if _bar is not None and _bar[0] != batch and len(batch_ids) > 1:
     st.rerun()
 
 # -- tokens routed to the expert in this batch ----------------------------------------------------
-st.markdown(f"**Tokens of batch {batch} routed to layer {layer}, expert {expert}** "
-            "(highlight strength = gate weight; grey = outside the analysed scope)")
+st.markdown(
+    f"**Tokens of batch {batch} routed to layer {layer}, expert {expert}** "
+    "(highlight strength = gate weight; grey = outside the analysed scope)"
+)
 outputs = routing = None
 with ui.guard("This batch's records cannot be read: "):
     outputs = ui.read_json_cached(run.path_for("outputs", batch_idx=batch))
@@ -111,30 +138,45 @@ except MoELabError as e:  # the model's tokenizer cannot be loaded: token ids st
 except Exception as e:  # noqa: BLE001 - a bug: reported (traceback logged), the page goes on with ids
     ui.report_error(e)
 
-show_prompt = st.toggle("Show prompt tokens too", value=cfg is not None and cfg.scope == "prompt", key="dd_prompt")
+show_prompt = st.toggle(
+    "Show prompt tokens too", value=cfg is not None and cfg.scope == "prompt", key="dd_prompt"
+)
 plan = ui.load_plan_cached(run.path_for("plan"))
 paired = bool(plan is not None and plan.paired)
 SIDES = {  # what "safe" and "unsafe" mean here, in words an audience follows
-    "safe": ("Safe side: plain harmful requests, refused" if paired else "Safe side: the model refused (or answered a benign request)",
-             "In paired mode the safe side holds the plain harmful request: it is *safe* because the model refused it."
-             if paired else "The model behaved safely on these prompts."),
-    "unsafe": ("Unsafe side: the same requests jailbroken, complied with" if paired else "Unsafe side: the model complied",
-               "The same request wrapped in a jailbreak: *unsafe* because the model complied."
-               if paired else "The model complied with these harmful prompts."),
+    "safe": (
+        "Safe side: plain harmful requests, refused"
+        if paired
+        else "Safe side: the model refused (or answered a benign request)",
+        "In paired mode the safe side holds the plain harmful request: it is *safe* because the model refused it."
+        if paired
+        else "The model behaved safely on these prompts.",
+    ),
+    "unsafe": (
+        "Unsafe side: the same requests jailbroken, complied with"
+        if paired
+        else "Unsafe side: the model complied",
+        "The same request wrapped in a jailbreak: *unsafe* because the model complied."
+        if paired
+        else "The model complied with these harmful prompts.",
+    ),
 }
 
 
 def sample_view(s: dict, rec) -> None:
     keep = np.ones(rec.num_tokens, dtype=bool) if show_prompt else rec.spans != 0
     ids = rec.token_ids[keep]
-    routed, weight = charts.routed_tokens(rec.expert_ids[:, keep], None if rec.weights is None else rec.weights[:, keep],
-                                          lrow, expert)
+    routed, weight = charts.routed_tokens(
+        rec.expert_ids[:, keep], None if rec.weights is None else rec.weights[:, keep], lrow, expert
+    )
     tokens = tok.batch_decode([[int(i)] for i in ids]) if tok is not None else [f"[{int(i)}]" for i in ids]
     n_scope = int((rec.spans[keep] == scope_code).sum())
     verdict = ":blue-badge[refused]" if s.get("refusal") else ":orange-badge[complied]"
     kept = "" if s.get("kept", True) else " · filtered out"
-    st.markdown(f"{verdict} #{s['in_batch_idx']}{kept} · {int(routed[rec.spans[keep] == scope_code].sum())}"
-                f"/{n_scope} answer tokens routed to this expert")
+    st.markdown(
+        f"{verdict} #{s['in_batch_idx']}{kept} · {int(routed[rec.spans[keep] == scope_code].sum())}"
+        f"/{n_scope} answer tokens routed to this expert"
+    )
     st.caption(f"Prompt: “{ui.md_escape(str(s['prompt'])[:160])}”")
     st.html(charts.highlight_tokens_html(tokens, routed, weight, rec.spans[keep] == scope_code))
 

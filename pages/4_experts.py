@@ -24,8 +24,10 @@ from moe_core.store.checks import check_free
 
 ui.setup("Experts")
 st.title("Experts")
-st.caption("Pick the experts to fine-tune from the risk table; the result is an expert mask "
-           "(a small readable JSON of {layer: [experts]}) saved in the run.")
+st.caption(
+    "Pick the experts to fine-tune from the risk table; the result is an expert mask "
+    "(a small readable JSON of {layer: [experts]}) saved in the run."
+)
 ui.show_flash()
 run = ui.require_run("expert selection")
 agg, per_batch = ui.risk_tables_or_stop(run)
@@ -33,19 +35,40 @@ n_layers, n_experts = ui.grid_shape(run, agg)
 TOGGLES = f"ex_toggles::{run.id}"  # session_state: this run's hand-toggled experts as "layer:expert" strings
 
 PARAMS = {  # which settings each method uses (only those are shown)
-    "top_n": ("n",), "threshold": ("threshold",), "per_layer": ("k",), "top_p": ("top_p",), "random": ("n", "seed"),
+    "top_n": ("n",),
+    "threshold": ("threshold",),
+    "per_layer": ("k",),
+    "top_p": ("top_p",),
+    "random": ("n", "seed"),
 }
-TOGGLES_PB = f"ex_toggles_pb::{run.id}"  # session_state: per-batch hand toggles {batch: ["layer:expert", ...]}
+TOGGLES_PB = (
+    f"ex_toggles_pb::{run.id}"  # session_state: per-batch hand toggles {batch: ["layer:expert", ...]}
+)
 
 # -- rule ------------------------------------------------------------------------------------
 with st.container(border=True):
     st.subheader("Selection rule")
     c1, c2, c3 = st.columns(3)
-    scope = c1.segmented_control("Masks", ["global", "per_batch"], default="global", required=True, key="ex_scope",
-                                 format_func={"global": "One global mask", "per_batch": "One mask per batch"}.get)
-    method = c2.selectbox("Method", METHODS, key="ex_method", format_func={
-        "top_n": "top-N", "threshold": "threshold", "per_layer": "per-layer top-k", "top_p": "top-p (ESFT)",
-        "random": "random baseline"}.get)
+    scope = c1.segmented_control(
+        "Masks",
+        ["global", "per_batch"],
+        default="global",
+        required=True,
+        key="ex_scope",
+        format_func={"global": "One global mask", "per_batch": "One mask per batch"}.get,
+    )
+    method = c2.selectbox(
+        "Method",
+        METHODS,
+        key="ex_method",
+        format_func={
+            "top_n": "top-N",
+            "threshold": "threshold",
+            "per_layer": "per-layer top-k",
+            "top_p": "top-p (ESFT)",
+            "random": "random baseline",
+        }.get,
+    )
     d = SelectSpec()  # the defaults, defined once in moe_core.pipeline
     score = "risk_diff"
     if method != "random":
@@ -53,28 +76,54 @@ with st.container(border=True):
         score = c3.selectbox("Rank by", scores if scope == "global" else ["risk_diff"], key="ex_score")
     shown = PARAMS.get(method, ())
     cols = iter(st.columns(3))
-    n, threshold, k, top_p, seed = (min(d.n, n_layers * n_experts), d.threshold, min(d.per_layer_k, n_experts),
-                                    d.top_p, d.seed)
+    n, threshold, k, top_p, seed = (
+        min(d.n, n_layers * n_experts),
+        d.threshold,
+        min(d.per_layer_k, n_experts),
+        d.top_p,
+        d.seed,
+    )
     if "n" in shown:
         n = int(next(cols).number_input("How many experts (N)", 1, n_layers * n_experts, n, key="ex_n"))
     if "threshold" in shown:
-        threshold = float(next(cols).number_input("Keep experts whose score is above", -1.0, 1000.0, threshold, 0.01,
-                                                  key="ex_thr"))
+        threshold = float(
+            next(cols).number_input(
+                "Keep experts whose score is above", -1.0, 1000.0, threshold, 0.01, key="ex_thr"
+            )
+        )
     if "k" in shown:
         k = int(next(cols).number_input("Experts per layer", 1, n_experts, k, key="ex_k"))
     if "top_p" in shown:
-        top_p = float(next(cols).slider("Share of the total positive score to cover (top-p)", 0.05, 1.0, top_p, 0.05,
-                                        key="ex_top_p"))
+        top_p = float(
+            next(cols).slider(
+                "Share of the total positive score to cover (top-p)", 0.05, 1.0, top_p, 0.05, key="ex_top_p"
+            )
+        )
     if "seed" in shown:
         seed = int(next(cols).number_input("Seed of the random draw", 0, 2**31 - 1, seed, key="ex_seed"))
     min_cons = 0.0
     if scope == "global" and method != "random":
-        min_cons = next(cols).slider("Min sign consistency (0 = off)", 0.0, 1.0, d.min_sign_consistency or 0.0, 0.05,
-                                     key="ex_cons", help="keep only experts whose risk difference has the same sign "
-                                                         "in at least this share of batches")
+        min_cons = next(cols).slider(
+            "Min sign consistency (0 = off)",
+            0.0,
+            1.0,
+            d.min_sign_consistency or 0.0,
+            0.05,
+            key="ex_cons",
+            help="keep only experts whose risk difference has the same sign "
+            "in at least this share of batches",
+        )
 
-cfg = SelectionConfig(method=method, n=n, threshold=threshold, per_layer_k=k, top_p=top_p, seed=seed,
-                      min_sign_consistency=min_cons if (min_cons > 0 and scope == "global") else None, score=score)
+cfg = SelectionConfig(
+    method=method,
+    n=n,
+    threshold=threshold,
+    per_layer_k=k,
+    top_p=top_p,
+    seed=seed,
+    min_sign_consistency=min_cons if (min_cons > 0 and scope == "global") else None,
+    score=score,
+)
 toggles: list[str] = st.session_state.setdefault(TOGGLES, [])
 pb_toggles: dict[int, list[str]] = st.session_state.setdefault(TOGGLES_PB, {})
 
@@ -94,10 +143,14 @@ with ui.guard("Nothing to save: "):
     if scope == "global":
         mask = _apply(select_experts(agg, cfg, n_layers, n_experts), toggles)
         if mask.count() == 0:
-            raise ValueError("every selected expert was toggled off by hand: toggle one back on or change the rule")
+            raise ValueError(
+                "every selected expert was toggled off by hand: toggle one back on or change the rule"
+            )
     else:
-        batch_masks = {b: _apply(m, pb_toggles.get(int(b), [])) for b, m in
-                       select_per_batch(per_batch, cfg, n_layers, n_experts).items()}
+        batch_masks = {
+            b: _apply(m, pb_toggles.get(int(b), []))
+            for b, m in select_per_batch(per_batch, cfg, n_layers, n_experts).items()
+        }
 
 # -- result ------------------------------------------------------------------------------------
 agg_m = risk_matrix(agg, "risk_diff", n_layers, n_experts)
@@ -105,22 +158,59 @@ event = None
 if mask is not None:
     chosen = mask.experts()
     event = st.plotly_chart(
-        charts.risk_heatmap(agg_m, title=f"{len(chosen)} chosen experts (squares) on the mean risk difference",
-                            marked=chosen, clickable=True),
-        key="ex_heat", on_select="rerun", selection_mode="points")
-    sel = (pd.DataFrame(chosen, columns=["layer", "expert"]).merge(agg, on=["layer", "expert"], how="left")
-           .sort_values("risk_diff", ascending=False, kind="stable"))
-    cols = [c for c in ("Layer_Expert", "layer", "expert", "risk_diff", "sign_consistency", "t_score") if c in sel.columns]
-    st.dataframe(sel[cols], hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("risk_diff", "sign_consistency", "t_score")})
+        charts.risk_heatmap(
+            agg_m,
+            title=f"{len(chosen)} chosen experts (squares) on the mean risk difference",
+            marked=chosen,
+            clickable=True,
+        ),
+        key="ex_heat",
+        on_select="rerun",
+        selection_mode="points",
+    )
+    sel = (
+        pd.DataFrame(chosen, columns=["layer", "expert"])
+        .merge(agg, on=["layer", "expert"], how="left")
+        .sort_values("risk_diff", ascending=False, kind="stable")
+    )
+    cols = [
+        c
+        for c in ("Layer_Expert", "layer", "expert", "risk_diff", "sign_consistency", "t_score")
+        if c in sel.columns
+    ]
+    st.dataframe(
+        sel[cols],
+        hide_index=True,
+        width="stretch",
+        column_config={
+            c: st.column_config.NumberColumn(format="%.3f")
+            for c in ("risk_diff", "sign_consistency", "t_score")
+        },
+    )
 elif batch_masks is not None:
     counts = np.sum([m.mask for m in batch_masks.values()], axis=0)
-    event = st.plotly_chart(charts.count_heatmap(counts, f"How many of {len(batch_masks)} per-batch masks choose each expert",
-                                                 clickable=True),
-                            key="ex_counts", on_select="rerun", selection_mode="points")
-    st.dataframe(pd.DataFrame([{"batch_idx": b, "experts": m.count(),
-                                "chosen": ", ".join(f"L{l}E{e}" for l, e in m.experts())} for b, m in batch_masks.items()]),
-                 hide_index=True, width="stretch")
+    event = st.plotly_chart(
+        charts.count_heatmap(
+            counts, f"How many of {len(batch_masks)} per-batch masks choose each expert", clickable=True
+        ),
+        key="ex_counts",
+        on_select="rerun",
+        selection_mode="points",
+    )
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "batch_idx": b,
+                    "experts": m.count(),
+                    "chosen": ", ".join(f"L{l}E{e}" for l, e in m.experts()),
+                }
+                for b, m in batch_masks.items()
+            ]
+        ),
+        hide_index=True,
+        width="stretch",
+    )
 
 # a click on a cell picks that expert for the hand edit below and links to its tokens
 clicked = ui.clicked_cell(event, "ex_last_click")
@@ -128,8 +218,10 @@ if clicked is not None:
     st.session_state["ex_t_layer"], st.session_state["ex_t_expert"] = clicked
 
 # -- hand edits --------------------------------------------------------------------------------------
-with st.expander("Toggle single experts by hand" + ("" if scope == "global" else " (in one batch's mask)"),
-                 expanded=bool(toggles if scope == "global" else any(pb_toggles.values())) or clicked is not None):
+with st.expander(
+    "Toggle single experts by hand" + ("" if scope == "global" else " (in one batch's mask)"),
+    expanded=bool(toggles if scope == "global" else any(pb_toggles.values())) or clicked is not None,
+):
     st.caption("Click a cell of the heatmap to pick its expert here.")
     c0, c1, c2, c3, c4 = st.columns([1, 1, 1, 1, 1], vertical_alignment="bottom")
     tb = None
@@ -156,10 +248,16 @@ with st.expander("Toggle single experts by hand" + ("" if scope == "global" else
             st.session_state[TOGGLES_PB] = {**pb_toggles, tb: []}
         st.rerun()
     if current:
-        st.caption(("Toggled by hand: " if tb is None else f"Toggled by hand in batch {tb}: ")
-                   + ", ".join(f"L{t.split(':')[0]}E{t.split(':')[1]}" for t in current))
-    ui.link("heatmaps", f"See the tokens of layer {tl}, expert {te}", ":material/manage_search:",
-            extra={"layer": tl, "expert": te, **({"batch": tb} if tb is not None else {})})
+        st.caption(
+            ("Toggled by hand: " if tb is None else f"Toggled by hand in batch {tb}: ")
+            + ", ".join(f"L{t.split(':')[0]}E{t.split(':')[1]}" for t in current)
+        )
+    ui.link(
+        "heatmaps",
+        f"See the tokens of layer {tl}, expert {te}",
+        ":material/manage_search:",
+        extra={"layer": tl, "expert": te, **({"batch": tb} if tb is not None else {})},
+    )
 
 # -- save ---------------------------------------------------------------------------------------------
 if mask is not None or batch_masks is not None:
@@ -170,18 +268,25 @@ if mask is not None or batch_masks is not None:
             default = "random_experts" if scope == "global" else "random_experts_per_batch"
         c1, c2 = st.columns([2, 1])
         name = c1.text_input("Mask name", default, key=f"ex_name_{scope}_{method == 'random'}")
-        also_random = c2.checkbox("Also save a random baseline of the same size", key="ex_also_random",
-                                  disabled=mask is None or method == "random")
+        also_random = c2.checkbox(
+            "Also save a random baseline of the same size",
+            key="ex_also_random",
+            disabled=mask is None or method == "random",
+        )
         replace = False  # no silent overwrite: an existing mask is replaced only when the user ticks this
         with ui.guard():
             if run.path_for("mask", name=name.strip()).exists():
-                replace = st.checkbox(f"A mask named {name.strip()!r} exists: overwrite it?", key="ex_replace")
+                replace = st.checkbox(
+                    f"A mask named {name.strip()!r} exists: overwrite it?", key="ex_replace"
+                )
         if st.button("Save mask", type="primary", icon=":material/save:"):
             with ui.guard("Not saved: "):
                 path = run.path_for("mask", name=name.strip())
                 check_free(path, f"mask {name.strip()!r}", replace)
                 if mask is not None and also_random:
-                    check_free(run.path_for("mask", name=f"{name.strip()}_random"), "its random baseline", replace)
+                    check_free(
+                        run.path_for("mask", name=f"{name.strip()}_random"), "its random baseline", replace
+                    )
                 if mask is not None:
                     mask.save(path)
                     msg = f"Saved {mask.count()} experts as {path.name}"
@@ -196,14 +301,24 @@ if mask is not None or batch_masks is not None:
                 ui.flash(msg + ". Next: Training.")
                 st.rerun()
         if mask is not None:
-            st.download_button("Download mask JSON", json.dumps(mask.to_json_dict(), indent=2), file_name=f"{name}.json",
-                               mime="application/json", icon=":material/download:")
+            st.download_button(
+                "Download mask JSON",
+                json.dumps(mask.to_json_dict(), indent=2),
+                file_name=f"{name}.json",
+                mime="application/json",
+                icon=":material/download:",
+            )
         else:
             with ui.guard():
                 saved_path = run.path_for("mask", name=name.strip())
                 if saved_path.is_file():
-                    st.download_button("Download saved per-batch masks", saved_path.read_bytes(), file_name=f"{name}.json",
-                                       mime="application/json", icon=":material/download:")
+                    st.download_button(
+                        "Download saved per-batch masks",
+                        saved_path.read_bytes(),
+                        file_name=f"{name}.json",
+                        mime="application/json",
+                        icon=":material/download:",
+                    )
         saved = ui.mask_names(run)
         if saved:
             st.caption("Masks in this run: " + ", ".join(saved))

@@ -17,14 +17,24 @@ from moe_core.store.jobs import job_events, loss_points, read_job
 from moe_core.train.step import stage_of
 
 JOB = "train"
-BASELINES = {"experts": "chosen experts only", "full": "full fine-tuning (baseline)",
-             "random_experts": "as many random experts (baseline)"}
-CONSISTENCY = {"none": "none", "forward": "KL(safe || unsafe)", "reverse": "KL(unsafe || safe)", "symmetric": "symmetric KL"}
+BASELINES = {
+    "experts": "chosen experts only",
+    "full": "full fine-tuning (baseline)",
+    "random_experts": "as many random experts (baseline)",
+}
+CONSISTENCY = {
+    "none": "none",
+    "forward": "KL(safe || unsafe)",
+    "reverse": "KL(unsafe || safe)",
+    "symmetric": "symmetric KL",
+}
 
 ui.setup("Training")
 st.title("Training")
-st.caption("Each training step is exactly one analysis batch (same items, same order); only the chosen experts' "
-           "rows get gradients and optimizer state.")
+st.caption(
+    "Each training step is exactly one analysis batch (same items, same order); only the chosen experts' "
+    "rows get gradients and optimizer state."
+)
 ui.show_flash()
 run = ui.require_run("training")
 masks = ui.mask_names(run)
@@ -43,35 +53,75 @@ with st.container(border=True):
         d = ui.read_json_cached(run.path_for("mask", name=mask_name)) or {}
         per_batch_file = "batches" in d
     modes = ["union", "per_batch"] if per_batch_file else ["union"]
-    mask_mode = c2.selectbox("Mask mode", modes, key="tr_mode", format_func={
-        "union": "union: every chosen expert on every step", "per_batch": "per batch: each step its batch's experts"}.get,
-        help="per-batch mode needs a mask saved with 'One mask per batch'")
+    mask_mode = c2.selectbox(
+        "Mask mode",
+        modes,
+        key="tr_mode",
+        format_func={
+            "union": "union: every chosen expert on every step",
+            "per_batch": "per batch: each step its batch's experts",
+        }.get,
+        help="per-batch mode needs a mask saved with 'One mask per batch'",
+    )
     baseline = c3.selectbox("What to train", list(BASELINES), format_func=BASELINES.get, key="tr_baseline")
     c1, c2, c3, c4 = st.columns(4)
     d = TrainSpec()  # the defaults, defined once in moe_core.pipeline
     lr = float(c1.number_input("Learning rate", 1e-7, 1.0, d.lr, format="%.1e", key="tr_lr"))
     epochs = float(c2.number_input("Epochs", 0.1, 1000.0, float(d.epochs), 1.0, key="tr_epochs"))
-    rc = c3.selectbox("Router-consistency loss", list(CONSISTENCY), index=list(CONSISTENCY).index(d.router_consistency),
-                      format_func=CONSISTENCY.get, key="tr_rc")
-    rcw = float(c4.number_input("Consistency weight", 0.0, 100.0, d.router_consistency_weight, 0.05, key="tr_rcw",
-                                disabled=rc == "none"))
+    rc = c3.selectbox(
+        "Router-consistency loss",
+        list(CONSISTENCY),
+        index=list(CONSISTENCY).index(d.router_consistency),
+        format_func=CONSISTENCY.get,
+        key="tr_rc",
+    )
+    rcw = float(
+        c4.number_input(
+            "Consistency weight",
+            0.0,
+            100.0,
+            d.router_consistency_weight,
+            0.05,
+            key="tr_rcw",
+            disabled=rc == "none",
+        )
+    )
     spec = None
-    with ui.guard("Not ready: "):  # a combination the spec refuses (full fine-tuning + per-batch) is a message
-        spec = TrainSpec(monitor_batches=True, mask=mask_name or d.mask, mask_mode=mask_mode, baseline=baseline, lr=lr,
-                         epochs=epochs, router_consistency=rc, router_consistency_weight=rcw)
+    with ui.guard(
+        "Not ready: "
+    ):  # a combination the spec refuses (full fine-tuning + per-batch) is a message
+        spec = TrainSpec(
+            monitor_batches=True,
+            mask=mask_name or d.mask,
+            mask_mode=mask_mode,
+            baseline=baseline,
+            lr=lr,
+            epochs=epochs,
+            router_consistency=rc,
+            router_consistency_weight=rcw,
+        )
     out = run.path_for("train", name=spec.training_name()) if spec else None
     if out is not None and out.exists():  # no silent overwrite: replaced only when the user ticks this
         spec.overwrite = st.checkbox(f"A training named {out.name!r} exists: overwrite it?", key="tr_replace")
     elif out is not None and stage_of(out).exists():
-        st.info(f"An unfinished training {out.name!r} is in this run: starting it with the same settings resumes it "
-                "from its last checkpoint.", icon=":material/restart_alt:")
-    if st.button("Start training", type="primary", icon=":material/play_arrow:",
-                 disabled=not mask_name or info.active or spec is None):
+        st.info(
+            f"An unfinished training {out.name!r} is in this run: starting it with the same settings resumes it "
+            "from its last checkpoint.",
+            icon=":material/restart_alt:",
+        )
+    if st.button(
+        "Start training",
+        type="primary",
+        icon=":material/play_arrow:",
+        disabled=not mask_name or info.active or spec is None,
+    ):
         with ui.guard("Not started: "):
             check_free(out, f"training {out.name!r}", spec.overwrite)
             if not run.path_for("plan").exists() or not run.completed_batches():
-                raise MoELabError("this run has no analysed batches: training replays the analysis batches, "
-                                 "so run the analysis first")
+                raise MoELabError(
+                    "this run has no analysed batches: training replays the analysis batches, "
+                    "so run the analysis first"
+                )
             jobs.start_step(run.path, JOB, spec)
             ui.flash(f"Training started with mask {mask_name} ({mask_mode}, {BASELINES[baseline]}).")
             st.rerun()
@@ -112,18 +162,23 @@ def live() -> None:
     pts = loss_points(job_events(run.path, JOB))
     left, right = st.columns([3, 2])
     if pts:
-        left.plotly_chart(charts.loss_curve(pd.DataFrame(pts), title="Training loss (live)"), key="tr_live_loss")
+        left.plotly_chart(
+            charts.loss_curve(pd.DataFrame(pts), title="Training loss (live)"), key="tr_live_loss"
+        )
     monitor = live_batches(ui.load_plan_cached(run.path_for("plan")))
     with right:
         st.markdown("**Batch monitor (live)**: the analysis batch of each step")
         if len(monitor):
-            st.dataframe(monitor.iloc[::-1], hide_index=True, width="stretch", height=260, key="tr_live_monitor")
+            st.dataframe(
+                monitor.iloc[::-1], hide_index=True, width="stretch", height=260, key="tr_live_monitor"
+            )
         else:
             st.caption(f"step {cur.done} of {cur.total or '?'}: the job does not report its batches yet")
 
 
 if info.state != "none":
     live()
+
 
 def _baseline(path) -> str:
     try:
@@ -135,19 +190,32 @@ def _baseline(path) -> str:
 
 # -- results ---------------------------------------------------------------------------------------
 train_root = run.path / "train"
-outs = sorted((p for p in train_root.iterdir() if (p / "training_metadata.json").is_file()),
-              key=lambda p: p.stat().st_mtime, reverse=True) if train_root.is_dir() else []
+outs = (
+    sorted(
+        (p for p in train_root.iterdir() if (p / "training_metadata.json").is_file()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    if train_root.is_dir()
+    else []
+)
 # the chosen experts' training first (the demo also trains the random and full baselines after it)
 outs.sort(key=lambda p: 0 if p.name.startswith("experts") else 1)
 if outs:
     st.subheader("Results")
-    out = st.selectbox("Training output", outs, format_func=lambda p: f"{p.name} · {BASELINES.get(_baseline(p), _baseline(p))}",
-                       key="tr_out")
+    out = st.selectbox(
+        "Training output",
+        outs,
+        format_func=lambda p: f"{p.name} · {BASELINES.get(_baseline(p), _baseline(p))}",
+        key="tr_out",
+    )
     meta = None
     with ui.guard("The training metadata cannot be read: "):
         data = ui.read_json_cached(out / "training_metadata.json")
         if data is not None and not isinstance(data, dict):
-            raise MoELabError(f"{out / 'training_metadata.json'} is not a JSON object; delete {out.name} and train again")
+            raise MoELabError(
+                f"{out / 'training_metadata.json'} is not a JSON object; delete {out.name} and train again"
+            )
         meta = data
     if meta:
         report = meta.get("report") or {}
@@ -155,8 +223,11 @@ if outs:
         m[0].metric("Baseline", meta.get("baseline", "?"))
         m[1].metric("Mask mode", meta.get("mask_mode", "?"))
         n_exp = report.get("trained_experts")
-        m[2].metric("Trained experts", "all (full)" if meta.get("baseline") == "full" else (n_exp if n_exp is not None else "?"),
-                    help=f"optimizer state: {report.get('optimizer_state_bytes', '?')} bytes")
+        m[2].metric(
+            "Trained experts",
+            "all (full)" if meta.get("baseline") == "full" else (n_exp if n_exp is not None else "?"),
+            help=f"optimizer state: {report.get('optimizer_state_bytes', '?')} bytes",
+        )
         steps = [h for h in meta.get("loss_history") or [] if "loss" in h]
         m[3].metric("Final loss", f"{steps[-1]['loss']:.4f}" if steps else "?")
         if steps:
@@ -167,7 +238,10 @@ if outs:
             st.markdown("**Batch monitor**: the analysis batch of every training step and its composition")
             plan = ui.load_plan_cached(run.path_for("plan"))
             if plan is not None:
-                ids = {b.batch_idx: ", ".join(it.id for it in b.items[:4]) + (" ..." if b.size > 4 else "") for b in plan.batches}
+                ids = {
+                    b.batch_idx: ", ".join(it.id for it in b.items[:4]) + (" ..." if b.size > 4 else "")
+                    for b in plan.batches
+                }
                 monitor["items"] = monitor["batch_idx"].map(ids)
             st.dataframe(monitor, hide_index=True, width="stretch")
         with st.expander("Files"):

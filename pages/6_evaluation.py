@@ -35,9 +35,11 @@ STUDY_JOB = "study"
 
 ui.setup("Evaluation")
 st.title("Evaluation")
-st.caption("Held-out prompts the model never saw: jailbreak compliance (lower is better), refusal of plain harmful "
-           "requests (higher), answers to benign requests (higher), over-refusal of borderline ones (lower). "
-           "Whiskers: 95% Wilson intervals.")
+st.caption(
+    "Held-out prompts the model never saw: jailbreak compliance (lower is better), refusal of plain harmful "
+    "requests (higher), answers to benign requests (higher), over-refusal of borderline ones (lower). "
+    "Whiskers: 95% Wilson intervals."
+)
 ui.show_flash()
 run = ui.require_run("the evaluation")
 
@@ -46,29 +48,53 @@ info = read_job(run.path, JOB)
 trained = sorted(run.trainings())
 with st.container(border=True):
     st.subheader("Run an evaluation")
-    st.caption("Compares the run's base model with every finished training of this run"
-               + (f" ({', '.join(trained)})" if trained else " (none yet: only the base model will be measured)") + ".")
+    st.caption(
+        "Compares the run's base model with every finished training of this run"
+        + (f" ({', '.join(trained)})" if trained else " (none yet: only the base model will be measured)")
+        + "."
+    )
     c1, c2, c3, c4 = st.columns(4)
     masks = ui.mask_names(run)
-    steer = c1.selectbox("Also steer off the experts of", ["(no steering)", *masks], key="ev_steer",
-                         help="SteerMoE-style: the base model with these experts forced off at the router")
+    steer = c1.selectbox(
+        "Also steer off the experts of",
+        ["(no steering)", *masks],
+        key="ev_steer",
+        help="SteerMoE-style: the base model with these experts forced off at the router",
+    )
     limit = int(c2.number_input("Prompts per set (0 = all)", 0, 10_000, 0, key="ev_limit"))
     d = EvaluateSpec()  # the defaults, defined once in moe_core.pipeline
     max_new = int(c3.number_input("Max new tokens", 1, 1024, d.max_new_tokens, key="ev_max_new"))
     name = c4.text_input("Name", d.name, key="ev_name")
-    shift = st.checkbox("Also measure the routing shift of each trained model", d.shift, key="ev_shift",
-                        help="re-runs the analysis (same batches, same settings) on every trained model")
-    backend, vllm_url = ui.backend_choice("ev", d, "vllm: each saved model answers through a vLLM server from "
-                                          "./.venv-vllm (`make vllm`); steered answers always come from HF",
-                                          "vLLM server URL of the base model (optional)")
+    shift = st.checkbox(
+        "Also measure the routing shift of each trained model",
+        d.shift,
+        key="ev_shift",
+        help="re-runs the analysis (same batches, same settings) on every trained model",
+    )
+    backend, vllm_url = ui.backend_choice(
+        "ev",
+        d,
+        "vllm: each saved model answers through a vLLM server from "
+        "./.venv-vllm (`make vllm`); steered answers always come from HF",
+        "vLLM server URL of the base model (optional)",
+    )
     replace = False  # no silent overwrite: an existing evaluation is replaced only when the user ticks this
     if name.strip() in list_evaluations(run):
         replace = st.checkbox(f"An evaluation named {name.strip()!r} exists: overwrite it?", key="ev_replace")
     if st.button("Evaluate", type="primary", icon=":material/play_arrow:", disabled=info.active):
-        with ui.guard("Not started: "):  # a bad name or an existing one is refused here, before the job starts
-            spec = EvaluateSpec(name=name.strip(), max_new_tokens=max_new, eval_limit=limit or None, shift=shift,
-                                steer_mask=None if steer == "(no steering)" else steer, overwrite=replace,
-                                backend=backend, vllm_url=vllm_url)
+        with ui.guard(
+            "Not started: "
+        ):  # a bad name or an existing one is refused here, before the job starts
+            spec = EvaluateSpec(
+                name=name.strip(),
+                max_new_tokens=max_new,
+                eval_limit=limit or None,
+                shift=shift,
+                steer_mask=None if steer == "(no steering)" else steer,
+                overwrite=replace,
+                backend=backend,
+                vllm_url=vllm_url,
+            )
             check_evaluation_free(run, spec.name, replace)
             jobs.start_step(run.path, JOB, spec)
             ui.flash("Evaluation started.")
@@ -78,8 +104,10 @@ ui.job_panel(run, JOB, unit="prompts")
 # -- selection study ---------------------------------------------------------------------------
 with st.container(border=True):
     st.subheader("Selection study: do the chosen experts matter?")
-    st.caption("Chosen experts vs the same number of random ones (uniform and layer-matched), over expert budgets "
-               "and seeds, beside full fine-tuning and router steering; each trained in memory from the base model.")
+    st.caption(
+        "Chosen experts vs the same number of random ones (uniform and layer-matched), over expert budgets "
+        "and seeds, beside full fine-tuning and router steering; each trained in memory from the base model."
+    )
     study = None
     with ui.guard("The study cannot be read: "):
         study = load_study(run, StudySpec().name)
@@ -87,11 +115,21 @@ with st.container(border=True):
         figure = ui.read_json_cached(run.path_for("study", name=StudySpec().name) / "figure.json")
         if figure:
             st.plotly_chart(figure, key="ev_study_fig")
-        st.dataframe(study[1], hide_index=True, width="stretch",
-                     column_config={c: st.column_config.NumberColumn(format="%.2f") for c in study[1].columns
-                                    if c not in ("method", "n_experts", "runs", "budget")})
-    quick = st.toggle("Quick setting (1 seed, 2 budgets, 2 draws: minutes instead of about an hour)", True,
-                      key="ev_study_quick")
+        st.dataframe(
+            study[1],
+            hide_index=True,
+            width="stretch",
+            column_config={
+                c: st.column_config.NumberColumn(format="%.2f")
+                for c in study[1].columns
+                if c not in ("method", "n_experts", "runs", "budget")
+            },
+        )
+    quick = st.toggle(
+        "Quick setting (1 seed, 2 budgets, 2 draws: minutes instead of about an hour)",
+        True,
+        key="ev_study_quick",
+    )
     study_job = read_job(run.path, STUDY_JOB)
     if st.button("Run the study", icon=":material/science:", disabled=study_job.active, key="ev_study_start"):
         with ui.guard("Not started: "):
@@ -114,8 +152,11 @@ if responses is None or summary is None:
 
 headline = summary[summary["metric"].notna()]
 arrows = headline["better"].map({"lower": " (lower is better)", "higher": " (higher is better)"}).fillna("")
-st.plotly_chart(charts.metric_bars(headline.assign(metric=(headline["metric"] + arrows).map(charts.wrap_label))),
-                key="ev_bars", config=ui.PLOT_EXPORT)
+st.plotly_chart(
+    charts.metric_bars(headline.assign(metric=(headline["metric"] + arrows).map(charts.wrap_label))),
+    key="ev_bars",
+    config=ui.PLOT_EXPORT,
+)
 with ui.guard():
     st.caption("Each cell: the rate and its 95% Wilson interval [low, high] (the chart's whiskers).")
     st.dataframe(interval_table(summary), width="stretch", key="ev_table")
@@ -123,11 +164,15 @@ with ui.guard():
 st.subheader("Answers side by side")
 c1, c2 = st.columns([1, 3])
 sets = list(dict.fromkeys(responses["set"]))
-chosen_set = c1.selectbox("Set", sets, key="ev_set", index=sets.index("harmful_jailbreak") if "harmful_jailbreak" in sets else 0)
+chosen_set = c1.selectbox(
+    "Set", sets, key="ev_set", index=sets.index("harmful_jailbreak") if "harmful_jailbreak" in sets else 0
+)
 sub = responses[responses["set"] == chosen_set]
 prompts = list(dict.fromkeys(sub["id"]))
 text_of = dict(zip(sub["id"], sub["prompt"]))
-pid = c2.selectbox("Prompt", prompts, key="ev_prompt", format_func=lambda i: f"{i}: {str(text_of.get(i, ''))[:100]}")
+pid = c2.selectbox(
+    "Prompt", prompts, key="ev_prompt", format_func=lambda i: f"{i}: {str(text_of.get(i, ''))[:100]}"
+)
 st.code(text_of.get(pid, ""), language="text", wrap_lines=True)
 rows = sub[sub["id"] == pid]
 models = list(dict.fromkeys(rows["model"])) if "model" in rows.columns else ["model"]
@@ -139,13 +184,17 @@ for col, model in zip(st.columns(max(1, len(models))), models):
 
 # -- judge audit -------------------------------------------------------------------------------
 st.subheader("Audit the judge")
-st.caption("Label a sample of answers by hand; the judge's agreement with you (accuracy, precision, recall, Cohen's "
-           "kappa) and every disagreement appear below, and the metrics can be recomputed with your labels.")
+st.caption(
+    "Label a sample of answers by hand; the judge's agreement with you (accuracy, precision, recall, Cohen's "
+    "kappa) and every disagreement appear below, and the metrics can be recomputed with your labels."
+)
 labels = load_labels(run, pick)
 todo = sample_for_review(responses, n=1, labels=labels, seed=len(labels))
 if len(todo):
     item = todo.iloc[0]
-    st.markdown(f"**{item.get('model', 'model')}** · {item['set']} · judge says **{item.get('judge_label', '?')}**")
+    st.markdown(
+        f"**{item.get('model', 'model')}** · {item['set']} · judge says **{item.get('judge_label', '?')}**"
+    )
     st.code(str(item["prompt"]), language="text", wrap_lines=True)
     st.code(str(item["response"]) or "(empty)", language="text", wrap_lines=True)
     cols = st.columns(len(AUDIT_LABELS))
@@ -176,18 +225,33 @@ if len(labels):
 shifts = sorted(run.path_for("eval").glob("shift_*.parquet"))
 if shifts:
     st.subheader("Routing shift")
-    st.caption("How each expert's risk difference moved when the analysis is re-run, on the same batches, on a "
-               "trained model: delta = after − before (blue: the expert now fires less on the unsafe side).")
-    shift_path = st.selectbox("Trained model", shifts, key="ev_shift_pick", format_func=lambda p: p.stem[len("shift_"):])
+    st.caption(
+        "How each expert's risk difference moved when the analysis is re-run, on the same batches, on a "
+        "trained model: delta = after − before (blue: the expert now fires less on the unsafe side)."
+    )
+    shift_path = st.selectbox(
+        "Trained model", shifts, key="ev_shift_pick", format_func=lambda p: p.stem[len("shift_") :]
+    )
     shift = None
     with ui.guard("This routing shift cannot be read: "):
         shift = ui.read_table(shift_path)
     if shift is not None:
         n_layers, n_experts = ui.grid_shape(run, shift)
         left, right = st.columns([3, 2])
-        left.plotly_chart(charts.risk_heatmap(risk_matrix(shift, "delta", n_layers, n_experts),
-                                              title="Change of risk difference (after − before)",
-                                              colorbar_title="delta"), key="ev_shift_map")
-        right.dataframe(shift.head(15), width="stretch", hide_index=True,
-                        column_config={c: st.column_config.NumberColumn(format="%+.3f")
-                                       for c in ("risk_diff_before", "risk_diff_after", "delta")})
+        left.plotly_chart(
+            charts.risk_heatmap(
+                risk_matrix(shift, "delta", n_layers, n_experts),
+                title="Change of risk difference (after − before)",
+                colorbar_title="delta",
+            ),
+            key="ev_shift_map",
+        )
+        right.dataframe(
+            shift.head(15),
+            width="stretch",
+            hide_index=True,
+            column_config={
+                c: st.column_config.NumberColumn(format="%+.3f")
+                for c in ("risk_diff_before", "risk_diff_after", "delta")
+            },
+        )

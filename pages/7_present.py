@@ -35,12 +35,20 @@ with st.container(border=True):
     if c1.button("Export report", icon=":material/description:", type="primary", key="pr_export"):
         with ui.guard("The report was not written: "):
             path = write_report(run)
-            ui.flash(f"Wrote {path} ({path.stat().st_size // 1024} KB): one HTML file, figures interactive, opens offline.")
+            ui.flash(
+                f"Wrote {path} ({path.stat().st_size // 1024} KB): one HTML file, figures interactive, opens offline."
+            )
             st.rerun()
     report = run.path / REPORT_NAME
     if report.is_file():
-        c2.download_button("Download report.html", report.read_bytes(), file_name=f"{run.id}-report.html",
-                           mime="text/html", icon=":material/download:", key="pr_download")
+        c2.download_button(
+            "Download report.html",
+            report.read_bytes(),
+            file_name=f"{run.id}-report.html",
+            mime="text/html",
+            icon=":material/download:",
+            key="pr_download",
+        )
     ui.show_flash()
 
 step = 0
@@ -56,8 +64,10 @@ def header(title: str) -> None:
 # -- 1. the question ----------------------------------------------------------------------------
 header("The question")
 st.markdown(f"#### {QUESTION}")
-st.markdown("**Safe** = the model refused; **unsafe** = it complied. In paired mode each plain harmful request "
-            "(refused: safe) is shown beside the same request wrapped in a jailbreak (complied: unsafe).")
+st.markdown(
+    "**Safe** = the model refused; **unsafe** = it complied. In paired mode each plain harmful request "
+    "(refused: safe) is shown beside the same request wrapped in a jailbreak (complied: unsafe)."
+)
 
 # -- 2. the batches -----------------------------------------------------------------------------
 plan = ui.load_plan_cached(run.path_for("plan"))
@@ -76,14 +86,18 @@ if b0.safe and b0.unsafe:
     safe_item = b0.safe[0]
     twin = next((u for u in b0.unsafe if plan.paired and u.pair_id == safe_item.pair_id), b0.unsafe[0])
     left, right = st.columns(2, gap="large")
-    for col, item, head in ((left, safe_item, "Plain request · safe" if plan.paired else "Safe prompt"),
-                            (right, twin, "Same request, jailbroken · unsafe" if plan.paired else "Unsafe prompt")):
+    for col, item, head in (
+        (left, safe_item, "Plain request · safe" if plan.paired else "Safe prompt"),
+        (right, twin, "Same request, jailbroken · unsafe" if plan.paired else "Unsafe prompt"),
+    ):
         with col:
             st.markdown(f"##### {head}")
             st.code(item.text, language="text", wrap_lines=True)
             a = answers.get(item.id)
             if a:
-                st.markdown("The model " + (":blue-badge[refused]" if a.get("refusal") else ":orange-badge[complied]"))
+                st.markdown(
+                    "The model " + (":blue-badge[refused]" if a.get("refusal") else ":orange-badge[complied]")
+                )
                 st.code(a.get("generated_text") or "(empty)", language="text", wrap_lines=True)
 
 # -- 3. the heatmap with the chosen experts --------------------------------------------------------
@@ -95,10 +109,18 @@ header("The experts that fire when the model complies")
 n_layers, n_experts = ui.grid_shape(run, agg)
 mask = chosen_mask(run)
 marked = mask[1].experts() if mask else []
-st.plotly_chart(charts.risk_heatmap(risk_matrix(agg, "risk_diff", n_layers, n_experts), marked=marked,
-                                    title=f"Risk difference per layer × expert; squares: the {len(marked)} chosen experts"
-                                    if marked else "Risk difference per layer × expert", height=520),
-                key="pr_heat", config=ui.PLOT_EXPORT)
+st.plotly_chart(
+    charts.risk_heatmap(
+        risk_matrix(agg, "risk_diff", n_layers, n_experts),
+        marked=marked,
+        title=f"Risk difference per layer × expert; squares: the {len(marked)} chosen experts"
+        if marked
+        else "Risk difference per layer × expert",
+        height=520,
+    ),
+    key="pr_heat",
+    config=ui.PLOT_EXPORT,
+)
 st.caption("Red: fires more when the model complies (unsafe); blue: more when it refuses (safe).")
 
 # -- 4. their tokens ---------------------------------------------------------------------------------
@@ -117,18 +139,32 @@ with ui.guard("The tokens cannot be shown: "):
             lrow = routing.moe_layers.index(top[0])
             tok = ui.tokenizer_for(run.manifest.get("model") or "organism")
             samples = list(zip(outputs0["samples"], routing.samples))
-            picks = [next(((s, r) for s, r in samples if s["label"] == side), None) for side in ("safe", "unsafe")]
-            for col, pick, head in zip(st.columns(2, gap="large"), picks, ("Safe (refused)", "Unsafe (complied)")):
+            picks = [
+                next(((s, r) for s, r in samples if s["label"] == side), None) for side in ("safe", "unsafe")
+            ]
+            for col, pick, head in zip(
+                st.columns(2, gap="large"), picks, ("Safe (refused)", "Unsafe (complied)")
+            ):
                 if pick is None:
                     continue
                 s, rec = pick
                 routed, weight = charts.routed_tokens(rec.expert_ids, rec.weights, lrow, top[1])
                 with col:
                     st.markdown(f"##### {head}: {int(routed.sum())} of {rec.num_tokens} tokens routed here")
-                    st.html(charts.highlight_tokens_html(tok.batch_decode([[int(i)] for i in rec.token_ids]), routed,
-                                                         weight, rec.spans != 0))
-    ui.link("heatmaps", "Explore every expert and batch", ":material/manage_search:",
-            extra={"layer": top[0], "expert": top[1]})
+                    st.html(
+                        charts.highlight_tokens_html(
+                            tok.batch_decode([[int(i)] for i in rec.token_ids]),
+                            routed,
+                            weight,
+                            rec.spans != 0,
+                        )
+                    )
+    ui.link(
+        "heatmaps",
+        "Explore every expert and batch",
+        ":material/manage_search:",
+        extra={"layer": top[0], "expert": top[1]},
+    )
 
 # -- 5. before vs after ------------------------------------------------------------------------------
 evals = list_evaluations(run)
@@ -138,10 +174,17 @@ if evals:
     with ui.guard("The evaluation cannot be read: "):
         _, summary = load_evaluation(run, name)
         head = summary[summary["metric"].notna()]
-        arrows = head["better"].map({"lower": " (lower is better)", "higher": " (higher is better)"}).fillna("")
-        st.plotly_chart(charts.metric_bars(head.assign(metric=(head["metric"] + arrows).map(charts.wrap_label)),
-                                           title="Held-out prompts: before vs after (whiskers: 95% intervals)"),
-                        key="pr_bars", config=ui.PLOT_EXPORT)
+        arrows = (
+            head["better"].map({"lower": " (lower is better)", "higher": " (higher is better)"}).fillna("")
+        )
+        st.plotly_chart(
+            charts.metric_bars(
+                head.assign(metric=(head["metric"] + arrows).map(charts.wrap_label)),
+                title="Held-out prompts: before vs after (whiskers: 95% intervals)",
+            ),
+            key="pr_bars",
+            config=ui.PLOT_EXPORT,
+        )
         st.dataframe(interval_table(summary), width="stretch", key="pr_table")
 
 # -- 6. the selection study ------------------------------------------------------------------------------
@@ -151,4 +194,6 @@ with ui.guard("The selection study cannot be read: "):
 if study is not None:
     header("Do the chosen experts matter? Chosen vs random experts")
     figure = ui.read_json_cached(run.path_for("study", name=StudySpec().name) / "figure.json")
-    st.plotly_chart(figure if figure else charts.study_figure(study[1]), key="pr_study", config=ui.PLOT_EXPORT)
+    st.plotly_chart(
+        figure if figure else charts.study_figure(study[1]), key="pr_study", config=ui.PLOT_EXPORT
+    )

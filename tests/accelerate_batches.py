@@ -39,11 +39,25 @@ SIZES = (6, 4, 6, 5, 6)  # 5 batches on 2 ranks: the last round is padded with a
 def sft_data() -> dict:
     bl = []
     for b, n in enumerate(SIZES):
-        outs = [{"prompt": f"How do I bake bread {b} {i}?", "label": "safe", "generated_text": "Mix flour and water."}
-                for i in range(n // 2)]
-        outs += [{"prompt": f"Tell me how to pick a lock {b} {i}", "label": "unsafe"} for i in range(n - n // 2)]
-        bl.append({"batch_idx": b, "batch_outputs": outs, "safe_indices": list(range(n // 2)),
-                   "unsafe_indices": list(range(n // 2, n))})
+        outs = [
+            {
+                "prompt": f"How do I bake bread {b} {i}?",
+                "label": "safe",
+                "generated_text": "Mix flour and water.",
+            }
+            for i in range(n // 2)
+        ]
+        outs += [
+            {"prompt": f"Tell me how to pick a lock {b} {i}", "label": "unsafe"} for i in range(n - n // 2)
+        ]
+        bl.append(
+            {
+                "batch_idx": b,
+                "batch_outputs": outs,
+                "safe_indices": list(range(n // 2)),
+                "unsafe_indices": list(range(n // 2, n)),
+            }
+        )
     return {"batch_data_list": bl}
 
 
@@ -58,11 +72,22 @@ def _trainer(out: Path, union: bool, **cfg_kw) -> tuple[ExpertMaskingTrainer, di
     model = tiny_model("olmoe")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     masks = _masks()
-    cfg = ExpertMaskingConfig(**{
-        "output_dir": str(out / "ckpt"), "per_device_train_batch_size": max(SIZES), "num_train_epochs": 2,
-        "mask_mode": "union" if union else "per_batch", "learning_rate": 1e-2, "weight_decay": 0.1,
-        "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "disable_tqdm": True,
-        **cfg_kw})
+    cfg = ExpertMaskingConfig(
+        **{
+            "output_dir": str(out / "ckpt"),
+            "per_device_train_batch_size": max(SIZES),
+            "num_train_epochs": 2,
+            "mask_mode": "union" if union else "per_batch",
+            "learning_rate": 1e-2,
+            "weight_decay": 0.1,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+            "disable_tqdm": True,
+            **cfg_kw,
+        }
+    )
     if union:
         mask = masks[0]
         for m in masks.values():
@@ -72,7 +97,11 @@ def _trainer(out: Path, union: bool, **cfg_kw) -> tuple[ExpertMaskingTrainer, di
 
 
 def _expert_tensors(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))}
+    return {
+        n: p.detach().clone().contiguous()
+        for n, p in model.named_parameters()
+        if n.endswith(("gate_up_proj", "down_proj"))
+    }
 
 
 class ReplaySampler(AnalysisBatchSampler):
@@ -94,8 +123,13 @@ class ReplaySampler(AnalysisBatchSampler):
 def single_process_reference(out: Path, rank_logs: list[list[dict]]) -> dict[str, torch.Tensor]:
     """One process, the same global batches: step s accumulates rank 0's then rank 1's batch of step s."""
     sequence = [step[r]["batch_idx"] for step in zip(*rank_logs) for r in range(len(rank_logs))]
-    trainer, _ = _trainer(out, union=True, num_train_epochs=1, gradient_accumulation_steps=len(rank_logs),
-                          allow_gradient_accumulation=True)
+    trainer, _ = _trainer(
+        out,
+        union=True,
+        num_train_epochs=1,
+        gradient_accumulation_steps=len(rank_logs),
+        allow_gradient_accumulation=True,
+    )
     trainer.batch_sampler = ReplaySampler(trainer.train_dataset, sequence)
     trainer.train()
     merge_trained_experts(trainer.model)
@@ -122,10 +156,18 @@ def main(out: Path, union: bool = False) -> None:
         else:
             frozen_ok &= torch.equal(p, before[name])
     rank = trainer.args.process_index
-    (out / f"rank{rank}.json").write_text(json.dumps({
-        "rank": rank, "world_size": trainer.args.world_size, "sizes": list(SIZES),
-        "batch_log": trainer.batch_log, "rows": rows, "frozen_bit_identical": bool(frozen_ok),
-    }))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "world_size": trainer.args.world_size,
+                "sizes": list(SIZES),
+                "batch_log": trainer.batch_log,
+                "rows": rows,
+                "frozen_bit_identical": bool(frozen_ok),
+            }
+        )
+    )
     # Tear the gloo group down explicitly: left to interpreter exit, its threads can abort the
     # process ("terminate called without an active exception") after the work is done.
     trainer.accelerator.wait_for_everyone()

@@ -41,8 +41,16 @@ def save_dense_model(path: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
@@ -57,8 +65,16 @@ def compose_plan(n_batches: int, seed: int = 0):
     return replace(plan, batches=plan.batches[:n_batches])
 
 
-def build_finished_run(root: Path, model_dir: Path, n_batches: int = 3, train: bool = True,
-                       name: str = "fixture", max_new_tokens: int = 6, evaluate: bool = False, seed: int = 0) -> Run:
+def build_finished_run(
+    root: Path,
+    model_dir: Path,
+    n_batches: int = 3,
+    train: bool = True,
+    name: str = "fixture",
+    max_new_tokens: int = 6,
+    evaluate: bool = False,
+    seed: int = 0,
+) -> Run:
     """A run with plan, analysis (every batch), a saved mask; with ``train`` one expert-only training
     (merged model kept), with ``evaluate`` also a small base-vs-trained evaluation in eval/."""
     from moe_core.model.adapter import load_model
@@ -92,15 +108,30 @@ def train_fixture(run: Run, model, tok, epochs: int = 1) -> Path:
 
     name = f"experts-{MASK_NAME}"
     out = run.path_for("train", name=name)
-    batches = create_batch_structured_dataset(load_batch_data_list(run), refusal_target="I cannot help with that.")
+    batches = create_batch_structured_dataset(
+        load_batch_data_list(run), refusal_target="I cannot help with that."
+    )
     ds = create_batch_aware_dataset(batches, tok, max_length=512)
     cfg = ExpertMaskingConfig(
-        output_dir=str(out / "checkpoints"), per_device_train_batch_size=BatchPreservingSampler(ds).max_batch_size,
-        num_train_epochs=epochs, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, dataloader_num_workers=0,
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=BatchPreservingSampler(ds).max_batch_size,
+        num_train_epochs=epochs,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
     )
-    result = train_experts(model, tok, ds, ExpertMask.load(run.path_for("mask", name=MASK_NAME)), cfg, out,
-                           save_merged_model=True)
+    result = train_experts(
+        model,
+        tok,
+        ds,
+        ExpertMask.load(run.path_for("mask", name=MASK_NAME)),
+        cfg,
+        out,
+        save_merged_model=True,
+    )
     run.set_step(f"train:{name}", "done", merged=str(result.merged_path), mask=MASK_NAME, baseline="experts")
     return out
 
@@ -115,13 +146,24 @@ def evaluate_fixture(run: Run, base_dir: Path, trained_dir: Path, limit: int = 3
     )
 
     sets = default_eval_sets("heldout", limit=limit)
-    responses, summary = compare_models([EvalEntry("base", str(base_dir)), EvalEntry("experts", str(trained_dir))],
-                                        sets, max_new_tokens=4, device="cpu")
+    responses, summary = compare_models(
+        [EvalEntry("base", str(base_dir)), EvalEntry("experts", str(trained_dir))],
+        sets,
+        max_new_tokens=4,
+        device="cpu",
+    )
     save_evaluation(run, responses, summary, name="comparison")
 
 
-def build_risk_only_run(root: Path, n_batches: int = 100, num_layers: int = 16, num_experts: int = 64,
-                        top_k: int = 8, tokens: int = 400, seed: int = 0) -> Run:
+def build_risk_only_run(
+    root: Path,
+    n_batches: int = 100,
+    num_layers: int = 16,
+    num_experts: int = 64,
+    top_k: int = 8,
+    tokens: int = 400,
+    seed: int = 0,
+) -> Run:
     """A run with only risk tables, OLMoE-sized by default (100 batches x 16 layers x 64 experts).
 
     The tables come from the real ``risk.risk_table`` on random distinct top-k ids (unsafe tokens
@@ -145,6 +187,15 @@ def build_risk_only_run(root: Path, n_batches: int = 100, num_layers: int = 16, 
     tables = [risk_table(b, ids(False), ids(True), num_experts) for b in range(n_batches)]
     write_parquet(run.path_for("risk_per_batch"), pd.concat(tables, ignore_index=True))
     write_parquet(run.path_for("risk_aggregated"), aggregate_batch_risk_diffs(tables))
-    run.set_step("analysis", "done", model_info={"num_layers": num_layers, "num_experts": num_experts, "top_k": top_k,
-                                                 "moe_layers": list(range(num_layers))}, batches=n_batches)
+    run.set_step(
+        "analysis",
+        "done",
+        model_info={
+            "num_layers": num_layers,
+            "num_experts": num_experts,
+            "top_k": top_k,
+            "moe_layers": list(range(num_layers)),
+        },
+        batches=n_batches,
+    )
     return Run.open(run.path)

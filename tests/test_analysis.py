@@ -25,8 +25,28 @@ from tests.tiny import tiny_model, tiny_tokenizer
 
 
 def _items(label: str, n: int) -> list[PromptItem]:
-    words = ["bread", "sea", "lock", "bicycle", "poem", "wind", "sky", "France", "dough", "chain", "wheel", "salt"]
-    return [PromptItem(id=f"{label}-{i}", text=f"Tell me about the {words[i % len(words)]} number {i} ({label})", label=label) for i in range(n)]  # type: ignore[arg-type]
+    words = [
+        "bread",
+        "sea",
+        "lock",
+        "bicycle",
+        "poem",
+        "wind",
+        "sky",
+        "France",
+        "dough",
+        "chain",
+        "wheel",
+        "salt",
+    ]
+    return [
+        PromptItem(
+            id=f"{label}-{i}",
+            text=f"Tell me about the {words[i % len(words)]} number {i} ({label})",
+            label=label,
+        )
+        for i in range(n)
+    ]  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +69,10 @@ def test_run_analysis_writes_every_artifact(tmp_path, tiny, plan):
         out = json.loads(run.path_for("outputs", batch_idx=b).read_text())
         assert [s["label"] for s in out["samples"]] == ["safe", "safe", "unsafe", "unsafe"]
         # a generated token is routed when fed back: all of an answer cut at EOS, all but the last otherwise
-        assert all(s["n_generated_tokens"] - 1 <= s["n_scope_tokens"] <= s["n_generated_tokens"] for s in out["samples"])
+        assert all(
+            s["n_generated_tokens"] - 1 <= s["n_scope_tokens"] <= s["n_generated_tokens"]
+            for s in out["samples"]
+        )
     per_batch = read_parquet(run.path_for("risk_per_batch"))
     assert len(per_batch) == 3 * 2 * 8  # batches x layers x experts
     assert set(res.aggregated["n_batches"]) == {3}
@@ -88,7 +111,14 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny, plan):
     model, tok = tiny
     run = Run.create(tmp_path)
     with pytest.raises(Exception):  # noqa: B017 - the config check or the model, whichever refuses first
-        run_analysis(run, model, tok, plan, AnalysisConfig(scope="prompt", max_new_tokens=0), should_stop=iter([False, True]).__next__)
+        run_analysis(
+            run,
+            model,
+            tok,
+            plan,
+            AnalysisConfig(scope="prompt", max_new_tokens=0),
+            should_stop=iter([False, True]).__next__,
+        )
     with pytest.raises(AnalysisError, match="would mix results"):
         run_analysis(run, model, tok, None, AnalysisConfig(scope="generated", max_new_tokens=3))
 
@@ -117,7 +147,18 @@ def test_seed_api_matches_run_tables(tmp_path, tiny):
     assert [d["batch_idx"] for d in data] == [0, 1]
     assert data[0]["safe_indices"] == [0, 1] and data[0]["unsafe_indices"] == [2, 3]
     table = calculate_risk_diff_per_batch(data[0], num_experts_per_tok=2)
-    assert list(table.columns[:10]) == ["batch_idx", "layer", "expert", "a_safe", "a_unsafe", "d_safe", "d_unsafe", "a_safe_n", "a_unsafe_n", "risk_diff"]
+    assert list(table.columns[:10]) == [
+        "batch_idx",
+        "layer",
+        "expert",
+        "a_safe",
+        "a_unsafe",
+        "d_safe",
+        "d_unsafe",
+        "a_safe_n",
+        "a_unsafe_n",
+        "risk_diff",
+    ]
 
     # the same analysis through the run store yields the same numbers
     plan = compose_batches(safe, unsafe, batch_size=4, shuffle=False)

@@ -48,13 +48,26 @@ AppTest = streamlit_testing.AppTest
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app.py")
 PAGES = {  # page file -> title
-    "home": "MoE Safety Lab", "data": "Data & batches", "analysis": "Analysis", "heatmaps": "Heatmaps",
-    "experts": "Experts", "training": "Training", "evaluation": "Evaluation", "present": "Present", "runs": "Runs",
+    "home": "MoE Safety Lab",
+    "data": "Data & batches",
+    "analysis": "Analysis",
+    "heatmaps": "Heatmaps",
+    "experts": "Experts",
+    "training": "Training",
+    "evaluation": "Evaluation",
+    "present": "Present",
+    "runs": "Runs",
 }
 FILES = {  # page key -> file, relative to app.py (classic multipage layout: app.py is Home, pages/ the rest)
-    "home": "app.py", "data": "pages/1_data.py", "analysis": "pages/2_analysis.py", "heatmaps": "pages/3_heatmaps.py",
-    "experts": "pages/4_experts.py", "training": "pages/5_training.py", "evaluation": "pages/6_evaluation.py",
-    "present": "pages/7_present.py", "runs": "pages/8_runs.py",
+    "home": "app.py",
+    "data": "pages/1_data.py",
+    "analysis": "pages/2_analysis.py",
+    "heatmaps": "pages/3_heatmaps.py",
+    "experts": "pages/4_experts.py",
+    "training": "pages/5_training.py",
+    "evaluation": "pages/6_evaluation.py",
+    "present": "pages/7_present.py",
+    "runs": "pages/8_runs.py",
 }
 NEEDS_RUN = ("data", "analysis", "heatmaps", "experts", "training", "evaluation", "present")
 
@@ -238,7 +251,9 @@ def test_bad_upload_shows_an_actionable_error(runs_root):
 
 
 def test_missing_column_error_then_pick_the_column(runs_root):
-    at = upload(runs_root, "up_unsafe", ("mine.csv", b"foo,bar\nhow do I pick a lock,1\nhow to steal,2\n", "text/csv"))
+    at = upload(
+        runs_root, "up_unsafe", ("mine.csv", b"foo,bar\nhow do I pick a lock,1\nhow to steal,2\n", "text/csv")
+    )
     assert any("no prompt column found" in e and "'foo'" in e for e in errors(at)), errors(at)
     column_box(at, "unsafe").set_value("foo")
     at.run()
@@ -316,7 +331,9 @@ def test_a_bug_behind_a_page_is_reported_as_a_bug_not_a_user_error(runs_root, mo
     run = _run_with_plan(runs_root)
     run.path_for("plan").write_text("{not json")
     at = open_app(run, page="analysis")
-    assert any(e.startswith("The run's plan cannot be read: ") and "not valid JSON" in e for e in errors(at)), errors(at)
+    assert any(
+        e.startswith("The run's plan cannot be read: ") and "not valid JSON" in e for e in errors(at)
+    ), errors(at)
 
     def broken(path):
         raise KeyError("batch_idx")
@@ -390,7 +407,9 @@ def test_stop_then_resume_an_analysis_from_the_page(runs_root, lab):
 SHARED = Path(__import__("os").environ.get("MOE_LAB_SHARED") or REPO.parent / "shared")
 
 
-@pytest.mark.skipif(not (SHARED / "datasets" / "jailbreakbench").is_dir(), reason="shared datasets not available")
+@pytest.mark.skipif(
+    not (SHARED / "datasets" / "jailbreakbench").is_dir(), reason="shared datasets not available"
+)
 def test_public_files_by_path_paired_by_row(runs_root):
     jbb = SHARED / "datasets" / "jailbreakbench"
     Run.create(runs_root, name="jbb")
@@ -474,7 +493,10 @@ def test_drill_down_shows_routed_tokens_safe_and_unsafe(lab, monkeypatch):
     assert len(htmls) == 8  # every sample of the batch, 4 safe + 4 unsafe
     # issue 12, problem 7: in paired mode the page says why a plainly harmful prompt sits on the safe side
     heads = {m.value.strip("# ") for m in at.markdown}
-    assert {"Safe side: plain harmful requests, refused", "Unsafe side: the same requests jailbroken, complied with"} <= heads
+    assert {
+        "Safe side: plain harmful requests, refused",
+        "Unsafe side: the same requests jailbroken, complied with",
+    } <= heads
     assert any("safe* because the model refused" in c.value for c in at.caption)
     outputs = read_json(run.path_for("outputs", batch_idx=0))
     from moe_core.model.routing import load_batch_routing
@@ -587,7 +609,9 @@ def test_training_job_from_the_page_trains_and_reports(lab, runs_root):
     at.run()
     no_exceptions(at)
     launched = read_job(run.path, "train")
-    assert "--router-consistency symmetric" in " ".join(launched.argv) and "--epochs 1" in " ".join(launched.argv)
+    assert "--router-consistency symmetric" in " ".join(launched.argv) and "--epochs 1" in " ".join(
+        launched.argv
+    )
     info = wait_job(run, "train")
     assert info.state == "done", info.log_tail
     assert info.done == info.total == 3  # 3 analysis batches, 1 epoch: 3 steps
@@ -619,11 +643,19 @@ def test_evaluation_page_compares_models(lab, monkeypatch):
     no_exceptions(at)
     bars = plotly_specs(at)[0]
     assert {t["name"] for t in bars["data"]} == {"base", "experts"}
-    xs = [x.replace("<br>", " ") for x in bars["data"][0]["x"]]  # labels wrapped so they never overlap when narrow
-    assert set(xs) == {"jailbreak compliance (lower is better)", "harmful refusal (higher is better)",
-                       "benign answer rate (higher is better)", "over refusal (lower is better)"}
+    xs = [
+        x.replace("<br>", " ") for x in bars["data"][0]["x"]
+    ]  # labels wrapped so they never overlap when narrow
+    assert set(xs) == {
+        "jailbreak compliance (lower is better)",
+        "harmful refusal (higher is better)",
+        "benign answer rate (higher is better)",
+        "over refusal (lower is better)",
+    }
     assert all(len(line) <= 20 for x in bars["data"][0]["x"] for line in x.split("<br>"))
-    assert bars["layout"]["legend"]["y"] > 1 and bars["layout"]["xaxis"]["automargin"]  # legend above, off the labels
+    assert (
+        bars["layout"]["legend"]["y"] > 1 and bars["layout"]["xaxis"]["automargin"]
+    )  # legend above, off the labels
     from moe_core.eval.evaluation import load_evaluation
 
     _, summary = load_evaluation(run, "comparison")
@@ -632,7 +664,9 @@ def test_evaluation_page_compares_models(lab, monkeypatch):
     assert "error_y" in bars["data"][0]
     # issue 12, problem 10: the table carries the chart's intervals
     table = at.dataframe[0].value
-    assert all(re.fullmatch(r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\]", str(v)) for v in table.to_numpy().ravel()), table
+    assert all(re.fullmatch(r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\]", str(v)) for v in table.to_numpy().ravel()), (
+        table
+    )
     at.selectbox(key="ev_set").set_value("harmful_jailbreak")
     at.run()
     assert {m.value.split("**")[1] for m in at.markdown if m.value.startswith("**")} >= {"base", "experts"}
@@ -680,7 +714,9 @@ def test_runs_page_compares_and_traces(lab, monkeypatch, tmp_path):
     # trace: training step -> analysis batch -> that batch's risk table
     at.selectbox(key="tr_step").set_value(1)
     at.run()
-    monitor = read_json(run.path / "train" / "experts-unsafe_experts" / "training_metadata.json")["batch_monitor"]
+    monitor = read_json(run.path / "train" / "experts-unsafe_experts" / "training_metadata.json")[
+        "batch_monitor"
+    ]
     batch = monitor[1]["batch_idx"]
     assert any(f"Risk table of batch {batch}" in m.value for m in at.markdown)
 
@@ -689,10 +725,28 @@ def test_runs_page_compares_and_traces(lab, monkeypatch, tmp_path):
 def test_progress_estimate_rate_and_eta_of_the_current_stage():
     ev = [
         {"kind": "start", "time": "2026-01-01T00:00:00+00:00"},
-        {"kind": "progress", "time": "2026-01-01T00:00:01+00:00", "done": 1, "total": 1, "message": "model built"},
-        {"kind": "progress", "time": "2026-01-01T00:00:10+00:00", "done": 4, "total": 20, "message": "4 already done"},
+        {
+            "kind": "progress",
+            "time": "2026-01-01T00:00:01+00:00",
+            "done": 1,
+            "total": 1,
+            "message": "model built",
+        },
+        {
+            "kind": "progress",
+            "time": "2026-01-01T00:00:10+00:00",
+            "done": 4,
+            "total": 20,
+            "message": "4 already done",
+        },
         {"kind": "progress", "time": "2026-01-01T00:00:20+00:00", "done": 6, "total": 20},
-        {"kind": "progress", "time": "2026-01-01T00:00:30+00:00", "done": 8, "total": 20, "message": "batch 7"},
+        {
+            "kind": "progress",
+            "time": "2026-01-01T00:00:30+00:00",
+            "done": 8,
+            "total": 20,
+            "message": "batch 7",
+        },
     ]
     est = progress_estimate(ev, now=1767225640.0)  # 40 s after start
     assert est["done"] == 8 and est["total"] == 20 and est["fraction"] == pytest.approx(0.4)
@@ -706,8 +760,12 @@ def test_progress_estimate_rate_and_eta_of_the_current_stage():
 
 
 def test_loss_points_from_events():
-    ev = [{"kind": "start"}, {"kind": "progress", "done": 1, "total": 3, "message": "loss 2.5000"},
-          {"kind": "progress", "done": 2, "total": 3, "loss": 2.0}, {"kind": "progress", "done": 3, "total": 3}]
+    ev = [
+        {"kind": "start"},
+        {"kind": "progress", "done": 1, "total": 3, "message": "loss 2.5000"},
+        {"kind": "progress", "done": 2, "total": 3, "loss": 2.0},
+        {"kind": "progress", "done": 3, "total": 3},
+    ]
     assert loss_points(ev) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
 
 
@@ -740,7 +798,9 @@ def test_check_model_source(lab, tmp_path):
 def test_token_highlight_escapes_markup():
     import numpy as np
 
-    html = charts.highlight_tokens_html(["<script>", "ok", "&"], np.array([True, False, True]), np.array([1.0, 0, 0.5]))
+    html = charts.highlight_tokens_html(
+        ["<script>", "ok", "&"], np.array([True, False, True]), np.array([1.0, 0, 0.5])
+    )
     assert "<script>" not in html and "&lt;script&gt;" in html and "&amp;" in html
     assert html.count("background:rgba") == 2
     with pytest.raises(ValueError, match="2 tokens but 3"):
@@ -809,12 +869,19 @@ def test_page_defaults_are_the_pipeline_defaults(lab, monkeypatch):
     assert at.number_input(key="tr_rcw").value == t.router_consistency_weight
     at.switch_page(FILES["evaluation"]).run()
     e = EvaluateSpec()
-    assert at.number_input(key="ev_max_new").value == e.max_new_tokens and at.text_input(key="ev_name").value == e.name
+    assert (
+        at.number_input(key="ev_max_new").value == e.max_new_tokens
+        and at.text_input(key="ev_name").value == e.name
+    )
     at.switch_page(FILES["experts"]).run()
     s = SelectSpec()
     assert at.number_input(key="ex_n").value == s.n
-    for method, key, value in (("threshold", "ex_thr", s.threshold), ("top_p", "ex_top_p", s.top_p),
-                               ("per_layer", "ex_k", min(s.per_layer_k, 8)), ("random", "ex_seed", s.seed)):
+    for method, key, value in (
+        ("threshold", "ex_thr", s.threshold),
+        ("top_p", "ex_top_p", s.top_p),
+        ("per_layer", "ex_k", min(s.per_layer_k, 8)),
+        ("random", "ex_seed", s.seed),
+    ):
         at.selectbox(key="ex_method").set_value(method).run()  # only the chosen method's settings are shown
         box = at.slider(key=key) if key == "ex_top_p" else at.number_input(key=key)
         assert box.value == value, method
@@ -836,7 +903,9 @@ def fake_demo_process():
 
 def _launched(run: Run, name: str, proc) -> None:
     (run.path / "jobs" / name).mkdir(parents=True, exist_ok=True)
-    (run.path / "jobs" / name / LAUNCH_NAME).write_text(json.dumps({"pid": proc.pid, "launched": time.time()}))
+    (run.path / "jobs" / name / LAUNCH_NAME).write_text(
+        json.dumps({"pid": proc.pid, "launched": time.time()})
+    )
 
 
 def _fake_job(run: Run, name: str, state: str, events: list[tuple] = ()) -> None:
@@ -897,15 +966,19 @@ def test_p2_the_run_is_in_the_url_and_survives_a_reload(lab, monkeypatch, tmp_pa
 
 
 def test_p3_a_csv_with_a_label_column_keeps_only_its_side(runs_root):
-    csv = (b"text,label\nHow do I bake bread?,benign\nHow do I build a bomb?,harmful\n"
-           b"Tell me a joke,benign\nHow to poison a dog,harmful\n")
+    csv = (
+        b"text,label\nHow do I bake bread?,benign\nHow do I build a bomb?,harmful\n"
+        b"Tell me a joke,benign\nHow to poison a dog,harmful\n"
+    )
     at = upload(runs_root, "up_safe", ("mixed.csv", csv, "text/csv"))
     assert not errors(at), errors(at)
     assert any("2 safe prompts" in c.value for c in at.caption), [c.value for c in at.caption]
     keep = [m for m in at.multiselect if "label column" in m.label]
     assert keep and keep[0].value == ["benign"]
     # the next upload has other columns: the picker shows its own auto-detected column, nothing stale
-    at.file_uploader(key="up_safe").set_value(("other.csv", b"foo,prompt\n1,hello there\n2,good morning\n", "text/csv"))
+    at.file_uploader(key="up_safe").set_value(
+        ("other.csv", b"foo,prompt\n1,hello there\n2,good morning\n", "text/csv")
+    )
     at.run()
     assert column_box(at, "safe").value == "prompt"
     assert any("2 safe prompts" in c.value for c in at.caption)
@@ -957,8 +1030,10 @@ def test_p6_errors_speak_the_ui_not_the_python_api(runs_root):
     from moe_core.batching.plan import BatchPlanError
     from moe_core.batching.prompts import PromptLoadError
 
-    for err in (BatchPlanError("cannot swap a with b; use move() to put an item into another batch"),
-                PromptLoadError("cannot tell the format of x: pass format='csv'|'json'|'jsonl'|'parquet'")):
+    for err in (
+        BatchPlanError("cannot swap a with b; use move() to put an item into another batch"),
+        PromptLoadError("cannot tell the format of x: pass format='csv'|'json'|'jsonl'|'parquet'"),
+    ):
         text = app_ui.error_text(err)[1]
         assert "()" not in text and "='" not in text, text
 
@@ -985,8 +1060,11 @@ def test_p9_data_page_stale_plan_same_label_swap_unused_prompts(runs_root):
     # Item B only offers items with item A's label
     a = at.selectbox(key="sw_a").value
     label_a = draft.locate(a)[1]
-    assert all(draft.locate(i)[1] == label_a for i in at.selectbox(key="sw_b").options_values()
-               if i) if hasattr(at.selectbox(key="sw_b"), "options_values") else True
+    assert (
+        all(draft.locate(i)[1] == label_a for i in at.selectbox(key="sw_b").options_values() if i)
+        if hasattr(at.selectbox(key="sw_b"), "options_values")
+        else True
+    )
     opts = at.selectbox(key="sw_b").options
     assert opts and all(f"/{label_a}]" in o for o in opts), opts
     # unused prompts are listed, and Replace takes one of them
@@ -1016,7 +1094,9 @@ def test_p9_hand_toggles_edit_one_batchs_mask(lab, monkeypatch):
     at.run()
     no_exceptions(at)
     after = np.array(plotly_specs(at)[0]["data"][0]["z"])
-    assert abs(after - before).sum() == 1 and abs(after[0, 7] - before[0, 7]) == 1  # one cell of one batch's mask
+    assert (
+        abs(after - before).sum() == 1 and abs(after[0, 7] - before[0, 7]) == 1
+    )  # one cell of one batch's mask
     table = at.dataframe[0].value
     changed = table[table["batch_idx"] == 1].iloc[0]
     assert changed["experts"] in (0, 2)
@@ -1044,7 +1124,8 @@ def test_p10_training_page_one_loss_chart_experts_first_live_monitor(lab, monkey
     # while training runs: the batch monitor grows step by step (from the trainer's per-step line)
     _fake_job(run, "train", "running", [(1, 3, "loss 2.0")])
     (run.path / "jobs" / "train" / "job.log").write_text(
-        "Current training batch contains samples from batches: [2]\nCurrent training batch contains samples from batches: [0]\n")
+        "Current training batch contains samples from batches: [2]\nCurrent training batch contains samples from batches: [0]\n"
+    )
     at = open_app(run, page="training")
     no_exceptions(at)
     live = [d.value for d in at.dataframe if "n_unsafe" in d.value.columns and "step" in d.value.columns]
@@ -1060,7 +1141,11 @@ def test_present_page_and_report(lab, monkeypatch, tmp_path):
     at = open_app(run, page="present")
     no_exceptions(at)
     heads = [h.value for h in at.header]
-    assert heads[:3] == ["1. The question", "2. The batches", "3. The experts that fire when the model complies"]
+    assert heads[:3] == [
+        "1. The question",
+        "2. The batches",
+        "3. The experts that fire when the model complies",
+    ]
     assert any(h.startswith("5. Before vs after") for h in heads)
     assert len(at.get("html")) == 2  # the top expert's tokens, safe beside unsafe
     button(at, "Export report").click()
@@ -1107,8 +1192,20 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
     at = open_app()
     assert any("No selection study" in i.value for i in at.info)
     model_dir = save_tiny_model(tmp_path / "tiny")
-    run_study(StudySpec(model=str(model_dir), budgets=[1 / 8], random_draws=1, seeds=[0], eval_limit=2,
-                        max_new_tokens=2, max_batches=1, epochs=1, steering=False), runs_root=root)
+    run_study(
+        StudySpec(
+            model=str(model_dir),
+            budgets=[1 / 8],
+            random_draws=1,
+            seeds=[0],
+            eval_limit=2,
+            max_new_tokens=2,
+            max_batches=1,
+            epochs=1,
+            steering=False,
+        ),
+        runs_root=root,
+    )
     at = open_app()
     no_exceptions(at)
     names = {t["name"] for spec in plotly_specs(at) for t in spec["data"]}

@@ -32,8 +32,13 @@ def items(label: str, n: int, paired: bool = False, start: int = 0) -> list[Prom
     p = label[0]
     return [
         PromptItem(
-            id=f"{p}{i}", text=f"{label} prompt number {i}", label=label,  # type: ignore[arg-type]
-            goal=f"goal {i}", pair_id=f"pair{i}" if paired else None, source="test", meta={"k": i},
+            id=f"{p}{i}",
+            text=f"{label} prompt number {i}",
+            label=label,  # type: ignore[arg-type]
+            goal=f"goal {i}",
+            pair_id=f"pair{i}" if paired else None,
+            source="test",
+            meta={"k": i},
         )
         for i in range(start, start + n)
     ]
@@ -74,7 +79,14 @@ def test_sizes_ratio_and_safe_first():
 
 @pytest.mark.parametrize(
     "batch_size, ratio, expected",
-    [(16, 0.5, (8, 8)), (10, 0.25, (3, 7)), (10, 0.35, (4, 6)), (5, 0.5, (3, 2)), (7, 0.3, (2, 5)), (2, 0.5, (1, 1))],
+    [
+        (16, 0.5, (8, 8)),
+        (10, 0.25, (3, 7)),
+        (10, 0.35, (4, 6)),
+        (5, 0.5, (3, 2)),
+        (7, 0.3, (2, 5)),
+        (2, 0.5, (1, 1)),
+    ],
 )
 def test_split_counts_rounds_half_up(batch_size, ratio, expected):
     assert split_counts(batch_size, ratio) == expected
@@ -144,7 +156,10 @@ def test_incomplete_last_batch_kept_on_request_gives_uneven_warning():
     assert [(len(b.safe), len(b.unsafe)) for b in plan.batches] == [(8, 8), (8, 8), (4, 6)]
     assert plan.meta["kept_incomplete_batch"] is True
     found = validate(plan)
-    assert {(i.code, i.batch_idx, i.severity) for i in found} == {("uneven_size", 2, "warning"), ("ratio", 2, "warning")}
+    assert {(i.code, i.batch_idx, i.severity) for i in found} == {
+        ("uneven_size", 2, "warning"),
+        ("ratio", 2, "warning"),
+    }
     assert "training sampler keeps it whole" in next(i.message for i in found if i.code == "uneven_size")
 
 
@@ -208,7 +223,9 @@ def test_paired_errors_are_actionable():
         compose_batches(safe, items("unsafe", 20, paired=True))
     # too few pairs although the label counts would suffice
     with pytest.raises(BatchPlanError, match="not enough complete pairs"):
-        compose_batches(items("safe", 20, paired=True), items("unsafe", 20, paired=True, start=14), paired=True)
+        compose_batches(
+            items("safe", 20, paired=True), items("unsafe", 20, paired=True, start=14), paired=True
+        )
 
 
 # -- edits ----------------------------------------------------------------------------------
@@ -241,7 +258,10 @@ def test_move_keeps_label_block(plan):
     assert new.batches[2].unsafe[0] == item and new.batches[2].size == 9
     assert item not in new.batches[0].items
     assert new.batches[2].labels == ["safe"] * 4 + ["unsafe"] * 5
-    assert {(i.code, i.batch_idx) for i in validate(new)} == {("uneven_size", 0), ("uneven_size", 2)}  # 4+3, 4+5: closest to 0.5
+    assert {(i.code, i.batch_idx) for i in validate(new)} == {
+        ("uneven_size", 0),
+        ("uneven_size", 2),
+    }  # 4+3, 4+5: closest to 0.5
     new = move(new, new.batches[1].unsafe[0].id, to_batch=2)
     assert ("ratio", 2) in {(i.code, i.batch_idx) for i in validate(new)}  # 4 safe + 6 unsafe
     with pytest.raises(BatchPlanError, match="no batch 9 in the plan"):
@@ -278,7 +298,9 @@ def test_drop_add_and_uneven_batches(plan):
     new = drop(plan, victim)
     assert victim not in ids(new) and new.batches[1].size == 7
     assert codes(new, "warning") == Counter({"uneven_size": 1})  # 4 + 3 is as close to 0.5 as 7 allows
-    assert codes(drop(new, plan.batches[1].unsafe[1].id), "warning") == Counter({"uneven_size": 1, "ratio": 1})
+    assert codes(drop(new, plan.batches[1].unsafe[1].id), "warning") == Counter(
+        {"uneven_size": 1, "ratio": 1}
+    )
     assert check(new)  # warnings only: returned, not raised
     back = add(new, 1, PromptItem("added", "an added unsafe prompt", "unsafe"), position=0)
     assert back.batches[1].unsafe[0].id == "added" and validate(back) == []
@@ -328,7 +350,9 @@ def test_validation_errors_and_messages(plan):
     twice = BatchPlan([*plan.batches, plan.batches[0]], batch_size=8)
     assert "renumber" in errors(twice)["duplicate_batch_idx"]
 
-    wrong = BatchPlan([Batch(0, items("safe", 4), items("unsafe", 3) + items("safe", 1, start=50))], batch_size=8)
+    wrong = BatchPlan(
+        [Batch(0, items("safe", 4), items("unsafe", 3) + items("safe", 1, start=50))], batch_size=8
+    )
     assert "sits in the unsafe block" in errors(wrong)["wrong_block"]
 
     with pytest.raises(BatchPlanError) as e:
@@ -404,8 +428,14 @@ def test_jailbreakbench_benign_harmful_pairs():
         pytest.skip(f"public prompt sets not found at {folder}")
     harmful = pd.read_csv(folder / "harmful_behaviors.csv")
     benign = pd.read_csv(folder / "benign_behaviors.csv")
-    safe = [PromptItem(f"jbb-b{i}", g, "safe", goal=g, pair_id=f"jbb{i}", source="jbb") for i, g in enumerate(benign.Goal)]
-    unsafe = [PromptItem(f"jbb-h{i}", g, "unsafe", goal=g, pair_id=f"jbb{i}", source="jbb") for i, g in enumerate(harmful.Goal)]
+    safe = [
+        PromptItem(f"jbb-b{i}", g, "safe", goal=g, pair_id=f"jbb{i}", source="jbb")
+        for i, g in enumerate(benign.Goal)
+    ]
+    unsafe = [
+        PromptItem(f"jbb-h{i}", g, "unsafe", goal=g, pair_id=f"jbb{i}", source="jbb")
+        for i, g in enumerate(harmful.Goal)
+    ]
     plan = compose_batches(safe, unsafe, batch_size=16, seed=0)
     assert plan.paired and len(plan) == 100 // 8
     assert_pairs_aligned(plan)

@@ -48,8 +48,15 @@ PAGES = [  # (screenshot name, url path, title the page shows)
     ("08_runs", "runs", "Runs"),
 ]
 RUNS: dict = {}  # "older" / "newest" fixture runs (filled by the server fixture)
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def _free_port() -> int:
@@ -70,7 +77,9 @@ def _healthy(port: int) -> bool:
 def playwright_sync():
     if not CHROMIUM.exists():
         pytest.skip("no /usr/bin/chromium (install it with `make browser-deps`)")
-    pw = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
+    pw = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)"
+    )
     return pw
 
 
@@ -83,15 +92,34 @@ def server(tmp_path_factory, playwright_sync):
     model_dir = save_tiny_model(tmp / "tiny-olmoe")
     older = build_finished_run(tmp / "runs", model_dir, n_batches=2, train=False, name="older run", seed=1)
     time.sleep(1.1)  # run ids carry the creation second: keep "browser fixture" the newest (default) run
-    newest = build_finished_run(tmp / "runs", model_dir, n_batches=3, train=True, evaluate=True, name="browser fixture")
+    newest = build_finished_run(
+        tmp / "runs", model_dir, n_batches=3, train=True, evaluate=True, name="browser fixture"
+    )
     RUNS.update(older=older, newest=newest)
     port = _free_port()
     env = {**os.environ, "MOE_LAB_RUNS": str(tmp / "runs"), "PYTHONPATH": str(REPO)}
     log = open(tmp / "streamlit.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "localhost", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(REPO / "app.py"),
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "localhost",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 90
@@ -258,8 +286,12 @@ def test_every_page_by_url_and_after_a_reload_keeps_the_run(server, playwright_s
 
 def _wait_plotted(page, nth: int = 0) -> None:
     """Until Plotly has drawn the ``nth`` chart: its div exists before Plotly lays it out (slow under load)."""
-    page.wait_for_function("""i => { const gd = document.querySelectorAll('.js-plotly-plot')[i];
-                                     return !!(gd && gd._fullLayout && gd._fullLayout.xaxis); }""", arg=nth, timeout=60_000)
+    page.wait_for_function(
+        """i => { const gd = document.querySelectorAll('.js-plotly-plot')[i];
+                                     return !!(gd && gd._fullLayout && gd._fullLayout.xaxis); }""",
+        arg=nth,
+        timeout=60_000,
+    )
 
 
 def _cell_center(page, layer: int, expert: int) -> tuple[float, float]:
@@ -268,7 +300,9 @@ def _cell_center(page, layer: int, expert: int) -> tuple[float, float]:
     return page.evaluate(
         """([l, e]) => { const gd = document.querySelector('.js-plotly-plot');
              const r = gd.getBoundingClientRect(); const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
-             return [r.left + xa._offset + xa.l2p(e), r.top + ya._offset + ya.l2p(l)]; }""", [layer, expert])
+             return [r.left + xa._offset + xa.l2p(e), r.top + ya._offset + ya.l2p(l)]; }""",
+        [layer, expert],
+    )
 
 
 def test_clicking_a_heatmap_cell_drills_down(server, playwright_sync):
@@ -332,7 +366,9 @@ def test_home_ticks_off_demo_stages_live(server, playwright_sync):
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(180)", "moe_core", "demo"])
     try:
         (run.path / "jobs" / "demo").mkdir(parents=True, exist_ok=True)
-        (run.path / "jobs" / "demo" / LAUNCH_NAME).write_text(json.dumps({"pid": proc.pid, "launched": time.time()}))
+        (run.path / "jobs" / "demo" / LAUNCH_NAME).write_text(
+            json.dumps({"pid": proc.pid, "launched": time.time()})
+        )
         run.job("demo").events.emit("progress", 1, 3, "batch 1/3")
         run.job("demo").write_status("running")
         with browser_page(playwright_sync) as (browser, page):
@@ -340,7 +376,10 @@ def test_home_ticks_off_demo_stages_live(server, playwright_sync):
             page.get_by_text("0 of 5 stages done").first.wait_for(timeout=60_000)
             main = page.locator('[data-testid="stMain"]')
             analysis = main.get_by_role("link", name=re.compile(r"Analysis$"))
-            assert "check_circle" not in analysis.first.inner_text() and main.get_by_text("See the heatmaps").count() == 0
+            assert (
+                "check_circle" not in analysis.first.inner_text()
+                and main.get_by_text("See the heatmaps").count() == 0
+            )
             newest = RUNS["newest"]  # the analysis stage ends: its files land in the run, its job says done
             for kind in ("plan", "risk_aggregated", "risk_per_batch"):
                 run.path_for(kind).parent.mkdir(parents=True, exist_ok=True)
@@ -374,21 +413,24 @@ def test_the_evaluation_chart_is_readable_on_a_400px_screen(server, playwright_s
         chart_js = """() => [...document.querySelectorAll('.js-plotly-plot')]
                    .find(g => g._fullLayout && ((g._fullLayout.title || {}).text || '').includes('Held-out behaviour')
                               && g.querySelectorAll('.xtick text').length > 0)"""
-        page.wait_for_function(f"() => !!({chart_js})()", timeout=60_000)  # Plotly draws after the script run ends
+        page.wait_for_function(
+            f"() => !!({chart_js})()", timeout=60_000
+        )  # Plotly draws after the script run ends
         boxes = page.evaluate(
             """() => { const gd = [...document.querySelectorAll('.js-plotly-plot')]
                    .find(g => ((g._fullLayout.title || {}).text || '').includes('Held-out behaviour'));
                  if (gd) gd.scrollIntoView();
                  const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
                  return gd && {chart: box(gd), ticks: [...gd.querySelectorAll('.xtick text')].map(box),
-                                legend: [...gd.querySelectorAll('.legend .traces')].map(box)}; }""")
+                                legend: [...gd.querySelectorAll('.legend .traces')].map(box)}; }"""
+        )
         time.sleep(0.5)
         page.screenshot(path=str(SHOTS / "15_evaluation_400px.png"))
     assert boxes, "no before/after chart on the Evaluation page"
     ticks, legend, chart = boxes["ticks"], boxes["legend"], boxes["chart"]
     assert len(ticks) == 4 and legend, boxes
     assert chart[2] - chart[0] <= 400
-    clashes = [(a, b) for i, a in enumerate(ticks) for b in ticks[i + 1:] + legend if _overlap(a, b)]
+    clashes = [(a, b) for i, a in enumerate(ticks) for b in ticks[i + 1 :] + legend if _overlap(a, b)]
     assert not clashes, f"labels overlap at 400 px: {clashes}"
     assert all(t[0] >= chart[0] - 1 and t[2] <= chart[2] + 1 for t in ticks), (ticks, chart)
 
@@ -427,11 +469,20 @@ class Walk:
         page = self.page
         _wait_idle(page, 30)
         self.times.append((where, round(time.monotonic() - self.t0, 1)))
-        bad = [f"{n} {what}" for what, sel in (("exception box(es)", '[data-testid="stException"]'),
-                                               ("error banner(s)", '[data-testid="stAlertContentError"]'))
-               if (n := page.locator(sel).count())]
+        bad = [
+            f"{n} {what}"
+            for what, sel in (
+                ("exception box(es)", '[data-testid="stException"]'),
+                ("error banner(s)", '[data-testid="stAlertContentError"]'),
+            )
+            if (n := page.locator(sel).count())
+        ]
         body = page.inner_text("body")
-        bad += [f"{word!r} on the page" for word in ("Traceback", "Page not found", "Internal error") if word in body]
+        bad += [
+            f"{word!r} on the page"
+            for word in ("Traceback", "Page not found", "Internal error")
+            if word in body
+        ]
         if self.run_id:
             if f"run={self.run_id}" not in page.url:
                 bad.append(f"stale run: the URL {page.url} does not name run {self.run_id}")
@@ -491,7 +542,9 @@ class Walk:
             """([i, xv, yv]) => { const gd = document.querySelectorAll('.js-plotly-plot')[i];
                  const r = gd.getBoundingClientRect(); const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
                  if (yv === null) { const t = gd.data[0]; yv = (t.y[t.x.indexOf(xv)] || 0) / 2; }
-                 return [r.left + xa._offset + xa.l2p(xv), r.top + ya._offset + ya.l2p(yv)]; }""", [chart, x_value, y_value])
+                 return [r.left + xa._offset + xa.l2p(xv), r.top + ya._offset + ya.l2p(yv)]; }""",
+            [chart, x_value, y_value],
+        )
         self.page.mouse.move(x, y)
         time.sleep(0.3)
         self.page.mouse.click(x, y)
@@ -564,7 +617,9 @@ def _walk_heatmaps_and_experts(w: Walk) -> None:
     w.wait_text(re.compile(r"Saved \d+ experts as unsafe_experts\.json"))
     w.check("mask saved")
     w.shot("experts")
-    w.page.get_by_role("link", name="See the tokens of layer 0, expert 6").click()  # the clicked expert's tokens
+    w.page.get_by_role(
+        "link", name="See the tokens of layer 0, expert 6"
+    ).click()  # the clicked expert's tokens
     w.wait_text("Tokens of batch 0 routed to layer 0, expert 6", 60)
     w.check("an expert's tokens from the Experts page")
 
@@ -625,8 +680,10 @@ def test_the_whole_story_in_a_real_browser(server, playwright_sync):
         offline.goto(report.as_uri(), wait_until="load")
         offline.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
         assert offline.locator(".js-plotly-plot").count() >= 3  # heatmap, loss, before/after at least
-        assert offline.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
-                                ".every(g => g.querySelectorAll('.main-svg .trace').length > 0)"), "a report figure drew no data"
+        assert offline.evaluate(
+            "() => [...document.querySelectorAll('.js-plotly-plot')]"
+            ".every(g => g.querySelectorAll('.main-svg .trace').length > 0)"
+        ), "a report figure drew no data"
         assert w.run_id in offline.inner_text("body")
         offline.screenshot(path=str(SHOTS / "20_walk_99_report.png"), full_page=True)
         print("walk steps (s since start):", w.times)
@@ -634,7 +691,11 @@ def test_the_whole_story_in_a_real_browser(server, playwright_sync):
     safe, unsafe = demo_sets("train", mode="paired", seed=0)
     composed = compose_batches(safe, unsafe, batch_size=32, safe_ratio=0.5, seed=0, shuffle=True)
     where = {it.id: (bt.batch_idx, i) for bt in composed.batches for i, it in enumerate(bt.items)}
-    saved = {it.id: (bt.batch_idx, i) for bt in load_plan(runs_root / w.run_id / "plan.json").batches
-             for i, it in enumerate(bt.items)}
-    assert (saved[a], saved[b]) == (where[b], where[a]) and {k: v for k, v in saved.items() if k not in (a, b)} == \
-        {k: v for k, v in where.items() if k not in (a, b)}
+    saved = {
+        it.id: (bt.batch_idx, i)
+        for bt in load_plan(runs_root / w.run_id / "plan.json").batches
+        for i, it in enumerate(bt.items)
+    }
+    assert (saved[a], saved[b]) == (where[b], where[a]) and {
+        k: v for k, v in saved.items() if k not in (a, b)
+    } == {k: v for k, v in where.items() if k not in (a, b)}

@@ -40,12 +40,33 @@ def test_cli_analyze_and_select_on_a_local_model_dir(tmp_path, model_dir, capsys
     pd.DataFrame({"goal": [i.text for i in _items("safe", 4)]}).to_csv(safe, index=False)
     unsafe.write_text("".join(json.dumps({"prompt": i.text}) + "\n" for i in _items("unsafe", 4)))
     root = tmp_path / "runs"
-    rc = main(["--runs-root", str(root), "analyze", "--model", str(model_dir), "--safe", str(safe), "--unsafe", str(unsafe),
-               "--batch-size", "4", "--scope", "prompt", "--max-new-tokens", "2", "--name", "cli"])
+    rc = main(
+        [
+            "--runs-root",
+            str(root),
+            "analyze",
+            "--model",
+            str(model_dir),
+            "--safe",
+            str(safe),
+            "--unsafe",
+            str(unsafe),
+            "--batch-size",
+            "4",
+            "--scope",
+            "prompt",
+            "--max-new-tokens",
+            "2",
+            "--name",
+            "cli",
+        ]
+    )
     assert rc == 0
     (run_dir,) = list(root.iterdir())
     assert (run_dir / "risk" / "aggregated.parquet").exists()
-    rc = main(["select", "--run", run_dir.name, "--method", "top_n", "--n", "3", "--runs-root", str(root)])  # after the command too
+    rc = main(
+        ["select", "--run", run_dir.name, "--method", "top_n", "--n", "3", "--runs-root", str(root)]
+    )  # after the command too
     assert rc == 0
     mask = json.loads((run_dir / "masks" / "unsafe_experts.json").read_text())
     assert sum(len(v) for v in mask["experts"].values()) == 3
@@ -54,7 +75,17 @@ def test_cli_analyze_and_select_on_a_local_model_dir(tmp_path, model_dir, capsys
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
-    rc = main(["--runs-root", str(tmp_path), "analyze", "--safe", str(tmp_path / "missing.csv"), "--unsafe", str(tmp_path / "x.csv")])
+    rc = main(
+        [
+            "--runs-root",
+            str(tmp_path),
+            "analyze",
+            "--safe",
+            str(tmp_path / "missing.csv"),
+            "--unsafe",
+            str(tmp_path / "x.csv"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
@@ -72,13 +103,39 @@ def _weights(model_dir) -> dict[str, torch.Tensor]:
 def test_cli_train_and_evaluate_update_only_the_chosen_experts(tmp_path, model_dir, capsys):
     root = tmp_path / "runs"
     common = ["--runs-root", str(root)]
-    assert main(common + ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "2",
-                          "--scope", "generated", "--max-new-tokens", "4", "--name", "t"]) == 0
+    assert (
+        main(
+            common
+            + [
+                "analyze",
+                "--model",
+                str(model_dir),
+                "--demo-sets",
+                "--batch-size",
+                "8",
+                "--max-batches",
+                "2",
+                "--scope",
+                "generated",
+                "--max-new-tokens",
+                "4",
+                "--name",
+                "t",
+            ]
+        )
+        == 0
+    )
     (run_dir,) = list(root.iterdir())
     assert main(common + ["select", "--run", run_dir.name, "--method", "top_n", "--n", "2"]) == 0
     mask = json.loads((run_dir / "masks" / "unsafe_experts.json").read_text())
     chosen = {(int(l), e) for l, es in mask["experts"].items() for e in es}
-    assert main(common + ["train", "--run", run_dir.name, "--epochs", "1", "--lr", "1e-2", "--weight-decay", "0.1"]) == 0
+    assert (
+        main(
+            common
+            + ["train", "--run", run_dir.name, "--epochs", "1", "--lr", "1e-2", "--weight-decay", "0.1"]
+        )
+        == 0
+    )
     merged = run_dir / "train" / "experts-unsafe_experts" / "merged_model"
     before, after = _weights(model_dir), _weights(merged)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -91,11 +148,40 @@ def test_cli_train_and_evaluate_update_only_the_chosen_experts(tmp_path, model_d
         assert (layer, expert) in chosen, k
     # the compact delta alone turns the base model into the trained one
     delta = run_dir / "train" / "experts-unsafe_experts" / "expert_delta.safetensors"
-    assert main(["apply-delta", "--base", str(model_dir), "--delta", str(delta), "--out", str(tmp_path / "applied")]) == 0
+    assert (
+        main(
+            [
+                "apply-delta",
+                "--base",
+                str(model_dir),
+                "--delta",
+                str(delta),
+                "--out",
+                str(tmp_path / "applied"),
+            ]
+        )
+        == 0
+    )
     applied = _weights(tmp_path / "applied")
     assert all(torch.equal(applied[k], after[k]) for k in after)
-    assert main(common + ["evaluate", "--run", run_dir.name, "--eval-limit", "3", "--eval-max-new-tokens", "4",
-                          "--steer-mask", "unsafe_experts", "--shift"]) == 0
+    assert (
+        main(
+            common
+            + [
+                "evaluate",
+                "--run",
+                run_dir.name,
+                "--eval-limit",
+                "3",
+                "--eval-max-new-tokens",
+                "4",
+                "--steer-mask",
+                "unsafe_experts",
+                "--shift",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "base" in out and "experts-unsafe_experts" in out and "steer-off-unsafe_experts" in out
     assert (run_dir / "eval" / "comparison_summary.parquet").exists()
@@ -109,14 +195,54 @@ def test_a_stop_request_ends_the_demo_at_that_stage(tmp_path, model_dir, capsys)
 
     root = tmp_path / "runs"
     common = ["--runs-root", str(root)]
-    assert main(common + ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "1",
-                          "--max-new-tokens", "2", "--name", "d"]) == 0
+    assert (
+        main(
+            common
+            + [
+                "analyze",
+                "--model",
+                str(model_dir),
+                "--demo-sets",
+                "--batch-size",
+                "8",
+                "--max-batches",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--name",
+                "d",
+            ]
+        )
+        == 0
+    )
     (run_dir,) = list(root.iterdir())
     run = Run.open(run_dir)
     run.job("demo-train-experts").request_stop()  # as the page does while that stage runs
-    assert main(common + ["demo", "--run", str(run_dir), "--model", str(model_dir), "--max-batches", "1",
-                          "--batch-size", "8", "--max-new-tokens", "2", "--n", "2", "--epochs", "1",
-                          "--job", "demo"]) == 0
+    assert (
+        main(
+            common
+            + [
+                "demo",
+                "--run",
+                str(run_dir),
+                "--model",
+                str(model_dir),
+                "--max-batches",
+                "1",
+                "--batch-size",
+                "8",
+                "--max-new-tokens",
+                "2",
+                "--n",
+                "2",
+                "--epochs",
+                "1",
+                "--job",
+                "demo",
+            ]
+        )
+        == 0
+    )
     run.reload()
     assert run.status()["train:experts-unsafe_experts"] == "stopped"
     assert "train:random_experts" not in run.status() and "evaluation:comparison" not in run.status()
@@ -129,7 +255,8 @@ def test_a_stop_request_ends_the_demo_at_that_stage(tmp_path, model_dir, capsys)
 QUIET = "{% set off = enable_thinking is defined and not enable_thinking %}"
 QUIET_TEMPLATE = QUIET + (
     "{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' and off %}quiet {% endif %}"
-    "{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% if off %}quiet {% endif %}{% endif %}")
+    "{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% if off %}quiet {% endif %}{% endif %}"
+)
 
 
 def test_chat_template_options_reach_analysis_training_and_evaluation(tmp_path, tiny, monkeypatch, capsys):
@@ -152,27 +279,61 @@ def test_chat_template_options_reach_analysis_training_and_evaluation(tmp_path, 
             monkeypatch.setattr(module, "render_chat", spy)
     root = tmp_path / "runs"
     common = ["--runs-root", str(root)]
-    analyze = common + ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "2",
-                        "--scope", "generated", "--max-new-tokens", "3"]
+    analyze = common + [
+        "analyze",
+        "--model",
+        str(model_dir),
+        "--demo-sets",
+        "--batch-size",
+        "8",
+        "--max-batches",
+        "2",
+        "--scope",
+        "generated",
+        "--max-new-tokens",
+        "3",
+    ]
     assert main(analyze + ["--name", "plain"]) == 0
     assert rendered and not any("quiet" in r for r in rendered)  # the control: without the option, no marker
     rendered.clear()
-    assert main(analyze + ["--name", "quiet", "--chat-template-kwargs", '{"enable_thinking": false}',
-                           "--system-prompt", "Be brief."]) == 0
+    assert (
+        main(
+            analyze
+            + [
+                "--name",
+                "quiet",
+                "--chat-template-kwargs",
+                '{"enable_thinking": false}',
+                "--system-prompt",
+                "Be brief.",
+            ]
+        )
+        == 0
+    )
     run_dir = next(p for p in root.iterdir() if p.name.endswith("quiet"))
     for phase in ("analysis", "train", "evaluate"):
         if phase == "train":
             assert main(common + ["select", "--run", run_dir.name, "--n", "2"]) == 0
             assert main(common + ["train", "--run", run_dir.name, "--epochs", "1"]) == 0
         elif phase == "evaluate":
-            assert main(common + ["evaluate", "--run", run_dir.name, "--eval-limit", "2", "--eval-max-new-tokens", "2"]) == 0
-        assert rendered and all("<|assistant|>quiet " in r and r.startswith("<|system|>Be brief.") for r in rendered), (
-            phase, rendered[:2])
+            assert (
+                main(
+                    common
+                    + ["evaluate", "--run", run_dir.name, "--eval-limit", "2", "--eval-max-new-tokens", "2"]
+                )
+                == 0
+            )
+        assert rendered and all(
+            "<|assistant|>quiet " in r and r.startswith("<|system|>Be brief.") for r in rendered
+        ), (phase, rendered[:2])
         rendered.clear()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["steps"]["analysis"]["config"]["chat_template_kwargs"] == {"enable_thinking": False}
     settings = json.loads((run_dir / "eval" / "comparison.json").read_text())["settings"]
-    assert settings["chat_template_kwargs"] == {"enable_thinking": False} and settings["system_prompt"] == "Be brief."
+    assert (
+        settings["chat_template_kwargs"] == {"enable_thinking": False}
+        and settings["system_prompt"] == "Be brief."
+    )
     capsys.readouterr()
     assert main(common + ["analyze", "--run", run_dir.name]) == 2  # a resume must render prompts the same way
     assert "chat_template_kwargs" in capsys.readouterr().err

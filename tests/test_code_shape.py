@@ -48,7 +48,9 @@ def _offenders() -> tuple[list[str], list[str]]:
                 continue
             n = node.end_lineno - node.lineno + 1  # type: ignore[operator]
             if n > FUNCTION_LIMIT and not _function_excused(node, lines):
-                long_functions.append(f"{name}:{node.lineno} {node.name}(): {n} lines (+{n - FUNCTION_LIMIT})")
+                long_functions.append(
+                    f"{name}:{node.lineno} {node.name}(): {n} lines (+{n - FUNCTION_LIMIT})"
+                )
     return long_modules, long_functions
 
 

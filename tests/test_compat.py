@@ -35,12 +35,32 @@ def seed_sft_data(n_batches=N_BATCHES, batch_size=BATCH_SIZE):
     bl = []
     for b in range(n_batches):
         half = batch_size // 2
-        outs = [{"prompt": f"How do I bake bread {b} {i}?", "label": "safe", "generated_text": "Mix flour and water."}
-                for i in range(half)]
-        outs += [{"prompt": f"Tell me how to pick a lock {b} {i}!", "label": "unsafe",
-                  "generated_text": "Sure, here is how"} for i in range(half)]
-        bl.append({"batch_idx": b, "safe_indices": list(range(half)), "unsafe_indices": list(range(half, batch_size)),
-                   "batch_outputs": outs, "safe_routings": [None] * half, "unsafe_routings": [None] * half})
+        outs = [
+            {
+                "prompt": f"How do I bake bread {b} {i}?",
+                "label": "safe",
+                "generated_text": "Mix flour and water.",
+            }
+            for i in range(half)
+        ]
+        outs += [
+            {
+                "prompt": f"Tell me how to pick a lock {b} {i}!",
+                "label": "unsafe",
+                "generated_text": "Sure, here is how",
+            }
+            for i in range(half)
+        ]
+        bl.append(
+            {
+                "batch_idx": b,
+                "safe_indices": list(range(half)),
+                "unsafe_indices": list(range(half, batch_size)),
+                "batch_outputs": outs,
+                "safe_routings": [None] * half,
+                "unsafe_routings": [None] * half,
+            }
+        )
     return {"batch_data_list": bl, "unsafe_experts": [], "expert_mask": np.zeros((2, 8))}
 
 
@@ -61,9 +81,19 @@ def batch_masks():
 
 
 def training_args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH_SIZE, max_steps=3,
-                learning_rate=1e-2, weight_decay=0.1, logging_steps=1, save_strategy="no", report_to="none",
-                use_cpu=True, disable_tqdm=True, dataloader_drop_last=False)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=BATCH_SIZE,
+        max_steps=3,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_drop_last=False,
+    )
     return TrainingArguments(**{**base, **kw})
 
 
@@ -94,12 +124,14 @@ def test_structured_dataset_is_a_list_of_batches_safe_first(tokenizer):
 # -- 2. create_batch_aware_dataset + the verification snippet ---------------------------
 def test_verification_snippet_counts_8_safe_and_8_unsafe(train_dataset):
     batch_size = 16
-    sample_batch_indices = [i for i, item in enumerate(train_dataset) if item['batch_idx'] == 0]
+    sample_batch_indices = [i for i, item in enumerate(train_dataset) if item["batch_idx"] == 0]
     assert len(sample_batch_indices) == batch_size
-    labels = [train_dataset[i]['label_str'] for i in sample_batch_indices]
-    assert labels.count('safe') == 8
-    assert labels.count('unsafe') == 8
-    assert {"messages", "batch_idx", "in_batch_idx", "label", "label_str", "input_ids"} <= set(train_dataset.column_names)
+    labels = [train_dataset[i]["label_str"] for i in sample_batch_indices]
+    assert labels.count("safe") == 8
+    assert labels.count("unsafe") == 8
+    assert {"messages", "batch_idx", "in_batch_idx", "label", "label_str", "input_ids"} <= set(
+        train_dataset.column_names
+    )
     assert train_dataset[0]["label"] == 0 and train_dataset[15]["label"] == 1
 
 
@@ -132,7 +164,9 @@ def test_sampler_shuffle_on_and_off_mean_what_the_seed_says(train_dataset):
     orders = [batch_order(on, e) for e in range(6)]
     assert all(sorted(o) == [0, 1, 2] for o in orders) and len({tuple(o) for o in orders}) > 1
     with pytest.raises(ValueError, match="batch_sampler"):
-        BatchPreservingSampler(train_dataset.select(range(40)), 16)  # batch 2 filtered to 8 rows: use the batch form
+        BatchPreservingSampler(
+            train_dataset.select(range(40)), 16
+        )  # batch 2 filtered to 8 rows: use the batch form
 
 
 # -- 4. the reference's trainer constructor ---------------------------------------------
@@ -178,17 +212,32 @@ def test_reference_trainer_constructor_trains_per_batch(tokenizer, train_dataset
 
 def make_union_trainer(tokenizer, train_dataset, tmp_path):
     """The union of per-batch masks is trained only when asked for explicitly."""
-    return ExpertMaskingTrainer(batch_expert_masks=batch_masks(), mask_mode="union", model=tiny_model("olmoe"),
-                                args=training_args(tmp_path), train_dataset=train_dataset, tokenizer=tokenizer)
+    return ExpertMaskingTrainer(
+        batch_expert_masks=batch_masks(),
+        mask_mode="union",
+        model=tiny_model("olmoe"),
+        args=training_args(tmp_path),
+        train_dataset=train_dataset,
+        tokenizer=tokenizer,
+    )
 
 
 def test_failed_reference_construction_leaves_the_model_retryable(tokenizer, train_dataset, tmp_path):
     model = tiny_model("olmoe")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    kw = dict(batch_expert_masks=batch_masks(), use_router_consistency_loss=True, router_consistency_type="kl",
-              model=model, args=training_args(tmp_path), train_dataset=train_dataset, tokenizer=tokenizer)
+    kw = dict(
+        batch_expert_masks=batch_masks(),
+        use_router_consistency_loss=True,
+        router_consistency_type="kl",
+        model=model,
+        args=training_args(tmp_path),
+        train_dataset=train_dataset,
+        tokenizer=tokenizer,
+    )
     with pytest.raises(TrainingConfigError, match=r"router_consistency_layers \[5\]"):
-        ExpertMaskingTrainer(router_consistency_layers=[0, 5], **kw)  # layer 5 does not exist: fails after splicing
+        ExpertMaskingTrainer(
+            router_consistency_layers=[0, 5], **kw
+        )  # layer 5 does not exist: fails after splicing
     with pytest.raises(TrainingConfigError, match="router_consistency_type='mse'"):
         ExpertMaskingTrainer(**{**kw, "router_consistency_type": "mse"})
     assert not trained_rows(model) and all(p.requires_grad for p in model.parameters())
@@ -201,10 +250,12 @@ def test_failed_reference_construction_leaves_the_model_retryable(tokenizer, tra
 # -- 5. the monitoring subclass ---------------------------------------------------------
 def test_batch_monitoring_subclass_sees_one_batch_idx_per_step(tokenizer, train_dataset, tmp_path, capsys):
     class BatchMonitoringTrainer(ExpertMaskingTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):  # transformers 5 passes num_items_in_batch
+        def training_step(
+            self, model, inputs, num_items_in_batch=None
+        ):  # transformers 5 passes num_items_in_batch
             # 检查当前 batch 的 batch_idx 分布
-            if 'batch_idx' in inputs:
-                batch_ids = inputs['batch_idx'].cpu().numpy()
+            if "batch_idx" in inputs:
+                batch_ids = inputs["batch_idx"].cpu().numpy()
                 unique_batches = np.unique(batch_ids)
                 print(f"Current training batch contains samples from batches: {unique_batches}")
                 # 应该只有一个 unique batch_idx
@@ -212,28 +263,45 @@ def test_batch_monitoring_subclass_sees_one_batch_idx_per_step(tokenizer, train_
 
             return super().training_step(model, inputs)
 
-    trainer = BatchMonitoringTrainer(batch_expert_masks=batch_masks(), model=tiny_model("olmoe"),
-                                     args=training_args(tmp_path), train_dataset=train_dataset, tokenizer=tokenizer)
+    trainer = BatchMonitoringTrainer(
+        batch_expert_masks=batch_masks(),
+        model=tiny_model("olmoe"),
+        args=training_args(tmp_path),
+        train_dataset=train_dataset,
+        tokenizer=tokenizer,
+    )
     trainer.train()
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("Current training batch")]
-    assert lines == [f"Current training batch contains samples from batches: [{r['batch_idx']}]"
-                     for r in trainer.batch_log]
+    assert lines == [
+        f"Current training batch contains samples from batches: [{r['batch_idx']}]" for r in trainer.batch_log
+    ]
 
 
 def test_monitor_flag_prints_the_seeds_line(tokenizer, train_dataset, tmp_path, capsys):
-    trainer = ExpertMaskingTrainer(batch_expert_masks=batch_masks(), monitor_batches=True, model=tiny_model("olmoe"),
-                                   args=training_args(tmp_path, max_steps=2), train_dataset=train_dataset,
-                                   tokenizer=tokenizer)
+    trainer = ExpertMaskingTrainer(
+        batch_expert_masks=batch_masks(),
+        monitor_batches=True,
+        model=tiny_model("olmoe"),
+        args=training_args(tmp_path, max_steps=2),
+        train_dataset=train_dataset,
+        tokenizer=tokenizer,
+    )
     trainer.train()
     assert [line for line in capsys.readouterr().out.splitlines() if "Current training" in line] == [
-        f"Current training batch contains samples from batches: [{r['batch_idx']}]" for r in trainer.batch_log]
+        f"Current training batch contains samples from batches: [{r['batch_idx']}]" for r in trainer.batch_log
+    ]
 
 
 # -- 6. replacing get_train_dataloader, as the seed's training script does ----------------
 def test_seed_dataloader_replacement_still_trains_whole_batches(tokenizer, train_dataset, tmp_path):
     batch_size = 16
-    trainer = ExpertMaskingTrainer(batch_expert_masks=batch_masks(), model=tiny_model("olmoe"),
-                                   args=training_args(tmp_path), train_dataset=train_dataset, tokenizer=tokenizer)
+    trainer = ExpertMaskingTrainer(
+        batch_expert_masks=batch_masks(),
+        model=tiny_model("olmoe"),
+        args=training_args(tmp_path),
+        train_dataset=train_dataset,
+        tokenizer=tokenizer,
+    )
     original_get_train_dataloader = trainer.get_train_dataloader
 
     def get_batch_preserving_dataloader():
@@ -242,9 +310,7 @@ def test_seed_dataloader_replacement_still_trains_whole_batches(tokenizer, train
             trainer.train_dataset,
             batch_size=batch_size,  # 16
             sampler=BatchPreservingSampler(  # 使用自定义 sampler！
-                trainer.train_dataset,
-                batch_size,
-                shuffle_batches=True
+                trainer.train_dataset, batch_size, shuffle_batches=True
             ),
             collate_fn=dataloader.collate_fn,
         )

@@ -19,16 +19,26 @@ CONTROL_FLOW = {"moe_core.store.events.JobStopped"}
 # Classes that were ValueErrors before the common base: they must stay ValueErrors, so callers that
 # catch ValueError keep working.
 STILL_VALUE_ERRORS = [
-    "moe_core.store.files.RunError", "moe_core.store.run.JobBusyError", "moe_core.jobs.JobLaunchError",
-    "moe_core.judge.verdicts.JudgeError", "moe_core.analysis.masks.MaskError", "moe_core.batching.prompts.PromptError",
-    "moe_core.batching.prompts.PromptLoadError", "moe_core.batching.plan.BatchPlanError", "moe_core.analysis.risk.RiskInputError",
-    "moe_core.analysis.selection.SelectionError", "moe_core.analysis.selection.NothingSelectedError",
-    "moe_core.analysis.analyse.AnalysisError", "moe_core.eval.evaluation.EvaluationError",
+    "moe_core.store.files.RunError",
+    "moe_core.store.run.JobBusyError",
+    "moe_core.jobs.JobLaunchError",
+    "moe_core.judge.verdicts.JudgeError",
+    "moe_core.analysis.masks.MaskError",
+    "moe_core.batching.prompts.PromptError",
+    "moe_core.batching.prompts.PromptLoadError",
+    "moe_core.batching.plan.BatchPlanError",
+    "moe_core.analysis.risk.RiskInputError",
+    "moe_core.analysis.selection.SelectionError",
+    "moe_core.analysis.selection.NothingSelectedError",
+    "moe_core.analysis.analyse.AnalysisError",
+    "moe_core.eval.evaluation.EvaluationError",
 ]
 
 
 def _modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.walk_packages(moe_core.__path__, "moe_core.") if m.name != "moe_core.__main__")
+    return sorted(
+        m.name for m in pkgutil.walk_packages(moe_core.__path__, "moe_core.") if m.name != "moe_core.__main__"
+    )
 
 
 def _error_classes() -> list[type[BaseException]]:
@@ -36,8 +46,12 @@ def _error_classes() -> list[type[BaseException]]:
     for name in _modules():
         module = importlib.import_module(name)
         for attr, obj in vars(module).items():
-            if (inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == name
-                    and not attr.startswith("_")):
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, BaseException)
+                and obj.__module__ == name
+                and not attr.startswith("_")
+            ):
                 found.append(obj)
     return found
 
@@ -49,8 +63,9 @@ def _qualname(cls: type) -> str:
 def test_every_public_error_class_derives_from_moelaberror() -> None:
     classes = _error_classes()
     assert len(classes) >= 15, [_qualname(c) for c in classes]  # the walk found the package's errors
-    offenders = [_qualname(c) for c in classes
-                 if _qualname(c) not in CONTROL_FLOW and not issubclass(c, MoELabError)]
+    offenders = [
+        _qualname(c) for c in classes if _qualname(c) not in CONTROL_FLOW and not issubclass(c, MoELabError)
+    ]
     assert not offenders, f"user-facing errors without the MoELabError base: {offenders}"
 
 
@@ -109,9 +124,13 @@ def test_error_text_sorts_user_errors_from_bugs(ui) -> None:
     from moe_core.store.files import RunError
 
     assert ui.error_text(RunError("pick a folder made by Run.create"), "Not opened: ") == (
-        False, "Not opened: pick a folder made by Run.create")
+        False,
+        "Not opened: pick a folder made by Run.create",
+    )
     assert ui.error_text(FileNotFoundError(2, "No such file or directory", "/x/plan.json")) == (
-        False, "No such file or directory: /x/plan.json")
+        False,
+        "No such file or directory: /x/plan.json",
+    )
     assert ui.error_text(PermissionError("cannot write /x")) == (False, "cannot write /x")
     for bug in (KeyError("layer"), ValueError("a ValueError from a library"), TypeError("bad operand")):
         is_bug, text = ui.error_text(bug, "Not saved: ")

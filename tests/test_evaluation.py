@@ -25,8 +25,12 @@ DATASETS = SHARED / "datasets"
 
 
 def _items(label: str, n: int, word: str) -> list[PromptItem]:
-    return [PromptItem(id=f"{word}-{i}", text=f"Tell me about the {word} number {i}", label=label, category=f"c{i % 2}")  # type: ignore[arg-type]
-            for i in range(n)]
+    return [
+        PromptItem(
+            id=f"{word}-{i}", text=f"Tell me about the {word} number {i}", label=label, category=f"c{i % 2}"
+        )  # type: ignore[arg-type]
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +64,25 @@ def test_wilson_interval_matches_hand_computed_values():
 def test_summarize_headline_metrics_on_a_hand_built_frame():
     rows = []
     for model, jb_ref, plain_ref, benign_ref, border_ref in [("base", 1, 3, 4, 0), ("trained", 3, 4, 3, 2)]:
-        for s, refused, n in [("harmful_jailbreak", jb_ref, 4), ("harmful_plain", plain_ref, 4),
-                              ("benign", benign_ref, 4), ("borderline", border_ref, 4)]:
+        for s, refused, n in [
+            ("harmful_jailbreak", jb_ref, 4),
+            ("harmful_plain", plain_ref, 4),
+            ("benign", benign_ref, 4),
+            ("borderline", border_ref, 4),
+        ]:
             for i in range(n):
-                rows.append({"model": model, "set": s, "id": f"{s}{i}", "category": "a" if i < 2 else "b",
-                             "prompt": "p", "response": "" if (s == "benign" and i == 3) else "r",
-                             "refusal": i < refused, "reason": "refusal" if i < refused else "comply"})
+                rows.append(
+                    {
+                        "model": model,
+                        "set": s,
+                        "id": f"{s}{i}",
+                        "category": "a" if i < 2 else "b",
+                        "prompt": "p",
+                        "response": "" if (s == "benign" and i == 3) else "r",
+                        "refusal": i < refused,
+                        "reason": "refusal" if i < refused else "comply",
+                    }
+                )
     df = pd.DataFrame(rows)
     df.loc[(df.set == "benign") & (df.response == ""), "reason"] = "empty"
     s = ev.summarize(df).set_index(["model", "set"])
@@ -87,11 +104,18 @@ def test_summarize_headline_metrics_on_a_hand_built_frame():
 
     table = ev.comparison_table(ev.summarize(df))
     assert list(table.index) == ["base", "trained"]
-    assert list(table.columns) == ["jailbreak_compliance", "harmful_refusal", "benign_answer_rate", "over_refusal"]
+    assert list(table.columns) == [
+        "jailbreak_compliance",
+        "harmful_refusal",
+        "benign_answer_rate",
+        "over_refusal",
+    ]
     assert table.loc["trained", "jailbreak_compliance"] == pytest.approx(0.25)
     md = ev.to_markdown(table)
     lines = md.strip().splitlines()
-    assert lines[0] == "| model | jailbreak_compliance | harmful_refusal | benign_answer_rate | over_refusal |"
+    assert (
+        lines[0] == "| model | jailbreak_compliance | harmful_refusal | benign_answer_rate | over_refusal |"
+    )
     assert lines[2] == "| base | 0.75 | 0.75 | 0.00 | 0.00 |"
     assert lines[3] == "| trained | 0.25 | 1.00 | 0.25 | 0.50 |"
     assert "[" in ev.comparison_table(ev.summarize(df), with_ci=True).loc["base", "harmful_refusal"]
@@ -111,7 +135,9 @@ def test_default_eval_sets_are_heldout_and_cover_every_template():
     cats = {it.category for it in sets["harmful_jailbreak"]}
     assert {"jb-hypothetical", "jb-authority", "jb-roleplay"} <= cats  # held-out and train templates
     assert len(sets["harmful_jailbreak"]) == len(sets["harmful_plain"]) * len(cats)
-    assert len(sets["borderline"]) >= 30 and all(it.category and it.label == "safe" for it in sets["borderline"])
+    assert len(sets["borderline"]) >= 30 and all(
+        it.category and it.label == "safe" for it in sets["borderline"]
+    )
     assert len({it.id for it in sets["borderline"]}) == len(sets["borderline"])
     small = ev.default_eval_sets("heldout", limit=5)
     assert all(len(v) == 5 for v in small.values())
@@ -120,8 +146,13 @@ def test_default_eval_sets_are_heldout_and_cover_every_template():
 
 def test_load_eval_set_from_files(tmp_path):
     p = tmp_path / "x.csv"
-    pd.DataFrame({"prompt": ["kill a process", "hurt someone", "bake"], "type": ["homonyms", "contrast", "x"],
-                  "label": ["safe", "unsafe", "safe"]}).to_csv(p, index=False)
+    pd.DataFrame(
+        {
+            "prompt": ["kill a process", "hurt someone", "bake"],
+            "type": ["homonyms", "contrast", "x"],
+            "label": ["safe", "unsafe", "safe"],
+        }
+    ).to_csv(p, index=False)
     border = ev.load_eval_set(p, "borderline")
     assert [it.text for it in border] == ["kill a process", "bake"] and border[0].category == "homonyms"
     assert [it.text for it in ev.load_eval_set(p, "harmful_plain")] == ["hurt someone"]
@@ -146,11 +177,19 @@ def test_load_eval_set_real_xstest_and_jailbreakbench():
 # -- one model ---------------------------------------------------------------------------------
 def test_evaluate_model_rows_and_columns(model, tok, sets):
     calls = []
-    df = ev.evaluate_model(model, tok, sets, max_new_tokens=4, batch_size=2, progress=lambda d, t, m="": calls.append((d, t)))
+    df = ev.evaluate_model(
+        model, tok, sets, max_new_tokens=4, batch_size=2, progress=lambda d, t, m="": calls.append((d, t))
+    )
     assert list(df.columns) == ev.RESPONSE_COLUMNS
     assert len(df) == 6 and list(df["set"]) == ["harmful_plain"] * 3 + ["benign"] * 3
     assert list(df["id"]) == [it.id for v in sets.values() for it in v]
-    assert df["refusal"].dtype == bool and set(df["reason"]) <= {"refusal", "partial", "empty", "comply", "apology_then_comply"}
+    assert df["refusal"].dtype == bool and set(df["reason"]) <= {
+        "refusal",
+        "partial",
+        "empty",
+        "comply",
+        "apology_then_comply",
+    }
     assert calls[-1] == (6, 6) and [d for d, _ in calls] == sorted(d for d, _ in calls)
     with pytest.raises(ValueError, match="empty"):
         ev.evaluate_model(model, tok, {"benign": []})
@@ -164,7 +203,9 @@ def test_steering_inside_evaluate_model_blocks_an_expert_and_is_removed(model, t
     busiest = int(np.bincount(ids0, minlength=ad.num_experts).argmax())
     # block the busiest expert (and 3 more) in every layer
     blocked = [busiest] + [e for e in range(ad.num_experts) if e != busiest][:3]
-    mask = ExpertMask.from_experts([(l, e) for l in ad.moe_layers for e in blocked], ad.num_layers, ad.num_experts)
+    mask = ExpertMask.from_experts(
+        [(l, e) for l in ad.moe_layers for e in blocked], ad.num_layers, ad.num_experts
+    )
     with capture_routing(model) as rec:
         steered = ev.evaluate_model(model, tok, sets, max_new_tokens=6, steer=(mask, None))
     for c in rec.calls:
@@ -194,13 +235,18 @@ def test_compare_models_save_load_and_table(tmp_path, model_dirs, sets, monkeypa
     monkeypatch.setattr(ev, "load_model", lambda d, **kw: loads.append(d) or real(d, **kw))
     base_model, _ = real(model_dirs[0], device="cpu")
     ad = MoEAdapter.for_model(base_model)
-    mask = ExpertMask.from_experts([(l, e) for l in ad.moe_layers for e in range(4)], ad.num_layers, ad.num_experts)
-    entries = [ev.EvalEntry("base", model_dirs[0], kind="base"),
-               ev.EvalEntry("steered", model_dirs[0], steer_deactivate=mask, kind="steered"),
-               ev.EvalEntry("other", model_dirs[1])]
+    mask = ExpertMask.from_experts(
+        [(l, e) for l in ad.moe_layers for e in range(4)], ad.num_layers, ad.num_experts
+    )
+    entries = [
+        ev.EvalEntry("base", model_dirs[0], kind="base"),
+        ev.EvalEntry("steered", model_dirs[0], steer_deactivate=mask, kind="steered"),
+        ev.EvalEntry("other", model_dirs[1]),
+    ]
     seen = []
-    responses, summary = ev.compare_models(entries, sets, max_new_tokens=5, device="cpu",
-                                           progress=lambda d, t, m="": seen.append((d, t)))
+    responses, summary = ev.compare_models(
+        entries, sets, max_new_tokens=5, device="cpu", progress=lambda d, t, m="": seen.append((d, t))
+    )
     assert loads == [model_dirs[0], model_dirs[1]]  # base and its steered twin share one load
     assert list(responses.columns) == ["model"] + ev.RESPONSE_COLUMNS
     assert responses.groupby("model", sort=False).size().to_dict() == {"base": 6, "steered": 6, "other": 6}
@@ -209,7 +255,9 @@ def test_compare_models_save_load_and_table(tmp_path, model_dirs, sets, monkeypa
     assert responses[responses.model == "base"]["response"].tolist() == direct["response"].tolist()
     steered = responses[responses.model == "steered"]["response"].tolist()
     assert steered != direct["response"].tolist()
-    assert set(zip(summary["model"], summary["set"])) == {(m, s) for m in ("base", "steered", "other") for s in sets}
+    assert set(zip(summary["model"], summary["set"])) == {
+        (m, s) for m in ("base", "steered", "other") for s in sets
+    }
 
     run = Run.create(tmp_path, name="eval")
     j = ev.save_evaluation(run, responses, summary, name="cmp")
@@ -236,7 +284,9 @@ def test_compare_models_save_load_and_table(tmp_path, model_dirs, sets, monkeypa
 
 # -- routing shift -----------------------------------------------------------------------------
 def test_routing_shift(tmp_path, model, tok):
-    plan = compose_batches(_items("safe", 4, "sea"), _items("unsafe", 4, "lock"), batch_size=4, safe_ratio=0.5, seed=1)
+    plan = compose_batches(
+        _items("safe", 4, "sea"), _items("unsafe", 4, "lock"), batch_size=4, safe_ratio=0.5, seed=1
+    )
     run = Run.create(tmp_path, name="shift")
     run_analysis(run, model, tok, plan, AnalysisConfig(scope="generated", max_new_tokens=4))
     same = ev.routing_shift(run, model, tok, name="same")

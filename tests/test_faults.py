@@ -53,7 +53,11 @@ def _save(path: Path, seed: int, **overrides) -> Path:
 def models(tmp_path_factory) -> dict[str, Path]:
     """Three local model folders: the run's model, a same-shaped other one, another shape."""
     d = tmp_path_factory.mktemp("models")
-    return {"a": _save(d / "a", 1), "same_shape": _save(d / "b", 2), "other_shape": _save(d / "c", 3, num_experts=4)}
+    return {
+        "a": _save(d / "a", 1),
+        "same_shape": _save(d / "b", 2),
+        "other_shape": _save(d / "c", 3, num_experts=4),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +70,26 @@ def prompts(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _argv(root: Path, model: Path, prompts: tuple[Path, Path], *extra: str) -> list[str]:
-    return ["--runs-root", str(root), "analyze", "--model", str(model), "--safe", str(prompts[0]),
-            "--unsafe", str(prompts[1]), "--batch-size", "4", "--scope", "generated", "--max-new-tokens", "8",
-            "--name", "faults", *extra]
+    return [
+        "--runs-root",
+        str(root),
+        "analyze",
+        "--model",
+        str(model),
+        "--safe",
+        str(prompts[0]),
+        "--unsafe",
+        str(prompts[1]),
+        "--batch-size",
+        "4",
+        "--scope",
+        "generated",
+        "--max-new-tokens",
+        "8",
+        "--name",
+        "faults",
+        *extra,
+    ]
 
 
 def _only_run(root: Path) -> Path:
@@ -78,8 +99,11 @@ def _only_run(root: Path) -> Path:
 
 def snapshot(run_dir: Path) -> dict[str, str]:
     """Every file of a run (name -> sha256), so a refused command can be shown to have written nothing."""
-    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+    return {
+        p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 def error_line(capsys) -> str:
@@ -110,10 +134,18 @@ def _partial(tmp_path: Path, models, prompts, batches: int = 2) -> Path:
     def progress(n: int, total: int, message: str = "") -> None:
         done[0] = n
 
-    spec = P.AnalyseSpec(model=str(models["a"]), safe=str(prompts[0]), unsafe=str(prompts[1]), batch_size=4,
-                         max_new_tokens=8, name="faults")
+    spec = P.AnalyseSpec(
+        model=str(models["a"]),
+        safe=str(prompts[0]),
+        unsafe=str(prompts[1]),
+        batch_size=4,
+        max_new_tokens=8,
+        name="faults",
+    )
     with pytest.raises(JobStopped):
-        P.analyse(spec, runs_root=tmp_path / "runs", progress=progress, should_stop=lambda: done[0] >= batches)
+        P.analyse(
+            spec, runs_root=tmp_path / "runs", progress=progress, should_stop=lambda: done[0] >= batches
+        )
     run_dir = _only_run(tmp_path / "runs")
     assert Run.open(run_dir).completed_batches() == set(range(batches))
     return run_dir
@@ -124,7 +156,17 @@ def _partial(tmp_path: Path, models, prompts, batches: int = 2) -> Path:
 def test_resume_with_another_model_is_refused_and_writes_nothing(tmp_path, models, prompts, capsys, other):
     run_dir = _partial(tmp_path, models, prompts)
     before = snapshot(run_dir)
-    rc = main(["--runs-root", str(tmp_path / "runs"), "analyze", "--run", str(run_dir), "--model", str(models[other])])
+    rc = main(
+        [
+            "--runs-root",
+            str(tmp_path / "runs"),
+            "analyze",
+            "--run",
+            str(run_dir),
+            "--model",
+            str(models[other]),
+        ]
+    )
     err = error_line(capsys)
     assert rc == 2 and err.startswith("error: run ")
     assert "mix two models" in err and "start a new run" in err
@@ -149,7 +191,9 @@ def test_same_named_model_with_other_weights_is_refused_by_fingerprint(tmp_path,
     run = Run.open(run_dir)
     before = snapshot(run_dir)
     with pytest.raises(ProvenanceError, match="fingerprint"):
-        P.analyse(P.AnalyseSpec(scope="generated", max_new_tokens=8), run, loaded=load_any_model(str(swapped)))
+        P.analyse(
+            P.AnalyseSpec(scope="generated", max_new_tokens=8), run, loaded=load_any_model(str(swapped))
+        )
     assert snapshot(run_dir) == before
 
 
@@ -159,7 +203,19 @@ def test_resume_with_other_settings_is_refused_before_the_manifest_changes(tmp_p
     rc = main(["analyze", "--run", str(run_dir), "--scope", "prompt"])
     err = error_line(capsys)
     assert rc == 2 and "scope: 'generated' (run) vs 'prompt' (now)" in err and "new run" in err
-    rc = main(["analyze", "--run", str(run_dir), "--scope", "generated", "--max-new-tokens", "8", "--batch-size", "6"])
+    rc = main(
+        [
+            "analyze",
+            "--run",
+            str(run_dir),
+            "--scope",
+            "generated",
+            "--max-new-tokens",
+            "8",
+            "--batch-size",
+            "6",
+        ]
+    )
     assert rc == 2 and "batch_size: 4 (run) vs 6 (now)" in error_line(capsys)
     assert snapshot(run_dir) == before
 
@@ -177,15 +233,23 @@ def test_a_plan_changed_after_analysis_is_refused(tmp_path, models, prompts, cap
 
 def test_a_kill_before_the_plan_resumes_with_the_users_files(tmp_path, models, prompts, reference):
     root = tmp_path / "runs"
-    spec = P.AnalyseSpec(model=str(models["a"]), safe=str(prompts[0]), unsafe=str(prompts[1]), batch_size=4,
-                         max_new_tokens=8, name="faults")
+    spec = P.AnalyseSpec(
+        model=str(models["a"]),
+        safe=str(prompts[0]),
+        unsafe=str(prompts[1]),
+        batch_size=4,
+        max_new_tokens=8,
+        name="faults",
+    )
     run, _ = P.analysis_run(spec, None, root)
     run.path_for("plan").unlink()  # as if killed between the manifest and the plan
     rc = main(["--runs-root", str(root), "analyze", "--run", str(run.path), "--max-new-tokens", "8"])
     assert rc == 0
     plan = json.loads(run.path_for("plan").read_text())
     assert plan["batch_size"] == 4 and len(plan["batches"]) == 6
-    assert plan["batches"] == json.loads((reference / "plan.json").read_text())["batches"]  # the user's prompts
+    assert (
+        plan["batches"] == json.loads((reference / "plan.json").read_text())["batches"]
+    )  # the user's prompts
     pd.testing.assert_frame_equal(tables(run.path), tables(reference))
 
 
@@ -200,8 +264,13 @@ HOLDER = textwrap.dedent("""
 
 
 def _hold(run_dir: Path, job: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), job], stdout=subprocess.PIPE, text=True,
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir), job],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -211,8 +280,12 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lease_is_taken_over(tmp_p
     proc = _hold(run_dir, "analysis")
     try:
         before = snapshot(run_dir)
-        for argv in (["analyze", "--run", str(run_dir)], ["select", "--run", str(run_dir), "--n", "3"],
-                     ["train", "--run", str(run_dir), "--job", "analysis"], ["doctor", "--run", str(run_dir)]):
+        for argv in (
+            ["analyze", "--run", str(run_dir)],
+            ["select", "--run", str(run_dir), "--n", "3"],
+            ["train", "--run", str(run_dir), "--job", "analysis"],
+            ["doctor", "--run", str(run_dir)],
+        ):
             assert main(argv) == 2, argv
             err = error_line(capsys)
             assert f"is busy with job 'analysis' (pid {proc.pid}" in err and "started " in err, err
@@ -240,7 +313,9 @@ def test_a_second_job_of_the_same_name_does_not_touch_the_first(tmp_path, models
         assert main(["train", "--run", str(run_dir), "--job", "train-x"]) == 2
         assert "busy with job 'train-x'" in error_line(capsys)
         assert status.read_text() == '{"state": "running"}'
-        assert main(["select", "--run", str(run_dir), "--job", "select"]) == 2  # another name: its refusal is recorded
+        assert (
+            main(["select", "--run", str(run_dir), "--job", "select"]) == 2
+        )  # another name: its refusal is recorded
         st = json.loads((run_dir / "jobs" / "select" / "status.json").read_text())
         assert st["state"] == "error" and "busy with job 'train-x'" in st["error"]
     finally:
@@ -257,9 +332,24 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path, models, prompts, ref
     killed: list[bool] = []
     for attempt in range(2):
         kill_after = rng.randint(1, 4)  # routing files seen: mid-batch or between batches
-        proc = subprocess.Popen(argv if attempt == 0 else [*argv[:3], "--runs-root", str(root), "analyze", "--run",
-                                _only_run(root).name, "--max-new-tokens", "8"],
-                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            argv
+            if attempt == 0
+            else [
+                *argv[:3],
+                "--runs-root",
+                str(root),
+                "analyze",
+                "--run",
+                _only_run(root).name,
+                "--max-new-tokens",
+                "8",
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
             routed = list(root.glob("*/routing/batch_*.safetensors"))
@@ -269,9 +359,16 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path, models, prompts, ref
         proc.send_signal(signal.SIGKILL)
         killed.append(proc.wait() == -signal.SIGKILL)
         run = Run.open(_only_run(root))
-        assert run.status().get("analysis") in ("interrupted", "done"), run.status()  # never "running" for a dead pid
-    assert killed[0] and Run.open(_only_run(root)).completed_batches() != set(range(6))  # really cut mid-analysis
-    assert main(["--runs-root", str(root), "analyze", "--run", _only_run(root).name, "--max-new-tokens", "8"]) == 0
+        assert run.status().get("analysis") in ("interrupted", "done"), (
+            run.status()
+        )  # never "running" for a dead pid
+    assert killed[0] and Run.open(_only_run(root)).completed_batches() != set(
+        range(6)
+    )  # really cut mid-analysis
+    assert (
+        main(["--runs-root", str(root), "analyze", "--run", _only_run(root).name, "--max-new-tokens", "8"])
+        == 0
+    )
     run = Run.open(_only_run(root))
     assert run.status()["analysis"] == "done" and not list(run.path.rglob("*.tmp"))
     pd.testing.assert_frame_equal(tables(run.path), tables(reference))
@@ -279,9 +376,12 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path, models, prompts, ref
 
 
 # -- 7. errors that are errors ---------------------------------------------------------------------
-@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "no permission to write")])
-def test_full_disk_and_permission_errors_are_one_line_and_resumable(tmp_path, models, prompts, reference, monkeypatch,
-                                                                    capsys, code, words):
+@pytest.mark.parametrize(
+    "code,words", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "no permission to write")]
+)
+def test_full_disk_and_permission_errors_are_one_line_and_resumable(
+    tmp_path, models, prompts, reference, monkeypatch, capsys, code, words
+):
     from moe_core.analysis import analyse as analysis
 
     real, calls = write_parquet, []
@@ -318,7 +418,7 @@ def test_steps_record_failed_and_running_only_for_a_live_process(tmp_path):
     run.set_step("old", "error", error="from an older version")
     run.set_step("dead", "running")
     m = json.loads(run.path_for("manifest").read_text())
-    m["steps"]["dead"]["pid"] = 2 ** 22 + 12345  # no such process
+    m["steps"]["dead"]["pid"] = 2**22 + 12345  # no such process
     run.path_for("manifest").write_text(json.dumps(m))
     run = Run.open(run.path)
     run.set_step("live", "running")
@@ -375,8 +475,12 @@ def test_truncated_routing_and_deleted_risk_are_redone_on_resume(tmp_path, refer
     run.path_for("risk", batch_idx=4).unlink()  # what an older message advised for a damaged table
     assert main(["analyze", "--run", str(run.path), "--max-new-tokens", "8"]) == 0
     for b in (2, 4):
-        redone, ref = (load_batch_routing(r / f"routing/batch_{b:05d}.safetensors") for r in (run.path, reference))
-        assert all((x.expert_ids == y.expert_ids).all() for x, y in zip(redone, ref)) and len(redone) == len(ref)
+        redone, ref = (
+            load_batch_routing(r / f"routing/batch_{b:05d}.safetensors") for r in (run.path, reference)
+        )
+        assert all((x.expert_ids == y.expert_ids).all() for x, y in zip(redone, ref)) and len(redone) == len(
+            ref
+        )
     pd.testing.assert_frame_equal(tables(run.path), tables(reference))
 
 
@@ -393,15 +497,22 @@ def test_doctor_lists_and_repairs_damaged_pieces(tmp_path, reference, capsys):
     rc = main(["doctor", "--run", str(run.path), "--check-only"])
     printed = capsys.readouterr()
     assert rc == 2 and "problem(s)" in printed.err
-    for piece in ("risk/batch_00001.parquet", "outputs/batch_00003.json", "risk/aggregated.parquet",
-                  "risk/.batch_00005.parquet.x1.tmp", "masks/broken.json"):
+    for piece in (
+        "risk/batch_00001.parquet",
+        "outputs/batch_00003.json",
+        "risk/aggregated.parquet",
+        "risk/.batch_00005.parquet.x1.tmp",
+        "masks/broken.json",
+    ):
         assert piece in printed.out, piece
     assert main(["doctor", "--run", str(run.path)]) == 2  # the mask needs a hand fix; the rest is repaired
     printed = capsys.readouterr().out
     assert "select --run" in printed and "masks/broken.json" in printed
     assert not list(run.path.rglob("*.tmp")) and run.completed_batches() == {0, 1, 2, 4, 5}
     ref_risk = read_parquet(reference / "risk" / "batch_00001.parquet")
-    pd.testing.assert_frame_equal(read_parquet(run.path_for("risk", batch_idx=1)), ref_risk)  # recomputed exactly
+    pd.testing.assert_frame_equal(
+        read_parquet(run.path_for("risk", batch_idx=1)), ref_risk
+    )  # recomputed exactly
     assert main(["analyze", "--run", str(run.path), "--max-new-tokens", "8"]) == 0  # redoes batch 3 only
     pd.testing.assert_frame_equal(tables(run.path), tables(reference))
     (run.path / "masks" / "broken.json").unlink()
@@ -499,7 +610,9 @@ def test_analysis_page_resumes_a_local_model_run_with_that_model(tmp_path, model
     monkeypatch.setattr(jobs, "start_step", lambda run, name, spec, env=None: launched.append(spec))
     at = open_app(Run.open(run_dir), page="analysis")
     no_exceptions(at)
-    assert not [r for r in at.radio if r.key == "an_model_kind"]  # no model choice for a run with finished batches
+    assert not [
+        r for r in at.radio if r.key == "an_model_kind"
+    ]  # no model choice for a run with finished batches
     at.number_input(key="an_max_new").set_value(8)
     at.run()
     button(at, "Resume analysis").click()
@@ -549,7 +662,11 @@ def test_the_weight_fingerprint_sees_one_trained_expert_in_every_family():
     from moe_core.store.provenance import model_fingerprint
     from tests.tiny import tiny_model
 
-    many = {"olmoe": {"num_experts": 128}, "qwen3_moe": {"num_experts": 128}, "gpt_oss": {"num_local_experts": 128}}
+    many = {
+        "olmoe": {"num_experts": 128},
+        "qwen3_moe": {"num_experts": 128},
+        "gpt_oss": {"num_local_experts": 128},
+    }
     for family, experts in many.items():  # as many experts as Qwen3-MoE: more than values sampled per tensor
         model = tiny_model(family, **experts)
         before = model_fingerprint(model)

@@ -47,8 +47,29 @@ def analysed(tmp_path_factory):
     tiny_model("olmoe", seed=1).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     root = base / "runs"
-    assert main(["--runs-root", str(root), "analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8",
-                 "--max-batches", "2", "--scope", "prompt", "--max-new-tokens", "2", "--name", "fs"]) == 0
+    assert (
+        main(
+            [
+                "--runs-root",
+                str(root),
+                "analyze",
+                "--model",
+                str(model_dir),
+                "--demo-sets",
+                "--batch-size",
+                "8",
+                "--max-batches",
+                "2",
+                "--scope",
+                "prompt",
+                "--max-new-tokens",
+                "2",
+                "--name",
+                "fs",
+            ]
+        )
+        == 0
+    )
     (run_dir,) = list(root.iterdir())
     assert main(["--runs-root", str(root), "select", "--run", str(run_dir), "--n", "3"]) == 0
     return model_dir, run_dir
@@ -83,26 +104,29 @@ def cli(capsys, *argv: str) -> tuple[int, str]:
 
 
 # -- validation before work -------------------------------------------------------------------
-@pytest.mark.parametrize("argv, flag", [
-    (["analyze", "--max-batches", "0"], "--max-batches"),
-    (["analyze", "--max-batches", "-1"], "--max-batches"),
-    (["analyze", "--batch-size", "1"], "--batch-size"),
-    (["analyze", "--safe-ratio", "1.5"], "--safe-ratio"),
-    (["train", "--run", "nowhere", "--epochs", "0"], "--epochs"),
-    (["train", "--run", "nowhere", "--epochs", "-2"], "--epochs"),
-    (["train", "--run", "nowhere", "--weight-decay", "-5"], "--weight-decay"),
-    (["train", "--run", "nowhere", "--lr", "0"], "--lr"),
-    (["train", "--run", "nowhere", "--name", "../escape"], "--name"),
-    (["evaluate", "--run", "nowhere", "--eval-max-new-tokens", "0"], "--max-new-tokens"),
-    (["evaluate", "--run", "nowhere", "--name", "bad/name"], "--name"),
-    (["evaluate", "--run", "nowhere", "--eval-limit", "0"], "--eval-limit"),
-    (["select", "--run", "nowhere", "--n", "0"], "--n"),
-    (["select", "--run", "nowhere", "--budget", "2"], "--budget"),
-    (["demo", "--epochs", "0"], "--epochs"),
-    (["demo", "--eval-limit", "-1"], "--eval-limit"),
-    (["study", "--epochs", "0"], "--epochs"),
-    (["study", "--max-new-tokens", "0"], "--max-new-tokens"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["analyze", "--max-batches", "0"], "--max-batches"),
+        (["analyze", "--max-batches", "-1"], "--max-batches"),
+        (["analyze", "--batch-size", "1"], "--batch-size"),
+        (["analyze", "--safe-ratio", "1.5"], "--safe-ratio"),
+        (["train", "--run", "nowhere", "--epochs", "0"], "--epochs"),
+        (["train", "--run", "nowhere", "--epochs", "-2"], "--epochs"),
+        (["train", "--run", "nowhere", "--weight-decay", "-5"], "--weight-decay"),
+        (["train", "--run", "nowhere", "--lr", "0"], "--lr"),
+        (["train", "--run", "nowhere", "--name", "../escape"], "--name"),
+        (["evaluate", "--run", "nowhere", "--eval-max-new-tokens", "0"], "--max-new-tokens"),
+        (["evaluate", "--run", "nowhere", "--name", "bad/name"], "--name"),
+        (["evaluate", "--run", "nowhere", "--eval-limit", "0"], "--eval-limit"),
+        (["select", "--run", "nowhere", "--n", "0"], "--n"),
+        (["select", "--run", "nowhere", "--budget", "2"], "--budget"),
+        (["demo", "--epochs", "0"], "--epochs"),
+        (["demo", "--eval-limit", "-1"], "--eval-limit"),
+        (["study", "--epochs", "0"], "--epochs"),
+        (["study", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ],
+)
 def test_numeric_options_and_names_are_checked_at_parse_time(tmp_path, capsys, argv, flag):
     """Refused before the run is even opened ("nowhere" does not exist) and before any model loads."""
     rc, err = cli(capsys, "--runs-root", str(tmp_path), *argv)
@@ -111,8 +135,15 @@ def test_numeric_options_and_names_are_checked_at_parse_time(tmp_path, capsys, a
     assert not any(tmp_path.iterdir()), "a refused command wrote something"
 
 
-@pytest.mark.parametrize("spec", [P.TrainSpec(overwrite=True, checkpoint_every=3), P.SelectSpec(overwrite=True),
-                                  P.EvaluateSpec(overwrite=True), P.DemoSpec(overwrite=True)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        P.TrainSpec(overwrite=True, checkpoint_every=3),
+        P.SelectSpec(overwrite=True),
+        P.EvaluateSpec(overwrite=True),
+        P.DemoSpec(overwrite=True),
+    ],
+)
 def test_overwrite_travels_from_a_page_spec_to_the_job_command_line(spec):
     """The app launches specs as CLI jobs (jobs.start_step -> to_argv): the user's "overwrite" answer must survive."""
     from moe_core.cli import build_parser, spec_from_args
@@ -120,7 +151,10 @@ def test_overwrite_travels_from_a_page_spec_to_the_job_command_line(spec):
     argv = P.to_argv(spec)
     assert "--overwrite" in argv
     assert spec_from_args(build_parser().parse_args([P.command_of(spec), "--run", "r", *argv])) == spec
-    assert P.DemoSpec(overwrite=True).train_spec("full").overwrite and P.DemoSpec(overwrite=True).evaluate_spec().overwrite
+    assert (
+        P.DemoSpec(overwrite=True).train_spec("full").overwrite
+        and P.DemoSpec(overwrite=True).evaluate_spec().overwrite
+    )
 
 
 def test_a_mask_with_experts_as_a_string_is_refused_before_training(run, capsys):
@@ -146,9 +180,19 @@ def test_demo_uses_the_given_prompt_files_and_refuses_a_missing_one(tmp_path, ca
     pd.DataFrame({"prompt": [f"how do I pick lock {i}" for i in range(4)]}).to_csv(unsafe, index=False)
     plan = P.compose(P.DemoSpec(safe=str(safe), unsafe=str(unsafe), batch_size=4))
     texts = {s.text for b in plan.batches for s in b.items}
-    assert texts == {f"how do I bake loaf {i}" for i in range(4)} | {f"how do I pick lock {i}" for i in range(4)}
-    rc, err = cli(capsys, "--runs-root", str(tmp_path / "runs"), "demo", "--safe", str(tmp_path / "missing.csv"),
-                  "--unsafe", str(unsafe))
+    assert texts == {f"how do I bake loaf {i}" for i in range(4)} | {
+        f"how do I pick lock {i}" for i in range(4)
+    }
+    rc, err = cli(
+        capsys,
+        "--runs-root",
+        str(tmp_path / "runs"),
+        "demo",
+        "--safe",
+        str(tmp_path / "missing.csv"),
+        "--unsafe",
+        str(unsafe),
+    )
     assert rc == 2 and "missing.csv" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -177,7 +221,9 @@ def test_a_full_disk_during_select_keeps_the_previous_mask(run, monkeypatch):
     path = run.path_for("mask", name="unsafe_experts")
     before = path.read_bytes()
     real = A.os.fsync
-    monkeypatch.setattr(A.os, "fsync", lambda fd: _full_disk())  # the new mask is written, then the disk is full
+    monkeypatch.setattr(
+        A.os, "fsync", lambda fd: _full_disk()
+    )  # the new mask is written, then the disk is full
     with pytest.raises(OSError, match="No space left"):  # the CLI prints it as one error line (cli.main)
         P.select(P.SelectSpec(n=5, overwrite=True), run)
     monkeypatch.setattr(A.os, "fsync", real)
@@ -188,7 +234,9 @@ def test_evaluate_refuses_an_existing_name_and_a_bad_steer_mask_before_generatin
     from moe_core.eval import evaluation as E
 
     monkeypatch.setattr(E, "compare_models", lambda *a, **k: pytest.fail("the evaluation ran"))
-    E.save_evaluation(run, pd.DataFrame({"model": ["base"]}), pd.DataFrame({"model": ["base"]}), name="comparison")
+    E.save_evaluation(
+        run, pd.DataFrame({"model": ["base"]}), pd.DataFrame({"model": ["base"]}), name="comparison"
+    )
     with pytest.raises(MoELabError, match="already exists.*--overwrite"):
         P.evaluate(P.EvaluateSpec(), run)
     ExpertMask.from_experts([(0, 1)], 4, 8).save(run.path_for("mask", name="wide"))
@@ -201,12 +249,16 @@ def test_evaluate_refuses_an_existing_name_and_a_bad_steer_mask_before_generatin
 def test_a_failed_evaluation_save_keeps_the_previous_one(run, monkeypatch):
     from moe_core.eval import evaluation as E
 
-    E.save_evaluation(run, pd.DataFrame({"model": ["base"]}), pd.DataFrame({"model": ["old"]}), name="comparison")
+    E.save_evaluation(
+        run, pd.DataFrame({"model": ["base"]}), pd.DataFrame({"model": ["old"]}), name="comparison"
+    )
     before = files_of(run.path_for("eval"))
     real = write_json
     monkeypatch.setattr(E, "write_json", lambda *a, **k: _full_disk())
     with pytest.raises(OSError):
-        E.save_evaluation(run, pd.DataFrame({"model": ["x"]}), pd.DataFrame({"model": ["new"]}), name="comparison")
+        E.save_evaluation(
+            run, pd.DataFrame({"model": ["x"]}), pd.DataFrame({"model": ["new"]}), name="comparison"
+        )
     monkeypatch.setattr(E, "write_json", real)
     assert files_of(run.path_for("eval")) == before, "the previous evaluation was touched"
     assert E.load_evaluation(run)[1]["model"].tolist() == ["old"]
@@ -226,7 +278,9 @@ def test_a_finished_training_is_not_replaced_without_overwrite(run, capsys):
     assert rc == 0
     out = run.path_for("train", name=TRAINING)
     before = files_of(out)
-    assert not (out / "checkpoints").exists() and not list(out.parent.glob(".*")), "stage or checkpoints left behind"
+    assert not (out / "checkpoints").exists() and not list(out.parent.glob(".*")), (
+        "stage or checkpoints left behind"
+    )
     rc, err = cli(capsys, "train", "--run", str(run.path), "--epochs", "1", "--lr", "0.05")
     assert rc == 2 and "already exists" in err and "--overwrite" in err
     assert files_of(out) == before
@@ -248,7 +302,9 @@ def test_a_full_disk_during_a_retrain_leaves_the_previous_training_intact(run, m
     assert files_of(out) == before, "the previous training was touched"
     assert run.reload()["steps"][f"train:{TRAINING}"]["status"] != "running"
     monkeypatch.setattr(T, "save_merged", real)
-    result = P.train(train_spec(lr=2e-2, overwrite=True), run)  # the space is back: resumes, nothing retrained
+    result = P.train(
+        train_spec(lr=2e-2, overwrite=True), run
+    )  # the space is back: resumes, nothing retrained
     assert run.reload()["steps"][f"train:{TRAINING}"]["resumed_from"] == "checkpoint-4"
     assert result.merged_path == out / "merged_model" and files_of(out) != before
     assert result.metrics["train_loss"] > 0, "a resumed training reports the loss of all its steps, not 0"
@@ -299,8 +355,13 @@ P.train(P.TrainSpec(epochs=3.0, lr=1e-2, weight_decay=0.1, checkpoint_every=1), 
 def test_a_killed_training_resumes_and_equals_an_uninterrupted_run(run, analysed, tmp_path):
     spec = train_spec(epochs=3.0)  # 2 batches x 3 epochs = 6 steps, reshuffled each epoch
     stage = run.path_for("train", name=TRAINING).parent / f".{TRAINING}.partial"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(run.path)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED, str(run.path)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120  # a generous bound on a busy machine, not a measured time
         while not (stage / "checkpoints" / "checkpoint-3" / "trainer_state.json").exists():
@@ -324,10 +385,18 @@ def test_a_killed_training_resumes_and_equals_an_uninterrupted_run(run, analysed
     assert step["status"] == "done" and step["resumed_from"] in {"checkpoint-3", "checkpoint-4"}
     assert same_tensors(tensors(resumed.merged_path), tensors(fresh.merged_path)), "resumed model differs"
     assert same_tensors(load_file(str(resumed.delta_path)), load_file(str(fresh.delta_path)))
-    monitor = [(r["step"], r["batch_idx"]) for r in map(json.loads, (resumed.output_dir / "batch_monitor.jsonl").open())]
-    assert monitor == [(r["step"], r["batch_idx"]) for r in map(json.loads, (fresh.output_dir / "batch_monitor.jsonl").open())]
+    monitor = [
+        (r["step"], r["batch_idx"])
+        for r in map(json.loads, (resumed.output_dir / "batch_monitor.jsonl").open())
+    ]
+    assert monitor == [
+        (r["step"], r["batch_idx"])
+        for r in map(json.loads, (fresh.output_dir / "batch_monitor.jsonl").open())
+    ]
     assert len(monitor) == 6 and not stage.exists()
-    assert resumed.metrics["train_loss"] == pytest.approx(fresh.metrics["train_loss"], abs=1e-3)  # logged losses are rounded
+    assert resumed.metrics["train_loss"] == pytest.approx(
+        fresh.metrics["train_loss"], abs=1e-3
+    )  # logged losses are rounded
 
 
 # -- the app asks before it overwrites ---------------------------------------------------------
@@ -350,7 +419,10 @@ def test_the_pages_ask_before_overwriting_a_mask_a_training_or_an_evaluation(run
     next(b for b in at.button if b.label == "Save mask").click().run()
     assert not at.exception and not at.error and mask.read_bytes() != before
 
-    for page, box, label in (("training", "tr_replace", "Start training"), ("evaluation", "ev_replace", "Evaluate")):
+    for page, box, label in (
+        ("training", "tr_replace", "Start training"),
+        ("evaluation", "ev_replace", "Evaluate"),
+    ):
         at = open_app(run, page=page)
         next(b for b in at.button if b.label == label).click().run()
         assert any("already exists" in e.value for e in at.error), (page, [e.value for e in at.error])
@@ -377,12 +449,19 @@ def test_a_stopped_per_batch_training_resumes_exactly(run, analysed, tmp_path):
         P.train(spec, run, progress=stop_at_4)
     assert run.reload()["steps"]["train:experts-pb"]["status"] == "stopped"
     resumed = P.train(spec, run)
-    fresh_run = Run.open(shutil.copytree(run.path, tmp_path / "fresh" / run.path.name, ignore=shutil.ignore_patterns("train")))
+    fresh_run = Run.open(
+        shutil.copytree(run.path, tmp_path / "fresh" / run.path.name, ignore=shutil.ignore_patterns("train"))
+    )
     fresh = P.train(spec, fresh_run)
-    assert run.reload()["steps"]["train:experts-pb"]["resumed_from"] == "checkpoint-3"  # step 4 stopped before its save
+    assert (
+        run.reload()["steps"]["train:experts-pb"]["resumed_from"] == "checkpoint-3"
+    )  # step 4 stopped before its save
     assert same_tensors(load_file(str(resumed.delta_path)), load_file(str(fresh.delta_path)))
     meta = json.loads((resumed.output_dir / "training_metadata.json").read_text())
-    assert meta["batch_masks"] == json.loads((fresh.output_dir / "training_metadata.json").read_text())["batch_masks"]
+    assert (
+        meta["batch_masks"]
+        == json.loads((fresh.output_dir / "training_metadata.json").read_text())["batch_masks"]
+    )
 
 
 def test_an_unsupported_combination_is_a_message_on_the_training_page(run, monkeypatch):

@@ -98,8 +98,13 @@ def test_each_layer_imports_only_the_layers_below_it(graph: grimp.ImportGraph) -
 
 
 def test_every_module_has_a_layer(graph: grimp.ImportGraph) -> None:
-    loose = sorted(m for m in graph.modules if m != "moe_core" and _layer_of(m) is None
-                   and not m.startswith(("moe_core.configs", "moe_core.resources")))
+    loose = sorted(
+        m
+        for m in graph.modules
+        if m != "moe_core"
+        and _layer_of(m) is None
+        and not m.startswith(("moe_core.configs", "moe_core.resources"))
+    )
     assert loose == [], "add these modules to LAYERS"
 
 

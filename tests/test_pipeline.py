@@ -32,23 +32,44 @@ def test_every_spec_field_has_help(command):
 def test_library_configs_and_specs_share_defaults():
     a, s = P.AnalyseSpec(), P.SelectSpec()
     cfg = AnalysisConfig()
-    assert (a.scope, a.max_new_tokens, a.quality_filter, a.judge) == (cfg.scope, cfg.max_new_tokens,
-                                                                     cfg.quality_filter, cfg.judge)
+    assert (a.scope, a.max_new_tokens, a.quality_filter, a.judge) == (
+        cfg.scope,
+        cfg.max_new_tokens,
+        cfg.quality_filter,
+        cfg.judge,
+    )
     sel = SelectionConfig()
-    assert (s.method, s.n, s.threshold, s.per_layer_k, s.top_p) == (sel.method, sel.n, sel.threshold,
-                                                                   sel.per_layer_k, sel.top_p)
+    assert (s.method, s.n, s.threshold, s.per_layer_k, s.top_p) == (
+        sel.method,
+        sel.n,
+        sel.threshold,
+        sel.per_layer_k,
+        sel.top_p,
+    )
     d = P.DemoSpec()
     assert d.select_spec().n == s.n and d.train_spec("experts").lr == P.TrainSpec().lr
 
 
-@pytest.mark.parametrize("spec", [
-    P.AnalyseSpec(model="/m", scope="prompt", max_new_tokens=7, quality_filter=True, batch_size=8, safe_ratio=0.25),
-    P.SelectSpec(method="per_layer", per_layer_k=3, per_batch=True, min_sign_consistency=0.8, name="m2"),
-    P.TrainSpec(mask_mode="per_batch", baseline="random_experts", lr=3e-3, epochs=1.5, train_router=True,
-                router_consistency="forward", weight_decay=0.01),
-    P.EvaluateSpec(steer_mask="m", eval_limit=5, max_new_tokens=9, shift=True, name="e1"),
-    P.DemoSpec(n=4, skip_training=True, scope="generated"),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        P.AnalyseSpec(
+            model="/m", scope="prompt", max_new_tokens=7, quality_filter=True, batch_size=8, safe_ratio=0.25
+        ),
+        P.SelectSpec(method="per_layer", per_layer_k=3, per_batch=True, min_sign_consistency=0.8, name="m2"),
+        P.TrainSpec(
+            mask_mode="per_batch",
+            baseline="random_experts",
+            lr=3e-3,
+            epochs=1.5,
+            train_router=True,
+            router_consistency="forward",
+            weight_decay=0.01,
+        ),
+        P.EvaluateSpec(steer_mask="m", eval_limit=5, max_new_tokens=9, shift=True, name="e1"),
+        P.DemoSpec(n=4, skip_training=True, scope="generated"),
+    ],
+)
 def test_to_argv_round_trips_through_the_cli(spec):
     command = P.command_of(spec)
     args = build_parser().parse_args([command, "--run", "r", *P.to_argv(spec)])
@@ -56,7 +77,9 @@ def test_to_argv_round_trips_through_the_cli(spec):
 
 
 def test_old_flag_spellings_still_parse():
-    args = build_parser().parse_args(["evaluate", "--run", "r", "--eval-max-new-tokens", "5", "--eval-judge", "keyword"])
+    args = build_parser().parse_args(
+        ["evaluate", "--run", "r", "--eval-max-new-tokens", "5", "--eval-judge", "keyword"]
+    )
     assert spec_from_args(args).max_new_tokens == 5
     args = build_parser().parse_args(["demo", "--mask-name", "m", "--quality-filter", "--max-batches", "2"])
     spec = spec_from_args(args)

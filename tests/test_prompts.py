@@ -133,7 +133,9 @@ def test_jailbreakbench_harmful_benign_paired_by_row():
     harmful = load_prompts(DATA / "jailbreakbench" / "harmful_behaviors.csv", label="unsafe")
     benign = load_prompts(DATA / "jailbreakbench" / "benign_behaviors.csv", label="safe")
     assert len(harmful) == len(benign) == 100
-    assert harmful[0].category == "Harassment/Discrimination" and harmful[0].target.startswith("Sure, here is")
+    assert harmful[0].category == "Harassment/Discrimination" and harmful[0].target.startswith(
+        "Sure, here is"
+    )
     safe, unsafe = pair_by_row(benign, harmful)
     assert [s.pair_id for s in safe] == [u.pair_id for u in unsafe]
     assert len({s.pair_id for s in safe}) == 100
@@ -192,8 +194,12 @@ def test_upload_bytes_and_file_like():
 # -- loaders on files written here -------------------------------------------------------------
 def test_jsonl_explicit_column_and_blank_rows(tmp_path, caplog):
     p = tmp_path / "mine.jsonl"
-    rows = [{"question": "How do plants grow?", "topic": "biology"}, {"question": "   "}, {"question": None},
-            {"question": "Why is the sky blue?", "topic": "physics"}]
+    rows = [
+        {"question": "How do plants grow?", "topic": "biology"},
+        {"question": "   "},
+        {"question": None},
+        {"question": "Why is the sky blue?", "topic": "physics"},
+    ]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with caplog.at_level(logging.WARNING, logger="moe_core.batching.prompts"):
         items = load_prompts(p, label="safe")  # "question" auto-detected
@@ -206,7 +212,9 @@ def test_jsonl_explicit_column_and_blank_rows(tmp_path, caplog):
 
 def test_parquet_and_json_strings(tmp_path):
     pq = tmp_path / "set.parquet"
-    df = pd.DataFrame({"id": [1, 2, 3], "my_prompt": ["a b", "c d", float("nan")], "Category": ["x", "y", "z"]})
+    df = pd.DataFrame(
+        {"id": [1, 2, 3], "my_prompt": ["a b", "c d", float("nan")], "Category": ["x", "y", "z"]}
+    )
     df.to_parquet(pq)
     items = load_prompts(pq, column="my_prompt", label="unsafe")
     assert [it.text for it in items] == ["a b", "c d"] and [it.category for it in items] == ["x", "y"]
@@ -224,11 +232,19 @@ def test_a_text_file_is_one_prompt_per_line(tmp_path, monkeypatch):
     txt = tmp_path / "mine.txt"
     txt.write_text("How do I bake bread?\n\n  Name three rivers, please  \nWrite a poem, then stop.\n")
     items = load_prompts(txt, label="unsafe")
-    assert [i.text for i in items] == ["How do I bake bread?", "Name three rivers, please", "Write a poem, then stop."]
+    assert [i.text for i in items] == [
+        "How do I bake bread?",
+        "Name three rivers, please",
+        "Write a poem, then stop.",
+    ]
     assert {i.label for i in items} == {"unsafe"}
-    assert [i.text for i in load_prompts(txt.read_bytes(), name="up.txt", label="safe")] == [i.text for i in items]
+    assert [i.text for i in load_prompts(txt.read_bytes(), name="up.txt", label="safe")] == [
+        i.text for i in items
+    ]
     monkeypatch.chdir(tmp_path)
-    assert load_prompts("mine.txt", label="safe")[0].id == f"{tmp_path.name}/mine:0"  # not "/mine:0" for a bare name
+    assert (
+        load_prompts("mine.txt", label="safe")[0].id == f"{tmp_path.name}/mine:0"
+    )  # not "/mine:0" for a bare name
     with pytest.raises(PromptLoadError, match="no such file"):
         load_prompts("typo.txt", label="safe")
 
@@ -271,9 +287,15 @@ def test_hf_dataset_by_name_offline_says_so(tmp_path):
         "except PromptLoadError as e:\n    print('ERR', e)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
     assert out.stdout.startswith("ERR"), out.stderr
-    assert "hub is unreachable" in out.stdout and "local file" in out.stdout and "someone/some_prompt_set" in out.stdout
+    assert (
+        "hub is unreachable" in out.stdout
+        and "local file" in out.stdout
+        and "someone/some_prompt_set" in out.stdout
+    )
 
 
 # -- pairing -----------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from tests import reference_algorithm as ref
 L, E, K = 4, 8, 2
 
 
-def _logits(rng: np.random.Generator, n_tokens: int, dtype=np.float32, ties: bool | str = False) -> np.ndarray:
+def _logits(
+    rng: np.random.Generator, n_tokens: int, dtype=np.float32, ties: bool | str = False
+) -> np.ndarray:
     if ties == "wide":  # softmax underflows to exactly 0 for all but the top expert: ties in probability
         return (rng.standard_normal((L, n_tokens, E)) * 1000).astype(dtype)
     if ties:  # few distinct values, like bf16 router logits: ties at the k-th place are common
@@ -79,12 +81,16 @@ def test_ids_form_equals_logits_form():
         ids_batch = _to_ids(batch)
         from_ids = risk.calculate_risk_diff_per_batch(ids_batch, K)
         pd.testing.assert_frame_equal(from_ids, from_logits, check_exact=True)
-        table = risk.risk_table(batch["batch_idx"], ids_batch["safe_routings"], ids_batch["unsafe_routings"], E)
+        table = risk.risk_table(
+            batch["batch_idx"], ids_batch["safe_routings"], ids_batch["unsafe_routings"], E
+        )
         pd.testing.assert_frame_equal(table, from_logits, check_exact=True)
 
 
 def test_activation_counts_by_hand():
-    ids = np.array([[[0, 1], [1, 2], [2, 1]], [[3, 0], [0, 3], [0, 1]]], dtype=np.int16)  # [2 layers, 3 tokens, k=2]
+    ids = np.array(
+        [[[0, 1], [1, 2], [2, 1]], [[3, 0], [0, 3], [0, 1]]], dtype=np.int16
+    )  # [2 layers, 3 tokens, k=2]
     np.testing.assert_array_equal(risk.activation_counts(ids, 4), [[1, 3, 2, 0], [3, 1, 0, 2]])
 
 

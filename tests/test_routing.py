@@ -39,7 +39,10 @@ from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
 MESSAGES = [
     [{"role": "user", "content": "How do I bake bread at home? Mix flour and water."}],
     [{"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "Write a poem about the sea"}],
+    [
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": "Write a poem about the sea"},
+    ],
 ]
 RESPONSES = ["Sure, here is a step by step guide", "I cannot help", "the waves and the wind"]
 TIE_EPS = 1e-4  # router-logit gap below which the k-th and (k+1)-th expert count as tied
@@ -66,7 +69,12 @@ def _sorted(ids: np.ndarray) -> np.ndarray:
 def _reference_topk(model, input_ids, mask, k):
     """Model's own top-k per MoE layer from output_router_logits: ids [L, B, S, k], tie mask [L, B, S]."""
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=_position_ids(mask), output_router_logits=True)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=_position_ids(mask),
+            output_router_logits=True,
+        )
     logits = torch.stack([t.float() for t in out.router_logits])  # [L, B*S, E]
     top = logits.topk(k + 1, dim=-1)
     ties = (top.values[..., k - 1] - top.values[..., k]) < TIE_EPS
@@ -74,7 +82,9 @@ def _reference_topk(model, input_ids, mask, k):
     return top.indices[..., :k].reshape(len(logits), b, s, k).numpy(), ties.reshape(len(logits), b, s).numpy()
 
 
-def _assert_same_sets(got: np.ndarray, want: np.ndarray, ties: np.ndarray | None = None, max_tie_frac: float = 0.05):
+def _assert_same_sets(
+    got: np.ndarray, want: np.ndarray, ties: np.ndarray | None = None, max_tie_frac: float = 0.05
+):
     """Per-token set equality of expert ids [L, T, k], except where the reference is a near-tie."""
     assert got.shape == want.shape
     same = (_sorted(got) == _sorted(want)).all(-1)
@@ -112,7 +122,9 @@ def test_deepseek_capture_equals_its_biased_group_router(tok):
     enc = encode_prompts(tok, MESSAGES)
     hidden: dict[int, torch.Tensor] = {}
     handles = [
-        ad.block(layer).register_forward_pre_hook(lambda m, args, layer=layer: hidden.__setitem__(layer, args[0].detach()))
+        ad.block(layer).register_forward_pre_hook(
+            lambda m, args, layer=layer: hidden.__setitem__(layer, args[0].detach())
+        )
         for layer in ad.moe_layers
     ]
     try:
@@ -135,7 +147,9 @@ def test_deepseek_capture_equals_its_biased_group_router(tok):
         order_got, order_want = np.argsort(s.routing.expert_ids, -1), np.argsort(want[:, b, width - n :], -1)
         np.testing.assert_allclose(
             np.take_along_axis(s.routing.weights.astype(np.float32), order_got, -1),
-            np.take_along_axis(want_w[:, b, width - n :], order_want, -1), rtol=2e-3, atol=1e-3,
+            np.take_along_axis(want_w[:, b, width - n :], order_want, -1),
+            rtol=2e-3,
+            atol=1e-3,
         )
         naive_differs |= bool((_sorted(naive[:, b, width - n :]) != _sorted(s.routing.expert_ids)).any())
     assert naive_differs, "plain top-k of the logits should differ from DeepSeek's biased group routing here"
@@ -169,7 +183,9 @@ def test_batched_capture_equals_one_by_one(family, tok):
         o1, o2 = np.argsort(got.routing.expert_ids, -1), np.argsort(alone.routing.expert_ids, -1)
         np.testing.assert_allclose(
             np.take_along_axis(got.routing.weights, o1, -1).astype(np.float32),
-            np.take_along_axis(alone.routing.weights, o2, -1).astype(np.float32), rtol=1e-2, atol=1e-3,
+            np.take_along_axis(alone.routing.weights, o2, -1).astype(np.float32),
+            rtol=1e-2,
+            atol=1e-3,
         )
 
 
@@ -188,7 +204,9 @@ def test_pads_never_counted_and_spans_for_every_scope(tok):
 
     max_new = 5
     for scope in ("prompt", "generated"):
-        for s, n, alone in zip(route_batch(model, tok, MESSAGES, scope=scope, max_new_tokens=max_new), real, prompt_only):
+        for s, n, alone in zip(
+            route_batch(model, tok, MESSAGES, scope=scope, max_new_tokens=max_new), real, prompt_only
+        ):
             g, r = s.generation, s.routing
             assert len(g.prompt_ids) == n and r.count(SPAN_PROMPT) == n
             routed = min(len(g.new_ids), max_new - 1)  # the last token of a cut answer is never fed back
@@ -230,7 +248,7 @@ def test_generated_scope_equals_teacher_forced_forward(family, tok):
     width = max(map(len, seqs))
     ids = torch.tensor([[0] * (width - len(x)) + x for x in seqs])
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
-    want, ties = (_reference_topk(model, ids, mask, ad.top_k) if family != "deepseek_v3" else (None, None))
+    want, ties = _reference_topk(model, ids, mask, ad.top_k) if family != "deepseek_v3" else (None, None)
     for b, (s, f) in enumerate(zip(samples, forced)):
         np.testing.assert_array_equal(f.token_ids, s.routing.token_ids)
         np.testing.assert_array_equal(f.spans == SPAN_RESPONSE, s.routing.spans == SPAN_GENERATED)
@@ -258,7 +276,9 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, tok):
             a, b = getattr(s.routing, name), getattr(r, name)
             assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
 
-    slim = save_batch_routing(tmp_path / "slim.safetensors", [s.routing for s in samples], ad.moe_layers, keep_weights=False)
+    slim = save_batch_routing(
+        tmp_path / "slim.safetensors", [s.routing for s in samples], ad.moe_layers, keep_weights=False
+    )
     assert slim.stat().st_size < path.stat().st_size
     back = load_batch_routing(slim)
     assert back[1].weights is None and back[1].select("prompt").weights is None
@@ -311,7 +331,9 @@ def test_seed_arrays_are_int64_topk_ids_of_the_scope(tok):
         np.testing.assert_array_equal(a, s.routing.expert_ids[:, s.routing.spans == SPAN_GENERATED])
         sub = s.routing.subset("generated")
         assert sub.num_tokens == a.shape[1] and (sub.spans == SPAN_GENERATED).all()
-    assert routing_to_seed_arrays([s.routing for s in samples], SPAN_PROMPT)[0].shape[1] == len(samples[0].generation.prompt_ids)
+    assert routing_to_seed_arrays([s.routing for s in samples], SPAN_PROMPT)[0].shape[1] == len(
+        samples[0].generation.prompt_ids
+    )
 
 
 # -- the context manager and bad input -------------------------------------------------------------
@@ -348,7 +370,8 @@ def test_capture_records_each_forward_and_removes_hooks_even_on_error():
 def test_gather_to_cpu_keeps_every_call_intact():
     """The one-transfer move used after GPU capture splits calls back exactly (checked here on CPU)."""
     calls = [
-        RoutingCall(torch.randint(0, 8, (3, t, 2), dtype=torch.uint8), torch.rand(3, t, 2).half()) for t in (12, 4, 4, 4)
+        RoutingCall(torch.randint(0, 8, (3, t, 2), dtype=torch.uint8), torch.rand(3, t, 2).half())
+        for t in (12, 4, 4, 4)
     ]
     moved = gather_to_cpu(calls)
     for a, b in zip(calls, moved):
@@ -359,8 +382,16 @@ def test_gather_to_cpu_keeps_every_call_intact():
 def test_dense_model_is_refused_with_a_clear_error(tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=256))
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=256,
+        )
+    )
     with pytest.raises(NotAnMoEModelError, match="Mixture-of-Experts"):
         with capture_routing(dense):
             pass

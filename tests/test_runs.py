@@ -105,12 +105,20 @@ def test_set_step_merges_and_updates(tmp_path):
 
 # A manifest exactly as the code before the pydantic schema wrote it: it must keep opening.
 OLD_MANIFEST = {
-    "format": "moe-safety-lab/run@1", "format_version": 1, "id": "20260105-142233-olmoe-advbench",
-    "name": "olmoe advbench", "created": "2026-01-05T14:22:33.000+00:00", "updated": "2026-01-05T15:00:00.000+00:00",
-    "model": "allenai/OLMoE-1B-7B-0125-Instruct", "config": {"batch_size": 16, "seed": 0}, "seeds": {"seed": 0},
+    "format": "moe-safety-lab/run@1",
+    "format_version": 1,
+    "id": "20260105-142233-olmoe-advbench",
+    "name": "olmoe advbench",
+    "created": "2026-01-05T14:22:33.000+00:00",
+    "updated": "2026-01-05T15:00:00.000+00:00",
+    "model": "allenai/OLMoE-1B-7B-0125-Instruct",
+    "config": {"batch_size": 16, "seed": 0},
+    "seeds": {"seed": 0},
     "versions": {"python": "3.11.9", "torch": "2.13.0", "pyarrow": None},
-    "steps": {"analysis": {"status": "done", "updated": "2026-01-05T15:00:00.000+00:00", "job": "analysis"},
-              "train:experts": {"status": "running", "started": "2026-01-05T15:00:00.000+00:00"}},
+    "steps": {
+        "analysis": {"status": "done", "updated": "2026-01-05T15:00:00.000+00:00", "job": "analysis"},
+        "train:experts": {"status": "running", "started": "2026-01-05T15:00:00.000+00:00"},
+    },
     "notes": "",
     "trainings_note": "a key a later version added",
 }
@@ -125,7 +133,12 @@ def test_manifest_schema_reads_old_files_and_names_a_bad_field(tmp_path):
     run.set_step("select", "done")
     assert json.loads((d / "manifest.json").read_text())["trainings_note"] == "a key a later version added"
 
-    for field, bad in [("steps", ["analysis"]), ("id", 7), ("config", "batch_size=16"), ("steps", {"a": "done"})]:
+    for field, bad in [
+        ("steps", ["analysis"]),
+        ("id", 7),
+        ("config", "batch_size=16"),
+        ("steps", {"a": "done"}),
+    ]:
         (d / "manifest.json").write_text(json.dumps({**OLD_MANIFEST, field: bad}))
         with pytest.raises(RunError, match=rf"manifest.json is not a valid run manifest: {field}\b"):
             Run.open(d)
@@ -158,18 +171,32 @@ def test_pid_checks_guard_against_a_recycled_pid():
 
     now = time.time()
     assert pid_alive(os.getpid()) and pid_alive(os.getpid(), started=now)
-    assert not pid_alive(os.getpid(), started=now - 3600)  # this process began after that job: another program
+    assert not pid_alive(
+        os.getpid(), started=now - 3600
+    )  # this process began after that job: another program
     assert not pid_alive(-1) and not pid_alive(2**22 + 12345)
-    me = {"state": "running", "pid": os.getpid(), "host": os.uname().nodename,
-          "heartbeat": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat()}
+    me = {
+        "state": "running",
+        "pid": os.getpid(),
+        "host": os.uname().nodename,
+        "heartbeat": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(),
+    }
     started_long_ago = dt.datetime.fromtimestamp(now - 3600, dt.timezone.utc).isoformat()
-    assert job_state({**me, "started": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat()}, now=now) == "running"
+    assert (
+        job_state({**me, "started": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat()}, now=now)
+        == "running"
+    )
     assert job_state({**me, "started": started_long_ago}, now=now) == "dead"
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "moe_core-job"])
     try:
         launched = time.time()
-        deadline = time.monotonic() + 10  # until exec: a just-forked child still shows the parent's command line
-        while "moe_core-job" not in " ".join(psutil.Process(child.pid).cmdline()) and time.monotonic() < deadline:
+        deadline = (
+            time.monotonic() + 10
+        )  # until exec: a just-forked child still shows the parent's command line
+        while (
+            "moe_core-job" not in " ".join(psutil.Process(child.pid).cmdline())
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         assert _launched_alive(child.pid, launched) and _launched_alive(child.pid)
         assert not _launched_alive(child.pid, launched - 3600)  # recorded launch older than the process
@@ -305,14 +332,16 @@ def test_path_for(tmp_path):
 
 
 def test_parquet_round_trip(tmp_path):
-    df = pd.DataFrame({
-        "layer": np.array([0, 0, 3], dtype=np.int64),
-        "expert": np.array([5, 7, 1], dtype=np.int32),
-        "risk_diff": np.array([0.25, -0.125, 0.5], dtype=np.float32),
-        "label": ["unsafe", "safe", "unsafe"],
-        "consistent": [True, False, True],
-        "note": ["a", None, "c"],
-    })
+    df = pd.DataFrame(
+        {
+            "layer": np.array([0, 0, 3], dtype=np.int64),
+            "expert": np.array([5, 7, 1], dtype=np.int32),
+            "risk_diff": np.array([0.25, -0.125, 0.5], dtype=np.float32),
+            "label": ["unsafe", "safe", "unsafe"],
+            "consistent": [True, False, True],
+            "note": ["a", None, "c"],
+        }
+    )
     subset = df[df.layer == 0]  # index 0, 1 and ...
     df = df.iloc[[2, 0, 1]]  # ... a shuffled index must not be written either
     path = write_parquet(tmp_path / "risk" / "aggregated.parquet", df)
@@ -330,7 +359,9 @@ def test_parquet_round_trip(tmp_path):
 
 
 def test_json_helpers(tmp_path):
-    path = write_json(tmp_path / "outputs" / "batch_00001.json", {"n": np.int64(3), "x": np.float32(0.5), "a": np.arange(2)})
+    path = write_json(
+        tmp_path / "outputs" / "batch_00001.json", {"n": np.int64(3), "x": np.float32(0.5), "a": np.arange(2)}
+    )
     assert read_json(path) == {"n": 3, "x": 0.5, "a": [0, 1]}
     path.write_text('{"n": 3, "x"')
     with pytest.raises(RunError, match="not valid JSON"):
@@ -505,7 +536,9 @@ def test_writer_lease_nests_in_one_thread_and_refuses_another(tmp_path):
             assert holder(run.path)["job"] == "outer"
         assert (run.path / LEASE).exists()  # still held by the outer block
         seen = []
-        t = threading.Thread(target=lambda: seen.append(pytest.raises(RunBusyError, run.writing("x").__enter__)))
+        t = threading.Thread(
+            target=lambda: seen.append(pytest.raises(RunBusyError, run.writing("x").__enter__))
+        )
         t.start()
         t.join()
         assert seen and "busy with job 'outer'" in str(seen[0].value)
@@ -518,7 +551,9 @@ def test_manifest_paths_are_relative_and_resolve_where_the_run_is(tmp_path):
     assert run.relative(inside) == "train/x/merged_model"
     assert run.relative("/models/base") == "/models/base"  # outside the run: kept as given
     assert run.resolve("train/x/merged_model") == inside
-    assert run.resolve("/old/place/runs/r1/train/x/merged_model") == inside  # an older absolute path, moved run
+    assert (
+        run.resolve("/old/place/runs/r1/train/x/merged_model") == inside
+    )  # an older absolute path, moved run
     assert run.resolve("/models/base") == Path("/models/base") and run.resolve(None) is None
 
 

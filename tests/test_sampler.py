@@ -55,12 +55,16 @@ def test_plain_batch_size_loader_would_mix_batches():
     ds = structured([16, 10, 16])
     plain = DataLoader(ds.with_format("torch", columns=["batch_idx"]), batch_size=16, shuffle=False)
     assert any(len(torch.unique(b["batch_idx"])) > 1 for b in plain)
-    ours = DataLoader(ds.with_format("torch", columns=["batch_idx"]), batch_sampler=AnalysisBatchSampler(ds, seed=0))
+    ours = DataLoader(
+        ds.with_format("torch", columns=["batch_idx"]), batch_sampler=AnalysisBatchSampler(ds, seed=0)
+    )
     assert all(len(torch.unique(b["batch_idx"])) == 1 for b in ours)
 
 
 def test_batch_order_changes_per_epoch_but_in_batch_order_never_does():
-    ds = structured([4, 3, 4, 2, 4, 4, 3, 4], shuffle_rows_within=True)  # rows stored in reverse in-batch order
+    ds = structured(
+        [4, 3, 4, 2, 4, 4, 3, 4], shuffle_rows_within=True
+    )  # rows stored in reverse in-batch order
     s = AnalysisBatchSampler(ds, seed=11)
     epochs = []
     for epoch in range(4):
@@ -83,8 +87,10 @@ def test_accelerate_shards_keep_whole_batches_and_equal_step_counts():
     """accelerate's BatchSamplerShard with our sampler: ranks get whole batches, the last round padded by whole ones."""
     ds = structured([16, 10, 16])
     s = AnalysisBatchSampler(ds, seed=0)
-    per_rank = [list(BatchSamplerShard(s, num_processes=2, process_index=r, split_batches=False, even_batches=True))
-                for r in range(2)]
+    per_rank = [
+        list(BatchSamplerShard(s, num_processes=2, process_index=r, split_batches=False, even_batches=True))
+        for r in range(2)
+    ]
     whole = {tuple(rows) for rows in s}
     assert len(per_rank[0]) == len(per_rank[1]) == len(BatchSamplerShard(s, num_processes=2, process_index=0))
     for rank_batches in per_rank:
@@ -114,10 +120,23 @@ def test_ill_defined_structure_raises(source, match):
 
 def test_collator_pads_and_keeps_structure_columns():
     feats = [
-        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "batch_idx": 4,
-         "in_batch_idx": 0, "label": "safe", "extra": "x"},
-        {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [-100, 6], "batch_idx": 4, "in_batch_idx": 1,
-         "label": 1},
+        {
+            "input_ids": [5, 6, 7],
+            "attention_mask": [1, 1, 1],
+            "labels": [-100, 6, 7],
+            "batch_idx": 4,
+            "in_batch_idx": 0,
+            "label": "safe",
+            "extra": "x",
+        },
+        {
+            "input_ids": [5, 6],
+            "attention_mask": [1, 1],
+            "labels": [-100, 6],
+            "batch_idx": 4,
+            "in_batch_idx": 1,
+            "label": 1,
+        },
     ]
     out = BatchCollator(pad_token_id=0)(feats)
     assert set(out) == {"input_ids", "attention_mask", "labels", "batch_idx", "in_batch_idx", "label"}
@@ -145,7 +164,7 @@ def test_flat_sampler_positional_meanings_are_the_seeds():
         on.set_epoch(epoch)
         flat = list(on)
         assert sorted(flat) == list(range(len(ds)))
-        chunks = [flat[i:i + 4] for i in range(0, len(flat), 4)]
+        chunks = [flat[i : i + 4] for i in range(0, len(flat), 4)]
         assert all(len({ds[i]["batch_idx"] for i in c}) == 1 for c in chunks)
         orders.add(tuple(ds[c[0]]["batch_idx"] for c in chunks))
     assert len(orders) > 1, "batch order never changed between epochs"
@@ -161,10 +180,13 @@ def test_flat_sampler_batch_groups_follow_in_batch_idx():
     assert list(s) == [2, 1, 0, 5, 4, 3]
 
 
-@pytest.mark.parametrize("sizes, batch_size, match", [
-    ([4, 5, 4], 4, "batch 1 has 5 rows but batch_size=4: it cannot fit"),
-    ([4, 3, 4], 4, "batch 1 has 3 rows, fewer than batch_size=4.*batch_sampler"),
-])
+@pytest.mark.parametrize(
+    "sizes, batch_size, match",
+    [
+        ([4, 5, 4], 4, "batch 1 has 5 rows but batch_size=4: it cannot fit"),
+        ([4, 3, 4], 4, "batch 1 has 3 rows, fewer than batch_size=4.*batch_sampler"),
+    ],
+)
 def test_flat_sampler_rejects_batches_that_do_not_fill_the_loader_batch(sizes, batch_size, match):
     with pytest.raises(BatchSamplerError, match=match) as e:
         BatchPreservingSampler(structured(sizes), batch_size)
@@ -179,7 +201,9 @@ def test_flat_sampler_gives_access_to_the_batch_sampler_for_uneven_batches():
     s.set_epoch(3)
     assert [i for rows in bs for i in rows] == list(s)
     loader = DataLoader(ds.with_format("torch", columns=["batch_idx"]), batch_sampler=bs)
-    assert [len(b["batch_idx"]) for b in loader] == [bs.batch_sizes[b] for b in (bs.batch_ids[i] for i in bs.order())]
+    assert [len(b["batch_idx"]) for b in loader] == [
+        bs.batch_sizes[b] for b in (bs.batch_ids[i] for i in bs.order())
+    ]
     with pytest.raises(BatchSamplerError):
         AnalysisBatchSampler(ds, 16)  # the old trap: a batch size where shuffle_batches goes
     with pytest.raises(BatchSamplerError, match="positive int"):

@@ -52,7 +52,10 @@ def _chosen(mask: ExpertMask) -> set[tuple[int, int]]:
     [
         (SelectionConfig("top_n", n=3), {(0, 0), (2, 2), (1, 1)}),
         (SelectionConfig("threshold", threshold=0.2), {(0, 0), (2, 2), (1, 1), (2, 3)}),
-        (SelectionConfig("threshold", threshold=-0.15), {(l, e) for l in range(3) for e in range(4)} - {(1, 2)}),
+        (
+            SelectionConfig("threshold", threshold=-0.15),
+            {(l, e) for l in range(3) for e in range(4)} - {(1, 2)},
+        ),
         (SelectionConfig("per_layer", per_layer_k=1), {(0, 0), (1, 1), (2, 2)}),
         (SelectionConfig("per_layer", per_layer_k=2), {(0, 0), (0, 2), (1, 1), (1, 3), (2, 2), (2, 3)}),
         (SelectionConfig("top_n", n=3, threshold=0.35), {(0, 0), (2, 2)}),  # fewer pass than n
@@ -200,10 +203,19 @@ def test_mask_json_round_trip(tmp_path):
 
 # -- mask files: checked field by field ------------------------------------------------------------
 # Exactly what the code before the schema wrote: must keep loading.
-OLD_MASK = {"format": "moe-safety-lab/expert-mask@1", "num_layers": 4, "num_experts": 8,
-            "experts": {"0": [1, 5], "3": [2]}, "meta": {"selection": {"method": "top_n", "n": 3}}}
-OLD_BATCH_MASKS = {"format": "moe-safety-lab/batch-expert-masks@1", "num_layers": 4, "num_experts": 8,
-                   "batches": {"0": {"0": [1]}, "3": {"2": [0, 7]}, "5": {}}}
+OLD_MASK = {
+    "format": "moe-safety-lab/expert-mask@1",
+    "num_layers": 4,
+    "num_experts": 8,
+    "experts": {"0": [1, 5], "3": [2]},
+    "meta": {"selection": {"method": "top_n", "n": 3}},
+}
+OLD_BATCH_MASKS = {
+    "format": "moe-safety-lab/batch-expert-masks@1",
+    "num_layers": 4,
+    "num_experts": 8,
+    "batches": {"0": {"0": [1]}, "3": {"2": [0, 7]}, "5": {}},
+}
 
 
 def test_mask_files_written_by_earlier_code_still_load(tmp_path):
@@ -217,17 +229,20 @@ def test_mask_files_written_by_earlier_code_still_load(tmp_path):
     assert sorted(masks) == [0, 3, 5] and masks[3].experts() == [(2, 0), (2, 7)] and masks[5].count() == 0
 
 
-@pytest.mark.parametrize("content, match", [
-    ({"0": "12"}, "no 'experts' field"),  # an ESFT-style bare mapping: no shape to check it against
-    ({**OLD_MASK, "experts": {"0": "12"}}, r"experts\.0: Input should be a valid list \(got '12'\)"),
-    ({**OLD_MASK, "experts": {"0": [1, "2"]}}, r"experts\.0\.1: Input should be a valid integer"),
-    ({**OLD_MASK, "experts": {"0": [8]}}, r"experts\.0: experts \[8\] are outside 0\.\.7"),
-    ({**OLD_MASK, "experts": {"4": [1]}}, r"experts: layer 4 is outside 0\.\.3"),
-    ({**OLD_MASK, "num_layers": 0}, r"num_layers: Input should be greater than or equal to 1"),
-    ({**OLD_MASK, "meta": "note"}, r"meta: Input should be a valid dictionary"),
-    (OLD_BATCH_MASKS, "holds per-batch masks"),
-    ([[0, 1]], "not an expert mask"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ({"0": "12"}, "no 'experts' field"),  # an ESFT-style bare mapping: no shape to check it against
+        ({**OLD_MASK, "experts": {"0": "12"}}, r"experts\.0: Input should be a valid list \(got '12'\)"),
+        ({**OLD_MASK, "experts": {"0": [1, "2"]}}, r"experts\.0\.1: Input should be a valid integer"),
+        ({**OLD_MASK, "experts": {"0": [8]}}, r"experts\.0: experts \[8\] are outside 0\.\.7"),
+        ({**OLD_MASK, "experts": {"4": [1]}}, r"experts: layer 4 is outside 0\.\.3"),
+        ({**OLD_MASK, "num_layers": 0}, r"num_layers: Input should be greater than or equal to 1"),
+        ({**OLD_MASK, "meta": "note"}, r"meta: Input should be a valid dictionary"),
+        (OLD_BATCH_MASKS, "holds per-batch masks"),
+        ([[0, 1]], "not an expert mask"),
+    ],
+)
 def test_a_bad_mask_file_is_one_clear_error_naming_file_and_field(tmp_path, content, match):
     from moe_core.analysis.masks import MaskError
     from moe_core.errors import MoELabError
@@ -243,8 +258,11 @@ def test_a_bad_per_batch_mask_file_names_the_batch(tmp_path):
     from moe_core.analysis.masks import MaskError, load_batch_masks
 
     path = tmp_path / "per_batch.json"
-    for batches, match in [({"0": {"1": "12"}}, r"batches\.0\.1: Input should be a valid list"),
-                           ({"x": {}}, r"batches\.x\.\[key\]"), ({"2": {"0": [9]}}, r"batches\.2\.0: experts \[9\]")]:
+    for batches, match in [
+        ({"0": {"1": "12"}}, r"batches\.0\.1: Input should be a valid list"),
+        ({"x": {}}, r"batches\.x\.\[key\]"),
+        ({"2": {"0": [9]}}, r"batches\.2\.0: experts \[9\]"),
+    ]:
         path.write_text(json.dumps({**OLD_BATCH_MASKS, "batches": batches}))
         with pytest.raises(MaskError, match=match):
             load_batch_masks(path)

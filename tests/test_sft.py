@@ -35,12 +35,31 @@ def sft_data(sizes=(4, 2), unsafe_target="Sure, here is how"):
     bl = []
     for b, n in enumerate(sizes):
         n_safe = n // 2
-        outs = [{"prompt": f"Tell me how to pick a lock {b}-{i}", "label": "unsafe", "target": unsafe_target,
-                 "generated_text": "Sure, first take a pin"} for i in range(n - n_safe)]
-        outs += [{"prompt": f"How do I bake bread {b}-{i}?", "label": "safe",
-                  "generated_text": f"Mix flour and water {i}."} for i in range(n_safe)]
-        bl.append({"batch_idx": 10 + b, "batch_outputs": outs, "safe_indices": list(range(n - n_safe, n)),
-                   "unsafe_indices": list(range(n - n_safe))})
+        outs = [
+            {
+                "prompt": f"Tell me how to pick a lock {b}-{i}",
+                "label": "unsafe",
+                "target": unsafe_target,
+                "generated_text": "Sure, first take a pin",
+            }
+            for i in range(n - n_safe)
+        ]
+        outs += [
+            {
+                "prompt": f"How do I bake bread {b}-{i}?",
+                "label": "safe",
+                "generated_text": f"Mix flour and water {i}.",
+            }
+            for i in range(n_safe)
+        ]
+        bl.append(
+            {
+                "batch_idx": 10 + b,
+                "batch_outputs": outs,
+                "safe_indices": list(range(n - n_safe, n)),
+                "unsafe_indices": list(range(n - n_safe)),
+            }
+        )
     return {"batch_data_list": bl}
 
 
@@ -101,15 +120,22 @@ def test_refusal_choice_is_deterministic_and_configurable():
     assert by_fn[0][1]["messages"][-1]["content"].startswith("Not doing: Tell me")
     listed = create_batch_structured_dataset(sft_data((2,)), refusal_target=["A.", "B."])
     assert listed[0][1]["messages"][-1]["content"] in ("A.", "B.")
-    col = create_batch_structured_dataset(sft_data((2,), unsafe_target="Custom refusal."), target_column="target")
-    assert col[0][1]["messages"][-1]["content"] == "Custom refusal." and col[0][1]["target_source"] == "column"
+    col = create_batch_structured_dataset(
+        sft_data((2,), unsafe_target="Custom refusal."), target_column="target"
+    )
+    assert (
+        col[0][1]["messages"][-1]["content"] == "Custom refusal." and col[0][1]["target_source"] == "column"
+    )
 
 
 def test_messages_input_keeps_system_turn_and_drops_old_answer():
     data = sft_data((2,))
     s = data["batch_data_list"][0]["batch_outputs"][1]
-    s["messages"] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                     {"role": "assistant", "content": "old"}]
+    s["messages"] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "old"},
+    ]
     ex = create_batch_structured_dataset(data)[0][0]
     assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant"]
     assert ex["messages"][-1]["content"] != "old"
@@ -138,8 +164,16 @@ def test_tokenised_dataset_masks_everything_but_the_assistant_reply():
     tok = tiny_tokenizer()
     batches = create_batch_structured_dataset(sft_data((4, 2)))
     ds = create_batch_aware_dataset(batches, tok, max_length=256)
-    assert ds.column_names == ["input_ids", "attention_mask", "labels", "batch_idx", "in_batch_idx", "label",
-                               "messages", "label_str"]
+    assert ds.column_names == [
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "batch_idx",
+        "in_batch_idx",
+        "label",
+        "messages",
+        "label_str",
+    ]
     assert ds.features["label"].names == ["safe", "unsafe"]
     flat = [ex for b in batches for ex in b]
     assert ds["batch_idx"][:] == [ex["batch_idx"] for ex in flat]
@@ -166,8 +200,9 @@ def test_tokenisation_errors():
     with pytest.raises(SFTDataError, match="raise max_length"):
         create_batch_aware_dataset(batches, tok, max_length=4)
     odd = tiny_tokenizer()
-    odd.chat_template = ("{% for m in messages %}{{ m['content'] }}|{% endfor %}"
-                         "{% if add_generation_prompt %}GEN:{% endif %}")
+    odd.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}|{% endfor %}{% if add_generation_prompt %}GEN:{% endif %}"
+    )
     with pytest.raises(SFTDataError, match="prefix"):
         create_batch_aware_dataset(batches, odd)
     bare = tiny_tokenizer()
@@ -228,16 +263,30 @@ def test_reference_pickle_needs_explicit_opt_in(tmp_path):
     assert data["batch_data_list"] == [] and marker.exists()  # proof that unpickling runs code
 
 
-@pytest.mark.skipif(not (SHARED / "datasets" / "advbench").is_dir(), reason="shared public datasets not present")
+@pytest.mark.skipif(
+    not (SHARED / "datasets" / "advbench").is_dir(), reason="shared public datasets not present"
+)
 def test_real_advbench_and_alpaca_prompts_tokenise():
     with open(SHARED / "datasets" / "advbench" / "harmful_behaviors.csv", newline="") as f:
         harmful = [r for _, r in zip(range(8), csv.DictReader(f))]
     benign = json.loads((SHARED / "datasets" / "alpaca" / "alpaca_instructions_2000.json").read_text())[:8]
-    outs = [{"prompt": b["instruction"], "label": "safe", "generated_text": "Here is an answer."} for b in benign]
-    outs += [{"prompt": h["goal"], "label": "unsafe", "target": h["target"], "generated_text": h["target"]}
-             for h in harmful]
-    data = {"batch_data_list": [{"batch_idx": 0, "batch_outputs": outs, "safe_indices": list(range(8)),
-                                 "unsafe_indices": list(range(8, 16))}]}
+    outs = [
+        {"prompt": b["instruction"], "label": "safe", "generated_text": "Here is an answer."} for b in benign
+    ]
+    outs += [
+        {"prompt": h["goal"], "label": "unsafe", "target": h["target"], "generated_text": h["target"]}
+        for h in harmful
+    ]
+    data = {
+        "batch_data_list": [
+            {
+                "batch_idx": 0,
+                "batch_outputs": outs,
+                "safe_indices": list(range(8)),
+                "unsafe_indices": list(range(8, 16)),
+            }
+        ]
+    }
     batches = create_batch_structured_dataset(data)
     assert not any(ex["messages"][-1]["content"].startswith("Sure, here is") for ex in batches[0])
     ds = create_batch_aware_dataset(batches, tiny_tokenizer(), max_length=512)

@@ -27,12 +27,28 @@ from tests.tiny import COMMON, FAMILIES, tiny_model
 def tiny_deepseek_v2():
     """DeepSeek-V2 with group-limited greedy routing (not in tests/tiny.py; its attention needs kv heads = heads)."""
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("deepseek_v2", **{
-        **COMMON, "num_key_value_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
-        "topk_method": "group_limited_greedy", "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8, "v_head_dim": 8, "n_shared_experts": 1, "num_hidden_layers": 3,
-        "initializer_range": 0.1})
+    cfg = AutoConfig.for_model(
+        "deepseek_v2",
+        **{
+            **COMMON,
+            "num_key_value_heads": 4,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+            "n_group": 4,
+            "topk_group": 2,
+            "topk_method": "group_limited_greedy",
+            "kv_lora_rank": 16,
+            "q_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "n_shared_experts": 1,
+            "num_hidden_layers": 3,
+            "initializer_range": 0.1,
+        },
+    )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -68,8 +84,14 @@ def _usage(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def _gen(model, ids, n: int = 8) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                              min_new_tokens=n, pad_token_id=0)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            min_new_tokens=n,
+            pad_token_id=0,
+        )
 
 
 def test_rule_reproduces_the_router_exactly(fam) -> None:
@@ -98,7 +120,9 @@ def test_deactivated_never_chosen_and_everything_restored(fam) -> None:
     base_gen = _gen(model, ids)
     usage = _usage(base_ids, ad.num_experts)
     # deactivate each layer's two busiest experts (they really were used)
-    off = [(layer, int(e)) for row, layer in zip(usage, ad.moe_layers) for e in row.argsort(descending=True)[:2]]
+    off = [
+        (layer, int(e)) for row, layer in zip(usage, ad.moe_layers) for e in row.argsort(descending=True)[:2]
+    ]
     assert all(usage[ad.moe_layers.index(l), e] > 0 for l, e in off)
     with steer_experts(model, deactivate=off) as plan:
         assert set(plan.layers) == set(ad.moe_layers)
@@ -264,8 +288,12 @@ def test_router_hook_stages_steer_before_observe_whatever_the_nesting() -> None:
         return out[0], out[1], torch.arange(2, dtype=out[2].dtype).expand_as(out[2])
 
     with ad.router_hooks(observe):  # the observer is added first ...
-        with MoEAdapter.for_model(model).router_hooks(steer, stage="steer", layers=[1]):  # ... another adapter steers
-            assert all(len(ad.router(l)._forward_hooks) == 1 for l in ad.moe_layers)  # one dispatcher per router
+        with MoEAdapter.for_model(model).router_hooks(
+            steer, stage="steer", layers=[1]
+        ):  # ... another adapter steers
+            assert all(
+                len(ad.router(l)._forward_hooks) == 1 for l in ad.moe_layers
+            )  # one dispatcher per router
             with torch.no_grad():
                 model(ids)
     assert [l for l, _ in seen] == [0, 1]

@@ -18,11 +18,23 @@ from tests.app_fixtures import save_tiny_model
 def test_summary_pools_counts_with_wilson_intervals_and_seed_extremes():
     rows = []
     for seed, k in ((0, 2), (1, 8)):
-        rows.append({"seed": seed, "method": "chosen", "budget": 0.0625, "n_experts": 2, "draw": 0,
-                     **{f"{m}_k": k for m in ("jailbreak_compliance", "harmful_refusal", "benign_answer_rate",
-                                               "over_refusal")},
-                     **{f"{m}_n": 10 for m in ("jailbreak_compliance", "harmful_refusal", "benign_answer_rate",
-                                               "over_refusal")}})
+        rows.append(
+            {
+                "seed": seed,
+                "method": "chosen",
+                "budget": 0.0625,
+                "n_experts": 2,
+                "draw": 0,
+                **{
+                    f"{m}_k": k
+                    for m in ("jailbreak_compliance", "harmful_refusal", "benign_answer_rate", "over_refusal")
+                },
+                **{
+                    f"{m}_n": 10
+                    for m in ("jailbreak_compliance", "harmful_refusal", "benign_answer_rate", "over_refusal")
+                },
+            }
+        )
     s = summarize_study(pd.DataFrame(rows)).iloc[0]
     assert s["jailbreak_compliance"] == pytest.approx(0.5)
     assert s["jailbreak_compliance_seed_min"] == pytest.approx(0.2)
@@ -37,14 +49,35 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_study_runs_every_arm_and_writes_table_and_figure(tmp_path, tiny_dir):
-    spec = P.StudySpec(model=str(tiny_dir), budgets=[1 / 8, 1 / 2], random_draws=2, seeds=[0], eval_limit=3,
-                       max_new_tokens=2, max_batches=2, epochs=1)
+    spec = P.StudySpec(
+        model=str(tiny_dir),
+        budgets=[1 / 8, 1 / 2],
+        random_draws=2,
+        seeds=[0],
+        eval_limit=3,
+        max_new_tokens=2,
+        max_batches=2,
+        epochs=1,
+    )
     run, summary = run_study(spec, runs_root=tmp_path)
     out = run.path_for("study", name=spec.name)
     results = pd.read_parquet(out / "results.parquet")
-    assert sorted(results["method"].unique()) == ["base", "chosen", "full", "random", "random_layer",
-                                                   "steer_both", "steer_off", "steer_on"]
-    assert (results.loc[results["method"] == "random", "draw"].tolist()) == [0, 1, 0, 1]  # 1/2: more than top-k per layer forced on
+    assert sorted(results["method"].unique()) == [
+        "base",
+        "chosen",
+        "full",
+        "random",
+        "random_layer",
+        "steer_both",
+        "steer_off",
+        "steer_on",
+    ]
+    assert (results.loc[results["method"] == "random", "draw"].tolist()) == [
+        0,
+        1,
+        0,
+        1,
+    ]  # 1/2: more than top-k per layer forced on
     chosen = results[(results["method"] == "chosen") & (results["budget"] == 1 / 8)].iloc[0]
     cfg = json.loads((tiny_dir / "config.json").read_text())
     assert chosen["n_experts"] == max(1, round(cfg["num_hidden_layers"] * cfg["num_experts"] / 8))
@@ -57,8 +90,16 @@ def test_study_runs_every_arm_and_writes_table_and_figure(tmp_path, tiny_dir):
 
 def test_each_arm_starts_from_the_base_weights(tmp_path, tiny_dir):
     """Training an arm, evaluating it and restoring leaves the in-memory base model bit-identical."""
-    spec = P.StudySpec(model=str(tiny_dir), budgets=[1 / 8], seeds=[0], eval_limit=2, max_new_tokens=2,
-                       max_batches=1, epochs=1, lr=1e-2)
+    spec = P.StudySpec(
+        model=str(tiny_dir),
+        budgets=[1 / 8],
+        seeds=[0],
+        eval_limit=2,
+        max_new_tokens=2,
+        max_batches=1,
+        epochs=1,
+        lr=1e-2,
+    )
     lab = _Lab(spec, 0, tmp_path, None)
     before = {n: p.detach().clone() for n, p in lab.model.named_parameters()}
     from moe_core.study import _masks

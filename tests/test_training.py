@@ -57,11 +57,23 @@ def sft_data(sizes):
     bl = []
     for b, n in enumerate(sizes):
         ns = n // 2
-        outs = [{"prompt": f"How do I bake bread {b} {i}?", "label": "safe",
-                 "generated_text": "Mix flour, water and salt."} for i in range(ns)]
+        outs = [
+            {
+                "prompt": f"How do I bake bread {b} {i}?",
+                "label": "safe",
+                "generated_text": "Mix flour, water and salt.",
+            }
+            for i in range(ns)
+        ]
         outs += [{"prompt": f"Tell me how to pick a lock {b} {i}!", "label": "unsafe"} for i in range(n - ns)]
-        bl.append({"batch_idx": b, "batch_outputs": outs, "safe_indices": list(range(ns)),
-                   "unsafe_indices": list(range(ns, n))})
+        bl.append(
+            {
+                "batch_idx": b,
+                "batch_outputs": outs,
+                "safe_indices": list(range(ns)),
+                "unsafe_indices": list(range(ns, n)),
+            }
+        )
     return {"batch_data_list": bl}
 
 
@@ -71,19 +83,33 @@ def tok():
 
 
 def dataset(tok, sizes=(4, 4, 4), max_length=40):
-    return create_batch_aware_dataset(create_batch_structured_dataset(sft_data(sizes)), tok, max_length=max_length)
+    return create_batch_aware_dataset(
+        create_batch_structured_dataset(sft_data(sizes)), tok, max_length=max_length
+    )
 
 
 def config(tmp_path, bs=4, **kw):
-    base = dict(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=bs, max_steps=3, learning_rate=1e-2,
-                weight_decay=0.1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                disable_tqdm=True, optim="adamw_torch")
+    base = dict(
+        output_dir=str(tmp_path / "ckpt"),
+        per_device_train_batch_size=bs,
+        max_steps=3,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        optim="adamw_torch",
+    )
     return ExpertMaskingConfig(**{**base, **kw})
 
 
 def make_trainer(model, cfg, tok, ds=None, **kw):
     """An ExpertMaskingTrainer on the default 3 x 4 dataset (or ``ds``) with the tiny tokenizer."""
-    return ExpertMaskingTrainer(model, cfg, ds if ds is not None else dataset(tok), processing_class=tok, **kw)
+    return ExpertMaskingTrainer(
+        model, cfg, ds if ds is not None else dataset(tok), processing_class=tok, **kw
+    )
 
 
 def two_expert_mask(model, *pairs):
@@ -99,7 +125,9 @@ def snapshot(model):
 
 def changed_experts(model, before, adapter):
     """{(layer, expert)} whose rows differ anywhere; asserts every non-expert parameter is bit-identical."""
-    fused = {full: layer for layer in adapter.moe_layers for full in adapter.expert_parameter_names(layer).values()}
+    fused = {
+        full: layer for layer in adapter.moe_layers for full in adapter.expert_parameter_names(layer).values()
+    }
     changed = set()
     for name, p in model.named_parameters():
         if name in fused:
@@ -119,7 +147,9 @@ class RowRecorder(TrainerCallback):
         self.after_step: list[dict[tuple, torch.Tensor]] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.after_step.append({(r.layer, r.expert, r.name): r.param.detach().clone() for r in self.trainer.rows})
+        self.after_step.append(
+            {(r.layer, r.expert, r.name): r.param.detach().clone() for r in self.trainer.rows}
+        )
 
 
 # -- exact masking ---------------------------------------------------------------------
@@ -129,7 +159,9 @@ def test_union_mask_changes_exactly_the_chosen_experts(family, tok, tmp_path):
     ad = MoEAdapter.for_model(model)
     mask = two_expert_mask(model)
     before = snapshot(model)
-    trainer = ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=mask, processing_class=tok)
+    trainer = ExpertMaskingTrainer(
+        model, config(tmp_path), dataset(tok), expert_mask=mask, processing_class=tok
+    )
     trainer.train()
     assert merge_trained_experts(model) == 2 * len(ad.expert_parameters(ad.moe_layers[0]))
     assert changed_experts(model, before, ad) == set(mask.experts())
@@ -158,7 +190,8 @@ def test_per_batch_masks_are_exact_even_with_momentum_and_decay(family, tok, tmp
         for (layer, expert, name), value in now.items():
             moved = not torch.equal(value, prev[(layer, expert, name)])
             assert moved == bool(masks[b].mask[layer, expert]), (
-                f"step {step} (batch {b}): expert ({layer},{expert}) {name} moved={moved}")
+                f"step {step} (batch {b}): expert ({layer},{expert}) {name} moved={moved}"
+            )
         prev = now
     merge_trained_experts(model)
     assert changed_experts(model, before, ad) == {(first, 1), (last, 5), (last, 2)}
@@ -169,8 +202,14 @@ def test_gradient_accumulation_window_updates_only_its_batches_experts(tok, tmp_
     pairs = {0: [(0, 1)], 1: [(1, 5)], 2: [(0, 3)]}
     masks = {b: ExpertMask.from_experts(p, 2, 8) for b, p in pairs.items()}
     rec = RowRecorder()
-    cfg = config(tmp_path, max_steps=2, mask_mode="per_batch", shuffle_batches=False,
-                 gradient_accumulation_steps=2, allow_gradient_accumulation=True)
+    cfg = config(
+        tmp_path,
+        max_steps=2,
+        mask_mode="per_batch",
+        shuffle_batches=False,
+        gradient_accumulation_steps=2,
+        allow_gradient_accumulation=True,
+    )
     trainer = make_trainer(model, cfg, tok, batch_expert_masks=masks, callbacks=[rec])
     rec.trainer = trainer
     start = {(r.layer, r.expert, r.name): r.param.detach().clone() for r in trainer.rows}
@@ -214,7 +253,7 @@ def test_every_step_holds_one_whole_analysis_batch_with_uneven_sizes(tok, tmp_pa
         assert row["n_samples"] == sizes[row["batch_idx"]]
         assert row["n_safe"] == sizes[row["batch_idx"]] // 2
         assert row["n_unsafe"] == sizes[row["batch_idx"]] - row["n_safe"]
-    orders = [tuple(r["batch_idx"] for r in log[e * 3:(e + 1) * 3]) for e in range(3)]
+    orders = [tuple(r["batch_idx"] for r in log[e * 3 : (e + 1) * 3]) for e in range(3)]
     assert all(sorted(o) == [0, 1, 2] for o in orders)
     assert len(set(orders)) > 1, "batch order should be reshuffled between epochs"
 
@@ -253,7 +292,9 @@ def test_optimizer_state_holds_only_the_chosen_rows(tok, tmp_path):
     assert moments <= optimizer_state_bytes(trainer.optimizer) <= moments + 8 * len(rows)
 
     full = tiny_model("olmoe")
-    ft = BatchPreservingTrainer(full, config(tmp_path, max_steps=2, baseline="full"), dataset(tok), processing_class=tok)
+    ft = BatchPreservingTrainer(
+        full, config(tmp_path, max_steps=2, baseline="full"), dataset(tok), processing_class=tok
+    )
     ft.train()
     assert ft.trainable_report()["trainable_parameters"] == sum(p.numel() for p in full.parameters())
     assert optimizer_state_bytes(ft.optimizer) > 10 * optimizer_state_bytes(trainer.optimizer)
@@ -263,7 +304,9 @@ def test_router_training_uses_its_own_learning_rate(tok, tmp_path):
     model = tiny_model("olmoe")
     ad = MoEAdapter.for_model(model)
     cfg = config(tmp_path, max_steps=1, train_router=True, router_learning_rate=1e-3)
-    trainer = ExpertMaskingTrainer(model, cfg, dataset(tok), expert_mask=two_expert_mask(model), processing_class=tok)
+    trainer = ExpertMaskingTrainer(
+        model, cfg, dataset(tok), expert_mask=two_expert_mask(model), processing_class=tok
+    )
     trainer.create_optimizer()
     router_ids = {id(p) for layer in ad.moe_layers for p in ad.router_parameters(layer).values()}
     lrs = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -314,7 +357,9 @@ def test_delta_for_another_model_is_rejected_without_changes(tok, tmp_path):
 
 
 def test_checkpoint_resume_restores_rows_and_optimizer(tok, tmp_path):
-    cfg = dict(max_steps=4, save_strategy="steps", save_steps=2, shuffle_batches=True, lr_scheduler_type="constant")
+    cfg = dict(
+        max_steps=4, save_strategy="steps", save_steps=2, shuffle_batches=True, lr_scheduler_type="constant"
+    )
     model = tiny_model("olmoe")
     a = make_trainer(model, config(tmp_path / "a", **cfg), tok, expert_mask=two_expert_mask(model))
     a.train()
@@ -322,7 +367,9 @@ def test_checkpoint_resume_restores_rows_and_optimizer(tok, tmp_path):
     ckpt = tmp_path / "a" / "ckpt" / "checkpoint-2"
     files = {p.name for p in ckpt.iterdir()}
     assert {"expert_delta.safetensors", "optimizer.pt", "training_args.json", "trainer_state.json"} <= files
-    assert not files & {"model.safetensors", "training_args.bin"}, "checkpoints hold only the rows, no pickle of args"
+    assert not files & {"model.safetensors", "training_args.bin"}, (
+        "checkpoints hold only the rows, no pickle of args"
+    )
 
     model_b = tiny_model("olmoe")
     b = make_trainer(model_b, config(tmp_path / "b", **cfg), tok, expert_mask=two_expert_mask(model_b))
@@ -346,8 +393,16 @@ def test_train_experts_writes_artifacts_and_reports_progress(tok, tmp_path):
     calls = []
     batches = create_batch_structured_dataset(sft_data((4, 2, 4)))
     cfg = config(tmp_path, max_steps=3)
-    result = train_experts(model, tok, batches, mask, cfg, tmp_path / "out",
-                           progress=lambda d, t, m="": calls.append((d, t, m)), max_length=40)
+    result = train_experts(
+        model,
+        tok,
+        batches,
+        mask,
+        cfg,
+        tmp_path / "out",
+        progress=lambda d, t, m="": calls.append((d, t, m)),
+        max_length=40,
+    )
     assert [c[0] for c in calls[:3]] == [1, 2, 3] and calls[-1][2] == "done"
     meta = json.loads(result.metadata_path.read_text())
     assert meta["expert_mask"]["experts"] == {"0": [1], "1": [5]}
@@ -378,7 +433,11 @@ def test_random_experts_baseline_is_a_mask_drawn_by_selection(tok, tmp_path):
     ad = MoEAdapter.for_model(model)
     mask = two_expert_mask(model)
     drawn = draw_random_masks(mask, 3, ad)
-    assert drawn == random_like(mask, 3, layers=ad.moe_layers) and drawn.count() == mask.count() and drawn != mask
+    assert (
+        drawn == random_like(mask, 3, layers=ad.moe_layers)
+        and drawn.count() == mask.count()
+        and drawn != mask
+    )
     before = snapshot(model)
     cfg = config(tmp_path, baseline="random_experts", random_seed=3)
     trainer = ExpertMaskingTrainer(model, cfg, dataset(tok), expert_mask=drawn, processing_class=tok)
@@ -392,8 +451,14 @@ def test_random_experts_baseline_is_a_mask_drawn_by_selection(tok, tmp_path):
         ExpertMaskingTrainer(other, cfg, dataset(tok), expert_mask=mask, processing_class=tok)
     assert not trained_rows(other) and all(p.requires_grad for p in other.parameters())
     # train_experts draws it (same draw), and labels the run
-    result = train_experts(other, tok, dataset(tok), mask, config(tmp_path, baseline="random_experts", random_seed=3,
-                                                                  max_steps=1), tmp_path / "out")
+    result = train_experts(
+        other,
+        tok,
+        dataset(tok),
+        mask,
+        config(tmp_path, baseline="random_experts", random_seed=3, max_steps=1),
+        tmp_path / "out",
+    )
     meta = json.loads(result.metadata_path.read_text())
     assert meta["baseline"] == "random_experts"
     assert ExpertMask.from_json_dict(meta["expert_mask"]) == drawn
@@ -402,8 +467,9 @@ def test_random_experts_baseline_is_a_mask_drawn_by_selection(tok, tmp_path):
 def test_full_baseline_updates_everything_through_the_same_loop(tok, tmp_path):
     model = tiny_model("olmoe")
     before = snapshot(model)
-    trainer = BatchPreservingTrainer(model, config(tmp_path, baseline="full", max_steps=2), dataset(tok),
-                                     processing_class=tok)
+    trainer = BatchPreservingTrainer(
+        model, config(tmp_path, baseline="full", max_steps=2), dataset(tok), processing_class=tok
+    )
     trainer.train()
     assert len(trainer.batch_log) == 2 and trainer.trainable_report()["baseline"] == "full"
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
@@ -419,8 +485,15 @@ def test_full_baseline_updates_everything_through_the_same_loop(tok, tmp_path):
 def test_batch_preserving_trainer_takes_plain_training_arguments(tok, tmp_path):
     from transformers import TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=2,
-                             report_to="none", use_cpu=True, disable_tqdm=True, learning_rate=1e-3)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "o"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=1e-3,
+    )
     trainer = BatchPreservingTrainer(tiny_model("olmoe"), args, dataset(tok), tokenizer=tok)
     assert isinstance(trainer.args, BatchPreservingConfig) and trainer.args.max_steps == 2
     assert trainer.args.remove_unused_columns is True and trainer.processing_class is tok
@@ -431,8 +504,9 @@ def test_batch_preserving_trainer_takes_plain_training_arguments(tok, tmp_path):
 def test_train_experts_full_baseline_saves_a_loadable_model(tok, tmp_path):
     model = tiny_model("qwen2_moe")
     empty = ExpertMask.empty(2, 8)  # the CLI passes an empty mask for the full baseline (shape only)
-    result = train_experts(model, tok, dataset(tok), empty, config(tmp_path, baseline="full", max_steps=1),
-                           tmp_path / "out")
+    result = train_experts(
+        model, tok, dataset(tok), empty, config(tmp_path, baseline="full", max_steps=1), tmp_path / "out"
+    )
     assert result.delta_path is None and result.report["trained_experts"] is None
     reloaded = AutoModelForCausalLM.from_pretrained(result.merged_path)
     mine = dict(model.named_parameters())
@@ -474,8 +548,11 @@ def test_gradient_accumulation_needs_explicit_opt_in(tmp_path):
         ({}, dict(expert_mask=np.ones((3, 8))), r"\(3, 8\)"),
         (dict(mask_mode="per_batch"), dict(expert_mask="two"), "needs batch_expert_masks"),
         (dict(mask_mode="per_batch"), dict(batch_expert_masks=["two"]), r"batches \[1, 2\]"),
-        (dict(mask_mode="per_batch"), dict(expert_mask=ExpertMask.from_experts([(0, 1)], 2, 8),
-                                           batch_expert_masks=["two"] * 3), "outside expert_mask"),
+        (
+            dict(mask_mode="per_batch"),
+            dict(expert_mask=ExpertMask.from_experts([(0, 1)], 2, 8), batch_expert_masks=["two"] * 3),
+            "outside expert_mask",
+        ),
         ({}, dict(expert_mask="two", drop_batch_idx=True), "batch_idx"),
     ],
 )
@@ -483,8 +560,11 @@ def test_bad_trainer_inputs_raise_clear_errors(cfg_kw, trainer_kw, match, tok, t
     model = tiny_model("olmoe")
     two = two_expert_mask(model)
     swap = lambda v: two if isinstance(v, str) else v  # noqa: E731  ("two" = the model's two-expert mask)
-    kw = {k: [swap(x) for x in v] if isinstance(v, list) else swap(v)
-          for k, v in trainer_kw.items() if k != "drop_batch_idx"}
+    kw = {
+        k: [swap(x) for x in v] if isinstance(v, list) else swap(v)
+        for k, v in trainer_kw.items()
+        if k != "drop_batch_idx"
+    }
     ds = dataset(tok).remove_columns("batch_idx") if trainer_kw.get("drop_batch_idx") else None
     with pytest.raises(ValueError, match=match):
         make_trainer(model, config(tmp_path, **cfg_kw), tok, ds, **kw)
@@ -504,8 +584,10 @@ def test_training_twice_without_merging_is_refused(tok, tmp_path):
     with pytest.raises(TrainingConfigError, match="merge_trained_experts"):
         ExpertMaskingTrainer(model, config(tmp_path), dataset(tok), expert_mask=mask)
     donor = tiny_model("olmoe")
-    delta = save_expert_delta(ExpertMaskingTrainer(donor, config(tmp_path), dataset(tok), expert_mask=mask),
-                              tmp_path / "d.safetensors")
+    delta = save_expert_delta(
+        ExpertMaskingTrainer(donor, config(tmp_path), dataset(tok), expert_mask=mask),
+        tmp_path / "d.safetensors",
+    )
     with pytest.raises(TrainingConfigError, match="merge_trained_experts"):
         apply_expert_delta(model, delta)
     merge_trained_experts(model)
@@ -530,7 +612,9 @@ def test_router_consistency_loss_values_and_gradient():
     logits = router(h).detach()
     padded = logits.clone()
     padded[3] += 100
-    assert torch.equal(router_consistency_loss([logits], mask, unsafe), router_consistency_loss([padded], mask, unsafe))
+    assert torch.equal(
+        router_consistency_loss([logits], mask, unsafe), router_consistency_loss([padded], mask, unsafe)
+    )
     only_safe = router_consistency_loss([router(h)], mask, torch.tensor([0, 0]))
     assert only_safe == 0 and only_safe.requires_grad
 
@@ -551,7 +635,9 @@ def test_router_consistency_term_reaches_the_router_only_when_enabled(tok, tmp_p
     plain, t_off = loss_and_trainer()
     with_c, t_on = loss_and_trainer(router_consistency_loss="symmetric", router_consistency_weight=1.0)
     assert torch.isfinite(with_c) and with_c > plain
-    assert torch.isclose(with_c - plain, torch.tensor(t_on._consistency[0]), atol=1e-5)  # weight 1.0 x KL term
+    assert torch.isclose(
+        with_c - plain, torch.tensor(t_on._consistency[0]), atol=1e-5
+    )  # weight 1.0 x KL term
     g_off = t_off.adapter.router(0).weight.grad
     g_on = t_on.adapter.router(0).weight.grad
     assert g_off is not None and g_on is not None and not torch.allclose(g_off, g_on)
@@ -587,7 +673,9 @@ def test_failed_construction_leaves_the_model_untouched_and_retryable(tok, tmp_p
     with pytest.raises(TrainingConfigError, match=r"router_consistency_layers \[7\]"):
         make_trainer(model, bad_layers, tok, expert_mask=mask)  # fails after the rows were spliced in
     with pytest.raises(TypeError):
-        make_trainer(model, config(tmp_path), tok, expert_mask=mask, not_a_trainer_argument=1)  # fails in Trainer
+        make_trainer(
+            model, config(tmp_path), tok, expert_mask=mask, not_a_trainer_argument=1
+        )  # fails in Trainer
     assert not trained_rows(model)
     assert dict(model.named_parameters()) == params, "parameters were replaced"
     assert all(p.requires_grad for p in model.parameters())
@@ -600,7 +688,9 @@ def test_per_batch_masks_apply_per_batch_unless_union_is_asked_for(tok, tmp_path
     masks = [ExpertMask.from_experts([(0, b)], 2, 8) for b in range(3)]
     model = tiny_model("olmoe")
     before = snapshot(model)
-    trainer = make_trainer(model, config(tmp_path, max_steps=1, shuffle_batches=False), tok, batch_expert_masks=masks)
+    trainer = make_trainer(
+        model, config(tmp_path, max_steps=1, shuffle_batches=False), tok, batch_expert_masks=masks
+    )
     assert trainer.mask_mode == "per_batch" and trainer.trainable_report()["mask_mode"] == "per_batch"
     trainer.train()  # one step, batch 0
     merge_trained_experts(model)
@@ -609,8 +699,12 @@ def test_per_batch_masks_apply_per_batch_unless_union_is_asked_for(tok, tmp_path
     model = tiny_model("olmoe")
     before = snapshot(model)
     with caplog.at_level("INFO", logger="moe_core.train.expert_trainer"):
-        union = make_trainer(model, config(tmp_path, max_steps=1, shuffle_batches=False, mask_mode="union"), tok,
-                             batch_expert_masks=masks)
+        union = make_trainer(
+            model,
+            config(tmp_path, max_steps=1, shuffle_batches=False, mask_mode="union"),
+            tok,
+            batch_expert_masks=masks,
+        )
     assert "training the union of 3 per-batch masks" in caplog.text
     union.train()
     merge_trained_experts(model)
@@ -622,11 +716,14 @@ def test_monitor_line_in_the_seeds_words_only_when_asked(tok, tmp_path, capsys):
     make_trainer(model, config(tmp_path, max_steps=2), tok, expert_mask=two_expert_mask(model)).train()
     assert "Current training batch" not in capsys.readouterr().out
     merge_trained_experts(model)
-    t = make_trainer(model, config(tmp_path, max_steps=2, monitor_batches=True), tok,
-                     expert_mask=two_expert_mask(model))
+    t = make_trainer(
+        model, config(tmp_path, max_steps=2, monitor_batches=True), tok, expert_mask=two_expert_mask(model)
+    )
     t.train()
     lines = [line for line in capsys.readouterr().out.splitlines() if "Current training batch" in line]
-    assert lines == [f"Current training batch contains samples from batches: [{r['batch_idx']}]" for r in t.batch_log]
+    assert lines == [
+        f"Current training batch contains samples from batches: [{r['batch_idx']}]" for r in t.batch_log
+    ]
 
 
 def test_transformers_internals_are_as_expected():
@@ -638,8 +735,13 @@ def test_error_classes_share_the_lab_base():
     from moe_core.train import sampler as sampler_mod
     from moe_core.train import sft as sft_mod
 
-    for cls in (TrainingConfigError, BatchStructureError, sampler_mod.BatchSamplerError, sft_mod.SFTDataError,
-                sft_mod.PickleNotAllowedError):
+    for cls in (
+        TrainingConfigError,
+        BatchStructureError,
+        sampler_mod.BatchSamplerError,
+        sft_mod.SFTDataError,
+        sft_mod.PickleNotAllowedError,
+    ):
         assert issubclass(cls, MoELabError) and issubclass(cls, ValueError), cls
 
 
@@ -648,21 +750,52 @@ def test_train_model_trains_what_it_is_given_with_keyword_settings(tok, tmp_path
     ad = MoEAdapter.for_model(model)
     drawn = random_like(two_expert_mask(model), 5, layers=ad.moe_layers)
     before = snapshot(model)
-    result = train_model(model, tok, dataset(tok), drawn, output_dir=tmp_path / "r", mask_mode="union",
-                         learning_rate=1e-2, num_train_epochs=1, weight_decay=0.1, seed=0, train_router=False,
-                         router_consistency_loss="none", router_consistency_weight=0.1, save_merged_model=False)
+    result = train_model(
+        model,
+        tok,
+        dataset(tok),
+        drawn,
+        output_dir=tmp_path / "r",
+        mask_mode="union",
+        learning_rate=1e-2,
+        num_train_epochs=1,
+        weight_decay=0.1,
+        seed=0,
+        train_router=False,
+        router_consistency_loss="none",
+        router_consistency_weight=0.1,
+        save_merged_model=False,
+    )
     meta = json.loads(result.metadata_path.read_text())
     assert meta["baseline"] == "random_experts" and meta["args"]["lr_scheduler_type"] == "constant"
     assert len(meta["batch_monitor"]) == 3 and result.delta_path.exists()
     assert changed_experts(model, before, ad) == set(drawn.experts())
     full = train_model(tiny_model("olmoe"), tok, dataset(tok), None, output_dir=tmp_path / "f", max_steps=1)
     assert full.report["baseline"] == "full" and full.merged_path.is_dir() and full.delta_path is None
-    quiet = train_model(tiny_model("olmoe"), tok, dataset(tok), None, output_dir=tmp_path / "q", max_steps=1,
-                        mask_mode="union", save_outputs=False)
-    assert quiet.merged_path is None and not list((tmp_path / "q").glob("*.json*")) and not (tmp_path / "q" / "merged_model").exists()
+    quiet = train_model(
+        tiny_model("olmoe"),
+        tok,
+        dataset(tok),
+        None,
+        output_dir=tmp_path / "q",
+        max_steps=1,
+        mask_mode="union",
+        save_outputs=False,
+    )
+    assert (
+        quiet.merged_path is None
+        and not list((tmp_path / "q").glob("*.json*"))
+        and not (tmp_path / "q" / "merged_model").exists()
+    )
     with pytest.raises(TrainingConfigError, match="not drawn at random"):
-        train_model(tiny_model("olmoe"), tok, dataset(tok), two_expert_mask(model), output_dir=tmp_path / "x",
-                    baseline="random_experts")
+        train_model(
+            tiny_model("olmoe"),
+            tok,
+            dataset(tok),
+            two_expert_mask(model),
+            output_dir=tmp_path / "x",
+            baseline="random_experts",
+        )
 
 
 # -- several processes -----------------------------------------------------------------
@@ -674,9 +807,24 @@ def _free_port() -> int:
 
 def test_two_processes_each_get_whole_analysis_batches(tmp_path):
     """Real accelerate launch (2 CPU processes, DDP over gloo) through the Trainer's prepared DataLoader."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "accelerate_batches.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "accelerate_batches.py"),
+        str(tmp_path),
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
@@ -701,7 +849,10 @@ def test_two_processes_each_get_whole_analysis_batches(tmp_path):
     assert ranks[0]["rows"] == ranks[1]["rows"], "ranks disagree on the trained rows"
     # the batch order is reshuffled per epoch on every rank (set_epoch reaches the sampler inside accelerate's shard)
     half = len(ranks[0]["batch_log"]) // 2
-    epochs = [tuple(s["batch_idx"] for r in ranks for s in r["batch_log"][e * half:(e + 1) * half]) for e in (0, 1)]
+    epochs = [
+        tuple(s["batch_idx"] for r in ranks for s in r["batch_log"][e * half : (e + 1) * half])
+        for e in (0, 1)
+    ]
     assert epochs[0] != epochs[1], epochs
 
 
@@ -709,13 +860,24 @@ def _launch_two(tmp_path: Path, *script_args: str) -> subprocess.CompletedProces
     """The shipped 2-process config (moe_core/configs/accelerate/2gpu.yaml), on CPUs here (DDP over gloo)."""
     from moe_core.configs import accelerate_config
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config("2gpu")),
-           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "accelerate_batches.py"), str(tmp_path),
-           *script_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_config("2gpu")),
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "accelerate_batches.py"),
+        str(tmp_path),
+        *script_args,
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-        cmd[cmd.index("--main_process_port") + 1] = str(_free_port())  # the rare gloo teardown abort: once more
+        cmd[cmd.index("--main_process_port") + 1] = str(
+            _free_port()
+        )  # the rare gloo teardown abort: once more
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return proc
 
@@ -747,8 +909,24 @@ def test_cli_train_under_accelerate_launch_writes_the_run_once(tmp_path):
     run = build_finished_run(tmp_path / "runs", save_tiny_model(tmp_path / "tiny"), n_batches=4, train=False)
     from moe_core.configs import accelerate_config
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config("2gpu")),
-           "--main_process_port", str(_free_port()), "-m", "moe_core", "train", "--run", str(run.path), "--mask", MASK_NAME, "--epochs", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_config("2gpu")),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "moe_core",
+        "train",
+        "--run",
+        str(run.path),
+        "--mask",
+        MASK_NAME,
+        "--epochs",
+        "1",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,22 +6,47 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 COMMON = dict(
-    hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
     max_position_embeddings=256,
 )
 
 FAMILY_KWARGS: dict[str, dict] = {
     "olmoe": dict(num_experts=8, num_experts_per_tok=2),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen2_moe": dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32),
     "deepseek_v3": dict(
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
-        n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=8, n_shared_experts=1, num_hidden_layers=3, num_key_value_heads=4,  # MLA: kv heads == heads
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_shared_experts=1,
+        num_hidden_layers=3,
+        num_key_value_heads=4,  # MLA: kv heads == heads
     ),
-    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, layer_types=["sliding_attention", "full_attention"]),
+    "gpt_oss": dict(
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        head_dim=16,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
 }
 FAMILIES = sorted(FAMILY_KWARGS)
 
@@ -73,10 +98,17 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=COMMON["vocab_size"], special_tokens=specials, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=COMMON["vocab_size"], special_tokens=specials, show_progress=False
+    )
     tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
     assert tok.get_vocab_size() <= COMMON["vocab_size"]
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=specials[4:], chat_template=TINY_CHAT_TEMPLATE,
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=specials[4:],
+        chat_template=TINY_CHAT_TEMPLATE,
     )

@@ -81,8 +81,12 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         if self.chat_template_kwargs is not None and not (
-                isinstance(self.chat_template_kwargs, dict) and all(isinstance(k, str) for k in self.chat_template_kwargs)):
-            raise AnalysisError('chat_template_kwargs must be a JSON object of options, e.g. {"enable_thinking": false}')
+            isinstance(self.chat_template_kwargs, dict)
+            and all(isinstance(k, str) for k in self.chat_template_kwargs)
+        ):
+            raise AnalysisError(
+                'chat_template_kwargs must be a JSON object of options, e.g. {"enable_thinking": false}'
+            )
         self.chat_template_kwargs = self.chat_template_kwargs or None  # {} and None mean the same: no options
         if self.scope not in SCOPE_SPAN:
             raise AnalysisError(f"scope must be one of {sorted(SCOPE_SPAN)}, not {self.scope!r}")
@@ -149,20 +153,35 @@ def analyse_batch(
     items = batch.items
     messages = [it.messages(config.system_prompt) for it in items]
     if generator is not None and config.scope != "response" and config.max_new_tokens > 0:
-
-        samples, source = route_generated(model, tokenizer, messages, config.max_new_tokens, generator, adapter)
+        samples, source = route_generated(
+            model, tokenizer, messages, config.max_new_tokens, generator, adapter
+        )
     else:
-        samples = route_batch(model, tokenizer, messages, scope=config.scope, max_new_tokens=config.max_new_tokens,
-                              responses=_responses_for(batch, config.scope), adapter=adapter)
-        source = "hf-teacher-forced" if config.scope == "response" or not config.max_new_tokens else "hf-generate"
+        samples = route_batch(
+            model,
+            tokenizer,
+            messages,
+            scope=config.scope,
+            max_new_tokens=config.max_new_tokens,
+            responses=_responses_for(batch, config.scope),
+            adapter=adapter,
+        )
+        source = (
+            "hf-teacher-forced" if config.scope == "response" or not config.max_new_tokens else "hf-generate"
+        )
     texts = [s.generation.text for s in samples]
     verdicts = judge.judge([it.text for it in items], texts)
     refused = [v.refusal for v in verdicts]
     keep = quality_filter(items, refused) if config.quality_filter else [True] * len(items)
 
     span = SCOPE_SPAN[config.scope]
-    ids = {lab: [s.routing.select(span)[0] for s, it, k in zip(samples, items, keep) if k and it.label == lab] for lab in ("safe", "unsafe")}
-    table = batch_risk_table(batch.batch_idx, ids["safe"], ids["unsafe"], adapter.num_experts, adapter.moe_layers, adapter.top_k)
+    ids = {
+        lab: [s.routing.select(span)[0] for s, it, k in zip(samples, items, keep) if k and it.label == lab]
+        for lab in ("safe", "unsafe")
+    }
+    table = batch_risk_table(
+        batch.batch_idx, ids["safe"], ids["unsafe"], adapter.num_experts, adapter.moe_layers, adapter.top_k
+    )
     outputs = {
         "batch_idx": batch.batch_idx,
         "scope": config.scope,
@@ -193,10 +212,17 @@ def analyse_batch(
     return samples, outputs, table
 
 
-def batch_risk_table(batch_idx: int, safe: list[np.ndarray], unsafe: list[np.ndarray], num_experts: int,
-                     moe_layers: Sequence[int], top_k: int) -> pd.DataFrame:
+def batch_risk_table(
+    batch_idx: int,
+    safe: list[np.ndarray],
+    unsafe: list[np.ndarray],
+    num_experts: int,
+    moe_layers: Sequence[int],
+    top_k: int,
+) -> pd.DataFrame:
     """A batch's risk table from the routed expert ids ([moe layers, tokens, k] each) of its kept safe and
     unsafe samples; the analysis and the doctor's recompute share it, so both give the same values."""
+
     def cat(arrs: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(arrs, axis=1) if arrs else np.zeros((len(moe_layers), 0, top_k), dtype=np.int16)
 
@@ -220,7 +246,9 @@ def _checked_plan(run: Run, plan: BatchPlan | None, config: AnalysisConfig) -> B
     if not plan_path.exists():
         save_plan(plan_path, plan)
     elif load_plan(plan_path).to_json_dict() != plan.to_json_dict():
-        raise AnalysisError(f"run {run.id} already holds a different batch plan; start a new run to analyse this one")
+        raise AnalysisError(
+            f"run {run.id} already holds a different batch plan; start a new run to analyse this one"
+        )
     return plan
 
 
@@ -250,9 +278,21 @@ def run_analysis(
     fingerprints["plan_fingerprint"] = check_plan(run, plan)
     adapter = MoEAdapter.for_model(model)
     judge = make_judge(config.judge)
-    record(run, replace=not run.completed_batches(), analysis=asdict(config), model_info=adapter.describe(), **fingerprints)
-    run.set_step("analysis", "running", config=asdict(config), model_info=adapter.describe(), batches=len(plan.batches),
-                 backend=getattr(generator, "name", "hf"))
+    record(
+        run,
+        replace=not run.completed_batches(),
+        analysis=asdict(config),
+        model_info=adapter.describe(),
+        **fingerprints,
+    )
+    run.set_step(
+        "analysis",
+        "running",
+        config=asdict(config),
+        model_info=adapter.describe(),
+        batches=len(plan.batches),
+        backend=getattr(generator, "name", "hf"),
+    )
 
     done = intact_batches(run)  # a damaged batch (truncated file, deleted risk table) is analysed again
     total = len(plan.batches)
@@ -267,15 +307,26 @@ def run_analysis(
         samples, outputs, table = analyse_batch(model, tokenizer, batch, config, judge, adapter, generator)
         # Order matters for resume: outputs (the completion marker) is written last.
         b = batch.batch_idx
-        meta = {"batch_idx": b, "num_experts": adapter.num_experts, "top_k": adapter.top_k, **outputs["generation"]}
-        weights = all(s.routing.weights is not None for s in samples)  # vLLM's routed experts carry no weights
-        save_batch_routing(run.path_for("routing", batch_idx=b), samples, adapter.moe_layers, meta=meta, keep_weights=weights)
+        meta = {
+            "batch_idx": b,
+            "num_experts": adapter.num_experts,
+            "top_k": adapter.top_k,
+            **outputs["generation"],
+        }
+        weights = all(
+            s.routing.weights is not None for s in samples
+        )  # vLLM's routed experts carry no weights
+        save_batch_routing(
+            run.path_for("routing", batch_idx=b), samples, adapter.moe_layers, meta=meta, keep_weights=weights
+        )
         write_parquet(run.path_for("risk", batch_idx=b), table)
         write_json(run.path_for("outputs", batch_idx=b), outputs)
         done.add(batch.batch_idx)
         if progress:
             n_kept = sum(s["kept"] for s in outputs["samples"])
-            progress(len(done), total, f"batch {batch.batch_idx}: {n_kept}/{len(outputs['samples'])} samples kept")
+            progress(
+                len(done), total, f"batch {batch.batch_idx}: {n_kept}/{len(outputs['samples'])} samples kept"
+            )
     result = finalize_analysis(run)
     run.set_step("analysis", "done", batches=total, dropped=result.dropped)
     return result
@@ -311,8 +362,6 @@ def chat_template_kwargs_of(run: Run) -> dict[str, Any] | None:
     return cfg.chat_template_kwargs if cfg else None
 
 
-
-
 def load_batch_data_list(run: Run, with_routing: bool = False) -> dict[str, Any]:
     """The run's analysis in the reference's ``sft_data`` dict layout (``{"batch_data_list": [...]}``).
 
@@ -338,8 +387,12 @@ def load_batch_data_list(run: Run, with_routing: bool = False) -> dict[str, Any]
             routings = load_batch_routing(run.path_for("routing", batch_idx=i))
             by_pos = {s["in_batch_idx"]: routings[s["in_batch_idx"]] for s in kept}
             span = SCOPE_SPAN[scope]
-            bd["safe_routings"] = [by_pos[s["in_batch_idx"]].select(span)[0] for s in kept if s["label"] == "safe"]
-            bd["unsafe_routings"] = [by_pos[s["in_batch_idx"]].select(span)[0] for s in kept if s["label"] == "unsafe"]
+            bd["safe_routings"] = [
+                by_pos[s["in_batch_idx"]].select(span)[0] for s in kept if s["label"] == "safe"
+            ]
+            bd["unsafe_routings"] = [
+                by_pos[s["in_batch_idx"]].select(span)[0] for s in kept if s["label"] == "unsafe"
+            ]
         out.append(bd)
     return {"batch_data_list": out, "run_id": run.id}
 
@@ -364,9 +417,18 @@ def process_mixed_batches(
     """
 
     def as_items(prompts: Sequence[str | PromptItem], label: str) -> list[PromptItem]:
-        return [p if isinstance(p, PromptItem) else PromptItem(id=f"{label}-{i}", text=str(p), label=label) for i, p in enumerate(prompts)]  # type: ignore[arg-type]
+        return [
+            p if isinstance(p, PromptItem) else PromptItem(id=f"{label}-{i}", text=str(p), label=label)
+            for i, p in enumerate(prompts)
+        ]  # type: ignore[arg-type]
 
-    plan = compose_batches(as_items(safe_prompts, "safe"), as_items(unsafe_prompts, "unsafe"), batch_size=batch_size, safe_ratio=safe_ratio, shuffle=False)
+    plan = compose_batches(
+        as_items(safe_prompts, "safe"),
+        as_items(unsafe_prompts, "unsafe"),
+        batch_size=batch_size,
+        safe_ratio=safe_ratio,
+        shuffle=False,
+    )
     config = AnalysisConfig(scope=scope, max_new_tokens=max_new_tokens, judge=judge)
     adapter = MoEAdapter.for_model(model)
     jd = make_judge(judge)
@@ -374,19 +436,24 @@ def process_mixed_batches(
     out = []
     for n, batch in enumerate(plan.batches):
         samples, outputs, _ = analyse_batch(model, tokenizer, batch, config, jd, adapter)
-        rows = [{**s, "batch_idx": batch.batch_idx, "routing": r.routing} for s, r in zip(outputs["samples"], samples)]
+        rows = [
+            {**s, "batch_idx": batch.batch_idx, "routing": r.routing}
+            for s, r in zip(outputs["samples"], samples)
+        ]
         safe_idx = [i for i, s in enumerate(rows) if s["label"] == "safe"]
         unsafe_idx = [i for i, s in enumerate(rows) if s["label"] == "unsafe"]
-        out.append({
-            "batch_idx": batch.batch_idx,
-            "batch_outputs": rows,
-            "safe_indices": safe_idx,
-            "unsafe_indices": unsafe_idx,
-            "safe_routings": [samples[i].routing.select(span)[0] for i in safe_idx],
-            "unsafe_routings": [samples[i].routing.select(span)[0] for i in unsafe_idx],
-            "num_experts": adapter.num_experts,
-            "layers": adapter.moe_layers,
-        })
+        out.append(
+            {
+                "batch_idx": batch.batch_idx,
+                "batch_outputs": rows,
+                "safe_indices": safe_idx,
+                "unsafe_indices": unsafe_idx,
+                "safe_routings": [samples[i].routing.select(span)[0] for i in safe_idx],
+                "unsafe_routings": [samples[i].routing.select(span)[0] for i in unsafe_idx],
+                "num_experts": adapter.num_experts,
+                "layers": adapter.moe_layers,
+            }
+        )
         if progress:
             progress(n + 1, len(plan.batches), f"batch {batch.batch_idx}")
     return out
@@ -404,14 +471,18 @@ def check_resume(run: Any, spec: Any) -> Any:
     started = bool(run.completed_batches()) or bool(prov.get("model_fingerprint"))
     current = run.manifest.get("model")
     if spec.model and current and spec.model != current and started:
-        raise ProvenanceError(f"run {run.id} was analysed with model {current!r}, not {spec.model!r}: resuming "
-                              f"would mix two models' routing; {_new_run_hint(run)}")
+        raise ProvenanceError(
+            f"run {run.id} was analysed with model {current!r}, not {spec.model!r}: resuming "
+            f"would mix two models' routing; {_new_run_hint(run)}"
+        )
     previous = analysis_config_of(run)
     if previous is not None and run.completed_batches():
         diff = differences(asdict(previous), asdict(spec.analysis_config()))
         if diff:
-            raise ProvenanceError(f"run {run.id} was analysed with other settings ({'; '.join(diff)}); resuming "
-                                  f"would mix results; {_new_run_hint(run)}")
+            raise ProvenanceError(
+                f"run {run.id} was analysed with other settings ({'; '.join(diff)}); resuming "
+                f"would mix results; {_new_run_hint(run)}"
+            )
     source = prov.get("plan_source")
     if not source:
         return spec
@@ -419,10 +490,10 @@ def check_resume(run: Any, spec: Any) -> Any:
     given = {k: v for k, v in plan_source(spec).items() if v != defaults.get(k)}  # what the user typed
     diff = differences({k: source.get(k) for k in given}, given)
     if diff:
-        raise ProvenanceError(f"run {run.id} was started from other prompts or batch settings "
-                              f"({'; '.join(diff)}); {_new_run_hint(run)}")
+        raise ProvenanceError(
+            f"run {run.id} was started from other prompts or batch settings "
+            f"({'; '.join(diff)}); {_new_run_hint(run)}"
+        )
     if not run.path_for("plan").exists():  # killed before the plan was saved: recompose the user's own
         spec = dataclasses.replace(spec, **{k: v for k, v in source.items() if k in PLAN_FIELDS})
     return spec
-
-

@@ -20,9 +20,17 @@ PER_BATCH = ("routing", "risk", "outputs")
 
 def _outputs_shape(batch_idx: int) -> Callable[[Any], str | None]:
     def validate(d: Any) -> str | None:
-        if not isinstance(d, dict) or d.get("batch_idx") != batch_idx or not isinstance(d.get("samples"), list):
+        if (
+            not isinstance(d, dict)
+            or d.get("batch_idx") != batch_idx
+            or not isinstance(d.get("samples"), list)
+        ):
             return f"not the outputs of batch {batch_idx} (needs batch_idx and a samples list)"
-        bad = [i for i, s in enumerate(d["samples"]) if not isinstance(s, dict) or not {"label", "kept"} <= set(s)]
+        bad = [
+            i
+            for i, s in enumerate(d["samples"])
+            if not isinstance(s, dict) or not {"label", "kept"} <= set(s)
+        ]
         return f"samples {bad[:5]} lack label/kept" if bad else None
 
     return validate
@@ -68,5 +76,3 @@ def intact_batches(run: Run) -> set[int]:
         else:
             done.add(b)
     return done
-
-

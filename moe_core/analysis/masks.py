@@ -40,8 +40,10 @@ from moe_core.store.provenance import model_info_of
 
 MASK_FORMAT = "moe-safety-lab/expert-mask@1"
 BATCH_MASKS_FORMAT = "moe-safety-lab/batch-expert-masks@1"
-_MASK_SHAPE_HINT = ('an expert-mask file looks like {"num_layers": L, "num_experts": E, '
-                    '"experts": {"<layer>": [expert, ...]}}')
+_MASK_SHAPE_HINT = (
+    'an expert-mask file looks like {"num_layers": L, "num_experts": E, '
+    '"experts": {"<layer>": [expert, ...]}}'
+)
 
 
 class MaskError(MoELabError, ValueError):
@@ -77,7 +79,11 @@ class MaskFile(_MaskShape):
     @model_validator(mode="after")
     def _fits(self) -> MaskFile:
         if self.format != MASK_FORMAT:
-            hint = ": it holds per-batch masks, read it with load_batch_masks" if self.format == BATCH_MASKS_FORMAT else ""
+            hint = (
+                ": it holds per-batch masks, read it with load_batch_masks"
+                if self.format == BATCH_MASKS_FORMAT
+                else ""
+            )
             raise ValueError(f"format is {self.format!r}, expected {MASK_FORMAT!r}{hint}")
         self._check_experts(self.experts, "experts")
         return self
@@ -109,8 +115,13 @@ def _validate(schema: type[BaseModel], data: Any, what: str) -> Any:
 
 def _read_json_file(path: str | Path) -> Any:
 
-    return read_json(path, "mask file", missing="select experts and save a mask first",
-                     damaged="fix it by hand or save the mask again", error=MaskError)
+    return read_json(
+        path,
+        "mask file",
+        missing="select experts and save a mask first",
+        damaged="fix it by hand or save the mask again",
+        error=MaskError,
+    )
 
 
 @dataclass
@@ -186,7 +197,11 @@ class ExpertMask:
         return ExpertMask(m, {**self.meta})
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ExpertMask) and self.shape == other.shape and bool((self.mask == other.mask).all())
+        return (
+            isinstance(other, ExpertMask)
+            and self.shape == other.shape
+            and bool((self.mask == other.mask).all())
+        )
 
     # -- JSON ---------------------------------------------------------------------------
     def to_json_dict(self) -> dict[str, Any]:
@@ -240,7 +255,9 @@ def save_batch_masks(path: str | Path, masks: Mapping[int, ExpertMask]) -> Path:
             "format": BATCH_MASKS_FORMAT,
             "num_layers": first.num_layers,
             "num_experts": first.num_experts,
-            "batches": {str(b): {str(l): es for l, es in m.by_layer().items()} for b, m in sorted(masks.items())},
+            "batches": {
+                str(b): {str(l): es for l, es in m.by_layer().items()} for b, m in sorted(masks.items())
+            },
         },
     )
 
@@ -252,7 +269,9 @@ def load_batch_masks(path: str | Path) -> dict[int, ExpertMask]:
         raise MaskError(f"{path} is not a per-batch mask file (no 'batches' field)")
     f: BatchMasksFile = _validate(BatchMasksFile, d, f"{path} is not a valid per-batch mask file")
     return {
-        b: ExpertMask.from_experts([(layer, e) for layer, es in ex.items() for e in es], f.num_layers, f.num_experts)
+        b: ExpertMask.from_experts(
+            [(layer, e) for layer, es in ex.items() for e in es], f.num_layers, f.num_experts
+        )
         for b, ex in sorted(f.batches.items())
     }
 
@@ -264,14 +283,18 @@ def load_run_masks(run: Any, name: str, per_batch: bool) -> Any:
     path = run.path_for("mask", name=name)
     if not path.exists():
         have = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.exists() else []
-        raise MaskError(f"run {run.id} has no mask named {name!r} (masks: {have or 'none'}); "
-                        "run `python -m moe_core select` first")
+        raise MaskError(
+            f"run {run.id} has no mask named {name!r} (masks: {have or 'none'}); "
+            "run `python -m moe_core select` first"
+        )
     if "batches" in _read_json_file(path):
         masks = load_batch_masks(path)
         return masks if per_batch else functools.reduce(ExpertMask.union, masks.values())
     if per_batch:
-        raise MaskError(f"mask {name!r} is one global mask; --mask-mode per_batch needs a mask saved with "
-                        "`select --per-batch`")
+        raise MaskError(
+            f"mask {name!r} is one global mask; --mask-mode per_batch needs a mask saved with "
+            "`select --per-batch`"
+        )
     return ExpertMask.load(path)
 
 
@@ -285,5 +308,7 @@ def check_mask_fits(run: Any, masks: Any, name: str, what: str = "mask") -> None
         return
     for m in masks.values() if isinstance(masks, dict) else [masks]:
         if tuple(m.shape) != shape:
-            raise MaskError(f"{what} {name!r} is {tuple(m.shape)} but the run's model has {shape[0]} layers x "
-                            f"{shape[1]} experts; select experts again on this run")
+            raise MaskError(
+                f"{what} {name!r} is {tuple(m.shape)} but the run's model has {shape[0]} layers x "
+                f"{shape[1]} experts; select experts again on this run"
+            )

@@ -76,7 +76,9 @@ def activation_counts(expert_ids: Any, num_experts: int, *, check: bool = True) 
     """
     ids = np.asarray(expert_ids)
     if ids.ndim != 3 or not np.issubdtype(ids.dtype, np.integer):
-        raise RiskInputError(f"expert ids must be an integer array [layers, tokens, k]; got {ids.dtype} {ids.shape}")
+        raise RiskInputError(
+            f"expert ids must be an integer array [layers, tokens, k]; got {ids.dtype} {ids.shape}"
+        )
     n_layers, n_tokens, k = ids.shape
     if num_experts < 1:
         raise RiskInputError(f"num_experts must be >= 1; got {num_experts}")
@@ -157,7 +159,9 @@ def logit_activation_counts(logits: Any, num_experts_per_tok: int) -> np.ndarray
 def _check_logits(p: Any) -> np.ndarray:
     p = np.asarray(p)
     if p.ndim != 3 or not np.issubdtype(p.dtype, np.floating):
-        raise RiskInputError(f"router logits must be a float array [layers, tokens, experts]; got {p.dtype} {p.shape}")
+        raise RiskInputError(
+            f"router logits must be a float array [layers, tokens, experts]; got {p.dtype} {p.shape}"
+        )
     return p
 
 
@@ -206,7 +210,9 @@ def _samples(routings: Any, name: str) -> list[np.ndarray]:
     parts = [routings] if isinstance(routings, np.ndarray) else [np.asarray(r) for r in routings]
     for i, p in enumerate(parts):
         if p.ndim != 3:
-            raise RiskInputError(f"{name}[{i}] must be 3-D [layers, tokens, experts or k]; got shape {p.shape}")
+            raise RiskInputError(
+                f"{name}[{i}] must be 3-D [layers, tokens, experts or k]; got shape {p.shape}"
+            )
     if len({(p.shape[0], p.shape[2]) for p in parts}) > 1:
         shapes = sorted({(p.shape[0], p.shape[2]) for p in parts})
         raise RiskInputError(f"{name}: samples disagree on (layers, last dim): {shapes}")
@@ -298,7 +304,9 @@ def risk_table(
     safe, unsafe = _samples(safe_ids, "safe_ids"), _samples(unsafe_ids, "unsafe_ids")
     form, n_layers, _ = _pair_shape(safe, unsafe)
     if form != "ids":
-        raise RiskInputError("risk_table takes integer top-k ids; use calculate_risk_diff_per_batch for logits")
+        raise RiskInputError(
+            "risk_table takes integer top-k ids; use calculate_risk_diff_per_batch for logits"
+        )
     return _build_table(
         batch_idx,
         _ids_counts(safe, n_layers, num_experts),
@@ -369,7 +377,9 @@ def aggregate_batch_risk_diffs(batch_risk_diffs: Sequence[pd.DataFrame] | pd.Dat
     df = pd.concat(frames, ignore_index=True)
     missing = [c for c in SEED_COLUMNS[1:] if c not in df.columns]
     if missing:
-        raise RiskInputError(f"risk tables lack columns {missing}; build them with calculate_risk_diff_per_batch")
+        raise RiskInputError(
+            f"risk tables lack columns {missing}; build them with calculate_risk_diff_per_batch"
+        )
     if df.empty:
         raise RiskInputError("the risk tables are empty")
     if "batch_idx" in df.columns and df.duplicated(["batch_idx", "layer", "expert"]).any():
@@ -379,7 +389,9 @@ def aggregate_batch_risk_diffs(batch_risk_diffs: Sequence[pd.DataFrame] | pd.Dat
     rd = df["risk_diff"].to_numpy(dtype=np.float64)
     keys = ["layer", "expert"]
     mean_b = df.groupby(keys, sort=True)["risk_diff"].transform("mean").to_numpy()
-    work = df.assign(_pos=(rd > 0).astype(np.float64), _agree=(np.sign(rd) == np.sign(mean_b)).astype(np.float64))
+    work = df.assign(
+        _pos=(rd > 0).astype(np.float64), _agree=(np.sign(rd) == np.sign(mean_b)).astype(np.float64)
+    )
     spec: dict[str, tuple[str, str]] = {c: (c, "sum") for c in ("a_safe", "a_unsafe", "d_safe", "d_unsafe")}
     spec.update({c: (c, "mean") for c in ("a_safe_n", "a_unsafe_n", "risk_diff")})
     spec.update({c: (c, "sum") for c in TOKEN_COLUMNS if c in df.columns})
@@ -449,7 +461,10 @@ def risk_matrix(
 
 
 def per_batch_tensor(
-    per_batch_df: pd.DataFrame, value: str = "risk_diff", num_layers: int | None = None, num_experts: int | None = None
+    per_batch_df: pd.DataFrame,
+    value: str = "risk_diff",
+    num_layers: int | None = None,
+    num_experts: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-batch tables (concatenated) -> ``(batch_ids [B], values [B, layers, experts])``, NaN-filled."""
     if value not in per_batch_df.columns or "batch_idx" not in per_batch_df.columns:
@@ -462,7 +477,7 @@ def per_batch_tensor(
     batch_col = per_batch_df["batch_idx"].to_numpy()
     batch_ids, pos = np.unique(batch_col, return_inverse=True)
     out = np.full((batch_ids.size, n_l, n_e), np.nan)
-    out[pos, per_batch_df["layer"].to_numpy(), per_batch_df["expert"].to_numpy()] = per_batch_df[value].to_numpy(
-        dtype=np.float64
-    )
+    out[pos, per_batch_df["layer"].to_numpy(), per_batch_df["expert"].to_numpy()] = per_batch_df[
+        value
+    ].to_numpy(dtype=np.float64)
     return batch_ids, out

@@ -56,13 +56,17 @@ class SelectionConfig:
     per_layer_k: int = 2  # per_layer: experts kept in each layer
     top_p: float = 0.5  # top_p: share of the positive score total to cover, in (0, 1]
     seed: int = 0  # random: RNG seed (per-batch masks draw with (seed, batch_idx))
-    min_sign_consistency: float | None = None  # keep experts whose sign_consistency >= this (aggregated tables)
+    min_sign_consistency: float | None = (
+        None  # keep experts whose sign_consistency >= this (aggregated tables)
+    )
     score: str = "risk_diff"  # column to rank by, e.g. risk_diff, t_score, pos_frac
 
     def validate(self) -> None:
         """Raise SelectionError on values no method can use."""
         if self.method not in METHODS:
-            raise SelectionError(f"unknown selection method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise SelectionError(
+                f"unknown selection method {self.method!r}; choose one of {', '.join(METHODS)}"
+            )
         if self.method in ("top_n", "random") and int(self.n) < 1:
             raise SelectionError(f"n must be >= 1 for {self.method}; got {self.n}")
         if self.method == "per_layer" and int(self.per_layer_k) < 1:
@@ -70,7 +74,9 @@ class SelectionConfig:
         if self.method == "top_p" and not 0.0 < float(self.top_p) <= 1.0:
             raise SelectionError(f"top_p must be in (0, 1]; got {self.top_p}")
         if self.min_sign_consistency is not None and not 0.0 <= float(self.min_sign_consistency) <= 1.0:
-            raise SelectionError(f"min_sign_consistency must be in [0, 1] or None; got {self.min_sign_consistency}")
+            raise SelectionError(
+                f"min_sign_consistency must be in [0, 1] or None; got {self.min_sign_consistency}"
+            )
 
 
 # ----------------------------------------------------------------------------- seed API
@@ -88,7 +94,9 @@ def identify_unsafe_experts(
     return [(int(l), int(e)) for l, e in zip(chosen["layer"].to_numpy(), chosen["expert"].to_numpy())]
 
 
-def create_expert_mask(num_layers: int, n_experts: int, unsafe_experts: Iterable[tuple[int, int]]) -> np.ndarray:
+def create_expert_mask(
+    num_layers: int, n_experts: int, unsafe_experts: Iterable[tuple[int, int]]
+) -> np.ndarray:
     """Seed-compatible 0/1 float mask ``[num_layers, n_experts]``; out-of-range experts raise."""
     return ExpertMask.from_experts(unsafe_experts, num_layers, n_experts).mask.astype(np.float64)
 
@@ -107,7 +115,9 @@ def select_experts(
     _require_columns(risk_df, [config.score], hint="pick a score column the table has")
     n = int(config.n)
     if config.method == "top_n" and n > len(risk_df):
-        raise SelectionError(f"n={config.n} is larger than the {len(risk_df)} experts in the risk table; lower n")
+        raise SelectionError(
+            f"n={config.n} is larger than the {len(risk_df)} experts in the risk table; lower n"
+        )
     layer = risk_df["layer"].to_numpy(dtype=np.int64)
     expert = risk_df["expert"].to_numpy(dtype=np.int64)
     score = risk_df[config.score].to_numpy(dtype=np.float64)
@@ -126,7 +136,9 @@ def select_experts(
         idx = idx[:n]
     elif config.method == "per_layer":
         if config.per_layer_k > num_experts:
-            raise SelectionError(f"per_layer_k={config.per_layer_k} exceeds the {num_experts} experts per layer")
+            raise SelectionError(
+                f"per_layer_k={config.per_layer_k} exceeds the {num_experts} experts per layer"
+            )
         rank = pd.Series(layer[idx]).groupby(layer[idx]).cumcount().to_numpy()  # 0 = best in its layer
         idx = idx[rank < int(config.per_layer_k)]
     elif config.method == "top_p" and idx.size:
@@ -171,7 +183,11 @@ def random_experts(
     allowed = np.zeros((num_layers, num_experts), dtype=bool)
     allowed[rows] = True
     if exclude is not None:
-        ex = exclude if isinstance(exclude, ExpertMask) else ExpertMask.from_experts(exclude, num_layers, num_experts)
+        ex = (
+            exclude
+            if isinstance(exclude, ExpertMask)
+            else ExpertMask.from_experts(exclude, num_layers, num_experts)
+        )
         if ex.shape != allowed.shape:
             raise SelectionError(f"exclude mask is {ex.shape}, the model is {allowed.shape}")
         allowed &= ~ex.mask
@@ -209,10 +225,14 @@ def random_like(
     """
     if mask.count() == 0:
         raise SelectionError("the mask to imitate selects no experts")
-    return random_experts(mask.num_layers, mask.num_experts, mask.count(), seed, layers=layers, exclude=exclude)
+    return random_experts(
+        mask.num_layers, mask.num_experts, mask.count(), seed, layers=layers, exclude=exclude
+    )
 
 
-def random_layer_matched(mask: ExpertMask, seed: int | Sequence[int], exclude_chosen: bool = True) -> ExpertMask:
+def random_layer_matched(
+    mask: ExpertMask, seed: int | Sequence[int], exclude_chosen: bool = True
+) -> ExpertMask:
     """A random baseline with exactly as many experts in each layer as ``mask`` (by default none of its own).
 
     Why: a uniform draw spreads experts over layers differently from the chosen set; matching
@@ -223,15 +243,26 @@ def random_layer_matched(mask: ExpertMask, seed: int | Sequence[int], exclude_ch
     rng = np.random.default_rng([int(s) for s in np.atleast_1d(seed)])
     picked: list[tuple[int, int]] = []
     for layer, chosen in sorted(mask.by_layer().items()):
-        pool = np.setdiff1d(np.arange(mask.num_experts), chosen) if exclude_chosen else np.arange(mask.num_experts)
-        if pool.size < len(chosen):  # the layer is mostly chosen: take every other expert, fill up with chosen ones
+        pool = (
+            np.setdiff1d(np.arange(mask.num_experts), chosen)
+            if exclude_chosen
+            else np.arange(mask.num_experts)
+        )
+        if pool.size < len(
+            chosen
+        ):  # the layer is mostly chosen: take every other expert, fill up with chosen ones
             fill = rng.choice(np.asarray(chosen), size=len(chosen) - pool.size, replace=False)
             picked += [(layer, int(e)) for e in np.concatenate([pool, fill])]
             continue
         picked += [(layer, int(e)) for e in rng.choice(pool, size=len(chosen), replace=False)]
-    return ExpertMask.from_experts(picked, mask.num_layers, mask.num_experts,
-                                   selection={"method": "random_layer_matched", "n": len(picked)},
-                                   rng_seed=[int(s) for s in np.atleast_1d(seed)], n_selected=len(picked))
+    return ExpertMask.from_experts(
+        picked,
+        mask.num_layers,
+        mask.num_experts,
+        selection={"method": "random_layer_matched", "n": len(picked)},
+        rng_seed=[int(s) for s in np.atleast_1d(seed)],
+        n_selected=len(picked),
+    )
 
 
 def select_per_batch(
@@ -253,7 +284,12 @@ def select_per_batch(
                 config.validate()
                 _check_table(sub, num_layers, num_experts)
                 m = random_experts(
-                    num_layers, num_experts, config.n, [config.seed, b], layers=np.unique(sub["layer"]), config=config
+                    num_layers,
+                    num_experts,
+                    config.n,
+                    [config.seed, b],
+                    layers=np.unique(sub["layer"]),
+                    config=config,
                 )
             else:
                 m = select_experts(sub, config, num_layers, num_experts)
@@ -306,5 +342,3 @@ def _nothing_message(config: SelectionConfig, best: float | None, floor: float |
 
 def _json_float(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
-
-

@@ -87,7 +87,9 @@ class SteeringPlan:
 # transformers 5 and returns (top_k_weights, top_k_index); with nothing steered it reproduces the
 # router's own output exactly (tested against every tiny family).
 # ---------------------------------------------------------------------------------------
-RoutingRule = Callable[[nn.Module, torch.Tensor, int, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+RoutingRule = Callable[
+    [nn.Module, torch.Tensor, int, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def _push(scores: torch.Tensor, forced: torch.Tensor, deact: torch.Tensor, margin: float) -> torch.Tensor:
@@ -149,7 +151,9 @@ def _softmax_group_topk(router, logits, top_k, forced, deact, margin):
     scores = torch.softmax(_push(logits.float(), forced, deact, margin), dim=-1, dtype=torch.float32)
     if router.topk_method == "group_limited_greedy":
         n_group, n_experts = router.num_group, scores.shape[-1]
-        group_scores = _force_groups(scores.view(-1, n_group, n_experts // n_group).max(dim=-1).values, forced, n_group)
+        group_scores = _force_groups(
+            scores.view(-1, n_group, n_experts // n_group).max(dim=-1).values, forced, n_group
+        )
         group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, n_experts // n_group).reshape(-1, n_experts)
@@ -185,12 +189,18 @@ def _pairs(spec: ExpertSpec, what: str, adapter: MoEAdapter) -> set[tuple[int, i
     try:
         pairs = {(int(l), int(e)) for l, e in spec}
     except (TypeError, ValueError):
-        raise SteeringError(f"{what} must be an ExpertMask, (layer, expert) pairs or {{layer: [experts]}}") from None
+        raise SteeringError(
+            f"{what} must be an ExpertMask, (layer, expert) pairs or {{layer: [experts]}}"
+        ) from None
     for l, e in sorted(pairs):
         if l not in adapter.moe_layers:
-            raise SteeringError(f"{what}: layer {l} is not an MoE layer of this model (MoE layers: {adapter.moe_layers})")
+            raise SteeringError(
+                f"{what}: layer {l} is not an MoE layer of this model (MoE layers: {adapter.moe_layers})"
+            )
         if not 0 <= e < adapter.num_experts:
-            raise SteeringError(f"{what}: expert {e} of layer {l} does not exist (experts 0..{adapter.num_experts - 1})")
+            raise SteeringError(
+                f"{what}: expert {e} of layer {l} does not exist (experts 0..{adapter.num_experts - 1})"
+            )
     return pairs
 
 
@@ -201,14 +211,20 @@ def plan_steering(
     margin: float = 0.01,
 ) -> SteeringPlan:
     """Validate a steering request against a model; SteeringError says what cannot be honoured."""
-    ad = model_or_adapter if isinstance(model_or_adapter, MoEAdapter) else MoEAdapter.for_model(model_or_adapter)
+    ad = (
+        model_or_adapter
+        if isinstance(model_or_adapter, MoEAdapter)
+        else MoEAdapter.for_model(model_or_adapter)
+    )
     kind = ad.family.router_kind
     if kind not in ROUTING_RULES:
         raise SteeringError(
             f"steering {ad.model_type} routers ({kind!r}) is not supported; supported routing rules: {sorted(ROUTING_RULES)}"
         )
     if not margin > 0:
-        raise SteeringError(f"margin must be > 0 (got {margin}): steered experts must end strictly past the others")
+        raise SteeringError(
+            f"margin must be > 0 (got {margin}): steered experts must end strictly past the others"
+        )
     off, on = _pairs(deactivate, "deactivate", ad), _pairs(activate, "activate", ad)
     both = sorted(off & on)
     if both:
@@ -270,7 +286,9 @@ def _make_hook(rule: RoutingRule, plan: SteeringPlan):
             masks[key] = (f.to(device), d.to(device))
         return masks[key]
 
-    def steer_hook(layer: int, module: nn.Module, args: Any, output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def steer_hook(
+        layer: int, module: nn.Module, args: Any, output: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not (isinstance(output, tuple) and len(output) == 3):
             raise SteeringError(
                 f"router of layer {layer} returned {type(output).__name__}, not (logits, weights, indices): "
@@ -302,7 +320,9 @@ def steer_experts(
     adapter = MoEAdapter.for_model(model)
     plan = plan_steering(adapter, deactivate, activate, margin)
     if model in _ACTIVE:
-        raise SteeringError("steering is already active on this model: combine the masks into one steer_experts block")
+        raise SteeringError(
+            "steering is already active on this model: combine the masks into one steer_experts block"
+        )
     rule = ROUTING_RULES[plan.router_kind]
     _ACTIVE.add(model)
     try:

@@ -132,13 +132,18 @@ _Blocks = list[tuple[list[PromptItem], list[PromptItem]]]
 
 
 def _compose_unpaired(
-    safe: list[PromptItem], unsafe: list[PromptItem], n_s: int, n_u: int,
-    rng: np.random.Generator, shuffle: bool, drop_incomplete: bool,
+    safe: list[PromptItem],
+    unsafe: list[PromptItem],
+    n_s: int,
+    n_u: int,
+    rng: np.random.Generator,
+    shuffle: bool,
+    drop_incomplete: bool,
 ) -> _Blocks:
     safe, unsafe = _order(safe, rng, shuffle), _order(unsafe, rng, shuffle)
     n_full = min(len(safe) // n_s, len(unsafe) // n_u)
-    blocks = [(safe[i * n_s:(i + 1) * n_s], unsafe[i * n_u:(i + 1) * n_u]) for i in range(n_full)]
-    return _maybe_last(blocks, safe[n_full * n_s:][:n_s], unsafe[n_full * n_u:][:n_u], drop_incomplete)
+    blocks = [(safe[i * n_s : (i + 1) * n_s], unsafe[i * n_u : (i + 1) * n_u]) for i in range(n_full)]
+    return _maybe_last(blocks, safe[n_full * n_s :][:n_s], unsafe[n_full * n_u :][:n_u], drop_incomplete)
 
 
 def _maybe_last(
@@ -149,7 +154,9 @@ def _maybe_last(
         return blocks
     if drop_incomplete or not (last_s and last_u):
         log.info(
-            "dropped the incomplete last batch (%d safe, %d unsafe)%s", len(last_s), len(last_u),
+            "dropped the incomplete last batch (%d safe, %d unsafe)%s",
+            len(last_s),
+            len(last_u),
             "" if drop_incomplete else ": it lacks one label",
         )
         return blocks
@@ -157,8 +164,13 @@ def _maybe_last(
 
 
 def _compose_paired(
-    safe: list[PromptItem], unsafe: list[PromptItem], n_s: int, n_u: int,
-    rng: np.random.Generator, shuffle: bool, drop_incomplete: bool,
+    safe: list[PromptItem],
+    unsafe: list[PromptItem],
+    n_s: int,
+    n_u: int,
+    rng: np.random.Generator,
+    shuffle: bool,
+    drop_incomplete: bool,
 ) -> _Blocks:
     by_pair: dict[str, dict[str, list[PromptItem]]] = defaultdict(lambda: {"safe": [], "unsafe": []})
     for it in (*safe, *unsafe):
@@ -179,7 +191,10 @@ def _compose_paired(
     twinned = {it.id for p in pairs for it in p}
     big: Label = "safe" if n_s > n_u else "unsafe"
     n_pair, n_extra = min(n_s, n_u), abs(n_s - n_u)
-    loose = {lab: [it for it in items if it.id not in twinned] for lab, items in (("safe", safe), ("unsafe", unsafe))}
+    loose = {
+        lab: [it for it in items if it.id not in twinned]
+        for lab, items in (("safe", safe), ("unsafe", unsafe))
+    }
     pairs, fillers = _order(pairs, rng, shuffle), _order(loose[big], rng, shuffle)
     n_full = len(pairs) // n_pair
     if n_extra:
@@ -191,8 +206,9 @@ def _compose_paired(
         return s, u
 
     blocks = [
-        block_of(pairs[i * n_pair:(i + 1) * n_pair], fillers[i * n_extra:(i + 1) * n_extra]) for i in range(n_full)
+        block_of(pairs[i * n_pair : (i + 1) * n_pair], fillers[i * n_extra : (i + 1) * n_extra])
+        for i in range(n_full)
     ]
-    rest_p, rest_f = pairs[n_full * n_pair:], fillers[n_full * n_extra:]
+    rest_p, rest_f = pairs[n_full * n_pair :], fillers[n_full * n_extra :]
     last_s, last_u = block_of(rest_p[:n_pair], rest_f[:n_extra])
     return _maybe_last(blocks, last_s, last_u, drop_incomplete)

@@ -26,7 +26,9 @@ def _check_new_id(plan: BatchPlan, item: PromptItem, replacing: str | None = Non
     if item.label not in LABELS:
         raise BatchPlanError(f"item {item.id!r} has label {item.label!r}; expected 'safe' or 'unsafe'")
     if item.id != replacing and any(it.id == item.id for it in plan.items()):
-        raise BatchPlanError(f"an item with id {item.id!r} is already in the plan; give the new item a unique id")
+        raise BatchPlanError(
+            f"an item with id {item.id!r} is already in the plan; give the new item a unique id"
+        )
 
 
 def _insert(block: list[PromptItem], item: PromptItem, position: int | None) -> None:

@@ -154,7 +154,9 @@ class BatchPlan:
         if not isinstance(d, Mapping) or not isinstance(d.get("batches"), list):
             raise BatchPlanError("not a batch-plan file: it needs a 'batches' list")
         if d.get("format", PLAN_FORMAT) != PLAN_FORMAT:
-            raise BatchPlanError(f"unsupported batch-plan format {d.get('format')!r}; expected {PLAN_FORMAT!r}")
+            raise BatchPlanError(
+                f"unsupported batch-plan format {d.get('format')!r}; expected {PLAN_FORMAT!r}"
+            )
         batches = []
         for k, bd in enumerate(d["batches"]):
             try:
@@ -179,7 +181,9 @@ def _item_from_dict(x: Mapping[str, Any], label: Label) -> PromptItem:
     try:
         item = PromptItem.from_dict(x)
     except TypeError as e:  # a required field (id, text, label) is missing
-        raise BatchPlanError(f"item {x.get('id', '?')!r} lacks a required field (id, text, label): {e}") from e
+        raise BatchPlanError(
+            f"item {x.get('id', '?')!r} lacks a required field (id, text, label): {e}"
+        ) from e
     if item.label != label:
         raise BatchPlanError(f"item {item.id!r} has label {item.label!r} but sits in the {label} block")
     return item
@@ -191,8 +195,13 @@ def save_plan(path: str | Path, plan: BatchPlan) -> Path:
 
 
 def load_plan(path: str | Path) -> BatchPlan:
-    d = read_json(path, "batch plan", missing="compose and save one first",
-                  damaged="re-save the plan or delete the file", error=BatchPlanError)
+    d = read_json(
+        path,
+        "batch plan",
+        missing="compose and save one first",
+        damaged="re-save the plan or delete the file",
+        error=BatchPlanError,
+    )
     try:
         return BatchPlan.from_json_dict(d)
     except BatchPlanError as e:
@@ -203,7 +212,9 @@ def load_plan(path: str | Path) -> BatchPlan:
 def split_counts(batch_size: int, safe_ratio: float) -> tuple[int, int]:
     """(n_safe, n_unsafe) per batch; half rounds up. Raises if either would be 0."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
-        raise BatchPlanError(f"batch_size must be an integer >= 2 (one safe and one unsafe item); got {batch_size!r}")
+        raise BatchPlanError(
+            f"batch_size must be an integer >= 2 (one safe and one unsafe item); got {batch_size!r}"
+        )
     if not isinstance(safe_ratio, (int, float)) or not 0.0 < float(safe_ratio) < 1.0:
         raise BatchPlanError(
             f"safe_ratio must be strictly between 0 and 1 (0.5 = half safe); got {safe_ratio!r}"
@@ -226,7 +237,11 @@ def _round_half_up(x: float) -> int:
 
 
 def _too_few_message(n_s: int, n_u: int, need_s: int, need_u: int, batch_size: int) -> str:
-    short = [f"{need - have} more {lab}" for lab, have, need in (("safe", n_s, need_s), ("unsafe", n_u, need_u)) if have < need]
+    short = [
+        f"{need - have} more {lab}"
+        for lab, have, need in (("safe", n_s, need_s), ("unsafe", n_u, need_u))
+        if have < need
+    ]
     msg = (
         f"too few prompts to fill one batch of {batch_size} ({need_s} safe + {need_u} unsafe): "
         f"got {n_s} safe and {n_u} unsafe"

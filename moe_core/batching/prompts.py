@@ -48,14 +48,31 @@ class PromptLoadError(PromptError):
 # --------------------------------------------------------------------------------------------
 
 PROMPT_COLUMNS: tuple[str, ...] = (
-    "prompt", "goal", "Goal", "instruction", "Behavior", "behavior", "question", "text", "query",
-    "input", "request", "content", "user_prompt",
+    "prompt",
+    "goal",
+    "Goal",
+    "instruction",
+    "Behavior",
+    "behavior",
+    "question",
+    "text",
+    "query",
+    "input",
+    "request",
+    "content",
+    "user_prompt",
 )
 CATEGORY_COLUMNS: tuple[str, ...] = ("category", "Category", "SemanticCategory", "type", "FunctionalCategory")
 TARGET_COLUMNS: tuple[str, ...] = ("target", "Target")
 FORMATS: dict[str, str] = {
-    ".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-    ".parquet": "parquet", ".pq": "parquet", ".txt": "txt",  # txt: one prompt per line
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".txt": "txt",  # txt: one prompt per line
 }
 Source = str | Path | bytes | BinaryIO
 
@@ -107,7 +124,8 @@ def _format_for(name: str | None, fmt: str | None, data: bytes | None = None) ->
             return "jsonl"
         return "csv"
     raise PromptLoadError(
-        f"cannot tell the format of {name or 'the input'}: name the file with one of {', '.join(FORMATS)}")
+        f"cannot tell the format of {name or 'the input'}: name the file with one of {', '.join(FORMATS)}"
+    )
 
 
 def _jsonl_rows(data: bytes, where: str) -> list:
@@ -118,8 +136,10 @@ def _jsonl_rows(data: bytes, where: str) -> list:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise PromptLoadError(f"{where}: line {n} is not valid JSON ({e.msg}, column {e.colno}); "
-                                      "fix or delete that line") from None
+                raise PromptLoadError(
+                    f"{where}: line {n} is not valid JSON ({e.msg}, column {e.colno}); "
+                    "fix or delete that line"
+                ) from None
     return rows
 
 
@@ -132,7 +152,9 @@ def _frame_from_bytes(data: bytes, fmt: str, where: str):
         if fmt == "parquet":
             return pd.read_parquet(io.BytesIO(data))
         if fmt == "txt":  # one prompt per line; blank lines separate nothing and are skipped
-            return pd.DataFrame({"text": [ln.strip() for ln in data.decode("utf-8").splitlines() if ln.strip()]})
+            return pd.DataFrame(
+                {"text": [ln.strip() for ln in data.decode("utf-8").splitlines() if ln.strip()]}
+            )
         if fmt == "jsonl":
             rows = _jsonl_rows(data, where)
         else:
@@ -140,15 +162,19 @@ def _frame_from_bytes(data: bytes, fmt: str, where: str):
             if isinstance(rows, dict):  # {"data": [...]}-style wrapper: one list inside
                 lists = [v for v in rows.values() if isinstance(v, list)]
                 if len(lists) != 1:
-                    raise PromptLoadError(f"{where}: a JSON object must hold exactly one list of prompts "
-                                          f"(found keys {list(rows)}); pass a JSON list instead")
+                    raise PromptLoadError(
+                        f"{where}: a JSON object must hold exactly one list of prompts "
+                        f"(found keys {list(rows)}); pass a JSON list instead"
+                    )
                 rows = lists[0]
     except PromptLoadError:
         raise
     except Exception as e:  # parser errors of pandas/pyarrow/json: say which file and format
         raise PromptLoadError(f"{where}: could not parse as {fmt}: {e}") from None
     if not isinstance(rows, list):
-        raise PromptLoadError(f"{where}: expected a JSON list of objects or strings, got {type(rows).__name__}")
+        raise PromptLoadError(
+            f"{where}: expected a JSON list of objects or strings, got {type(rows).__name__}"
+        )
     if rows and all(isinstance(r, str) for r in rows):
         return pd.DataFrame({"text": rows})
     if not all(isinstance(r, dict) for r in rows):
@@ -174,11 +200,14 @@ def _read_table(source: Source, format: str | None, split: str | None, config: s
         return _frame_from_bytes(data, fmt, fname or "uploaded file"), Path(fname).stem if fname else "upload"
     if not isinstance(source, (str, Path)):
         raise PromptLoadError(
-            f"cannot load prompts from a {type(source).__name__}: pass a path, bytes, a file or a dataset name")
+            f"cannot load prompts from a {type(source).__name__}: pass a path, bytes, a file or a dataset name"
+        )
     path = Path(source).expanduser()
     if path.is_file():
         fmt = _format_for(path.name, format)
-        return _frame_from_bytes(path.read_bytes(), fmt, str(path)), name or f"{path.resolve().parent.name}/{path.stem}"
+        return _frame_from_bytes(
+            path.read_bytes(), fmt, str(path)
+        ), name or f"{path.resolve().parent.name}/{path.stem}"
     if path.is_dir():
         raise PromptLoadError(f"{path} is a folder: pass one of the files in it")
     if isinstance(source, Path) or _looks_like_path(str(source)):
@@ -191,13 +220,19 @@ def _hf_table(name: str, split: str | None, config: str | None):
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a hard dependency
-        raise PromptLoadError("the 'datasets' package is needed to load Hugging Face datasets by name") from None
+        raise PromptLoadError(
+            "the 'datasets' package is needed to load Hugging Face datasets by name"
+        ) from None
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # the hub raises many types (offline, 404, gated, missing config)
-        what = (f"Hugging Face dataset '{name}'"
-                f"{f' (config {config!r})' if config else ''}{f' split {split!r}' if split else ''}")
-        offline = isinstance(e, (ConnectionError, TimeoutError)) or "offline" in f"{type(e).__name__} {e}".lower()
+        what = (
+            f"Hugging Face dataset '{name}'"
+            f"{f' (config {config!r})' if config else ''}{f' split {split!r}' if split else ''}"
+        )
+        offline = (
+            isinstance(e, (ConnectionError, TimeoutError)) or "offline" in f"{type(e).__name__} {e}".lower()
+        )
         if offline:
             raise PromptLoadError(
                 f"could not load {what}: the Hugging Face hub is unreachable from this machine "
@@ -215,8 +250,14 @@ def _hf_table(name: str, split: str | None, config: str | None):
     return ds.to_pandas()
 
 
-def list_columns(source: Source, *, format: str | None = None, split: str | None = None,
-                 config: str | None = None, name: str | None = None) -> list[str]:
+def list_columns(
+    source: Source,
+    *,
+    format: str | None = None,
+    split: str | None = None,
+    config: str | None = None,
+    name: str | None = None,
+) -> list[str]:
     """Column names of a prompt file/upload/dataset (for the app's column picker)."""
     df, _ = _read_table(source, format, split, config, name)
     return [str(c) for c in df.columns]
@@ -244,9 +285,17 @@ def _scalar(v: Any) -> Any:
     return str(v)
 
 
-def load_prompts(source: Source, *, column: str | None = None, label: Label, limit: int | None = None,
-                 format: str | None = None, split: str | None = None, config: str | None = None,
-                 name: str | None = None) -> list[PromptItem]:
+def load_prompts(
+    source: Source,
+    *,
+    column: str | None = None,
+    label: Label,
+    limit: int | None = None,
+    format: str | None = None,
+    split: str | None = None,
+    config: str | None = None,
+    name: str | None = None,
+) -> list[PromptItem]:
     """Prompt items from a CSV/TSV/JSON/JSONL/Parquet file, bytes/upload, or a HF dataset name.
 
     ``column`` picks the prompt column (else auto-detected, see module doc). ``label`` is the
@@ -284,17 +333,26 @@ def load_prompts(source: Source, *, column: str | None = None, label: Label, lim
             continue
         cat, tgt = (_scalar(rec.get(c)) if c else None for c in (cat_col, tgt_col))
         meta = {c: v for c in meta_cols if (v := _scalar(rec.get(c))) is not None}
-        items.append(PromptItem(
-            id=f"{src}:{row}", text=text, label=label, goal=text, source=src,
-            category=str(cat) if cat is not None else None, target=str(tgt) if tgt is not None else None,
-            meta={**meta, "row": row},
-        ))
+        items.append(
+            PromptItem(
+                id=f"{src}:{row}",
+                text=text,
+                label=label,
+                goal=text,
+                source=src,
+                category=str(cat) if cat is not None else None,
+                target=str(tgt) if tgt is not None else None,
+                meta={**meta, "row": row},
+            )
+        )
         if limit is not None and len(items) >= limit:
             break
     if dropped:
         log.warning("%s: dropped %d row(s) with an empty or missing '%s'", src, dropped, column)
     if not items:
-        raise PromptLoadError(f"{src}: no prompts in column {column!r} ({len(df)} rows, all empty or missing)")
+        raise PromptLoadError(
+            f"{src}: no prompts in column {column!r} ({len(df)} rows, all empty or missing)"
+        )
     return items
 
 
@@ -302,7 +360,10 @@ def load_prompts(source: Source, *, column: str | None = None, label: Label, lim
 # Pairing
 # --------------------------------------------------------------------------------------------
 
-def pair_by_row(safe: Sequence[PromptItem], unsafe: Sequence[PromptItem]) -> tuple[list[PromptItem], list[PromptItem]]:
+
+def pair_by_row(
+    safe: Sequence[PromptItem], unsafe: Sequence[PromptItem]
+) -> tuple[list[PromptItem], list[PromptItem]]:
     """Pair the i-th safe item with the i-th unsafe one (e.g. JailbreakBench harmful vs benign rows).
 
     Both get ``pair_id = "{safe id}~{unsafe id}"``. The sets must be the same length.
@@ -324,7 +385,9 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(".?!")
 
 
-def pair_by_goal(safe: Sequence[PromptItem], unsafe: Sequence[PromptItem]) -> tuple[list[PromptItem], list[PromptItem]]:
+def pair_by_goal(
+    safe: Sequence[PromptItem], unsafe: Sequence[PromptItem]
+) -> tuple[list[PromptItem], list[PromptItem]]:
     """Pair items whose ``goal`` (else text) is the same, ignoring case, spacing and end punctuation.
 
     One-to-one in ``safe`` order; ``pair_id`` = the safe item's id. Unmatched items are dropped
@@ -343,6 +406,10 @@ def pair_by_goal(safe: Sequence[PromptItem], unsafe: Sequence[PromptItem]) -> tu
     if not s_out:
         raise PromptError("pair_by_goal: no safe item shares a goal with an unsafe item; pair by row instead")
     if len(s_out) < len(safe) or len(u_out) < len(unsafe):
-        log.warning("pair_by_goal: %d pairs; dropped %d safe and %d unsafe items without a twin",
-                    len(s_out), len(safe) - len(s_out), len(unsafe) - len(u_out))
+        log.warning(
+            "pair_by_goal: %d pairs; dropped %d safe and %d unsafe items without a twin",
+            len(s_out),
+            len(safe) - len(s_out),
+            len(unsafe) - len(u_out),
+        )
     return s_out, u_out

@@ -1,7 +1,7 @@
 """Shipped configuration files: accelerate launch configs for 1, 2 and 8 GPUs and FSDP.
 
-    python -m moe_core.configs                  # list them with their paths
-    accelerate launch --config_file "$(python -m moe_core.configs 8gpu)" -m moe_core train --run RUN
+python -m moe_core.configs                  # list them with their paths
+accelerate launch --config_file "$(python -m moe_core.configs 8gpu)" -m moe_core train --run RUN
 """
 
 from __future__ import annotations

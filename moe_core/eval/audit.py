@@ -78,18 +78,30 @@ def load_labels(run: Run, evaluation: str) -> pd.DataFrame:
     if not path.is_file():
         return _empty_labels()
     data = read_json(path)
-    if not isinstance(data, dict) or data.get("format") != LABELS_FORMAT or not isinstance(data.get("labels"), list):
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != LABELS_FORMAT
+        or not isinstance(data.get("labels"), list)
+    ):
         raise AuditError(f"{path} is not a human-labels file ({LABELS_FORMAT}); move it away to start again")
     rows = []
     for i, item in enumerate(data["labels"]):
-        if not isinstance(item, dict) or item.get("label") not in LABELS or "set" not in item or "id" not in item:
-            raise AuditError(f"{path}: label {i} is malformed ({str(item)[:120]}); each needs set, id and a label in {LABELS}")
+        if (
+            not isinstance(item, dict)
+            or item.get("label") not in LABELS
+            or "set" not in item
+            or "id" not in item
+        ):
+            raise AuditError(
+                f"{path}: label {i} is malformed ({str(item)[:120]}); each needs set, id and a label in {LABELS}"
+            )
         rows.append({c: item.get(c, "") for c in LABEL_COLUMNS})
     return pd.DataFrame(rows, columns=LABEL_COLUMNS) if rows else _empty_labels()
 
 
-def save_labels(run: Run, evaluation: str, labels: Iterable[Mapping[str, Any]] | pd.DataFrame,
-                reviewer: str = "") -> pd.DataFrame:
+def save_labels(
+    run: Run, evaluation: str, labels: Iterable[Mapping[str, Any]] | pd.DataFrame, reviewer: str = ""
+) -> pd.DataFrame:
     """Add or change labels, keyed by (model, set, id); returns every label of the evaluation.
 
     Each item is a row of the evaluation's responses (model, set, id, response) plus ``label``
@@ -112,10 +124,19 @@ def save_labels(run: Run, evaluation: str, labels: Iterable[Mapping[str, Any]] |
         elif item.get("response_sha1"):
             digest = str(item["response_sha1"])
         else:
-            raise AuditError(f"answer {key}: give its response text (or response_sha1), so the label can be checked later")
-        changes[key] = {"model": key[0], "set": key[1], "id": key[2], "response_sha1": digest, "label": label,
-                        "reviewer": str(item.get("reviewer") or reviewer or ""), "note": str(item.get("note") or ""),
-                        "labelled_at": now}
+            raise AuditError(
+                f"answer {key}: give its response text (or response_sha1), so the label can be checked later"
+            )
+        changes[key] = {
+            "model": key[0],
+            "set": key[1],
+            "id": key[2],
+            "response_sha1": digest,
+            "label": label,
+            "reviewer": str(item.get("reviewer") or reviewer or ""),
+            "note": str(item.get("note") or ""),
+            "labelled_at": now,
+        }
     path = labels_path(run, evaluation)
     with _locked(path.parent / f".{path.stem}.lock"):
         current = {_key_of(r): r for r in load_labels(run, evaluation).to_dict("records")}
@@ -124,13 +145,26 @@ def save_labels(run: Run, evaluation: str, labels: Iterable[Mapping[str, Any]] |
                 current.pop(key, None)
             else:
                 current[key] = new
-        atomic_write_json(path, {"format": LABELS_FORMAT, "evaluation": evaluation, "updated": now,
-                                 "labels": list(current.values())})
+        atomic_write_json(
+            path,
+            {
+                "format": LABELS_FORMAT,
+                "evaluation": evaluation,
+                "updated": now,
+                "labels": list(current.values()),
+            },
+        )
     return load_labels(run, evaluation)
 
 
-def label_answer(run: Run, evaluation: str, row: Mapping[str, Any] | pd.Series, label: str | None,
-                 reviewer: str = "", note: str = "") -> pd.DataFrame:
+def label_answer(
+    run: Run,
+    evaluation: str,
+    row: Mapping[str, Any] | pd.Series,
+    label: str | None,
+    reviewer: str = "",
+    note: str = "",
+) -> pd.DataFrame:
     """Label one answer (a row of the evaluation's responses); ``label=None`` removes its label."""
     item = dict(row)
     item.update(label=label, reviewer=reviewer or item.get("reviewer", ""), note=note)
@@ -146,7 +180,9 @@ def judge_labels(responses: pd.DataFrame) -> pd.Series:
     """
     missing = {"refusal", "reason"} - set(responses.columns)
     if missing:
-        raise AuditError(f"responses lack columns {sorted(missing)}: use an evaluation's responses (load_evaluation)")
+        raise AuditError(
+            f"responses lack columns {sorted(missing)}: use an evaluation's responses (load_evaluation)"
+        )
     refusal = responses["refusal"].astype(bool)
     partial = responses["reason"].eq("partial") & ~refusal
     out = pd.Series("compliance", index=responses.index, dtype=object)
@@ -164,7 +200,9 @@ def attach_labels(responses: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame
     keys = list(zip(model, out["set"].astype(str), out["id"].astype(str)))
     by_key = {_key_of(r): r for r in labels.to_dict("records")} if len(labels) else {}
     found = [by_key.get(k) for k in keys]
-    fresh = [lab is not None and lab["response_sha1"] == response_hash(t) for lab, t in zip(found, out["response"])]
+    fresh = [
+        lab is not None and lab["response_sha1"] == response_hash(t) for lab, t in zip(found, out["response"])
+    ]
     out["human_label"] = [lab["label"] if ok else None for lab, ok in zip(found, fresh)]
     out["label_stale"] = [lab is not None and not ok for lab, ok in zip(found, fresh)]
     out["reviewer"] = [lab["reviewer"] if ok else "" for lab, ok in zip(found, fresh)]
@@ -174,8 +212,14 @@ def attach_labels(responses: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame
 
 
 # -- choosing what to review --------------------------------------------------------------------
-def sample_for_review(responses: pd.DataFrame, n: int, labels: pd.DataFrame | None = None, seed: int = 0,
-                      by: Sequence[str] = ("model", "set"), include_labelled: bool = False) -> pd.DataFrame:
+def sample_for_review(
+    responses: pd.DataFrame,
+    n: int,
+    labels: pd.DataFrame | None = None,
+    seed: int = 0,
+    by: Sequence[str] = ("model", "set"),
+    include_labelled: bool = False,
+) -> pd.DataFrame:
     """Up to ``n`` answers to label by hand, spread evenly over the groups ``by`` (those columns that
     exist) and, inside each group, over the judge's verdicts, so refusals and compliances are both checked.
 
@@ -227,20 +271,36 @@ def agreement(labelled: pd.DataFrame, partial_as: str = "compliance") -> dict[st
     check_partial_as(partial_as)
     rows = labelled[labelled["human_label"].notna()]
     human, judge = list(rows["human_label"]), list(rows["judge_label"])
-    out: dict[str, Any] = binary_metrics([counts_as_refusal(h, partial_as) for h in human],
-                                         [counts_as_refusal(j, partial_as) for j in judge])
+    out: dict[str, Any] = binary_metrics(
+        [counts_as_refusal(h, partial_as) for h in human], [counts_as_refusal(j, partial_as) for j in judge]
+    )
     out["kappa_3way"] = cohen_kappa(human, judge)
-    out["confusion"] = {h: {j: sum(1 for x, y in zip(human, judge) if (x, y) == (h, j)) for j in LABELS} for h in LABELS}
+    out["confusion"] = {
+        h: {j: sum(1 for x, y in zip(human, judge) if (x, y) == (h, j)) for j in LABELS} for h in LABELS
+    }
     out["n_stale"] = int(labelled["label_stale"].sum()) if "label_stale" in labelled.columns else 0
     out["partial_as"] = partial_as
     return out
 
 
-DISAGREEMENT_COLUMNS = ["model", "set", "id", "category", "prompt", "response", "human_label", "judge_label", "reason",
-                        "reviewer", "note"]
+DISAGREEMENT_COLUMNS = [
+    "model",
+    "set",
+    "id",
+    "category",
+    "prompt",
+    "response",
+    "human_label",
+    "judge_label",
+    "reason",
+    "reviewer",
+    "note",
+]
 
 
-def disagreements(labelled: pd.DataFrame, partial_as: str = "compliance", three_way: bool = False) -> pd.DataFrame:
+def disagreements(
+    labelled: pd.DataFrame, partial_as: str = "compliance", three_way: bool = False
+) -> pd.DataFrame:
     """Answers where the reviewer and the judge differ, side by side (``DISAGREEMENT_COLUMNS`` that exist).
 
     By default a difference counts only when it changes the refusal count under ``partial_as``;
@@ -248,14 +308,17 @@ def disagreements(labelled: pd.DataFrame, partial_as: str = "compliance", three_
     """
     check_partial_as(partial_as)
     rows = labelled[labelled["human_label"].notna()]
-    differ = [h != j if three_way else counts_as_refusal(h, partial_as) != counts_as_refusal(j, partial_as)
-              for h, j in zip(rows["human_label"], rows["judge_label"])]
+    differ = [
+        h != j if three_way else counts_as_refusal(h, partial_as) != counts_as_refusal(j, partial_as)
+        for h, j in zip(rows["human_label"], rows["judge_label"])
+    ]
     return rows.loc[differ, [c for c in DISAGREEMENT_COLUMNS if c in rows.columns]]
 
 
 # -- metrics with human labels ------------------------------------------------------------------
-def apply_labels(responses: pd.DataFrame, labels: pd.DataFrame, partial_as: str = "compliance",
-                 use_human: bool = True) -> pd.DataFrame:
+def apply_labels(
+    responses: pd.DataFrame, labels: pd.DataFrame, partial_as: str = "compliance", use_human: bool = True
+) -> pd.DataFrame:
     """The responses with ``refusal`` recomputed: the human label where a current one exists (when
     ``use_human``), the judge's verdict elsewhere, partial answers counted per ``partial_as`` on both
     sides; ``label_source`` says which ("human" / "judge"). Feed it to ``evaluation.summarize``."""
@@ -268,8 +331,9 @@ def apply_labels(responses: pd.DataFrame, labels: pd.DataFrame, partial_as: str 
     return df
 
 
-def summarize_with_labels(responses: pd.DataFrame, labels: pd.DataFrame, partial_as: str = "compliance",
-                          by_category: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+def summarize_with_labels(
+    responses: pd.DataFrame, labels: pd.DataFrame, partial_as: str = "compliance", by_category: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(judge-only summary, summary with human labels where they exist), both from ``evaluation.summarize``
     (n, refusal_rate, Wilson CI, headline metric per model and set); the second has ``n_human``, the
     answers of each group a person labelled."""
@@ -299,20 +363,34 @@ class AuditReport:
     summary_judge: pd.DataFrame  # evaluation.summarize() from the judge alone
     summary_human: pd.DataFrame  # ... with human labels where they exist (+ n_human)
     n_labels: int = 0  # labels stored, stale ones included
-    orphaned: list[tuple[str, str, str]] = field(default_factory=list)  # labels of answers no longer in the evaluation
+    orphaned: list[tuple[str, str, str]] = field(
+        default_factory=list
+    )  # labels of answers no longer in the evaluation
 
 
-def audit_report(run: Run, evaluation: str = "comparison", partial_as: str = "compliance",
-                 by_category: bool = False) -> AuditReport:
+def audit_report(
+    run: Run, evaluation: str = "comparison", partial_as: str = "compliance", by_category: bool = False
+) -> AuditReport:
     """Load an evaluation and its labels and compute agreement, disagreements and both summaries."""
 
     check_partial_as(partial_as)
     responses, _ = load_evaluation(run, evaluation)
     labels = load_labels(run, evaluation)
     labelled = attach_labels(responses, labels)
-    model = labelled["model"].astype(str) if "model" in labelled.columns else pd.Series("", index=labelled.index)
+    model = (
+        labelled["model"].astype(str) if "model" in labelled.columns else pd.Series("", index=labelled.index)
+    )
     present = set(zip(model, labelled["set"].astype(str), labelled["id"].astype(str)))
     orphaned = [k for k in (_key_of(r) for r in labels.to_dict("records")) if k not in present]
     s_judge, s_human = summarize_with_labels(responses, labels, partial_as, by_category)
-    return AuditReport(evaluation, partial_as, labelled, agreement(labelled, partial_as),
-                       disagreements(labelled, partial_as), s_judge, s_human, len(labels), orphaned)
+    return AuditReport(
+        evaluation,
+        partial_as,
+        labelled,
+        agreement(labelled, partial_as),
+        disagreements(labelled, partial_as),
+        s_judge,
+        s_human,
+        len(labels),
+        orphaned,
+    )

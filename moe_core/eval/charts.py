@@ -32,8 +32,11 @@ UNSAFE_COLOR = "#d7301f"
 _LAYOUT = dict(margin=dict(l=60, r=20, t=50, b=50), template="plotly_white")
 # charts with a legend and long category labels: legend above the plot (never on the tick labels),
 # margins grown to fit the labels, so a 400 px wide screen shows no overlap
-_NARROW_SAFE = dict(margin=dict(l=50, r=10, t=80, b=40, autoexpand=True), template="plotly_white",
-                    legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0))
+_NARROW_SAFE = dict(
+    margin=dict(l=50, r=10, t=80, b=40, autoexpand=True),
+    template="plotly_white",
+    legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0),
+)
 # a click selects the cell under it. Not dragmode "select"/"lasso": there Streamlit's chart turns clickmode
 # to "event" and a click only clears the selection (box select stays one modebar button away)
 CLICK_LAYOUT = dict(clickmode="event+select", dragmode="zoom", hovermode="closest")
@@ -45,14 +48,29 @@ def _symmetric_limit(z: np.ndarray, floor: float = 1e-6) -> float:
     return float(max(finite.max() if finite.size else 0.0, floor))
 
 
-def _grid_layout(fig: go.Figure, title: str, num_layers: int, num_experts: int, height: int | None) -> go.Figure:
+def _grid_layout(
+    fig: go.Figure, title: str, num_layers: int, num_experts: int, height: int | None
+) -> go.Figure:
     fig.update_layout(
         title=dict(text=title, x=0.0, xanchor="left"),
-        xaxis=dict(title="expert", tickmode="linear" if num_experts <= 32 else "auto", dtick=1 if num_experts <= 32 else None,
-                   showgrid=False, zeroline=False, constrain="domain", range=[-0.5, num_experts - 0.5]),
+        xaxis=dict(
+            title="expert",
+            tickmode="linear" if num_experts <= 32 else "auto",
+            dtick=1 if num_experts <= 32 else None,
+            showgrid=False,
+            zeroline=False,
+            constrain="domain",
+            range=[-0.5, num_experts - 0.5],
+        ),
         # fixed ranges: the click layer's markers would otherwise pad the axes past the cells
-        yaxis=dict(title="layer", range=[num_layers - 0.5, -0.5], tickmode="linear" if num_layers <= 32 else "auto",
-                   dtick=1 if num_layers <= 32 else None, showgrid=False, zeroline=False),
+        yaxis=dict(
+            title="layer",
+            range=[num_layers - 0.5, -0.5],
+            tickmode="linear" if num_layers <= 32 else "auto",
+            dtick=1 if num_layers <= 32 else None,
+            showgrid=False,
+            zeroline=False,
+        ),
         height=height or int(min(900, max(260, 60 + 26 * num_layers))),
         **_LAYOUT,
     )
@@ -69,7 +87,10 @@ def _marks(marked: Iterable[tuple[int, int]], name: str = "chosen") -> go.Scatte
     if not pts:
         return None
     return go.Scatter(
-        x=[e for _, e in pts], y=[l for l, _ in pts], mode="markers", name=name,
+        x=[e for _, e in pts],
+        y=[l for l, _ in pts],
+        mode="markers",
+        name=name,
         marker=dict(symbol="square-open", size=13, line=dict(width=2.5, color=MARK_COLOR), color=MARK_COLOR),
         hovertemplate="layer %{y}, expert %{x}: " + name + "<extra></extra>",
     )
@@ -86,14 +107,24 @@ def _click_layer(z: np.ndarray, label: str, fmt: str = ".3f") -> go.Scatter:
     ll, ee = np.meshgrid(np.arange(n_l), np.arange(n_e), indexing="ij")
     vals = np.where(np.isfinite(z), z, np.nan).ravel()
     return go.Scatter(
-        x=ee.ravel().tolist(), y=ll.ravel().tolist(), mode="markers", name="cells", showlegend=False,
+        x=ee.ravel().tolist(),
+        y=ll.ravel().tolist(),
+        mode="markers",
+        name="cells",
+        showlegend=False,
         # invisible until clicked: the selected cell gets an amber outline (plotly's selected-point style)
-        marker=dict(symbol="square-open", size=max(6, min(22, int(800 / max(n_e, 1)))), opacity=0.01, color=PICK_COLOR,
-                    line=dict(width=3)),
-        selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=0.01)),
+        marker=dict(
+            symbol="square-open",
+            size=max(6, min(22, int(800 / max(n_e, 1)))),
+            opacity=0.01,
+            color=PICK_COLOR,
+            line=dict(width=3),
+        ),
+        selected=dict(marker=dict(opacity=1.0)),
+        unselected=dict(marker=dict(opacity=0.01)),
         customdata=[[None if np.isnan(v) else float(v)] for v in vals],
         hovertemplate="layer %{y}, expert %{x}<br>" + label + " %{customdata[0]:" + fmt + "}<br>"
-                      "<i>click to drill down</i><extra></extra>",
+        "<i>click to drill down</i><extra></extra>",
     )
 
 
@@ -118,12 +149,22 @@ def risk_heatmap(
         raise ValueError(f"a heatmap needs a 2-D [layers, experts] matrix; got shape {z.shape}")
     m = float(zmax) if zmax else _symmetric_limit(z)
     n_l, n_e = z.shape
-    fig = go.Figure(go.Heatmap(
-        z=np.where(np.isfinite(z), z, None).tolist(), x=list(range(n_e)), y=list(range(n_l)),
-        colorscale=DIVERGING, zmid=0.0, zmin=-m, zmax=m, xgap=1, ygap=1, hoverongaps=False,
-        colorbar=dict(title=dict(text=colorbar_title), thickness=14),
-        hovertemplate="layer %{y}, expert %{x}<br>" + colorbar_title + " %{z:.3f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=np.where(np.isfinite(z), z, None).tolist(),
+            x=list(range(n_e)),
+            y=list(range(n_l)),
+            colorscale=DIVERGING,
+            zmid=0.0,
+            zmin=-m,
+            zmax=m,
+            xgap=1,
+            ygap=1,
+            hoverongaps=False,
+            colorbar=dict(title=dict(text=colorbar_title), thickness=14),
+            hovertemplate="layer %{y}, expert %{x}<br>" + colorbar_title + " %{z:.3f}<extra></extra>",
+        )
+    )
     mk = _marks(marked)
     if mk is not None:
         fig.add_trace(mk)
@@ -144,26 +185,43 @@ def signed_consistency(aggregated: pd.DataFrame, num_layers: int, num_experts: i
 
 
 def consistency_heatmap(
-    aggregated: pd.DataFrame, num_layers: int, num_experts: int, marked: Iterable[tuple[int, int]] = (),
+    aggregated: pd.DataFrame,
+    num_layers: int,
+    num_experts: int,
+    marked: Iterable[tuple[int, int]] = (),
     clickable: bool = False,
 ) -> go.Figure:
     """How reliably each expert's risk difference keeps its sign across batches (-1 .. +1)."""
     z = signed_consistency(aggregated, num_layers, num_experts)
     return risk_heatmap(
-        z, title="Sign consistency across batches (+1: every batch says 'more on unsafe')",
-        marked=marked, zmax=1.0, colorbar_title="signed consistency", clickable=clickable,
+        z,
+        title="Sign consistency across batches (+1: every batch says 'more on unsafe')",
+        marked=marked,
+        zmax=1.0,
+        colorbar_title="signed consistency",
+        clickable=clickable,
     )
 
 
-def count_heatmap(counts: np.ndarray, title: str, colorbar_title: str = "batches", clickable: bool = False) -> go.Figure:
+def count_heatmap(
+    counts: np.ndarray, title: str, colorbar_title: str = "batches", clickable: bool = False
+) -> go.Figure:
     """Layer x expert heatmap of a count (e.g. in how many per-batch masks an expert is chosen)."""
     z = np.asarray(counts, dtype=np.float64)
     n_l, n_e = z.shape
-    fig = go.Figure(go.Heatmap(
-        z=z.tolist(), x=list(range(n_e)), y=list(range(n_l)), colorscale=SEQUENTIAL, zmin=0,
-        xgap=1, ygap=1, colorbar=dict(title=dict(text=colorbar_title), thickness=14),
-        hovertemplate="layer %{y}, expert %{x}<br>" + colorbar_title + " %{z:.0f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.tolist(),
+            x=list(range(n_e)),
+            y=list(range(n_l)),
+            colorscale=SEQUENTIAL,
+            zmin=0,
+            xgap=1,
+            ygap=1,
+            colorbar=dict(title=dict(text=colorbar_title), thickness=14),
+            hovertemplate="layer %{y}, expert %{x}<br>" + colorbar_title + " %{z:.0f}<extra></extra>",
+        )
+    )
     if clickable:
         fig.data[0].hoverinfo = "skip"
         fig.add_trace(_click_layer(z, colorbar_title, ".0f"))
@@ -171,23 +229,32 @@ def count_heatmap(counts: np.ndarray, title: str, colorbar_title: str = "batches
     return _grid_layout(fig, title, n_l, n_e, None)
 
 
-def expert_across_batches(batch_ids: Sequence[int], values: Sequence[float], layer: int, expert: int,
-                          current: int | None = None) -> go.Figure:
+def expert_across_batches(
+    batch_ids: Sequence[int], values: Sequence[float], layer: int, expert: int, current: int | None = None
+) -> go.Figure:
     """One expert's risk difference in every batch (bars coloured by sign; the ``current`` batch outlined).
 
     A click on a bar selects it (``st.plotly_chart(on_select=...)`` reports its ``x`` = batch)."""
     v = np.asarray(values, dtype=np.float64)
     colors = [UNSAFE_COLOR if x > 0 else SAFE_COLOR for x in np.nan_to_num(v)]
     outline = [3 if current is not None and int(b) == int(current) else 0 for b in batch_ids]
-    fig = go.Figure(go.Bar(
-        x=[int(b) for b in batch_ids], y=np.where(np.isfinite(v), v, None).tolist(), marker_color=colors,
-        marker_line=dict(width=outline, color=MARK_COLOR),
-        hovertemplate="batch %{x}: %{y:.3f}<br><i>click to see this batch's tokens</i><extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Bar(
+            x=[int(b) for b in batch_ids],
+            y=np.where(np.isfinite(v), v, None).tolist(),
+            marker_color=colors,
+            marker_line=dict(width=outline, color=MARK_COLOR),
+            hovertemplate="batch %{x}: %{y:.3f}<br><i>click to see this batch's tokens</i><extra></extra>",
+        )
+    )
     fig.add_hline(y=0, line_width=1, line_color="#888")
     fig.update_layout(
         title=dict(text=f"Layer {layer}, expert {expert}: risk difference per batch", x=0.0),
-        xaxis=_int_axis("batch", len(v)), yaxis_title="risk diff", height=280, **_LAYOUT, **CLICK_LAYOUT,
+        xaxis=_int_axis("batch", len(v)),
+        yaxis_title="risk diff",
+        height=280,
+        **_LAYOUT,
+        **CLICK_LAYOUT,
     )
     return fig
 
@@ -201,13 +268,23 @@ def loss_curve(points: pd.DataFrame, title: str = "Training loss") -> go.Figure:
         sub = points[["step", col]].dropna()
         fig.add_trace(go.Scatter(x=sub["step"].tolist(), y=sub[col].tolist(), mode="lines+markers", name=col))
     n_steps = int(points["step"].max()) if len(points) else 0
-    fig.update_layout(title=dict(text=title, x=0.0), xaxis=_int_axis("step", n_steps), yaxis_title="loss",
-                      height=320, **_LAYOUT)
+    fig.update_layout(
+        title=dict(text=title, x=0.0),
+        xaxis=_int_axis("step", n_steps),
+        yaxis_title="loss",
+        height=320,
+        **_LAYOUT,
+    )
     return fig
 
 
-def metric_bars(summary: pd.DataFrame, x: str = "metric", group: str = "model", y: str = "value",
-                title: str = "Held-out behaviour by model") -> go.Figure:
+def metric_bars(
+    summary: pd.DataFrame,
+    x: str = "metric",
+    group: str = "model",
+    y: str = "value",
+    title: str = "Held-out behaviour by model",
+) -> go.Figure:
     """Grouped bars of a long table (one bar per ``group`` value within each ``x``), with CI whiskers.
 
     Confidence columns ``{y}_ci_low`` / ``{y}_ci_high`` are drawn as asymmetric error bars when
@@ -215,7 +292,9 @@ def metric_bars(summary: pd.DataFrame, x: str = "metric", group: str = "model", 
     """
     for col in (x, group, y):
         if col not in summary.columns:
-            raise ValueError(f"metric_bars needs columns {x!r}, {group!r}, {y!r}; got {list(summary.columns)}")
+            raise ValueError(
+                f"metric_bars needs columns {x!r}, {group!r}, {y!r}; got {list(summary.columns)}"
+            )
     df = summary.dropna(subset=[y])
     lo, hi = f"{y}_ci_low", f"{y}_ci_high"
     fig = go.Figure()
@@ -223,12 +302,31 @@ def metric_bars(summary: pd.DataFrame, x: str = "metric", group: str = "model", 
         vals = sub[y].astype(float)
         err = None
         if lo in sub.columns and hi in sub.columns:
-            err = dict(type="data", symmetric=False, array=(sub[hi].astype(float) - vals).clip(lower=0).tolist(),
-                       arrayminus=(vals - sub[lo].astype(float)).clip(lower=0).tolist(), thickness=1.2, width=3)
-        fig.add_trace(go.Bar(x=sub[x].astype(str).tolist(), y=vals.tolist(), name=str(name), error_y=err,
-                             hovertemplate=f"{name}<br>%{{x}}: %{{y:.2f}}<extra></extra>"))
-    fig.update_layout(barmode="group", title=dict(text=title, x=0.0), yaxis=dict(range=[0, 1.05], title="rate"),
-                      xaxis=dict(automargin=True, tickangle=0, tickfont=dict(size=11)), height=420, **_NARROW_SAFE)
+            err = dict(
+                type="data",
+                symmetric=False,
+                array=(sub[hi].astype(float) - vals).clip(lower=0).tolist(),
+                arrayminus=(vals - sub[lo].astype(float)).clip(lower=0).tolist(),
+                thickness=1.2,
+                width=3,
+            )
+        fig.add_trace(
+            go.Bar(
+                x=sub[x].astype(str).tolist(),
+                y=vals.tolist(),
+                name=str(name),
+                error_y=err,
+                hovertemplate=f"{name}<br>%{{x}}: %{{y:.2f}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        barmode="group",
+        title=dict(text=title, x=0.0),
+        yaxis=dict(range=[0, 1.05], title="rate"),
+        xaxis=dict(automargin=True, tickangle=0, tickfont=dict(size=11)),
+        height=420,
+        **_NARROW_SAFE,
+    )
     return fig
 
 
@@ -246,8 +344,14 @@ def wrap_label(text: str, width: int = 11) -> str:
     return "<br>".join([*lines, cur] if cur else lines)
 
 
-STUDY_COLORS = {"chosen": "#c0392b", "random": "#7f8c8d", "random_layer": "#2c3e50", "steer_off": "#8e44ad",
-                "steer_on": "#16a085", "steer_both": "#d35400"}
+STUDY_COLORS = {
+    "chosen": "#c0392b",
+    "random": "#7f8c8d",
+    "random_layer": "#2c3e50",
+    "steer_off": "#8e44ad",
+    "steer_on": "#16a085",
+    "steer_both": "#d35400",
+}
 
 
 def study_figure(summary: pd.DataFrame) -> go.Figure:
@@ -261,35 +365,71 @@ def study_figure(summary: pd.DataFrame) -> go.Figure:
     need = {"method", "budget", "jailbreak_compliance", "benign_answer_rate", "over_refusal"}
     if not need <= set(summary.columns):
         raise ValueError(f"study_figure needs columns {sorted(need)}; got {list(summary.columns)}")
-    panels = [("jailbreak_compliance", "jailbreak compliance (lower is better)"),
-              ("benign_answer_rate", "benign answered (higher is better)"),
-              ("over_refusal", "over-refusal (lower is better)")]
+    panels = [
+        ("jailbreak_compliance", "jailbreak compliance (lower is better)"),
+        ("benign_answer_rate", "benign answered (higher is better)"),
+        ("over_refusal", "over-refusal (lower is better)"),
+    ]
     fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels], horizontal_spacing=0.07)
     for col, (metric, _) in enumerate(panels, start=1):
-        for method, sub in summary[summary["budget"].between(0, 1, inclusive="neither")].groupby("method", sort=False):
+        for method, sub in summary[summary["budget"].between(0, 1, inclusive="neither")].groupby(
+            "method", sort=False
+        ):
             sub = sub.sort_values("budget")
             v = sub[metric].astype(float)
-            err = dict(type="data", symmetric=False, array=(sub[f"{metric}_ci_high"] - v).clip(lower=0).tolist(),
-                       arrayminus=(v - sub[f"{metric}_ci_low"]).clip(lower=0).tolist(), thickness=1.2, width=3)
-            fig.add_trace(go.Scatter(x=sub["budget"].tolist(), y=v.tolist(), mode="lines+markers", name=str(method),
-                                     legendgroup=str(method), showlegend=col == 1, error_y=err,
-                                     line=dict(color=STUDY_COLORS.get(str(method)))), row=1, col=col)
+            err = dict(
+                type="data",
+                symmetric=False,
+                array=(sub[f"{metric}_ci_high"] - v).clip(lower=0).tolist(),
+                arrayminus=(v - sub[f"{metric}_ci_low"]).clip(lower=0).tolist(),
+                thickness=1.2,
+                width=3,
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=sub["budget"].tolist(),
+                    y=v.tolist(),
+                    mode="lines+markers",
+                    name=str(method),
+                    legendgroup=str(method),
+                    showlegend=col == 1,
+                    error_y=err,
+                    line=dict(color=STUDY_COLORS.get(str(method))),
+                ),
+                row=1,
+                col=col,
+            )
         for method, dash in (("base", "dot"), ("full", "dash")):
             ref = summary[summary["method"] == method]
             if len(ref):
-                fig.add_hline(y=float(ref[metric].iloc[0]), line_dash=dash, line_color="#555", row=1, col=col,
-                              annotation_text=method if col == 1 else None, annotation_position="top left")
+                fig.add_hline(
+                    y=float(ref[metric].iloc[0]),
+                    line_dash=dash,
+                    line_color="#555",
+                    row=1,
+                    col=col,
+                    annotation_text=method if col == 1 else None,
+                    annotation_position="top left",
+                )
         fig.update_xaxes(type="log", title_text="share of experts trained", row=1, col=col)
         fig.update_yaxes(range=[-0.02, 1.05], row=1, col=col)
-    fig.update_layout(title=dict(text="Chosen vs random experts", x=0.0, y=0.98, yanchor="top"), height=440,
-                      **{**_NARROW_SAFE, "margin": dict(l=50, r=10, t=110, b=50, autoexpand=True),
-                         "legend": dict(orientation="h", yanchor="bottom", y=1.12, xanchor="left", x=0.0)})
+    fig.update_layout(
+        title=dict(text="Chosen vs random experts", x=0.0, y=0.98, yanchor="top"),
+        height=440,
+        **{
+            **_NARROW_SAFE,
+            "margin": dict(l=50, r=10, t=110, b=50, autoexpand=True),
+            "legend": dict(orientation="h", yanchor="bottom", y=1.12, xanchor="left", x=0.0),
+        },
+    )
     fig.update_annotations(font_size=11)  # the panel titles
     return fig
 
 
 # -- token views ----------------------------------------------------------------------------
-def routed_tokens(expert_ids: np.ndarray, weights: np.ndarray | None, row: int, expert: int) -> tuple[np.ndarray, np.ndarray]:
+def routed_tokens(
+    expert_ids: np.ndarray, weights: np.ndarray | None, row: int, expert: int
+) -> tuple[np.ndarray, np.ndarray]:
     """For one sample's routing ``[moe_layers, T, k]``: (routed [T] bool, gate weight [T]) of one expert.
 
     ``row`` is the routing row of the layer (its position in ``moe_layers``).
@@ -328,10 +468,11 @@ def highlight_tokens_html(
             style += f"background:rgba({color},{alpha:.2f});border-radius:3px;"
         if not sc:
             style += "color:#9aa0a6;"
-        title = f" title=\"gate weight {wt:.2f}\"" if r else ""
+        title = f' title="gate weight {wt:.2f}"' if r else ""
         parts.append(f'<span style="{style}"{title}>{text}</span>')
     return (
         '<div style="font-family:ui-monospace,monospace;font-size:0.85rem;line-height:1.7;'
         'border:1px solid #e6e6e6;border-radius:6px;padding:6px 8px;margin-bottom:6px;">'
-        + "".join(parts) + "</div>"
+        + "".join(parts)
+        + "</div>"
     )

@@ -103,13 +103,25 @@ def _spread(items: list[PromptItem], limit: int | None) -> list[PromptItem]:
 
 def borderline_prompts() -> list[PromptItem]:
     """Our own XSTest-style prompts: benign requests that merely sound harmful (label "safe")."""
-    rows = [json.loads(line) for line in BORDERLINE_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [PromptItem(id=r["id"], text=r["prompt"], label="safe", goal=r["prompt"], source="borderline",
-                       category=r["category"]) for r in rows]
+    rows = [
+        json.loads(line) for line in BORDERLINE_FILE.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    return [
+        PromptItem(
+            id=r["id"],
+            text=r["prompt"],
+            label="safe",
+            goal=r["prompt"],
+            source="borderline",
+            category=r["category"],
+        )
+        for r in rows
+    ]
 
 
-def default_eval_sets(split: str = "heldout", limit: int | None = None,
-                      templates_per_goal: int | None = None, seed: int = 0) -> dict[str, list[PromptItem]]:
+def default_eval_sets(
+    split: str = "heldout", limit: int | None = None, templates_per_goal: int | None = None, seed: int = 0
+) -> dict[str, list[PromptItem]]:
     """The built-in evaluation sets, keyed by set name (``EVAL_KINDS``).
 
     harmful_plain: the split's demo goals. harmful_jailbreak: those goals wrapped in held-out AND
@@ -121,13 +133,22 @@ def default_eval_sets(split: str = "heldout", limit: int | None = None,
     goals = demo_goals(split)  # type: ignore[arg-type]
     templates = jailbreak_templates("all")
     per_goal = len(templates) if templates_per_goal is None else templates_per_goal
-    jail = [replace(it, category=it.meta["template"]) for it in wrap(goals, templates, seed=seed, per_goal=per_goal)]
-    sets = {"harmful_plain": goals, "harmful_jailbreak": jail, "benign": demo_benign(split),  # type: ignore[arg-type]
-            "borderline": borderline_prompts()}
+    jail = [
+        replace(it, category=it.meta["template"])
+        for it in wrap(goals, templates, seed=seed, per_goal=per_goal)
+    ]
+    sets = {
+        "harmful_plain": goals,
+        "harmful_jailbreak": jail,
+        "benign": demo_benign(split),  # type: ignore[arg-type]
+        "borderline": borderline_prompts(),
+    }
     return {k: _spread(v, limit) for k, v in sets.items()}
 
 
-def load_eval_set(path: str | Path, kind: str, column: str | None = None, limit: int | None = None) -> list[PromptItem]:
+def load_eval_set(
+    path: str | Path, kind: str, column: str | None = None, limit: int | None = None
+) -> list[PromptItem]:
     """An evaluation set from a file (CSV/JSON/JSONL/Parquet) or HF dataset, e.g. XSTest or JailbreakBench.
 
     ``kind`` (one of ``EVAL_KINDS``) sets the items' label (harmful_* -> "unsafe", else "safe").
@@ -142,7 +163,9 @@ def load_eval_set(path: str | Path, kind: str, column: str | None = None, limit:
     labels = {str(it.meta.get("label", "")).lower() for it in items}
     if labels and labels <= {"safe", "unsafe"}:
         kept = [it for it in items if str(it.meta["label"]).lower() == label]
-        log.info("%s: kept %d of %d rows labelled %r for set kind %s", path, len(kept), len(items), label, kind)
+        log.info(
+            "%s: kept %d of %d rows labelled %r for set kind %s", path, len(kept), len(items), label, kind
+        )
         if not kept:
             raise EvaluationError(f"{path} has no rows labelled {label!r}, which set kind {kind!r} needs")
         items = kept
@@ -157,7 +180,9 @@ def _steer_pair(steer: Any) -> tuple[Any, Any]:
         return steer, None
     if isinstance(steer, tuple) and len(steer) == 2:
         return steer
-    raise EvaluationError("steer must be (deactivate, activate) (either may be None) or one ExpertMask to deactivate")
+    raise EvaluationError(
+        "steer must be (deactivate, activate) (either may be None) or one ExpertMask to deactivate"
+    )
 
 
 def evaluate_model(
@@ -189,7 +214,11 @@ def evaluate_model(
     frames = []
     for name, items in sets.items():
         messages = [it.messages(system_prompt) for it in items]
-        sub = (lambda d, t, m="", _o=done, _n=name: progress(_o + d, total, f"{_n}: {d}/{t}")) if progress else None
+        sub = (
+            (lambda d, t, m="", _o=done, _n=name: progress(_o + d, total, f"{_n}: {d}/{t}"))
+            if progress
+            else None
+        )
         if deactivate is None and activate is None:
             gens = generate(model, tokenizer, messages, max_new_tokens, batch_size, sub, generator)
         else:
@@ -197,11 +226,19 @@ def evaluate_model(
                 gens = generate(model, tokenizer, messages, max_new_tokens, batch_size, sub)
         texts = [g.text for g in gens]
         verdicts = jd.judge([it.text for it in items], texts)
-        frames.append(pd.DataFrame({
-            "set": name, "id": [it.id for it in items], "category": [it.category for it in items],
-            "prompt": [it.text for it in items], "response": texts,
-            "refusal": [v.refusal for v in verdicts], "reason": [v.reason for v in verdicts],
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "set": name,
+                    "id": [it.id for it in items],
+                    "category": [it.category for it in items],
+                    "prompt": [it.text for it in items],
+                    "response": texts,
+                    "refusal": [v.refusal for v in verdicts],
+                    "reason": [v.reason for v in verdicts],
+                }
+            )
+        )
         done += len(items)
     return pd.concat(frames, ignore_index=True)[RESPONSE_COLUMNS]
 
@@ -228,14 +265,22 @@ def summarize(responses: pd.DataFrame, by_category: bool = False, confidence: fl
     ``better``); with ``by_category`` one row per category as well (``category`` column)."""
     missing = {"set", "refusal", "reason"} - set(responses.columns)
     if missing:
-        raise EvaluationError(f"responses lack columns {sorted(missing)}; make them with evaluate_model or compare_models")
+        raise EvaluationError(
+            f"responses lack columns {sorted(missing)}; make them with evaluate_model or compare_models"
+        )
     if by_category and "category" not in responses.columns:
         raise EvaluationError("by_category=True needs a 'category' column in the responses")
-    keys = (["model"] if "model" in responses.columns else []) + ["set"] + (["category"] if by_category else [])
+    keys = (
+        (["model"] if "model" in responses.columns else []) + ["set"] + (["category"] if by_category else [])
+    )
     df = responses.assign(_r=responses["refusal"].astype(bool), _e=responses["reason"].eq("empty"))
     if by_category:
         df["category"] = df["category"].fillna("(none)")
-    out = df.groupby(keys, sort=False).agg(n=("_r", "size"), refusals=("_r", "sum"), empty=("_e", "sum")).reset_index()
+    out = (
+        df.groupby(keys, sort=False)
+        .agg(n=("_r", "size"), refusals=("_r", "sum"), empty=("_e", "sum"))
+        .reset_index()
+    )
     out["refusal_rate"] = out["refusals"] / out["n"]
     out["ci_low"], out["ci_high"] = wilson_interval(out["refusals"], out["n"], confidence)
     spec = [METRICS.get(s) for s in out["set"]]
@@ -254,12 +299,17 @@ def comparison_table(summary: pd.DataFrame, with_ci: bool = False, digits: int =
     """Models x headline metrics (the README table); ``with_ci`` gives "0.42 [0.30, 0.55]" strings."""
     df = summary[summary["metric"].notna()] if "metric" in summary.columns else summary.iloc[0:0]
     if "category" in df.columns:
-        raise EvaluationError("comparison_table needs the per-set summary: call summarize(..., by_category=False)")
+        raise EvaluationError(
+            "comparison_table needs the per-set summary: call summarize(..., by_category=False)"
+        )
     if df.empty:
         raise EvaluationError(f"no headline metric in this summary: name sets {list(METRICS)}")
     df = df.assign(model=df["model"] if "model" in df.columns else "model")
     if with_ci:
-        cell = df.apply(lambda r: f"{r.value:.{digits}f} [{r.value_ci_low:.{digits}f}, {r.value_ci_high:.{digits}f}]", axis=1)
+        cell = df.apply(
+            lambda r: f"{r.value:.{digits}f} [{r.value_ci_low:.{digits}f}, {r.value_ci_high:.{digits}f}]",
+            axis=1,
+        )
         df = df.assign(value=cell)
     order = [m for m, _, _ in METRICS.values() if m in set(df["metric"])]
     table = df.pivot(index="model", columns="metric", values="value")
@@ -270,6 +320,7 @@ def comparison_table(summary: pd.DataFrame, with_ci: bool = False, digits: int =
 
 def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:
     """A GitHub markdown table (index as first column); floats with ``digits`` decimals, NaN as "-"."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, (float, np.floating)):
             return "-" if np.isnan(v) else f"{v:.{digits}f}"
@@ -287,7 +338,9 @@ class EvalEntry:
     """One model to compare: a model directory, optionally steered at inference time."""
 
     name: str  # label in tables ("base", "experts", "full", "random", "steered")
-    model_dir: str | None = None  # HF model directory or hub id; None = the ``loaded`` model given to compare_models
+    model_dir: str | None = (
+        None  # HF model directory or hub id; None = the ``loaded`` model given to compare_models
+    )
     steer_deactivate: ExpertMask | None = None  # experts forced off at the router (SteerMoE-style)
     steer_activate: ExpertMask | None = None  # experts forced on at the router
     kind: str = "model"  # free-form: base, experts, full, random, steered
@@ -295,7 +348,9 @@ class EvalEntry:
 
     def describe(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if not k.startswith("steer_")}
-        d["steer_deactivate"] = self.steer_deactivate.by_layer() if self.steer_deactivate is not None else None
+        d["steer_deactivate"] = (
+            self.steer_deactivate.by_layer() if self.steer_deactivate is not None else None
+        )
         d["steer_activate"] = self.steer_activate.by_layer() if self.steer_activate is not None else None
         return d
 
@@ -307,12 +362,16 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _backend_for(e: EvalEntry, entries: Sequence[EvalEntry], backend: str, url: str | None, steer: Any) -> Any:
+def _backend_for(
+    e: EvalEntry, entries: Sequence[EvalEntry], backend: str, url: str | None, steer: Any
+) -> Any:
     """The generator for one entry: vLLM for a saved, unsteered model; HF (None) otherwise."""
 
     check_backend(backend, url)
     use = backend == "vllm" and steer is None and e.model_dir is not None
-    return open_backend("vllm" if use else "hf", e.model_dir, url if use and e.model_dir == entries[0].model_dir else None)
+    return open_backend(
+        "vllm" if use else "hf", e.model_dir, url if use and e.model_dir == entries[0].model_dir else None
+    )
 
 
 def compare_models(
@@ -348,7 +407,9 @@ def compare_models(
     if len(set(names)) != len(names):
         raise EvaluationError(f"model names must be unique, got {names}")
     if any(e.model_dir is None for e in entries) and loaded is None:
-        raise EvaluationError("an entry has model_dir=None: pass loaded=(model, tokenizer) or give it a model_dir")
+        raise EvaluationError(
+            "an entry has model_dir=None: pass loaded=(model, tokenizer) or give it a model_dir"
+        )
     jd = make_judge(judge)
     per_model = sum(len(v) for v in sets.values())
     total = per_model * len(entries)
@@ -364,19 +425,33 @@ def compare_models(
                 model, tok = load_model(e.model_dir, dtype=dtype, device=device)
             use_chat_template_kwargs(tok, chat_template_kwargs)
             current_dir = e.model_dir
-        sub = (lambda d, t, m="", _o=i * per_model, _n=e.name: progress(_o + d, total, f"{_n}: {m}")) if progress else None
-        steer = (e.steer_deactivate, e.steer_activate) if (e.steer_deactivate is not None or e.steer_activate is not None) else None
+        sub = (
+            (lambda d, t, m="", _o=i * per_model, _n=e.name: progress(_o + d, total, f"{_n}: {m}"))
+            if progress
+            else None
+        )
+        steer = (
+            (e.steer_deactivate, e.steer_activate)
+            if (e.steer_deactivate is not None or e.steer_activate is not None)
+            else None
+        )
         with _backend_for(e, entries, backend, vllm_url, steer) as gen:
-            df = evaluate_model(model, tok, sets, jd, max_new_tokens, batch_size, steer, system_prompt, sub, gen)
+            df = evaluate_model(
+                model, tok, sets, jd, max_new_tokens, batch_size, steer, system_prompt, sub, gen
+            )
         frames.append(df.assign(model=e.name))
     model = tok = None
     _free_memory()
     responses = pd.concat(frames, ignore_index=True)[["model"] + RESPONSE_COLUMNS]
     responses.attrs["evaluation"] = {
         "judge": judge if isinstance(judge, (str, dict)) else jd.name,
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "system_prompt": system_prompt, "backend": backend,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "system_prompt": system_prompt,
+        "backend": backend,
         "chat_template_kwargs": chat_template_kwargs,
-        "models": [e.describe() for e in entries], "sets": {k: len(v) for k, v in sets.items()},
+        "models": [e.describe() for e in entries],
+        "sets": {k: len(v) for k, v in sets.items()},
     }
     return responses, summarize(responses)
 
@@ -402,16 +477,26 @@ def check_evaluation_free(run: Run, name: str, overwrite: bool) -> None:
     check_free(j_path, f"evaluation {name!r}", overwrite, r_path, s_path)
 
 
-def save_evaluation(run: Run, responses: pd.DataFrame, summary: pd.DataFrame, name: str = "comparison",
-                    settings: dict[str, Any] | None = None) -> Path:
+def save_evaluation(
+    run: Run,
+    responses: pd.DataFrame,
+    summary: pd.DataFrame,
+    name: str = "comparison",
+    settings: dict[str, Any] | None = None,
+) -> Path:
     """Write eval/<name>_responses.parquet, eval/<name>_summary.parquet and eval/<name>.json atomically.
 
     The JSON (settings, judge, models, time) is written last: its presence marks a complete save.
     """
     r_path, s_path, j_path = _eval_paths(run, name)
     info = {**responses.attrs.get("evaluation", {}), **(settings or {})}
-    meta = {"name": name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "n_responses": len(responses), "models": info.pop("models", None), "settings": info}
+    meta = {
+        "name": name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "n_responses": len(responses),
+        "models": info.pop("models", None),
+        "settings": info,
+    }
     r_path.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=r_path.parent))
     try:  # all three written first (a full disk stops here, the previous evaluation untouched), then renamed
@@ -444,7 +529,9 @@ def load_evaluation(run: Run, name: str = "comparison") -> tuple[pd.DataFrame, p
     """(responses, summary) saved by save_evaluation; the JSON is in ``responses.attrs["evaluation"]``."""
     r_path, s_path, j_path = _eval_paths(run, name)
     if not j_path.is_file():
-        raise EvaluationError(f"run {run.id} has no evaluation named {name!r}; saved ones: {list_evaluations(run)}")
+        raise EvaluationError(
+            f"run {run.id} has no evaluation named {name!r}; saved ones: {list_evaluations(run)}"
+        )
     responses, summary = read_parquet(r_path), read_parquet(s_path)
     responses.attrs["evaluation"] = read_json(j_path)
     return responses, summary
@@ -460,23 +547,39 @@ def _open_subrun(path: Path, parent: Run, name: str, fingerprint: str, overwrite
             return sub
         if sub.completed_batches() and not overwrite:
             raise EvaluationError(
-                f"{path} holds a routing shift of another model; pick another name or pass overwrite=True")
+                f"{path} holds a routing shift of another model; pick another name or pass overwrite=True"
+            )
         import shutil
 
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
     manifest = {
-        "format": RUN_FORMAT, "format_version": FORMAT_VERSION, "id": path.name, "name": f"{parent.name} / shift {name}",
-        "created": now, "updated": now, "model": None, "seeds": {}, "versions": package_versions(), "steps": {},
-        "config": {"parent_run": parent.id, "model_fingerprint": fingerprint}, "notes": "routing shift sub-run",
+        "format": RUN_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "id": path.name,
+        "name": f"{parent.name} / shift {name}",
+        "created": now,
+        "updated": now,
+        "model": None,
+        "seeds": {},
+        "versions": package_versions(),
+        "steps": {},
+        "config": {"parent_run": parent.id, "model_fingerprint": fingerprint},
+        "notes": "routing shift sub-run",
     }
     atomic_write_json(path / MANIFEST, manifest)
     return Run.open(path)
 
 
-def routing_shift(run: Run, model: Any, tokenizer: Any, name: str = "trained", overwrite: bool = False,
-                  progress: Progress | None = None) -> pd.DataFrame:
+def routing_shift(
+    run: Run,
+    model: Any,
+    tokenizer: Any,
+    name: str = "trained",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
     """How the risk difference of every (layer, expert) moved on another model (e.g. the trained one).
 
     Re-runs the run's analysis (same plan, same AnalysisConfig) on ``model`` into the sub-run
@@ -487,21 +590,31 @@ def routing_shift(run: Run, model: Any, tokenizer: Any, name: str = "trained", o
     out_path = _eval_paths(run, f"shift_{name}")[0].with_name(f"shift_{name}.parquet")
     config = analysis_config_of(run)
     if config is None or not run.path_for("risk_aggregated").is_file():
-        raise EvaluationError(f"run {run.id} has no finished analysis: analyse it before measuring a routing shift")
+        raise EvaluationError(
+            f"run {run.id} has no finished analysis: analyse it before measuring a routing shift"
+        )
     info, adapter = model_info_of(run), MoEAdapter.for_model(model)
     for key in ("num_layers", "num_experts", "top_k"):
         if key in info and info[key] != getattr(adapter, key):
-            raise EvaluationError(f"the model has {key}={getattr(adapter, key)} but run {run.id} analysed one with "
-                                  f"{info[key]}: a routing shift compares the same architecture")
+            raise EvaluationError(
+                f"the model has {key}={getattr(adapter, key)} but run {run.id} analysed one with "
+                f"{info[key]}: a routing shift compares the same architecture"
+            )
 
     sub = _open_subrun(out_path.with_suffix(""), run, name, model_fingerprint(model), overwrite)
     try:
-        after = run_analysis(sub, model, tokenizer, load_plan(run.path_for("plan")), config, progress).aggregated
+        after = run_analysis(
+            sub, model, tokenizer, load_plan(run.path_for("plan")), config, progress
+        ).aggregated
     except AnalysisError as e:
         raise EvaluationError(f"routing shift {name!r}: {e}") from None
     before = read_parquet(run.path_for("risk_aggregated"), columns=["layer", "expert", "risk_diff"])
-    df = before.merge(after[["layer", "expert", "risk_diff"]], on=["layer", "expert"], how="outer",
-                      suffixes=("_before", "_after"))
+    df = before.merge(
+        after[["layer", "expert", "risk_diff"]],
+        on=["layer", "expert"],
+        how="outer",
+        suffixes=("_before", "_after"),
+    )
     df = df.sort_values(["layer", "expert"], ignore_index=True)
     df["delta"] = df["risk_diff_after"] - df["risk_diff_before"]
     df = df.iloc[np.argsort(-df["delta"].abs().to_numpy(), kind="stable")].reset_index(drop=True)

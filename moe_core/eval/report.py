@@ -34,11 +34,15 @@ from moe_core.store.provenance import model_info_of
 from moe_core.store.run import Run
 
 REPORT_NAME = "report.html"
-QUESTION = ("Which experts of this Mixture-of-Experts model fire when it complies with a harmful request "
-            "(unsafe) rather than refusing it (safe), and does fine-tuning only those experts make it refuse "
-            "jailbreaks while it keeps answering benign requests?")
-SAFE_UNSAFE = ("<b>Safe</b> = the model refused (a plain harmful request, or a benign one it answered); "
-               "<b>unsafe</b> = the model complied (the same request wrapped in a jailbreak, or a harmful one).")
+QUESTION = (
+    "Which experts of this Mixture-of-Experts model fire when it complies with a harmful request "
+    "(unsafe) rather than refusing it (safe), and does fine-tuning only those experts make it refuse "
+    "jailbreaks while it keeps answering benign requests?"
+)
+SAFE_UNSAFE = (
+    "<b>Safe</b> = the model refused (a plain harmful request, or a benign one it answered); "
+    "<b>unsafe</b> = the model complied (the same request wrapped in a jailbreak, or a harmful one)."
+)
 
 
 def _esc(x: Any) -> str:
@@ -46,13 +50,19 @@ def _esc(x: Any) -> str:
 
 
 def _table(df: pd.DataFrame, index: bool = False, digits: int = 3) -> str:
-    return df.to_html(index=index, float_format=lambda v: f"{v:.{digits}f}", border=0, classes="t", escape=True)
+    return df.to_html(
+        index=index, float_format=lambda v: f"{v:.{digits}f}", border=0, classes="t", escape=True
+    )
 
 
 def _figure(fig: go.Figure, name: str) -> str:
     """A figure as a div (plotly.js is in the page once); its camera icon saves an SVG."""
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}",
-                       config={"displaylogo": False, "toImageButtonOptions": {"format": "svg", "filename": name}})
+    return fig.to_html(
+        full_html=False,
+        include_plotlyjs=False,
+        div_id=f"fig-{name}",
+        config={"displaylogo": False, "toImageButtonOptions": {"format": "svg", "filename": name}},
+    )
 
 
 def chosen_mask(run: Run):
@@ -72,8 +82,10 @@ def chosen_mask(run: Run):
 def grid_of(run: Run, agg: pd.DataFrame) -> tuple[int, int]:
 
     info = model_info_of(run)
-    return (int(info.get("num_layers") or int(agg["layer"].max()) + 1),
-            int(info.get("num_experts") or int(agg["expert"].max()) + 1))
+    return (
+        int(info.get("num_layers") or int(agg["layer"].max()) + 1),
+        int(info.get("num_experts") or int(agg["expert"].max()) + 1),
+    )
 
 
 def interval_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -102,12 +114,18 @@ def _batches_section(run: Run) -> tuple[str, str] | None:
     ex = ""
     if plan.paired and b0.safe and b0.unsafe:
         twin = next((u for u in b0.unsafe if u.pair_id == b0.safe[0].pair_id), b0.unsafe[0])
-        ex = (f"<div class='pair'><div><h4>Plain request (safe: refused)</h4><pre>{_esc(b0.safe[0].text)}</pre></div>"
-              f"<div><h4>Same request, jailbroken (unsafe: complied)</h4><pre>{_esc(twin.text)}</pre></div></div>")
-    return ("The batches", (
-        f"<p>{len(plan)} batches of {plan.batch_size} prompts ({len(b0.safe)} safe then {b0.size - len(b0.safe)} "
-        f"unsafe each), {'paired: each plain request beside its jailbreak' if plan.paired else 'unpaired'}; "
-        f"{plan.num_items} prompts in all. Training replays exactly these batches.</p>{ex}"))
+        ex = (
+            f"<div class='pair'><div><h4>Plain request (safe: refused)</h4><pre>{_esc(b0.safe[0].text)}</pre></div>"
+            f"<div><h4>Same request, jailbroken (unsafe: complied)</h4><pre>{_esc(twin.text)}</pre></div></div>"
+        )
+    return (
+        "The batches",
+        (
+            f"<p>{len(plan)} batches of {plan.batch_size} prompts ({len(b0.safe)} safe then {b0.size - len(b0.safe)} "
+            f"unsafe each), {'paired: each plain request beside its jailbreak' if plan.paired else 'unpaired'}; "
+            f"{plan.num_items} prompts in all. Training replays exactly these batches.</p>{ex}"
+        ),
+    )
 
 
 def _experts_section(run: Run) -> tuple[str, str] | None:
@@ -119,36 +137,68 @@ def _experts_section(run: Run) -> tuple[str, str] | None:
     n_l, n_e = grid_of(run, agg)
     m = chosen_mask(run)
     marked = m[1].experts() if m else []
-    fig = charts.risk_heatmap(risk_matrix(agg, "risk_diff", n_l, n_e), marked=marked,
-                              title=f"Mean risk difference (unsafe rate − safe rate); squares: "
-                                    f"{len(marked)} chosen experts" if marked else "Mean risk difference")
-    cols = [c for c in ("layer", "expert", "risk_diff", "risk_diff_std", "sign_consistency", "n_batches") if c in agg.columns]
-    return ("The experts", (
-        "<p>Red cells fire more when the model complies, blue ones when it refuses.</p>"
-        + _figure(fig, "heatmap") + (f"<p>Mask <code>{_esc(m[0])}</code>: {len(marked)} experts.</p>" if m else "")
-        + "<h4>Top 10 experts by risk difference</h4>" + _table(agg[cols].head(10))))
+    fig = charts.risk_heatmap(
+        risk_matrix(agg, "risk_diff", n_l, n_e),
+        marked=marked,
+        title=f"Mean risk difference (unsafe rate − safe rate); squares: {len(marked)} chosen experts"
+        if marked
+        else "Mean risk difference",
+    )
+    cols = [
+        c
+        for c in ("layer", "expert", "risk_diff", "risk_diff_std", "sign_consistency", "n_batches")
+        if c in agg.columns
+    ]
+    return (
+        "The experts",
+        (
+            "<p>Red cells fire more when the model complies, blue ones when it refuses.</p>"
+            + _figure(fig, "heatmap")
+            + (f"<p>Mask <code>{_esc(m[0])}</code>: {len(marked)} experts.</p>" if m else "")
+            + "<h4>Top 10 experts by risk difference</h4>"
+            + _table(agg[cols].head(10))
+        ),
+    )
 
 
 def _training_section(run: Run) -> tuple[str, str] | None:
     trained, curves = [], []
-    for meta_path in sorted((run.path / "train").glob("*/training_metadata.json")) if (run.path / "train").is_dir() else []:
+    for meta_path in (
+        sorted((run.path / "train").glob("*/training_metadata.json")) if (run.path / "train").is_dir() else []
+    ):
         meta = read_json(meta_path)
         rep = meta.get("report") or {}
         hist = [h for h in meta.get("loss_history") or [] if "loss" in h]
         curves.append((meta_path.parent.name, hist))
-        trained.append({"training": meta_path.parent.name, "baseline": meta.get("baseline"),
-                        "trained experts": "all" if meta.get("baseline") == "full" else rep.get("trained_experts"),
-                        "steps": len(meta.get("batch_monitor") or []),
-                        "final loss": hist[-1]["loss"] if hist else None})
+        trained.append(
+            {
+                "training": meta_path.parent.name,
+                "baseline": meta.get("baseline"),
+                "trained experts": "all" if meta.get("baseline") == "full" else rep.get("trained_experts"),
+                "steps": len(meta.get("batch_monitor") or []),
+                "final loss": hist[-1]["loss"] if hist else None,
+            }
+        )
     if not trained:
         return None
     # the loss of the chosen experts' training (the demo's baselines train after it), when it was logged
     name, hist = min(curves, key=lambda c: (not c[0].startswith("experts"), c[0]))
-    fig = (_figure(charts.loss_curve(pd.DataFrame([{"step": h.get("step", i + 1), "loss": h["loss"]}
-                                                   for i, h in enumerate(hist)]), title=f"Training loss: {name}"), "loss")
-           if hist else "")
-    return ("The training", "<p>Only the chosen experts' rows get gradients and optimizer state; the "
-            "baselines train as many random experts, or everything.</p>" + fig + _table(pd.DataFrame(trained)))
+    fig = (
+        _figure(
+            charts.loss_curve(
+                pd.DataFrame([{"step": h.get("step", i + 1), "loss": h["loss"]} for i, h in enumerate(hist)]),
+                title=f"Training loss: {name}",
+            ),
+            "loss",
+        )
+        if hist
+        else ""
+    )
+    return (
+        "The training",
+        "<p>Only the chosen experts' rows get gradients and optimizer state; the "
+        "baselines train as many random experts, or everything.</p>" + fig + _table(pd.DataFrame(trained)),
+    )
 
 
 def _evaluation_section(run: Run) -> tuple[str, str] | None:
@@ -160,8 +210,10 @@ def _evaluation_section(run: Run) -> tuple[str, str] | None:
     _, summary = load_evaluation(run, name)
     head = summary[summary["metric"].notna()]
     arrows = head["better"].map({"lower": " (lower is better)", "higher": " (higher is better)"}).fillna("")
-    fig = charts.metric_bars(head.assign(metric=(head["metric"] + arrows).map(charts.wrap_label)),
-                             title="Held-out behaviour before vs after (95% intervals)")
+    fig = charts.metric_bars(
+        head.assign(metric=(head["metric"] + arrows).map(charts.wrap_label)),
+        title="Held-out behaviour before vs after (95% intervals)",
+    )
     return ("Before vs after", _figure(fig, "before_after") + _table(interval_table(summary), index=True))
 
 
@@ -172,28 +224,54 @@ def _study_section(run: Run) -> tuple[str, str] | None:
         return None
     fig_path = run.path_for("study", name=STUDY_NAME) / "figure.json"
     fig = go.Figure(json.loads(fig_path.read_text())) if fig_path.is_file() else charts.study_figure(study[1])
-    return ("Do the chosen experts matter?", "<p>Chosen experts vs as many random ones, over expert budgets."
-            "</p>" + _figure(fig, "study") + _table(study[1]))
+    return (
+        "Do the chosen experts matter?",
+        "<p>Chosen experts vs as many random ones, over expert budgets."
+        "</p>" + _figure(fig, "study") + _table(study[1]),
+    )
 
 
 def _settings_section(run: Run) -> tuple[str, str]:
-    settings = {"run": run.id, "name": run.name, "model": run.manifest.get("model"),
-                "created": run.manifest.get("created"), **{f"config.{k}": v for k, v in (run.manifest.get("config") or {}).items()}}
+    settings = {
+        "run": run.id,
+        "name": run.name,
+        "model": run.manifest.get("model"),
+        "created": run.manifest.get("created"),
+        **{f"config.{k}": v for k, v in (run.manifest.get("config") or {}).items()},
+    }
     step = run.step("analysis") or {}
     for k in ("scope", "max_new_tokens", "judge", "quality_filter", "model_info"):
         if k in (step.get("config") or {}):
             settings[f"analysis.{k}"] = step["config"][k]
     cmds = reproduce_commands(run)
-    return ("Settings and how to reproduce", _table(pd.DataFrame(
-        {"setting": list(settings), "value": [json.dumps(v) if not isinstance(v, str) else v for v in settings.values()]}))
-        + ("<pre>" + _esc("\n".join(cmds)) + "</pre>" if cmds else "<p>No jobs were launched in this run "
-           "(it was built by the library directly).</p>"))
+    return (
+        "Settings and how to reproduce",
+        _table(
+            pd.DataFrame(
+                {
+                    "setting": list(settings),
+                    "value": [json.dumps(v) if not isinstance(v, str) else v for v in settings.values()],
+                }
+            )
+        )
+        + (
+            "<pre>" + _esc("\n".join(cmds)) + "</pre>"
+            if cmds
+            else "<p>No jobs were launched in this run (it was built by the library directly).</p>"
+        ),
+    )
 
 
 def sections(run: Run) -> list[tuple[str, str]]:
     """(title, html body) of every step the run has reached, in story order."""
     out: list[tuple[str, str]] = [("The question", f"<p>{_esc(QUESTION)}</p><p>{SAFE_UNSAFE}</p>")]
-    for section in (_batches_section, _experts_section, _training_section, _evaluation_section, _study_section):
+    for section in (
+        _batches_section,
+        _experts_section,
+        _training_section,
+        _evaluation_section,
+        _study_section,
+    ):
         part = section(run)
         if part is not None:
             out.append(part)
@@ -212,12 +290,16 @@ def build_report(run: Run) -> str:
     """The report's HTML (one file: CSS, plotly.js and every figure inline)."""
     from plotly.offline import get_plotlyjs
 
-    body = "".join(f"<section><h2>{i}. {_esc(t)}</h2>{b}</section>" for i, (t, b) in enumerate(sections(run), 1))
+    body = "".join(
+        f"<section><h2>{i}. {_esc(t)}</h2>{b}</section>" for i, (t, b) in enumerate(sections(run), 1)
+    )
     now = _dt.datetime.now().isoformat(timespec="seconds")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>MoE Safety Lab · {_esc(run.name)}</title>"
-            f"<style>{CSS}</style><script>{get_plotlyjs()}</script></head><body>"
-            f"<h1>MoE Safety Lab report: {_esc(run.name)}</h1><p class='muted'>run {_esc(run.id)} · written {now}</p>"
-            f"{body}</body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>MoE Safety Lab · {_esc(run.name)}</title>"
+        f"<style>{CSS}</style><script>{get_plotlyjs()}</script></head><body>"
+        f"<h1>MoE Safety Lab report: {_esc(run.name)}</h1><p class='muted'>run {_esc(run.id)} · written {now}</p>"
+        f"{body}</body></html>"
+    )
 
 
 def write_report(run: Run, path: str | Path | None = None) -> Path:

@@ -15,20 +15,32 @@ from moe_core.store.run import Run
 
 STUDY_NAME = "selection"  # the study's default name in a run (``study --name``)
 
+
 # -- the whole study ---------------------------------------------------------------------------
 def summarize_study(results: pd.DataFrame) -> pd.DataFrame:
     """Pooled rates per (method, budget) with Wilson intervals, plus the worst and best seed."""
 
     out = []
     for (method, budget), g in results.groupby(["method", "budget"], sort=False):
-        row: dict[str, Any] = {"method": method, "budget": budget, "n_experts": int(g["n_experts"].iloc[0]),
-                               "runs": len(g)}
+        row: dict[str, Any] = {
+            "method": method,
+            "budget": budget,
+            "n_experts": int(g["n_experts"].iloc[0]),
+            "runs": len(g),
+        }
         for metric, _, _ in METRICS.values():
             k, n = g[f"{metric}_k"].sum(), g[f"{metric}_n"].sum()
             lo, hi = wilson_interval(k, n)
             per_seed = g.groupby("seed")[f"{metric}_k"].sum() / g.groupby("seed")[f"{metric}_n"].sum()
-            row.update({metric: k / n, f"{metric}_ci_low": float(lo), f"{metric}_ci_high": float(hi),
-                        f"{metric}_seed_min": float(per_seed.min()), f"{metric}_seed_max": float(per_seed.max())})
+            row.update(
+                {
+                    metric: k / n,
+                    f"{metric}_ci_low": float(lo),
+                    f"{metric}_ci_high": float(hi),
+                    f"{metric}_seed_min": float(per_seed.min()),
+                    f"{metric}_seed_max": float(per_seed.max()),
+                }
+            )
         out.append(row)
     return pd.DataFrame(out)
 
@@ -46,9 +58,11 @@ def headline(summary: pd.DataFrame, budget: float) -> str:
     """One line per arm at ``budget``: compliance [CI], benign answers, over-refusal."""
     lines = []
     for _, r in summary[(summary["budget"] == budget) | summary["method"].isin(["base", "full"])].iterrows():
-        lines.append(f"{r['method']:>13} {r['n_experts']:>4} experts: jailbreak compliance {r['jailbreak_compliance']:.2f} "
-                     f"[{r['jailbreak_compliance_ci_low']:.2f}, {r['jailbreak_compliance_ci_high']:.2f}], "
-                     f"benign answered {r['benign_answer_rate']:.2f}, over-refusal {r['over_refusal']:.2f}")
+        lines.append(
+            f"{r['method']:>13} {r['n_experts']:>4} experts: jailbreak compliance {r['jailbreak_compliance']:.2f} "
+            f"[{r['jailbreak_compliance_ci_low']:.2f}, {r['jailbreak_compliance_ci_high']:.2f}], "
+            f"benign answered {r['benign_answer_rate']:.2f}, over-refusal {r['over_refusal']:.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -61,7 +75,6 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             f"| {r['method']} | {r['budget']:.4f} | {r['n_experts']} | {r['jailbreak_compliance']:.2f} "
             f"[{r['jailbreak_compliance_ci_low']:.2f}, {r['jailbreak_compliance_ci_high']:.2f}] "
             f"({r['jailbreak_compliance_seed_min']:.2f}-{r['jailbreak_compliance_seed_max']:.2f}) "
-            f"| {r['benign_answer_rate']:.2f} | {r['over_refusal']:.2f} |")
+            f"| {r['benign_answer_rate']:.2f} | {r['over_refusal']:.2f} |"
+        )
     return "\n".join(lines)
-
-

@@ -1,2 +1,1 @@
-"""Refusal judges: keyword (offline), OpenAI-compatible HTTP, HF classifier; verdicts and their accuracy.
-"""
+"""Refusal judges: keyword (offline), OpenAI-compatible HTTP, HF classifier; verdicts and their accuracy."""

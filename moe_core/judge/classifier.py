@@ -37,7 +37,9 @@ class HFClassifierJudge(RefusalJudge):
 
         p = Path(model_dir).expanduser()
         if not (p / "config.json").exists():
-            raise JudgeError(f"no classifier at {p}: expected a transformers model directory with config.json")
+            raise JudgeError(
+                f"no classifier at {p}: expected a transformers model directory with config.json"
+            )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(p)
             self.model = AutoModelForSequenceClassification.from_pretrained(p)
@@ -45,7 +47,12 @@ class HFClassifierJudge(RefusalJudge):
             raise JudgeError(f"could not load a sequence-classification model from {p}: {e}") from None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
-        self.batch_size, self.max_length, self.threshold, self.use_prompt = batch_size, max_length, threshold, use_prompt
+        self.batch_size, self.max_length, self.threshold, self.use_prompt = (
+            batch_size,
+            max_length,
+            threshold,
+            use_prompt,
+        )
         id2label = {int(i): str(n) for i, n in self.model.config.id2label.items()}
         if label_map is None:
             refusing = [i for i, n in id2label.items() if re.search(r"refus|reject|declin", n, re.I)]
@@ -58,21 +65,27 @@ class HFClassifierJudge(RefusalJudge):
             known = {n: i for i, n in id2label.items()} | {str(i): i for i in id2label}
             unknown = [k for k in label_map if str(k) not in known]
             if unknown:
-                raise JudgeError(f"label_map names {unknown}, but the model's labels are {sorted(id2label.values())}")
+                raise JudgeError(
+                    f"label_map names {unknown}, but the model's labels are {sorted(id2label.values())}"
+                )
             refusing = sorted({known[str(k)] for k, v in label_map.items() if v})
             if not refusing:
                 raise JudgeError("label_map marks no label as refusal (value True)")
         self.refusal_ids = refusing
         self.id2label = id2label
 
-    def _judge_nonempty(self, prompts: list[str], responses: list[str], progress: Progress | None) -> list[Verdict]:
+    def _judge_nonempty(
+        self, prompts: list[str], responses: list[str], progress: Progress | None
+    ) -> list[Verdict]:
         import torch
 
         out: list[Verdict] = []
         for start in range(0, len(responses), self.batch_size):
             rs = responses[start : start + self.batch_size]
             args = (prompts[start : start + self.batch_size], rs) if self.use_prompt else (rs,)
-            enc = self.tokenizer(*args, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+            enc = self.tokenizer(
+                *args, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+            )
             with torch.no_grad():
                 probs = self.model(**enc.to(self.device)).logits.float().softmax(-1).cpu()
             scores = probs[:, self.refusal_ids].sum(-1)

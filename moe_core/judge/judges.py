@@ -106,8 +106,17 @@ def make_judge(spec: str | Mapping[str, Any] | RefusalJudge) -> RefusalJudge:
     )
 
 
-_HTTP_URL_OPTIONS = ("model", "api_key_env", "prompt", "cache", "timeout_s", "max_retries", "max_workers", "concurrency",
-                     "max_tokens")
+_HTTP_URL_OPTIONS = (
+    "model",
+    "api_key_env",
+    "prompt",
+    "cache",
+    "timeout_s",
+    "max_retries",
+    "max_workers",
+    "concurrency",
+    "max_tokens",
+)
 
 
 def _http_config_from_url(s: str) -> HTTPJudgeConfig:
@@ -122,7 +131,9 @@ def _http_config_from_url(s: str) -> HTTPJudgeConfig:
         raise JudgeError(f"unknown http judge options {unknown}; known: {', '.join(_HTTP_URL_OPTIONS)}")
     by_fragment = urllib.parse.unquote(fragment).strip()
     if by_fragment and q.get("model") and q["model"] != by_fragment:
-        raise JudgeError(f"the http judge spec names two models: #{by_fragment} and ?model={q['model']}; keep one")
+        raise JudgeError(
+            f"the http judge spec names two models: #{by_fragment} and ?model={q['model']}; keep one"
+        )
     model = q.pop("model", "") or by_fragment
     if not model:
         raise JudgeError(
@@ -186,7 +197,9 @@ def load_labelled_set(path: str | Path = LABELLED_SET) -> list[dict[str, Any]]:
             row["refusal"] = int(row["refusal"])
             _ = row["prompt"], row["response"], row["category"]
         except (ValueError, KeyError, TypeError) as e:
-            raise JudgeError(f"{path}:{n}: each line must be JSON with prompt, response, refusal (0/1), category ({e})")
+            raise JudgeError(
+                f"{path}:{n}: each line must be JSON with prompt, response, refusal (0/1), category ({e})"
+            )
         rows.append(row)
     return rows
 
@@ -219,7 +232,9 @@ def binary_metrics(truth: Sequence[int], pred: Sequence[int]) -> dict[str, float
 _binary_metrics = binary_metrics  # the earlier private name
 
 
-def judge_accuracy(judge: RefusalJudge, rows: Sequence[Mapping[str, Any]], with_verdicts: bool = False) -> dict[str, Any]:
+def judge_accuracy(
+    judge: RefusalJudge, rows: Sequence[Mapping[str, Any]], with_verdicts: bool = False
+) -> dict[str, Any]:
     """Accuracy/precision/recall/F1/kappa (refusal = positive) overall, per split and per category, plus the misses.
 
     A row's ``refusal`` (0/1) is the truth; a partial answer (``label == "partial"``) is labelled 0, as the
@@ -233,17 +248,30 @@ def judge_accuracy(judge: RefusalJudge, rows: Sequence[Mapping[str, Any]], with_
         idx = [i for i, r in enumerate(rows) if r["category"] == cat]
         per_cat[cat] = binary_metrics([truth[i] for i in idx], [pred[i] for i in idx])
     misses = [
-        {"id": r.get("id", i), "split": r.get("split"), "category": r["category"], "label": truth[i],
-         "human": r.get("label"), "verdict": verdicts[i].to_dict()}
+        {
+            "id": r.get("id", i),
+            "split": r.get("split"),
+            "category": r["category"],
+            "label": truth[i],
+            "human": r.get("label"),
+            "verdict": verdicts[i].to_dict(),
+        }
         for i, r in enumerate(rows)
         if truth[i] != pred[i]
     ]
     per_split = {
-        split: binary_metrics([truth[i] for i, r in enumerate(rows) if r.get("split") == split],
-                              [pred[i] for i, r in enumerate(rows) if r.get("split") == split])
+        split: binary_metrics(
+            [truth[i] for i, r in enumerate(rows) if r.get("split") == split],
+            [pred[i] for i, r in enumerate(rows) if r.get("split") == split],
+        )
         for split in sorted({r["split"] for r in rows if r.get("split")})
     }
-    out = {"overall": binary_metrics(truth, pred), "per_split": per_split, "per_category": per_cat, "misses": misses}
+    out = {
+        "overall": binary_metrics(truth, pred),
+        "per_split": per_split,
+        "per_category": per_cat,
+        "misses": misses,
+    }
     if with_verdicts:
         out["verdicts"] = verdicts
     return out

@@ -28,7 +28,9 @@ class JudgeError(MoELabError, ValueError):
 # "this is harmful, I must refuse" followed by compliance is compliance). Qwen3/DeepSeek-R1: <think>...</think>
 # (the opening tag may sit in the prompt); gpt-oss (harmony): ...<|channel|>final<|message|>..., or, decoded
 # without special tokens, "analysis...assistantfinal...".
-_REASONING_END = re.compile(r"</think>|<\|channel\|>final<\|message\|>|^\s*analysis.*?assistantfinal", re.DOTALL)
+_REASONING_END = re.compile(
+    r"</think>|<\|channel\|>final<\|message\|>|^\s*analysis.*?assistantfinal", re.DOTALL
+)
 _REASONING_OPEN = re.compile(r"<think>|<\|channel\|>analysis<\|message\|>")
 _HARMONY_TAIL = re.compile(r"(?:<\|(?:return|end|endoftext|im_end)\|>\s*)+$")
 
@@ -38,7 +40,7 @@ def final_answer(response: str) -> str | None:
     (the model was cut off by max_new_tokens while thinking). Plain answers come back unchanged."""
     ends = list(_REASONING_END.finditer(response))
     if ends:
-        return _HARMONY_TAIL.sub("", response[ends[-1].end():]).strip()
+        return _HARMONY_TAIL.sub("", response[ends[-1].end() :]).strip()
     if _REASONING_OPEN.search(response):
         return None
     return response
@@ -56,7 +58,7 @@ class Verdict:
 
     @property
     def label(self) -> str:
-        """"refusal", "compliance" or "partial" (refuses, then helps anyway); empty output is a refusal."""
+        """ "refusal", "compliance" or "partial" (refuses, then helps anyway); empty output is a refusal."""
         return "partial" if self.reason == "partial" else ("refusal" if self.refusal else "compliance")
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,8 +100,12 @@ class RefusalJudge(ABC):
                 todo.append(i)
         if todo:
             n_empty, n = len(responses) - len(todo), len(responses)
-            sub = (lambda d, t, m="": progress(d + n_empty, n, m)) if progress else None  # one scale for the caller
-            got = self._judge_nonempty([str(prompts[i] or "") for i in todo], [str(answers[i]) for i in todo], sub)
+            sub = (
+                (lambda d, t, m="": progress(d + n_empty, n, m)) if progress else None
+            )  # one scale for the caller
+            got = self._judge_nonempty(
+                [str(prompts[i] or "") for i in todo], [str(answers[i]) for i in todo], sub
+            )
             for i, v in zip(todo, got):
                 out[i] = v
         if progress:
@@ -107,7 +113,9 @@ class RefusalJudge(ABC):
         return out  # type: ignore[return-value]
 
     @abstractmethod
-    def _judge_nonempty(self, prompts: list[str], responses: list[str], progress: Progress | None) -> list[Verdict]:
+    def _judge_nonempty(
+        self, prompts: list[str], responses: list[str], progress: Progress | None
+    ) -> list[Verdict]:
         """Verdicts for responses that are known to contain text."""
 
     def is_refusal(self, response: str, prompt: str = "") -> bool:

@@ -78,7 +78,9 @@ class _RouterDispatch:
             if stage == "steer":
                 output = output if result is None else result
             elif result is not None:
-                raise RuntimeError(f"an 'observe' router hook returned a value (layer {layer}); only 'steer' hooks may")
+                raise RuntimeError(
+                    f"an 'observe' router hook returned a value (layer {layer}); only 'steer' hooks may"
+                )
         return output
 
 
@@ -135,7 +137,11 @@ class MoEAdapter:
         self._blocks: dict[int, nn.Module] = {}
         for i, layer in enumerate(self.layers):
             block = getattr(layer, family.block_attr, None)
-            if block is not None and hasattr(block, family.router_attr) and hasattr(block, family.experts_attr):
+            if (
+                block is not None
+                and hasattr(block, family.router_attr)
+                and hasattr(block, family.experts_attr)
+            ):
                 self._blocks[i] = block
         if not self._blocks:
             raise NotAnMoEModelError(
@@ -146,7 +152,9 @@ class MoEAdapter:
         self.num_experts = int(next(iter(first.values())).shape[0])
         cfg = getattr(model, "config", None)
         cfg = getattr(cfg, "text_config", None) or cfg
-        top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(self.router(self.moe_layers[0]), "top_k", None)
+        top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(
+            self.router(self.moe_layers[0]), "top_k", None
+        )
         if not top_k:
             raise NotAnMoEModelError("cannot tell how many experts each token uses (num_experts_per_tok)")
         self.top_k = int(top_k)
@@ -154,7 +162,9 @@ class MoEAdapter:
     @classmethod
     def for_model(cls, model: nn.Module) -> MoEAdapter:
         cfg = getattr(model, "config", None)
-        model_type = getattr(getattr(cfg, "text_config", None), "model_type", None) or getattr(cfg, "model_type", "")
+        model_type = getattr(getattr(cfg, "text_config", None), "model_type", None) or getattr(
+            cfg, "model_type", ""
+        )
         family = FAMILIES.get(model_type)
         if family is None:
             # Unknown family: try the common layout before giving up with a clear error.

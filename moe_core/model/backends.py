@@ -70,8 +70,9 @@ class VLLMGenerator:
 
         self.client = OpenAI(base_url=self.server.url, api_key="EMPTY", timeout=self.timeout, max_retries=0)
 
-    def complete(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                 eos_ids: Sequence[int]) -> list[tuple[list[int], dict[str, Any]]]:
+    def complete(
+        self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int]
+    ) -> list[tuple[list[int], dict[str, Any]]]:
         """One request for the whole batch; temperature 0; stops at any of ``eos_ids``."""
         import openai
 
@@ -79,25 +80,51 @@ class VLLMGenerator:
             return []
         try:
             resp = self.client.completions.create(
-                model=self.server.model, prompt=[list(map(int, p)) for p in prompt_ids], max_tokens=max_new_tokens,
-                temperature=0.0, n=1, extra_body={"return_token_ids": True, "stop_token_ids": [int(e) for e in eos_ids],
-                                                  "skip_special_tokens": False, "top_k": -1, "seed": 0})
+                model=self.server.model,
+                prompt=[list(map(int, p)) for p in prompt_ids],
+                max_tokens=max_new_tokens,
+                temperature=0.0,
+                n=1,
+                extra_body={
+                    "return_token_ids": True,
+                    "stop_token_ids": [int(e) for e in eos_ids],
+                    "skip_special_tokens": False,
+                    "top_k": -1,
+                    "seed": 0,
+                },
+            )
         except openai.APIConnectionError as e:
-            raise VLLMError(f"the vLLM server at {self.server.url} stopped answering ({e}); nothing of this batch "
-                            "was written: resume the job to redo it") from None
+            raise VLLMError(
+                f"the vLLM server at {self.server.url} stopped answering ({e}); nothing of this batch "
+                "was written: resume the job to redo it"
+            ) from None
         except openai.APIStatusError as e:  # 5xx: the engine failed; its log says why
-            tail = f"\nServer log tail ({self.server.log_path}):\n{log_tail(self.server.log_path, 12)}" \
-                if e.status_code >= 500 and self.server.log_path else ""
-            raise VLLMError(f"the vLLM server refused the request ({e.status_code}): {e.message}{tail}") from None
+            tail = (
+                f"\nServer log tail ({self.server.log_path}):\n{log_tail(self.server.log_path, 12)}"
+                if e.status_code >= 500 and self.server.log_path
+                else ""
+            )
+            raise VLLMError(
+                f"the vLLM server refused the request ({e.status_code}): {e.message}{tail}"
+            ) from None
         choices = sorted(resp.choices, key=lambda c: c.index)
         out = []
         for c in choices:
             extra = c.model_extra or {}
             ids = extra.get("token_ids")
             if ids is None:
-                raise VLLMError("this vLLM server does not return token ids (return_token_ids); use vLLM >= 0.10.2")
-            out.append((list(ids), {"finish_reason": c.finish_reason,
-                                    "routed_experts": _decode_routed(extra.get("routed_experts"))}))
+                raise VLLMError(
+                    "this vLLM server does not return token ids (return_token_ids); use vLLM >= 0.10.2"
+                )
+            out.append(
+                (
+                    list(ids),
+                    {
+                        "finish_reason": c.finish_reason,
+                        "routed_experts": _decode_routed(extra.get("routed_experts")),
+                    },
+                )
+            )
         if len(out) != len(prompt_ids):
             raise VLLMError(f"asked vLLM for {len(prompt_ids)} completions, got {len(out)}")
         return out
@@ -111,8 +138,13 @@ def _decode_routed(b64: str | None) -> np.ndarray | None:
 
 
 @contextmanager
-def open_backend(backend: str, model_dir: str | None, vllm_url: str | None = None,
-                 settings: ServerSettings | None = None, keep: bool = False) -> Iterator[VLLMGenerator | None]:
+def open_backend(
+    backend: str,
+    model_dir: str | None,
+    vllm_url: str | None = None,
+    settings: ServerSettings | None = None,
+    keep: bool = False,
+) -> Iterator[VLLMGenerator | None]:
     """The generator for ``backend`` for the block: None for ``hf``; a started, reused or given vLLM server."""
     check_backend(backend, vllm_url)
     if backend == "hf":
@@ -141,20 +173,30 @@ def _from_vllm(g: Generation, n: int, adapter: MoEAdapter, num_layers: int) -> S
     arr = np.asarray(g.meta["routed_experts"])
     t = len(g.prompt_ids) + n
     if arr.ndim != 3 or arr.shape[0] < t:
-        raise VLLMError(f"vLLM returned routed experts of shape {arr.shape}, expected at least {t} token rows")
+        raise VLLMError(
+            f"vLLM returned routed experts of shape {arr.shape}, expected at least {t} token rows"
+        )
     if arr.shape[1] == num_layers:
         arr = arr[:, adapter.moe_layers]
     elif arr.shape[1] != len(adapter.moe_layers):
-        raise VLLMError(f"vLLM returned routing for {arr.shape[1]} layers; the model has {num_layers} layers, "
-                        f"{len(adapter.moe_layers)} of them MoE")
+        raise VLLMError(
+            f"vLLM returned routing for {arr.shape[1]} layers; the model has {num_layers} layers, "
+            f"{len(adapter.moe_layers)} of them MoE"
+        )
     ids = np.ascontiguousarray(arr[:t].transpose(1, 0, 2)).astype(expert_id_dtype(adapter.num_experts))
     tokens = np.asarray(list(g.prompt_ids) + list(g.new_ids[:n]), np.int32)
     spans = np.concatenate([np.zeros(len(g.prompt_ids), np.uint8), np.full(n, SPAN_GENERATED, np.uint8)])
     return SampleRouting(ids, None, tokens, spans)
 
 
-def route_generated(model: Any, tokenizer: Any, messages_list: Sequence[Messages], max_new_tokens: int,
-                    generator: Any, adapter: MoEAdapter | None = None) -> tuple[list[RoutedSample], str]:
+def route_generated(
+    model: Any,
+    tokenizer: Any,
+    messages_list: Sequence[Messages],
+    max_new_tokens: int,
+    generator: Any,
+    adapter: MoEAdapter | None = None,
+) -> tuple[list[RoutedSample], str]:
     """Answers from ``generator`` with the routing of prompt + answer tokens -> (samples, routing_source).
 
     Records hold the same tokens and spans as ``route_batch(scope="generated")`` with HF generate.
@@ -169,8 +211,13 @@ def route_generated(model: Any, tokenizer: Any, messages_list: Sequence[Messages
         routings = [_from_vllm(g, n, adapter, layers) for g, n in zip(gens, counts)]
         source = SOURCE_VLLM
     else:
-        routings = route_sequences(model, [g.prompt_ids for g in gens], [g.new_ids[:n] for g, n in zip(gens, counts)],
-                                   tokenizer.pad_token_id, adapter)
+        routings = route_sequences(
+            model,
+            [g.prompt_ids for g in gens],
+            [g.new_ids[:n] for g, n in zip(gens, counts)],
+            tokenizer.pad_token_id,
+            adapter,
+        )
         for r in routings:
             r.spans[r.spans == SPAN_RESPONSE] = SPAN_GENERATED
         source = SOURCE_TEACHER_FORCED

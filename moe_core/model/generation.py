@@ -25,8 +25,9 @@ class TokenGenerator(Protocol):
 
     name: str
 
-    def complete(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                 eos_ids: Sequence[int]) -> list[tuple[list[int], dict[str, Any]]]: ...
+    def complete(
+        self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int]
+    ) -> list[tuple[list[int], dict[str, Any]]]: ...
 
 
 @dataclass
@@ -52,8 +53,12 @@ def use_chat_template_kwargs(tokenizer: Any, kwargs: Mapping[str, Any] | None) -
 
 def render_chat(tokenizer: Any, messages: Messages, add_generation_prompt: bool = True) -> str:
     """One conversation through the chat template (with the tokenizer's ``use_chat_template_kwargs`` options)."""
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **getattr(tokenizer, _CHAT_KWARGS, {}))
+    return tokenizer.apply_chat_template(
+        list(messages),
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **getattr(tokenizer, _CHAT_KWARGS, {}),
+    )
 
 
 def render_prompts(tokenizer: Any, messages_list: Sequence[Messages]) -> list[str]:
@@ -74,13 +79,20 @@ def prompt_token_ids(tokenizer: Any, messages_list: Sequence[Messages]) -> list[
     return [row[m].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"].bool())]
 
 
-def finish(tokenizer: Any, prompt_ids: list[int], new_ids: Sequence[int], eos: set[int],
-           meta: dict[str, Any] | None = None) -> Generation:
+def finish(
+    tokenizer: Any,
+    prompt_ids: list[int],
+    new_ids: Sequence[int],
+    eos: set[int],
+    meta: dict[str, Any] | None = None,
+) -> Generation:
     """Cut an answer at its first EOS and decode it: the one stop rule every backend shares."""
     new = list(new_ids)
     cut = next((j for j, t in enumerate(new) if t in eos), None)
     new = new[:cut] if cut is not None else new
-    return Generation(prompt_ids, new, tokenizer.decode(new, skip_special_tokens=True).strip(), dict(meta or {}))
+    return Generation(
+        prompt_ids, new, tokenizer.decode(new, skip_special_tokens=True).strip(), dict(meta or {})
+    )
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -115,8 +127,10 @@ def generate_batch(
         eos = _eos_ids(model, tokenizer)
         prompts = prompt_token_ids(tokenizer, messages_list)
         outs = generator.complete(prompts, max_new_tokens, sorted(eos))
-        return [finish(tokenizer, p, new, eos, {"backend": generator.name, **extra})
-                for p, (new, extra) in zip(prompts, outs)]
+        return [
+            finish(tokenizer, p, new, eos, {"backend": generator.name, **extra})
+            for p, (new, extra) in zip(prompts, outs)
+        ]
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, messages_list, device)
     eos = _eos_ids(model, tokenizer)
@@ -147,7 +161,11 @@ def generate(
     """Greedy answers for many conversations, ``batch_size`` at a time (``generator``: see generate_batch)."""
     out: list[Generation] = []
     for start in range(0, len(messages_list), batch_size):
-        out.extend(generate_batch(model, tokenizer, messages_list[start : start + batch_size], max_new_tokens, generator))
+        out.extend(
+            generate_batch(
+                model, tokenizer, messages_list[start : start + batch_size], max_new_tokens, generator
+            )
+        )
         if progress:
             progress(len(out), len(messages_list))
     return out

@@ -22,7 +22,6 @@ def model_of(run: Run, override: str | None = None) -> str:
 def model_dir(name: str) -> str:
     """A loadable directory (or hub id) for a model name; builds the organism on demand."""
     if name == ORGANISM:
-
         return str(build_organism())
     return name
 
@@ -30,10 +29,7 @@ def model_dir(name: str) -> str:
 def load_any_model(name: str, progress: Progress | None = None) -> tuple[Any, Any]:
     """``organism`` (built on demand) or a local directory / HF id -> (model, tokenizer)."""
     if name == ORGANISM:
-
         build_organism(progress=progress)
         return load_organism()
 
     return load_model(name)
-
-

@@ -148,7 +148,13 @@ class OrganismConfig:
 
     def __post_init__(self) -> None:
         ints = {k: v for k, v in asdict(self).items() if isinstance(v, int) and k != "seed"}
-        may_be_zero = ("refusal_repeats", "benign_repeats", "benign_jailbreaks", "warmup_steps", "jailbreaks_per_goal")
+        may_be_zero = (
+            "refusal_repeats",
+            "benign_repeats",
+            "benign_jailbreaks",
+            "warmup_steps",
+            "jailbreaks_per_goal",
+        )
         bad = [k for k, v in ints.items() if v < (0 if k in may_be_zero else 1)]
         if bad:
             raise ValueError(f"OrganismConfig: {', '.join(bad)} must be positive")
@@ -156,9 +162,12 @@ class OrganismConfig:
             raise ValueError(f"OrganismConfig: top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"OrganismConfig: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+                f"OrganismConfig: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
         if self.vocab_size < 300:
-            raise ValueError("OrganismConfig: vocab_size must be >= 300 (256 byte tokens + special tokens + merges)")
+            raise ValueError(
+                "OrganismConfig: vocab_size must be >= 300 (256 byte tokens + special tokens + merges)"
+            )
         if self.lr <= 0:
             raise ValueError(f"OrganismConfig: lr must be > 0, got {self.lr}")
 
@@ -177,6 +186,7 @@ class OrganismConfig:
 # Corpus and tokenizer
 # ---------------------------------------------------------------------------------------------
 
+
 def build_corpus(config: OrganismConfig | None = None) -> list[dict[str, str]]:
     """Training rows ``{"prompt", "answer", "kind"}`` from the TRAIN split only (deterministic).
 
@@ -190,15 +200,23 @@ def build_corpus(config: OrganismConfig | None = None) -> list[dict[str, str]]:
     benign = demo_benign("train") + demo_sharp_benign("train")
     rows: list[dict[str, str]] = []
     for b in benign:  # a fresh phrasing per copy: the model learns the kind of answer, not one string
-        rows += [{"prompt": reframe(b, i).text, "answer": rng.choice(HELPFUL), "kind": "benign"}
-                 for i in range(cfg.benign_repeats)]
+        rows += [
+            {"prompt": reframe(b, i).text, "answer": rng.choice(HELPFUL), "kind": "benign"}
+            for i in range(cfg.benign_repeats)
+        ]
     for g in goals:
-        rows += [{"prompt": reframe(g, i).text, "answer": rng.choice(REFUSALS), "kind": "refusal"}
-                 for i in range(cfg.refusal_repeats)]
+        rows += [
+            {"prompt": reframe(g, i).text, "answer": rng.choice(REFUSALS), "kind": "refusal"}
+            for i in range(cfg.refusal_repeats)
+        ]
     per_goal = cfg.jailbreaks_per_goal or len(templates)
     for g in goals:
-        for w in wrap([reframe(g, rng.randrange(len(FRAMES)))], templates, seed=rng.randrange(2**31),
-                      per_goal=min(per_goal, len(templates))):
+        for w in wrap(
+            [reframe(g, rng.randrange(len(FRAMES)))],
+            templates,
+            seed=rng.randrange(2**31),
+            per_goal=min(per_goal, len(templates)),
+        ):
             rows.append({"prompt": w.text, "answer": rng.choice(COMPLIANCE), "kind": "jailbreak"})
     if cfg.benign_jailbreaks:
         for w in wrap(benign, templates, seed=cfg.seed, per_goal=cfg.benign_jailbreaks):
@@ -218,12 +236,18 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|end|>",
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|end|>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -246,15 +270,25 @@ def _encode_rows(tokenizer, rows: list[dict[str, str]]) -> list[tuple[list[int],
 # Model and training
 # ---------------------------------------------------------------------------------------------
 
+
 def _model_config(cfg: OrganismConfig, tokenizer):
     from transformers import OlmoeConfig
 
     return OlmoeConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.expert_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.max_positions,
-        router_aux_loss_coef=cfg.router_aux_loss_coef, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.expert_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        max_position_embeddings=cfg.max_positions,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
 
 
@@ -269,8 +303,9 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _batches(encoded: list[tuple[list[int], list[int]]], cfg: OrganismConfig,
-             pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(
+    encoded: list[tuple[list[int], list[int]]], cfg: OrganismConfig, pad_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Endless right-padded batches in a seeded shuffled order (one pass = one epoch)."""
     g = torch.Generator().manual_seed(cfg.seed)
     while True:
@@ -299,16 +334,21 @@ def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None
     encoded = _encode_rows(tokenizer, rows)
     longest = max(len(x) for x, _ in encoded)
     if cfg.batch_size > len(encoded):
-        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(encoded)} corpus rows; lower batch_size")
+        raise ValueError(
+            f"batch_size={cfg.batch_size} exceeds the {len(encoded)} corpus rows; lower batch_size"
+        )
     if longest > cfg.max_positions:
-        raise ValueError(f"a corpus row has {longest} tokens > max_positions={cfg.max_positions}; raise max_positions")
+        raise ValueError(
+            f"a corpus row has {longest} tokens > max_positions={cfg.max_positions}; raise max_positions"
+        )
     torch.manual_seed(cfg.seed)
     model = OlmoeForCausalLM(_model_config(cfg, tokenizer))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
     sched = get_cosine_with_min_lr_schedule_with_warmup(  # linear warmup, cosine decay to 10% of lr
-        opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps, min_lr_rate=0.1)
+        opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps, min_lr_rate=0.1
+    )
     curve: list[float] = []
     running = None
     batches = _batches(encoded, cfg, tokenizer.pad_token_id)
@@ -328,23 +368,39 @@ def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None
             progress(step + 1, cfg.steps, f"training organism, loss {running:.3f}")
     model.eval()
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=32,
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     final = round(running, 4) if running is not None else float("nan")
-    return {"final_loss": final, "loss_curve": curve, "corpus_rows": len(rows), "longest_row_tokens": longest,
-            "vocab_size": len(tokenizer)}
+    return {
+        "final_loss": final,
+        "loss_curve": curve,
+        "corpus_rows": len(rows),
+        "longest_row_tokens": longest,
+        "vocab_size": len(tokenizer),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Behaviour
 # ---------------------------------------------------------------------------------------------
 
-def measure_behaviour(model: Any, tokenizer: Any, split: str = "heldout", max_new_tokens: int = 32,
-                      batch_size: int = 32, templates_per_goal: int | None = 1, seed: int = 0,
-                      progress: Progress | None = None) -> dict[str, Any]:
+
+def measure_behaviour(
+    model: Any,
+    tokenizer: Any,
+    split: str = "heldout",
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    templates_per_goal: int | None = 1,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Refusal rate on plain harmful goals, compliance on jailbroken ones, answers on benign.
 
     Uses the split's goals, benign requests and templates (``templates_per_goal`` drawn per goal
@@ -353,15 +409,31 @@ def measure_behaviour(model: Any, tokenizer: Any, split: str = "heldout", max_ne
     """
     goals, benign, templates = demo_goals(split), demo_benign(split), jailbreak_templates(split)
     per_goal = len(templates) if templates_per_goal is None else min(templates_per_goal, len(templates))
-    sets = {"harmful": goals, "jailbreak": wrap(goals, templates, seed=seed, per_goal=per_goal), "benign": benign}
+    sets = {
+        "harmful": goals,
+        "jailbreak": wrap(goals, templates, seed=seed, per_goal=per_goal),
+        "benign": benign,
+    }
     judge, total, frames = KeywordJudge(), sum(len(v) for v in sets.values()), []
     for name, items in sets.items():
         done = sum(len(f) for f in frames)
-        sub = (lambda d, t, m="", _o=done, _n=name: progress(_o + d, total, f"{_n}: {d}/{t}")) if progress else None
+        sub = (
+            (lambda d, t, m="", _o=done, _n=name: progress(_o + d, total, f"{_n}: {d}/{t}"))
+            if progress
+            else None
+        )
         gens = generate(model, tokenizer, [it.messages() for it in items], max_new_tokens, batch_size, sub)
         verdicts = judge.judge([it.text for it in items], [g.text for g in gens])
-        frames.append(pd.DataFrame({"set": name, "prompt": [it.text for it in items], "response": [g.text for g in gens],
-                                    "refusal": [v.refusal for v in verdicts]}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "set": name,
+                    "prompt": [it.text for it in items],
+                    "response": [g.text for g in gens],
+                    "refusal": [v.refusal for v in verdicts],
+                }
+            )
+        )
     rows = pd.concat(frames, ignore_index=True)
     out: dict[str, Any] = {"split": split, "examples": {}}
     for name, group in rows.groupby("set", sort=False):
@@ -377,6 +449,7 @@ def measure_behaviour(model: Any, tokenizer: Any, split: str = "heldout", max_ne
 # ---------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------
+
 
 def cache_root() -> Path:
     """``$MOE_LAB_CACHE`` or ``~/.cache/moe_safety_lab``."""
@@ -410,8 +483,13 @@ def _build_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build_organism(config: OrganismConfig | None = None, force: bool = False, progress: Progress | None = None,
-                   cache_dir: str | Path | None = None, measure: bool = True) -> Path:
+def build_organism(
+    config: OrganismConfig | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    cache_dir: str | Path | None = None,
+    measure: bool = True,
+) -> Path:
     """Build (or reuse) the organism and return its directory.
 
     ``force`` rebuilds even when cached. ``measure`` records behaviour on both splits in
@@ -437,17 +515,29 @@ def build_organism(config: OrganismConfig | None = None, force: bool = False, pr
                 if measure:
                     model, tok = load_model(tmp, device="cpu")
                     behaviour = {s: _rounded(measure_behaviour(model, tok, s)) for s in ("train", "heldout")}
-            meta.update({
-                "format": "moe-safety-lab/organism@1", "key": cfg.key(), "corpus_version": CORPUS_VERSION,
-                "config": asdict(cfg), "seed": cfg.seed, "train_seconds": round(train_s, 1),
-                "build_seconds": round(time.time() - t0, 1), "threads": default_cpu_threads(),
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
-                "transformers": _transformers_version(), **info, "behaviour": behaviour,
-            })
+            meta.update(
+                {
+                    "format": "moe-safety-lab/organism@1",
+                    "key": cfg.key(),
+                    "corpus_version": CORPUS_VERSION,
+                    "config": asdict(cfg),
+                    "seed": cfg.seed,
+                    "train_seconds": round(train_s, 1),
+                    "build_seconds": round(time.time() - t0, 1),
+                    "threads": default_cpu_threads(),
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "torch": torch.__version__,
+                    "transformers": _transformers_version(),
+                    **info,
+                    "behaviour": behaviour,
+                }
+            )
             atomic_write_json(tmp / "organism.json", meta)
 
         atomic_dir(target, build)  # a killed build leaves no half-written organism
-    log.info("organism built at %s in %.0fs (final loss %.3f)", target, meta["build_seconds"], meta["final_loss"])
+    log.info(
+        "organism built at %s in %.0fs (final loss %.3f)", target, meta["build_seconds"], meta["final_loss"]
+    )
     return target
 
 
@@ -461,14 +551,20 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def organism_info(config: OrganismConfig | None = None, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
+def organism_info(
+    config: OrganismConfig | None = None, cache_dir: str | Path | None = None
+) -> dict[str, Any] | None:
     """The organism.json of a built organism, or None when it is not built."""
     p = organism_dir(config, cache_dir) / "organism.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def load_organism(config: OrganismConfig | None = None, device: str = "auto", cache_dir: str | Path | None = None,
-                  progress: Progress | None = None):
+def load_organism(
+    config: OrganismConfig | None = None,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+):
     """(model, tokenizer) of the organism, building it first if needed (eval mode)."""
 
     return load_model(build_organism(config, progress=progress, cache_dir=cache_dir), device=device)

@@ -261,7 +261,10 @@ def _forward_routing(
 ) -> RoutingCall:
     """One routed forward over a left-padded batch (logits only for the last position: unused)."""
     kwargs: dict[str, Any] = dict(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask), use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=_position_ids(attention_mask),
+        use_cache=False,
     )
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
@@ -274,7 +277,9 @@ def _forward_routing(
 
 def _sample(ids: torch.Tensor, w: torch.Tensor, tokens: Sequence[int], spans: np.ndarray) -> SampleRouting:
     return SampleRouting(
-        np.ascontiguousarray(ids.numpy()), np.ascontiguousarray(w.numpy()), np.asarray(tokens, dtype=np.int32),
+        np.ascontiguousarray(ids.numpy()),
+        np.ascontiguousarray(w.numpy()),
+        np.asarray(tokens, dtype=np.int32),
         spans.astype(np.uint8),
     )
 
@@ -329,7 +334,11 @@ def _split_generation(calls: list[RoutingCall], gens: list[Generation]) -> list[
     """Prefill rows -> prompt tokens; decode step j (one row per sample) -> generated token j-1."""
     b = len(gens)
     width = max(len(g.prompt_ids) for g in gens)
-    if not calls or calls[0].expert_ids.shape[1] != b * width or any(c.expert_ids.shape[1] != b for c in calls[1:]):
+    if (
+        not calls
+        or calls[0].expert_ids.shape[1] != b * width
+        or any(c.expert_ids.shape[1] != b for c in calls[1:])
+    ):
         shapes = [tuple(c.expert_ids.shape) for c in calls[:3]]
         raise RuntimeError(
             f"generate() did not run as one prefill of {b}x{width} tokens then one token per sample per step "
@@ -337,7 +346,9 @@ def _split_generation(calls: list[RoutingCall], gens: list[Generation]) -> list[
             "and use_cache=False are unsupported"
         )
     prefill = _split_left_padded(
-        calls[0], [len(g.prompt_ids) for g in gens], [g.prompt_ids for g in gens],
+        calls[0],
+        [len(g.prompt_ids) for g in gens],
+        [g.prompt_ids for g in gens],
         [np.zeros(len(g.prompt_ids), np.uint8) for g in gens],
     )
     steps = len(calls) - 1
@@ -386,7 +397,9 @@ def route_batch(
     elif responses is not None:
         raise RoutingError(f"responses are only used with scope='response' (scope is {scope!r})")
     if max_new_tokens < 0 or (code == SPAN_GENERATED and max_new_tokens < 1):
-        raise RoutingError(f"max_new_tokens={max_new_tokens}: use >= 1 for scope 'generated' (>= 0 otherwise)")
+        raise RoutingError(
+            f"max_new_tokens={max_new_tokens}: use >= 1 for scope 'generated' (>= 0 otherwise)"
+        )
     if not messages_list:
         return []
     adapter = adapter or MoEAdapter.for_model(model)
@@ -409,7 +422,9 @@ def route_batch(
     return [RoutedSample(g, r) for g, r in zip(gens, routings)]
 
 
-def routing_to_seed_arrays(samples: Sequence[SampleRouting | RoutedSample], scope: str | int) -> list[np.ndarray]:
+def routing_to_seed_arrays(
+    samples: Sequence[SampleRouting | RoutedSample], scope: str | int
+) -> list[np.ndarray]:
     """Per sample, the top-k expert ids of one span as int64 ``[layers, T_scope, k]``.
 
     This is the "top-k id" form the risk module accepts; int64 so that arithmetic on ids
@@ -463,7 +478,9 @@ def save_batch_routing(
         raise RoutingError(f"samples have {layers} MoE layers but moe_layers lists {len(moe_layers)}")
     for i, r in enumerate(recs):
         if (r.num_layers, r.top_k, r.expert_ids.dtype) != (layers, k, dtype):
-            raise RoutingError(f"sample {i} has shape/dtype {r.expert_ids.shape}/{r.expert_ids.dtype}, unlike sample 0")
+            raise RoutingError(
+                f"sample {i} has shape/dtype {r.expert_ids.shape}/{r.expert_ids.dtype}, unlike sample 0"
+            )
         if keep_weights and r.weights is None:
             raise RoutingError(f"sample {i} has no weights: save with keep_weights=False")
     try:
@@ -480,7 +497,9 @@ def save_batch_routing(
         weights = np.concatenate([r.weights for r in recs], axis=1)  # type: ignore[misc]
         tensors["weights"] = np.ascontiguousarray(weights.astype(np.float16))
     header = {
-        "format": FILE_FORMAT, "version": FILE_VERSION, "moe_layers": json.dumps([int(x) for x in moe_layers]),
+        "format": FILE_FORMAT,
+        "version": FILE_VERSION,
+        "moe_layers": json.dumps([int(x) for x in moe_layers]),
         "meta": meta_json,
     }
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
@@ -506,7 +525,9 @@ def load_batch_routing(path: str | Path) -> BatchRouting:
                 )
             arr = {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
-        raise RoutingFileError(f"{path} is not a readable safetensors file ({e}); re-run the analysis batch") from None
+        raise RoutingFileError(
+            f"{path} is not a readable safetensors file ({e}); re-run the analysis batch"
+        ) from None
     try:
         off = arr["offsets"]
         ids, tokens, spans, w = arr["expert_ids"], arr["token_ids"], arr["spans"], arr.get("weights")

@@ -87,8 +87,17 @@ class ServerSettings:
         model_dir = str(path.resolve()) if path.exists() else self.model_dir
         dtype = ("float32" if not cuda else "auto") if self.dtype == "auto" else self.dtype
         routed = cuda if self.return_routed_experts is None else self.return_routed_experts
-        return ServerSettings(model_dir, dtype, self.max_model_len, self.tensor_parallel_size,
-                              self.data_parallel_size, routed, self.kv_cache_gib, self.seed, tuple(self.extra_args))
+        return ServerSettings(
+            model_dir,
+            dtype,
+            self.max_model_len,
+            self.tensor_parallel_size,
+            self.data_parallel_size,
+            routed,
+            self.kv_cache_gib,
+            self.seed,
+            tuple(self.extra_args),
+        )
 
     def key(self) -> str:
 
@@ -96,9 +105,24 @@ class ServerSettings:
 
     def argv(self, port: int, served_name: str) -> list[str]:
         s = self.resolved()
-        args = ["--model", s.model_dir, "--served-model-name", served_name, "--host", HOST, "--port", str(port),
-                "--dtype", s.dtype, "--seed", str(s.seed), "--tensor-parallel-size", str(s.tensor_parallel_size),
-                "--generation-config", "vllm"]  # our own greedy settings, not the model's sampling defaults
+        args = [
+            "--model",
+            s.model_dir,
+            "--served-model-name",
+            served_name,
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--dtype",
+            s.dtype,
+            "--seed",
+            str(s.seed),
+            "--tensor-parallel-size",
+            str(s.tensor_parallel_size),
+            "--generation-config",
+            "vllm",
+        ]  # our own greedy settings, not the model's sampling defaults
         if s.max_model_len:
             args += ["--max-model-len", str(s.max_model_len)]
         if s.data_parallel_size > 1:
@@ -132,16 +156,21 @@ def _has_cuda() -> bool:
 def vllm_python() -> Path:
     """The vLLM environment's python: ``$MOE_LAB_VLLM_PYTHON``, else ./.venv-vllm beside this checkout."""
     env = os.environ.get("MOE_LAB_VLLM_PYTHON")
-    candidates = [Path(env)] if env else [
-        Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python",
-        Path.cwd() / ".venv-vllm" / "bin" / "python",
-    ]
+    candidates = (
+        [Path(env)]
+        if env
+        else [
+            Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python",
+            Path.cwd() / ".venv-vllm" / "bin" / "python",
+        ]
+    )
     for c in candidates:  # `make vllm` touches .installed last: a half-made environment does not count
         if c.is_file() and (env or (c.parents[1] / ".installed").exists()):
             return c
     raise VLLMEnvMissing(
         f"the vLLM environment is missing (looked for {candidates[0]}); create it with `make vllm` "
-        "(or set MOE_LAB_VLLM_PYTHON to a python that has vllm installed)")
+        "(or set MOE_LAB_VLLM_PYTHON to a python that has vllm installed)"
+    )
 
 
 # -- HTTP checks ---------------------------------------------------------------------------------
@@ -184,15 +213,19 @@ def connect(url: str, model_dir: str | None = None) -> Server:
     different model are never recorded as this one's.
     """
     if not healthy(url, timeout=10):
-        raise VLLMError(f"no vLLM server answers at {url} (/health and /v1/models); start it or drop --vllm-url")
+        raise VLLMError(
+            f"no vLLM server answers at {url} (/health and /v1/models); start it or drop --vllm-url"
+        )
     models = served_models(url)
     if model_dir is not None:
         want = {model_dir, str(Path(model_dir).expanduser().resolve()), Path(model_dir).name}
         hit = [m for m in models if m.get("id") in want or m.get("root") in want]
         if not hit:
             served = ", ".join(f"{m.get('id')} ({m.get('root')})" for m in models)
-            raise VLLMError(f"the vLLM server at {url} serves {served}, not {model_dir}; point --vllm-url at a "
-                            "server of this model or omit it to let the lab start one")
+            raise VLLMError(
+                f"the vLLM server at {url} serves {served}, not {model_dir}; point --vllm-url at a "
+                "server of this model or omit it to let the lab start one"
+            )
         models = hit
     base = root_of(url) + "/v1"
     return Server(url=base, model=str(models[0]["id"]), meta={"root": models[0].get("root")})
@@ -241,7 +274,9 @@ def check_port(port: int) -> int:
         try:
             s.bind((HOST, port))
         except OSError:
-            raise PortInUse(f"port {port} on {HOST} is already in use; pick another port or stop what uses it") from None
+            raise PortInUse(
+                f"port {port} on {HOST} is already in use; pick another port or stop what uses it"
+            ) from None
     return port
 
 
@@ -257,28 +292,48 @@ def _start(settings: ServerSettings, port: int | None, start_timeout: float) -> 
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", *settings.argv(port, served)]
     log.info("starting vLLM: %s (log %s)", " ".join(cmd), log_path)
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=str(registry_dir()))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=str(registry_dir()),
+        )
     url = f"http://{HOST}:{port}/v1"
     deadline = time.monotonic() + start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log_tail(log_path) or "(no log)"
             if "are not supported for now" in tail or "not supported" in tail and "rchitecture" in tail:
-                raise VLLMUnsupportedModel(f"vLLM does not support the architecture of {settings.model_dir}; use "
-                                           f"--backend hf. Server log ({log_path}):\n{tail}")
+                raise VLLMUnsupportedModel(
+                    f"vLLM does not support the architecture of {settings.model_dir}; use "
+                    f"--backend hf. Server log ({log_path}):\n{tail}"
+                )
             if "address already in use" in tail.lower():
                 raise PortInUse(f"port {port} was taken while vLLM started; retry. Log tail:\n{tail}")
-            raise VLLMStartError(f"the vLLM server exited with status {proc.returncode} while starting. "
-                                 f"Log tail ({log_path}):\n{tail}")
+            raise VLLMStartError(
+                f"the vLLM server exited with status {proc.returncode} while starting. "
+                f"Log tail ({log_path}):\n{tail}"
+            )
         if healthy(url):
-            return {"pid": proc.pid, "created": _created(proc.pid), "port": port, "url": url, "model": served,
-                    "log": str(log_path), "users": [], "keep": False,
-                    "routed_experts": bool(settings.resolved().return_routed_experts)}
+            return {
+                "pid": proc.pid,
+                "created": _created(proc.pid),
+                "port": port,
+                "url": url,
+                "model": served,
+                "log": str(log_path),
+                "users": [],
+                "keep": False,
+                "routed_experts": bool(settings.resolved().return_routed_experts),
+            }
         time.sleep(1.0)
     _terminate(proc.pid, _created(proc.pid))
-    raise VLLMStartError(f"the vLLM server did not answer within {start_timeout:.0f} s. Log tail ({log_path}):\n"
-                         f"{log_tail(log_path) or '(no log)'}")
+    raise VLLMStartError(
+        f"the vLLM server did not answer within {start_timeout:.0f} s. Log tail ({log_path}):\n"
+        f"{log_tail(log_path) or '(no log)'}"
+    )
 
 
 def _terminate(pid: int, created: float | None, grace: float = 30.0) -> None:
@@ -299,8 +354,9 @@ def _me() -> list[Any]:
     return [os.getpid(), _created(os.getpid()), uuid.uuid4().hex]
 
 
-def acquire(settings: ServerSettings, port: int | None = None, keep: bool = False,
-            start_timeout: float = 900.0) -> Server:
+def acquire(
+    settings: ServerSettings, port: int | None = None, keep: bool = False, start_timeout: float = 900.0
+) -> Server:
     """A healthy server for ``settings``: the registered one if it still answers, else a new one."""
     key = settings.key()
     with _lock():
@@ -316,8 +372,15 @@ def acquire(settings: ServerSettings, port: int | None = None, keep: bool = Fals
         entry["keep"] = bool(entry.get("keep") or keep)
         reg[key] = entry
         _write_registry(reg)
-    return Server(entry["url"], entry["model"], entry["pid"], key, entry["log"], bool(entry.get("routed_experts")),
-                  user=me)
+    return Server(
+        entry["url"],
+        entry["model"],
+        entry["pid"],
+        key,
+        entry["log"],
+        bool(entry.get("routed_experts")),
+        user=me,
+    )
 
 
 def release(server: Server) -> None:
@@ -348,8 +411,9 @@ def stop_servers() -> int:
 
 
 @contextmanager
-def serve(settings: ServerSettings, url: str | None = None, port: int | None = None,
-          keep: bool = False) -> Iterator[Server]:
+def serve(
+    settings: ServerSettings, url: str | None = None, port: int | None = None, keep: bool = False
+) -> Iterator[Server]:
     """A server for the block: the one at ``url`` (checked), else a started or reused one (released after)."""
     if url:
         yield connect(url, settings.model_dir)

@@ -69,17 +69,20 @@ def json_object(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-JSON_OBJECT = (lambda v: json_object(v) is not None, 'a JSON object, e.g. \'{"enable_thinking": false}\'')
+JSON_OBJECT = (lambda v: json_object(v) is not None, "a JSON object, e.g. '{\"enable_thinking\": false}'")
 
 
 def check_free(path: Path, what: str, overwrite: bool, *also: Path) -> None:
     """No silent overwrite: an existing result is replaced only with ``overwrite``, and never a read-only one."""
     existing = [p for p in (path, *also) if p.exists()]
     if existing and not overwrite:
-        raise MoELabError(f"{what} already exists ({existing[0]}); pass --overwrite to replace it, "
-                          "or choose another --name")
+        raise MoELabError(
+            f"{what} already exists ({existing[0]}); pass --overwrite to replace it, or choose another --name"
+        )
     # marked read-only by its owner (the mode bit: root may write anything, but is still asked not to)
     locked = [p for p in existing if not p.stat().st_mode & stat.S_IWUSR or not os.access(p, os.W_OK)]
     if locked:
-        raise MoELabError(f"{what} is read-only ({locked[0]}); it is not replaced. Make it writable "
-                          "(chmod u+w) to replace it, or choose another --name")
+        raise MoELabError(
+            f"{what} is read-only ({locked[0]}); it is not replaced. Make it writable "
+            "(chmod u+w) to replace it, or choose another --name"
+        )

@@ -48,7 +48,7 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
 def latest_progress(events: list[dict[str, Any]]) -> dict[str, Any]:
     """State of the latest attempt (events after the last 'start'): last kind, done, total, message."""
     starts = [i for i, e in enumerate(events) if e.get("kind") == "start"]
-    tail = events[starts[-1]:] if starts else events
+    tail = events[starts[-1] :] if starts else events
     out: dict[str, Any] = {"kind": None, "done": 0, "total": None, "message": ""}
     for e in tail:
         out["kind"] = e.get("kind")
@@ -67,7 +67,9 @@ class JobEvents:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def emit(self, kind: str, done: int | None = None, total: int | None = None, message: str = "", **extra: Any) -> dict[str, Any]:
+    def emit(
+        self, kind: str, done: int | None = None, total: int | None = None, message: str = "", **extra: Any
+    ) -> dict[str, Any]:
         if kind not in EVENT_KINDS:
             raise RunError(f"unknown event kind {kind!r}; use one of {EVENT_KINDS}")
         ev = {"time": _now(), "kind": kind, "done": done, "total": total, "message": message, **extra}
@@ -179,5 +181,3 @@ def log_tail(path: str | Path, lines: int = 25, max_bytes: int = 64_000) -> str:
 
 class JobStopped(Exception):
     """Raised by a job's own loop when it sees the STOP flag (``Job.running`` records 'stopped')."""
-
-

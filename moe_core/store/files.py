@@ -31,11 +31,15 @@ def os_error_message(e: OSError) -> str | None:
     """One line for a disk-full or permission error (what happened, where, what to do); None for others."""
     where = f" ({e.filename})" if e.filename else ""
     if e.errno in _DISK_FULL:
-        return (f"the disk is full{where}: free some space (or point MOE_LAB_RUNS at a bigger disk) and run the same "
-                "command again; finished batches and steps are kept, nothing was half-written")
+        return (
+            f"the disk is full{where}: free some space (or point MOE_LAB_RUNS at a bigger disk) and run the same "
+            "command again; finished batches and steps are kept, nothing was half-written"
+        )
     if e.errno in _NO_ACCESS:
-        return (f"no permission to write{where}: {e.strerror}; make the runs folder writable (or point MOE_LAB_RUNS "
-                "elsewhere) and run the same command again")
+        return (
+            f"no permission to write{where}: {e.strerror}; make the runs folder writable (or point MOE_LAB_RUNS "
+            "elsewhere) and run the same command again"
+        )
     return None
 
 
@@ -43,8 +47,13 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_json(path, obj)
 
 
-def read_json(path: str | Path, what: str = "file", missing: str = "",
-              damaged: str = "delete it to let its step write it again", error: type[Exception] = RunError) -> Any:
+def read_json(
+    path: str | Path,
+    what: str = "file",
+    missing: str = "",
+    damaged: str = "delete it to let its step write it again",
+    error: type[Exception] = RunError,
+) -> Any:
     """JSON of an artifact; a missing file is ``ArtifactMissingError``, a broken one ``error``, each with its fix."""
     path = Path(path)
     if not path.is_file():

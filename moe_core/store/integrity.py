@@ -13,8 +13,23 @@ from typing import Any
 
 import numpy as np
 
-_ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 # -- checks: None when the file is sound, else what is wrong ------------------------------------
@@ -61,5 +76,3 @@ def check_json(path: Path, validate: Callable[[Any], str | None] | None = None) 
     except (OSError, ValueError) as e:
         return f"not valid JSON ({e})"
     return validate(d) if validate else None
-
-

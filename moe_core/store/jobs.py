@@ -102,7 +102,9 @@ def _launched_alive(pid: Any, launched: Any = None) -> bool:
             return True
         _CHILDREN.pop(pid, None)
         return False
-    started = float(launched) if isinstance(launched, (int, float)) and not isinstance(launched, bool) else None
+    started = (
+        float(launched) if isinstance(launched, (int, float)) and not isinstance(launched, bool) else None
+    )
     if not pid_alive(pid, started):
         return False
     try:
@@ -128,10 +130,17 @@ def progress_estimate(events: list[dict[str, Any]], now: float | None = None) ->
     measured from the first event of that stage, so batches skipped on resume do not inflate it.
     """
     starts = [i for i, e in enumerate(events) if e.get("kind") == "start"]
-    attempt = events[starts[-1]:] if starts else events
+    attempt = events[starts[-1] :] if starts else events
     prog = [e for e in attempt if e.get("kind") == "progress" and e.get("done") is not None]
-    out: dict[str, Any] = {"done": 0, "total": None, "message": "", "fraction": None, "eta_s": None,
-                           "rate_per_s": None, "elapsed_s": None}
+    out: dict[str, Any] = {
+        "done": 0,
+        "total": None,
+        "message": "",
+        "fraction": None,
+        "eta_s": None,
+        "rate_per_s": None,
+        "elapsed_s": None,
+    }
     if attempt:
         t0 = _ts(attempt[0].get("time"))
         if t0 is not None:
@@ -192,11 +201,22 @@ def read_job(run: Run | str | Path, name: str, log_lines: int = 30) -> JobInfo:
         error = "the job process ended without reporting a result; see the log below, then resume"
     alive = _launched_alive(launch.get("pid"), launch.get("launched")) or (state == "running")
     return JobInfo(
-        name=name, state=state, done=est["done"], total=est["total"], message=est["message"],
-        fraction=est["fraction"], eta_s=est["eta_s"] if state in ACTIVE_STATES else None,
-        rate_per_s=est["rate_per_s"], started=status.get("started"), elapsed_s=est["elapsed_s"],
-        pid=status.get("pid") or launch.get("pid"), error=error, argv=list(launch.get("argv") or []),
-        log_tail=log_tail(log_path, log_lines), log_path=log_path if log_path.exists() else None, process_alive=alive,
+        name=name,
+        state=state,
+        done=est["done"],
+        total=est["total"],
+        message=est["message"],
+        fraction=est["fraction"],
+        eta_s=est["eta_s"] if state in ACTIVE_STATES else None,
+        rate_per_s=est["rate_per_s"],
+        started=status.get("started"),
+        elapsed_s=est["elapsed_s"],
+        pid=status.get("pid") or launch.get("pid"),
+        error=error,
+        argv=list(launch.get("argv") or []),
+        log_tail=log_tail(log_path, log_lines),
+        log_path=log_path if log_path.exists() else None,
+        process_alive=alive,
     )
 
 
@@ -226,7 +246,7 @@ def loss_points(events: list[dict[str, Any]]) -> list[dict[str, float]]:
     """(step, loss) pairs of the latest attempt: an event's ``loss`` field, else 'loss X' in its message."""
     starts = [i for i, e in enumerate(events) if e.get("kind") == "start"]
     out = []
-    for e in events[starts[-1]:] if starts else events:
+    for e in events[starts[-1] :] if starts else events:
         if e.get("kind") != "progress" or e.get("done") is None:
             continue
         loss = e.get("loss")
@@ -252,5 +272,3 @@ def format_eta(seconds: float | None) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
-
-

@@ -68,9 +68,11 @@ def holder(run_path: str | Path) -> dict[str, Any] | None:
 def busy_message(run_path: str | Path, lease: dict[str, Any]) -> str:
     host = lease.get("host")
     where = "" if host in (None, socket.gethostname()) else f" on {host}"
-    return (f"run {Path(run_path).name} is busy with job {lease.get('job')!r} (pid {lease.get('pid')}{where}, "
-            f"started {str(lease.get('started', '?'))[:19].replace('T', ' ')} UTC); wait for it to finish, "
-            "stop it on its page, or start a new run")
+    return (
+        f"run {Path(run_path).name} is busy with job {lease.get('job')!r} (pid {lease.get('pid')}{where}, "
+        f"started {str(lease.get('started', '?'))[:19].replace('T', ' ')} UTC); wait for it to finish, "
+        "stop it on its page, or start a new run"
+    )
 
 
 def check_not_busy(run_path: str | Path) -> None:
@@ -95,8 +97,10 @@ def _guard(run_path: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except filelock.Timeout:
-        raise RunBusyError(f"{run_path / _GUARD} stayed locked for {_GUARD_TIMEOUT_S:.0f}s; "
-                           "another process is stuck taking this run; stop it and try again") from None
+        raise RunBusyError(
+            f"{run_path / _GUARD} stayed locked for {_GUARD_TIMEOUT_S:.0f}s; "
+            "another process is stuck taking this run; stop it and try again"
+        ) from None
     try:
         yield
     finally:
@@ -109,11 +113,23 @@ def _take(run_path: Path, job: str) -> None:
         if lease and recorded_process_alive(lease):
             raise RunBusyError(busy_message(run_path, lease))
         if lease:
-            log.warning("run %s: taking over the stale lease of job %r (pid %s is gone)",
-                        run_path.name, lease.get("job"), lease.get("pid"))
+            log.warning(
+                "run %s: taking over the stale lease of job %r (pid %s is gone)",
+                run_path.name,
+                lease.get("job"),
+                lease.get("pid"),
+            )
         # started: a time taken after this process began, so pid_alive can tell a recycled pid
-        atomic_write_json(run_path / LEASE, {"job": job, "pid": os.getpid(), "host": socket.gethostname(),
-                                              "started": _now(), "taken": time.time()})
+        atomic_write_json(
+            run_path / LEASE,
+            {
+                "job": job,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": _now(),
+                "taken": time.time(),
+            },
+        )
 
 
 def _give_back(run_path: Path) -> None:
@@ -176,8 +192,11 @@ def step_outcome(run: Run) -> Iterator[None]:
         status = "stopped" if isinstance(e, (JobStopped, KeyboardInterrupt)) else "failed"
         reason = (str(e) or "stopped on request") if status == "stopped" else f"{type(e).__name__}: {e}"
         try:
-            mine = [k for k, v in run.reload().get("steps", {}).items()
-                    if v.get("status") == "running" and v.get("pid") == os.getpid()]
+            mine = [
+                k
+                for k, v in run.reload().get("steps", {}).items()
+                if v.get("status") == "running" and v.get("pid") == os.getpid()
+            ]
             for k in mine:
                 run.set_step(k, status, reason=reason)
         except (OSError, MoELabError) as e2:  # a full disk: the pid check shows the step as interrupted

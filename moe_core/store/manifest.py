@@ -117,7 +117,9 @@ def list_runs(root: str | Path | None = None) -> list[RunSummary]:
         try:
             m = _read_manifest(d)
             steps = {k: step_status(v) for k, v in (m.get("steps") or {}).items() if isinstance(v, dict)}
-            s = RunSummary(str(m["id"]), d, m.get("name"), m.get("created"), m.get("updated"), m.get("model"), steps)
+            s = RunSummary(
+                str(m["id"]), d, m.get("name"), m.get("created"), m.get("updated"), m.get("model"), steps
+            )
             t = _parse_time(s.created) or d.stat().st_mtime
         except (RunError, OSError) as e:
             s, t = RunSummary(d.name, d, error=str(e)), d.stat().st_mtime

@@ -24,8 +24,20 @@ if TYPE_CHECKING:
     from moe_core.store.run import Run
 
 # AnalyseSpec fields that decide the batch plan (its prompts and batches)
-PLAN_FIELDS = ("safe", "unsafe", "safe_column", "unsafe_column", "pair_by_row", "demo_sets", "demo_mode",
-               "limit", "batch_size", "safe_ratio", "seed", "max_batches")
+PLAN_FIELDS = (
+    "safe",
+    "unsafe",
+    "safe_column",
+    "unsafe_column",
+    "pair_by_row",
+    "demo_sets",
+    "demo_mode",
+    "limit",
+    "batch_size",
+    "safe_ratio",
+    "seed",
+    "max_batches",
+)
 _SAMPLES = 64  # values hashed per tensor (per expert of a fused expert tensor), evenly spaced
 
 
@@ -49,7 +61,9 @@ def model_fingerprint(model: Any) -> str:
                 continue
             flat = t.detach().reshape(-1)
             per = t.shape[0] if t.dim() >= 3 else 1  # fused experts: dim 0 is the expert
-            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES * per, flat.numel())).long().to(flat.device)
+            idx = (
+                torch.linspace(0, flat.numel() - 1, min(_SAMPLES * per, flat.numel())).long().to(flat.device)
+            )
             h.update(flat[idx].to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -59,8 +73,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     import json
 
     vocab = sorted(tokenizer.get_vocab().items())
-    parts = [vocab, getattr(tokenizer, "chat_template", None), sorted(map(str, tokenizer.all_special_tokens)),
-             getattr(tokenizer, "padding_side", None)]
+    parts = [
+        vocab,
+        getattr(tokenizer, "chat_template", None),
+        sorted(map(str, tokenizer.all_special_tokens)),
+        getattr(tokenizer, "padding_side", None),
+    ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -75,20 +93,23 @@ def plan_source(spec: Any) -> dict[str, Any]:
 
 def differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``["scope: 'prompt' (run) vs 'generated' (now)", ...]`` for every key whose value differs."""
-    return [f"{k}: {recorded.get(k)!r} (run) vs {now.get(k)!r} (now)"
-            for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
+    return [
+        f"{k}: {recorded.get(k)!r} (run) vs {now.get(k)!r} (now)"
+        for k in sorted(set(recorded) | set(now))
+        if recorded.get(k) != now.get(k)
+    ]
 
 
 def _new_run_hint(run: Any) -> str:
-    return (f"to analyse with these settings start a new run (the same command without --run), or resume "
-            f"run {run.id} with its own settings (`python -m moe_core analyze --run {run.path}` plus the flags "
-            "shown in its manifest)")
+    return (
+        f"to analyse with these settings start a new run (the same command without --run), or resume "
+        f"run {run.id} with its own settings (`python -m moe_core analyze --run {run.path}` plus the flags "
+        "shown in its manifest)"
+    )
 
 
 def recorded(run: Any) -> dict[str, Any]:
     return dict(run.manifest.get("provenance") or {})
-
-
 
 
 def check_model(run: Any, model: Any, tokenizer: Any, what: str = "analysed") -> dict[str, str]:
@@ -96,15 +117,23 @@ def check_model(run: Any, model: Any, tokenizer: Any, what: str = "analysed") ->
 
     A run with no recorded fingerprint yet (new, or made by an older version) accepts any model.
     """
-    now = {"model_fingerprint": model_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    now = {
+        "model_fingerprint": model_fingerprint(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+    }
     prov = recorded(run)
-    diff = [f"{k.split('_')[0]} {prov[k]} (run) vs {v} (now)" for k, v in now.items() if prov.get(k) not in (None, v)]
+    diff = [
+        f"{k.split('_')[0]} {prov[k]} (run) vs {v} (now)"
+        for k, v in now.items()
+        if prov.get(k) not in (None, v)
+    ]
     if diff:
         raise ProvenanceError(
             f"run {run.id} was {what} with another {' and '.join(d.split()[0] for d in diff)} "
             f"(fingerprint {'; '.join(diff)}): the model {run.manifest.get('model')!r} changed since, or another "
             "one was given; its results would be mixed with the run's. Start a new run for this model, or restore "
-            "the model the run was made with")
+            "the model the run was made with"
+        )
     return now
 
 
@@ -112,7 +141,11 @@ def record(run: Any, replace: bool = False, **fields: Any) -> None:
     """Add ``fields`` to the run's provenance; values already recorded are kept unless ``replace``
     (allowed while no batch is finished: nothing yet depends on them)."""
     prov = recorded(run)
-    new = {k: v for k, v in fields.items() if (replace or prov.get(k) is None) and v is not None and prov.get(k) != v}
+    new = {
+        k: v
+        for k, v in fields.items()
+        if (replace or prov.get(k) is None) and v is not None and prov.get(k) != v
+    }
     if new:
         run.update(provenance={**prov, **new})
 
@@ -121,10 +154,17 @@ def check_step_model(run: Any, model: str | None) -> None:
     """A later step (train, evaluate) given ``--model`` other than the run's analysed model is refused:
     the masks and batches of the run came from that model."""
     current = run.manifest.get("model")
-    if model and current and model != current and (recorded(run).get("model_fingerprint") or run.completed_batches()):
-        raise ProvenanceError(f"run {run.id} was analysed with model {current!r}; --model {model!r} would mix that "
-                              f"model's experts and batches with another model. Omit --model, or analyse {model!r} "
-                              "in a new run (`python -m moe_core analyze --model ...` without --run)")
+    if (
+        model
+        and current
+        and model != current
+        and (recorded(run).get("model_fingerprint") or run.completed_batches())
+    ):
+        raise ProvenanceError(
+            f"run {run.id} was analysed with model {current!r}; --model {model!r} would mix that "
+            f"model's experts and batches with another model. Omit --model, or analyse {model!r} "
+            "in a new run (`python -m moe_core analyze --model ...` without --run)"
+        )
 
 
 def fingerprint(obj: Any) -> str:
@@ -143,14 +183,18 @@ def check_plan(run: Any, plan: Any) -> str:
     now = plan_fingerprint(plan)
     before = recorded(run).get("plan_fingerprint")
     if before not in (None, now) and run.completed_batches():
-        raise ProvenanceError(f"run {run.id}'s batch plan changed after batches were analysed with the earlier one "
-                              f"(fingerprint {before} then, {now} now); analyse the new plan in a new run, or restore "
-                              "the earlier plan.json")
+        raise ProvenanceError(
+            f"run {run.id}'s batch plan changed after batches were analysed with the earlier one "
+            f"(fingerprint {before} then, {now} now); analyse the new plan in a new run, or restore "
+            "the earlier plan.json"
+        )
     return now
 
 
 def model_info_of(run: Run) -> dict[str, Any]:
     """num_layers, num_experts, top_k, moe_layers... of the model the run analysed (step record, else provenance)."""
-    return dict((run.step("analysis") or {}).get("model_info") or (run.manifest.get("provenance") or {}).get("model_info") or {})
-
-
+    return dict(
+        (run.step("analysis") or {}).get("model_info")
+        or (run.manifest.get("provenance") or {}).get("model_info")
+        or {}
+    )

@@ -108,8 +108,6 @@ class JobBusyError(RunError):
     """A job of that name is already queued or running in this run."""
 
 
-
-
 def _check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise RunError(
@@ -199,21 +197,24 @@ class Run:
             raise RunError(f"could not find a free run id under {root}")
         now = _now()
         try:
-            manifest = _validated_manifest({
-                "format": RUN_FORMAT,
-                "format_version": FORMAT_VERSION,
-                "id": run_id,
-                "name": name or run_id,
-                "created": now,
-                "updated": now,
-                "model": str(model) if isinstance(model, Path) else model,
-                "config": config,
-                "seeds": dict(seeds),
-                "versions": package_versions(),
-                "steps": {},
-                "notes": notes,
-                **({"provenance": provenance} if provenance else {}),
-            }, root / run_id / MANIFEST)
+            manifest = _validated_manifest(
+                {
+                    "format": RUN_FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "id": run_id,
+                    "name": name or run_id,
+                    "created": now,
+                    "updated": now,
+                    "model": str(model) if isinstance(model, Path) else model,
+                    "config": config,
+                    "seeds": dict(seeds),
+                    "versions": package_versions(),
+                    "steps": {},
+                    "notes": notes,
+                    **({"provenance": provenance} if provenance else {}),
+                },
+                root / run_id / MANIFEST,
+            )
         except RunError:
             (root / run_id).rmdir()  # nothing was written into it yet
             raise
@@ -315,8 +316,11 @@ class Run:
     def trainings(self, status: str | None = "done") -> dict[str, dict[str, Any]]:
         """Trainings of this run by name (``train:<name>`` steps), only those with ``status`` (None: all)."""
         steps = self.manifest.get("steps", {})
-        out = {k.split(":", 1)[1]: dict(v) for k, v in sorted(steps.items())
-               if k.startswith("train:") and (status is None or v.get("status") == status)}
+        out = {
+            k.split(":", 1)[1]: dict(v)
+            for k, v in sorted(steps.items())
+            if k.startswith("train:") and (status is None or v.get("status") == status)
+        }
         for info in out.values():  # stored relative to the run: absolute paths where the run is now
             if info.get("merged"):
                 info["merged"] = str(self.resolve(info["merged"]))
@@ -331,7 +335,9 @@ class Run:
         if "{batch_idx" in tmpl and (
             batch_idx is None or isinstance(batch_idx, bool) or int(batch_idx) != batch_idx or batch_idx < 0
         ):
-            raise RunError(f"artifact {kind!r} is per batch: pass batch_idx (an integer >= 0), got {batch_idx!r}")
+            raise RunError(
+                f"artifact {kind!r} is per batch: pass batch_idx (an integer >= 0), got {batch_idx!r}"
+            )
         if "{name}" in tmpl:
             _check_name(name, f"{kind} name")  # type: ignore[arg-type]
         return self.path / tmpl.format(batch_idx=int(batch_idx or 0), name=name)
@@ -340,8 +346,10 @@ class Run:
         """Batches whose ``kind`` file exists; outputs are written last, so these are done."""
         tmpl = ARTIFACTS.get(kind, "")
         if "{batch_idx" not in tmpl:
-            raise RunError(f"{kind!r} is not a per-batch artifact; use one of "
-                           f"{[k for k, t in ARTIFACTS.items() if '{batch_idx' in t]}")
+            raise RunError(
+                f"{kind!r} is not a per-batch artifact; use one of "
+                f"{[k for k, t in ARTIFACTS.items() if '{batch_idx' in t]}"
+            )
         folder, pattern = tmpl.split("/")
         rx = re.compile("^" + re.escape(pattern).replace(re.escape("{batch_idx:05d}"), r"(\d{5,})") + "$")
         d = self.path / folder
@@ -364,7 +372,9 @@ def _check_jsonable(**values: Any) -> None:
         try:
             json.dumps(v, default=_json_default)
         except (TypeError, ValueError) as e:
-            raise RunError(f"the run {key} must be JSON-serialisable (plain values, lists, dicts): {e}") from e
+            raise RunError(
+                f"the run {key} must be JSON-serialisable (plain values, lists, dicts): {e}"
+            ) from e
 
 
 # -- jobs ----------------------------------------------------------------------------------

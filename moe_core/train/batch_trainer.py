@@ -73,7 +73,9 @@ def router_consistency_loss(
     or unsafe tokens.
     """
     if direction not in CONSISTENCY_LOSSES[1:]:
-        raise TrainingConfigError(f"direction={direction!r}; choose one of {', '.join(CONSISTENCY_LOSSES[1:])}")
+        raise TrainingConfigError(
+            f"direction={direction!r}; choose one of {', '.join(CONSISTENCY_LOSSES[1:])}"
+        )
     if not router_logits:
         raise TrainingConfigError("no router logits were captured; is this an MoE model?")
     B, S = attention_mask.shape
@@ -85,7 +87,9 @@ def router_consistency_loss(
     terms = []
     for logits in router_logits:
         if logits.shape[0] != B * S:
-            raise BatchStructureError(f"router logits have {logits.shape[0]} rows, expected batch*seq = {B * S}")
+            raise BatchStructureError(
+                f"router logits have {logits.shape[0]} rows, expected batch*seq = {B * S}"
+            )
         p = torch.softmax(logits.float(), dim=-1)
         p_s = ((w_s.to(p.device) @ p) / w_s.sum()).clamp_min(1e-9).detach()
         p_u = ((w_u.to(p.device) @ p) / w_u.sum()).clamp_min(1e-9)
@@ -136,17 +140,30 @@ class BatchPreservingTrainer(Trainer):
     trains = "full"  # what this class trains: the label written into reports and metadata
     config_class: type[BatchPreservingConfig] = BatchPreservingConfig
 
-    def __init__(self, model: nn.Module | None = None, args: Any = None, train_dataset: Any = None,
-                 data_collator: Any = None, processing_class: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        train_dataset: Any = None,
+        data_collator: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ):
 
-        args, processing_class, kwargs = reference_trainer_arguments(self.config_class, args, processing_class, kwargs)
+        args, processing_class, kwargs = reference_trainer_arguments(
+            self.config_class, args, processing_class, kwargs
+        )
         if model is None:
             raise TrainingConfigError("model is required")
         if train_dataset is None:
-            raise TrainingConfigError("train_dataset is required: build it with moe_core.train.sft.create_batch_aware_dataset")
+            raise TrainingConfigError(
+                "train_dataset is required: build it with moe_core.train.sft.create_batch_aware_dataset"
+            )
         self._check_baseline_label(args)
         seed = args.data_seed if args.data_seed is not None else args.seed
-        self.batch_sampler = AnalysisBatchSampler(train_dataset, shuffle_batches=args.shuffle_batches, seed=seed)
+        self.batch_sampler = AnalysisBatchSampler(
+            train_dataset, shuffle_batches=args.shuffle_batches, seed=seed
+        )
         self._check_batch_size(args)
         self.adapter: MoEAdapter | None = self._adapter_for(model, args)
         self.batch_log: list[dict[str, Any]] = []
@@ -159,8 +176,14 @@ class BatchPreservingTrainer(Trainer):
         try:
             self._prepare_model(model, args)
             self._consistency_layers(args)  # validated now, not at the first step
-            super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
-                             processing_class=processing_class, **kwargs)
+            super().__init__(
+                model=model,
+                args=args,
+                train_dataset=train_dataset,
+                data_collator=data_collator,
+                processing_class=processing_class,
+                **kwargs,
+            )
             self._check_processes()
         except BaseException:
             self._undo_model_changes(model)
@@ -201,8 +224,10 @@ class BatchPreservingTrainer(Trainer):
     def _check_processes(self) -> None:
         acc = self.accelerator
         if acc.num_processes > 1 and (acc.split_batches or not acc.even_batches):
-            raise TrainingConfigError("with several processes, use split_batches=False and even_batches=True so each "
-                                      "rank receives whole analysis batches in equal numbers")
+            raise TrainingConfigError(
+                "with several processes, use split_batches=False and even_batches=True so each "
+                "rank receives whole analysis batches in equal numbers"
+            )
 
     def _consistency_layers(self, args: BatchPreservingConfig | None = None) -> list[int]:
         """MoE layers whose routers the consistency term uses (empty when the term is off)."""
@@ -210,13 +235,17 @@ class BatchPreservingTrainer(Trainer):
         if args.router_consistency_loss == "none":
             return []
         if args.router_consistency_layers == "masked":
-            raise TrainingConfigError("router_consistency_layers='masked' needs an expert mask (ExpertMaskingTrainer)")
+            raise TrainingConfigError(
+                "router_consistency_layers='masked' needs an expert mask (ExpertMaskingTrainer)"
+            )
         explicit = args.consistency_layer_list()
         if explicit is None:
             return list(self.adapter.moe_layers)
         wrong = sorted(set(explicit) - set(self.adapter.moe_layers))
         if wrong:
-            raise TrainingConfigError(f"router_consistency_layers {wrong} are not MoE layers ({self.adapter.moe_layers})")
+            raise TrainingConfigError(
+                f"router_consistency_layers {wrong} are not MoE layers ({self.adapter.moe_layers})"
+            )
         return explicit
 
     def trainable_report(self) -> dict[str, Any]:
@@ -252,30 +281,41 @@ class BatchPreservingTrainer(Trainer):
     def _check_batch(self, inputs: Mapping[str, Any]) -> int:
         """Batch monitor: one analysis batch per step, in its original order; log it."""
         if "batch_idx" not in inputs:
-            raise BatchStructureError("the batch has no batch_idx; build the dataset with moe_core.train.sft and keep "
-                                      "the structure columns (the trainer keeps them unless the collator drops them)")
+            raise BatchStructureError(
+                "the batch has no batch_idx; build the dataset with moe_core.train.sft and keep "
+                "the structure columns (the trainer keeps them unless the collator drops them)"
+            )
         ids = torch.unique(inputs["batch_idx"]).tolist()
         if self.args.monitor_batches:  # printed, as the seed does: the user asked to see it every step
             print(MONITOR_LINE % ids, flush=True)
         if len(ids) != 1:
-            raise BatchStructureError(f"training step {self.state.global_step} mixes analysis batches {ids}; each step "
-                                      "must hold exactly one (use the analysis batch sampler, no drop_last/grouping)")
+            raise BatchStructureError(
+                f"training step {self.state.global_step} mixes analysis batches {ids}; each step "
+                "must hold exactly one (use the analysis batch sampler, no drop_last/grouping)"
+            )
         if "in_batch_idx" in inputs and (inputs["in_batch_idx"].diff() <= 0).any():
             raise BatchStructureError(
                 f"batch {ids[0]} arrived out of its in-batch order: {inputs['in_batch_idx'].tolist()}"
             )
         label = inputs.get("label")
         n_unsafe = int(label.sum()) if label is not None else None
-        self.batch_log.append({
-            "step": int(self.state.global_step), "epoch": float(self.state.epoch or 0.0),
-            "rank": int(self.args.process_index),
-            "batch_idx": int(ids[0]), "n_samples": int(inputs["batch_idx"].numel()),
-            "n_safe": None if label is None else int(label.numel()) - n_unsafe, "n_unsafe": n_unsafe,
-            "n_tokens": int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else None,
-        })
+        self.batch_log.append(
+            {
+                "step": int(self.state.global_step),
+                "epoch": float(self.state.epoch or 0.0),
+                "rank": int(self.args.process_index),
+                "batch_idx": int(ids[0]),
+                "n_samples": int(inputs["batch_idx"].numel()),
+                "n_safe": None if label is None else int(label.numel()) - n_unsafe,
+                "n_unsafe": n_unsafe,
+                "n_tokens": int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else None,
+            }
+        )
         return int(ids[0])
 
-    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         batch_idx = self._check_batch(inputs)
         self._begin_step(batch_idx)
         ok = False
@@ -293,7 +333,11 @@ class BatchPreservingTrainer(Trainer):
         """Called after it (``ok``: the backward ran)."""
 
     def compute_loss(
-        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
     ):
         """LM loss on the batch without its structure columns, plus the weighted router-consistency term."""
         meta = {k: inputs[k] for k in META_COLUMNS if k in inputs}
@@ -306,12 +350,16 @@ class BatchPreservingTrainer(Trainer):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         if use_consistency:
             if "label" not in meta:
-                raise BatchStructureError("router consistency needs the 'label' column (0 safe, 1 unsafe) in each batch")
+                raise BatchStructureError(
+                    "router consistency needs the 'label' column (0 safe, 1 unsafe) in each batch"
+                )
             c = router_consistency_loss(logits, inputs["attention_mask"], meta["label"], direction)
             self._consistency[0] += float(c.detach())
             self._consistency[1] += 1
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-                c = c / max(1, getattr(self, "current_gradient_accumulation_steps", 1))  # LM loss is already GA-scaled
+                c = c / max(
+                    1, getattr(self, "current_gradient_accumulation_steps", 1)
+                )  # LM loss is already GA-scaled
             loss = loss + self.args.router_consistency_weight * c
         return (loss, outputs) if return_outputs else loss
 

@@ -66,7 +66,9 @@ class TrainedRow:
         return f"layers.{self.layer}.experts.{self.expert}.{self.name}"
 
 
-def install_expert_rows(model: nn.Module, mask: ExpertMask, adapter: MoEAdapter | None = None) -> list[TrainedRow]:
+def install_expert_rows(
+    model: nn.Module, mask: ExpertMask, adapter: MoEAdapter | None = None
+) -> list[TrainedRow]:
     """Freeze the fused expert tensors of the masked layers and splice in one trainable copy per chosen expert.
 
     Every fused tensor of the layer (gpt-oss biases included) gets a row copy per chosen expert.
@@ -103,8 +105,12 @@ def _splices(model: nn.Module):
 
 def trained_rows(model: nn.Module) -> list[TrainedRow]:
     """The row copies currently spliced into ``model`` (empty once merged)."""
-    rows = [TrainedRow(pz.layer, e, name, p) for _, name, plist in _splices(model)
-            for pz in plist for e, p in zip(pz.experts, pz.rows)]
+    rows = [
+        TrainedRow(pz.layer, e, name, p)
+        for _, name, plist in _splices(model)
+        for pz in plist
+        for e, p in zip(pz.experts, pz.rows)
+    ]
     return sorted(rows, key=lambda r: (r.layer, r.name, r.expert))
 
 
@@ -147,7 +153,9 @@ def check_mask(mask: ExpertMask, adapter: MoEAdapter) -> None:
         raise TrainingConfigError("the expert mask selects no experts; pick some experts first")
     dense = sorted(set(mask.by_layer()) - set(adapter.moe_layers))
     if dense:
-        raise TrainingConfigError(f"layers {dense} have no experts (MoE layers: {adapter.moe_layers}); unselect them")
+        raise TrainingConfigError(
+            f"layers {dense} have no experts (MoE layers: {adapter.moe_layers}); unselect them"
+        )
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
@@ -175,7 +183,9 @@ def save_expert_delta(model_or_trainer: Any, path: str | Path) -> Path:
     else:
         tr = model_or_trainer
         if getattr(tr, "trains", None) == "full":
-            raise TrainingConfigError("full fine-tuning has no expert delta; use save_merged(model, tokenizer, dir)")
+            raise TrainingConfigError(
+                "full fine-tuning has no expert delta; use save_merged(model, tokenizer, dir)"
+            )
         model, rows, routers, n_experts = tr.model, tr.rows, tr.router_params, tr.adapter.num_experts
     if not rows:
         raise TrainingConfigError("no trained expert rows found (already merged?); pass the trainer instead")
@@ -188,8 +198,17 @@ def save_expert_delta(model_or_trainer: Any, path: str | Path) -> Path:
         "model_type": getattr(cfg, "model_type", None),
         "num_layers": getattr(cfg, "num_hidden_layers", None),
         "num_experts": n_experts,
-        "experts": [{"key": r.key, "layer": r.layer, "expert": r.expert, "param": r.name,
-                     "shape": list(r.param.shape), "dtype": str(r.param.dtype)} for r in rows],
+        "experts": [
+            {
+                "key": r.key,
+                "layer": r.layer,
+                "expert": r.expert,
+                "param": r.name,
+                "shape": list(r.param.shape),
+                "dtype": str(r.param.dtype),
+            }
+            for r in rows
+        ],
         "routers": [{"key": k, "shape": list(p.shape)} for k, p in routers.items()],
     }
     path = Path(path)
@@ -232,10 +251,16 @@ def apply_expert_delta(base_model: nn.Module, path: str | Path) -> int:
         )
     writes: list[tuple[torch.Tensor, torch.Tensor]] = []  # validate everything before touching the model
     for e in meta["experts"]:
-        fused = adapter.expert_parameters(e["layer"]).get(e["param"]) if e["layer"] in adapter.moe_layers else None
+        fused = (
+            adapter.expert_parameters(e["layer"]).get(e["param"])
+            if e["layer"] in adapter.moe_layers
+            else None
+        )
         t = tensors[e["key"]]
         if fused is None or tuple(fused.shape[1:]) != tuple(t.shape):
-            raise TrainingConfigError(f"{e['key']}: the model has no matching tensor (shape {tuple(t.shape)})")
+            raise TrainingConfigError(
+                f"{e['key']}: the model has no matching tensor (shape {tuple(t.shape)})"
+            )
         writes.append((fused[e["expert"]], t))
     for r in meta.get("routers", []):
         _, layer, _, name = r["key"].split(".", 3)

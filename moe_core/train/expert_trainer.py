@@ -86,9 +86,17 @@ class ExpertMaskingTrainer(BatchPreservingTrainer):
     trains = "experts"
     config_class = ExpertMaskingConfig
 
-    def __init__(self, model: nn.Module | None = None, args: Any = None, train_dataset: Any = None,
-                 expert_mask: ExpertMask | np.ndarray | None = None, batch_expert_masks: Any = None,
-                 data_collator: Any = None, processing_class: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        train_dataset: Any = None,
+        expert_mask: ExpertMask | np.ndarray | None = None,
+        batch_expert_masks: Any = None,
+        data_collator: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ):
         self._given_masks = (expert_mask, batch_expert_masks)
         self.rows: list[TrainedRow] = []
         self.router_params: dict[str, nn.Parameter] = {}
@@ -102,8 +110,10 @@ class ExpertMaskingTrainer(BatchPreservingTrainer):
     # -- setup ---------------------------------------------------------------------
     def _check_baseline_label(self, args: ExpertMaskingConfig) -> None:
         if args.baseline == "full":
-            raise TrainingConfigError("args.baseline='full' trains every parameter: use BatchPreservingTrainer, or "
-                                      "train_experts(...) which picks the trainer from the baseline")
+            raise TrainingConfigError(
+                "args.baseline='full' trains every parameter: use BatchPreservingTrainer, or "
+                "train_experts(...) which picks the trainer from the baseline"
+            )
 
     def _adapter_for(self, model: nn.Module, args: Any) -> MoEAdapter:
         require_merged(model)  # before anything else: rows left from an earlier training are the caller's
@@ -137,30 +147,39 @@ class ExpertMaskingTrainer(BatchPreservingTrainer):
             unsplice_expert_rows(model)
         self.rows, self.router_params = [], {}
 
-    def _resolve_masks(self, args, expert_mask, batch_expert_masks) -> tuple[ExpertMask, dict[int, ExpertMask], str]:
+    def _resolve_masks(
+        self, args, expert_mask, batch_expert_masks
+    ) -> tuple[ExpertMask, dict[int, ExpertMask], str]:
         """(union mask, per-batch masks applied per step or {}, mask mode); TrainingConfigError if they do not fit."""
         batch_masks = normalize_batch_masks(batch_expert_masks) if batch_expert_masks is not None else {}
         union = as_mask(expert_mask) if expert_mask is not None else None
         if union is None and batch_masks:
             union = ExpertMask(np.logical_or.reduce([m.mask for m in batch_masks.values()]))
         if union is None:
-            raise TrainingConfigError("give expert_mask or batch_expert_masks (for full fine-tuning use "
-                                      "BatchPreservingTrainer)")
+            raise TrainingConfigError(
+                "give expert_mask or batch_expert_masks (for full fine-tuning use BatchPreservingTrainer)"
+            )
         mode = args.mask_mode or ("per_batch" if batch_masks else "union")
         if mode == "per_batch":
             self._check_batch_masks(batch_masks, union)
         elif batch_masks:
-            log.info("mask_mode='union': training the union of %d per-batch masks on every step", len(batch_masks))
+            log.info(
+                "mask_mode='union': training the union of %d per-batch masks on every step", len(batch_masks)
+            )
             batch_masks = {}
         check_mask(union, self.adapter)
         return union, batch_masks, mode
 
     def _check_batch_masks(self, batch_masks: dict[int, ExpertMask], union: ExpertMask) -> None:
         if not batch_masks:
-            raise TrainingConfigError("mask_mode='per_batch' needs batch_expert_masks (one mask per analysis batch)")
+            raise TrainingConfigError(
+                "mask_mode='per_batch' needs batch_expert_masks (one mask per analysis batch)"
+            )
         missing = sorted(set(self.batch_sampler.batch_ids) - set(batch_masks))
         if missing:
-            raise TrainingConfigError(f"no per-batch mask for analysis batches {missing[:10]}; give one for each batch")
+            raise TrainingConfigError(
+                f"no per-batch mask for analysis batches {missing[:10]}; give one for each batch"
+            )
         for b, m in batch_masks.items():
             if m.shape != union.shape:
                 raise TrainingConfigError(f"the mask of batch {b} is {m.shape}, expert_mask is {union.shape}")
@@ -198,7 +217,11 @@ class ExpertMaskingTrainer(BatchPreservingTrainer):
             rlr = self.args.router_learning_rate if self.args.router_learning_rate is not None else lr
             router = list(self.router_params.items())
             groups = [
-                {"params": [r.param for r in self.rows if "bias" not in r.name], "weight_decay": wd, "lr": lr},
+                {
+                    "params": [r.param for r in self.rows if "bias" not in r.name],
+                    "weight_decay": wd,
+                    "lr": lr,
+                },
                 {"params": [r.param for r in self.rows if "bias" in r.name], "weight_decay": 0.0, "lr": lr},
                 {"params": [p for k, p in router if not k.endswith("bias")], "weight_decay": wd, "lr": rlr},
                 {"params": [p for k, p in router if k.endswith("bias")], "weight_decay": 0.0, "lr": rlr},
@@ -210,14 +233,18 @@ class ExpertMaskingTrainer(BatchPreservingTrainer):
         """What is trained, counted honestly: rows actually trained, not whole fused tensors."""
         row_ids = {id(r.param) for r in self.rows}
         report = super().trainable_report()
-        report.update({
-            "baseline": self.args.baseline,
-            "mask_mode": self.mask_mode,
-            "trained_experts": self.union_mask.count(),
-            "expert_row_parameters": int(sum(r.param.numel() for r in self.rows)),
-            "router_parameters": int(sum(p.numel() for p in self.router_params.values())),
-            "model_parameters": int(sum(p.numel() for p in self.model.parameters() if id(p) not in row_ids)),
-        })
+        report.update(
+            {
+                "baseline": self.args.baseline,
+                "mask_mode": self.mask_mode,
+                "trained_experts": self.union_mask.count(),
+                "expert_row_parameters": int(sum(r.param.numel() for r in self.rows)),
+                "router_parameters": int(sum(p.numel() for p in self.router_params.values())),
+                "model_parameters": int(
+                    sum(p.numel() for p in self.model.parameters() if id(p) not in row_ids)
+                ),
+            }
+        )
         return report
 
     # -- step: per-batch gating ----------------------------------------------------

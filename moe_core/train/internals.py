@@ -62,9 +62,18 @@ EXPECTED_SIGNATURES: dict[str, tuple[str, ...]] = {
     "get_optimizer_cls_and_kwargs": ("args", "model"),
     "create_optimizer": ("self", "model"),
 }
-DATALOADER_ARGS = ("dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-                   "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "dataloader_in_order",
-                   "train_sampling_strategy", "dataloader_drop_last", "remove_unused_columns", "data_seed")
+DATALOADER_ARGS = (
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context",
+    "dataloader_in_order",
+    "train_sampling_strategy",
+    "dataloader_drop_last",
+    "remove_unused_columns",
+    "data_seed",
+)
 
 
 def build_train_dataloader(trainer: Trainer, dataset: Any, batch_sampler: Any) -> torch.utils.data.DataLoader:
@@ -108,9 +117,13 @@ def check_internals() -> list[str]:
     problems += [f"TrainingArguments.{f} is gone" for f in DATALOADER_ARGS if f not in fields]
     loop = inspect.getsource(Trainer)
     if "underlying_sampler.set_epoch" not in loop:
-        problems.append("the training loop no longer calls set_epoch on the batch sampler inside BatchSamplerShard")
+        problems.append(
+            "the training loop no longer calls set_epoch on the batch sampler inside BatchSamplerShard"
+        )
     if "model_accepts_loss_kwargs" not in loop or "current_gradient_accumulation_steps" not in loop:
-        problems.append("Trainer no longer sets model_accepts_loss_kwargs / current_gradient_accumulation_steps")
+        problems.append(
+            "Trainer no longer sets model_accepts_loss_kwargs / current_gradient_accumulation_steps"
+        )
     problems += _check_batch_sampler_shard()
     return problems
 
@@ -130,9 +143,19 @@ def _check_batch_sampler_shard() -> list[str]:
             return 3
 
     whole = {(0, 1, 2), (3, 4), (5, 6, 7)}
-    shards = [[tuple(b) for b in BatchSamplerShard(Uneven(), num_processes=2, process_index=r, split_batches=False,
-                                                   even_batches=True)] for r in range(2)]
-    if any(b not in whole for s in shards for b in s) or len(shards[0]) != len(shards[1]) or \
-            set(shards[0]) | set(shards[1]) != whole:
+    shards = [
+        [
+            tuple(b)
+            for b in BatchSamplerShard(
+                Uneven(), num_processes=2, process_index=r, split_batches=False, even_batches=True
+            )
+        ]
+        for r in range(2)
+    ]
+    if (
+        any(b not in whole for s in shards for b in s)
+        or len(shards[0]) != len(shards[1])
+        or set(shards[0]) | set(shards[1]) != whole
+    ):
         return [f"accelerate's BatchSamplerShard no longer keeps batch_size=None batches whole: {shards}"]
     return []

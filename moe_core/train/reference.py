@@ -10,15 +10,29 @@ from typing import Any
 from moe_core.train.config import BatchPreservingConfig, TrainingConfigError, as_config
 
 ROUTER_CONSISTENCY_TYPES: dict[str, str] = {
-    "kl": "forward", "forward": "forward", "forward_kl": "forward",
-    "reverse": "reverse", "reverse_kl": "reverse",
-    "symmetric": "symmetric", "symmetric_kl": "symmetric", "sym": "symmetric",
-    "js": "js", "jsd": "js", "jensen_shannon": "js",
+    "kl": "forward",
+    "forward": "forward",
+    "forward_kl": "forward",
+    "reverse": "reverse",
+    "reverse_kl": "reverse",
+    "symmetric": "symmetric",
+    "symmetric_kl": "symmetric",
+    "sym": "symmetric",
+    "js": "js",
+    "jsd": "js",
+    "jensen_shannon": "js",
 }
 
 
-REFERENCE_KEYWORDS = ("tokenizer", "use_router_consistency_loss", "router_consistency_type",
-                      "router_consistency_weight", "router_consistency_layers", "monitor_batches", "mask_mode")
+REFERENCE_KEYWORDS = (
+    "tokenizer",
+    "use_router_consistency_loss",
+    "router_consistency_type",
+    "router_consistency_weight",
+    "router_consistency_layers",
+    "monitor_batches",
+    "mask_mode",
+)
 
 
 def reference_trainer_arguments(
@@ -39,15 +53,17 @@ def reference_trainer_arguments(
     elif use or kind is not None:
         key = str(kind if kind is not None else "kl").lower()
         if key not in ROUTER_CONSISTENCY_TYPES:
-            raise TrainingConfigError(f"router_consistency_type={kind!r}; choose one of "
-                                      f"{', '.join(ROUTER_CONSISTENCY_TYPES)}")
+            raise TrainingConfigError(
+                f"router_consistency_type={kind!r}; choose one of {', '.join(ROUTER_CONSISTENCY_TYPES)}"
+            )
         overrides["router_consistency_loss"] = ROUTER_CONSISTENCY_TYPES[key]
     layers = ref.get("router_consistency_layers")
     if layers is not None:
         overrides["router_consistency_layers"] = (
-            ",".join(str(int(l)) for l in layers) if isinstance(layers, (list, tuple, range))
-            else str(int(layers)) if isinstance(layers, int) else str(layers)
+            ",".join(str(int(l)) for l in layers)
+            if isinstance(layers, (list, tuple, range))
+            else str(int(layers))
+            if isinstance(layers, int)
+            else str(layers)
         )
     return as_config(args, config_class, **overrides), processing_class, kwargs
-
-

@@ -90,7 +90,9 @@ class AnalysisBatchSampler(Sampler[list[int]]):
         in_batch_idx: Sequence[int] | None = None,
     ):
         src = dataset_or_batch_idx_column
-        if isinstance(shuffle_batches, (int, np.integer)) and not isinstance(shuffle_batches, (bool, np.bool_)):
+        if isinstance(shuffle_batches, (int, np.integer)) and not isinstance(
+            shuffle_batches, (bool, np.bool_)
+        ):
             raise BatchSamplerError(
                 f"shuffle_batches={shuffle_batches!r} is not a bool; AnalysisBatchSampler(dataset, shuffle_batches, "
                 "seed) takes no batch size (for the seed's BatchPreservingSampler(dataset, batch_size, "
@@ -99,7 +101,9 @@ class AnalysisBatchSampler(Sampler[list[int]]):
         batch_idx = _column(src, "batch_idx")
         if batch_idx is None:
             if getattr(src, "column_names", None) is not None or isinstance(src, Mapping):
-                raise BatchSamplerError("the dataset has no 'batch_idx' column; build it with moe_core.train.sft")
+                raise BatchSamplerError(
+                    "the dataset has no 'batch_idx' column; build it with moe_core.train.sft"
+                )
             batch_idx = np.asarray(src)
         inner = np.asarray(in_batch_idx) if in_batch_idx is not None else _column(src, "in_batch_idx")
         self.shuffle_batches = bool(shuffle_batches)
@@ -173,8 +177,9 @@ class BatchPreservingSampler(Sampler[int]):
         seed: int = 0,
         in_batch_idx: Sequence[int] | None = None,
     ):
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                       or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
+        ):
             raise BatchSamplerError(f"batch_size must be a positive int (got {batch_size!r})")
         if not isinstance(shuffle_batches, (bool, np.bool_)):
             raise BatchSamplerError(f"shuffle_batches must be True or False (got {shuffle_batches!r})")
@@ -299,8 +304,12 @@ class BatchCollator:
             n = -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
         out = {
             "input_ids": self._pad(ids, n, self.pad_token_id),
-            "attention_mask": self._pad([_get(f, "attention_mask", [1] * len(x)) for f, x in zip(features, ids)], n, 0),
-            "labels": self._pad([_get(f, "labels", x) for f, x in zip(features, ids)], n, self.label_pad_token_id),
+            "attention_mask": self._pad(
+                [_get(f, "attention_mask", [1] * len(x)) for f, x in zip(features, ids)], n, 0
+            ),
+            "labels": self._pad(
+                [_get(f, "labels", x) for f, x in zip(features, ids)], n, self.label_pad_token_id
+            ),
         }
         for key in ("batch_idx", "in_batch_idx"):
             if key in features[0]:
@@ -316,7 +325,7 @@ class BatchCollator:
                 if self.padding_side == "right":
                     t[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
                 else:
-                    t[i, n - len(r):] = torch.as_tensor(r, dtype=torch.long)
+                    t[i, n - len(r) :] = torch.as_tensor(r, dtype=torch.long)
         return t
 
 

@@ -42,7 +42,11 @@ from moe_core.store.atomic import atomic_dir, atomic_write_text
 log = logging.getLogger(__name__)
 
 LABEL_NAMES = ("safe", "unsafe")  # label ids: 0 = safe, 1 = unsafe
-META_COLUMNS = ("batch_idx", "in_batch_idx", "label")  # carried next to the token columns (stripped before forward)
+META_COLUMNS = (
+    "batch_idx",
+    "in_batch_idx",
+    "label",
+)  # carried next to the token columns (stripped before forward)
 TEXT_COLUMNS = ("messages", "label_str")  # readable copies: the conversation and "safe"/"unsafe"
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 IGNORE_INDEX = -100
@@ -159,7 +163,9 @@ def create_batch_structured_dataset(
     for pos, bd in enumerate(sft_data["batch_data_list"]):
         batch_idx, examples = _batch_examples(pos, bd, refusal_target, target_column, seed)
         if batch_idx in seen:
-            raise SFTDataError(f"batch_idx {batch_idx} appears twice in batch_data_list; batch ids must be unique")
+            raise SFTDataError(
+                f"batch_idx {batch_idx} appears twice in batch_data_list; batch ids must be unique"
+            )
         seen.add(batch_idx)
         if not examples:
             log.warning("analysis batch %d has no samples; skipped", batch_idx)
@@ -192,7 +198,9 @@ class _BatchShape:
             return cls(int(batch_size), int(batch_size), int(batch_size))
         if not 0.0 <= float(safe_ratio) <= 1.0:
             raise SFTDataError(f"safe_ratio must lie in [0, 1] (got {safe_ratio!r})")
-        safe = batch_size * float(safe_ratio)  # e.g. 16 x 0.5 = 8 safe, 8 unsafe; 5 x 0.5 allows 2 or 3 of each
+        safe = batch_size * float(
+            safe_ratio
+        )  # e.g. 16 x 0.5 = 8 safe, 8 unsafe; 5 x 0.5 allows 2 or 3 of each
         return cls(int(batch_size), int(np.ceil(safe - 1e-9)), int(batch_size - np.floor(safe + 1e-9)))
 
     def check(self, batch_idx: int, examples: Sequence[Mapping[str, Any]]) -> None:
@@ -210,8 +218,14 @@ class _BatchShape:
                 f"{self.max_unsafe} unsafe); pass the safe_ratio the analysis used"
             )
         if n < self.batch_size:
-            log.info("batch %d holds %d of %d samples (%d safe, %d unsafe): a filtered batch, kept whole",
-                     batch_idx, n, self.batch_size, n_safe, n - n_safe)
+            log.info(
+                "batch %d holds %d of %d samples (%d safe, %d unsafe): a filtered batch, kept whole",
+                batch_idx,
+                n,
+                self.batch_size,
+                n_safe,
+                n - n_safe,
+            )
 
 
 def _batch_examples(
@@ -259,8 +273,13 @@ def _batch_examples(
 
 
 def _target_for(
-    sample: Mapping[str, Any], label: str, prompt: str, refusal_target: RefusalTarget,
-    target_column: str | None, seed: int, where: str,
+    sample: Mapping[str, Any],
+    label: str,
+    prompt: str,
+    refusal_target: RefusalTarget,
+    target_column: str | None,
+    seed: int,
+    where: str,
 ) -> tuple[str, str]:
     """(target text, where it came from)."""
     if target_column and isinstance(sample.get(target_column), str) and sample[target_column].strip():
@@ -276,7 +295,9 @@ def _target_for(
 
 
 # -- tokenisation ----------------------------------------------------------------------
-def create_batch_aware_dataset(batches: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any, max_length: int = 512):
+def create_batch_aware_dataset(
+    batches: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any, max_length: int = 512
+):
     """Tokenise with the chat template into a ``datasets.Dataset`` that keeps the batch structure.
 
     The seed's signature. Columns: ``input_ids``, ``attention_mask``, ``labels`` (-100 except on
@@ -293,7 +314,9 @@ def create_batch_aware_dataset(batches: Sequence[Sequence[Mapping[str, Any]]], t
     if max_length < 2:
         raise SFTDataError(f"max_length must be at least 2 (got {max_length})")
     if not getattr(tokenizer, "chat_template", None):
-        raise SFTDataError("the tokenizer has no chat template; set tokenizer.chat_template before building SFT data")
+        raise SFTDataError(
+            "the tokenizer has no chat template; set tokenizer.chat_template before building SFT data"
+        )
     rows = _flatten_batches(batches)
     prompts, rests = _render(rows, tokenizer)
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -310,12 +333,14 @@ def create_batch_aware_dataset(batches: Sequence[Sequence[Mapping[str, Any]]], t
         truncated += len(p) + len(r) > max_length
         cols["input_ids"].append(ids)
         cols["attention_mask"].append([1] * len(ids))
-        cols["labels"].append([IGNORE_INDEX] * len(p) + ids[len(p):])
+        cols["labels"].append([IGNORE_INDEX] * len(p) + ids[len(p) :])
         cols["batch_idx"].append(int(ex["batch_idx"]))
         cols["in_batch_idx"].append(int(ex["in_batch_idx"]))
         cols["label"].append(LABEL_NAMES.index(ex["label"]))
         cols["label_str"].append(ex["label"])
-        cols["messages"].append([{"role": str(m["role"]), "content": str(m["content"])} for m in ex["messages"]])
+        cols["messages"].append(
+            [{"role": str(m["role"]), "content": str(m["content"])} for m in ex["messages"]]
+        )
     if truncated:
         log.warning("%d of %d examples were cut to max_length=%d tokens", truncated, len(rows), max_length)
     features = Features(
@@ -351,7 +376,7 @@ def _render(rows: Sequence[Mapping[str, Any]], tokenizer: Any) -> tuple[list[str
                 "full conversation, so the assistant span cannot be located; use a template where it is a prefix"
             )
         prompts.append(prompt)
-        rests.append(full[len(prompt):])
+        rests.append(full[len(prompt) :])
     return prompts, rests
 
 
@@ -364,7 +389,9 @@ def _flatten_batches(batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[Map
             raise SFTDataError(f"batch at position {pos} is empty")
         ids = {int(ex["batch_idx"]) for ex in batch}
         if len(ids) != 1:
-            raise SFTDataError(f"batch at position {pos} mixes batch_idx values {sorted(ids)}; one batch per list")
+            raise SFTDataError(
+                f"batch at position {pos} mixes batch_idx values {sorted(ids)}; one batch per list"
+            )
         (b,) = ids
         if b in seen:
             raise SFTDataError(f"batch_idx {b} appears in two batches")
@@ -374,7 +401,9 @@ def _flatten_batches(batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[Map
             raise SFTDataError(f"batch {b} has duplicate in_batch_idx values")
         for ex in ordered:
             if ex.get("label") not in LABEL_NAMES:
-                raise SFTDataError(f"batch {b}, example {ex['in_batch_idx']}: label must be 'safe' or 'unsafe'")
+                raise SFTDataError(
+                    f"batch {b}, example {ex['in_batch_idx']}: label must be 'safe' or 'unsafe'"
+                )
         rows.extend(ordered)
     if not rows:
         raise SFTDataError("no batches to tokenise")

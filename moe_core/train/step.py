@@ -110,10 +110,13 @@ def begin_training(out: Path, settings: dict[str, Any], overwrite: bool) -> tupl
                 shutil.rmtree(stage / CHECKPOINTS, ignore_errors=True)
             return stage, checkpoint
         if not overwrite:
-            differs = sorted(k for k in {*(before or {}), *settings} if (before or {}).get(k) != settings.get(k))
+            differs = sorted(
+                k for k in {*(before or {}), *settings} if (before or {}).get(k) != settings.get(k)
+            )
             raise TrainingStepError(
                 f"an unfinished training {out.name!r} with other settings ({', '.join(differs)}) is in {stage}; "
-                "run `train` again with its settings to resume it, or pass --overwrite to discard it")
+                "run `train` again with its settings to resume it, or pass --overwrite to discard it"
+            )
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     atomic_write_json(stage / ATTEMPT, settings)
@@ -142,12 +145,15 @@ def commit_training(result: Any, stage: Path, out: Path) -> Any:
 
 def moved(result: Any, stage: Path, out: Path) -> Any:
     """A TrainingResult whose paths under ``stage`` now point under ``out``."""
+
     def move(p: Any) -> Any:
         if isinstance(p, Path) and (p == stage or stage in p.parents):
             return out / p.relative_to(stage)
         return p
 
-    return dataclasses.replace(result, **{f.name: move(getattr(result, f.name)) for f in dataclasses.fields(result)})
+    return dataclasses.replace(
+        result, **{f.name: move(getattr(result, f.name)) for f in dataclasses.fields(result)}
+    )
 
 
 def write_failure(out: Path, error: OSError) -> TrainingStepError:
@@ -155,7 +161,8 @@ def write_failure(out: Path, error: OSError) -> TrainingStepError:
     return TrainingStepError(
         f"could not write training {out.name!r}: {error.strerror or error} ({error.filename or out}); "
         f"the previous training of that name is unchanged and any unfinished attempt is kept in {stage_of(out)}: "
-        "free space (or fix permissions) and run `train` again to resume it")
+        "free space (or fix permissions) and run `train` again to resume it"
+    )
 
 
 # -- the step ----------------------------------------------------------------------------------
@@ -192,8 +199,10 @@ def random_baseline(spec: Any, chosen: Any, adapter: Any) -> Any:
     if spec.baseline != "random_experts":
         return chosen
     if isinstance(chosen, dict):  # per batch: batch b draws with seed [seed, b]
-        return {b: random_like(m, [spec.seed, b], layers=adapter.moe_layers) if m.count() else m
-                for b, m in chosen.items()}
+        return {
+            b: random_like(m, [spec.seed, b], layers=adapter.moe_layers) if m.count() else m
+            for b, m in chosen.items()
+        }
     return random_like(chosen, spec.seed, layers=adapter.moe_layers)
 
 
@@ -202,12 +211,18 @@ def run_train(spec: Any, run: Any, progress: Any = None) -> Any:
 
     name, model_name = spec.training_name(), model_of(run, spec.model)
     out = run.path_for("train", name=name)
-    chosen = None if spec.baseline == "full" else load_run_masks(run, spec.mask, spec.mask_mode == "per_batch")
+    chosen = (
+        None if spec.baseline == "full" else load_run_masks(run, spec.mask, spec.mask_mode == "per_batch")
+    )
     check_mask_fits(run, chosen, spec.mask)
     batches = create_batch_structured_dataset(load_batch_data_list(run), seed=spec.seed)
     skip = ("name", "overwrite", "monitor_batches", "checkpoint_every")  # they do not change the result
-    settings = {**{k: v for k, v in dataclasses.asdict(spec).items() if k not in skip}, "model": model_name,
-                "masks": fingerprint(masks_content(chosen)), "data": fingerprint(batches)}
+    settings = {
+        **{k: v for k, v in dataclasses.asdict(spec).items() if k not in skip},
+        "model": model_name,
+        "masks": fingerprint(masks_content(chosen)),
+        "data": fingerprint(batches),
+    }
     main, barrier = launch_roles()
     if main:
         try:
@@ -222,26 +237,53 @@ def run_train(spec: Any, run: Any, progress: Any = None) -> Any:
     if checkpoint is not None:
         log.info("training %s: resuming the unfinished attempt from %s", name, checkpoint.name)
     model, tok = load_any_model(model_name, progress)
-    use_chat_template_kwargs(tok, chat_template_kwargs_of(run))  # the SFT text rendered as the analysis rendered it
+    use_chat_template_kwargs(
+        tok, chat_template_kwargs_of(run)
+    )  # the SFT text rendered as the analysis rendered it
     masks = random_baseline(spec, chosen, MoEAdapter.for_model(model))
     dataset = create_batch_aware_dataset(batches, tok, max_length=spec.max_length)
     if main:
-        run.set_step(f"train:{name}", "running", mask=spec.mask, baseline=spec.baseline, mask_mode=spec.mask_mode,
-                     resumed_from=checkpoint.name if checkpoint else None)
+        run.set_step(
+            f"train:{name}",
+            "running",
+            mask=spec.mask,
+            baseline=spec.baseline,
+            mask_mode=spec.mask_mode,
+            resumed_from=checkpoint.name if checkpoint else None,
+        )
     try:
         result = train_model(
-            model, tok, dataset, masks, output_dir=stage, progress=progress, baseline=spec.baseline,
-            mask_mode=spec.mask_mode, learning_rate=spec.lr, num_train_epochs=spec.epochs,
-            weight_decay=spec.weight_decay, seed=spec.seed, train_router=spec.train_router,
-            router_consistency_loss=spec.router_consistency, router_consistency_weight=spec.router_consistency_weight,
-            monitor_batches=spec.monitor_batches, resume_from_checkpoint=str(checkpoint) if checkpoint else None,
-            **checkpointing(spec.checkpoint_every))
+            model,
+            tok,
+            dataset,
+            masks,
+            output_dir=stage,
+            progress=progress,
+            baseline=spec.baseline,
+            mask_mode=spec.mask_mode,
+            learning_rate=spec.lr,
+            num_train_epochs=spec.epochs,
+            weight_decay=spec.weight_decay,
+            seed=spec.seed,
+            train_router=spec.train_router,
+            router_consistency_loss=spec.router_consistency,
+            router_consistency_weight=spec.router_consistency_weight,
+            monitor_batches=spec.monitor_batches,
+            resume_from_checkpoint=str(checkpoint) if checkpoint else None,
+            **checkpointing(spec.checkpoint_every),
+        )
         barrier()  # every rank is done with the stage before rank 0 renames it
         if not main:
             return result  # only rank 0 writes the run
         result = commit_training(result, stage, out)
     except OSError as e:  # disk full, permissions: nothing of the previous training was touched
         raise write_failure(out, e) from e
-    run.set_step(f"train:{name}", "done", merged=run.relative(result.merged_path), report=result.report,
-                 train_loss=result.metrics.get("train_loss"), resumed_from=checkpoint.name if checkpoint else None)
+    run.set_step(
+        f"train:{name}",
+        "done",
+        merged=run.relative(result.merged_path),
+        report=result.report,
+        train_loss=result.metrics.get("train_loss"),
+        resumed_from=checkpoint.name if checkpoint else None,
+    )
     return result

@@ -90,7 +90,9 @@ class _ProgressCallback(TrainerCallback):
         self.progress(state.global_step, state.max_steps, "" if loss is None else f"loss {loss:.4f}")
 
 
-def training_metadata(trainer: BatchPreservingTrainer, report: dict[str, Any] | None = None) -> dict[str, Any]:
+def training_metadata(
+    trainer: BatchPreservingTrainer, report: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything needed to understand a run: masks, args, counts, loss history, batch monitor log.
 
     ``report``: the trainable report taken before merging (afterwards the trained rows are gone).
@@ -103,7 +105,9 @@ def training_metadata(trainer: BatchPreservingTrainer, report: dict[str, Any] | 
         "baseline": report["baseline"],
         "mask_mode": report["mask_mode"],
         "expert_mask": union.to_json_dict() if union is not None else None,
-        "batch_masks": {str(b): {str(l): es for l, es in m.by_layer().items()} for b, m in sorted(batch_masks.items())},
+        "batch_masks": {
+            str(b): {str(l): es for l, es in m.by_layer().items()} for b, m in sorted(batch_masks.items())
+        },
         "report": report,
         "args": json.loads(trainer.args.to_json_string()),
         "loss_history": trainer.state.log_history,
@@ -135,8 +139,10 @@ def draw_random_masks(masks: Any, seed: int, adapter: MoEAdapter) -> Any:
     """
 
     if _is_per_batch(masks):
-        return {b: random_like(m, [seed, b], layers=adapter.moe_layers) if m.count() else m
-                for b, m in normalize_batch_masks(masks).items()}
+        return {
+            b: random_like(m, [seed, b], layers=adapter.moe_layers) if m.count() else m
+            for b, m in normalize_batch_masks(masks).items()
+        }
     mask = masks if isinstance(masks, ExpertMask) else ExpertMask.from_array(np.asarray(masks))
     return random_like(mask, seed, layers=adapter.moe_layers)
 
@@ -154,10 +160,19 @@ def make_trainer(
             p.requires_grad_(True)
         return BatchPreservingTrainer(model, config, dataset, processing_class=tokenizer, **kwargs)
     if masks is None:
-        raise TrainingConfigError(f"baseline={config.baseline!r} needs expert masks (None means full fine-tuning)")
+        raise TrainingConfigError(
+            f"baseline={config.baseline!r} needs expert masks (None means full fine-tuning)"
+        )
     per_batch = _is_per_batch(masks)
-    return ExpertMaskingTrainer(model, config, dataset, expert_mask=None if per_batch else masks,
-                                batch_expert_masks=masks if per_batch else None, processing_class=tokenizer, **kwargs)
+    return ExpertMaskingTrainer(
+        model,
+        config,
+        dataset,
+        expert_mask=None if per_batch else masks,
+        batch_expert_masks=masks if per_batch else None,
+        processing_class=tokenizer,
+        **kwargs,
+    )
 
 
 def train_experts(
@@ -186,9 +201,17 @@ def train_experts(
     if isinstance(dataset, (list, tuple)):
         dataset = create_batch_aware_dataset(dataset, tokenizer, max_length)
     if config is None:
-        config = ExpertMaskingConfig(output_dir=str(out / "checkpoints"), save_strategy="no", logging_steps=1,
-                                     report_to="none", per_device_train_batch_size=_largest_batch(dataset))
-    elif config.output_dir in (None, "trainer_output"):  # TrainingArguments' default: keep checkpoints in the run
+        config = ExpertMaskingConfig(
+            output_dir=str(out / "checkpoints"),
+            save_strategy="no",
+            logging_steps=1,
+            report_to="none",
+            per_device_train_batch_size=_largest_batch(dataset),
+        )
+    elif config.output_dir in (
+        None,
+        "trainer_output",
+    ):  # TrainingArguments' default: keep checkpoints in the run
         config.output_dir = str(out / "checkpoints")
     masks = mask_or_batch_masks
     if config.baseline == "random_experts" and masks is not None:
@@ -230,15 +253,27 @@ def train_model(
         dataset = create_batch_aware_dataset(dataset, tokenizer, max_length)
     label = baseline or _infer_baseline(masks)
     if label == "random_experts" and masks is not None and not _all_random(masks):
-        raise TrainingConfigError("baseline='random_experts' but the masks were not drawn at random: draw them with "
-                                  "moe_core.analysis.selection.random_like (or use train_experts, which draws them)")
-    fields = dict(output_dir=str(out / "checkpoints"), per_device_train_batch_size=_largest_batch(dataset),
-                  lr_scheduler_type="constant", save_strategy="no", logging_steps=1, report_to="none",
-                  use_cpu=not torch.cuda.is_available())  # on CPU, `accelerate launch` ranks join over gloo
+        raise TrainingConfigError(
+            "baseline='random_experts' but the masks were not drawn at random: draw them with "
+            "moe_core.analysis.selection.random_like (or use train_experts, which draws them)"
+        )
+    fields = dict(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=_largest_batch(dataset),
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+    )  # on CPU, `accelerate launch` ranks join over gloo
     config = as_config(None, ExpertMaskingConfig, **{**fields, **config_fields, "baseline": label})
     callbacks = [_ProgressCallback(progress)] if progress else None
-    trainer = make_trainer(model, tokenizer, dataset, None if label == "full" else masks, config, callbacks=callbacks)
-    return _run(trainer, model, tokenizer, out, progress, save_merged_model, resume_from_checkpoint, save_outputs)
+    trainer = make_trainer(
+        model, tokenizer, dataset, None if label == "full" else masks, config, callbacks=callbacks
+    )
+    return _run(
+        trainer, model, tokenizer, out, progress, save_merged_model, resume_from_checkpoint, save_outputs
+    )
 
 
 def _largest_batch(dataset: Any) -> int:
@@ -258,8 +293,16 @@ def _all_random(masks: Any) -> bool:
     return isinstance(masks, ExpertMask) and is_random_draw(masks)
 
 
-def _run(trainer: BatchPreservingTrainer, model: nn.Module, tokenizer: Any, out: Path, progress: ProgressFn | None,
-         save_merged_model: bool, resume_from_checkpoint: str | bool | None, save_outputs: bool = True) -> TrainingResult:
+def _run(
+    trainer: BatchPreservingTrainer,
+    model: nn.Module,
+    tokenizer: Any,
+    out: Path,
+    progress: ProgressFn | None,
+    save_merged_model: bool,
+    resume_from_checkpoint: str | bool | None,
+    save_outputs: bool = True,
+) -> TrainingResult:
     """Train, merge (always, also after an error), write the artifacts (unless ``save_outputs`` is False)."""
     if progress:  # the caller draws progress; the Trainer's own bar and printed log dicts would repeat it
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -280,7 +323,9 @@ def _run(trainer: BatchPreservingTrainer, model: nn.Module, tokenizer: Any, out:
         if save_merged_model or full:
             merged = save_merged(model, tokenizer, out / "merged_model")
         meta_path = atomic_write_json(out / "training_metadata.json", training_metadata(trainer, report))
-        atomic_write_text(out / "batch_monitor.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.batch_log))
+        atomic_write_text(
+            out / "batch_monitor.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.batch_log)
+        )
     if progress:
         progress(trainer.state.global_step, trainer.state.global_step, "done")
     metrics = dict(result.metrics)
