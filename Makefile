@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8501
 
-.PHONY: venv vllm demo app test test-fast test-vllm bench browser-deps clean
+.PHONY: venv vllm demo app lint test test-fast test-vllm bench browser-deps clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,12 +42,17 @@ app: venv
 
 ## test: the whole suite, real browser and vLLM parity included (installs Debian's chromium when missing;
 ## creates ./.venv-vllm: about 1-5 min from the local wheel mirror, the parity tests about 2-3 min more)
-test: venv browser-deps
+test: venv browser-deps lint
 	@$(MAKE) --no-print-directory vllm || echo "warning: could not create $(VLLM_VENV) (see above): the vLLM parity tests skip and say why"
 	$(PY) -m pytest -q
 
+## lint: ruff's checks and formatting (settings in pyproject.toml); the import layers are tests/test_layers.py
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 ## test-fast: skip the slow organism and browser tests
-test-fast: venv
+test-fast: venv lint
 	$(PY) -m pytest -q -m "not slow and not browser"
 
 browser-deps:

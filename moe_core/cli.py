@@ -35,7 +35,7 @@ from moe_core.eval.study_summary import headline, summary_markdown
 from moe_core.model.adapter import apply_cpu_thread_policy, load_model
 from moe_core.model.loading import ORGANISM, model_dir
 from moe_core.store.events import JobStopped
-from moe_core.store.files import os_error_message
+from moe_core.store.files import os_error_message, read_parquet
 from moe_core.store.lease import RunBusyError, holder, secondary_rank, step_outcome
 from moe_core.store.manifest import default_runs_root, list_runs
 from moe_core.study import new_study_run, run_study
@@ -209,11 +209,9 @@ def evaluate(spec: P.EvaluateSpec, args: argparse.Namespace) -> Any:
         print("evaluation stopped")
         return None
     print(to_markdown(table))
-    if spec.shift:
-        names = [n for n, info in run.trainings().items() if info.get("merged")]
-        with job_progress(run, _sub_job(args.job, "shift"), "routing shift") as (progress, _stop):
-            shifts = P.routing_shifts(run, names, progress=progress)
-        for name, df in shifts.items():
+    if spec.shift:  # the evaluate step computed them (eval/shift_<name>.parquet)
+        for name in [n for n, info in run.trainings().items() if info.get("merged")]:
+            df = read_parquet(run.path / "eval" / f"shift_{name}.parquet")
             print(f"\nrouting shift of {name} (largest |delta| first; eval/shift_{name}.parquet):")
             print(df.head(8).to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
     return table

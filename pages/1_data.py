@@ -12,10 +12,11 @@ import hashlib
 import streamlit as st
 
 import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+from moe_core import pipeline as P
 from moe_core.batching import batches as bp
 from moe_core.batching.demo_prompts import demo_sets
 from moe_core.batching.edits import add, drop, move, replace, swap
-from moe_core.batching.plan import BatchPlan, BatchPlanError, save_plan, split_counts
+from moe_core.batching.plan import BatchPlan, BatchPlanError, split_counts
 from moe_core.batching.prompts import (
     FORMATS,
     PromptLoadError,
@@ -24,8 +25,7 @@ from moe_core.batching.prompts import (
     load_prompts,
     pair_by_row,
 )
-from moe_core.batching.validation import check, validate
-from moe_core.store.atomic import atomic_write_bytes
+from moe_core.batching.validation import validate
 from moe_core.types import PromptItem
 
 ui.setup("Data & batches")
@@ -38,8 +38,7 @@ st.caption(
 )
 ui.show_flash()
 run = ui.require_run("the data page")
-DRAFT = run.path / "plan.draft.json"
-UNDO = run.path / "plan.draft.prev.json"
+DRAFT = P.draft_plan_path(run)
 SAVED = run.path_for("plan")
 
 
@@ -213,9 +212,7 @@ def _draft() -> BatchPlan | None:
 
 def _store(plan: BatchPlan, message: str) -> None:
     """Write the edited draft (keeping the previous one for undo) and redraw the page."""
-    if DRAFT.is_file():
-        atomic_write_bytes(UNDO, DRAFT.read_bytes())
-    save_plan(DRAFT, plan)
+    P.store_draft_plan(run, plan)
     ui.flash(message)
     st.rerun()
 
@@ -464,9 +461,8 @@ with st.container(border=True):
                 _store(
                     add(plan, int(to), _new_item(new_text, label)), f"Added a {label} prompt to batch {to}."
                 )
-    if UNDO.is_file() and st.button("Undo last edit", icon=":material/undo:"):
-        atomic_write_bytes(DRAFT, UNDO.read_bytes())
-        UNDO.unlink()
+    if P.can_undo_draft_plan(run) and st.button("Undo last edit", icon=":material/undo:"):
+        P.undo_draft_plan(run)
         ui.flash("Undid the last edit.")
         st.rerun()
 
@@ -477,18 +473,11 @@ with st.container(border=True):
     with ui.guard("The saved plan cannot be read: "):
         saved = ui.load_plan_cached(SAVED)
     same = saved is not None and saved.to_json_dict() == plan.to_json_dict()
-    analysed = run.completed_batches()
     if same:
         st.caption(f"The run's plan.json holds this plan ({len(plan)} batches).")
     if st.button("Save plan", type="primary", disabled=same, icon=":material/save:"):
         with ui.guard("Not saved: "):
-            if analysed and not same:
-                raise BatchPlanError(
-                    f"this run already has {len(analysed)} analysed batches of another plan; create a new run "
-                    "(sidebar) to analyse this plan"
-                )
-            found = check(plan)
-            save_plan(SAVED, plan)
+            found = P.commit_plan(plan, run)  # the plan step, under the run's writer lease
             ui.flash(
                 f"Saved the plan ({len(plan)} batches, {len(found)} warnings) to {SAVED.name}. "
                 "Next: Analysis."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,18 +10,12 @@ import pandas as pd
 import streamlit as st
 
 import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
-from moe_core.analysis.masks import ExpertMask, save_batch_masks
+from moe_core import pipeline as P
+from moe_core.analysis.masks import ExpertMask, apply_toggles
 from moe_core.analysis.risk import risk_matrix
-from moe_core.analysis.selection import (
-    METHODS,
-    SelectionConfig,
-    random_like,
-    select_experts,
-    select_per_batch,
-)
+from moe_core.analysis.selection import METHODS, SelectionConfig, select_experts, select_per_batch
 from moe_core.eval import charts
 from moe_core.pipeline import SelectSpec
-from moe_core.store.checks import check_free
 
 ui.setup("Experts")
 st.title("Experts")
@@ -32,6 +27,7 @@ ui.show_flash()
 run = ui.require_run("expert selection")
 agg, per_batch = ui.risk_tables_or_stop(run)
 n_layers, n_experts = ui.grid_shape(run, agg)
+SELECT_FIELDS = {f.name for f in dataclasses.fields(SelectSpec)}
 TOGGLES = f"ex_toggles::{run.id}"  # session_state: this run's hand-toggled experts as "layer:expert" strings
 
 PARAMS = {  # which settings each method uses (only those are shown)
@@ -128,27 +124,18 @@ toggles: list[str] = st.session_state.setdefault(TOGGLES, [])
 pb_toggles: dict[int, list[str]] = st.session_state.setdefault(TOGGLES_PB, {})
 
 
-def _apply(m: ExpertMask, keys: list[str]) -> ExpertMask:
-    for t in keys:
-        layer_, expert_ = (int(x) for x in t.split(":"))
-        m = m.toggled(layer_, expert_)
-    if keys:
-        m.meta["hand_toggled"] = list(keys)
-    return m
-
-
 mask: ExpertMask | None = None
 batch_masks: dict[int, ExpertMask] | None = None
 with ui.guard("Nothing to save: "):
     if scope == "global":
-        mask = _apply(select_experts(agg, cfg, n_layers, n_experts), toggles)
+        mask = apply_toggles(select_experts(agg, cfg, n_layers, n_experts), toggles)
         if mask.count() == 0:
             raise ValueError(
                 "every selected expert was toggled off by hand: toggle one back on or change the rule"
             )
     else:
         batch_masks = {
-            b: _apply(m, pb_toggles.get(int(b), []))
+            b: apply_toggles(m, pb_toggles.get(int(b), []))
             for b, m in select_per_batch(per_batch, cfg, n_layers, n_experts).items()
         }
 
@@ -281,23 +268,23 @@ if mask is not None or batch_masks is not None:
                 )
         if st.button("Save mask", type="primary", icon=":material/save:"):
             with ui.guard("Not saved: "):
-                path = run.path_for("mask", name=name.strip())
-                check_free(path, f"mask {name.strip()!r}", replace)
-                if mask is not None and also_random:
-                    check_free(
-                        run.path_for("mask", name=f"{name.strip()}_random"), "its random baseline", replace
-                    )
-                if mask is not None:
-                    mask.save(path)
-                    msg = f"Saved {mask.count()} experts as {path.name}"
-                    if also_random:
-                        rnd = random_like(mask, seed, exclude=mask)
-                        rnd.meta["baseline_for"] = name
-                        rnd.save(run.path_for("mask", name=f"{name.strip()}_random"))
-                        msg += f" and a random baseline {name.strip()}_random.json"
+                spec = SelectSpec(  # the select step saves (under the run's writer lease), as the CLI does
+                    **{k: v for k, v in dataclasses.asdict(cfg).items() if k in SELECT_FIELDS},
+                    per_batch=scope != "global",
+                    name=name.strip(),
+                    overwrite=replace,
+                    toggles=",".join(toggles) if scope == "global" else None,
+                    batch_toggles=json.dumps(pb_toggles) if scope != "global" and pb_toggles else None,
+                    random_baseline=bool(mask is not None and also_random),
+                )
+                saved_masks = P.select(spec, run)
+                path = run.path_for("mask", name=spec.name)
+                if isinstance(saved_masks, ExpertMask):
+                    msg = f"Saved {saved_masks.count()} experts as {path.name}"
+                    if spec.random_baseline:
+                        msg += f" and a random baseline {spec.name}_random.json"
                 else:
-                    save_batch_masks(path, batch_masks)  # type: ignore[arg-type]
-                    msg = f"Saved {len(batch_masks or {})} per-batch masks as {path.name}"
+                    msg = f"Saved {len(saved_masks)} per-batch masks as {path.name}"
                 ui.flash(msg + ". Next: Training.")
                 st.rerun()
         if mask is not None:

@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("moe_core.cli",),
     ("moe_core.jobs", "moe_core.study", "moe_core.demo", "moe_core.doctor", "moe_core.compat"),
     ("moe_core.pipeline",),
+    ("moe_core.specs",),
     ("moe_core.eval",),
     ("moe_core.train",),
     ("moe_core.analysis",),

@@ -241,6 +241,36 @@ def _check_same_shape(a: ExpertMask, b: ExpertMask) -> None:
         raise MaskError(f"expert masks differ in shape: {a.shape} vs {b.shape}")
 
 
+def parse_toggles(text: str | Iterable[str] | None) -> list[str]:
+    """Hand edits as ``layer:expert`` keys, from ``"3:7,1:2"`` or a list; refused when one is not two integers."""
+    items = text.split(",") if isinstance(text, str) else list(text or [])
+    keys = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+            raise MaskError(f"hand edit {item!r} is not layer:expert (two whole numbers, e.g. 3:7)")
+        keys.append(f"{int(parts[0])}:{int(parts[1])}")
+    return keys
+
+
+def apply_toggles(mask: ExpertMask, keys: Iterable[str]) -> ExpertMask:
+    """The rule's mask with each ``layer:expert`` flipped (on -> off, off -> on); the edits are kept in its meta
+    (``hand_toggled``) so a reloaded mask says it was edited by hand."""
+    keys = parse_toggles(keys)
+    for key in keys:
+        layer, expert = (int(x) for x in key.split(":"))
+        if not (0 <= layer < mask.shape[0] and 0 <= expert < mask.shape[1]):
+            raise MaskError(
+                f"hand edit {key} is outside the model's {mask.shape[0]} layers x {mask.shape[1]} experts"
+            )
+        mask = mask.toggled(layer, expert)
+    if keys:
+        mask.meta["hand_toggled"] = keys
+    return mask
+
+
 def save_batch_masks(path: str | Path, masks: Mapping[int, ExpertMask]) -> Path:
     """Save one mask per analysis batch (keys: batch_idx) in one readable JSON file."""
 

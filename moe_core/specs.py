@@ -1,0 +1,466 @@
+"""One typed spec per pipeline step: the single home of every default, and each spec's command line.
+
+The CLI is generated from these dataclasses (``cli.py``, ``HfArgumentParser``); the pages build the
+same specs and hand them to ``moe_core.pipeline``'s steps or launch them as jobs
+(``moe_core.jobs.start_step``); :func:`to_argv` gives a spec's command line. A default changes here,
+in one place, and every entry point follows."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Optional
+
+from moe_core.analysis.analyse import (
+    AnalysisConfig,
+)
+from moe_core.analysis.masks import (
+    parse_toggles,
+)
+from moe_core.analysis.selection import (
+    METHODS,
+    SelectionConfig,
+)
+from moe_core.errors import MoELabError
+from moe_core.eval.study_summary import STUDY_NAME
+from moe_core.model.backends import Backend
+from moe_core.store.checks import (
+    AT_LEAST_1,
+    JSON_OBJECT,
+    NON_NEGATIVE,
+    POSITIVE,
+    SHARE,
+    check_names,
+    check_range,
+    json_object,
+)
+
+Scope = Literal["prompt", "generated", "response"]
+
+
+Method = Literal["top_n", "threshold", "per_layer", "top_p", "random"]
+
+
+MaskMode = Literal["union", "per_batch"]
+
+
+Baseline = Literal["experts", "full", "random_experts"]
+
+
+Consistency = Literal["none", "forward", "reverse", "symmetric", "js"]
+
+
+assert set(Method.__args__) == set(METHODS), "selection methods and the spec's choices drifted apart"
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A spec field: its default and its CLI help in one place (``aliases`` adds old flag names)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def same_as(cls: type, name: str, **override: Any) -> Any:
+    """Reuse another dataclass's field default (and help): a default is defined only once."""
+    f = cls.__dataclass_fields__[name]
+    meta = {**f.metadata, **override}
+    return field(default=getattr(cls, name, f.default), metadata=meta)
+
+
+def _only_with_vllm(spec: Any) -> tuple[Callable[[Any], bool], str]:
+    """The rule of ``--vllm-url``: it names a vLLM server, so it goes with ``--backend vllm`` only."""
+    return (lambda v: spec.backend == "vllm", "given only with --backend vllm")
+
+
+# -- specs -------------------------------------------------------------------------------------
+@dataclass
+class AnalyseSpec:
+    """Prompts -> mixed batches -> routing -> per-batch risk differences."""
+
+    # prompts and batches
+    safe: Optional[str] = opt(
+        None, "safe prompt file (CSV, TSV, JSON, JSONL, Parquet, .txt one per line) or HF dataset name"
+    )
+    unsafe: Optional[str] = opt(None, "unsafe prompt file or HF dataset name")
+    safe_column: Optional[str] = opt(None, "column holding the safe prompts (auto-detected if omitted)")
+    unsafe_column: Optional[str] = opt(None, "column holding the unsafe prompts (auto-detected if omitted)")
+    pair_by_row: bool = opt(False, "pair safe row i with unsafe row i")
+    demo_sets: bool = opt(False, "use the built-in demo prompt sets (the default when no files are given)")
+    demo_mode: Literal["paired", "unpaired"] = opt(
+        "paired", "demo sets: plain vs jailbroken goals (paired) or benign vs harmful"
+    )
+    limit: Optional[int] = opt(None, "read at most this many prompts per file")
+    batch_size: int = opt(16, "prompts per analysis (= training) batch")
+    safe_ratio: float = opt(0.5, "share of safe prompts in each batch (safe first, then unsafe)")
+    seed: int = opt(0, "seed for batch composition")
+    max_batches: Optional[int] = opt(None, "analyse only the first N batches")
+    # analysis
+    model: Optional[str] = opt(
+        None, "'organism' (default for a new run), a local model directory, or a HF id"
+    )
+    scope: Scope = same_as(
+        AnalysisConfig,
+        "scope",
+        help="tokens whose routing counts: prompt, generated answer, teacher-forced response",
+    )
+    max_new_tokens: int = same_as(AnalysisConfig, "max_new_tokens", help="answer length per prompt")
+    quality_filter: bool = same_as(
+        AnalysisConfig, "quality_filter", help="keep a pair only if safe was refused and unsafe complied"
+    )
+    judge: str = same_as(
+        AnalysisConfig, "judge", help="refusal judge: keyword | http:<url>?model=<model> | hf:<dir>"
+    )
+    chat_template_kwargs: Optional[str] = opt(
+        None,
+        "chat template options as JSON, e.g. '{\"enable_thinking\": false}' "
+        '(Qwen3) or \'{"reasoning_effort": "low"}\' (gpt-oss); kept for training and evaluation',
+    )
+    system_prompt: Optional[str] = same_as(
+        AnalysisConfig,
+        "system_prompt",
+        help="a system turn before every prompt; kept for training and evaluation",
+    )
+    backend: Backend = opt(
+        "hf", "generation: hf (model.generate here) or vllm (a `vllm serve` process; `make vllm`)"
+    )
+    vllm_url: Optional[str] = opt(
+        None, "with --backend vllm: use the server at this URL (.../v1) instead of starting one"
+    )
+    name: Optional[str] = opt(None, "run name")
+    top: int = opt(10, "how many top experts to print")
+
+    def __post_init__(self) -> None:
+        check_range(
+            self,
+            limit=AT_LEAST_1,
+            batch_size=(lambda v: v >= 2, "a whole number >= 2 (safe and unsafe rows)"),
+            safe_ratio=(lambda v: 0 < v < 1, "a share strictly between 0 and 1"),
+            max_batches=(lambda v: v >= 1, ">= 1 (omit it to analyse every batch)"),
+            max_new_tokens=AT_LEAST_1,
+            top=NON_NEGATIVE,
+            vllm_url=_only_with_vllm(self),
+            chat_template_kwargs=JSON_OBJECT,
+        )
+
+    def analysis_config(self) -> AnalysisConfig:
+        return AnalysisConfig(
+            scope=self.scope,
+            max_new_tokens=self.max_new_tokens,
+            quality_filter=self.quality_filter,
+            judge=self.judge,
+            system_prompt=self.system_prompt or None,
+            chat_template_kwargs=json_object(self.chat_template_kwargs),
+        )
+
+
+@dataclass
+class SelectSpec:
+    """Risk table -> expert mask."""
+
+    method: Method = same_as(SelectionConfig, "method", help="selection rule")
+    n: int = same_as(SelectionConfig, "n", help="top_n / random: number of experts")
+    budget: Optional[float] = opt(
+        None, "top_n / random: share of all routed experts, e.g. 0.0625 (overrides n; 0 = use n)"
+    )
+    threshold: float = same_as(
+        SelectionConfig, "threshold", help="minimum score (risk difference) of a candidate"
+    )
+    per_layer_k: int = same_as(SelectionConfig, "per_layer_k", help="per_layer: experts per MoE layer")
+    top_p: float = same_as(SelectionConfig, "top_p", help="top_p: cumulative share of positive risk")
+    min_sign_consistency: Optional[float] = same_as(
+        SelectionConfig,
+        "min_sign_consistency",
+        help="keep experts whose sign consistency across batches is >= this",
+    )
+    score: str = same_as(SelectionConfig, "score", help="column to rank by: risk_diff, t_score, pos_frac")
+    per_batch: bool = opt(False, "one mask per analysis batch instead of one global mask")
+    seed: int = opt(0, "seed of the random baseline")
+    name: str = opt("unsafe_experts", "mask name in the run")
+    overwrite: bool = opt(False, "replace a mask of the same name (otherwise an existing name is refused)")
+    toggles: Optional[str] = opt(
+        None, "hand edits after the rule: layer:expert pairs to flip, e.g. '3:7,1:2'"
+    )
+    batch_toggles: Optional[str] = opt(
+        None, 'with --per-batch: hand edits per batch as JSON, e.g. \'{"0": ["3:7"]}\''
+    )
+    random_baseline: bool = opt(
+        False, "also save as many random experts (never the chosen ones) as <name>_random"
+    )
+
+    def __post_init__(self) -> None:
+        check_range(
+            self,
+            n=AT_LEAST_1,
+            budget=(lambda v: 0 <= v <= 1, "a share in (0, 1] (0 = use --n)"),
+            per_layer_k=AT_LEAST_1,
+            top_p=SHARE,
+            min_sign_consistency=(lambda v: 0 <= v <= 1, "in [0, 1]"),
+        )
+        check_names(self, "name")
+        parse_toggles(self.toggles)  # a malformed edit is refused when the spec is built (CLI parse time)
+        if self.batch_toggles is not None:
+            check_range(self, batch_toggles=JSON_OBJECT)
+
+    def selection_config(self, total_experts: int | None = None) -> SelectionConfig:
+        """The library config; ``budget`` becomes ``n`` given the model's number of routed experts."""
+        keys = {f.name for f in fields(SelectionConfig)}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in keys}
+        if self.budget:
+            if not 0 < self.budget <= 1 or not total_experts:
+                raise MoELabError(
+                    f"budget must be a share in (0, 1] of the routed experts (got {self.budget})"
+                )
+            values["n"] = max(1, round(self.budget * total_experts))
+        return SelectionConfig(**values)
+
+
+@dataclass
+class TrainSpec:
+    """SFT set from the analysis batches -> train only the chosen experts."""
+
+    mask: str = opt("unsafe_experts", "mask name in the run (from `select`)")
+    mask_mode: MaskMode = opt("union", "one mask for every step, or each analysis batch's own mask")
+    baseline: Baseline = opt(
+        "experts", "what to train: the chosen experts, everything, or as many random experts"
+    )
+    lr: float = opt(1e-3, "learning rate")
+    epochs: float = opt(3.0, "epochs over the analysis batches")
+    weight_decay: float = opt(0.0, "AdamW weight decay (frozen experts never move)")
+    train_router: bool = opt(False, "train the routers too")
+    router_consistency: Consistency = opt("none", "KL between a batch's mean safe and unsafe routing")
+    router_consistency_weight: float = opt(0.1, "weight of that loss")
+    max_length: int = opt(512, "max tokens per training example")
+    monitor_batches: bool = opt(
+        False,
+        "print the seed's per-step line 'Current training batch contains samples "
+        "from batches: [k]' (the app's live batch monitor reads it)",
+    )
+    seed: int = opt(0, "training seed (batch order, random baseline draw)")
+    name: Optional[str] = opt(None, "name of this training in the run (default from mask/baseline)")
+    model: Optional[str] = opt(None, "model to train (default: the run's model)")
+    checkpoint_every: int = opt(
+        10, "save a resumable checkpoint every N steps (a killed training resumes from it)"
+    )
+    overwrite: bool = opt(
+        False,
+        "replace a finished training of the same name, or discard an unfinished one "
+        "with other settings (otherwise refused; an unfinished one with the same settings resumes)",
+    )
+
+    def __post_init__(self) -> None:
+        check_range(
+            self,
+            lr=POSITIVE,
+            epochs=POSITIVE,
+            weight_decay=NON_NEGATIVE,
+            router_consistency_weight=NON_NEGATIVE,
+            max_length=(lambda v: v >= 8, "a whole number >= 8"),
+            checkpoint_every=AT_LEAST_1,
+            mask_mode=(
+                lambda v: v == "union" or self.baseline != "full",
+                "union with --baseline full (it trains every parameter)",
+            ),
+        )
+        check_names(self, "mask", "name")
+
+    def training_name(self) -> str:
+        return self.name or (f"experts-{self.mask}" if self.baseline == "experts" else self.baseline)
+
+
+@dataclass
+class EvaluateSpec:
+    """Base vs every trained model of the run (and steering) on held-out prompts."""
+
+    steer_mask: Optional[str] = opt(None, "also evaluate the base model with this mask's experts steered off")
+    eval_limit: Optional[int] = opt(None, "at most this many prompts per evaluation set")
+    templates_per_goal: int = opt(
+        4, "jailbreak wrappers per held-out goal, drawn from all templates (0 = every one)"
+    )
+    max_new_tokens: int = opt(48, "answer length", aliases=["--eval-max-new-tokens"])
+    judge: str = opt("keyword", "refusal judge (see analyze --judge)", aliases=["--eval-judge"])
+    shift: bool = opt(False, "also re-run the analysis on each trained model (routing shift)")
+    name: str = opt("comparison", "name of this evaluation in the run")
+    model: Optional[str] = opt(None, "base model (default: the run's model)")
+    overwrite: bool = opt(
+        False, "replace an evaluation of the same name (otherwise an existing name is refused)"
+    )
+    backend: Backend = same_as(
+        AnalyseSpec, "backend", help="generation of unsteered models: hf or vllm (steering: always hf)"
+    )
+    vllm_url: Optional[str] = same_as(
+        AnalyseSpec, "vllm_url", help="with --backend vllm: a server of the base model"
+    )
+
+    def __post_init__(self) -> None:
+        check_range(
+            self,
+            eval_limit=AT_LEAST_1,
+            templates_per_goal=(lambda v: v >= 0, "a whole number >= 0"),
+            max_new_tokens=AT_LEAST_1,
+            vllm_url=_only_with_vllm(self),
+        )
+        check_names(self, "name", "steer_mask")
+
+
+@dataclass
+class DemoSpec(AnalyseSpec):
+    """The whole pipeline on the organism: analyse, select, train + baselines, evaluate."""
+
+    name: Optional[str] = opt("demo", "run name")
+    mask_name: str = same_as(SelectSpec, "name", help="mask name in the run")
+    method: Method = same_as(SelectSpec, "method")
+    n: int = same_as(SelectSpec, "n")
+    # 1/16 of all routed experts: the issue's budget target; on the organism (6 x 64, top-8) that is
+    # 24 experts, where chosen experts fix held-out jailbreaks and random ones do not (README, study).
+    budget: Optional[float] = opt(1 / 16, SelectSpec.__dataclass_fields__["budget"].metadata["help"])
+    per_layer_k: int = same_as(SelectSpec, "per_layer_k")
+    per_batch: bool = same_as(SelectSpec, "per_batch")
+    mask_mode: MaskMode = same_as(TrainSpec, "mask_mode")
+    lr: float = same_as(TrainSpec, "lr")
+    epochs: float = same_as(TrainSpec, "epochs")
+    weight_decay: float = same_as(TrainSpec, "weight_decay")
+    router_consistency: Consistency = same_as(TrainSpec, "router_consistency")
+    router_consistency_weight: float = same_as(TrainSpec, "router_consistency_weight")
+    eval_limit: Optional[int] = same_as(EvaluateSpec, "eval_limit")
+    skip_training: bool = opt(False, "stop after expert selection")
+    overwrite: bool = opt(
+        False, "re-running the demo on a run (--run): replace its mask, trainings and evaluation"
+    )
+
+    def __post_init__(self) -> None:
+        """Every setting checked now, by the specs of the steps it feeds (each rule is written once)."""
+        super().__post_init__()
+        self.select_spec(), self.train_spec("experts"), self.evaluate_spec()
+
+    def select_spec(self) -> SelectSpec:
+        return SelectSpec(
+            method=self.method,
+            n=self.n,
+            budget=self.budget,
+            per_layer_k=self.per_layer_k,
+            per_batch=self.per_batch,
+            seed=self.seed,
+            name=self.mask_name,
+            overwrite=self.overwrite,
+        )
+
+    def train_spec(self, baseline: str) -> TrainSpec:
+        return TrainSpec(
+            mask=self.mask_name,
+            mask_mode=self.mask_mode if baseline != "full" else "union",
+            baseline=baseline,
+            lr=self.lr,
+            epochs=self.epochs,
+            weight_decay=self.weight_decay,
+            router_consistency=self.router_consistency,
+            router_consistency_weight=self.router_consistency_weight,
+            seed=self.seed,
+            overwrite=self.overwrite,
+        )
+
+    def evaluate_spec(self) -> EvaluateSpec:
+        return EvaluateSpec(
+            steer_mask=self.mask_name,
+            eval_limit=self.eval_limit,
+            overwrite=self.overwrite,
+            backend=self.backend,
+            vllm_url=self.vllm_url,
+        )
+
+
+BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4)  # shares of all routed experts the study trains
+
+
+@dataclass
+class StudySpec:
+    """Chosen vs random experts over expert budgets and seeds, with full fine-tuning and steering."""
+
+    budgets: list[float] = field(
+        default_factory=lambda: list(BUDGETS), metadata={"help": "shares of all routed experts to train"}
+    )
+    random_draws: int = opt(5, "uniform random draws per budget and seed")
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2],
+        metadata={"help": "organism training seed = batch seed = random-draw seed"},
+    )
+    model: Optional[str] = opt(
+        None, "a model directory to study (default: the organism built with each seed)"
+    )
+    steering: bool = opt(True, "also steer the chosen experts off / the safest on at the router, untrained")
+    full: bool = opt(True, "also fine-tune every parameter (budget 1.0)")
+    quick: bool = opt(False, "1 seed, budgets 1/32 and 1/16, 2 draws: a few minutes")
+    scope: Scope = same_as(DemoSpec, "scope")
+    max_batches: Optional[int] = same_as(DemoSpec, "max_batches")
+    lr: float = same_as(DemoSpec, "lr")
+    epochs: float = same_as(DemoSpec, "epochs")
+    eval_limit: Optional[int] = same_as(EvaluateSpec, "eval_limit")
+    templates_per_goal: int = same_as(EvaluateSpec, "templates_per_goal")
+    max_new_tokens: int = opt(16, "answer length in the evaluation (the judge reads how an answer opens)")
+    name: str = opt(STUDY_NAME, "name of this study in the run")
+    backend: Backend = same_as(DemoSpec, "backend", help="generation in each seed's analysis: hf or vllm")
+    vllm_url: Optional[str] = same_as(DemoSpec, "vllm_url")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def effective(self) -> StudySpec:
+        """The spec with ``quick`` applied."""
+        if not self.quick:
+            return self
+        return StudySpec(
+            **{
+                **dataclasses.asdict(self),
+                "budgets": [1 / 32, 1 / 16],
+                "random_draws": 2,
+                "seeds": self.seeds[:1],
+                "quick": False,
+            }
+        )
+
+    def validate(self) -> None:
+        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
+            raise MoELabError(f"budgets must be shares in (0, 1]; got {self.budgets}")
+        check_range(
+            self,
+            seeds=(len, "at least one seed"),
+            random_draws=AT_LEAST_1,
+            lr=POSITIVE,
+            epochs=POSITIVE,
+            max_new_tokens=AT_LEAST_1,
+            eval_limit=AT_LEAST_1,
+            max_batches=AT_LEAST_1,
+            templates_per_goal=NON_NEGATIVE,
+        )
+
+
+COMMANDS: dict[str, type] = {
+    "analyze": AnalyseSpec,
+    "select": SelectSpec,
+    "train": TrainSpec,
+    "evaluate": EvaluateSpec,
+    "demo": DemoSpec,
+    "study": StudySpec,
+}
+
+
+def command_of(spec: Any) -> str:
+    """The CLI subcommand that runs ``spec``."""
+    for name in (n for n, cls in COMMANDS.items() if type(spec) is cls):
+        return name
+    raise MoELabError(f"{type(spec).__name__} is not a pipeline step spec")
+
+
+def to_argv(spec: Any) -> list[str]:
+    """The CLI flags that reproduce ``spec`` (only values that differ from the defaults)."""
+    out: list[str] = []
+    for f in fields(spec):
+        value, default = getattr(spec, f.name), f.default
+        if value == default or value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            out += [flag] if value else [flag, "false"]
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return out
