@@ -32,7 +32,9 @@ def _modules() -> list[Path]:
 
 def _statement_lines(text: str) -> list[int]:
     """The line on which each logical line (statement) ends."""
-    return [t.start[0] for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.NEWLINE]
+    return [
+        t.start[0] for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.NEWLINE
+    ]
 
 
 def _module_excused(tree: ast.Module, lines: list[str]) -> bool:
