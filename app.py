@@ -5,7 +5,7 @@
 Streamlit's classic multipage layout: this entry script is Home (the one-click demo and where the
 open run stands) and every file in ``pages/`` is one page with its own URL: Data & batches
 (``/data``), Analysis, Heatmaps, Experts, Training, Evaluation, Present, Runs. Every page, this
-one included, starts with ``app_ui.setup()``: the shared sidebar (navigation, the run picker, the
+one included, starts with ``ui.setup()``: the shared sidebar (navigation, the run picker, the
 run's model, the device, new/open run), so a page opened directly by URL or reloaded shows the
 same sidebar and the same run. The open run is in the URL (``?run=<run id>``). Runs live under
 ``$MOE_LAB_RUNS`` (default ``./runs``). Long steps run as background jobs (``moe_core.jobs``):
@@ -18,14 +18,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:  # pages import moe_core and app_ui from the repo root
+if str(ROOT) not in sys.path:  # pages import moe_core and ui from the repo root
     sys.path.insert(0, str(ROOT))
 
 from typing import Any  # noqa: E402
 
 import streamlit as st  # noqa: E402
 
-import app_ui as ui  # noqa: E402
+import ui  # noqa: E402
 from moe_core import jobs
 from moe_core.errors import MoELabError
 from moe_core.pipeline import DemoSpec, StudySpec

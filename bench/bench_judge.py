@@ -5,7 +5,7 @@
     .venv/bin/python bench/bench_judge.py --judge "http://localhost:8000/v1?model=NAME"
     .venv/bin/python bench/bench_judge.py --json out.json --show-misses
 
-Rows: moe_core/data/judge_labelled.jsonl (or --data FILE): prompt, response, label (refusal /
+Rows: moe_core/resources/judge_labelled.jsonl (or --data FILE): prompt, response, label (refusal /
 compliance / partial), refusal (1 only for "refusal": a partial answer counts as compliance),
 category (the kind of answer), split (dev: tuned on; test: written before the judge and never tuned
 on), source (v1: the first 191 rows; v2: realistic answers in the styles of Llama-2, Vicuna, Mistral,

@@ -1,7 +1,7 @@
 """MoE Safety Lab core: find the experts of a Mixture-of-Experts LLM that fire when it behaves
 unsafely, and fine-tune only those experts.
 
-Data flows one way, each arrow a file in the run directory (see ``runs.py``):
+Data flows one way, each arrow a file in the run directory (``store/run.py``); the layers are in docs/ARCHITECTURE.md:
 prompts -> BatchPlan -> routing records -> risk tables -> ExpertMask -> SFT dataset ->
 trained experts -> evaluation.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -28,20 +29,25 @@ from transformers import HfArgumentParser
 
 from moe_core import pipeline as P
 from moe_core.analysis.analyse import finalize_analysis
+from moe_core.demo import Stage, run_demo
 from moe_core.doctor import diagnose
 from moe_core.errors import MoELabError
 from moe_core.eval.evaluation import to_markdown
 from moe_core.eval.study_summary import headline, summary_markdown
 from moe_core.model.adapter import apply_cpu_thread_policy, load_model
 from moe_core.model.loading import ORGANISM, model_dir
+from moe_core.store.checks import json_object
 from moe_core.store.events import JobStopped
 from moe_core.store.files import os_error_message, read_parquet
 from moe_core.store.lease import RunBusyError, holder, secondary_rank, step_outcome
 from moe_core.store.manifest import default_runs_root, list_runs
+from moe_core.store.run import Run
 from moe_core.study import new_study_run, run_study
 from moe_core.train.expert_rows import apply_expert_delta, save_merged
+from moe_core.train.hf_args import LOCKED, changed, cli_dataclass
 
 log = logging.getLogger("moe_core")
+HF_TRAINING_ARGS = cli_dataclass()  # every open TrainingArguments field as a flag of `train`
 
 ORGANISM = ORGANISM
 
@@ -223,20 +229,19 @@ def demo(spec: P.DemoSpec, args: argparse.Namespace) -> Any:
     With ``--job NAME`` each stage is its own job (``NAME``, ``NAME-train-<baseline>``,
     ``NAME-eval``); a stop request on any of them ends the demo there.
     """
-    run = analyze(spec, args)
-    if run is None:
-        return None
-    args.run = str(run.path)
-    select(spec.select_spec(), args)
-    if not spec.skip_training:
-        for baseline in ("experts", "random_experts", "full"):
-            stage = argparse.Namespace(**{**vars(args), "job": _sub_job(args.job, f"train-{baseline}")})
-            if train(spec.train_spec(baseline), stage) is None:
-                return None
-        stage = argparse.Namespace(**{**vars(args), "job": _sub_job(args.job, "eval")})
-        if evaluate(spec.evaluate_spec(), stage) is None:
-            return None
-    print(f"\nrun directory: {run.path}")
+    commands = {"analyze": analyze, "select": select, "train": train, "evaluate": evaluate}
+
+    def run_stage(stage: Stage, run: Run | None) -> tuple[Run | None, Any]:
+        job = args.job if stage.job_suffix is None else _sub_job(args.job, stage.job_suffix)
+        stage_args = argparse.Namespace(**{**vars(args), "job": job})
+        if run is not None:
+            stage_args.run = str(run.path)
+        result = commands[stage.command](stage.spec, stage_args)
+        return (result if stage.command == "analyze" else run), result
+
+    run = run_demo(spec, run_stage)
+    if run is not None:
+        print(f"\nrun directory: {run.path}")
     return run
 
 
@@ -359,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command, cls in P.COMMANDS.items():
         sp = add(
             command,
-            dataclass_types=[cls],
+            dataclass_types=[cls, HF_TRAINING_ARGS] if command == "train" else [cls],
             help=cls.__doc__.splitlines()[0],
             description=cls.__doc__.splitlines()[0],
         )
@@ -373,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--job", help="also write job events/status into the run under this name (used by the app)"
         )
         sp.set_defaults(spec_class=cls)
+        if command == "train":
+            for name, reason in LOCKED.items():  # refused with the reason, not "unrecognized arguments"
+                flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
+                sp.add_argument(*flags, action=_Locked, nargs="?", help=argparse.SUPPRESS, reason=reason)
     x = add("apply-delta", help="apply a trained expert delta to a base model and save the merged model")
     x.add_argument("--base", required=True, help="base model directory (or 'organism')")
     x.add_argument("--delta", required=True, help="expert_delta.safetensors from a training")
@@ -387,10 +396,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Locked(argparse.Action):
+    """A TrainingArguments flag the method fixes: using it is a one-line error saying why."""
+
+    def __init__(self, *args: Any, reason: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        parser.error(f"{self.option_strings[0]} is fixed by the method: {self.reason}")
+
+
 def spec_from_args(args: argparse.Namespace) -> Any:
-    """The step spec a parsed command line describes."""
+    """The step spec a parsed command line describes (``train``: Hugging Face flags into training_args)."""
     cls = args.spec_class
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+    values = {f.name: getattr(args, f.name) for f in fields(cls)}
+    if cls is P.TrainSpec:
+        given = {f.name: getattr(args, f.name) for f in fields(HF_TRAINING_ARGS)}
+        unset = HfArgumentParser([HF_TRAINING_ARGS]).parse_args_into_dataclasses([])[0]
+        flags = changed(HF_TRAINING_ARGS(**given), unset)
+        if flags:  # flags win over the same keys in --training-args
+            merged = {**(json_object(values["training_args"]) or {}), **flags}
+            values["training_args"] = json.dumps(merged, sort_keys=True, default=str)
+    return cls(**values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ job, and the same job can be started from a terminal with the CLI.
     start_job(run, "analysis", ...)         # resume: the analysis skips finished batches
 
 ``start_job`` refuses to start a second live job of the same name in a run and returns the
-existing one instead; while another job writes the run (``run_lock``) it raises ``JobLaunchError``
+existing one instead; while another job writes the run (``store.lease``) it raises ``JobLaunchError``
 saying which job holds it. ``check_model_source`` validates a model choice (local dir / HF id) from
 its config alone, so the page can show a clear error before anything is launched.
 """

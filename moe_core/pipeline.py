@@ -20,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_core.analysis.analyse import (
     AnalysisConfig,
@@ -47,7 +47,7 @@ from moe_core.batching.batches import compose_batches
 from moe_core.batching.demo_prompts import demo_sets
 from moe_core.batching.plan import BatchPlan, BatchPlanError, load_plan, save_plan
 from moe_core.batching.prompts import load_prompts, pair_by_row
-from moe_core.batching.validation import check
+from moe_core.batching.validation import Issue, check
 from moe_core.errors import MoELabError
 from moe_core.eval.evaluation import (
     EvalEntry,
@@ -85,7 +85,8 @@ from moe_core.store.manifest import default_runs_root
 from moe_core.store.provenance import model_info_of, plan_source, record
 from moe_core.store.run import Run
 from moe_core.train.step import run_train
-from moe_core.types import Progress, ShouldStop
+from moe_core.train.training import TrainingResult
+from moe_core.types import Progress, PromptItem, ShouldStop
 
 __all__ = [  # the specs (defined in moe_core.specs) and the steps: what README's Python section uses
     "COMMANDS",
@@ -125,7 +126,7 @@ def open_run(path: str | Path, runs_root: str | Path | None = None) -> Run:
 
 
 # -- analyse -----------------------------------------------------------------------------------
-def prompt_sets(spec: AnalyseSpec) -> tuple[list, list]:
+def prompt_sets(spec: AnalyseSpec) -> tuple[list[PromptItem], list[PromptItem]]:
     """The safe and unsafe prompt sets a spec names (built-in demo sets when no file is given)."""
 
     if spec.demo_sets or not (spec.safe or spec.unsafe):
@@ -141,7 +142,7 @@ def prompt_sets(spec: AnalyseSpec) -> tuple[list, list]:
     return safe, unsafe
 
 
-def compose(spec: AnalyseSpec) -> Any:
+def compose(spec: AnalyseSpec) -> BatchPlan:
     """The spec's batch plan (``max_batches`` keeps the first N batches)."""
 
     if spec.max_batches is not None and spec.max_batches < 1:
@@ -159,7 +160,7 @@ def compose(spec: AnalyseSpec) -> Any:
 
 def analysis_run(
     spec: AnalyseSpec, run: str | Path | Run | None = None, runs_root: str | Path | None = None
-) -> tuple[Run, Any]:
+) -> tuple[Run, BatchPlan | None]:
     """Open the run to resume (its saved plan) or create one for ``spec`` with its plan -> (run, plan | None).
 
     The plan is composed before the run is created, so a bad prompt file leaves no empty run. A resume
@@ -196,8 +197,8 @@ def analyse(
     runs_root: str | Path | None = None,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
-    plan: Any = None,
-    loaded: tuple[Any, Any] | None = None,
+    plan: BatchPlan | None = None,
+    loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
 ) -> Run:
     """Run (or resume) the analysis of ``spec``; returns the run holding its risk tables.
 
@@ -231,7 +232,7 @@ def analyse(
 
 # -- select ------------------------------------------------------------------------------------
 @writes_run("select")
-def select(spec: SelectSpec, run: Run) -> Any:
+def select(spec: SelectSpec, run: Run) -> ExpertMask | dict[int, ExpertMask]:
     """Choose experts from the run's risk table -> the saved ``ExpertMask`` (or per-batch masks)."""
 
     if not run.path_for("risk_aggregated").exists():
@@ -246,7 +247,7 @@ def select(spec: SelectSpec, run: Run) -> Any:
     if spec.random_baseline:
         check_free(baseline, f"random baseline {baseline.stem!r}", spec.overwrite)
     if spec.per_batch:
-        edits = json_object(spec.batch_toggles)
+        edits = json_object(spec.batch_toggles) or {}
         masks = {
             b: apply_toggles(m, edits.get(str(b), []))
             for b, m in select_per_batch(read_parquet(run.path_for("risk_per_batch")), cfg, nl, ne).items()
@@ -271,7 +272,7 @@ def select(spec: SelectSpec, run: Run) -> Any:
 
 # -- train -------------------------------------------------------------------------------------
 @writes_run("train")
-def train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Any:
+def train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> TrainingResult:
     """Train what ``spec`` names on the run's analysis batches into train/<name>/ (``moe_core.train.step``).
 
     Checked before the model loads; built in a stage folder with checkpoints and committed whole, so a
@@ -282,7 +283,7 @@ def train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Any:
 
 
 # -- evaluate ----------------------------------------------------------------------------------
-def eval_entries(spec: EvaluateSpec, run: Run) -> list:
+def eval_entries(spec: EvaluateSpec, run: Run) -> list[EvalEntry]:
     """Base model, every finished training of the run, and the base model steered by ``steer_mask``."""
 
     base_dir = model_dir(model_of(run, spec.model))
@@ -300,7 +301,7 @@ def eval_entries(spec: EvaluateSpec, run: Run) -> list:
 
 
 @writes_run("evaluate")
-def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> Any:
+def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> pd.DataFrame:
     """Evaluate base vs trained (vs steered) models; saves responses and summary into the run -> table."""
 
     check_evaluation_free(
@@ -376,7 +377,7 @@ def can_undo_draft_plan(run: Run) -> bool:
 
 
 @writes_run("plan")
-def commit_plan(plan: BatchPlan, run: Run) -> list[Any]:
+def commit_plan(plan: BatchPlan, run: Run) -> list[Issue]:
     """Save ``plan`` as the run's plan.json (the one the analysis reads); returns the plan's warnings.
 
     Refused once the run has analysed batches of another plan: their routing would no longer match."""

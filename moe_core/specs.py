@@ -18,13 +18,12 @@ from moe_core.analysis.analyse import (
 from moe_core.analysis.masks import (
     parse_toggles,
 )
-from moe_core.analysis.selection import (
-    METHODS,
-    SelectionConfig,
-)
+from moe_core.analysis.selection import METHODS, SelectionConfig, budget_config, experts_for_budget
 from moe_core.errors import MoELabError
 from moe_core.eval.study_summary import STUDY_NAME
+from moe_core.judge.judges import DEFAULT_JUDGE
 from moe_core.model.backends import Backend
+from moe_core.model.generation import MAX_NEW_TOKENS
 from moe_core.store.checks import (
     AT_LEAST_1,
     JSON_OBJECT,
@@ -35,6 +34,8 @@ from moe_core.store.checks import (
     check_range,
     json_object,
 )
+from moe_core.train.hf_args import check_training_args
+from moe_core.train.sft import MAX_LENGTH
 
 Scope = Literal["prompt", "generated", "response"]
 
@@ -159,7 +160,9 @@ class SelectSpec:
     method: Method = same_as(SelectionConfig, "method", help="selection rule")
     n: int = same_as(SelectionConfig, "n", help="top_n / random: number of experts")
     budget: Optional[float] = opt(
-        None, "top_n / random: share of all routed experts, e.g. 0.0625 (overrides n; 0 = use n)"
+        None,
+        "share of all routed experts, e.g. 0.0625: exactly that many top experts whatever their score "
+        "(top_n; overrides n and threshold) or that many random ones (random); 0 = use n",
     )
     threshold: float = same_as(
         SelectionConfig, "threshold", help="minimum score (risk difference) of a candidate"
@@ -204,12 +207,10 @@ class SelectSpec:
         """The library config; ``budget`` becomes ``n`` given the model's number of routed experts."""
         keys = {f.name for f in fields(SelectionConfig)}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k in keys}
+        if self.budget and self.method == "top_n":
+            return budget_config(self.budget, total_experts or 0, **values)
         if self.budget:
-            if not 0 < self.budget <= 1 or not total_experts:
-                raise MoELabError(
-                    f"budget must be a share in (0, 1] of the routed experts (got {self.budget})"
-                )
-            values["n"] = max(1, round(self.budget * total_experts))
+            values["n"] = experts_for_budget(self.budget, total_experts or 0)
         return SelectionConfig(**values)
 
 
@@ -222,13 +223,15 @@ class TrainSpec:
     baseline: Baseline = opt(
         "experts", "what to train: the chosen experts, everything, or as many random experts"
     )
-    lr: float = opt(1e-3, "learning rate")
-    epochs: float = opt(3.0, "epochs over the analysis batches")
+    lr: float = opt(1e-3, "learning rate", aliases=["--learning-rate", "--learning_rate"])
+    epochs: float = opt(
+        3.0, "epochs over the analysis batches", aliases=["--num-train-epochs", "--num_train_epochs"]
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay (frozen experts never move)")
     train_router: bool = opt(False, "train the routers too")
     router_consistency: Consistency = opt("none", "KL between a batch's mean safe and unsafe routing")
     router_consistency_weight: float = opt(0.1, "weight of that loss")
-    max_length: int = opt(512, "max tokens per training example")
+    max_length: int = opt(MAX_LENGTH, "max tokens per training example")
     monitor_batches: bool = opt(
         False,
         "print the seed's per-step line 'Current training batch contains samples "
@@ -245,8 +248,16 @@ class TrainSpec:
         "replace a finished training of the same name, or discard an unfinished one "
         "with other settings (otherwise refused; an unfinished one with the same settings resumes)",
     )
+    training_args: Optional[str] = opt(
+        None,
+        "more Hugging Face TrainingArguments as a JSON object, e.g. "
+        '\'{"bf16": true, "warmup_steps": 0.1, "lr_scheduler_type": "cosine"}\' (each is also a flag of '
+        "its own: --bf16, --warmup_steps 0.1, ...); settings that would break the method are refused",
+    )
 
     def __post_init__(self) -> None:
+        check_range(self, training_args=JSON_OBJECT)
+        check_training_args(json_object(self.training_args))
         check_range(
             self,
             lr=POSITIVE,
@@ -275,8 +286,8 @@ class EvaluateSpec:
     templates_per_goal: int = opt(
         4, "jailbreak wrappers per held-out goal, drawn from all templates (0 = every one)"
     )
-    max_new_tokens: int = opt(48, "answer length", aliases=["--eval-max-new-tokens"])
-    judge: str = opt("keyword", "refusal judge (see analyze --judge)", aliases=["--eval-judge"])
+    max_new_tokens: int = opt(MAX_NEW_TOKENS, "answer length", aliases=["--eval-max-new-tokens"])
+    judge: str = opt(DEFAULT_JUDGE, "refusal judge (see analyze --judge)", aliases=["--eval-judge"])
     shift: bool = opt(False, "also re-run the analysis on each trained model (routing shift)")
     name: str = opt("comparison", "name of this evaluation in the run")
     model: Optional[str] = opt(None, "base model (default: the run's model)")

@@ -30,14 +30,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from moe_core import pipeline as P
 from moe_core.analysis.analyse import load_batch_data_list
 from moe_core.analysis.masks import ExpertMask
 from moe_core.analysis.selection import (
-    SelectionConfig,
+    budget_config,
     random_experts,
     random_layer_matched,
     select_experts,
@@ -164,9 +163,9 @@ def _organism(seed: int, progress: Progress | None) -> str:
 def _masks(lab: _Lab, budget: float) -> tuple[int, Any, Any]:
     """(N, chosen mask, safest mask) for a budget: top-N by risk difference and by its negative."""
 
-    n = max(1, round(budget * lab.total_experts))
     agg, nl, ne = lab.risk, lab.adapter.num_layers, lab.adapter.num_experts
-    chosen = select_experts(agg, SelectionConfig(method="top_n", n=n, threshold=-np.inf), nl, ne)
+    config = budget_config(budget, lab.total_experts)
+    n, chosen = config.n, select_experts(agg, config, nl, ne)
     # Forcing experts on can use at most top_k slots per layer: the safest N, at most top_k per layer.
     ranked = agg.sort_values(["risk_diff", "layer", "expert"])
     capped = ranked[ranked.groupby("layer").cumcount() < lab.adapter.top_k].head(n)

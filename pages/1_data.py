@@ -11,7 +11,7 @@ import hashlib
 
 import streamlit as st
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core import pipeline as P
 from moe_core.batching import batches as bp
 from moe_core.batching.demo_prompts import demo_sets
@@ -270,9 +270,10 @@ current_source = source_description(mode, demo_mode, safe, unsafe)
 with st.container(border=True):
     st.subheader("2. Compose batches")
     c1, c2, c3, c4 = st.columns(4)
-    batch_size = int(c1.number_input("Batch size", 2, 512, 16, key="batch_size"))
-    safe_ratio = float(c2.slider("Safe ratio", 0.05, 0.95, 0.5, 0.05, key="safe_ratio"))
-    seed = int(c3.number_input("Seed", 0, 2**31 - 1, 0, key="seed"))
+    d = P.AnalyseSpec()  # the defaults, defined once in moe_core.specs
+    batch_size = int(c1.number_input("Batch size", 2, 512, d.batch_size, key="batch_size"))
+    safe_ratio = float(c2.slider("Safe ratio", 0.05, 0.95, d.safe_ratio, 0.05, key="safe_ratio"))
+    seed = int(c3.number_input("Seed", 0, 2**31 - 1, d.seed, key="seed"))
     shuffle = c4.checkbox("Shuffle", True, key="shuffle")
     with ui.guard():
         n_s, n_u = split_counts(batch_size, safe_ratio)

@@ -6,7 +6,7 @@ import json
 
 import streamlit as st
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core import jobs
 from moe_core.analysis.analyse import analysis_config_of
 from moe_core.model.loading import ORGANISM

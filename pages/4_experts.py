@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core import pipeline as P
 from moe_core.analysis.masks import ExpertMask, apply_toggles
 from moe_core.analysis.risk import risk_matrix

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import re
+import typing
 
 import pandas as pd
 import streamlit as st
+from transformers.trainer_utils import SchedulerType
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core import jobs
 from moe_core.errors import MoELabError
 from moe_core.eval import charts
 from moe_core.pipeline import TrainSpec
+from moe_core.specs import Consistency
 from moe_core.store.checks import check_free
 from moe_core.store.jobs import job_events, loss_points, read_job
+from moe_core.train.hf_args import default_of, open_fields
 from moe_core.train.step import stage_of
 
 JOB = "train"
@@ -22,12 +27,31 @@ BASELINES = {
     "full": "full fine-tuning (baseline)",
     "random_experts": "as many random experts (baseline)",
 }
-CONSISTENCY = {
+CONSISTENCY = {  # every choice of the spec's Consistency (checked below), in words
     "none": "none",
     "forward": "KL(safe || unsafe)",
     "reverse": "KL(unsafe || safe)",
     "symmetric": "symmetric KL",
+    "js": "Jensen-Shannon",
 }
+assert set(CONSISTENCY) == set(typing.get_args(Consistency)), "the page's consistency choices drifted"
+
+SCHEDULERS = [s.value for s in SchedulerType]
+
+
+def _training_args(hf: dict, other: str, defaults: dict) -> str | None:
+    """The advanced settings that differ from our defaults, plus the JSON box, as the spec's JSON text."""
+    values = {k: v for k, v in hf.items() if v != defaults[k]}
+    if other.strip():
+        try:
+            extra = json.loads(other)
+        except ValueError as e:
+            raise MoELabError(f"other training arguments are not valid JSON ({e})") from None
+        if not isinstance(extra, dict):
+            raise MoELabError('other training arguments must be a JSON object, e.g. {"optim": "adamw_torch"}')
+        values.update(extra)
+    return json.dumps(values, sort_keys=True) if values else None
+
 
 ui.setup("Training")
 st.title("Training")
@@ -86,6 +110,36 @@ with st.container(border=True):
             disabled=rc == "none",
         )
     )
+    with st.expander("Advanced: more training settings (Hugging Face TrainingArguments)"):
+        a1, a2, a3, a4 = st.columns(4)
+        wd = float(a1.number_input("Weight decay", 0.0, 10.0, d.weight_decay, 0.01, key="tr_wd"))
+        seed = int(a2.number_input("Seed", 0, 2**31 - 1, d.seed, key="tr_seed"))
+        max_length = int(a3.number_input("Max tokens per example", 8, 32768, d.max_length, key="tr_maxlen"))
+        train_router = a4.checkbox("Train the routers too", d.train_router, key="tr_router")
+        h = {f.name: default_of(f) for f in open_fields()}  # our defaults for Hugging Face's arguments
+        b1, b2, b3, b4 = st.columns(4)
+        hf = {
+            "bf16": b1.checkbox("bf16 mixed precision", h["bf16"], key="tr_bf16"),
+            "warmup_steps": float(
+                b2.number_input(
+                    "Warmup (steps, or a share < 1)", 0.0, 1e6, float(h["warmup_steps"]), key="tr_warm"
+                )
+            ),
+            "lr_scheduler_type": b3.selectbox(
+                "Scheduler", SCHEDULERS, SCHEDULERS.index(h["lr_scheduler_type"]), key="tr_sched"
+            ),
+            "max_grad_norm": float(
+                b4.number_input("Max grad norm", 0.0, 1e6, float(h["max_grad_norm"]), key="tr_gradnorm")
+            ),
+        }
+        other = st.text_area(
+            "Other TrainingArguments (JSON object)",
+            "",
+            key="tr_hfjson",
+            placeholder='{"optim": "adamw_torch", "adam_beta2": 0.95}',
+            help="Any open field of transformers' TrainingArguments; those that would break the method "
+            "(batch size, gradient accumulation, output folder, hub upload, ...) are refused with the reason.",
+        )
     spec = None
     with ui.guard(
         "Not ready: "
@@ -99,6 +153,11 @@ with st.container(border=True):
             epochs=epochs,
             router_consistency=rc,
             router_consistency_weight=rcw,
+            weight_decay=wd,
+            seed=seed,
+            max_length=max_length,
+            train_router=train_router,
+            training_args=_training_args(hf, other, h),
         )
     out = run.path_for("train", name=spec.training_name()) if spec else None
     if out is not None and out.exists():  # no silent overwrite: replaced only when the user ticks this

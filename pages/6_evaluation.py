@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core import jobs
 from moe_core.analysis.risk import risk_matrix
 from moe_core.eval import charts
@@ -127,7 +127,7 @@ with st.container(border=True):
         )
     quick = st.toggle(
         "Quick setting (1 seed, 2 budgets, 2 draws: minutes instead of about an hour)",
-        True,
+        StudySpec().quick,
         key="ev_study_quick",
     )
     study_job = read_job(run.path, STUDY_JOB)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core.analysis.risk import risk_matrix
 from moe_core.eval import charts
 from moe_core.eval.evaluation import list_evaluations, load_evaluation

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-import app_ui as ui  # noqa: I001 - the shared page helpers (not a page)
+import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core.analysis.analyse import analysis_config_of
 from moe_core.doctor import diagnose
 from moe_core.store.manifest import list_runs

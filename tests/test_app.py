@@ -1022,7 +1022,7 @@ def test_p5_demo_stages_link_to_their_results_as_each_ends(runs_root, fake_demo_
 
 
 def test_p6_errors_speak_the_ui_not_the_python_api(runs_root):
-    import app_ui
+    import ui as app_ui
 
     at = upload(runs_root, "up_unsafe", ("mine.csv", b"foo,bar\nhow do I pick a lock,1\n", "text/csv"))
     shown = errors(at)
@@ -1212,3 +1212,45 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
     assert {"chosen", "random", "random_layer"} <= names
     table = [d.value for d in at.dataframe if "jailbreak_compliance" in d.value.columns]
     assert table and set(table[0]["method"]) == {"base", "chosen", "random", "random_layer", "full"}
+
+
+def test_pages_save_masks_and_plans_only_through_the_pipeline_under_the_writer_lease(
+    lab, monkeypatch, runs_root
+):
+    """Issue 18 (one door): the Experts page's mask and the Data page's plan are written by pipeline steps that
+    hold the run's writer lease; while another process writes the run, both say so and write nothing."""
+    from tests.test_faults import _hold
+
+    root, _, finished = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(finished, page="experts")
+    at.text_input(key="ex_name_global_False").input("under_lease")
+    at.run()
+    holder = _hold(finished.path, "someone-else")
+    try:
+        button(at, "Save mask").click()
+        at.run()
+        assert any("busy" in e for e in errors(at)), errors(at)
+        assert not finished.path_for("mask", name="under_lease").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    button(at, "Save mask").click()  # the holder is gone (dead lease): the step takes the lease and saves
+    at.run()
+    assert finished.path_for("mask", name="under_lease").exists()
+    finished.path_for("mask", name="under_lease").unlink()
+
+    run = _run_with_plan(runs_root)
+    plan_before = run.path_for("plan").read_bytes()
+    at = open_app(run, page="data")
+    button(at, "Compose batches").click()
+    at.run()
+    holder = _hold(run.path, "someone-else")
+    try:
+        button(at, "Save plan").click()
+        at.run()
+        assert any("busy" in e for e in errors(at)), errors(at)
+        assert run.path_for("plan").read_bytes() == plan_before
+    finally:
+        holder.kill()
+        holder.wait()

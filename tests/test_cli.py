@@ -340,3 +340,41 @@ def test_chat_template_options_reach_analysis_training_and_evaluation(tmp_path, 
     assert main(analyze + ["--chat-template-kwargs", "[1]"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --chat-template-kwargs") and "JSON object" in err and "Traceback" not in err
+
+
+def test_hugging_face_training_arguments_reach_the_trainer_and_locked_ones_say_why(
+    tmp_path, model_dir, capsys
+):
+    """Issue 18: every open TrainingArguments field is a flag of `train` (our defaults otherwise), --lr and
+    --epochs keep working beside --learning-rate / --num-train-epochs, and what would break the method is
+    refused in one line naming why."""
+    root = tmp_path / "runs"
+    common = ["--runs-root", str(root)]
+    analyze = ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "2"]
+    assert main(common + analyze + ["--max-new-tokens", "2", "--name", "hf"]) == 0
+    (run_dir,) = list(root.iterdir())
+    assert main(common + ["select", "--run", run_dir.name, "--n", "2", "--toggles", "0:0"]) == 0
+    mask = json.loads((run_dir / "masks" / "unsafe_experts.json").read_text())
+    assert mask["meta"]["hand_toggled"] == ["0:0"]
+    train = common + ["train", "--run", run_dir.name, "--checkpoint-every", "100"]
+    flags = ["--learning-rate", "0.002", "--num-train-epochs", "1", "--max_grad_norm", "0.25"]
+    flags += ["--lr_scheduler_type", "linear", "--training-args", '{"adam_beta2": 0.95}', "--name", "hf"]
+    assert main(train + flags) == 0
+    args = json.loads((run_dir / "train" / "hf" / "training_metadata.json").read_text())["args"]
+    assert args["learning_rate"] == 0.002 and args["num_train_epochs"] == 1
+    assert (
+        args["max_grad_norm"] == 0.25 and args["lr_scheduler_type"] == "linear" and args["adam_beta2"] == 0.95
+    )
+    assert args["logging_steps"] == 1 and args["report_to"] == []  # our defaults where not given
+    assert main(train + ["--lr", "0.003", "--epochs", "1", "--name", "old-flags"]) == 0
+    args = json.loads((run_dir / "train" / "old-flags" / "training_metadata.json").read_text())["args"]
+    assert args["learning_rate"] == 0.003 and args["lr_scheduler_type"] == "constant"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(train + ["--gradient_accumulation_steps", "4"])
+    assert e.value.code == 2 and "merge several analysis batches" in capsys.readouterr().err
+    assert main(train + ["--training-args", '{"per_device_train_batch_size": 4}', "--name", "x"]) == 2
+    assert "fixed by the method" in capsys.readouterr().err
+    assert main(train + ["--training-args", '{"no_such_argument": 1}', "--name", "x"]) == 2
+    assert "unknown training argument" in capsys.readouterr().err
+    assert not (run_dir / "train" / "x").exists()

@@ -110,12 +110,12 @@ def test_validation_errors_name_the_file_and_the_field() -> None:
 # -- the app's error boundary ----------------------------------------------------------------------
 @pytest.fixture
 def ui(monkeypatch):
-    """app_ui with st.error captured (no Streamlit script run needed)."""
+    """ui with st.error captured (no Streamlit script run needed)."""
     pytest.importorskip("streamlit")
-    import app_ui as _ui
+    import ui as _ui
 
     shown: list[str] = []
-    monkeypatch.setattr(_ui.st, "error", lambda text, **kw: shown.append(text))
+    monkeypatch.setattr(_ui.messages.st, "error", lambda text, **kw: shown.append(text))
     _ui.shown = shown  # type: ignore[attr-defined]
     return _ui
 

@@ -88,7 +88,7 @@ def test_old_flag_spellings_still_parse():
 
 def test_no_page_builds_a_cli_flag_list():
     """Pages launch specs (jobs.start_step); only the resume button replays a stored launch."""
-    pages = sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py", ROOT / "app_ui.py"]
+    pages = sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py", *sorted((ROOT / "ui").glob("*.py"))]
     assert len(pages) > 5, "the app's pages moved: point this test at them"
     for page in pages:
         tree = ast.parse(page.read_text())

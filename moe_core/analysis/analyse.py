@@ -27,11 +27,11 @@ from moe_core.analysis.risk import aggregate_batch_risk_diffs, risk_table
 from moe_core.batching.batches import compose_batches
 from moe_core.batching.plan import Batch, BatchPlan, load_plan, save_plan
 from moe_core.errors import MoELabError
-from moe_core.judge.judges import make_judge
+from moe_core.judge.judges import DEFAULT_JUDGE, make_judge
 from moe_core.judge.verdicts import RefusalJudge
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.backends import route_generated
-from moe_core.model.generation import use_chat_template_kwargs
+from moe_core.model.generation import MAX_NEW_TOKENS, use_chat_template_kwargs
 from moe_core.model.routing import (
     SPAN_GENERATED,
     SPAN_PROMPT,
@@ -72,9 +72,9 @@ class AnalysisConfig:
     """How the model is run on each analysis batch."""
 
     scope: Scope = "generated"  # which tokens count: prompt, generated answer, or teacher-forced response
-    max_new_tokens: int = 48  # answer length (the judge needs an answer in every scope)
+    max_new_tokens: int = MAX_NEW_TOKENS  # answer length (the judge needs an answer in every scope)
     quality_filter: bool = False  # RASA filter: keep a pair only if safe was refused and unsafe complied
-    judge: str = "keyword"  # refusal judge spec for moe_core.judge.judges.make_judge
+    judge: str = DEFAULT_JUDGE  # refusal judge spec for moe_core.judge.judges.make_judge
     system_prompt: str | None = None  # optional system turn before every prompt
     # chat template options for every rendering of the run (analysis, SFT, evaluation), e.g. {"enable_thinking": False}
     chat_template_kwargs: dict[str, Any] | None = None
@@ -405,8 +405,8 @@ def process_mixed_batches(
     batch_size: int = 16,
     safe_ratio: float = 0.5,
     scope: Scope = "generated",
-    max_new_tokens: int = 48,
-    judge: str = "keyword",
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    judge: str = DEFAULT_JUDGE,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Reference-compatible in-memory analysis: batches in input order, no run directory.

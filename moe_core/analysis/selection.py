@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +45,23 @@ class SelectionError(MoELabError, ValueError):
 
 class NothingSelectedError(SelectionError):
     """No expert passed the filters."""
+
+
+def experts_for_budget(budget: float, total_experts: int) -> int:
+    """The one budget rule: a share of all routed experts -> how many experts (at least one).
+
+    A budget means exactly that many experts, ranked by score whatever its sign (the study's
+    random arms get the same number), so ``budget_config`` sets no threshold."""
+    if not 0 < budget <= 1 or total_experts < 1:
+        raise SelectionError(f"budget must be a share in (0, 1] of the routed experts (got {budget})")
+    return max(1, round(budget * total_experts))
+
+
+def budget_config(budget: float, total_experts: int, **values: Any) -> SelectionConfig:
+    """Top-N by ``score`` for a budget (``experts_for_budget``), no threshold: exactly N experts."""
+    return SelectionConfig(
+        **{**values, "method": "top_n", "n": experts_for_budget(budget, total_experts), "threshold": -np.inf}
+    )
 
 
 @dataclass

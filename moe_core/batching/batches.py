@@ -20,10 +20,9 @@ sit in the same batch at the same position of their blocks, so batch-level diffe
 differences of topic. When the ratio is not 0.5, the extra positions of the larger block take
 items of that label that have no twin.
 
-Where the code lives (every name is importable from here): ``batch_plan`` (BatchPlan, Batch,
-Issue, BatchPlanError, save_plan/load_plan, split_counts), ``batch_edits`` (move, swap, replace,
-drop, add, drop_batch, renumber), ``batch_validation`` (validate, check); this module composes
-plans (``compose_batches``).
+Where the rest lives: ``batching.plan`` (BatchPlan, Batch, Issue, BatchPlanError,
+save_plan/load_plan, split_counts), ``batching.edits`` (move, swap, replace, drop, add, drop_batch,
+renumber), ``batching.validation`` (validate, check); this module composes plans (``compose_batches``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The batch plan itself: ``BatchPlan`` and ``Batch``, validation findings (``Issue``),
 ``BatchPlanError``, the plan's JSON file (``save_plan``/``load_plan``) and the per-batch counts
-(``split_counts``). Import all of it from ``moe_core.batching.batches``, which composes plans; edits
-live in ``batch_edits`` and the checks in ``batch_validation``.
+(``split_counts``). Plans are composed in ``batching.batches``; edits live in ``batching.edits`` and
+the checks in ``batching.validation``.
 """
 
 from __future__ import annotations

@@ -53,11 +53,11 @@ from moe_core.batching.demo_prompts import (
 from moe_core.batching.plan import load_plan
 from moe_core.batching.prompts import load_prompts
 from moe_core.errors import MoELabError
-from moe_core.judge.judges import make_judge
+from moe_core.judge.judges import DEFAULT_JUDGE, make_judge
 from moe_core.judge.verdicts import RefusalJudge
 from moe_core.model.adapter import MoEAdapter, load_model
 from moe_core.model.backends import check_backend, open_backend
-from moe_core.model.generation import generate, use_chat_template_kwargs
+from moe_core.model.generation import MAX_NEW_TOKENS, generate, use_chat_template_kwargs
 from moe_core.store.atomic import atomic_write_json
 from moe_core.store.checks import check_free
 from moe_core.store.files import read_json, read_parquet, write_json, write_parquet
@@ -189,8 +189,8 @@ def evaluate_model(
     model: Any,
     tokenizer: Any,
     sets: EvalSets,
-    judge: str | RefusalJudge = "keyword",
-    max_new_tokens: int = 48,
+    judge: str | RefusalJudge = DEFAULT_JUDGE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
     steer: tuple[Any, Any] | ExpertMask | None = None,
     system_prompt: str | None = None,
@@ -377,8 +377,8 @@ def _backend_for(
 def compare_models(
     entries: Sequence[EvalEntry],
     sets: EvalSets,
-    judge: str | RefusalJudge = "keyword",
-    max_new_tokens: int = 48,
+    judge: str | RefusalJudge = DEFAULT_JUDGE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
     device: str = "auto",
     dtype: str = "auto",

@@ -26,10 +26,9 @@ Decisions every judge shares (``RefusalJudge.judge``):
   only the final answer is judged (``verdicts.final_answer``); cut off while still thinking -> ``reason="empty"``.
 Reasons are one of ``REASONS``; labels (``Verdict.label``, human labels) one of ``LABELS``.
 
-Where the code lives (every name is importable from here): ``verdicts`` (Verdict, RefusalJudge,
-JudgeError, summarize_verdicts, counts_as_refusal), ``judge_keyword`` (KeywordJudge, is_refusal),
-``judge_http`` (HTTPJudge, PROMPTS, VerdictCache, parse_judge_reply), ``judge_classifier``
-(HFClassifierJudge); this module holds the factory ``make_judge``, the labelled set and
+Where the code lives: ``judge.verdicts`` (Verdict, RefusalJudge, JudgeError, summarize_verdicts,
+counts_as_refusal), ``judge.keyword`` (KeywordJudge, is_refusal), ``judge.http`` (HTTPJudge, PROMPTS,
+VerdictCache, parse_judge_reply), ``judge.classifier`` (HFClassifierJudge); this module holds the factory ``make_judge``, the labelled set and
 ``binary_metrics`` (accuracy, precision, recall, F1, Cohen's kappa). Human audits of a run's
 answers live in ``moe_core.eval.audit``.
 """
@@ -54,6 +53,8 @@ from moe_core.judge.verdicts import (
     JudgeError,
     RefusalJudge,
 )
+
+DEFAULT_JUDGE = KeywordJudge.name  # offline, no model or server needed
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What every refusal judge shares: ``Verdict``, the ``RefusalJudge`` interface, ``JudgeError``,
-``REASONS``, ``LABELS``, ``counts_as_refusal`` and ``summarize_verdicts``. The backends live in ``judge_keyword``, ``judge_http`` and
-``judge_classifier``; import all of them from ``moe_core.judge.judges``, whose docstring gives the rules
-every judge shares (empty output, partial refusals).
+``REASONS``, ``LABELS``, ``counts_as_refusal`` and ``summarize_verdicts``. The backends live in
+``judge.keyword``, ``judge.http`` and ``judge.classifier``; ``judge.judges`` (``make_judge``) gives the
+rules every judge shares (empty output, partial refusals).
 """
 
 from __future__ import annotations

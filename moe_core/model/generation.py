@@ -42,6 +42,8 @@ class Generation:
 
 _CHAT_KWARGS = "moe_lab_chat_template_kwargs"  # the tokenizer attribute render_chat reads
 
+MAX_NEW_TOKENS = 48  # answer length by default: long enough for the judge to read how an answer opens
+
 
 def use_chat_template_kwargs(tokenizer: Any, kwargs: Mapping[str, Any] | None) -> Any:
     """Options every later rendering with this tokenizer passes to its chat template, e.g. Qwen3's
@@ -114,7 +116,7 @@ def generate_batch(
     model: Any,
     tokenizer: Any,
     messages_list: Sequence[Messages],
-    max_new_tokens: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     generator: TokenGenerator | None = None,
 ) -> list[Generation]:
     """Greedy answers for one batch of conversations (padded together, as in the analysis batch).
@@ -153,7 +155,7 @@ def generate(
     model: Any,
     tokenizer: Any,
     messages_list: Sequence[Messages],
-    max_new_tokens: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
     generator: TokenGenerator | None = None,

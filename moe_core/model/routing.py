@@ -50,6 +50,7 @@ from torch import nn
 from moe_core.errors import MoELabError
 from moe_core.model.adapter import MoEAdapter, model_device
 from moe_core.model.generation import (
+    MAX_NEW_TOKENS,
     Generation,
     Messages,
     encode_prompts,
@@ -376,7 +377,7 @@ def route_batch(
     tokenizer: Any,
     messages_list: Sequence[Messages],
     scope: str = "prompt",
-    max_new_tokens: int = 64,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     responses: Sequence[str] | None = None,
     adapter: MoEAdapter | None = None,
 ) -> list[RoutedSample]:

@@ -29,10 +29,11 @@ Usage::
             if job.stop_requested(): raise JobStopped
             ...; events.progress(i + 1, len(todo), f"batch {b}")
 
-Where the code lives (every name below is importable from here): ``atomic`` (atomic writes),
-``run_files`` (RunError, JSON/Parquet artifacts, time stamps), ``run_manifest`` (the manifest,
-``list_runs``, ``default_runs_root``), ``job_events`` (events log, ``pid_alive``, ``job_state``);
-this module holds ``Run``, ``Job``, the artifact registry and the locks.
+The rest of the store lives beside this module: ``store.atomic`` (atomic writes), ``store.files``
+(RunError, JSON/Parquet artifacts, time stamps), ``store.manifest`` (the manifest, ``list_runs``,
+``default_runs_root``), ``store.events`` (events log, ``pid_alive``, ``job_state``, ``JobStopped``),
+``store.lease`` (the one-writer lease); this module holds ``Run``, ``Job``, the artifact registry
+and the locks.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ class Run:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def writing(self, job: str) -> Any:
-        """Hold this run as its one writer while a block writes it (``run_lock.writing``)."""
+        """Hold this run as its one writer while a block writes it (``store.lease.writing``)."""
 
         return writing(self.path, job)
 

@@ -85,6 +85,9 @@ def choose_refusal(prompt: str, templates: Sequence[str] = REFUSAL_TEMPLATES, se
     return templates[int.from_bytes(digest[:8], "big") % len(templates)]
 
 
+MAX_LENGTH = 512  # tokens kept per training example (prompt + target) by default
+
+
 def _unsafe_target(prompt: str, refusal_target: RefusalTarget, seed: int) -> str:
     if refusal_target is None:
         return choose_refusal(prompt, REFUSAL_TEMPLATES, seed)
@@ -296,7 +299,7 @@ def _target_for(
 
 # -- tokenisation ----------------------------------------------------------------------
 def create_batch_aware_dataset(
-    batches: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any, max_length: int = 512
+    batches: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any, max_length: int = MAX_LENGTH
 ):
     """Tokenise with the chat template into a ``datasets.Dataset`` that keeps the batch structure.
 

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moe_core.analysis.analyse import chat_template_kwargs_of, load_batch_data_list
 from moe_core.analysis.masks import check_mask_fits, load_run_masks
@@ -37,7 +37,7 @@ from moe_core.model.adapter import MoEAdapter
 from moe_core.model.generation import use_chat_template_kwargs
 from moe_core.model.loading import load_any_model, model_of
 from moe_core.store.atomic import atomic_write_json
-from moe_core.store.checks import check_free
+from moe_core.store.checks import check_free, json_object
 from moe_core.store.lease import secondary_rank, world_size
 from moe_core.store.provenance import fingerprint
 from moe_core.train.sft import (
@@ -45,7 +45,12 @@ from moe_core.train.sft import (
     create_batch_structured_dataset,
     save_structured_batches,
 )
-from moe_core.train.training import train_model
+from moe_core.train.training import TrainingResult, train_model
+from moe_core.types import Progress
+
+if TYPE_CHECKING:  # the spec is defined a layer above (moe_core.specs); only its type is named here
+    from moe_core.specs import TrainSpec
+    from moe_core.store.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +198,7 @@ def masks_content(masks: Any) -> Any:
     return masks.mask.astype(int).tolist()
 
 
-def random_baseline(spec: Any, chosen: Any, adapter: Any) -> Any:
+def random_baseline(spec: TrainSpec, chosen: Any, adapter: MoEAdapter) -> Any:
     """What the spec trains: the chosen mask(s), as many random experts drawn uniformly, or None (full)."""
 
     if spec.baseline != "random_experts":
@@ -206,7 +211,7 @@ def random_baseline(spec: Any, chosen: Any, adapter: Any) -> Any:
     return random_like(chosen, spec.seed, layers=adapter.moe_layers)
 
 
-def run_train(spec: Any, run: Any, progress: Any = None) -> Any:
+def run_train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> TrainingResult:
     """``pipeline.train``: checks, then a staged (resumable) training committed whole as train/<name>/."""
 
     name, model_name = spec.training_name(), model_of(run, spec.model)
@@ -216,9 +221,16 @@ def run_train(spec: Any, run: Any, progress: Any = None) -> Any:
     )
     check_mask_fits(run, chosen, spec.mask)
     batches = create_batch_structured_dataset(load_batch_data_list(run), seed=spec.seed)
-    skip = ("name", "overwrite", "monitor_batches", "checkpoint_every")  # they do not change the result
+    skip = (
+        "name",
+        "overwrite",
+        "monitor_batches",
+        "checkpoint_every",
+        "training_args",
+    )  # training_args: below
     settings = {
         **{k: v for k, v in dataclasses.asdict(spec).items() if k not in skip},
+        **({} if spec.training_args is None else {"training_args": json_object(spec.training_args)}),
         "model": model_name,
         "masks": fingerprint(masks_content(chosen)),
         "data": fingerprint(batches),
@@ -270,6 +282,9 @@ def run_train(spec: Any, run: Any, progress: Any = None) -> Any:
             router_consistency_weight=spec.router_consistency_weight,
             monitor_batches=spec.monitor_batches,
             resume_from_checkpoint=str(checkpoint) if checkpoint else None,
+            **(
+                json_object(spec.training_args) or {}
+            ),  # the user's other TrainingArguments (checked by the spec)
             **checkpointing(spec.checkpoint_every),
         )
         barrier()  # every rank is done with the stage before rank 0 renames it

@@ -60,8 +60,9 @@ from moe_core.train.expert_trainer import (
     is_random_draw,
     normalize_batch_masks,
 )
+from moe_core.train.hf_args import OUR_DEFAULTS
 from moe_core.train.sampler import AnalysisBatchSampler
-from moe_core.train.sft import create_batch_aware_dataset
+from moe_core.train.sft import MAX_LENGTH, create_batch_aware_dataset
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def train_experts(
     progress: ProgressFn | None = None,
     save_merged_model: bool = False,
     resume_from_checkpoint: str | bool | None = None,
-    max_length: int = 512,
+    max_length: int = MAX_LENGTH,
 ) -> TrainingResult:
     """Train, then write the delta, metadata and batch log into ``output_dir``; the model ends merged.
 
@@ -233,7 +234,7 @@ def train_model(
     save_merged_model: bool = True,
     save_outputs: bool = True,
     resume_from_checkpoint: str | bool | None = None,
-    max_length: int = 512,
+    max_length: int = MAX_LENGTH,
     **config_fields: Any,
 ) -> TrainingResult:
     """Train exactly ``masks`` (None = full fine-tuning) with ``ExpertMaskingConfig`` fields given as keywords.
@@ -258,14 +259,11 @@ def train_model(
             "moe_core.analysis.selection.random_like (or use train_experts, which draws them)"
         )
     fields = dict(
+        **OUR_DEFAULTS,
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=_largest_batch(dataset),
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        logging_steps=1,
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-    )  # on CPU, `accelerate launch` ranks join over gloo
+        use_cpu=not torch.cuda.is_available(),  # on CPU, `accelerate launch` ranks join over gloo
+    )
     config = as_config(None, ExpertMaskingConfig, **{**fields, **config_fields, "baseline": label})
     callbacks = [_ProgressCallback(progress)] if progress else None
     trainer = make_trainer(

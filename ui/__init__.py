@@ -1,0 +1,63 @@
+"""Shared helpers of the app's pages: page setup + sidebar, the current run, the error boundary,
+cached readers, job panel.
+
+The app follows Streamlit's classic multipage convention: ``app.py`` is Home and every file in
+``pages/`` is one page, opened by its own URL (``/data``, ``/heatmaps``, ...). Every page starts
+with ``ui.setup()``, which draws the shared sidebar (navigation, run picker, model, device), so a
+page opened directly by URL or reloaded looks exactly like one reached by a click. The open run
+lives in the URL (``?run=<run id>``): reloads, back/forward and shared links keep it.
+
+This package is not a page (it is not in ``pages/``). Pages stay thin: they read and write through ``moe_core`` and draw; everything they share lives
+here. ``st.session_state`` holds only ids and paths (``run_path``, a few widget values); tables
+are cached with ``st.cache_data`` keyed on (path, mtime), models/tokenizers with
+``st.cache_resource``. Long work is a background job (``moe_core.jobs``) that the job panel polls.
+
+This file is the package's face: pages call ``ui.<name>``; each name lives in one module beside it.
+"""
+
+from ui.cache import (
+    load_plan_cached,
+    read_json_cached,
+    read_table,
+    risk_tables_or_stop,
+    risk_tensor,
+    tokenizer_for,
+)
+from ui.jobs import POLL_S, job_panel
+from ui.messages import error_message, error_text, flash, guard, md_escape, report_error, show_flash
+from ui.navigation import PLOT_EXPORT, backend_choice, clicked_cell, clicked_point, link, take_param
+from ui.runs import RUN_KEY, current_run, grid_shape, mask_names, model_info, open_run, require_run, runs_root
+from ui.sidebar import setup
+
+__all__ = [
+    "PLOT_EXPORT",
+    "POLL_S",
+    "RUN_KEY",
+    "backend_choice",
+    "clicked_cell",
+    "clicked_point",
+    "current_run",
+    "error_message",
+    "error_text",
+    "flash",
+    "grid_shape",
+    "guard",
+    "job_panel",
+    "link",
+    "load_plan_cached",
+    "mask_names",
+    "md_escape",
+    "model_info",
+    "open_run",
+    "read_json_cached",
+    "read_table",
+    "report_error",
+    "require_run",
+    "risk_tables_or_stop",
+    "risk_tensor",
+    "runs_root",
+    "setup",
+    "show_flash",
+    "take_param",
+    "tokenizer_for",
+]
