@@ -22,12 +22,15 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moe_core.analysis.analyse import (
     AnalysisConfig,
     analysis_config_of,
+    chat_template_kwargs_of,
     check_resume,
+    load_batch_data_list,
     run_analysis,
 )
 from moe_core.analysis.masks import (
@@ -37,6 +40,14 @@ from moe_core.analysis.masks import (
     check_mask_fits,
     parse_toggles,
     save_batch_masks,
+)
+from moe_core.analysis.scores import (
+    FROM_ROUTING,
+    SCORES,
+    ablation_effect,
+    gate_diff_table,
+    gradient_attribution,
+    with_score,
 )
 from moe_core.analysis.selection import (
     random_like,
@@ -60,6 +71,7 @@ from moe_core.eval.evaluation import (
 )
 from moe_core.model.adapter import load_model
 from moe_core.model.backends import open_backend
+from moe_core.model.generation import use_chat_template_kwargs
 from moe_core.model.loading import ORGANISM, load_any_model, model_dir, model_of
 from moe_core.specs import (  # the face: a page or script builds a spec and runs its step from here
     COMMANDS,
@@ -79,11 +91,13 @@ from moe_core.store.checks import (
     json_object,
 )
 from moe_core.store.events import JobStopped
-from moe_core.store.files import RunError, read_parquet
+from moe_core.store.files import RunError, read_parquet, write_parquet
 from moe_core.store.lease import step_outcome, writes_run
 from moe_core.store.manifest import default_runs_root
 from moe_core.store.provenance import model_info_of, plan_source, record
 from moe_core.store.run import Run
+from moe_core.train.sampler import AnalysisBatchSampler, BatchCollator
+from moe_core.train.sft import MAX_LENGTH, create_batch_aware_dataset, create_batch_structured_dataset
 from moe_core.train.step import run_train
 from moe_core.train.training import TrainingResult
 from moe_core.types import Progress, PromptItem, ShouldStop
@@ -247,6 +261,10 @@ def select(spec: SelectSpec, run: Run) -> ExpertMask | dict[int, ExpertMask]:
     if spec.random_baseline:
         check_free(baseline, f"random baseline {baseline.stem!r}", spec.overwrite)
     if spec.per_batch:
+        if spec.score in SCORES:
+            raise MoELabError(
+                f"--score {spec.score} is a score over the whole run: select it without --per-batch"
+            )
         edits = json_object(spec.batch_toggles) or {}
         masks = {
             b: apply_toggles(m, edits.get(str(b), []))
@@ -254,10 +272,10 @@ def select(spec: SelectSpec, run: Run) -> ExpertMask | dict[int, ExpertMask]:
         }
         save_batch_masks(run.path_for("mask", name=spec.name), masks)
         return masks
-    mask = apply_toggles(
-        select_experts(read_parquet(run.path_for("risk_aggregated")), cfg, nl, ne),
-        parse_toggles(spec.toggles),
-    )
+    aggregated = read_parquet(run.path_for("risk_aggregated"))
+    if spec.score in SCORES:
+        aggregated = with_score(aggregated, score_table(run, spec.score))
+    mask = apply_toggles(select_experts(aggregated, cfg, nl, ne), parse_toggles(spec.toggles))
     if mask.count() == 0:
         raise MaskError(
             "every selected expert was toggled off by hand: toggle one back on or change the rule"
@@ -268,6 +286,43 @@ def select(spec: SelectSpec, run: Run) -> ExpertMask | dict[int, ExpertMask]:
         rnd.meta["baseline_for"] = spec.name
         rnd.save(baseline)
     return mask
+
+
+ABLATION_BATCHES = 4  # SFT batches the ablation score switches each expert off on (one forward each)
+
+
+def score_path(run: Run, score: str) -> Path:
+    return run.path_for("risk_aggregated").parent / f"score_{score}.parquet"
+
+
+def score_table(run: Run, score: str, progress: Progress | None = None) -> pd.DataFrame:
+    """A selector score of every expert (``analysis.scores``), computed once and kept in the run's risk/
+    folder (call it from a step that holds the writer lease: ``select``)."""
+    path = score_path(run, score)
+    if path.is_file():
+        return read_parquet(path)
+    if score in FROM_ROUTING:
+        table = gate_diff_table(run)
+    else:
+        model, tok = load_any_model(model_of(run), progress)
+        use_chat_template_kwargs(tok, chat_template_kwargs_of(run))
+        inputs = _sft_model_inputs(run, tok)
+        if score == "grad_attr":
+            table = gradient_attribution(model, inputs, progress)
+        else:
+            table = ablation_effect(model, inputs[:ABLATION_BATCHES], progress)
+    write_parquet(path, table)
+    return table
+
+
+def _sft_model_inputs(run: Run, tok: PreTrainedTokenizerBase) -> list[dict[str, torch.Tensor]]:
+    """The refusal SFT batches of the run as model inputs, one analysis batch each (what training sees)."""
+    batches = create_batch_structured_dataset(load_batch_data_list(run), seed=0)
+    dataset = create_batch_aware_dataset(batches, tok, max_length=MAX_LENGTH)
+    collate = BatchCollator(pad_token_id=tok.pad_token_id)
+    return [
+        collate([dataset[i] for i in idx]) for idx in AnalysisBatchSampler(dataset, shuffle_batches=False)
+    ]
 
 
 # -- train -------------------------------------------------------------------------------------

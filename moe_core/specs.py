@@ -174,7 +174,13 @@ class SelectSpec:
         "min_sign_consistency",
         help="keep experts whose sign consistency across batches is >= this",
     )
-    score: str = same_as(SelectionConfig, "score", help="column to rank by: risk_diff, t_score, pos_frac")
+    score: str = same_as(
+        SelectionConfig,
+        "score",
+        help="what experts are ranked by: risk_diff (activation frequency), t_score, pos_frac, gate_diff "
+        "(mean router weight), grad_attr (gradient of the refusal SFT loss), ablation (refusal log-prob drop "
+        "with the expert off); the last three are computed once per run and kept in risk/",
+    )
     per_batch: bool = opt(False, "one mask per analysis batch instead of one global mask")
     seed: int = opt(0, "seed of the random baseline")
     name: str = opt("unsafe_experts", "mask name in the run")

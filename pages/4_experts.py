@@ -13,6 +13,7 @@ import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core import pipeline as P
 from moe_core.analysis.masks import ExpertMask, apply_toggles
 from moe_core.analysis.risk import risk_matrix
+from moe_core.analysis.scores import FROM_ROUTING, SCORES, with_score
 from moe_core.analysis.selection import METHODS, SelectionConfig, select_experts, select_per_batch
 from moe_core.eval import charts
 from moe_core.pipeline import SelectSpec
@@ -27,6 +28,15 @@ ui.show_flash()
 run = ui.require_run("expert selection")
 agg, per_batch = ui.risk_tables_or_stop(run)
 n_layers, n_experts = ui.grid_shape(run, agg)
+SCORE_WORDS = {  # the selector scores in words (moe_core.analysis.scores)
+    "risk_diff": "risk difference (activation frequency)",
+    "t_score": "risk difference / its spread (t-score)",
+    "pos_frac": "share of batches with a positive difference",
+    "sign_consistency": "sign consistency across batches",
+    "gate_diff": "router weight difference (gate score)",
+    "grad_attr": "gradient of the refusal loss",
+    "ablation": "refusal drop with the expert off",
+}
 SELECT_FIELDS = {f.name for f in dataclasses.fields(SelectSpec)}
 TOGGLES = f"ex_toggles::{run.id}"  # session_state: this run's hand-toggled experts as "layer:expert" strings
 
@@ -69,7 +79,18 @@ with st.container(border=True):
     score = "risk_diff"
     if method != "random":
         scores = [c for c in ("risk_diff", "t_score", "pos_frac", "sign_consistency") if c in agg.columns]
-        score = c3.selectbox("Rank by", scores if scope == "global" else ["risk_diff"], key="ex_score")
+        scores += [s for s in SCORES if s in FROM_ROUTING or P.score_path(run, s).is_file()]
+        score = c3.selectbox(
+            "Rank by",
+            scores if scope == "global" else ["risk_diff"],
+            key="ex_score",
+            format_func=lambda s: SCORE_WORDS.get(s, s),
+            help="grad_attr and ablation need the model: compute them once with "
+            "`python -m moe_core select --run RUN --score grad_attr` (or ablation); they then appear here",
+        )
+        if score in SCORES:
+            with ui.guard(f"Cannot rank by {score}: "):
+                agg = with_score(agg, ui.score_table_cached(run, score))
     shown = PARAMS.get(method, ())
     cols = iter(st.columns(3))
     n, threshold, k, top_p, seed = (

@@ -1254,3 +1254,23 @@ def test_pages_save_masks_and_plans_only_through_the_pipeline_under_the_writer_l
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_experts_page_ranks_by_the_router_weight_score(lab, monkeypatch):
+    """Issue 17, item 2: the Experts page offers the selector scores; gate_diff (read from the routing files)
+    ranks the chosen experts, and the model-based scores appear once the run holds them."""
+    from moe_core.analysis.scores import gate_diff_table
+
+    root, _, finished = lab
+    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
+    at = open_app(finished, page="experts")
+    options = at.selectbox(key="ex_score").options
+    assert "router weight difference (gate score)" in options
+    assert "gradient of the refusal loss" not in options  # not computed in this run yet
+    at.selectbox(key="ex_score").set_value("gate_diff")
+    at.number_input(key="ex_n").set_value(3)
+    at.run()
+    no_exceptions(at)
+    marks = plotly_specs(at)[0]["data"][1]
+    top3 = gate_diff_table(finished).sort_values("gate_diff", ascending=False).head(3)
+    assert sorted(zip(marks["y"], marks["x"])) == sorted(zip(top3["layer"], top3["expert"]))

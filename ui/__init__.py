@@ -21,6 +21,7 @@ from ui.cache import (
     read_table,
     risk_tables_or_stop,
     risk_tensor,
+    score_table_cached,
     tokenizer_for,
 )
 from ui.jobs import POLL_S, job_panel
@@ -55,6 +56,7 @@ __all__ = [
     "require_run",
     "risk_tables_or_stop",
     "risk_tensor",
+    "score_table_cached",
     "runs_root",
     "setup",
     "show_flash",

@@ -8,7 +8,9 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from moe_core.analysis.scores import gate_diff_table
 from moe_core.errors import MoELabError
+from moe_core.pipeline import score_path
 from moe_core.store.files import read_json
 from moe_core.store.run import Run
 from ui.messages import guard
@@ -100,3 +102,15 @@ def device_name() -> str:
     import torch
 
     return f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+
+
+@st.cache_data(max_entries=8, show_spinner="Scoring every expert...")
+def _score_table(run_path: str, score: str, mtime_ns: int) -> pd.DataFrame:
+    run = Run.open(run_path)
+    path = score_path(run, score)
+    return read_table(path) if path.is_file() else gate_diff_table(run)
+
+
+def score_table_cached(run: Run, score: str) -> pd.DataFrame:
+    """A selector score of every expert: the run's stored table, or gate_diff read from the routing files."""
+    return _score_table(str(run.path), score, _mtime(run.path_for("risk_aggregated")))

@@ -1,0 +1,98 @@
+"""Selector scores besides the risk difference (issue 17, item 2): gate_diff from the routing files, grad_attr
+and ablation from the model; each ranks experts through ``select --score`` and leaves the model as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from moe_core.analysis.masks import ExpertMask
+from moe_core.analysis.scores import ablation_effect, batch_samples, gate_diff_table, gradient_attribution
+from moe_core.cli import main
+from moe_core.pipeline import _sft_model_inputs, open_run
+from tests.tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """A tiny OLMoE saved as a local model and analysed on 2 demo batches (generated scope)."""
+    tmp = tmp_path_factory.mktemp("scores")
+    model, tok = tiny_model("olmoe", seed=3), tiny_tokenizer()
+    model.save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    root = tmp / "runs"
+    argv = ["--runs-root", str(root), "analyze", "--model", str(tmp / "model"), "--demo-sets"]
+    argv += ["--batch-size", "8", "--max-batches", "2", "--max-new-tokens", "3", "--name", "s"]
+    assert main(argv) == 0
+    (run_dir,) = list(root.iterdir())
+    return root, run_dir, model, tok
+
+
+def _gate_diff_by_hand(run, b: int, layer_row: int, expert: int) -> float:
+    """The same quantity as gate_diff for one batch and expert, token by token (an independent loop)."""
+    by_label, _ = batch_samples(run, b)
+    means = {}
+    for label, samples in by_label.items():
+        total, n = 0.0, 0
+        for ids, weights, _ in samples:
+            for t in range(ids.shape[1]):
+                n += 1
+                for slot in range(ids.shape[2]):
+                    if int(ids[layer_row, t, slot]) == expert:
+                        total += float(weights[layer_row, t, slot])
+        means[label] = total / n
+    return means["unsafe"] - means["safe"]
+
+
+def test_gate_diff_is_the_mean_router_weight_difference(analysed) -> None:
+    _, run_dir, _, _ = analysed
+    run = open_run(run_dir)
+    table = gate_diff_table(run)
+    assert len(table) == 2 * 8 and set(table.columns) >= {"layer", "expert", "gate_diff", "gate_diff_std"}
+    assert table["gate_diff"].abs().max() <= 1.0 and table["gate_diff"].abs().max() > 0
+    for layer_row, expert in ((0, 0), (1, 5)):
+        layer = run.manifest["provenance"]["model_info"]["moe_layers"][layer_row]
+        row = table[(table["layer"] == layer) & (table["expert"] == expert)].iloc[0]
+        by_hand = np.mean(
+            [_gate_diff_by_hand(run, b, layer_row, expert) for b in sorted(run.completed_batches())]
+        )
+        assert row["gate_diff"] == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_select_ranks_by_a_score_and_keeps_it_in_the_run(analysed, capsys) -> None:
+    root, run_dir, _, _ = analysed
+    common = ["--runs-root", str(root)]
+    assert (
+        main(common + ["select", "--run", run_dir.name, "--n", "3", "--score", "gate_diff", "--name", "g"])
+        == 0
+    )
+    scores = pd.read_parquet(run_dir / "risk" / "score_gate_diff.parquet")
+    top3 = scores.sort_values("gate_diff", ascending=False).head(3)
+    mask = ExpertMask.load(run_dir / "masks" / "g.json")
+    assert sorted(mask.experts()) == sorted(zip(top3["layer"], top3["expert"]))
+    argv = ["select", "--run", run_dir.name, "--per-batch", "--score", "gate_diff", "--name", "pb"]
+    assert main(common + argv) == 2
+    assert "without --per-batch" in capsys.readouterr().err
+
+
+def test_model_scores_leave_the_model_as_it_was(analysed) -> None:
+    _, run_dir, model, tok = analysed
+    run = open_run(run_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    inputs = _sft_model_inputs(run, tok)
+    assert len(inputs) == 2 and all("labels" in b for b in inputs)
+    with torch.no_grad():
+        logits = model(input_ids=inputs[0]["input_ids"]).logits
+    grads = gradient_attribution(model, inputs)
+    drops = ablation_effect(model, inputs[:1])
+    assert len(grads) == len(drops) == 2 * 8
+    assert (grads["grad_attr"] >= 0).all() and grads["grad_attr"].max() > 0
+    assert drops["ablation"].abs().max() > 0  # switching an expert off moves the refusal log-probability
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():  # no steering hook is left behind
+        assert torch.equal(model(input_ids=inputs[0]["input_ids"]).logits, logits)
