@@ -237,6 +237,11 @@ class TrainSpec:
     train_router: bool = opt(False, "train the routers too")
     router_consistency: Consistency = opt("none", "KL between a batch's mean safe and unsafe routing")
     router_consistency_weight: float = opt(0.1, "weight of that loss")
+    retain_share: float = opt(
+        0.0,
+        "retain examples added to each analysis batch, per example in it (0.25: 4 more rows in a batch of 16): "
+        "benign requests with the base model's own answers, so training also says where to keep answering",
+    )
     max_length: int = opt(MAX_LENGTH, "max tokens per training example")
     monitor_batches: bool = opt(
         False,
@@ -270,6 +275,7 @@ class TrainSpec:
             epochs=POSITIVE,
             weight_decay=NON_NEGATIVE,
             router_consistency_weight=NON_NEGATIVE,
+            retain_share=(lambda v: 0 <= v <= 4, "a share in [0, 4] (retain examples per analysis example)"),
             max_length=(lambda v: v >= 8, "a whole number >= 8"),
             checkpoint_every=AT_LEAST_1,
             mask_mode=(

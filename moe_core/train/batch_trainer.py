@@ -66,7 +66,8 @@ def router_consistency_loss(
     """Divergence between the mean routing distribution of a batch's safe and unsafe samples, mean over layers.
 
     ``router_logits``: one ``[T, E]`` tensor per layer, T = batch*seq flattened (pads included);
-    ``attention_mask [B, S]`` drops pads; ``is_unsafe [B]``. Distributions are softmaxes of the
+    ``attention_mask [B, S]`` drops pads; ``is_unsafe [B]``: 1 unsafe, 0 safe (2, a retain example, is in
+    neither group). Distributions are softmaxes of the
     logits averaged over a label's real tokens. The safe mean is the (detached) target.
     ``direction``: forward = KL(safe || unsafe), reverse = KL(unsafe || safe), symmetric = their
     mean, js = Jensen-Shannon. Returns 0 (still attached to the graph) when the batch lacks safe
@@ -80,8 +81,8 @@ def router_consistency_loss(
         raise TrainingConfigError("no router logits were captured; is this an MoE model?")
     B, S = attention_mask.shape
     real = attention_mask.reshape(-1).bool()
-    unsafe = is_unsafe.bool().to(real.device)[:, None].expand(B, S).reshape(-1)
-    w_s, w_u = (real & ~unsafe).float(), (real & unsafe).float()
+    label = is_unsafe.long().to(real.device)[:, None].expand(B, S).reshape(-1)
+    w_s, w_u = (real & (label == 0)).float(), (real & (label == 1)).float()
     if w_s.sum() == 0 or w_u.sum() == 0:
         return sum(l.sum() for l in router_logits) * 0.0
     terms = []
@@ -298,7 +299,7 @@ class BatchPreservingTrainer(Trainer):
                 f"batch {ids[0]} arrived out of its in-batch order: {inputs['in_batch_idx'].tolist()}"
             )
         label = inputs.get("label")
-        n_unsafe = int(label.sum()) if label is not None else None
+        n_unsafe = int((label == 1).sum()) if label is not None else None
         self.batch_log.append(
             {
                 "step": int(self.state.global_step),
@@ -306,9 +307,10 @@ class BatchPreservingTrainer(Trainer):
                 "rank": int(self.args.process_index),
                 "batch_idx": int(ids[0]),
                 "n_samples": int(inputs["batch_idx"].numel()),
-                "n_safe": None if label is None else int(label.numel()) - n_unsafe,
+                "n_safe": None if label is None else int((label == 0).sum()),
                 "n_unsafe": n_unsafe,
                 "n_tokens": int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else None,
+                **({"n_retain": int((label == 2).sum())} if label is not None and (label == 2).any() else {}),
             }
         )
         return int(ids[0])

@@ -334,12 +334,15 @@ def _get(feature: Mapping[str, Any], key: str, default: list[int]) -> list[int]:
     return list(default) if value is None else [int(v) for v in value]
 
 
+_LABEL_IDS = {"safe": 0, "unsafe": 1, "retain": 2}  # as moe_core.train.sft.LABEL_NAMES
+
+
 def _label_id(value: Any) -> int:
     if isinstance(value, str):
-        if value not in ("safe", "unsafe"):
-            raise BatchSamplerError(f"label must be 'safe' or 'unsafe' (got {value!r})")
-        return int(value == "unsafe")
+        if value not in _LABEL_IDS:
+            raise BatchSamplerError(f"label must be 'safe', 'unsafe' or 'retain' (got {value!r})")
+        return _LABEL_IDS[value]
     v = int(value)
-    if v not in (0, 1):
-        raise BatchSamplerError(f"label must be 0 (safe) or 1 (unsafe) (got {v})")
+    if v not in _LABEL_IDS.values():
+        raise BatchSamplerError(f"label must be 0 (safe), 1 (unsafe) or 2 (retain) (got {v})")
     return v

@@ -41,7 +41,9 @@ from moe_core.store.atomic import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-LABEL_NAMES = ("safe", "unsafe")  # label ids: 0 = safe, 1 = unsafe
+# label ids: 0 = safe, 1 = unsafe, 2 = retain (benign requests with the model's own answers, added to a batch so
+# training also says where to keep answering; they never enter the router-consistency loss)
+LABEL_NAMES = ("safe", "unsafe", "retain")
 META_COLUMNS = (
     "batch_idx",
     "in_batch_idx",
@@ -118,7 +120,7 @@ def _user_messages(sample: Mapping[str, Any], where: str) -> list[dict[str, str]
 
 def _label_of(value: Any) -> str | None:
     """Normalise a sample's own label field (``"safe"``/``"unsafe"``/0/1/bool) or None if unknown."""
-    if isinstance(value, str) and value.lower() in LABEL_NAMES:
+    if isinstance(value, str) and value.lower() in LABEL_NAMES[:2]:
         return value.lower()
     if isinstance(value, (bool, int)) and int(value) in (0, 1):
         return LABEL_NAMES[int(value)]
@@ -297,6 +299,50 @@ def _target_for(
     return text, "generated"
 
 
+def add_retain_examples(
+    batches: Sequence[Sequence[Mapping[str, Any]]],
+    retain: Sequence[tuple[str, str]],
+    share: float,
+    seed: int = 0,
+) -> list[list[dict[str, Any]]]:
+    """Each analysis batch plus ``round(share * its size)`` retain examples after its unsafe block.
+
+    ``retain``: (prompt, the model's own answer) pairs, drawn without replacement per batch with
+    ``seed`` (reused across batches when there are fewer than needed). The batch stays one training
+    batch: same ``batch_idx``, ``in_batch_idx`` continuing, label ``"retain"``; safe and unsafe rows
+    are untouched, so the batch's analysis structure is kept."""
+    if not 0 <= share <= 4:
+        raise SFTDataError(
+            f"retain share must be in [0, 4] retain examples per analysis example (got {share})"
+        )
+    if share and not retain:
+        raise SFTDataError("a retain share needs retain examples (prompt, answer)")
+    rng = np.random.default_rng(seed)
+    out = []
+    for batch in batches:
+        rows = [dict(ex) for ex in batch]
+        k = int(round(share * len(rows)))
+        picks = rng.choice(len(retain), size=k, replace=k > len(retain)) if k else []
+        start = 1 + max(int(ex["in_batch_idx"]) for ex in rows)
+        for j, i in enumerate(picks):
+            prompt, answer = retain[int(i)]
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": prompt},
+                        {"role": "assistant", "content": answer},
+                    ],
+                    "label": "retain",
+                    "batch_idx": rows[0]["batch_idx"],
+                    "in_batch_idx": start + j,
+                    "source_index": -1,
+                    "target_source": "retain",
+                }
+            )
+        out.append(rows)
+    return out
+
+
 # -- tokenisation ----------------------------------------------------------------------
 def create_batch_aware_dataset(
     batches: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any, max_length: int = MAX_LENGTH
@@ -405,7 +451,7 @@ def _flatten_batches(batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[Map
         for ex in ordered:
             if ex.get("label") not in LABEL_NAMES:
                 raise SFTDataError(
-                    f"batch {b}, example {ex['in_batch_idx']}: label must be 'safe' or 'unsafe'"
+                    f"batch {b}, example {ex['in_batch_idx']}: label must be 'safe', 'unsafe' or 'retain'"
                 )
         rows.extend(ordered)
     if not rows:

@@ -32,15 +32,17 @@ from typing import TYPE_CHECKING, Any
 from moe_core.analysis.analyse import chat_template_kwargs_of, load_batch_data_list
 from moe_core.analysis.masks import check_mask_fits, load_run_masks
 from moe_core.analysis.selection import random_like
+from moe_core.batching.demo_prompts import demo_benign, demo_sharp_benign
 from moe_core.errors import MoELabError
 from moe_core.model.adapter import MoEAdapter
-from moe_core.model.generation import use_chat_template_kwargs
+from moe_core.model.generation import generate, use_chat_template_kwargs
 from moe_core.model.loading import load_any_model, model_of
 from moe_core.store.atomic import atomic_write_json
 from moe_core.store.checks import check_free, json_object
 from moe_core.store.lease import secondary_rank, world_size
 from moe_core.store.provenance import fingerprint
 from moe_core.train.sft import (
+    add_retain_examples,
     create_batch_aware_dataset,
     create_batch_structured_dataset,
     save_structured_batches,
@@ -211,6 +213,14 @@ def random_baseline(spec: TrainSpec, chosen: Any, adapter: MoEAdapter) -> Any:
     return random_like(chosen, spec.seed, layers=adapter.moe_layers)
 
 
+def retain_examples(model: Any, tok: Any) -> list[tuple[str, str]]:
+    """Benign requests of the built-in train split (plain and sharp-worded) with the base model's own greedy
+    answers: what the model should keep doing after training."""
+    items = [*demo_benign("train"), *demo_sharp_benign("train")]
+    answers = generate(model, tok, [it.messages() for it in items])
+    return [(it.text, g.text) for it, g in zip(items, answers) if g.text.strip()]
+
+
 def run_train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> TrainingResult:
     """``pipeline.train``: checks, then a staged (resumable) training committed whole as train/<name>/."""
 
@@ -253,6 +263,8 @@ def run_train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Tr
         tok, chat_template_kwargs_of(run)
     )  # the SFT text rendered as the analysis rendered it
     masks = random_baseline(spec, chosen, MoEAdapter.for_model(model))
+    if spec.retain_share:  # benign requests with the base model's own answers, in every batch
+        batches = add_retain_examples(batches, retain_examples(model, tok), spec.retain_share, seed=spec.seed)
     dataset = create_batch_aware_dataset(batches, tok, max_length=spec.max_length)
     if main:
         run.set_step(

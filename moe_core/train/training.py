@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,7 @@ def train_model(
     save_outputs: bool = True,
     resume_from_checkpoint: str | bool | None = None,
     max_length: int = MAX_LENGTH,
+    callbacks: Sequence[TrainerCallback] = (),
     **config_fields: Any,
 ) -> TrainingResult:
     """Train exactly ``masks`` (None = full fine-tuning) with ``ExpertMaskingConfig`` fields given as keywords.
@@ -247,7 +248,8 @@ def train_model(
     largest analysis batch, a constant learning rate, no intermediate checkpoints, loss logged
     every step, no external loggers; checkpoints (if asked for) go to ``output_dir/checkpoints``.
     ``save_outputs=False`` writes nothing (no delta, merged model or metadata): the trained,
-    merged model is the result (e.g. a study that evaluates and restores it).
+    merged model is the result (e.g. a study that evaluates and restores it). ``callbacks``: more
+    ``TrainerCallback``s (a learning curve: ``moe_core.eval.curves.CurveCallback``).
     """
     out = Path(output_dir)
     if isinstance(dataset, (list, tuple)):
@@ -265,7 +267,10 @@ def train_model(
         use_cpu=not torch.cuda.is_available(),  # on CPU, `accelerate launch` ranks join over gloo
     )
     config = as_config(None, ExpertMaskingConfig, **{**fields, **config_fields, "baseline": label})
-    callbacks = [_ProgressCallback(progress)] if progress else None
+    callbacks = [
+        *([_ProgressCallback(progress)] if progress else []),
+        *callbacks,
+    ] or None  # e.g. a CurveCallback
     trainer = make_trainer(
         model, tokenizer, dataset, None if label == "full" else masks, config, callbacks=callbacks
     )
