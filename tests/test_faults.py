@@ -426,7 +426,7 @@ def test_steps_record_failed_and_running_only_for_a_live_process(tmp_path):
     assert list_runs(tmp_path)[0].steps["dead"] == "interrupted"
     with pytest.raises(ZeroDivisionError):
         with run.writing("x"), step_outcome(run):
-            raise ZeroDivisionError("a bug in a step")
+            raise ZeroDivisionError("division by zero")  # a bug in a step
     assert run.reload()["steps"]["live"]["status"] == "failed"
     assert run.step("live")["reason"] == "ZeroDivisionError: division by zero"
     assert diagnose(run, repair=True) and Run.open(run.path).status()["dead"] == "failed"

@@ -140,18 +140,19 @@ def _http_config_from_url(s: str) -> HTTPJudgeConfig:
         raise JudgeError(
             f"an http judge spec needs ?model=NAME (or #NAME), e.g. {base}?model=gpt-4o-mini&api_key_env=OPENAI_API_KEY"
         )
-    cache = q.pop("cache", "auto")
+    d = {f.name: f.default for f in dataclasses.fields(HTTPJudgeConfig)}  # the defaults, defined there once
+    cache = q.pop("cache", d["cache_path"])
     try:
         return HTTPJudgeConfig(
             base_url=base,
             model=model,
-            api_key_env=q.pop("api_key_env", None) or None,
-            prompt=q.pop("prompt", "refusal") or "refusal",
+            api_key_env=q.pop("api_key_env", None) or d["api_key_env"],
+            prompt=q.pop("prompt", None) or d["prompt"],
             cache_path=None if cache.lower() in ("", "off", "none", "no") else cache,
-            timeout_s=float(q.pop("timeout_s", 60.0)),
-            max_retries=int(q.pop("max_retries", 3)),
-            max_workers=int(q.pop("max_workers", q.pop("concurrency", 1))),
-            max_tokens=int(q["max_tokens"]) if q.get("max_tokens") else None,
+            timeout_s=float(q.pop("timeout_s", d["timeout_s"])),
+            max_retries=int(q.pop("max_retries", d["max_retries"])),
+            max_workers=int(q.pop("max_workers", q.pop("concurrency", d["max_workers"]))),
+            max_tokens=int(q["max_tokens"]) if q.get("max_tokens") else d["max_tokens"],
         )
     except ValueError as e:
         raise JudgeError(f"bad number in the http judge spec {s!r}: {e}") from None
