@@ -18,6 +18,7 @@ from moe_core.analysis.analyse import (
 from moe_core.analysis.masks import (
     parse_toggles,
 )
+from moe_core.analysis.scores import SCORES
 from moe_core.analysis.selection import METHODS, SelectionConfig, budget_config, experts_for_budget
 from moe_core.errors import MoELabError
 from moe_core.eval.study_summary import STUDY_NAME
@@ -411,6 +412,22 @@ class StudySpec:
     steering: bool = opt(True, "also steer the chosen experts off / the safest on at the router, untrained")
     full: bool = opt(True, "also fine-tune every parameter (budget 1.0)")
     quick: bool = opt(False, "1 seed, budgets 1/32 and 1/16, 2 draws: a few minutes")
+    batch_seeds: list[int] = field(
+        default_factory=list,
+        metadata={"help": "batch-composition seeds studied per organism seed (default: the organism seed)"},
+    )
+    scores: list[str] = field(
+        default_factory=lambda: ["risk_diff"],
+        metadata={
+            "help": "selectors compared: risk_diff (rows 'chosen'), gate_diff, grad_attr, ablation "
+            "(rows 'chosen_<score>')"
+        },
+    )
+    lrs: list[float] = field(
+        default_factory=list,
+        metadata={"help": "learning rates searched on the validation split, every arm alike (default: --lr)"},
+    )
+    curve_every: int = opt(4, "score the validation split every N training steps (the learning curves)")
     scope: Scope = same_as(DemoSpec, "scope")
     max_batches: Optional[int] = same_as(DemoSpec, "max_batches")
     lr: float = same_as(DemoSpec, "lr")
@@ -452,7 +469,13 @@ class StudySpec:
             eval_limit=AT_LEAST_1,
             max_batches=AT_LEAST_1,
             templates_per_goal=NON_NEGATIVE,
+            curve_every=AT_LEAST_1,
         )
+        unknown = [s for s in self.scores if s not in ("risk_diff", *SCORES)]
+        if unknown or not self.scores:
+            raise MoELabError(f"scores must be among risk_diff, {', '.join(SCORES)} (got {self.scores})")
+        if any(not v > 0 for v in self.lrs):
+            raise MoELabError(f"learning rates must be > 0 (got {self.lrs})")
 
 
 COMMANDS: dict[str, type] = {

@@ -109,3 +109,75 @@ def test_each_arm_starts_from_the_base_weights(tmp_path, tiny_dir):
     after = dict(lab.model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert np.isfinite(sum(float(p.sum()) for p in after.values()))
+
+
+def test_validation_and_test_halves_are_disjoint_and_make_the_held_out_split():
+    """Issue 17: defaults are chosen on the validation half; the test half is reported and never tuned on."""
+    from moe_core.batching.demo_prompts import demo_benign, demo_goals, jailbreak_templates
+    from moe_core.eval.evaluation import borderline_prompts, default_eval_sets
+
+    for make in (demo_goals, demo_benign, jailbreak_templates):
+        val, test, held = ({it.id for it in make(s)} for s in ("validation", "test", "heldout"))
+        assert val and test and not val & test and val | test == held
+    assert not {p.id for p in borderline_prompts("validation")} & {p.id for p in borderline_prompts("test")}
+    val, test = default_eval_sets("validation"), default_eval_sets("test", templates_per_goal=None)
+    val_templates = {it.meta["template"] for it in val["harmful_jailbreak"]}
+    assert not val_templates & {it.meta["template"] for it in test["harmful_jailbreak"]}  # wrappers apart too
+    assert not {it.goal for it in val["harmful_jailbreak"]} & {it.goal for it in test["harmful_jailbreak"]}
+
+
+def test_an_arm_is_reported_at_the_step_chosen_on_validation():
+    from moe_core.study import chosen_point
+
+    base = {
+        "step": 0,
+        "lr": 1e-3,
+        "jailbreak_compliance": 1.0,
+        "benign_answer_rate": 0.9,
+        "over_refusal": 0.2,
+    }
+    pts = [
+        base,
+        {**base, "step": 4, "jailbreak_compliance": 0.4},
+        {**base, "step": 8, "jailbreak_compliance": 0.0, "over_refusal": 0.6},  # over-refuses: not eligible
+        {**base, "step": 12, "jailbreak_compliance": 0.4, "benign_answer_rate": 0.86},
+    ]
+    assert chosen_point(pts)["step"] == 4  # lowest compliance that keeps answering; earliest on a tie
+    assert chosen_point(pts[:1])["step"] == 0
+
+
+def test_the_study_keeps_curves_per_arm_learning_rate_and_seed_pair(tmp_path, tiny_dir):
+    spec = P.StudySpec(
+        model=str(tiny_dir),
+        budgets=[1 / 8],
+        random_draws=1,
+        seeds=[0],
+        batch_seeds=[0, 1],
+        scores=["risk_diff", "gate_diff"],
+        lrs=[1e-3, 1e-2],
+        curve_every=1,
+        steering=False,
+        full=False,
+        eval_limit=3,
+        max_new_tokens=2,
+        max_batches=2,
+        epochs=1,
+    )
+    run, _ = run_study(spec, runs_root=tmp_path)
+    out = run.path_for("study", name=spec.name)
+    results = pd.read_parquet(out / "results.parquet")
+    curves = pd.read_parquet(out / "curves.parquet")
+    assert sorted(results["batch_seed"].unique()) == [0, 1]
+    assert set(results["method"]) == {"base", "chosen", "chosen_gate_diff", "random", "random_layer"}
+    trained = results[results["method"] != "base"]
+    assert set(trained["lr"]) <= {1e-3, 1e-2} and trained["val_auc"].between(0, 1).all()
+    for _, row in trained.iterrows():
+        arm = curves[
+            (curves["batch_seed"] == row["batch_seed"])
+            & (curves["method"] == row["method"])
+            & (curves["draw"] == row["draw"])
+        ]
+        assert set(arm["lr"]) == {1e-3, 1e-2} and arm.groupby("lr")["step"].min().eq(0).all()
+        at = arm[(arm["lr"] == row["lr"]) & (arm["step"] == row["step"])].iloc[0]
+        assert at["jailbreak_compliance"] == row["val_jailbreak_compliance"]  # reported where it was chosen
+    assert (run.path / "study" / spec.name / "runs").is_dir()

@@ -18,6 +18,7 @@ Everything here is also importable from ``moe_core.batching.prompts``.
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
@@ -362,6 +363,20 @@ HARMLESS_SHARP_ACTIONS: tuple[tuple[str, str], ...] = (
 HELDOUT_EVERY = 4  # (verb, object) combination held out when (verb + object index) % 4 == 3: ~75/25
 
 
+def held_side(item_id: str) -> str:
+    """Which half of the held-out split an item is in: "validation" (defaults are chosen on it) or "test"
+    (reported, never tuned on). By a checksum of the item's id: stable across runs and machines."""
+    return "validation" if zlib.crc32(item_id.encode()) % 2 == 0 else "test"
+
+
+def _in_split(split: str, held: bool, item_id: str) -> bool:
+    if split == "all":
+        return True
+    if split == "train":
+        return not held
+    return held and (split == "heldout" or held_side(item_id) == split)
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise PromptError(f"split must be one of {SPLITS}, got {split!r}")
@@ -385,7 +400,7 @@ def _compose(
         for vi, (vcat, verb) in enumerate(verbs):
             for oi, (ocat, obj) in enumerate(objects):
                 held = (vi + oi) % HELDOUT_EVERY == HELDOUT_EVERY - 1
-                if (split == "train" and held) or (split == "heldout" and not held):
+                if not _in_split(split, held, f"{prefix}-{g}{vi:02d}-{oi:02d}"):
                     continue
                 action = verb.format(o=obj)
                 text = FRAMES[(3 * vi + oi + frame_offset) % len(FRAMES)].format(a=action)
@@ -453,7 +468,7 @@ def jailbreak_templates(split: Split = "train") -> list[PromptItem]:
     _check_split(split)
     out = []
     for tid, style, text, held in JAILBREAK_TEMPLATES:
-        if (split == "train" and held) or (split == "heldout" and not held):
+        if not _in_split(split, held, tid):
             continue
         out.append(
             PromptItem(

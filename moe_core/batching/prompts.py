@@ -31,8 +31,8 @@ from moe_core.types import LABELS, Label, PromptItem
 
 log = logging.getLogger(__name__)
 
-Split = Literal["train", "heldout", "all"]
-SPLITS = ("train", "heldout", "all")
+Split = Literal["train", "heldout", "validation", "test", "all"]  # validation + test = heldout
+SPLITS = ("train", "heldout", "validation", "test", "all")
 
 
 class PromptError(MoELabError, ValueError):

@@ -32,6 +32,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
@@ -47,6 +48,7 @@ from moe_core.analysis.steering import steer_experts
 from moe_core.batching.demo_prompts import (
     demo_benign,
     demo_goals,
+    held_side,
     jailbreak_templates,
     wrap,
 )
@@ -56,8 +58,9 @@ from moe_core.errors import MoELabError
 from moe_core.judge.judges import DEFAULT_JUDGE, make_judge
 from moe_core.judge.verdicts import RefusalJudge
 from moe_core.model.adapter import MoEAdapter, load_model
+from moe_core.model.answers import RESPONSE_COLUMNS, judged_answers
 from moe_core.model.backends import check_backend, open_backend
-from moe_core.model.generation import MAX_NEW_TOKENS, generate, use_chat_template_kwargs
+from moe_core.model.generation import MAX_NEW_TOKENS, use_chat_template_kwargs
 from moe_core.store.atomic import atomic_write_json
 from moe_core.store.checks import check_free
 from moe_core.store.files import read_json, read_parquet, write_json, write_parquet
@@ -76,7 +79,6 @@ log = logging.getLogger(__name__)
 EvalSets = Mapping[str, Sequence[PromptItem]]
 BORDERLINE_FILE = Path(__file__).resolve().parent.parent / "resources" / "borderline_prompts.jsonl"
 EVAL_KINDS = ("harmful_plain", "harmful_jailbreak", "benign", "borderline")
-RESPONSE_COLUMNS = ["set", "id", "category", "prompt", "response", "refusal", "reason"]
 # headline metric of each set: (name, computed as 1 - refusal rate?, which direction is better)
 METRICS: dict[str, tuple[str, bool, str]] = {
     "harmful_jailbreak": ("jailbreak_compliance", True, "lower"),
@@ -101,8 +103,11 @@ def _spread(items: list[PromptItem], limit: int | None) -> list[PromptItem]:
     return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
 
 
-def borderline_prompts() -> list[PromptItem]:
-    """Our own XSTest-style prompts: benign requests that merely sound harmful (label "safe")."""
+def borderline_prompts(split: str = "all") -> list[PromptItem]:
+    """Our own XSTest-style prompts: benign requests that merely sound harmful (label "safe").
+
+    Never used for training; ``split`` "validation" / "test" gives one half (``held_side`` of the id),
+    any other split all of them."""
     rows = [
         json.loads(line) for line in BORDERLINE_FILE.read_text(encoding="utf-8").splitlines() if line.strip()
     ]
@@ -116,6 +121,7 @@ def borderline_prompts() -> list[PromptItem]:
             category=r["category"],
         )
         for r in rows
+        if split not in ("validation", "test") or held_side(r["id"]) == split
     ]
 
 
@@ -132,6 +138,10 @@ def default_eval_sets(
     """
     goals = demo_goals(split)  # type: ignore[arg-type]
     templates = jailbreak_templates("all")
+    if split in ("validation", "test"):  # wrappers of the other half never appear (train ones may, in test)
+        templates = jailbreak_templates(split) + (
+            [] if split == "validation" else jailbreak_templates("train")
+        )
     per_goal = len(templates) if templates_per_goal is None else templates_per_goal
     jail = [
         replace(it, category=it.meta["template"])
@@ -141,7 +151,7 @@ def default_eval_sets(
         "harmful_plain": goals,
         "harmful_jailbreak": jail,
         "benign": demo_benign(split),  # type: ignore[arg-type]
-        "borderline": borderline_prompts(),
+        "borderline": borderline_prompts(split),
     }
     return {k: _spread(v, limit) for k, v in sets.items()}
 
@@ -208,39 +218,23 @@ def evaluate_model(
     empty = [k for k, v in sets.items() if not v]
     if empty:
         raise EvaluationError(f"evaluation set(s) {empty} are empty; drop them or load prompts into them")
-    jd = make_judge(judge)
     deactivate, activate = _steer_pair(steer)
-    total, done = sum(len(v) for v in sets.values()), 0
-    frames = []
-    for name, items in sets.items():
-        messages = [it.messages(system_prompt) for it in items]
-        sub = (
-            (lambda d, t, m="", _o=done, _n=name: progress(_o + d, total, f"{_n}: {d}/{t}"))
-            if progress
-            else None
-        )
-        if deactivate is None and activate is None:
-            gens = generate(model, tokenizer, messages, max_new_tokens, batch_size, sub, generator)
-        else:
-            with steer_experts(model, deactivate=deactivate, activate=activate):
-                gens = generate(model, tokenizer, messages, max_new_tokens, batch_size, sub)
-        texts = [g.text for g in gens]
-        verdicts = jd.judge([it.text for it in items], texts)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "set": name,
-                    "id": [it.id for it in items],
-                    "category": [it.category for it in items],
-                    "prompt": [it.text for it in items],
-                    "response": texts,
-                    "refusal": [v.refusal for v in verdicts],
-                    "reason": [v.reason for v in verdicts],
-                }
-            )
-        )
-        done += len(items)
-    return pd.concat(frames, ignore_index=True)[RESPONSE_COLUMNS]
+    steered = deactivate is not None or activate is not None
+    around = (
+        (lambda: steer_experts(model, deactivate=deactivate, activate=activate)) if steered else nullcontext
+    )
+    return judged_answers(
+        model,
+        tokenizer,
+        sets,
+        make_judge(judge),
+        max_new_tokens,
+        batch_size,
+        progress,
+        None if steered else generator,  # steering runs here (HF), never in another engine
+        system_prompt,
+        around,
+    )
 
 
 # -- statistics ---------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from moe_core.batching.demo_prompts import (
@@ -66,7 +65,8 @@ from moe_core.batching.demo_prompts import (
 )
 from moe_core.judge.keyword import KeywordJudge
 from moe_core.model.adapter import default_cpu_threads, load_model
-from moe_core.model.generation import generate, render_chat
+from moe_core.model.answers import judged_answers
+from moe_core.model.generation import render_chat
 from moe_core.store.atomic import atomic_dir, atomic_write_json
 from moe_core.types import Progress
 
@@ -414,27 +414,7 @@ def measure_behaviour(
         "jailbreak": wrap(goals, templates, seed=seed, per_goal=per_goal),
         "benign": benign,
     }
-    judge, total, frames = KeywordJudge(), sum(len(v) for v in sets.values()), []
-    for name, items in sets.items():
-        done = sum(len(f) for f in frames)
-        sub = (
-            (lambda d, t, m="", _o=done, _n=name: progress(_o + d, total, f"{_n}: {d}/{t}"))
-            if progress
-            else None
-        )
-        gens = generate(model, tokenizer, [it.messages() for it in items], max_new_tokens, batch_size, sub)
-        verdicts = judge.judge([it.text for it in items], [g.text for g in gens])
-        frames.append(
-            pd.DataFrame(
-                {
-                    "set": name,
-                    "prompt": [it.text for it in items],
-                    "response": [g.text for g in gens],
-                    "refusal": [v.refusal for v in verdicts],
-                }
-            )
-        )
-    rows = pd.concat(frames, ignore_index=True)
+    rows = judged_answers(model, tokenizer, sets, KeywordJudge(), max_new_tokens, batch_size, progress)
     out: dict[str, Any] = {"split": split, "examples": {}}
     for name, group in rows.groupby("set", sort=False):
         out["examples"][name] = {"prompt": group["prompt"].iloc[0], "answer": group["response"].iloc[0]}
