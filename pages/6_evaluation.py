@@ -25,7 +25,7 @@ from moe_core.eval.evaluation import (
     load_evaluation,
 )
 from moe_core.eval.report import interval_table
-from moe_core.eval.study_summary import load_study
+from moe_core.eval.study_summary import load_curves, load_study
 from moe_core.judge.verdicts import LABELS as AUDIT_LABELS
 from moe_core.pipeline import EvaluateSpec, StudySpec
 from moe_core.store.jobs import read_job
@@ -111,6 +111,18 @@ with st.container(border=True):
     study = None
     with ui.guard("The study cannot be read: "):
         study = load_study(run, StudySpec().name)
+    if study is not None and "batch_seed" in study[0].columns:
+        with ui.guard("The learning curves cannot be read: "):
+            curves = load_curves(run, StudySpec().name)
+            if curves is not None and len(curves):
+                pairs = sorted({(int(s), int(b)) for s, b in zip(study[0]["seed"], study[0]["batch_seed"])})
+                pair = st.selectbox(
+                    "Learning curves of seed / batch seed",
+                    pairs,
+                    format_func=lambda p: f"{p[0]} / {p[1]}",
+                    key="ev_curve_pair",
+                )
+                st.plotly_chart(charts.curves_figure(curves, study[0], *pair), key="ev_curves_fig")
     if study is not None:
         figure = ui.read_json_cached(run.path_for("study", name=StudySpec().name) / "figure.json")
         if figure:

@@ -1212,6 +1212,16 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
     assert {"chosen", "random", "random_layer"} <= names
     table = [d.value for d in at.dataframe if "jailbreak_compliance" in d.value.columns]
     assert table and set(table[0]["method"]) == {"base", "chosen", "random", "random_layer", "full"}
+    study_run = next(r for r in root.iterdir() if (r / "study").is_dir())
+    at = open_app(Run.open(study_run), page="evaluation")  # the learning curves of each seed pair (issue 17)
+    no_exceptions(at)
+    curves = [
+        s for s in plotly_specs(at) if "Learning curves" in json.dumps(s.get("layout", {}).get("title", ""))
+    ]
+    assert curves and {t["name"] for t in curves[0]["data"] if t.get("name")} >= {
+        "chosen (0.125)",
+        "random #0 (0.125)",
+    }
 
 
 def test_pages_save_masks_and_plans_only_through_the_pipeline_under_the_writer_lease(

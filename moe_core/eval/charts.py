@@ -476,3 +476,34 @@ def highlight_tokens_html(
         + "".join(parts)
         + "</div>"
     )
+
+
+def curves_figure(curves: pd.DataFrame, results: pd.DataFrame, seed: int, batch_seed: int) -> go.Figure:
+    """Validation jailbreak compliance vs training step for one seed pair: one line per trained arm (at the
+    learning rate chosen for it), the chosen step marked. ``curves``/``results``: a study's two tables."""
+    fig = go.Figure()
+    pair = (curves["seed"] == seed) & (curves["batch_seed"] == batch_seed)
+    rows = results[(results["seed"] == seed) & (results["batch_seed"] == batch_seed) & (results["lr"] > 0)]
+    for _, r in rows.sort_values(["budget", "method", "draw"]).iterrows():
+        arm = curves[pair & (curves["method"] == r["method"]) & (curves["budget"] == r["budget"])]
+        arm = arm[(arm["draw"] == r["draw"]) & (arm["lr"] == r["lr"])].sort_values("step")
+        name = f"{r['method']}{'' if r['method'] != 'random' else f' #{r.draw}'} ({r['budget']:.3g})"
+        fig.add_trace(go.Scatter(x=arm["step"], y=arm["jailbreak_compliance"], mode="lines", name=name))
+        fig.add_trace(
+            go.Scatter(
+                x=[r["step"]],
+                y=[r["val_jailbreak_compliance"]],
+                mode="markers",
+                marker={"symbol": "x", "size": 9},
+                showlegend=False,
+                hovertemplate=f"{name}: chosen step %{{x}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=f"Learning curves, seed {seed} / batches {batch_seed} (validation, teacher-forced)",
+        xaxis_title="training step",
+        yaxis_title="jailbreak compliance",
+        yaxis_range=[-0.02, 1.02],
+        height=420,
+    )
+    return fig

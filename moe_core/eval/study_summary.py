@@ -54,6 +54,12 @@ def load_study(run: Run, name: str = STUDY_NAME) -> tuple[pd.DataFrame, pd.DataF
     return read_parquet(out / "results.parquet"), read_parquet(out / "summary.parquet")
 
 
+def load_curves(run: Run, name: str = STUDY_NAME) -> pd.DataFrame | None:
+    """The validation learning curves of a study in ``run`` (every arm, learning rate and step), or None."""
+    path = run.path_for("study", name=name) / "curves.parquet"
+    return read_parquet(path) if path.exists() else None
+
+
 def headline(summary: pd.DataFrame, budget: float) -> str:
     """One line per arm at ``budget``: compliance [CI], benign answers, over-refusal."""
     lines = []
