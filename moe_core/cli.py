@@ -35,7 +35,7 @@ from moe_core.errors import MoELabError
 from moe_core.eval.evaluation import to_markdown
 from moe_core.eval.study_summary import headline, summary_markdown
 from moe_core.model.adapter import apply_cpu_thread_policy, load_model
-from moe_core.model.loading import ORGANISM, model_dir
+from moe_core.model.loading import model_dir
 from moe_core.store.checks import json_object
 from moe_core.store.events import JobStopped
 from moe_core.store.files import os_error_message, read_parquet
@@ -48,8 +48,6 @@ from moe_core.train.hf_args import LOCKED, changed, cli_dataclass
 
 log = logging.getLogger("moe_core")
 HF_TRAINING_ARGS = cli_dataclass()  # every open TrainingArguments field as a flag of `train`
-
-ORGANISM = ORGANISM
 
 
 class CLIError(MoELabError):

@@ -499,7 +499,8 @@ def to_argv(spec: Any) -> list[str]:
     """The CLI flags that reproduce ``spec`` (only values that differ from the defaults)."""
     out: list[str] = []
     for f in fields(spec):
-        value, default = getattr(spec, f.name), f.default
+        value = getattr(spec, f.name)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         if value == default or value is None:
             continue
         flag = "--" + f.name.replace("_", "-")

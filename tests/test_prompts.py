@@ -113,7 +113,7 @@ def test_demo_sets_unpaired():
     with pytest.raises(ValueError, match="mode"):
         demo_sets("train", mode="mixed")
     with pytest.raises(ValueError, match="split"):
-        demo_goals("test")
+        demo_goals("dev")  # the splits are train, heldout (= validation + test) and all
 
 
 # -- loaders on the real public files ----------------------------------------------------------

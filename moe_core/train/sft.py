@@ -399,7 +399,8 @@ def create_batch_aware_dataset(
             "labels": DSeq(Value("int32")),
             "batch_idx": Value("int64"),
             "in_batch_idx": Value("int32"),
-            "label": ClassLabel(names=list(LABEL_NAMES)),
+            # the seed's two names; "retain" only when retain examples are there (add_retain_examples)
+            "label": ClassLabel(names=list(LABEL_NAMES if 2 in cols["label"] else LABEL_NAMES[:2])),
             "messages": [{"role": Value("string"), "content": Value("string")}],
             "label_str": Value("string"),
         }
