@@ -676,3 +676,67 @@ def test_the_weight_fingerprint_sees_one_trained_expert_in_every_family():
         with torch.no_grad():
             p[1] += 1e-3  # expert 1 of the last layer, every value nudged as training does
         assert model_fingerprint(model) != before, (family, name)
+
+
+# -- issue 21: inputs mean one thing --------------------------------------------------------------
+def test_r8_a_mask_key_written_twice_is_refused_not_dropped(tmp_path):
+    """Row 8: {"1": [1, 2], "01": [3]} used to keep one of the two silently; now the file is refused, naming
+    both keys, and the same holds inside per-batch masks."""
+    from moe_core.analysis.masks import ExpertMask, MaskError, load_batch_masks
+
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"num_layers": 4, "num_experts": 8, "experts": {"1": [1, 2], "01": [3]}}))
+    with pytest.raises(MaskError, match="'1' and '01' both mean 1"):
+        ExpertMask.load(path)
+    batches = {"0": {"2": [1]}, "00": {"2": [2]}}
+    fmt = "moe-safety-lab/batch-expert-masks@1"
+    path.write_text(json.dumps({"format": fmt, "num_layers": 4, "num_experts": 8, "batches": batches}))
+    with pytest.raises(MaskError, match="both mean 0"):
+        load_batch_masks(path)
+    assert (
+        ExpertMask.from_json_dict({"num_layers": 4, "num_experts": 8, "experts": {"1": [1, 2]}}).count() == 2
+    )
+
+
+def test_r10_a_mask_claiming_a_huge_shape_is_refused_before_anything_is_allocated(tmp_path, capsys):
+    """Row 10: num_layers / num_experts of 1e6 gave numpy's memory error; now one line, nothing allocated."""
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"num_layers": 10**6, "num_experts": 10**6, "experts": {"1": [1]}}))
+    import tracemalloc
+
+    from moe_core.analysis.masks import ExpertMask, MaskError
+
+    tracemalloc.start()
+    with pytest.raises(MaskError, match="less than or equal to 4096"):
+        ExpertMask.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50_000_000  # a 1e6 x 1e6 bool grid would need a terabyte
+
+
+def test_r9_a_prompt_column_holding_other_types_than_text_is_refused_naming_the_rows(tmp_path):
+    """Row 9: JSONL with 123 / true / a list, and a Parquet list or struct column, became prompts like
+    "['a', 'b']"; now the file is refused, naming the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moe_core.batching.prompts import PromptLoadError, load_prompts
+
+    jsonl = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": "How do I bake bread?"}, {"prompt": 123}, {"prompt": True}, {"prompt": ["a", "b"]}]
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(
+        PromptLoadError, match=r"3 row\(s\) hold something else: row 1 \(int\), row 2 \(bool\), row 3"
+    ):
+        load_prompts(jsonl, label="safe")
+    for name, column in (
+        ("list", pa.array([["a", "b"], ["c"]])),
+        ("struct", pa.array([{"text": "x", "n": 0}] * 2)),
+    ):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"prompt": column}), path)
+        with pytest.raises(PromptLoadError, match="must hold text"):
+            load_prompts(path, label="unsafe")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": None}) + "\n")
+    assert [it.text for it in load_prompts(good, label="safe")] == ["Hi"]  # a missing prompt is still dropped

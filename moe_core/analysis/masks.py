@@ -30,6 +30,7 @@ from pydantic import (
     Field,
     StrictInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -54,11 +55,34 @@ class MaskError(MoELabError, ValueError):
 LayerExperts = dict[int, list[StrictInt]]  # {"<layer>": [expert, ...]}; JSON keys are strings of ints
 
 
+MAX_LAYERS, MAX_EXPERTS = (
+    4096,
+    65536,
+)  # far above any model; a file claiming more is refused before allocating
+
+
+def _canonical_keys(value: Any, where: str) -> Any:
+    """JSON object keys must be whole numbers written once: "1" and "01" both mean layer 1, so a file
+    with both is refused instead of silently keeping one of them."""
+    if not isinstance(value, Mapping):
+        return value
+    seen: dict[int, str] = {}
+    for key in value:
+        text = str(key).strip()
+        if not text.lstrip("-").isdigit():
+            raise ValueError(f"{where}key {key!r} is not a whole number")
+        n = int(text)
+        if n in seen:
+            raise ValueError(f"{where}keys {seen[n]!r} and {key!r} both mean {n}; keep one")
+        seen[n] = str(key)
+    return value
+
+
 class _MaskShape(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown keys (a note added by hand) are not an error
 
-    num_layers: StrictInt = Field(ge=1)
-    num_experts: StrictInt = Field(ge=1)
+    num_layers: StrictInt = Field(ge=1, le=MAX_LAYERS)
+    num_experts: StrictInt = Field(ge=1, le=MAX_EXPERTS)
 
     def _check_experts(self, experts: LayerExperts, where: str) -> None:
         for layer, es in experts.items():
@@ -75,6 +99,11 @@ class MaskFile(_MaskShape):
     format: str = MASK_FORMAT
     experts: LayerExperts
     meta: dict[str, Any] | None = None
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        return _canonical_keys(value, "")
 
     @model_validator(mode="after")
     def _fits(self) -> MaskFile:
@@ -94,6 +123,15 @@ class BatchMasksFile(_MaskShape):
 
     format: str = BATCH_MASKS_FORMAT
     batches: dict[int, LayerExperts]
+
+    @field_validator("batches", mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        _canonical_keys(value, "")
+        if isinstance(value, Mapping):
+            for b, experts in value.items():
+                _canonical_keys(experts, f"batch {b}: ")
+        return value
 
     @model_validator(mode="after")
     def _fits(self) -> BatchMasksFile:

@@ -325,7 +325,21 @@ def load_prompts(
     meta_cols = [c for c in cols if c not in (column, cat_col, tgt_col) and c and not c.startswith("Unnamed")]
     items: list[PromptItem] = []
     dropped = 0
-    for row, rec in enumerate(df.to_dict("records")):
+    records = df.to_dict("records")
+    not_text = [
+        (row, type(raw).__name__)
+        for row, rec in enumerate(records)
+        if (raw := rec.get(column)) is not None and not isinstance(raw, str) and _scalar(raw) is not None
+    ]
+    if not_text:  # 123, True, a list or a struct is no prompt: a str() of it would be used as one
+        rows = ", ".join(f"row {r} ({kind})" for r, kind in not_text[:5]) + (
+            " ..." if len(not_text) > 5 else ""
+        )
+        raise PromptLoadError(
+            f"{src}: column {column!r} must hold text, but {len(not_text)} row(s) hold something else: {rows}; "
+            "fix those rows or pick the column that holds the prompts"
+        )
+    for row, rec in enumerate(records):
         text = _scalar(rec.get(column))
         text = str(text).strip() if text is not None else ""
         if not text:
