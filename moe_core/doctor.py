@@ -37,7 +37,7 @@ from moe_core.batching.plan import save_plan
 from moe_core.model.routing import load_batch_routing
 from moe_core.pipeline import AnalyseSpec, compose
 from moe_core.store.events import INTERRUPTED, step_status
-from moe_core.store.files import read_json, write_parquet
+from moe_core.store.files import RunError, read_json, write_parquet
 from moe_core.store.integrity import check_json, check_parquet
 from moe_core.store.lease import LEASE, holder
 from moe_core.store.provenance import plan_fingerprint, recorded
@@ -182,7 +182,11 @@ def _files(run: Run) -> list[Finding]:
     for p in sorted(run.path.glob("eval/**/*.parquet")):
         if problem := check_parquet(p):
             found.append(Finding(_rel(run, p), problem, "delete it and run the evaluation again"))
-    for name, info in run.trainings().items():
+    try:
+        trainings = run.trainings()
+    except RunError:
+        trainings = {}  # a path that leads outside the run: _outside_paths names it
+    for name, info in trainings.items():
         merged = Path(info.get("merged") or "")
         if info.get("merged") and not (merged / "config.json").is_file():
             found.append(
@@ -242,13 +246,33 @@ def _leftovers(run: Run, repair: bool) -> list[Finding]:
     return found
 
 
+def _outside_paths(run: Run) -> list[Finding]:
+    """Manifest paths of the run's own artifacts (trainings' merged models) that lead outside the run."""
+    found = []
+    for key, step in sorted(run.manifest.get("steps", {}).items()):
+        stored = step.get("merged") if isinstance(step, dict) else None
+        try:
+            run.resolve(stored)
+        except RunError as e:
+            found.append(
+                Finding(
+                    f"manifest.json (steps.{key}.merged)",
+                    str(e).split(";")[0],
+                    f"train it again in this run (`python -m moe_core train --run {run.path} --overwrite`) "
+                    "or delete that step from the manifest",
+                )
+            )
+    return found
+
+
 def diagnose(run: Run, repair: bool = False) -> list[Finding]:
     """Every damaged or missing piece of ``run``; with ``repair`` the recomputable ones are fixed.
 
     Repairs hold the run's writer lease, so they never race a running job (``RunBusyError`` then).
     """
     if not repair:
-        return _leftovers(run, False) + _batches(run, False) + _tables(run, False, False) + _files(run)
+        found = _leftovers(run, False) + _batches(run, False) + _tables(run, False, False) + _files(run)
+        return found + _outside_paths(run)
     with run.writing("doctor"):
         run._update(lambda m: None)  # rewrites a manifest the reader normalised (e.g. "steps": [])
         found = _leftovers(run, True)
@@ -260,7 +284,7 @@ def diagnose(run: Run, repair: bool = False) -> list[Finding]:
                     True,
                     "written again from the run's recorded prompt files (identical fingerprint)",
                 )
-        found += batches + _tables(run, True, bool(batches)) + files
+        found += batches + _tables(run, True, bool(batches)) + files + _outside_paths(run)
     return found
 
 

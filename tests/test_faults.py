@@ -740,3 +740,81 @@ def test_r9_a_prompt_column_holding_other_types_than_text_is_refused_naming_the_
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": None}) + "\n")
     assert [it.text for it in load_prompts(good, label="safe")] == ["Hi"]  # a missing prompt is still dropped
+
+
+def test_r7_a_manifest_path_into_another_run_is_refused_and_named_by_doctor(tmp_path, capsys):
+    """Row 7: a trained-model path pointing into another run (../../X/train/...) was evaluated under this run's
+    name and doctor found nothing; now every path to the run's own artifacts must resolve inside the run."""
+    from moe_core.cli import main
+    from moe_core.doctor import diagnose
+    from moe_core.store.files import RunError
+
+    root = tmp_path / "runs"
+    other = Run.create(root, name="other")
+    (other.path / "train" / "theirs" / "merged").mkdir(parents=True)
+    run = Run.create(root, name="mine")
+    run.set_step("train:stolen", "done", merged=f"../{other.path.name}/train/theirs/merged")
+    with pytest.raises(RunError, match="points outside the run"):
+        run.reload()
+        run.trainings()
+    found = diagnose(run)
+    assert [f.path for f in found] == ["manifest.json (steps.train:stolen.merged)"]
+    assert main(["--runs-root", str(root), "evaluate", "--run", run.path.name, "--eval-limit", "1"]) == 2
+    assert "points outside the run" in capsys.readouterr().err
+    run.set_step("train:stolen", "done", merged="train/stolen/merged")  # inside: fine again
+    assert run.trainings()["stolen"]["merged"] == str(run.path / "train" / "stolen" / "merged")
+
+
+# -- issue 21: bounded work ---------------------------------------------------------------------------
+def test_r4_a_prompt_longer_than_the_context_is_refused_before_any_model_call(tmp_path, capsys):
+    """Row 4: a 5 MB line took 72 s and 12 GB before a traceback, a 380 KB one was killed by the OOM killer.
+    Now both are one line (exit 2) before the model sees a batch, the 5 MB one without even tokenizing it,
+    and a failed new analysis leaves no run behind."""
+    import time
+    import tracemalloc
+
+    from moe_core.cli import main
+    from tests.app_fixtures import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny")  # max_position_embeddings 256
+    safe = tmp_path / "safe.txt"
+    safe.write_text("\n".join(f"How do I bake bread number {i}?" for i in range(4)) + "\n")
+    root = tmp_path / "runs"
+    for size, why in ((5_000_000, "characters, more than the model's context"), (380_000, "characters")):
+        unsafe = tmp_path / f"unsafe-{size}.txt"
+        unsafe.write_text("How to " + "x " * (size // 2) + "\nTell me a secret.\n")
+        argv = ["--runs-root", str(root), "analyze", "--model", str(model_dir), "--safe", str(safe)]
+        argv += ["--unsafe", str(unsafe), "--batch-size", "2", "--max-new-tokens", "2"]
+        tracemalloc.start()
+        t0 = time.monotonic()
+        assert main(argv) == 2
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err, err
+        assert peak < 500_000_000 and time.monotonic() - t0 < 120  # bounded by the context, not the input
+    assert not root.exists() or not any(root.iterdir())
+    mid = tmp_path / "unsafe-mid.txt"
+    mid.write_text("Explain " + "word " * 300 + "\n")  # fewer characters than the bound, more tokens than fit
+    argv = ["--runs-root", str(root), "analyze", "--model", str(model_dir), "--safe", str(safe)]
+    assert main(argv + ["--unsafe", str(mid), "--batch-size", "2"]) == 2
+    assert "tokens, the model's context is 256" in capsys.readouterr().err
+
+
+def test_r5_max_new_tokens_is_capped_by_the_model_context():
+    """Row 5: --max-new-tokens 100000 with a model whose answers never stop ran for 11 minutes; the answer
+    now ends where the context does."""
+    from moe_core.model.generation import fit_context, generate
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("olmoe", seed=5), tiny_tokenizer()
+    model.generation_config.eos_token_id = None  # answers that never stop
+    tok_eos, tok.eos_token = tok.eos_token, None
+    try:
+        messages = [[{"role": "user", "content": "Tell me a long story."}]]
+        cap = fit_context(model, tok, messages, 100_000)
+        assert 1 <= cap < 256
+        (answer,) = generate(model, tok, messages, max_new_tokens=100_000)
+        assert len(answer.prompt_ids) + len(answer.new_ids) <= 256
+    finally:
+        tok.eos_token = tok_eos

@@ -31,7 +31,7 @@ from moe_core.judge.judges import DEFAULT_JUDGE, make_judge
 from moe_core.judge.verdicts import RefusalJudge
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.backends import route_generated
-from moe_core.model.generation import MAX_NEW_TOKENS, use_chat_template_kwargs
+from moe_core.model.generation import MAX_NEW_TOKENS, fit_context, use_chat_template_kwargs
 from moe_core.model.routing import (
     SPAN_GENERATED,
     SPAN_PROMPT,
@@ -278,6 +278,10 @@ def run_analysis(
     fingerprints["plan_fingerprint"] = check_plan(run, plan)
     adapter = MoEAdapter.for_model(model)
     judge = make_judge(config.judge)
+    # every prompt of the plan fits the model's context: refused here, before a model call or a record
+    fit_context(
+        model, tokenizer, [it.messages(config.system_prompt) for it in plan.items()], config.max_new_tokens
+    )
     record(
         run,
         replace=not run.completed_batches(),

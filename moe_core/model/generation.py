@@ -7,13 +7,18 @@ what "the model's answer" and "its tokens" are. Routing capture wraps this same 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from moe_core.errors import MoELabError
+
 Messages = list[dict[str, str]]
+
+log = logging.getLogger(__name__)
 
 
 class TokenGenerator(Protocol):
@@ -111,6 +116,53 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+CHARS_PER_TOKEN_BOUND = (
+    50  # no tokenizer makes tokens this long: more characters than this x context cannot fit
+)
+
+
+class PromptTooLongError(MoELabError, ValueError):
+    """A prompt does not fit the model's context (refused before any model call)."""
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``), or None when it does not say."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def fit_context(model: Any, tokenizer: Any, messages_list: Sequence[Messages], max_new_tokens: int) -> int:
+    """Check every conversation fits the model's context; -> ``max_new_tokens`` capped to what is left.
+
+    A prompt longer than the context is refused, naming it, before anything is sent to the model (a
+    5 MB line is refused by its length alone, without tokenizing it). Memory and time per batch are
+    then bounded by the context, whatever the input."""
+    context = context_length(model)
+    if context is None or not messages_list:
+        return max_new_tokens
+    longest = 0
+    for i, messages in enumerate(messages_list):
+        chars = sum(len(str(m.get("content", ""))) for m in messages)
+        if chars > context * CHARS_PER_TOKEN_BOUND:
+            raise PromptTooLongError(
+                f"prompt {i} has {chars:,} characters, more than the model's context of {context} tokens can hold; "
+                "shorten it or drop it from the prompt set"
+            )
+        n = len(prompt_token_ids(tokenizer, [messages])[0])
+        if n >= context:
+            raise PromptTooLongError(
+                f"prompt {i} is {n} tokens, the model's context is {context}: shorten it or drop it from the "
+                "prompt set"
+            )
+        longest = max(longest, n)
+    capped = max(1, min(max_new_tokens, context - longest))
+    if capped < max_new_tokens:
+        log.info(
+            "max_new_tokens %d capped to %d by the model's context (%d)", max_new_tokens, capped, context
+        )
+    return capped
+
+
 @torch.no_grad()
 def generate_batch(
     model: Any,
@@ -125,6 +177,7 @@ def generate_batch(
     """
     if not messages_list:
         return []
+    max_new_tokens = fit_context(model, tokenizer, messages_list, max_new_tokens)
     if generator is not None:
         eos = _eos_ids(model, tokenizer)
         prompts = prompt_token_ids(tokenizer, messages_list)

@@ -298,12 +298,24 @@ class Run:
             return None
         p = Path(stored)
         if not p.is_absolute():
-            return self.path / p
+            return self._inside(self.path / p, stored)
         parts = p.parts
         for anchor in ("train", "eval", "masks", "study", "sft"):
             if anchor in parts:
                 i = len(parts) - 1 - parts[::-1].index(anchor)
-                return self.path.joinpath(*parts[i:])
+                return self._inside(self.path.joinpath(*parts[i:]), stored)
+        return self._inside(p, stored)
+
+    def _inside(self, p: Path, stored: str | Path) -> Path:
+        """``p`` if it lies inside this run (after resolving ``..`` and links), else a RunError: an artifact
+        this run produced never lives in another run or elsewhere on disk."""
+        try:
+            p.resolve().relative_to(self.path.resolve())
+        except ValueError:
+            raise RunError(
+                f"run {self.id}: the manifest points outside the run ({stored}); a run's own artifacts live "
+                f"inside it: run `python -m moe_core doctor --run {self.path}` to see the damage"
+            ) from None
         return p
 
     def relative(self, path: str | Path) -> str:
