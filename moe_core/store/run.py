@@ -293,6 +293,8 @@ class Run:
 
         An absolute path of an artifact (``.../train/x/merged``) written where the run lived before
         it was moved or copied is mapped to the same artifact here, so a copy never uses the original's.
+        A path that leads outside the run (``../other-run/...``, a link) is a ``RunError``: outside inputs
+        (a local model folder, prompt files) are checked by their fingerprints, never resolved here.
         """
         if stored in (None, ""):
             return None
