@@ -555,7 +555,9 @@ def test_manifest_paths_are_relative_and_resolve_where_the_run_is(tmp_path):
         run.resolve("/old/place/runs/r1/train/x/merged_model") == inside
     )  # an older absolute path, moved run
     assert run.resolve(None) is None
-    with pytest.raises(RunError, match="points outside the run"):  # a run's own artifact never lives elsewhere
+    with pytest.raises(
+        RunError, match="points outside the run"
+    ):  # a run's own artifact never lives elsewhere
         run.resolve("/models/base")
 
 
