@@ -36,6 +36,7 @@ from moe_core.eval.evaluation import to_markdown
 from moe_core.eval.study_summary import headline, summary_markdown
 from moe_core.model.adapter import apply_cpu_thread_policy, load_model
 from moe_core.model.loading import model_dir
+from moe_core.store.atomic import as_os_error
 from moe_core.store.checks import json_object
 from moe_core.store.events import JobStopped
 from moe_core.store.files import os_error_message, read_parquet
@@ -440,15 +441,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk or a read-only folder is the user's to fix, not a bug
-        if os_error_message(e) is None or args.verbose:
-            raise
-        print(f"error: {os_error_message(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; finished batches are saved, resume with --run RUN", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        # a full disk or a read-only folder is the user's to fix, not a bug (also when a library wraps it)
+        message = os_error_message(os_error) if (os_error := as_os_error(e)) is not None else None
+        if message is not None and not args.verbose:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError) and args.verbose:
+            raise
         log.exception(
             "internal error (a bug in moe_core, not in your input); please report it with this traceback"
         )

@@ -818,3 +818,63 @@ def test_r5_max_new_tokens_is_capped_by_the_model_context():
         assert len(answer.prompt_ids) + len(answer.new_ids) <= 256
     finally:
         tok.eos_token = tok_eos
+
+
+# -- issue 21: a real full disk -------------------------------------------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 8 MB tmpfs (as root; the test says why it skips elsewhere); ``_fill`` fills it up."""
+    mnt = tmp_path / "tiny-disk"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("a real full disk needs a tmpfs mount (root); this machine refused it")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(mnt: Path) -> None:
+    with open(mnt / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_r2_a_real_full_disk_under_safetensors_is_a_disk_full_error(tiny_disk, tmp_path, capsys):
+    """Row 2: safetensors raises its own SafetensorError on a full disk, which the disk-full handler never saw
+    (traceback, "internal error", exit 1). Real fault: a full tmpfs. Now it is an OSError(ENOSPC) wherever we
+    write safetensors (routing files, expert deltas, merged models) and the CLI prints one line, exit 2."""
+    import numpy as np
+
+    from moe_core.cli import main
+    from moe_core.model.routing import SampleRouting, save_batch_routing
+    from moe_core.store.files import os_error_message
+    from tests.app_fixtures import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    common = ["--runs-root", str(tiny_disk)]
+    argv = ["analyze", "--model", str(model_dir), "--demo-sets", "--batch-size", "8", "--max-batches", "2"]
+    assert main(common + argv + ["--max-new-tokens", "2", "--name", "d"]) == 0
+    (run_dir,) = [p for p in tiny_disk.iterdir() if p.is_dir()]
+    assert main(common + ["select", "--run", run_dir.name, "--n", "2"]) == 0
+    _fill(tiny_disk)
+    ids = np.zeros((2, 4000, 8), dtype=np.uint8)
+    sample = SampleRouting(ids, None, np.zeros(4000, dtype=np.int32), np.zeros(4000, dtype=np.uint8))
+    with pytest.raises(OSError) as e:
+        save_batch_routing(tiny_disk / "routing.safetensors", [sample], moe_layers=[0, 1], keep_weights=False)
+    assert e.value.errno == errno.ENOSPC and "disk is full" in os_error_message(e.value)
+    assert not list(tiny_disk.glob(".routing*"))  # no temp file left
+    capsys.readouterr()
+    train = common + ["train", "--run", run_dir.name, "--epochs", "1", "--checkpoint-every", "1000"]
+    assert main(train) == 2
+    err = capsys.readouterr().err
+    assert ("No space left on device" in err or "disk is full" in err) and "internal error" not in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    (tiny_disk / "filler").unlink()  # space again: the same command now trains
+    assert main(train) == 0

@@ -13,11 +13,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+_OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)\)?(?: at path \"([^\"]*)\")?")
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+    """``e`` as the OSError it carries: itself, or a library's own error type wrapping one (safetensors raises
+    ``SafetensorError("... No space left on device (os error 28) at path ...")`` on a full disk). None otherwise."""
+    if isinstance(e, OSError):
+        return e
+    m = _OS_ERROR_IN_TEXT.search(str(e))
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), m.group(2))
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -33,8 +48,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are ordinary files
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        os_error = as_os_error(e)
+        if os_error is not None and os_error is not e:  # a full disk is a full disk, whoever wrote the file
+            raise os_error from e
         raise
     return path
 

@@ -37,7 +37,7 @@ from moe_core.errors import MoELabError
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.generation import generate, use_chat_template_kwargs
 from moe_core.model.loading import load_any_model, model_of
-from moe_core.store.atomic import atomic_write_json
+from moe_core.store.atomic import as_os_error, atomic_write_json
 from moe_core.store.checks import check_free, json_object
 from moe_core.store.lease import secondary_rank, world_size
 from moe_core.store.provenance import fingerprint
@@ -250,8 +250,10 @@ def run_train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Tr
         try:
             stage, checkpoint = begin_training(out, settings, spec.overwrite)  # before the model is loaded
             save_structured_batches(batches, run.path_for("sft") / "batches")
-        except OSError as e:
-            raise write_failure(out, e) from e
+        except Exception as e:
+            if (os_error := as_os_error(e)) is None:
+                raise
+            raise write_failure(out, os_error) from e
     barrier()  # the other ranks of `accelerate launch` train in the stage rank 0 prepared (and resume alike)
     if not main:
         stage = stage_of(out)
@@ -303,8 +305,10 @@ def run_train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> Tr
         if not main:
             return result  # only rank 0 writes the run
         result = commit_training(result, stage, out)
-    except OSError as e:  # disk full, permissions: nothing of the previous training was touched
-        raise write_failure(out, e) from e
+    except Exception as e:  # disk full, permissions: nothing of the previous training was touched
+        if (os_error := as_os_error(e)) is None:  # (a library may wrap it: safetensors, torch.save)
+            raise
+        raise write_failure(out, os_error) from e
     run.set_step(
         f"train:{name}",
         "done",
