@@ -54,7 +54,15 @@ from moe_core.analysis.selection import (
     select_experts,
 )
 from moe_core.eval.charts import study_figure
-from moe_core.eval.curves import CurveCallback, RefusalMarginScorer, area_under, first_step_at_most
+from moe_core.eval.curves import (
+    COMPLIANCE_OPENINGS,
+    REFUSAL_OPENINGS,
+    CurveCallback,
+    RefusalMarginScorer,
+    area_under,
+    first_step_at_most,
+    organism_openings,
+)
 from moe_core.eval.evaluation import (
     METRICS,
     default_eval_sets,
@@ -114,9 +122,11 @@ class _Lab:
             split="test", limit=spec.eval_limit, templates_per_goal=spec.templates_per_goal or None, seed=seed
         )
         val = default_eval_sets(split="validation", limit=spec.eval_limit, templates_per_goal=None, seed=seed)
+        openings = organism_openings() if spec.model is None else (REFUSAL_OPENINGS, COMPLIANCE_OPENINGS)
         self.scorer = RefusalMarginScorer(
             self.tok,
             {"jailbreak": val["harmful_jailbreak"], "benign": val["benign"], "borderline": val["borderline"]},
+            *openings,
         )
 
     @property
