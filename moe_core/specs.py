@@ -428,6 +428,7 @@ class StudySpec:
         metadata={"help": "learning rates searched on the validation split, every arm alike (default: --lr)"},
     )
     curve_every: int = opt(4, "score the validation split every N training steps (the learning curves)")
+    retain_share: float = same_as(TrainSpec, "retain_share")
     scope: Scope = same_as(DemoSpec, "scope")
     max_batches: Optional[int] = same_as(DemoSpec, "max_batches")
     lr: float = same_as(DemoSpec, "lr")
@@ -470,6 +471,7 @@ class StudySpec:
             max_batches=AT_LEAST_1,
             templates_per_goal=NON_NEGATIVE,
             curve_every=AT_LEAST_1,
+            retain_share=(lambda v: 0 <= v <= 4, "a share in [0, 4] (retain examples per analysis example)"),
         )
         unknown = [s for s in self.scores if s not in ("risk_diff", *SCORES)]
         if unknown or not self.scores:

@@ -78,9 +78,11 @@ from moe_core.store.files import read_parquet, write_parquet
 from moe_core.store.manifest import default_runs_root
 from moe_core.store.run import Run
 from moe_core.train.sft import (
+    add_retain_examples,
     create_batch_aware_dataset,
     create_batch_structured_dataset,
 )
+from moe_core.train.step import retain_examples
 from moe_core.train.training import train_model
 from moe_core.types import Progress
 
@@ -117,6 +119,9 @@ class _Lab:
         self.adapter = MoEAdapter.for_model(self.model)
         self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         batches = create_batch_structured_dataset(load_batch_data_list(self.run), seed=self.batch_seed)
+        if spec.retain_share:  # the same retain examples as `train --retain-share` (the base model's answers)
+            retain = retain_examples(self.model, self.tok)
+            batches = add_retain_examples(batches, retain, spec.retain_share, seed=self.batch_seed)
         self.dataset = create_batch_aware_dataset(batches, self.tok)
         self.sets = default_eval_sets(  # reported: the test half, never used to choose anything
             split="test", limit=spec.eval_limit, templates_per_goal=spec.templates_per_goal or None, seed=seed
