@@ -156,6 +156,7 @@ def test_the_study_keeps_curves_per_arm_learning_rate_and_seed_pair(tmp_path, ti
         scores=["risk_diff", "gate_diff"],
         lrs=[1e-3, 1e-2],
         curve_every=1,
+        retain_share=0.5,  # the SFT batches also hold retain examples (the base model's own answers)
         steering=False,
         full=False,
         eval_limit=3,
