@@ -40,9 +40,10 @@ from moe_core.store.atomic import as_os_error
 from moe_core.store.checks import json_object
 from moe_core.store.events import JobStopped
 from moe_core.store.files import os_error_message, read_parquet
-from moe_core.store.lease import RunBusyError, holder, secondary_rank, step_outcome
+from moe_core.store.lease import RunBusyError, holder, secondary_rank
 from moe_core.store.manifest import default_runs_root, list_runs
 from moe_core.store.run import Run
+from moe_core.store.steps import step_outcome
 from moe_core.study import new_study_run, run_study
 from moe_core.train.expert_rows import apply_expert_delta, save_merged
 from moe_core.train.hf_args import LOCKED, changed, cli_dataclass

@@ -92,10 +92,10 @@ from moe_core.store.checks import (
 )
 from moe_core.store.events import JobStopped
 from moe_core.store.files import RunError, read_parquet, write_parquet
-from moe_core.store.lease import step_outcome, writes_run
 from moe_core.store.manifest import default_runs_root
 from moe_core.store.provenance import model_info_of, plan_source, record
 from moe_core.store.run import Run
+from moe_core.store.steps import step_outcome, writes_run
 from moe_core.train.sampler import AnalysisBatchSampler, BatchCollator
 from moe_core.train.sft import MAX_LENGTH, create_batch_aware_dataset, create_batch_structured_dataset
 from moe_core.train.step import run_train

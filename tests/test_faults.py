@@ -31,10 +31,11 @@ from moe_core.model.loading import load_any_model
 from moe_core.model.routing import load_batch_routing
 from moe_core.store.events import JobStopped
 from moe_core.store.files import read_parquet, write_parquet
-from moe_core.store.lease import LEASE, RunBusyError, holder, step_outcome
+from moe_core.store.lease import LEASE, RunBusyError, holder
 from moe_core.store.manifest import list_runs
 from moe_core.store.provenance import ProvenanceError
 from moe_core.store.run import Run
+from moe_core.store.steps import step_outcome
 from tests.test_analysis import _items
 from tests.tiny import tiny_model, tiny_tokenizer
 

@@ -16,26 +16,21 @@ holds the run while its analysis, selection and trainings take it again); anothe
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import filelock
 
 from moe_core.errors import MoELabError
 from moe_core.store.atomic import atomic_write_json
-from moe_core.store.events import JobStopped, recorded_process_alive
+from moe_core.store.events import recorded_process_alive
 from moe_core.store.files import _now
-from moe_core.store.provenance import check_step_model
-
-if TYPE_CHECKING:
-    from moe_core.store.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -181,40 +176,3 @@ def writing(run_path: str | Path, job: str) -> Iterator[None]:
             _give_back(run_path)
         except (OSError, RunBusyError) as e:  # a stale lease is taken over by the next writer anyway
             log.warning("run %s: could not release the writer lease: %s", run_path.name, e)
-
-
-@contextlib.contextmanager
-def step_outcome(run: Run) -> Iterator[None]:
-    """Steps this process left "running" end as "failed" (with the reason) or "stopped", never "running"."""
-    try:
-        yield
-    except BaseException as e:
-        status = "stopped" if isinstance(e, (JobStopped, KeyboardInterrupt)) else "failed"
-        reason = (str(e) or "stopped on request") if status == "stopped" else f"{type(e).__name__}: {e}"
-        try:
-            mine = [
-                k
-                for k, v in run.reload().get("steps", {}).items()
-                if v.get("status") == "running" and v.get("pid") == os.getpid()
-            ]
-            for k in mine:
-                run.set_step(k, status, reason=reason)
-        except (OSError, MoELabError) as e2:  # a full disk: the pid check shows the step as interrupted
-            log.warning("could not record the end of the steps of run %s: %s", run.id, e2)
-        raise
-
-
-def writes_run(job: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator of a step ``fn(spec, run, ...)``: the run's one-writer lease for ``job``, the spec's
-    ``model`` checked against the run's (``provenance``) before anything runs, and ``step_outcome``."""
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def step(spec: Any, run: Run, *args: Any, **kwargs: Any) -> Any:
-            with run.writing(job), step_outcome(run):
-                check_step_model(run, getattr(spec, "model", None))
-                return fn(spec, run, *args, **kwargs)
-
-        return step
-
-    return wrap

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from moe_core.errors import MoELabError
-
-if TYPE_CHECKING:
-    from moe_core.store.run import Run
 
 # AnalyseSpec fields that decide the batch plan (its prompts and batches)
 PLAN_FIELDS = (
@@ -191,7 +188,7 @@ def check_plan(run: Any, plan: Any) -> str:
     return now
 
 
-def model_info_of(run: Run) -> dict[str, Any]:
+def model_info_of(run: Any) -> dict[str, Any]:  # a store.run.Run (this module sits below it)
     """num_layers, num_experts, top_k, moe_layers... of the model the run analysed (step record, else provenance)."""
     return dict(
         (run.step("analysis") or {}).get("model_info")

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from moe_core.analysis.analyse import chat_template_kwargs_of, load_batch_data_list
 from moe_core.analysis.masks import check_mask_fits, load_run_masks
@@ -41,6 +41,7 @@ from moe_core.store.atomic import as_os_error, atomic_write_json
 from moe_core.store.checks import check_free, json_object
 from moe_core.store.lease import secondary_rank, world_size
 from moe_core.store.provenance import fingerprint
+from moe_core.store.run import Run
 from moe_core.train.sft import (
     add_retain_examples,
     create_batch_aware_dataset,
@@ -49,10 +50,6 @@ from moe_core.train.sft import (
 )
 from moe_core.train.training import TrainingResult, train_model
 from moe_core.types import Progress
-
-if TYPE_CHECKING:  # the spec is defined a layer above (moe_core.specs); only its type is named here
-    from moe_core.specs import TrainSpec
-    from moe_core.store.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +197,7 @@ def masks_content(masks: Any) -> Any:
     return masks.mask.astype(int).tolist()
 
 
-def random_baseline(spec: TrainSpec, chosen: Any, adapter: MoEAdapter) -> Any:
+def random_baseline(spec: Any, chosen: Any, adapter: MoEAdapter) -> Any:
     """What the spec trains: the chosen mask(s), as many random experts drawn uniformly, or None (full)."""
 
     if spec.baseline != "random_experts":
@@ -221,7 +218,8 @@ def retain_examples(model: Any, tok: Any) -> list[tuple[str, str]]:
     return [(it.text, g.text) for it, g in zip(items, answers) if g.text.strip()]
 
 
-def run_train(spec: TrainSpec, run: Run, progress: Progress | None = None) -> TrainingResult:
+def run_train(spec: Any, run: Run, progress: Progress | None = None) -> TrainingResult:
+    # spec: a moe_core.specs.TrainSpec, defined a layer above this one (so it is not imported here)
     """``pipeline.train``: checks, then a staged (resumable) training committed whole as train/<name>/."""
 
     name, model_name = spec.training_name(), model_of(run, spec.model)
