@@ -140,7 +140,6 @@ def fit_context(model: Any, tokenizer: Any, messages_list: Sequence[Messages], m
     context = context_length(model)
     if context is None or not messages_list:
         return max_new_tokens
-    longest = 0
     for i, messages in enumerate(messages_list):
         chars = sum(len(str(m.get("content", ""))) for m in messages)
         if chars > context * CHARS_PER_TOKEN_BOUND:
@@ -148,7 +147,13 @@ def fit_context(model: Any, tokenizer: Any, messages_list: Sequence[Messages], m
                 f"prompt {i} has {chars:,} characters, more than the model's context of {context} tokens can hold; "
                 "shorten it or drop it from the prompt set"
             )
-        n = len(prompt_token_ids(tokenizer, [messages])[0])
+    lengths = [  # tokenized 64 at a time: one call per chunk, padding bounded by the chunk
+        len(ids)
+        for start in range(0, len(messages_list), 64)
+        for ids in prompt_token_ids(tokenizer, list(messages_list[start : start + 64]))
+    ]
+    longest = 0
+    for i, n in enumerate(lengths):
         if n >= context:
             raise PromptTooLongError(
                 f"prompt {i} is {n} tokens, the model's context is {context}: shorten it or drop it from the "
