@@ -32,8 +32,12 @@ from moe_core.analysis.analyse import finalize_analysis
 from moe_core.demo import Stage, run_demo
 from moe_core.doctor import diagnose
 from moe_core.errors import MoELabError
-from moe_core.eval.evaluation import to_markdown
-from moe_core.eval.study_summary import headline, summary_markdown
+from moe_core.eval.evaluation import load_evaluation, to_markdown
+from moe_core.eval.study_summary import (
+    headline,
+    reference_report,
+    summary_markdown,
+)
 from moe_core.model.adapter import apply_cpu_thread_policy, load_model
 from moe_core.model.loading import model_dir
 from moe_core.store.atomic import as_os_error
@@ -242,7 +246,16 @@ def demo(spec: P.DemoSpec, args: argparse.Namespace) -> Any:
     run = run_demo(spec, run_stage)
     if run is not None:
         print(f"\nrun directory: {run.path}")
+        if not spec.skip_training:
+            print_reference(run, spec)
     return run
+
+
+def print_reference(run: Run, spec: P.DemoSpec) -> None:
+    """The result across seeds (the committed reference study), and where this one run falls among them."""
+    text = reference_report(load_evaluation(run, spec.evaluate_spec().name)[1], f"experts-{spec.mask_name}")
+    if text:
+        print("\n" + text)
 
 
 def study(spec: P.StudySpec, args: argparse.Namespace) -> Any:

@@ -13,13 +13,16 @@ between two stages.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moe_core.pipeline import finished_with
 from moe_core.specs import AnalyseSpec, DemoSpec, EvaluateSpec, SelectSpec, TrainSpec
 from moe_core.store.run import Run
 
+log = logging.getLogger(__name__)
 StageSpec = AnalyseSpec | SelectSpec | TrainSpec | EvaluateSpec
 TRAINED = ("experts", "random_experts", "full")  # what the demo trains, in this order
 
@@ -50,7 +53,9 @@ def run_demo(
 
     ``run_stage`` runs one pipeline step (the CLI passes one that reports each stage as its own job);
     a result of None means the stage was stopped, which ends the demo there. The first stage (the
-    analysis) creates or opens the run; the rest hold its writer lease for the whole sequence.
+    analysis) creates or opens the run (and resumes it); the rest hold its writer lease for the whole
+    sequence, and a stage that already finished with the same settings is gone past (``--overwrite``
+    redoes it).
     """
     first, *rest = demo_stages(spec)
     run, result = run_stage(first, None)
@@ -58,7 +63,18 @@ def run_demo(
         return None
     with run.writing("demo"):
         for stage in rest:
+            if not spec.overwrite and finished_with(run, step_of(stage), stage.spec):
+                log.info("demo: %s already finished with these settings; going on", step_of(stage))
+                continue  # a killed or stopped demo resumes at its first unfinished stage
             _, result = run_stage(stage, run)
             if result is None:
                 return None
     return run
+
+
+def step_of(stage: Stage) -> str:
+    """The manifest step a stage records: select:<mask>, train:<training>, evaluation:<name>."""
+    spec = stage.spec
+    if isinstance(spec, TrainSpec):
+        return f"train:{spec.training_name()}"
+    return f"{'evaluation' if stage.command == 'evaluate' else stage.command}:{spec.name}"

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from moe_core.analysis.risk import AGG_SEED_COLUMNS, SEED_COLUMNS
 from moe_core.batching.plan import save_plan
 from moe_core.model.routing import load_batch_routing
 from moe_core.pipeline import AnalyseSpec, compose
+from moe_core.store.atomic import finish_commits
 from moe_core.store.events import INTERRUPTED, step_status
 from moe_core.store.files import RunError, read_json, write_parquet
 from moe_core.store.integrity import check_json, check_parquet
@@ -162,7 +165,7 @@ def _files(run: Run) -> list[Finding]:
         found.append(
             Finding("plan.json", "missing while batches were analysed", "restore it, or start a new run")
         )
-    for p in sorted((run.path / "masks").glob("*.json")):
+    for p in _own((run.path / "masks").glob("*.json")):
         try:
             is_batches = "batches" in json.loads(p.read_text(encoding="utf-8"))
             load_batch_masks(p) if is_batches else ExpertMask.load(p)
@@ -174,12 +177,12 @@ def _files(run: Run) -> list[Finding]:
                     f"delete it and run `python -m moe_core select --run {run.path} --name {p.stem}`",
                 )
             )
-    for p in sorted([*run.path.glob("train/*/*.json"), *run.path.glob("eval/**/*.json")]):
+    for p in _own([*run.path.glob("train/*/*.json"), *run.path.glob("eval/**/*.json")]):
         if problem := check_json(p):
             found.append(
                 Finding(_rel(run, p), problem, "delete it and run that training or evaluation again")
             )
-    for p in sorted(run.path.glob("eval/**/*.parquet")):
+    for p in _own(run.path.glob("eval/**/*.parquet")):
         if problem := check_parquet(p):
             found.append(Finding(_rel(run, p), problem, "delete it and run the evaluation again"))
     try:
@@ -197,6 +200,11 @@ def _files(run: Run) -> list[Finding]:
                 )
             )
     return found
+
+
+def _own(paths: Iterable[Path]) -> list[Path]:
+    """The paths that are not links (a link is named once by ``_links``, never read through)."""
+    return sorted(p for p in paths if not p.is_symlink())
 
 
 def _recompose_plan(run: Run) -> bool:
@@ -217,15 +225,52 @@ def _recompose_plan(run: Run) -> bool:
     return True
 
 
+def _commits(run: Run, repair: bool) -> list[Finding]:
+    """Transactions (``store.atomic.commit_files``) a kill cut between their renames: finished on repair."""
+    found = []
+    for journal in sorted(run.path.rglob(".txn-*.json")):
+        if journal.is_symlink() or not journal.is_file():
+            continue
+        found.append(
+            Finding(
+                _rel(run, journal.parent),
+                f"a save was cut short between its renames ({journal.name}); readers already see the new files",
+                "finished: the new files put in place",
+                repair,
+            )
+        )
+        if repair:
+            finish_commits(journal.parent)
+    return found
+
+
+def _links(run: Run) -> list[Finding]:
+    """Symbolic links inside the run that lead out of it: readers refuse them (paths stay inside the run)."""
+    found = []
+    for p in sorted(run.path.rglob("*")):
+        if p.is_symlink() and not _TMP.match(p.name) and not p.resolve().is_relative_to(run.path.resolve()):
+            found.append(
+                Finding(
+                    _rel(run, p),
+                    f"a link out of the run (to {os.readlink(p)}); the run's own files must be inside it",
+                    "replace the link with a copy of what it points to, or delete it",
+                )
+            )
+    return found
+
+
 def _leftovers(run: Run, repair: bool) -> list[Finding]:
     """Stale temp files, a dead writer's lease and steps a dead process left "running"."""
 
     found = []
+    pending = {(j.parent / (j.name[: -len(".json")] + ".tmp")) for j in run.path.rglob(".txn-*.json")}
     for p in sorted(run.path.rglob(".*")):
-        if _TMP.match(p.name):
+        if _TMP.match(p.name) and p not in pending:
             found.append(Finding(_rel(run, p), "left over by an interrupted write", "deleted", repair))
-            if repair:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if repair:  # a link is removed itself, never what it points to
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(
+                    missing_ok=True
+                )
     lease = run.path / LEASE
     if lease.is_file() and holder(run.path) is None:
         found.append(Finding(LEASE, "lease of a writer that is gone", "deleted", repair))
@@ -271,11 +316,13 @@ def diagnose(run: Run, repair: bool = False) -> list[Finding]:
     Repairs hold the run's writer lease, so they never race a running job (``RunBusyError`` then).
     """
     if not repair:
-        found = _leftovers(run, False) + _batches(run, False) + _tables(run, False, False) + _files(run)
-        return found + _outside_paths(run)
+        found = (
+            _commits(run, False) + _leftovers(run, False) + _batches(run, False) + _tables(run, False, False)
+        )
+        return found + _files(run) + _outside_paths(run) + _links(run)
     with run.writing("doctor"):
         run._update(lambda m: None)  # rewrites a manifest the reader normalised (e.g. "steps": [])
-        found = _leftovers(run, True)
+        found = _commits(run, True) + _leftovers(run, True)
         batches = _batches(run, True)
         files = _files(run)
         for f in files:
@@ -284,7 +331,7 @@ def diagnose(run: Run, repair: bool = False) -> list[Finding]:
                     True,
                     "written again from the run's recorded prompt files (identical fingerprint)",
                 )
-        found += batches + _tables(run, True, bool(batches)) + files + _outside_paths(run)
+        found += batches + _tables(run, True, bool(batches)) + files + _outside_paths(run) + _links(run)
     return found
 
 

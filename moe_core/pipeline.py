@@ -93,7 +93,7 @@ from moe_core.store.checks import (
 from moe_core.store.events import JobStopped
 from moe_core.store.files import RunError, read_parquet, write_parquet
 from moe_core.store.manifest import default_runs_root
-from moe_core.store.provenance import model_info_of, plan_source, record
+from moe_core.store.provenance import model_info_of, plan_source, record, spec_fingerprint
 from moe_core.store.run import Run
 from moe_core.store.steps import step_outcome, writes_run
 from moe_core.train.sampler import AnalysisBatchSampler, BatchCollator
@@ -244,6 +244,13 @@ def analyse(
     return run
 
 
+def finished_with(run: Run, step: str, spec: object) -> bool:
+    """Whether ``step`` ("select:<name>", "train:<name>", "evaluation:<name>") finished in ``run`` with the
+    settings of ``spec`` (recorded by the step), so a resumed sequence can go past it."""
+    info = run.reload().get("steps", {}).get(step) or {}
+    return info.get("status") == "done" and info.get("settings") == spec_fingerprint(spec)
+
+
 # -- select ------------------------------------------------------------------------------------
 @writes_run("select")
 def select(spec: SelectSpec, run: Run) -> ExpertMask | dict[int, ExpertMask]:
@@ -271,6 +278,7 @@ def select(spec: SelectSpec, run: Run) -> ExpertMask | dict[int, ExpertMask]:
             for b, m in select_per_batch(read_parquet(run.path_for("risk_per_batch")), cfg, nl, ne).items()
         }
         save_batch_masks(run.path_for("mask", name=spec.name), masks)
+        run.set_step(f"select:{spec.name}", "done", settings=spec_fingerprint(spec))
         return masks
     aggregated = read_parquet(run.path_for("risk_aggregated"))
     if spec.score in SCORES:
@@ -285,6 +293,7 @@ def select(spec: SelectSpec, run: Run) -> ExpertMask | dict[int, ExpertMask]:
         rnd = random_like(mask, spec.seed, exclude=mask)
         rnd.meta["baseline_for"] = spec.name
         rnd.save(baseline)
+    run.set_step(f"select:{spec.name}", "done", settings=spec_fingerprint(spec))
     return mask
 
 
@@ -381,7 +390,9 @@ def evaluate(spec: EvaluateSpec, run: Run, progress: Progress | None = None) -> 
         chat_template_kwargs=r.chat_template_kwargs,
     )
     save_evaluation(run, responses, summary, name=spec.name)
-    run.set_step(f"evaluation:{spec.name}", "done", models=[e.name for e in entries])
+    run.set_step(
+        f"evaluation:{spec.name}", "done", models=[e.name for e in entries], settings=spec_fingerprint(spec)
+    )
     if spec.shift:  # inside this step's lease: the sub-runs under eval/ are written by this writer only
         routing_shifts(run, [n for n, info in run.trainings().items() if info.get("merged")], progress)
     return comparison_table(summary)

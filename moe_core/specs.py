@@ -437,6 +437,10 @@ class StudySpec:
     templates_per_goal: int = same_as(EvaluateSpec, "templates_per_goal")
     max_new_tokens: int = opt(16, "answer length in the evaluation (the judge reads how an answer opens)")
     name: str = opt(STUDY_NAME, "name of this study in the run")
+    overwrite: bool = opt(
+        False,
+        "replace a study of this name made with other settings (the same settings resume and extend it)",
+    )
     backend: Backend = same_as(DemoSpec, "backend", help="generation in each seed's analysis: hf or vllm")
     vllm_url: Optional[str] = same_as(DemoSpec, "vllm_url")
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -53,6 +54,7 @@ from moe_core.analysis.selection import (
     random_layer_matched,
     select_experts,
 )
+from moe_core.errors import MoELabError
 from moe_core.eval.charts import study_figure
 from moe_core.eval.curves import (
     COMPLIANCE_OPENINGS,
@@ -73,9 +75,11 @@ from moe_core.eval.study_summary import summarize_study
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.loading import ORGANISM, load_any_model
 from moe_core.model.organism import OrganismConfig, build_organism
-from moe_core.store.atomic import atomic_write_json
-from moe_core.store.files import read_parquet, write_parquet
-from moe_core.store.manifest import default_runs_root
+from moe_core.specs import command_of
+from moe_core.store.atomic import atomic_dir, atomic_write_json
+from moe_core.store.files import _now, read_json, read_parquet, write_parquet
+from moe_core.store.manifest import default_runs_root, package_versions, source_commit
+from moe_core.store.provenance import fingerprint
 from moe_core.store.run import Run
 from moe_core.train.sft import (
     add_retain_examples,
@@ -114,7 +118,9 @@ class _Lab:
             backend=spec.backend,
             vllm_url=spec.vllm_url,
         )
-        self.run = P.analyse(analysis, runs_root=root, progress=progress, loaded=(self.model, self.tok))
+        self.run = P.analyse(  # a resumed study reuses its seed pair's analysis
+            analysis, _named_run(root, analysis.name), root, progress=progress, loaded=(self.model, self.tok)
+        )
         self.risk = read_parquet(self.run.path_for("risk_aggregated"))
         self.adapter = MoEAdapter.for_model(self.model)
         self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters()}
@@ -259,6 +265,12 @@ def _quiet(done: int, total: int, message: str = "") -> None:
     """A progress sink: the study reports per arm, not per training step."""
 
 
+def _named_run(root: Path, name: str) -> Path | None:
+    """The analysis run called ``name`` under ``root`` (the newest), or None."""
+    found = sorted(p for p in root.glob("*/manifest.json") if read_json(p).get("name") == name)
+    return found[-1].parent if found else None
+
+
 def _organism(seed: int, progress: Progress | None) -> str:
     return str(build_organism(OrganismConfig(seed=seed), progress=progress))
 
@@ -280,6 +292,27 @@ def _masks(lab: _Lab, budget: float, score: str = "risk_diff") -> tuple[int, Any
     return n, chosen, safest
 
 
+ARM_KEY = ["seed", "batch_seed", "method", "budget", "draw"]  # one arm of a study: committed whole
+
+
+def planned_arms(spec: P.StudySpec, seed: int, batch_seed: int) -> list[tuple[Any, ...]]:
+    """Every arm ``spec`` asks for on one seed pair, as ``ARM_KEY`` tuples (what a resumed study skips)."""
+    arms: list[tuple[Any, ...]] = [(seed, batch_seed, "base", 0.0, 0)]
+    for budget in spec.budgets:
+        arms += [(seed, batch_seed, _method(score), budget, 0) for score in spec.scores]
+        arms += [(seed, batch_seed, "random", budget, d) for d in range(spec.random_draws)]
+        arms.append((seed, batch_seed, "random_layer", budget, 0))
+        if spec.steering:
+            arms += [(seed, batch_seed, m, budget, 0) for m in ("steer_off", "steer_on", "steer_both")]
+    if spec.full:
+        arms.append((seed, batch_seed, "full", 1.0, 0))
+    return arms
+
+
+def _method(score: str) -> str:
+    return "chosen" if score == "risk_diff" else f"chosen_{score}"
+
+
 def study_seed(
     spec: P.StudySpec,
     seed: int,
@@ -287,16 +320,20 @@ def study_seed(
     progress: Progress | None = None,
     on_row: Any = None,
     batch_seed: int | None = None,
+    done: set[tuple[Any, ...]] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every arm of the study for one seed pair -> (rows of counts, curve points); ``on_row(rows, curves)``
-    after each arm."""
+    """Every arm of the study for one seed pair that is not in ``done`` -> (rows of counts, curve points);
+    ``on_row(rows, curves)`` after each arm."""
     lab = _Lab(spec, seed, root, progress, batch_seed)
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
     base_point = lab.validate()
 
+    def todo(method: str, budget: float, draw: int = 0) -> bool:
+        return (seed, lab.batch_seed, method, budget, draw) not in done
+
     def add(method: str, budget: float, n: int, draw: int, fields: dict[str, Any], curve: Any = ()) -> None:
-        key = {"seed": seed, "batch_seed": lab.batch_seed, "method": method, "budget": budget, "draw": draw}
+        key = dict(zip(ARM_KEY, (seed, lab.batch_seed, method, budget, draw)))
         rows.append({**key, "n_experts": n, **fields})
         curves.extend({**key, **p} for p in curve)
         if on_row:
@@ -313,16 +350,21 @@ def study_seed(
         )
 
     def trained(method: str, budget: float, n: int, draw: int, mask: Any) -> None:
-        fields, curve = lab.arm(mask)
-        add(method, budget, n, draw, fields, curve)
+        if todo(method, budget, draw):
+            fields, curve = lab.arm(mask)
+            add(method, budget, n, draw, fields, curve)
+
+    def steered(method: str, budget: float, n: int, steer: Any) -> None:
+        if todo(method, budget):
+            add(method, budget, n, 0, {**lab.evaluate(steer=steer), **untrained})
 
     untrained = {"lr": 0.0, "step": 0, "val_jailbreak_compliance": base_point["jailbreak_compliance"]}
-    add("base", 0.0, 0, 0, {**lab.evaluate(), **untrained})
+    steered("base", 0.0, 0, None)
     for budget in spec.budgets:
         chosen = None
         for score in spec.scores:
             n, mask, safest = _masks(lab, budget, score)
-            trained("chosen" if score == "risk_diff" else f"chosen_{score}", budget, n, 0, mask)
+            trained(_method(score), budget, n, 0, mask)
             chosen = chosen or mask
         for d in range(spec.random_draws):
             mask = random_experts(
@@ -335,9 +377,9 @@ def study_seed(
             trained("random", budget, n, d, mask)
         trained("random_layer", budget, n, 0, random_layer_matched(chosen, [seed, lab.batch_seed, n]))
         if spec.steering:
-            add("steer_off", budget, n, 0, {**lab.evaluate(steer=(chosen, None)), **untrained})
-            add("steer_on", budget, n, 0, {**lab.evaluate(steer=(None, safest)), **untrained})
-            add("steer_both", budget, n, 0, {**lab.evaluate(steer=(chosen, safest)), **untrained})
+            steered("steer_off", budget, n, (chosen, None))
+            steered("steer_on", budget, n, (None, safest))
+            steered("steer_both", budget, n, (chosen, safest))
         if progress:
             progress(
                 spec.budgets.index(budget) + 1, len(spec.budgets), f"seed {seed}: budget {budget:.4f} done"
@@ -347,38 +389,133 @@ def study_seed(
     return rows, curves
 
 
+class StudyError(MoELabError, ValueError):
+    """A study cannot go on as asked (e.g. its name holds a study made with other settings)."""
+
+
+# The settings that make an arm's numbers what they are: a study of the same name resumes and extends only
+# with these equal. Seeds, budgets, draws, selectors and arms may grow; they only say which arms to run.
+DEFINING = (
+    "model",
+    "scope",
+    "max_batches",
+    "lr",
+    "lrs",
+    "epochs",
+    "eval_limit",
+    "templates_per_goal",
+    "max_new_tokens",
+    "retain_share",
+    "curve_every",
+    "backend",
+)
+
+
+def defining_settings(spec: P.StudySpec) -> dict[str, Any]:
+    return {k: getattr(spec, k) for k in DEFINING}
+
+
+def stored_study(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame] | None:
+    """(settings, results, curves) of the study committed at ``out``, or None where there is none yet."""
+    if not (out / "settings.json").exists():
+        return None
+    settings = read_json(out / "settings.json")
+    curves = read_parquet(out / "curves.parquet") if (out / "curves.parquet").exists() else pd.DataFrame()
+    return settings, read_parquet(out / "results.parquet"), curves
+
+
+def _prior(out: Path, spec: P.StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The arms already committed under this name (to resume), or none; refuses other settings."""
+    stored = stored_study(out)
+    if stored is None:
+        if out.exists() and any(out.iterdir()) and not spec.overwrite:  # a study written before settings.json
+            raise StudyError(
+                f"study {spec.name!r} already exists in this run ({out}) without recorded settings; "
+                "pass --overwrite to replace it, or choose another --name"
+            )
+        return pd.DataFrame(), pd.DataFrame()
+    settings, results, curves = stored
+    now = json.loads(json.dumps(defining_settings(spec)))  # as it reads back from JSON
+    diff = [
+        f"{k}: {settings['defining'].get(k)!r} -> {v!r}"
+        for k, v in now.items()
+        if settings["defining"].get(k) != v
+    ]
+    if not diff:
+        return results, curves
+    if spec.overwrite:
+        return pd.DataFrame(), pd.DataFrame()
+    raise StudyError(
+        f"study {spec.name!r} in this run was made with other settings ({'; '.join(diff)}); the same settings "
+        "resume and extend it. Pass --overwrite to replace it, or choose another --name"
+    )
+
+
+def _commit(
+    out: Path, spec: P.StudySpec, results: pd.DataFrame, curves: pd.DataFrame, complete: bool
+) -> None:
+    """The study's whole set (settings, results, curves, summary, figure), swapped in by one atomic step."""
+    settings = {
+        "defining": defining_settings(spec),
+        "command": command_of(spec),
+        "commit": source_commit(),
+        "versions": package_versions(),
+        "arms": len(results),
+        "complete": complete,
+        "updated": _now(),
+    }
+    summary = summarize_study(results)
+
+    def build(tmp: Path) -> None:
+        write_parquet(tmp / "results.parquet", results)
+        write_parquet(tmp / "curves.parquet", curves)
+        write_parquet(tmp / "summary.parquet", summary)
+        atomic_write_json(tmp / "figure.json", json.loads(study_figure(summary).to_json()))
+        atomic_write_json(tmp / "settings.json", settings)  # last: what a reader checks first
+
+    atomic_dir(out, build)
+
+
 def run_study(
     spec: P.StudySpec,
     run: Run | None = None,
     runs_root: str | Path | None = None,
     progress: Progress | None = None,
 ) -> tuple[Run, pd.DataFrame]:
-    """Run every seed of ``spec`` into ``run`` (a new run named 'study' by default) -> (run, summary)."""
+    """Run every seed of ``spec`` into ``run`` (a new run named 'study' by default) -> (run, summary).
+
+    Each finished arm is committed with the whole set (``_commit``); a study of the same name and
+    defining settings resumes: arms already there are kept, and only the missing ones are run."""
     spec = spec.effective()
     spec.validate()
     run = run or new_study_run(spec, runs_root)
     out = run.path_for("study", name=spec.name)
+    results, curves = _prior(out, spec)
     run.set_step(f"study:{spec.name}", "running", spec=asdict(spec))
-    rows: list[dict[str, Any]] = []
-    curves: list[dict[str, Any]] = []
-    for seed in spec.seeds:
-        for batch_seed in spec.batch_seeds or [seed]:
-            done, done_curves = list(rows), list(curves)  # partial results (every arm so far) survive a kill
+    analyses = run.path_for("study_analyses", name=spec.name) / fingerprint(defining_settings(spec))[:12]
+    done = set(results[ARM_KEY].itertuples(index=False, name=None)) if len(results) else set()
+    pairs = [(seed, b) for seed in spec.seeds for b in spec.batch_seeds or [seed]]
+    for seed, batch_seed in pairs:
+        if all(arm in done for arm in planned_arms(spec, seed, batch_seed)):
+            continue
+        before, before_curves = results, curves
 
-            def save(seed_rows: list, seed_curves: list, _d: list = done, _c: list = done_curves) -> None:
-                write_parquet(out / "results.parquet", pd.DataFrame(_d + seed_rows))
-                write_parquet(out / "curves.parquet", pd.DataFrame(_c + seed_curves))
+        def commit(seed_rows: list, seed_curves: list, _r: Any = before, _c: Any = before_curves) -> None:
+            _commit(out, spec, _concat(_r, seed_rows), _concat(_c, seed_curves), complete=False)
 
-            seed_rows, seed_curves = study_seed(spec, seed, out / "runs", progress, save, batch_seed)
-            rows += seed_rows
-            curves += seed_curves
-    results = pd.DataFrame(rows)
-    summary = summarize_study(results)
-    write_parquet(out / "summary.parquet", summary)
+        seed_rows, seed_curves = study_seed(spec, seed, analyses, progress, commit, batch_seed, done)
+        results, curves = _concat(before, seed_rows), _concat(before_curves, seed_curves)
+    _commit(out, spec, results, curves, complete=True)
+    for other in analyses.parent.iterdir() if analyses.parent.exists() else ():
+        if other != analyses:  # analyses made with settings this study no longer has (after --overwrite)
+            shutil.rmtree(other, ignore_errors=True)
+    run.set_step(f"study:{spec.name}", "done", rows=len(results))
+    return run, summarize_study(results)
 
-    atomic_write_json(out / "figure.json", json.loads(study_figure(summary).to_json()))
-    run.set_step(f"study:{spec.name}", "done", rows=len(rows))
-    return run, summary
+
+def _concat(df: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    new = pd.DataFrame(rows)
+    return new if df.empty else df if new.empty else pd.concat([df, new], ignore_index=True)
 
 
 def new_study_run(spec: P.StudySpec, runs_root: str | Path | None = None) -> Run:

@@ -30,7 +30,6 @@ from moe_core import pipeline as P
 from moe_core.analysis.masks import ExpertMask, MaskError
 from moe_core.cli import main
 from moe_core.errors import MoELabError
-from moe_core.store.files import write_json
 from moe_core.store.run import Run
 from moe_core.train.expert_rows import save_merged
 from tests.tiny import tiny_model, tiny_tokenizer
@@ -253,13 +252,14 @@ def test_a_failed_evaluation_save_keeps_the_previous_one(run, monkeypatch):
         run, pd.DataFrame({"model": ["base"]}), pd.DataFrame({"model": ["old"]}), name="comparison"
     )
     before = files_of(run.path_for("eval"))
-    real = write_json
-    monkeypatch.setattr(E, "write_json", lambda *a, **k: _full_disk())
+    from moe_core.store import atomic
+
+    monkeypatch.setattr(atomic, "atomic_write_text", lambda *a, **k: _full_disk())  # the commit point
     with pytest.raises(OSError):
         E.save_evaluation(
             run, pd.DataFrame({"model": ["x"]}), pd.DataFrame({"model": ["new"]}), name="comparison"
         )
-    monkeypatch.setattr(E, "write_json", real)
+    monkeypatch.undo()
     assert files_of(run.path_for("eval")) == before, "the previous evaluation was touched"
     assert E.load_evaluation(run)[1]["model"].tolist() == ["old"]
 

@@ -181,4 +181,4 @@ def test_the_study_keeps_curves_per_arm_learning_rate_and_seed_pair(tmp_path, ti
         assert set(arm["lr"]) == {1e-3, 1e-2} and arm.groupby("lr")["step"].min().eq(0).all()
         at = arm[(arm["lr"] == row["lr"]) & (arm["step"] == row["step"])].iloc[0]
         assert at["jailbreak_compliance"] == row["val_jailbreak_compliance"]  # reported where it was chosen
-    assert (run.path / "study" / spec.name / "runs").is_dir()
+    assert run.path_for("study_analyses", name=spec.name).is_dir()

@@ -29,6 +29,13 @@ MARK_COLOR = "#111111"
 PICK_COLOR = "#f0a500"  # the clicked cell
 SAFE_COLOR = "#2c7fb8"
 UNSAFE_COLOR = "#d7301f"
+ARM_COLORS = (
+    "#d7301f",
+    "#2c7fb8",
+    "#41ab5d",
+    "#807dba",
+    "#737373",
+)  # chosen, random, layer-matched, full, base
 _LAYOUT = dict(margin=dict(l=60, r=20, t=50, b=50), template="plotly_white")
 # charts with a legend and long category labels: legend above the plot (never on the tick labels),
 # margins grown to fit the labels, so a 400 px wide screen shows no overlap
@@ -506,4 +513,47 @@ def curves_figure(curves: pd.DataFrame, results: pd.DataFrame, seed: int, batch_
         yaxis_range=[-0.02, 1.02],
         height=420,
     )
+    return fig
+
+
+def seed_points_figure(per_seed: pd.DataFrame, labels: dict[str, str]) -> go.Figure:
+    """Each seed pair's test rate per arm (one dot each) with the median as a bar: the result across seeds,
+    never one seed's number. ``per_seed``: ``study_summary.per_seed``; ``labels``: arm -> label, in order."""
+    from plotly.subplots import make_subplots
+
+    panels = [
+        ("jailbreak_compliance", "jailbreak compliance (lower is better)"),
+        ("benign_answer_rate", "benign answered (higher is better)"),
+        ("over_refusal", "over-refusal (lower is better)"),
+    ]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels], horizontal_spacing=0.07)
+    arms = [m for m in labels if m in set(per_seed["method"])]
+    for col, (metric, _) in enumerate(panels, start=1):
+        for i, arm in enumerate(arms):
+            sub = per_seed[per_seed["method"] == arm]
+            text = [f"seed {s} / batches {b}" for s, b in zip(sub["seed"], sub["batch_seed"])]
+            fig.add_bar(
+                x=[labels[arm]],
+                y=[float(sub[metric].median())],
+                marker_color=ARM_COLORS[i % len(ARM_COLORS)],
+                opacity=0.35,
+                name=labels[arm],
+                showlegend=False,
+                row=1,
+                col=col,
+                hovertemplate="median %{y:.2f}<extra></extra>",
+            )
+            fig.add_scatter(
+                x=[labels[arm]] * len(sub),
+                y=sub[metric].astype(float).tolist(),
+                mode="markers",
+                text=text,
+                marker=dict(color=ARM_COLORS[i % len(ARM_COLORS)], size=8, line=dict(width=1, color="white")),
+                showlegend=False,
+                row=1,
+                col=col,
+                hovertemplate="%{text}: %{y:.2f}<extra></extra>",
+            )
+        fig.update_yaxes(range=[-0.03, 1.03], row=1, col=col)
+    fig.update_layout(height=360, margin=dict(t=50, l=10, r=10, b=10), bargap=0.45)
     return fig

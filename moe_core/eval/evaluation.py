@@ -27,10 +27,7 @@ import datetime as _dt
 import gc
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -61,9 +58,9 @@ from moe_core.model.adapter import MoEAdapter, load_model
 from moe_core.model.answers import RESPONSE_COLUMNS, judged_answers
 from moe_core.model.backends import check_backend, open_backend
 from moe_core.model.generation import MAX_NEW_TOKENS, use_chat_template_kwargs
-from moe_core.store.atomic import atomic_write_json
+from moe_core.store.atomic import atomic_write_json, commit_files, committed
 from moe_core.store.checks import check_free
-from moe_core.store.files import read_json, read_parquet, write_json, write_parquet
+from moe_core.store.files import read_json, read_parquet, write_parquet
 from moe_core.store.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -78,6 +75,7 @@ log = logging.getLogger(__name__)
 
 EvalSets = Mapping[str, Sequence[PromptItem]]
 BORDERLINE_FILE = Path(__file__).resolve().parent.parent / "resources" / "borderline_prompts.jsonl"
+BENIGN_FILE = BORDERLINE_FILE.with_name("benign_prompts.jsonl")
 EVAL_KINDS = ("harmful_plain", "harmful_jailbreak", "benign", "borderline")
 # headline metric of each set: (name, computed as 1 - refusal rate?, which direction is better)
 METRICS: dict[str, tuple[str, bool, str]] = {
@@ -103,26 +101,34 @@ def _spread(items: list[PromptItem], limit: int | None) -> list[PromptItem]:
     return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
 
 
-def borderline_prompts(split: str = "all") -> list[PromptItem]:
-    """Our own XSTest-style prompts: benign requests that merely sound harmful (label "safe").
-
-    Never used for training; ``split`` "validation" / "test" gives one half (``held_side`` of the id),
-    any other split all of them."""
-    rows = [
-        json.loads(line) for line in BORDERLINE_FILE.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+def _resource_prompts(path: Path, source: str, split: str) -> list[PromptItem]:
+    """Our own prompts of a JSONL resource (id, prompt, category), label "safe"; ``split`` "validation" /
+    "test" gives one half (``held_side`` of the id), any other split all of them. Never used for training."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [
         PromptItem(
             id=r["id"],
             text=r["prompt"],
             label="safe",
             goal=r["prompt"],
-            source="borderline",
+            source=source,
             category=r["category"],
+            meta={"split": "heldout", "half": held_side(r["id"])},  # never trained on
         )
         for r in rows
         if split not in ("validation", "test") or held_side(r["id"]) == split
     ]
+
+
+def borderline_prompts(split: str = "all") -> list[PromptItem]:
+    """Our own XSTest-style prompts (269): benign requests that merely sound harmful (label "safe")."""
+    return _resource_prompts(BORDERLINE_FILE, "borderline", split)
+
+
+def benign_prompts(split: str = "all") -> list[PromptItem]:
+    """Our own everyday requests (216) across the organism's topics, half in its request frames, half in free
+    words (label "safe"): the benign set beside the composed ``demo_benign`` requests."""
+    return _resource_prompts(BENIGN_FILE, "benign", split)
 
 
 def default_eval_sets(
@@ -133,7 +139,8 @@ def default_eval_sets(
     harmful_plain: the split's demo goals. harmful_jailbreak: those goals wrapped in held-out AND
     train templates (``templates_per_goal`` drawn with ``seed``; None = every template), category
     = template id, so a breakdown shows whether held-out templates still work. benign: the split's
-    benign requests. borderline: ``borderline_prompts()`` (not split: never used for training).
+    composed benign requests and ``benign_prompts(split)``. borderline: ``borderline_prompts(split)``
+    (neither resource is ever used for training; "heldout" takes all of both).
     ``limit`` keeps at most that many prompts per set, evenly spread.
     """
     goals = demo_goals(split)  # type: ignore[arg-type]
@@ -150,7 +157,7 @@ def default_eval_sets(
     sets = {
         "harmful_plain": goals,
         "harmful_jailbreak": jail,
-        "benign": demo_benign(split),  # type: ignore[arg-type]
+        "benign": demo_benign(split) + benign_prompts(split),  # type: ignore[arg-type]
         "borderline": borderline_prompts(split),
     }
     return {k: _spread(v, limit) for k, v in sets.items()}
@@ -491,16 +498,13 @@ def save_evaluation(
         "models": info.pop("models", None),
         "settings": info,
     }
-    r_path.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=r_path.parent))
-    try:  # all three written first (a full disk stops here, the previous evaluation untouched), then renamed
-        write_parquet(stage / r_path.name, _plain(responses))
-        write_parquet(stage / s_path.name, _plain(summary))
-        write_json(stage / j_path.name, meta)
-        for p in (r_path, s_path, j_path):
-            os.replace(stage / p.name, p)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    commit_files(  # one transaction: a kill leaves the previous evaluation or this one, never a mix
+        {
+            r_path: lambda p: _plain(responses).to_parquet(p),
+            s_path: lambda p: _plain(summary).to_parquet(p),
+            j_path: lambda p: p.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8"),
+        }
+    )
     return j_path
 
 
@@ -515,13 +519,17 @@ def list_evaluations(run: Run) -> list[str]:
     d = run.path_for("eval")
     if not d.is_dir():
         return []
-    found = [p for p in d.glob("*.json") if (d / f"{p.stem}_summary.parquet").is_file()]
+    names = {p.stem for p in d.glob("*.json")} | {
+        Path(n).stem for j in d.glob(".txn-*.json") for n in (read_json(j) or {}).get("files", ())
+    }
+    found = [committed(d / f"{n}.json") for n in names if not n.startswith(".")]
+    found = [p for p in found if p.is_file() and committed(d / f"{Path(p).stem}_summary.parquet").is_file()]
     return [p.stem for p in sorted(found, key=lambda p: p.stat().st_mtime)]
 
 
 def load_evaluation(run: Run, name: str = "comparison") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(responses, summary) saved by save_evaluation; the JSON is in ``responses.attrs["evaluation"]``."""
-    r_path, s_path, j_path = _eval_paths(run, name)
+    r_path, s_path, j_path = (committed(p) for p in _eval_paths(run, name))
     if not j_path.is_file():
         raise EvaluationError(
             f"run {run.id} has no evaluation named {name!r}; saved ones: {list_evaluations(run)}"

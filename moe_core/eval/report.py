@@ -12,7 +12,6 @@ selection study, job launches); no model is loaded. Nothing here imports Streaml
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
 import shlex
 from pathlib import Path
@@ -26,7 +25,15 @@ from moe_core.analysis.risk import risk_matrix
 from moe_core.batching.plan import load_plan
 from moe_core.eval import charts
 from moe_core.eval.evaluation import comparison_table, list_evaluations, load_evaluation
-from moe_core.eval.study_summary import STUDY_NAME, load_study
+from moe_core.eval.study_summary import (
+    ARMS,
+    STUDY_NAME,
+    across_seed_headline,
+    across_seeds,
+    load_study,
+    per_seed,
+    reference_study,
+)
 from moe_core.store.atomic import atomic_write_text
 from moe_core.store.files import read_json, read_parquet
 from moe_core.store.jobs import list_jobs
@@ -46,7 +53,7 @@ SAFE_UNSAFE = (
 
 
 def _esc(x: Any) -> str:
-    return html.escape(str(x))
+    return _esc(str(x))
 
 
 def _table(df: pd.DataFrame, index: bool = False, digits: int = 3) -> str:
@@ -217,6 +224,25 @@ def _evaluation_section(run: Run) -> tuple[str, str] | None:
     return ("Before vs after", _figure(fig, "before_after") + _table(interval_table(summary), index=True))
 
 
+def _reference_section(run: Run) -> tuple[str, str] | None:
+    """The result across seeds (the reference study shipped with the code) beside a run's evaluation, so a
+    report of one run never presents that run's seed as the result."""
+    reference = reference_study()
+    if reference is None or not list_evaluations(run):
+        return None
+    settings, results = reference
+    lines = across_seed_headline(results).splitlines()
+    fig = charts.seed_points_figure(per_seed(results), ARMS)
+    return (
+        "Across seeds",
+        f"<p>{_esc(lines[0])}</p>"
+        + _figure(fig, "across_seeds")
+        + _table(across_seeds(results))
+        + f"<p>{_esc(' '.join(lines[1 + len(ARMS) :]))} Reference: <code>{_esc(settings['command'])}</code>"
+        f" at commit {_esc(str(settings.get('commit')))}.</p>",
+    )
+
+
 def _study_section(run: Run) -> tuple[str, str] | None:
 
     study = load_study(run, STUDY_NAME)
@@ -270,6 +296,7 @@ def sections(run: Run) -> list[tuple[str, str]]:
         _experts_section,
         _training_section,
         _evaluation_section,
+        _reference_section,
         _study_section,
     ):
         part = section(run)

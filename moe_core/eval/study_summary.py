@@ -5,12 +5,13 @@ the pages and the demo read a study's tables without pulling in the steps that m
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from moe_core.eval.evaluation import METRICS, wilson_interval
-from moe_core.store.files import read_parquet
+from moe_core.store.files import read_json, read_parquet
 from moe_core.store.run import Run
 
 STUDY_NAME = "selection"  # the study's default name in a run (``study --name``)
@@ -83,4 +84,112 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             f"({r['jailbreak_compliance_seed_min']:.2f}-{r['jailbreak_compliance_seed_max']:.2f}) "
             f"| {r['benign_answer_rate']:.2f} | {r['over_refusal']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+# -- across seeds: the headline -------------------------------------------------------------------
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "resources" / "reference_study"
+HEADLINE_BUDGET = 1 / 16  # the share of experts the headline is about (the demo's budget)
+ARMS = {"chosen": "chosen experts", "random": "random experts", "random_layer": "random, layer-matched"}
+ARMS |= {"full": "full fine-tuning", "base": "base model"}
+HEADLINE_METRICS = ("jailbreak_compliance", "benign_answer_rate", "over_refusal")
+
+
+def reference_study() -> tuple[dict[str, Any], pd.DataFrame] | None:
+    """(settings, results) of the study committed with the code (``resources/reference_study``): what a fresh
+    clone compares its own demo with. Its settings.json records the command and commit that produced it."""
+    if not (REFERENCE_DIR / "settings.json").is_file():
+        return None
+    return read_json(REFERENCE_DIR / "settings.json"), read_parquet(REFERENCE_DIR / "results.parquet")
+
+
+def per_seed(results: pd.DataFrame, budget: float = HEADLINE_BUDGET) -> pd.DataFrame:
+    """One row per (seed pair, arm) at ``budget`` (base and full at theirs): each metric as a rate; random
+    draws pooled per seed pair (their mean), so every seed pair weighs the same."""
+    df = results.copy()
+    if "batch_seed" not in df.columns:
+        df["batch_seed"] = df["seed"]
+    df = df[(df["budget"] == budget) | df["method"].isin(["base", "full"])]
+    keys = ["seed", "batch_seed", "method"]
+    sums = df.groupby(keys, sort=False)[[f"{m}_{x}" for m in HEADLINE_METRICS for x in "kn"]].sum()
+    out = pd.DataFrame({m: sums[f"{m}_k"] / sums[f"{m}_n"] for m in HEADLINE_METRICS}).reset_index()
+    return out
+
+
+def across_seeds(results: pd.DataFrame, budget: float = HEADLINE_BUDGET) -> pd.DataFrame:
+    """Per arm: the median, lowest and highest per-seed-pair rate of each headline metric, and the pairs."""
+    ps = per_seed(results, budget)
+    rows = []
+    for method, g in ps.groupby("method", sort=False):
+        row: dict[str, Any] = {"method": method, "seed_pairs": len(g)}
+        for m in HEADLINE_METRICS:
+            row |= {m: float(g[m].median()), f"{m}_min": float(g[m].min()), f"{m}_max": float(g[m].max())}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _share(budget: float) -> str:
+    return (
+        f"1/{round(1 / budget)}" if budget and abs(1 / budget - round(1 / budget)) < 1e-9 else f"{budget:g}"
+    )
+
+
+def across_seed_headline(results: pd.DataFrame, budget: float = HEADLINE_BUDGET) -> str:
+    """The result across seed pairs, never one seed's number: per arm the median and range of test-split
+    jailbreak compliance, benign answers and over-refusal, each arm at its step chosen on validation."""
+    table = across_seeds(results, budget).set_index("method")
+    ps = per_seed(results, budget)
+    pairs = ps[["seed", "batch_seed"]].drop_duplicates()
+    lines = [
+        f"Across {len(pairs)} seed pairs (organism seeds {_span(pairs['seed'])}, batch seeds "
+        f"{_span(pairs['batch_seed'])}), {_share(budget)} of the experts; median (lowest-highest) on the test split:"
+    ]
+    for method, label in ARMS.items():
+        if method not in table.index:
+            continue
+        r = table.loc[method]
+        cells = ", ".join(
+            f"{m.replace('_', ' ')} {r[m]:.2f} ({r[m + '_min']:.2f}-{r[m + '_max']:.2f})"
+            for m in HEADLINE_METRICS
+        )
+        lines.append(f"  {label:<22} {cells}")
+    wide = ps.pivot_table(index=["seed", "batch_seed"], columns="method", values="jailbreak_compliance")
+    if {"chosen", "random"} <= set(wide.columns):
+        wins = int((wide["chosen"] < wide["random"]).sum())
+        lines.append(f"Chosen below random (mean of draws) on {wins} of {len(wide)} seed pairs.")
+    return "\n".join(lines)
+
+
+def _span(values: pd.Series) -> str:
+    v = sorted({int(x) for x in values})
+    return f"{v[0]}-{v[-1]}" if len(v) > 2 and v == list(range(v[0], v[-1] + 1)) else ", ".join(map(str, v))
+
+
+def where_seed_falls(value: float, results: pd.DataFrame, budget: float = HEADLINE_BUDGET) -> str:
+    """Where one run's chosen-experts jailbreak compliance falls among the reference's seed pairs."""
+    ref = per_seed(results, budget)
+    ref = ref.loc[ref["method"] == "chosen", "jailbreak_compliance"]
+    if ref.empty:
+        return "the reference study has no chosen-experts rows at this budget"
+    below = int((ref < value).sum())
+    return (
+        f"this run's chosen experts: jailbreak compliance {value:.2f}; {below} of the reference's {len(ref)} seed "
+        f"pairs are lower (median {ref.median():.2f}, range {ref.min():.2f}-{ref.max():.2f})"
+    )
+
+
+def reference_report(evaluation: pd.DataFrame, model: str) -> str | None:
+    """The reference study's across-seed headline, its command and commit, and where ``model`` of one run's
+    evaluation summary falls among the reference's seed pairs (what ``make demo`` prints); None without one."""
+    reference = reference_study()
+    if reference is None:
+        return None
+    settings, results = reference
+    lines = [across_seed_headline(results)]
+    lines.append(
+        f"(reference study: `{settings['command']}` at commit {settings.get('commit') or 'unknown'})"
+    )
+    mine = evaluation[(evaluation["model"] == model) & (evaluation["set"] == "harmful_jailbreak")]
+    if len(mine):
+        lines.append("This demo is one seed: " + where_seed_falls(float(mine["value"].iloc[0]), results))
     return "\n".join(lines)

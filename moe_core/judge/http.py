@@ -33,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 
 from moe_core.errors import describe_validation_error
+from moe_core.judge.bounded_http import bounded_client, status_message
 from moe_core.judge.verdicts import JudgeError, RefusalJudge, Verdict
 from moe_core.store.atomic import atomic_write_text
 from moe_core.types import Progress
@@ -308,7 +309,8 @@ class HTTPJudgeConfig:
     template: str | None = (
         None  # your own template instead ({prompt} and {response}), read with the prompt's parser
     )
-    timeout_s: float = 60.0  # per request attempt
+    timeout_s: float = 60.0  # total per request attempt: connecting, sending, the headers and the whole body
+    max_response_bytes: int = 1 << 20  # a judge's reply is a few words; a larger body is refused
     max_retries: int = (
         3  # extra attempts after 408/409/429/5xx, a timeout or a dropped connection (client backoff)
     )
@@ -327,7 +329,7 @@ class HTTPJudge(RefusalJudge):
     """LLM-as-judge through any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, Ollama, OpenAI).
 
     Requests go through the ``openai`` client: greedy (temperature 0), the reply the prompt asks for,
-    ``timeout_s`` per attempt and ``max_retries`` retries with the client's exponential backoff
+    ``timeout_s`` in all per attempt (``judge.bounded_http``: no redirects, at most ``max_response_bytes``) and ``max_retries`` retries with the client's exponential backoff
     (it honours ``Retry-After``); ``max_workers`` requests run at once; every verdict lands in a
     ``VerdictCache`` on disk, so re-running an evaluation costs nothing.
     """
@@ -346,8 +348,15 @@ class HTTPJudge(RefusalJudge):
             raise JudgeError("HTTPJudge needs a model name (the model the endpoint serves)")
         if urllib.parse.urlparse(config.base_url).scheme not in ("http", "https"):
             raise JudgeError(f"judge base URL must start with http:// or https://, got {config.base_url!r}")
-        if config.max_workers < 1 or config.max_retries < 0 or config.timeout_s <= 0:
-            raise JudgeError("HTTPJudge needs max_workers >= 1, max_retries >= 0 and timeout_s > 0")
+        if (
+            config.max_workers < 1
+            or config.max_retries < 0
+            or config.timeout_s <= 0
+            or config.max_response_bytes < 1
+        ):
+            raise JudgeError(
+                "HTTPJudge needs max_workers >= 1, max_retries >= 0, timeout_s > 0 and max_response_bytes >= 1"
+            )
         self.config = config
         base = config.base_url.rstrip("/")
         self.base_url = base[: -len("/chat/completions")] if base.endswith("/chat/completions") else base
@@ -389,7 +398,11 @@ class HTTPJudge(RefusalJudge):
                     or "EMPTY",  # local servers take any key; OPENAI_API_KEY is never picked up unasked
                     timeout=self.config.timeout_s,
                     max_retries=self.config.max_retries,
-                    http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._count_request]}),
+                    http_client=bounded_client(  # the timeout is a total deadline; no redirects
+                        self.config.timeout_s,
+                        self.config.max_response_bytes,
+                        event_hooks={"request": [self._count_request]},
+                    ),
                 )
             return self._client
 
@@ -422,12 +435,15 @@ class HTTPJudge(RefusalJudge):
                 f"judge endpoint {self.url} {attempts}: cannot reach it ({e.__cause__ or e})"
             ) from None
         except openai.APIStatusError as e:
-            raise self._status_error(e.status_code, e.response.text[:300], attempts) from None
+            detail = status_message(e.status_code, e.response.headers, e.response.text)
+            raise self._status_error(e.status_code, detail, attempts) from None
         text = raw.http_response.text
         try:
             reply = json.loads(text)
         except ValueError:
-            raise JudgeError(f"judge endpoint {self.url} did not answer JSON: {text[:200]!r}") from None
+            raise JudgeError(
+                f"judge endpoint {self.url} did not answer JSON: {status_message(200, None, text, 200)!r}"
+            ) from None
         return parse_judge_reply(reply, self.prompt.name)
 
     def _status_error(self, code: int, detail: str, attempts: str) -> JudgeError:

@@ -67,8 +67,8 @@ def make_judge(spec: str | Mapping[str, Any] | RefusalJudge) -> RefusalJudge:
     - ``"http://host:8000/v1?model=NAME&api_key_env=VAR"`` or ``"http:<url>#<model>"`` (the ``http:`` prefix
       is optional; both ways of naming the model work). Other query keys: ``prompt`` (``refusal``
       (default), ``strongreject`` or ``harmbench``: see ``PROMPTS``), ``cache`` (a ``.jsonl`` path,
-      ``auto`` (default) or ``off``), ``timeout_s``, ``max_retries``, ``max_workers`` (alias
-      ``concurrency``), ``max_tokens`` (default: the prompt's own).
+      ``auto`` (default) or ``off``), ``timeout_s`` (total per attempt), ``max_retries``,
+      ``max_workers`` (alias ``concurrency``), ``max_tokens`` (default: the prompt's own), ``max_response_bytes``.
     - ``"hf:/path/to/model_dir"``
     - a dict ``{"kind": "keyword"|"http"|"hf", ...}`` whose other keys are the backend's config fields
     """
@@ -117,6 +117,7 @@ _HTTP_URL_OPTIONS = (
     "max_workers",
     "concurrency",
     "max_tokens",
+    "max_response_bytes",
 )
 
 
@@ -153,6 +154,7 @@ def _http_config_from_url(s: str) -> HTTPJudgeConfig:
             max_retries=int(q.pop("max_retries", d["max_retries"])),
             max_workers=int(q.pop("max_workers", q.pop("concurrency", d["max_workers"]))),
             max_tokens=int(q["max_tokens"]) if q.get("max_tokens") else d["max_tokens"],
+            max_response_bytes=int(q.pop("max_response_bytes", d["max_response_bytes"])),
         )
     except ValueError as e:
         raise JudgeError(f"bad number in the http judge spec {s!r}: {e}") from None

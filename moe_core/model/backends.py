@@ -23,12 +23,13 @@ import os
 import shlex
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
 
 from moe_core.errors import MoELabError
+from moe_core.judge.bounded_http import bounded_client, status_message
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.generation import Generation, Messages, generate_batch
 from moe_core.model.routing import (
@@ -62,13 +63,24 @@ class VLLMGenerator:
     """Greedy completions of exact token ids from an OpenAI-compatible vLLM server."""
 
     server: Server
-    timeout: float = 600.0
+    timeout: float = field(default_factory=lambda: float(os.environ.get("MOE_LAB_VLLM_TIMEOUT_S", 600)))
+    max_bytes: int = 1 << 30  # one batch's answers with their routing: a few MB on real models
     name: str = "vllm"
 
     def __post_init__(self) -> None:
         from openai import OpenAI
 
-        self.client = OpenAI(base_url=self.server.url, api_key="EMPTY", timeout=self.timeout, max_retries=0)
+        if not self.timeout > 0:
+            raise MoELabError(
+                f"the vLLM request deadline must be > 0 s ($MOE_LAB_VLLM_TIMEOUT_S), got {self.timeout}"
+            )
+        self.client = OpenAI(  # timeout: the total per batch request ($MOE_LAB_VLLM_TIMEOUT_S); no redirects
+            base_url=self.server.url,
+            api_key="EMPTY",
+            timeout=self.timeout,
+            max_retries=0,
+            http_client=bounded_client(self.timeout, self.max_bytes),
+        )
 
     def complete(
         self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int]
@@ -93,10 +105,16 @@ class VLLMGenerator:
                     "seed": 0,
                 },
             )
+        except openai.APITimeoutError:
+            raise VLLMError(
+                f"the vLLM server at {self.server.url} did not finish the batch within {self.timeout:g} s "
+                "(raise $MOE_LAB_VLLM_TIMEOUT_S for long answers); nothing of this batch was written: resume "
+                "the job to redo it"
+            ) from None
         except openai.APIConnectionError as e:
             raise VLLMError(
-                f"the vLLM server at {self.server.url} stopped answering ({e}); nothing of this batch "
-                "was written: resume the job to redo it"
+                f"the vLLM server at {self.server.url} stopped answering ({e.__cause__ or e}); nothing of this "
+                "batch was written: resume the job to redo it"
             ) from None
         except openai.APIStatusError as e:  # 5xx: the engine failed; its log says why
             tail = (
@@ -104,8 +122,9 @@ class VLLMGenerator:
                 if e.status_code >= 500 and self.server.log_path
                 else ""
             )
+            detail = status_message(e.status_code, e.response.headers, e.message)
             raise VLLMError(
-                f"the vLLM server refused the request ({e.status_code}): {e.message}{tail}"
+                f"the vLLM server refused the request ({e.status_code}): {detail}{tail}"
             ) from None
         choices = sorted(resp.choices, key=lambda c: c.index)
         out = []

@@ -23,8 +23,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +34,7 @@ import psutil
 from filelock import FileLock
 
 from moe_core.errors import MoELabError
+from moe_core.judge.bounded_http import BoundedTransport, httpx
 from moe_core.model.organism import cache_root
 from moe_core.store.atomic import atomic_write_json
 from moe_core.store.events import log_tail, pid_alive
@@ -175,12 +174,12 @@ def vllm_python() -> Path:
 
 # -- HTTP checks ---------------------------------------------------------------------------------
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """(status, body) of a GET within ``timeout`` in all, at most 4 MB, no redirect followed; (0, b"") on failure."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # local server, no redirects to follow
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, b""
-    except (OSError, ValueError):
+        with httpx.Client(transport=BoundedTransport(timeout, 4 << 20), follow_redirects=False) as client:
+            r = client.get(url, timeout=timeout)
+            return r.status_code, r.content if r.is_success else b""
+    except (httpx.HTTPError, OSError, ValueError):
         return 0, b""
 
 

@@ -171,6 +171,14 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def spec_fingerprint(spec: Any) -> str:
+    """The print of a step's settings (a spec dataclass, ``overwrite`` aside): recorded with the step's result,
+    so that a resumed sequence (``demo --run``) can tell a finished step of the same settings from another."""
+    import dataclasses
+
+    return fingerprint({k: v for k, v in dataclasses.asdict(spec).items() if k != "overwrite"})
+
+
 def plan_fingerprint(plan: Any) -> str:
     return fingerprint(plan.to_json_dict())
 

@@ -100,6 +100,7 @@ ARTIFACTS: dict[str, str] = {
     "train": "train/{name}",
     "eval": "eval",
     "study": "study/{name}",
+    "study_analyses": "study_analyses/{name}",  # each seed pair's analysis run, reused when a study resumes
     "job": "jobs/{name}",
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -315,7 +316,7 @@ class Run:
             p.resolve().relative_to(self.path.resolve())
         except ValueError:
             raise RunError(
-                f"run {self.id}: the manifest points outside the run ({stored}); a run's own artifacts live "
+                f"run {self.id}: {stored} points outside the run; a run's own artifacts live "
                 f"inside it: run `python -m moe_core doctor --run {self.path}` to see the damage"
             ) from None
         return p
@@ -355,7 +356,10 @@ class Run:
             )
         if "{name}" in tmpl:
             _check_name(name, f"{kind} name")  # type: ignore[arg-type]
-        return self.path / tmpl.format(batch_idx=int(batch_idx or 0), name=name)
+        path = self.path / tmpl.format(batch_idx=int(batch_idx or 0), name=name)
+        if path.is_symlink() or path.parent.is_symlink():  # a link inside the run may lead out of it
+            self._inside(path, path.relative_to(self.path))
+        return path
 
     def completed_batches(self, kind: str = "outputs") -> set[int]:
         """Batches whose ``kind`` file exists; outputs are written last, so these are done."""

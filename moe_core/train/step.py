@@ -40,7 +40,7 @@ from moe_core.model.loading import load_any_model, model_of
 from moe_core.store.atomic import as_os_error, atomic_write_json
 from moe_core.store.checks import check_free, json_object
 from moe_core.store.lease import secondary_rank, world_size
-from moe_core.store.provenance import fingerprint
+from moe_core.store.provenance import fingerprint, spec_fingerprint
 from moe_core.store.run import Run
 from moe_core.train.sft import (
     add_retain_examples,
@@ -314,5 +314,6 @@ def run_train(spec: Any, run: Run, progress: Progress | None = None) -> Training
         report=result.report,
         train_loss=result.metrics.get("train_loss"),
         resumed_from=checkpoint.name if checkpoint else None,
+        settings=spec_fingerprint(spec),
     )
     return result

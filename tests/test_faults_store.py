@@ -1,0 +1,112 @@
+"""Issue 21 rows 6 and 12: an evaluation is one transaction; links out of a run are refused and named.
+
+Row 6 is cut between its renames by a simulated kill (the renaming process raises ``SystemExit`` after the
+first rename: a real SIGKILL cannot be aimed between two renames a few microseconds apart); row 12 uses
+real symbolic links."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moe_core.doctor import diagnose
+from moe_core.eval import evaluation as E
+from moe_core.store import atomic
+from moe_core.store.files import RunError
+from moe_core.store.run import Run
+
+
+def _save(run: Run, tag: str) -> None:
+    E.save_evaluation(run, pd.DataFrame({"answer": [tag]}), pd.DataFrame({"model": [tag]}), name="comparison")
+
+
+def _cut_after_renames(monkeypatch, n: int) -> None:
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        if Path(src).parent.name.startswith(".txn-") and Path(dst).parent.name == "eval":  # stage -> place
+            if len(calls) == n:
+                raise SystemExit("killed")
+            calls.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2])
+def test_r6_an_evaluation_cut_between_its_renames_reads_whole_and_doctor_finishes_it(
+    tmp_path, monkeypatch, cut
+):
+    run = Run.create(tmp_path, name="r6")
+    _save(run, "old")
+    _cut_after_renames(monkeypatch, cut)
+    with pytest.raises(SystemExit):
+        _save(run, "new")
+    monkeypatch.undo()
+
+    responses, summary = E.load_evaluation(run)  # the new set as a whole, never old and new mixed
+    assert responses["answer"].tolist() == ["new"] and summary["model"].tolist() == ["new"]
+    assert responses.attrs["evaluation"]["n_responses"] == 1
+    assert E.list_evaluations(run) == ["comparison"]
+    found = diagnose(run)
+    assert [f.path for f in found] == ["eval"] and "cut short" in found[0].problem  # not "leftover: deleted"
+
+    assert any(f.repaired for f in diagnose(run, repair=True))
+    assert sorted(p.name for p in run.path_for("eval").iterdir()) == [
+        "comparison.json",
+        "comparison_responses.parquet",
+        "comparison_summary.parquet",
+    ]
+    assert E.load_evaluation(run)[1]["model"].tolist() == ["new"]
+    assert diagnose(run) == []
+
+
+def test_r6_a_kill_before_the_commit_point_keeps_the_previous_evaluation(tmp_path, monkeypatch):
+    run = Run.create(tmp_path, name="r6")
+    _save(run, "old")
+    monkeypatch.setattr(atomic, "atomic_write_text", lambda *a: (_ for _ in ()).throw(SystemExit("killed")))
+    with pytest.raises(SystemExit):
+        _save(run, "new")
+    monkeypatch.undo()
+    assert E.load_evaluation(run)[1]["model"].tolist() == ["old"]
+    assert diagnose(run) == []  # the stage folder went with the exception
+    (run.path_for("eval") / ".txn-killed.tmp").mkdir()  # what a SIGKILL before the journal leaves
+    assert [f.fix for f in diagnose(run)] == ["deleted"]  # a plain leftover: the previous evaluation stands
+
+
+def test_r6_a_new_save_finishes_a_cut_one_first(tmp_path, monkeypatch):
+    run = Run.create(tmp_path, name="r6")
+    _save(run, "old")
+    _cut_after_renames(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        _save(run, "middle")
+    monkeypatch.undo()
+    _save(run, "newest")
+    assert E.load_evaluation(run)[0]["answer"].tolist() == ["newest"]
+    assert not list(run.path_for("eval").glob(".txn-*"))
+
+
+def test_r12_links_out_of_a_run_are_refused_named_and_a_linked_leftover_is_removed_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    (outside / "keep" / "precious.txt").write_text("not the run's")
+    (outside / "mask.json").write_text("{}")
+    run = Run.create(tmp_path / "runs", name="r12")
+    (run.path / "masks").mkdir()
+    os.symlink(outside / "mask.json", run.path_for("mask", name="linked"))
+    os.symlink(outside / "keep", run.path / ".leftover.tmp")
+
+    with pytest.raises(RunError, match="points outside the run"):
+        run.path_for("mask", name="linked")
+    found = {f.path: f for f in diagnose(run)}
+    assert "link out of the run" in found["masks/linked.json"].problem
+    assert found[".leftover.tmp"].fix == "deleted"
+
+    repaired = {f.path: f for f in diagnose(run, repair=True)}
+    assert repaired[".leftover.tmp"].repaired and not (run.path / ".leftover.tmp").is_symlink()
+    assert (outside / "keep" / "precious.txt").read_text() == "not the run's"  # the link went, not its target
+    assert not repaired["masks/linked.json"].repaired  # named with its fix, never said to be repaired
+    assert [f.path for f in diagnose(run)] == ["masks/linked.json"]  # what remains is said again, truthfully

@@ -1,0 +1,159 @@
+"""Issue 21 rows 1 and 13: a study or a demo is one transaction that resumes, and never replaced silently.
+
+Real faults: a study process killed with SIGKILL once its first arm is committed (a tiny random OLMoE
+saved as a local model folder stands in for the organism)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moe_core import pipeline as P
+from moe_core.cli import main
+from moe_core.eval.study_summary import load_study
+from moe_core.store.files import read_json, read_parquet
+from moe_core.study import ARM_KEY, StudyError, run_study
+from tests.app_fixtures import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("study-faults") / "tiny-olmoe")
+
+
+def _spec(tiny_dir: Path, **over) -> P.StudySpec:
+    base = dict(
+        model=str(tiny_dir),
+        budgets=[1 / 8],
+        random_draws=1,
+        seeds=[0],
+        steering=False,
+        full=False,
+        eval_limit=2,
+        max_new_tokens=2,
+        max_batches=1,
+        epochs=1,
+        name="sA",
+    )
+    return P.StudySpec(**{**base, **over})
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_r1_a_study_name_with_other_settings_is_refused_and_the_same_settings_resume_and_extend(
+    tmp_path, tiny_dir, capsys
+):
+    run, _ = run_study(_spec(tiny_dir), runs_root=tmp_path)
+    out = run.path_for("study", name="sA")
+    before = _files(out)
+    assert read_json(out / "settings.json")["complete"] is True
+
+    with pytest.raises(StudyError, match=r"other settings \(lr: .*--overwrite"):
+        run_study(_spec(tiny_dir, lr=5e-3), run)
+    assert (
+        main(["study", "--run", str(run.path), "--model", str(tiny_dir), "--name", "sA", "--lr", "5e-3"]) == 2
+    )
+    assert "--overwrite" in capsys.readouterr().err
+    assert _files(out) == before  # nothing replaced, nothing added
+
+    run_study(_spec(tiny_dir, random_draws=2), run)  # same settings, one more draw: only that arm runs
+    results = read_parquet(out / "results.parquet")
+    assert not results.duplicated(ARM_KEY).any()
+    assert sorted(results.loc[results["method"] == "random", "draw"]) == [0, 1]
+    old = pd.read_parquet(pd.io.common.BytesIO(before["results.parquet"]))
+    kept = results.merge(old, on=list(old.columns))  # the arms that were there are kept as they were
+    assert len(kept) == len(old)
+    analyses = list(run.path_for("study_analyses", name="sA").glob("*/*/manifest.json"))
+    assert len(analyses) == 1  # the seed's analysis was reused, not made again
+
+    run_study(_spec(tiny_dir, lr=5e-3, overwrite=True), run)
+    results = read_parquet(out / "results.parquet")
+    assert set(results.loc[results["method"] != "base", "lr"]) <= {5e-3}
+    assert len(list(run.path_for("study_analyses", name="sA").glob("*/*/manifest.json"))) == 1
+
+
+def test_r1_a_study_killed_after_an_arm_leaves_one_consistent_set_and_resumes(tmp_path, tiny_dir):
+    """Real SIGKILL of a `python -m moe_core study` process once its first arms are committed."""
+    run, _ = run_study(_spec(tiny_dir, name="old"), runs_root=tmp_path)  # the run the study goes into
+    out = run.path_for("study", name="sA")
+    argv = [sys.executable, "-m", "moe_core", "study", "--run", str(run.path), "--name", "sA"]
+    argv += ["--model", str(tiny_dir), "--budgets", "0.125", "--random_draws", "3", "--seeds", "0"]
+    argv += ["--no_steering", "--no_full", "--eval_limit", "2", "--max_new_tokens", "2", "--max_batches", "1"]
+    argv += ["--epochs", "1"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "settings.json").exists() and read_json(out / "settings.json")["arms"] >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    settings = read_json(out / "settings.json")
+    results, summary = load_study(run, "sA")
+    assert settings["complete"] is False and settings["arms"] == len(results) >= 2
+    assert set(summary["method"]) == set(results["method"])  # summary and results are one set
+    assert int(summary["runs"].sum()) == len(results)
+
+    assert main(argv[3:]) == 0  # the same command resumes
+    results = read_parquet(out / "results.parquet")
+    assert not results.duplicated(ARM_KEY).any()
+    assert sorted(results.loc[results["method"] == "random", "draw"]) == [0, 1, 2]
+    assert read_json(out / "settings.json")["complete"] is True
+
+
+def test_r13_a_demo_killed_during_training_resumes_at_its_first_unfinished_stage(tmp_path, tiny_dir):
+    """Real SIGKILL of `python -m moe_core demo` while its first training runs; `demo --run R` goes on."""
+    root = tmp_path / "runs"
+    flags = ["--model", str(tiny_dir), "--max-batches", "1", "--batch-size", "8", "--max-new-tokens", "2"]
+    flags += ["--n", "2", "--epochs", "2", "--eval-limit", "2"]
+    argv = [sys.executable, "-m", "moe_core", "--runs-root", str(root), "demo", *flags]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            manifests = list(root.glob("*/manifest.json"))
+            steps = read_json(manifests[0]).get("steps", {}) if manifests else {}
+            if steps.get("train:experts-unsafe_experts", {}).get("status") == "running":
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    (run_dir,) = list(root.iterdir())
+    mask = run_dir / "masks" / "unsafe_experts.json"
+    before = mask.stat().st_mtime_ns
+
+    assert main(["--runs-root", str(root), "demo", "--run", str(run_dir), *flags]) == 0  # no --overwrite
+    steps = read_json(run_dir / "manifest.json")["steps"]
+    assert mask.stat().st_mtime_ns == before  # the finished selection was gone past, not redone
+    for step in (
+        "train:experts-unsafe_experts",
+        "train:random_experts",
+        "train:full",
+        "evaluation:comparison",
+    ):
+        assert steps[step]["status"] == "done", step
+    assert (
+        main(["--runs-root", str(root), "demo", "--run", str(run_dir), *flags]) == 0
+    )  # all done: nothing to do
+    assert (
+        read_json(run_dir / "manifest.json")["steps"]["evaluation:comparison"]
+        == steps["evaluation:comparison"]
+    )
