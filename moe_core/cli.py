@@ -5,11 +5,15 @@
     python -m moe_core select --run runs/<id> --method top_n --n 8
     python -m moe_core train --run runs/<id> --mask-mode per_batch
     python -m moe_core evaluate --run runs/<id> --steer-mask unsafe_experts
+    python -m moe_core atlas --run runs/<id> --layer 3 --expert 7   # the expert atlas: build, a card, --token WORD
     python -m moe_core runs                      # list runs
 
 Each step's flags and defaults come from its dataclass in ``pipeline.py`` (``HfArgumentParser``).
 A problem the user can fix (a ``MoELabError``) prints one ``error: ...`` line and exits 2;
 anything else is a bug: its traceback is printed and the exit status is 1.
+
+long module: one short handler per subcommand (ten of them) and the error boundary they share; split by
+command it would scatter one table of handlers over as many files.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from transformers import HfArgumentParser
 
 from moe_core import pipeline as P
 from moe_core.analysis.analyse import finalize_analysis
+from moe_core.analysis.atlas_query import Atlas, atlas_answer
 from moe_core.demo import Stage, run_demo
 from moe_core.doctor import diagnose
 from moe_core.errors import MoELabError
@@ -39,7 +44,7 @@ from moe_core.eval.study_summary import (
     summary_markdown,
 )
 from moe_core.model.adapter import apply_cpu_thread_policy, load_model
-from moe_core.model.loading import model_dir
+from moe_core.model.loading import load_tokenizer_of, model_dir
 from moe_core.store.atomic import as_os_error
 from moe_core.store.checks import json_object
 from moe_core.store.events import JobStopped
@@ -276,6 +281,19 @@ def study(spec: P.StudySpec, args: argparse.Namespace) -> Any:
     return summary
 
 
+def atlas(spec: P.AtlasSpec, args: argparse.Namespace) -> Any:
+    """Build or update the run's expert atlas; then an expert's card (--layer/--expert) or a search (--token)."""
+    run = P.open_run(args.run, args.runs_root)
+    with job_progress(run, args.job, "expert atlas") as (progress, _):
+        meta = P.atlas(spec, run, progress)
+    print(
+        f"atlas of run {run.id}: {len(meta['shards'])} batches, {meta['safe_tokens'] + meta['unsafe_tokens']} tokens"
+    )
+    if spec.layer is not None or spec.token is not None:
+        print("\n" + atlas_answer(Atlas.open(run), spec, load_tokenizer_of(run)))
+    return meta
+
+
 def apply_delta(args: argparse.Namespace) -> Path:
     """Base model + expert_delta.safetensors -> a merged model directory (no training code needed)."""
 
@@ -352,6 +370,7 @@ STEPS: dict[str, Callable[..., Any]] = {
     "evaluate": evaluate,
     "demo": demo,
     "study": study,
+    "atlas": atlas,
 }
 
 
@@ -381,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=cls.__doc__.splitlines()[0],
             description=cls.__doc__.splitlines()[0],
         )
-        needs_run = command in ("select", "train", "evaluate")
+        needs_run = command in ("select", "train", "evaluate", "atlas")
         sp.add_argument(
             "--run",
             required=needs_run,

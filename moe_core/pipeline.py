@@ -33,6 +33,8 @@ from moe_core.analysis.analyse import (
     load_batch_data_list,
     run_analysis,
 )
+from moe_core.analysis.atlas import atlas_dir, build_atlas, writes_path
+from moe_core.analysis.expert_writes import WRITES_BATCHES, expert_writes
 from moe_core.analysis.masks import (
     ExpertMask,
     MaskError,
@@ -76,6 +78,7 @@ from moe_core.model.loading import ORGANISM, load_any_model, model_dir, model_of
 from moe_core.specs import (  # the face: a page or script builds a spec and runs its step from here
     COMMANDS,
     AnalyseSpec,
+    AtlasSpec,
     DemoSpec,
     EvaluateSpec,
     Scope,
@@ -85,13 +88,13 @@ from moe_core.specs import (  # the face: a page or script builds a spec and run
     command_of,
     to_argv,
 )
-from moe_core.store.atomic import atomic_write_bytes
+from moe_core.store.atomic import atomic_write, atomic_write_bytes
 from moe_core.store.checks import (
     check_free,
     json_object,
 )
 from moe_core.store.events import JobStopped
-from moe_core.store.files import RunError, read_parquet, write_parquet
+from moe_core.store.files import RunError, read_json, read_parquet, write_parquet
 from moe_core.store.manifest import default_runs_root
 from moe_core.store.provenance import model_info_of, plan_source, record, spec_fingerprint
 from moe_core.store.run import Run
@@ -105,6 +108,7 @@ from moe_core.types import Progress, PromptItem, ShouldStop
 __all__ = [  # the specs (defined in moe_core.specs) and the steps: what README's Python section uses
     "COMMANDS",
     "AnalyseSpec",
+    "AtlasSpec",
     "DemoSpec",
     "EvaluateSpec",
     "Scope",
@@ -118,6 +122,7 @@ __all__ = [  # the specs (defined in moe_core.specs) and the steps: what README'
     "compose",
     "analysis_run",
     "analyse",
+    "atlas",
     "select",
     "train",
     "eval_entries",
@@ -249,6 +254,21 @@ def finished_with(run: Run, step: str, spec: object) -> bool:
     settings of ``spec`` (recorded by the step), so a resumed sequence can go past it."""
     info = run.reload().get("steps", {}).get(step) or {}
     return info.get("status") == "done" and info.get("settings") == spec_fingerprint(spec)
+
+
+# -- atlas -------------------------------------------------------------------------------------
+@writes_run("atlas")
+def atlas(spec: AtlasSpec, run: Run, progress: Progress | None = None) -> dict[str, object]:
+    """Bring the run's expert atlas up to date (``analysis.atlas``): index new batches, merge -> its meta."""
+    index = atlas_dir(run) / "index" / "meta.json"
+    fresh = index.is_file() and read_json(index).get("shards") == sorted(run.completed_batches())
+    meta = read_json(index) if fresh else build_atlas(run, progress)  # fresh: every analysed batch is in
+    if spec.writes and not writes_path(run).is_file():
+        model, _ = load_any_model(model_of(run), progress)
+        batches = sorted(run.completed_batches())[:WRITES_BATCHES]
+        table = expert_writes(model, run, batches)
+        atomic_write(writes_path(run), lambda p: table.to_parquet(p, index=False))
+    return meta
 
 
 # -- select ------------------------------------------------------------------------------------

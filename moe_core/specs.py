@@ -484,6 +484,27 @@ class StudySpec:
             raise MoELabError(f"learning rates must be > 0 (got {self.lrs})")
 
 
+@dataclass
+class AtlasSpec:
+    """The expert atlas: build or update a run's index; print an expert's card or the experts a word fires."""
+
+    layer: Optional[int] = opt(None, "with --expert: print this expert's card (MoE layer index, from 0)")
+    expert: Optional[int] = opt(None, "with --layer: the expert whose card to print")
+    token: Optional[str] = opt(None, "a word or a pasted prompt: print the experts its tokens are routed to")
+    limit: int = opt(20, "how many experts a search prints")
+    writes: bool = opt(
+        True,
+        "also what each expert writes (mean output through the unembedding; loads the model for 4 batches)",
+    )
+
+    def __post_init__(self) -> None:
+        if (self.layer is None) != (self.expert is None):
+            raise MoELabError("--layer and --expert go together: both name the expert whose card to print")
+        check_range(self, layer=NON_NEGATIVE, expert=NON_NEGATIVE, limit=AT_LEAST_1)
+        if self.token is not None and not (0 < len(self.token) <= 20_000):
+            raise MoELabError("--token takes a word or a prompt of at most 20,000 characters")
+
+
 COMMANDS: dict[str, type] = {
     "analyze": AnalyseSpec,
     "select": SelectSpec,
@@ -491,6 +512,7 @@ COMMANDS: dict[str, type] = {
     "evaluate": EvaluateSpec,
     "demo": DemoSpec,
     "study": StudySpec,
+    "atlas": AtlasSpec,
 }
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -75,7 +76,7 @@ from moe_core.eval.study_summary import summarize_study
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.loading import ORGANISM, load_any_model
 from moe_core.model.organism import OrganismConfig, build_organism
-from moe_core.specs import command_of
+from moe_core.specs import to_argv
 from moe_core.store.atomic import atomic_dir, atomic_write_json
 from moe_core.store.files import _now, read_json, read_parquet, write_parquet
 from moe_core.store.manifest import default_runs_root, package_versions, source_commit
@@ -457,7 +458,7 @@ def _commit(
     """The study's whole set (settings, results, curves, summary, figure), swapped in by one atomic step."""
     settings = {
         "defining": defining_settings(spec),
-        "command": command_of(spec),
+        "command": " ".join(["python -m moe_core study", *map(shlex.quote, to_argv(spec))]),
         "commit": source_commit(),
         "versions": package_versions(),
         "arms": len(results),

@@ -97,6 +97,9 @@ if not row.empty:
         f"**{r['sign_consistency']:.2f}** over {int(r['n_batches'])} batches · rank "
         f"{int(row.index[0]) + 1} of {len(agg)}"
     )
+ui.link(
+    "atlas", "This expert in the atlas (whole run)", extra={"layer": layer, "expert": expert}, container=c3
+)
 bars = st.plotly_chart(
     charts.expert_across_batches(batch_ids, tensor[:, layer, expert], layer, expert, current=batch),
     key="hm_bars",

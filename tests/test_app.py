@@ -53,6 +53,7 @@ PAGES = {  # page file -> title
     "analysis": "Analysis",
     "heatmaps": "Heatmaps",
     "experts": "Experts",
+    "atlas": "Expert atlas",
     "training": "Training",
     "evaluation": "Evaluation",
     "present": "Present",
@@ -64,12 +65,13 @@ FILES = {  # page key -> file, relative to app.py (classic multipage layout: app
     "analysis": "pages/2_analysis.py",
     "heatmaps": "pages/3_heatmaps.py",
     "experts": "pages/4_experts.py",
+    "atlas": "pages/9_atlas.py",
     "training": "pages/5_training.py",
     "evaluation": "pages/6_evaluation.py",
     "present": "pages/7_present.py",
     "runs": "pages/8_runs.py",
 }
-NEEDS_RUN = ("data", "analysis", "heatmaps", "experts", "training", "evaluation", "present")
+NEEDS_RUN = ("data", "analysis", "heatmaps", "experts", "atlas", "training", "evaluation", "present")
 
 
 # -- fixtures and helpers ---------------------------------------------------------------------

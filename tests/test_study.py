@@ -182,3 +182,36 @@ def test_the_study_keeps_curves_per_arm_learning_rate_and_seed_pair(tmp_path, ti
         at = arm[(arm["lr"] == row["lr"]) & (arm["step"] == row["step"])].iloc[0]
         assert at["jailbreak_compliance"] == row["val_jailbreak_compliance"]  # reported where it was chosen
     assert run.path_for("study_analyses", name=spec.name).is_dir()
+
+
+def test_the_across_seed_headline_is_the_committed_reference_studys_own_numbers():
+    """`make demo`, Home and the report show the result across seeds from the stored reference table: per arm
+    the median and range over seed pairs, recomputed here from results.parquet (no number written in)."""
+    from moe_core.eval.study_summary import (
+        ARMS,
+        HEADLINE_BUDGET,
+        across_seed_headline,
+        reference_report,
+        reference_study,
+    )
+
+    reference = reference_study()
+    assert reference is not None, "the reference study (moe_core/resources/reference_study) must ship"
+    settings, results = reference
+    assert settings["command"].startswith("python -m moe_core study") and settings["complete"]
+    text = across_seed_headline(results)
+    at = results[(results["budget"] == HEADLINE_BUDGET) | results["method"].isin(["base", "full"])]
+    pairs = at.groupby(["seed", "batch_seed"]).ngroups
+    assert pairs >= 4 and f"Across {pairs} seed pairs" in text
+    for method, label in ARMS.items():
+        g = at[at["method"] == method].groupby(["seed", "batch_seed"])
+        if not len(g):
+            continue
+        rate = g["jailbreak_compliance_k"].sum() / g["jailbreak_compliance_n"].sum()
+        line = next(line for line in text.splitlines() if line.strip().startswith(label))
+        assert f"jailbreak compliance {rate.median():.2f} ({rate.min():.2f}-{rate.max():.2f})" in line
+    evaluation = pd.DataFrame(
+        {"model": ["experts-unsafe_experts"], "set": ["harmful_jailbreak"], "value": [0.5]}
+    )
+    report = reference_report(evaluation, "experts-unsafe_experts")
+    assert text in report and settings["command"] in report and "This demo is one seed" in report

@@ -16,6 +16,7 @@ This file is the package's face: pages call ``ui.<name>``; each name lives in on
 """
 
 from ui.cache import (
+    atlas_for,
     load_plan_cached,
     read_json_cached,
     read_table,
@@ -27,10 +28,21 @@ from ui.cache import (
 from ui.jobs import POLL_S, job_panel
 from ui.messages import error_message, error_text, flash, guard, md_escape, report_error, show_flash
 from ui.navigation import PLOT_EXPORT, backend_choice, clicked_cell, clicked_point, link, take_param
-from ui.runs import RUN_KEY, current_run, grid_shape, mask_names, model_info, open_run, require_run, runs_root
+from ui.runs import (
+    RUN_KEY,
+    current_run,
+    grid_shape,
+    mask_names,
+    model_info,
+    open_run,
+    require_run,
+    run_ref,
+    runs_root,
+)
 from ui.sidebar import setup
 
 __all__ = [
+    "atlas_for",
     "PLOT_EXPORT",
     "POLL_S",
     "RUN_KEY",
@@ -57,6 +69,7 @@ __all__ = [
     "risk_tables_or_stop",
     "risk_tensor",
     "score_table_cached",
+    "run_ref",
     "runs_root",
     "setup",
     "show_flash",

@@ -8,6 +8,8 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from moe_core.analysis.atlas import atlas_dir
+from moe_core.analysis.atlas_query import Atlas
 from moe_core.analysis.scores import gate_diff_table
 from moe_core.errors import MoELabError
 from moe_core.pipeline import score_path
@@ -114,3 +116,16 @@ def _score_table(run_path: str, score: str, mtime_ns: int) -> pd.DataFrame:
 def score_table_cached(run: Run, score: str) -> pd.DataFrame:
     """A selector score of every expert: the run's stored table, or gate_diff read from the routing files."""
     return _score_table(str(run.path), score, _mtime(run.path_for("risk_aggregated")))
+
+
+@st.cache_resource(max_entries=4)
+def _atlas(run_path: str, mtime_ns: int) -> Atlas:
+    return Atlas.open(Run.open(run_path))
+
+
+def atlas_for(run: Run) -> Atlas:
+    """The run's expert atlas (reopened when its index is rebuilt); ``AtlasError`` when there is none yet."""
+    meta = atlas_dir(run) / "index" / "meta.json"
+    if not meta.is_file():
+        return Atlas.open(run)  # raises the AtlasError that says how to build it
+    return _atlas(str(run.path), _mtime(meta))

@@ -19,6 +19,7 @@ NAV = [  # (key, page file relative to app.py, label, icon): the sidebar navigat
     ("analysis", "pages/2_analysis.py", "Analysis", ":material/query_stats:"),
     ("heatmaps", "pages/3_heatmaps.py", "Heatmaps", ":material/grid_on:"),
     ("experts", "pages/4_experts.py", "Experts", ":material/target:"),
+    ("atlas", "pages/9_atlas.py", "Expert atlas", ":material/travel_explore:"),
     ("training", "pages/5_training.py", "Training", ":material/model_training:"),
     ("evaluation", "pages/6_evaluation.py", "Evaluation", ":material/fact_check:"),
     ("present", "pages/7_present.py", "Present", ":material/slideshow:"),

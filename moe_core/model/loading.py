@@ -33,3 +33,14 @@ def load_any_model(name: str, progress: Progress | None = None) -> tuple[Any, An
         return load_organism()
 
     return load_model(name)
+
+
+def load_tokenizer_of(run: Run) -> Any:
+    """The tokenizer of the run's model (no weights loaded), or None where its directory is gone: what readers
+    of token ids (the atlas) need to show text."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir(model_of(run)))
+    except (OSError, ValueError):
+        return None

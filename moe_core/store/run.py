@@ -100,7 +100,8 @@ ARTIFACTS: dict[str, str] = {
     "train": "train/{name}",
     "eval": "eval",
     "study": "study/{name}",
-    "study_analyses": "study_analyses/{name}",  # each seed pair's analysis run, reused when a study resumes
+    "study_analyses": "study_analyses/{name}",
+    "atlas": "atlas",  # the expert atlas: shards per batch and the merged index (analysis.atlas)  # each seed pair's analysis run, reused when a study resumes
     "job": "jobs/{name}",
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

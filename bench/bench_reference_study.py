@@ -1,0 +1,83 @@
+"""The reference study: reproduce it, compare with the committed one, or promote a finished study to it.
+
+    .venv/bin/python bench/bench_reference_study.py                       # rerun the recorded command, compare
+    .venv/bin/python bench/bench_reference_study.py --promote RUN [NAME]  # a finished study becomes the reference
+
+The reference (``moe_core/resources/reference_study``) is what a fresh clone shows as the result across
+seeds (``make demo``, the Home page, the report) before it has a study of its own; its settings.json
+records the command and commit that made it. Rerunning prints, per arm, the across-seed table of the
+committed reference and of the rerun side by side, and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moe_core.eval.study_summary import REFERENCE_DIR, across_seed_headline, reference_study  # noqa: E402
+from moe_core.store.files import read_json, read_parquet  # noqa: E402
+from moe_core.store.run import Run  # noqa: E402
+from moe_core.study import stored_study  # noqa: E402
+
+FILES = ("settings.json", "results.parquet", "curves.parquet", "summary.parquet")
+
+
+def promote(run_dir: str, name: str) -> int:
+    out = Run.open(run_dir).path_for("study", name=name)
+    stored = stored_study(out)
+    if stored is None or not stored[0].get("complete"):
+        print(f"{out} holds no finished study; finish it first (the same command resumes it)")
+        return 2
+    with tempfile.TemporaryDirectory(dir=REFERENCE_DIR.parent) as tmp:
+        for f in FILES:
+            shutil.copy2(out / f, Path(tmp) / f)
+        shutil.rmtree(REFERENCE_DIR, ignore_errors=True)
+        shutil.copytree(tmp, REFERENCE_DIR)
+    print(
+        f"reference study <- {out}\n\n{across_seed_headline(read_parquet(REFERENCE_DIR / 'results.parquet'))}"
+    )
+    return 0
+
+
+def rerun(runs_root: str | None) -> int:
+    reference = reference_study()
+    if reference is None:
+        print("no reference study is committed yet")
+        return 2
+    settings, results = reference
+    with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
+        root = runs_root or tmp
+        argv = shlex.split(settings["command"])[3:]  # after "python -m moe_core"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "moe_core", "--runs-root", root, *argv], cwd=ROOT, check=True)
+        seconds = time.perf_counter() - t0
+        name = argv[argv.index("--name") + 1] if "--name" in argv else "selection"
+        (out,) = Path(root).glob(f"*/study/{name}")
+        print("committed reference:\n" + across_seed_headline(results))
+        print("\nthis rerun:\n" + across_seed_headline(read_parquet(out / "results.parquet")))
+        print(f"\nrerun took {seconds / 60:.1f} min; reference made at commit {settings.get('commit')}")
+        print(f"settings recorded: {read_json(out / 'settings.json')['defining']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--promote", nargs="+", metavar=("RUN", "NAME"), help="a finished study's run (and name)")
+    ap.add_argument("--runs-root", help="keep the rerun here (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    if args.promote:
+        return promote(args.promote[0], args.promote[1] if len(args.promote) > 1 else "selection")
+    return rerun(args.runs_root)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
