@@ -29,7 +29,8 @@ import ui  # noqa: E402
 from moe_core import jobs
 from moe_core.errors import MoELabError
 from moe_core.eval import charts
-from moe_core.eval.study_summary import ARMS, across_seed_headline, per_seed, reference_study
+from moe_core.eval.evaluation import load_evaluation
+from moe_core.eval.study_summary import ARMS, across_seed_headline, demo_headline, per_seed, reference_study
 from moe_core.pipeline import DemoSpec, StudySpec
 from moe_core.store.jobs import format_eta, list_jobs, read_job
 from moe_core.store.manifest import list_runs
@@ -121,7 +122,8 @@ def stop_demo(run: Run) -> None:
 
 
 def checklist(r: Run) -> None:
-    st.subheader(f"Run: {r.name}")
+    r.reload()  # the demo writes the manifest while this polls: tick what it has finished
+    st.subheader(f"Run: {ui.md_escape(r.name)}")  # a name is the user's text: shown literally
     st.caption(f"`{r.path}`")
     for title, key, what, is_done in STEPS:
         try:
@@ -153,7 +155,7 @@ def demo_progress(r: Run) -> None:
         for n, label, page, link_label in stages:
             j = found.get(n)
             state = j.state if j else ("waiting" if head.process_alive else "not run")
-            c1, c2, c3 = st.columns([3, 3, 2], vertical_alignment="center")
+            c1, c2, c3 = st.columns([3, 2, 3], vertical_alignment="center")  # room for the whole link label
             c1.markdown(f"{_ICON.get(state, ':material/radio_button_unchecked:')} {label}")
             if j and j.state == "running" and j.total:
                 c2.progress(
@@ -167,6 +169,9 @@ def demo_progress(r: Run) -> None:
                 ui.link(page, link_label, ":material/arrow_forward:", container=c3)
             if j and j.error:
                 st.error(f"{label}: {j.error}", icon=":material/error:")
+        result = found.get("demo-eval")
+        if result is not None and result.state == "done" and not head.process_alive:
+            demo_result(r)
         if head.process_alive:
             if st.button("Stop the demo", icon=":material/stop_circle:", key="stop_demo"):
                 stop_demo(r)
@@ -174,6 +179,17 @@ def demo_progress(r: Run) -> None:
         if head.log_tail:
             with st.expander("Log (last lines)"):
                 st.code(head.log_tail, language="text")
+
+
+def demo_result(r: Run) -> None:
+    """The demo's result in one line, with the way to the Present page (and the across-seed result below)."""
+    with ui.guard("The demo's evaluation cannot be read: "):
+        line = demo_headline(
+            load_evaluation(r, DemoSpec().evaluate_spec().name)[1], f"experts-{DemoSpec().mask_name}"
+        )
+        if line:
+            st.success(line, icon=":material/flag:")
+            ui.link("present", "Present the result", ":material/slideshow:")
 
 
 live = _live_demo_run()

@@ -88,7 +88,7 @@ from moe_core.specs import (  # the face: a page or script builds a spec and run
     command_of,
     to_argv,
 )
-from moe_core.store.atomic import atomic_write, atomic_write_bytes
+from moe_core.store.atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from moe_core.store.checks import (
     check_free,
     json_object,
@@ -460,6 +460,42 @@ def undo_draft_plan(run: Run) -> bool:
 
 def can_undo_draft_plan(run: Run) -> bool:
     return _undo_path(run).is_file()
+
+
+MAX_SOURCE_ITEMS = 200_000  # prompts kept per side in a run's draft sources (a bound on what a page stores)
+
+
+def draft_sources_path(run: Run) -> Path:
+    """The prompt sets the Data page composed from (uploads included): page state in the draft area."""
+    return run.path / "sources.draft.json"
+
+
+def store_draft_sources(run: Run, safe: list[PromptItem], unsafe: list[PromptItem], described: str) -> None:
+    """Keep the prompt sets a plan is composed from in the run, so a reload or another machine shows them
+    again (an upload lives only in the browser). No writer lease, like the draft plan."""
+    if max(len(safe), len(unsafe)) > MAX_SOURCE_ITEMS:
+        raise MoELabError(f"at most {MAX_SOURCE_ITEMS:,} prompts per side are kept with a run")
+    atomic_write_json(
+        draft_sources_path(run),
+        {
+            "described": described,
+            "safe": [it.to_dict() for it in safe],
+            "unsafe": [it.to_dict() for it in unsafe],
+        },
+    )
+
+
+def draft_sources(run: Run) -> tuple[list[PromptItem], list[PromptItem], str] | None:
+    """(safe, unsafe, description) the run's batches were composed from, or None."""
+    path = draft_sources_path(run)
+    if not path.is_file():
+        return None
+    d = read_json(path)
+    return (
+        [PromptItem.from_dict(x) for x in d["safe"]],
+        [PromptItem.from_dict(x) for x in d["unsafe"]],
+        d["described"],
+    )
 
 
 @writes_run("plan")

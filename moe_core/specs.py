@@ -8,7 +8,7 @@ in one place, and every entry point follows."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
@@ -288,6 +288,34 @@ class TrainSpec:
 
     def training_name(self) -> str:
         return self.name or (f"experts-{self.mask}" if self.baseline == "experts" else self.baseline)
+
+    def suggested_name(self, taken: Collection[str]) -> str:
+        """A free name for this training: the default one, else one built from the settings that differ from
+        the defaults (``experts-unsafe_experts-lr0.003-ep5``), numbered if that is taken too."""
+        base = self.training_name()
+        if base not in taken:
+            return base
+        d = TrainSpec()
+        changed = [(k, getattr(self, f)) for f, k in SUGGEST_PARTS if getattr(self, f) != getattr(d, f)]
+        parts = [(k if v else f"no-{k}") if isinstance(v, bool) else f"{k}{v}" for k, v in changed]
+        built = "-".join([base, *parts])[:90]
+        for n in range(1, 1000):
+            name = built if n == 1 else f"{built}-{n}"
+            if name not in taken:
+                return name
+        raise MoELabError(f"no free training name like {built!r}; type one")
+
+
+SUGGEST_PARTS = (  # (TrainSpec field, short tag) in a suggested training name
+    ("lr", "lr"),
+    ("epochs", "ep"),
+    ("mask_mode", ""),
+    ("weight_decay", "wd"),
+    ("router_consistency", "rc"),
+    ("retain_share", "retain"),
+    ("seed", "seed"),
+    ("max_length", "len"),
+)
 
 
 @dataclass

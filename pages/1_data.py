@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pandas as pd
 import streamlit as st
 
 import ui  # noqa: I001 - the shared page helpers (not a page)
@@ -19,10 +20,11 @@ from moe_core.batching.edits import add, drop, move, replace, swap
 from moe_core.batching.plan import BatchPlan, BatchPlanError, split_counts
 from moe_core.batching.prompts import (
     FORMATS,
+    LoadedPrompts,
     PromptLoadError,
     detect_prompt_column,
     list_columns,
-    load_prompts,
+    load_prompt_set,
     pair_by_row,
 )
 from moe_core.batching.validation import validate
@@ -72,8 +74,8 @@ def _load(
     column: str | None,
     label: str,
     limit: int | None,
-) -> list[PromptItem]:
-    return load_prompts(source, name=name, split=split or None, column=column, label=label, limit=limit)  # type: ignore[arg-type]
+) -> LoadedPrompts:
+    return load_prompt_set(source, name=name, split=split or None, column=column, label=label, limit=limit)  # type: ignore[arg-type]
 
 
 LABEL_COLUMNS = (
@@ -161,7 +163,8 @@ def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
             help="auto-detected when a usual name (prompt, goal, instruction, ...) is present",
         )
         limit = int(st.number_input(f"max {label} prompts (0 = all)", 0, 1_000_000, 0, key=f"limit_{label}"))
-        items = _load(source, name, split, column, label, None)
+        loaded = _load(source, name, split, column, label, None)
+        items = loaded.items
         lab_col = label_column(cols, column)
         if lab_col is not None:
             values = sorted({str(it.meta.get(lab_col)) for it in items})
@@ -185,7 +188,13 @@ def _prompt_set(label: str, mode: str) -> list[PromptItem] | None:
                 raise PromptLoadError(f"no row has {lab_col} in {keep}")
         if limit:
             items = items[:limit]
-        st.caption(f"{len(items)} {label} prompts, e.g. “{ui.md_escape(items[0].text[:90])}”")
+        skipped = (  # said here, not only in the server log: a row the user wrote is not used
+            f" ({loaded.skipped} empty row{'' if loaded.skipped == 1 else 's'} skipped: no text in "
+            f"`{loaded.column}`)"
+            if loaded.skipped
+            else ""
+        )
+        st.caption(f"{len(items)} {label} prompts{skipped}, e.g. “{ui.md_escape(items[0].text[:90])}”")
         return items
     return None
 
@@ -217,6 +226,14 @@ def _store(plan: BatchPlan, message: str) -> None:
     st.rerun()
 
 
+def _filled(table: pd.DataFrame) -> pd.DataFrame:
+    """The prompt table without its empty columns (a category column of None in every row says nothing)."""
+    empty = [
+        c for c in table.columns if table[c].isna().all() or (table[c].astype(str).str.strip() == "").all()
+    ]
+    return table.drop(columns=empty)
+
+
 def _new_item(text: str, label: str) -> PromptItem:
     text = text.strip()
     if not text:
@@ -228,18 +245,32 @@ def _new_item(text: str, label: str) -> PromptItem:
 # -- 1. prompt sets ----------------------------------------------------------------------------
 with st.container(border=True):
     st.subheader("1. Prompt sets")
+    kept = None
+    with ui.guard("The run's prompt sets cannot be read: "):
+        kept = P.draft_sources(run)  # what this run's batches were composed from (uploads included)
+    modes = (["run"] if kept else []) + ["demo", "upload", "path"]
     mode = st.segmented_control(
         "Source",
-        ["demo", "upload", "path"],
-        default="demo",
+        modes,
+        default=modes[0],
         key="data_source",
         required=True,
-        format_func={"demo": "Built-in demo set", "upload": "Upload files", "path": "Path or HF dataset"}.get,
+        format_func={
+            "run": "The run's prompt sets",
+            "demo": "Built-in demo set",
+            "upload": "Upload files",
+            "path": "Path or HF dataset",
+        }.get,
     )
     safe: list[PromptItem] | None = None
     unsafe: list[PromptItem] | None = None
     demo_mode = None
-    if mode == "demo":
+    if mode == "run" and kept:
+        safe, unsafe, kept_from = kept
+        st.caption(
+            f"{len(safe)} safe and {len(unsafe)} unsafe prompts, kept with the run: {ui.md_escape(kept_from)}."
+        )
+    elif mode == "demo":
         demo_mode = st.radio(
             "Demo set",
             ["paired", "unpaired"],
@@ -264,7 +295,7 @@ with st.container(border=True):
             with ui.guard():
                 safe, unsafe = pair_by_row(safe, unsafe)
 
-current_source = source_description(mode, demo_mode, safe, unsafe)
+current_source = kept[2] if mode == "run" and kept else source_description(mode, demo_mode, safe, unsafe)
 
 # -- 2. composition ----------------------------------------------------------------------------
 with st.container(border=True):
@@ -290,6 +321,7 @@ with st.container(border=True):
                 shuffle=shuffle,
             )
             plan.meta["composed_from"] = current_source
+            P.store_draft_sources(run, safe or [], unsafe or [], current_source)  # kept with the run
             _store(plan, f"Composed {len(plan)} batches of {batch_size}.")
     if not ready:
         st.caption("Load both a safe and an unsafe set first.")
@@ -302,21 +334,32 @@ if plan is None:
 
 # -- 3. batches ----------------------------------------------------------------------------------
 issues = validate(plan)
+frame = plan.to_frame()
+in_plan = set(frame["id"])
+# the loaded prompts in no batch: the one source of the Unused metric and the Unused tab (the count at
+# compose time goes stale as soon as an item is dropped or another set is loaded)
+unused_items = [it for it in [*(safe or []), *(unsafe or [])] if it.id not in in_plan]
 with st.container(border=True):
     st.subheader("3. Batches")
     composed_from = plan.meta.get("composed_from")
     if composed_from and composed_from != current_source:
         st.warning(
             f"These batches were composed from {composed_from}; the prompt sets above are now "
-            f"{current_source}. Press **Compose batches** to replace them.",
+            f"{current_source}. Composing again would replace the batches and every hand edit in them"
+            + (": pick **The run's prompt sets** above to go on with them." if kept else "."),
             icon=":material/history:",
         )
     m = st.columns(4)
     m[0].metric("Batches", len(plan))
     m[1].metric("Items", plan.num_items)
     m[2].metric("Paired", "yes" if plan.paired else "no")
-    unused = plan.meta.get("unused") or {}
-    m[3].metric("Unused (safe / unsafe)", f"{unused.get('safe', 0)} / {unused.get('unsafe', 0)}")
+    unused_n = {side: sum(1 for it in unused_items if it.label == side) for side in ("safe", "unsafe")}
+    loaded_any = bool(safe or unsafe)
+    m[3].metric(
+        "Unused (safe / unsafe)",
+        f"{unused_n['safe']} / {unused_n['unsafe']}" if loaded_any else "–",
+        help="loaded prompts that are in no batch" if loaded_any else "load the prompt sets to count them",
+    )
     errors = [i for i in issues if i.severity == "error"]
     warnings = [i for i in issues if i.severity == "warning"]
     for i in errors[:10]:
@@ -330,7 +373,6 @@ with st.container(border=True):
             "The plan is valid: every batch holds both labels in the intended ratio.", icon=":material/check:"
         )
 
-    frame = plan.to_frame()
     overview = (
         frame.groupby("batch_idx")
         .agg(
@@ -342,8 +384,6 @@ with st.container(border=True):
     )
     flagged = {i.batch_idx for i in issues if i.batch_idx is not None}
     overview["issues"] = overview["batch_idx"].map(lambda b: "yes" if b in flagged else "")
-    in_plan = set(frame["id"])
-    unused_items = [it for it in [*(safe or []), *(unsafe or [])] if it.id not in in_plan]
     t1, t2, t3 = st.tabs(["One batch", "Overview of all batches", f"Unused prompts ({len(unused_items)})"])
     with t3:
         if unused_items:
@@ -352,7 +392,9 @@ with st.container(border=True):
                 "**Replace** or **Add** below to use it."
             )
             st.dataframe(
-                [{"id": it.id, "label": it.label, "text": it.text} for it in unused_items],
+                _filled(
+                    pd.DataFrame([{"id": it.id, "label": it.label, "text": it.text} for it in unused_items])
+                ),
                 hide_index=True,
                 width="stretch",
                 key="unused_table",
@@ -367,7 +409,7 @@ with st.container(border=True):
         b = st.selectbox("Batch", plan.batch_indices, key="view_batch")
         rows = frame[frame["batch_idx"] == b][["in_batch_idx", "label", "id", "text", "category"]]
         st.dataframe(
-            rows,
+            _filled(rows),
             hide_index=True,
             width="stretch",
             column_config={
@@ -390,7 +432,7 @@ with st.container(border=True):
             sel_b = int(overview.iloc[rows_sel[0]]["batch_idx"])
             st.markdown(f"**Prompts of batch {sel_b}**")
             st.dataframe(
-                frame[frame["batch_idx"] == sel_b][["in_batch_idx", "label", "id", "text"]],
+                _filled(frame[frame["batch_idx"] == sel_b][["in_batch_idx", "label", "id", "text"]]),
                 hide_index=True,
                 width="stretch",
                 key="overview_batch",
@@ -402,6 +444,7 @@ ids = frame["id"].tolist()
 text_of = dict(zip(frame["id"], frame["text"]))
 where = {r.id: f"b{r.batch_idx}/{r.label}" for r in frame.itertuples()}
 label_of = dict(zip(frame["id"], frame["label"]))
+batch_of = dict(zip(frame["id"], frame["batch_idx"]))
 
 
 def _fmt(item_id: str) -> str:
@@ -415,8 +458,13 @@ with st.container(border=True):
         item = st.selectbox("Item", ids, format_func=_fmt, key="mv_item")
         to = st.selectbox("To batch", plan.batch_indices, key="mv_to")
         if st.button("Move", key="mv_go"):
-            with ui.guard():
-                _store(move(plan, item, int(to)), f"Moved {item} to batch {to}.")
+            if batch_of.get(item) == to:  # no edit (and no undo step) for a move that changes nothing
+                st.info(
+                    f"{ui.md_escape(item)} is already in batch {to}: nothing moved.", icon=":material/info:"
+                )
+            else:
+                with ui.guard():
+                    _store(move(plan, item, int(to)), f"Moved {item} to batch {to}.")
     with tabs[1]:
         a = st.selectbox("Item A", ids, format_func=_fmt, key="sw_a")
         label_a = label_of.get(a)

@@ -104,25 +104,52 @@ with st.container(border=True):
     start = (
         previous or AnalyseSpec()
     )  # a resume keeps the run's settings; a new analysis starts at the defaults
+    locked = previous is not None and bool(done)  # finished batches: the run's settings, shown and fixed
+
+    def recorded(key: str, value: object) -> None:
+        """Widget ``key`` shows the run's recorded setting, whatever this browser session typed before
+        (a reload mid-job keeps the session's widget values)."""
+        if locked:
+            st.session_state[key] = value
+
     scopes = list(Scope.__args__)
+    for key, value in (
+        ("an_scope", start.scope),
+        ("an_max_new", start.max_new_tokens),
+        ("an_judge", start.judge),
+        ("an_qf", start.quality_filter),
+    ):
+        recorded(key, value)
     scope = c1.selectbox(
         "Token scope",
         scopes,
-        index=scopes.index(start.scope),
+        index=None if "an_scope" in st.session_state else scopes.index(start.scope),
         key="an_scope",
+        disabled=locked,
         help="generated: the answer's tokens; prompt: the prompt's; response: a teacher-forced target",
     )
-    max_new = int(c2.number_input("Max new tokens", 1, 1024, start.max_new_tokens, key="an_max_new"))
+    max_new = int(
+        c2.number_input(
+            "Max new tokens",
+            1,
+            1024,
+            None if "an_max_new" in st.session_state else start.max_new_tokens,
+            key="an_max_new",
+            disabled=locked,
+        )
+    )
     judge = c3.text_input(
         "Refusal judge",
-        start.judge,
+        None if "an_judge" in st.session_state else start.judge,
         key="an_judge",
+        disabled=locked,
         help="keyword (offline) | http:<url>?model=<model> | hf:<classifier dir>",
     )
     qf = c4.checkbox(
         "Quality filter",
-        start.quality_filter,
+        False if "an_qf" in st.session_state else start.quality_filter,
         key="an_qf",
+        disabled=locked,
         help="keep a pair only if its safe item was refused and its unsafe item complied (RASA)",
     )
     backend, vllm_url = ui.backend_choice(  # the spec's defaults, never the page's

@@ -13,19 +13,19 @@ import streamlit as st
 import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core.analysis.analyse import analysis_config_of
 from moe_core.analysis.risk import risk_matrix
+from moe_core.batching.glossary import RISK_DIFFERENCE, safe_unsafe, sides
 from moe_core.errors import MoELabError
 from moe_core.eval import charts
 from moe_core.model.routing import SCOPES, load_batch_routing
 
 ui.setup("Heatmaps")
 st.title("Heatmaps")
+run = ui.require_run("the heatmaps")
+_plan = ui.load_plan_cached(run.path_for("plan"))
 st.caption(
-    "Risk difference = activation rate on unsafe tokens − rate on safe tokens, per (layer, expert). "
-    "**Safe** = the model refused; **unsafe** = it complied. "
-    "Red: the expert fires more when the model complies; blue: more when it refuses. "
+    f"{RISK_DIFFERENCE} {safe_unsafe(bool(_plan is not None and _plan.paired))} "
     "Click a cell to see that expert's tokens below."
 )
-run = ui.require_run("the heatmaps")
 # a link from another page (Experts, Present) may name the expert and batch to show
 _asked = {k: ui.take_param(k) for k in ("layer", "expert", "batch")}
 if _asked["layer"] is not None and _asked["expert"] is not None:
@@ -146,24 +146,7 @@ show_prompt = st.toggle(
 )
 plan = ui.load_plan_cached(run.path_for("plan"))
 paired = bool(plan is not None and plan.paired)
-SIDES = {  # what "safe" and "unsafe" mean here, in words an audience follows
-    "safe": (
-        "Safe side: plain harmful requests, refused"
-        if paired
-        else "Safe side: the model refused (or answered a benign request)",
-        "In paired mode the safe side holds the plain harmful request: it is *safe* because the model refused it."
-        if paired
-        else "The model behaved safely on these prompts.",
-    ),
-    "unsafe": (
-        "Unsafe side: the same requests jailbroken, complied with"
-        if paired
-        else "Unsafe side: the model complied",
-        "The same request wrapped in a jailbreak: *unsafe* because the model complied."
-        if paired
-        else "The model complied with these harmful prompts.",
-    ),
-}
+SIDES = sides(paired)  # what "safe" and "unsafe" mean in this data mode (moe_core.batching.glossary)
 
 
 def sample_view(s: dict, rec) -> None:
@@ -177,7 +160,7 @@ def sample_view(s: dict, rec) -> None:
     verdict = ":blue-badge[refused]" if s.get("refusal") else ":orange-badge[complied]"
     kept = "" if s.get("kept", True) else " · filtered out"
     st.markdown(
-        f"{verdict} #{s['in_batch_idx']}{kept} · {int(routed[rec.spans[keep] == scope_code].sum())}"
+        f"**{s['label']}** · {verdict} #{s['in_batch_idx']}{kept} · {int(routed[rec.spans[keep] == scope_code].sum())}"
         f"/{n_scope} answer tokens routed to this expert"
     )
     st.caption(f"Prompt: “{ui.md_escape(str(s['prompt'])[:160])}”")
@@ -185,11 +168,17 @@ def sample_view(s: dict, rec) -> None:
 
 
 pairs = list(zip(outputs["samples"], routing.samples))
-cols = st.columns(2, gap="large")
-for side, col in zip(("safe", "unsafe"), cols):
-    with col:
-        st.markdown(f"##### {SIDES[side][0]}")
-        st.caption(SIDES[side][1])
+
+
+def side_heading(side: str) -> None:
+    st.markdown(f"##### {SIDES[side][0]}")
+    st.caption(SIDES[side][1])
+
+
+if paired:  # headings over the pairs; on a narrow screen each card also says its side (sample_view)
+    for side, col in zip(("safe", "unsafe"), st.columns(2, gap="large")):
+        with col:
+            side_heading(side)
 if paired:  # one row per pair: the plain request beside its jailbreak
     unsafe_by_pair = {s.get("pair_id"): (s, r) for s, r in pairs if s["label"] == "unsafe"}
     shown = set()
@@ -208,9 +197,10 @@ if paired:  # one row per pair: the plain request beside its jailbreak
         if s["label"] == "unsafe" and s["in_batch_idx"] not in shown:
             with st.columns(2, gap="large")[1]:
                 sample_view(s, rec)
-else:
+else:  # each heading inside its column, so a narrow screen stacks it with its own cards
     for side, col in zip(("safe", "unsafe"), st.columns(2, gap="large")):
         with col:
+            side_heading(side)
             for s, rec in pairs:
                 if s["label"] == side:
                     sample_view(s, rec)

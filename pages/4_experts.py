@@ -141,6 +141,10 @@ cfg = SelectionConfig(
     min_sign_consistency=min_cons if (min_cons > 0 and scope == "global") else None,
     score=score,
 )
+if TOGGLES not in st.session_state and run.path_for("mask", name=SelectSpec().name).is_file():
+    with ui.guard("The saved mask cannot be read: "):  # a reload shows the saved mask's hand toggles again
+        saved = ExpertMask.load(run.path_for("mask", name=SelectSpec().name))
+        st.session_state[TOGGLES] = list(saved.meta.get("hand_toggled") or [])
 toggles: list[str] = st.session_state.setdefault(TOGGLES, [])
 pb_toggles: dict[int, list[str]] = st.session_state.setdefault(TOGGLES_PB, {})
 
@@ -190,10 +194,9 @@ if mask is not None:
         sel[cols],
         hide_index=True,
         width="stretch",
-        column_config={
-            c: st.column_config.NumberColumn(format="%.3f")
-            for c in ("risk_diff", "sign_consistency", "t_score")
-        },
+        column_config=ui.column_labels(
+            cols, {c: "%.3f" for c in ("risk_diff", "sign_consistency", "t_score")}
+        ),
     )
 elif batch_masks is not None:
     counts = np.sum([m.mask for m in batch_masks.values()], axis=0)
@@ -218,6 +221,7 @@ elif batch_masks is not None:
         ),
         hide_index=True,
         width="stretch",
+        column_config=ui.column_labels(["batch_idx"]),
     )
 
 # a click on a cell picks that expert for the hand edit below and links to its tokens
@@ -275,24 +279,40 @@ if mask is not None or batch_masks is not None:
         if method == "random":
             default = "random_experts" if scope == "global" else "random_experts_per_batch"
         c1, c2 = st.columns([2, 1])
-        name = c1.text_input("Mask name", default, key=f"ex_name_{scope}_{method == 'random'}")
+        name = c1.text_input("Mask name", default, key=f"ex_name_{scope}_{method == 'random'}").strip()
         also_random = c2.checkbox(
             "Also save a random baseline of the same size",
             key="ex_also_random",
             disabled=mask is None or method == "random",
         )
         replace = False  # no silent overwrite: an existing mask is replaced only when the user ticks this
-        with ui.guard():
-            if run.path_for("mask", name=name.strip()).exists():
-                replace = st.checkbox(
-                    f"A mask named {name.strip()!r} exists: overwrite it?", key="ex_replace"
-                )
-        if st.button("Save mask", type="primary", icon=":material/save:"):
+        mask_path = None
+        with ui.guard():  # an invalid name is said here, once; Save and the download wait for a valid one
+            mask_path = run.path_for("mask", name=name)
+        if mask_path is not None and mask_path.exists():
+            with ui.guard():  # never a silent difference between what is shown and what is saved
+                saved = ExpertMask.load(mask_path) if mask is not None else None
+                if saved is not None and saved.experts() != mask.experts():
+                    edits = saved.meta.get("hand_toggled") or []
+                    st.info(
+                        f"The saved mask {name!r} holds {saved.count()} experts"
+                        + (f" ({len(edits)} toggled by hand: {', '.join(edits)})" if edits else "")
+                        + f"; the one shown here has {mask.count()}. Saving replaces it.",
+                        icon=":material/difference:",
+                    )
+            replace = st.checkbox(f"A mask named {name!r} exists: overwrite it?", key="ex_replace")
+        if st.button(
+            "Save mask",
+            type="primary",
+            icon=":material/save:",
+            disabled=mask_path is None,
+            help="give the mask a valid name first" if mask_path is None else None,
+        ):
             with ui.guard("Not saved: "):
                 spec = SelectSpec(  # the select step saves (under the run's writer lease), as the CLI does
                     **{k: v for k, v in dataclasses.asdict(cfg).items() if k in SELECT_FIELDS},
                     per_batch=scope != "global",
-                    name=name.strip(),
+                    name=name,
                     overwrite=replace,
                     toggles=",".join(toggles) if scope == "global" else None,
                     batch_toggles=json.dumps(pb_toggles) if scope != "global" and pb_toggles else None,
@@ -316,17 +336,15 @@ if mask is not None or batch_masks is not None:
                 mime="application/json",
                 icon=":material/download:",
             )
-        else:
+        elif mask_path is not None and mask_path.is_file():
             with ui.guard():
-                saved_path = run.path_for("mask", name=name.strip())
-                if saved_path.is_file():
-                    st.download_button(
-                        "Download saved per-batch masks",
-                        saved_path.read_bytes(),
-                        file_name=f"{name}.json",
-                        mime="application/json",
-                        icon=":material/download:",
-                    )
+                st.download_button(
+                    "Download saved per-batch masks",
+                    mask_path.read_bytes(),
+                    file_name=f"{name}.json",
+                    mime="application/json",
+                    icon=":material/download:",
+                )
         saved = ui.mask_names(run)
         if saved:
             st.caption("Masks in this run: " + ", ".join(saved))

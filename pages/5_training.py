@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import typing
@@ -159,6 +160,18 @@ with st.container(border=True):
             train_router=train_router,
             training_args=_training_args(hf, other, h),
         )
+    if spec is not None:  # a name of its own: the default, or one built from the settings when that is taken
+        suggestion = spec.suggested_name(ui.training_names(run))
+        typed = st.text_input(
+            "Training name",
+            suggestion,
+            key=f"tr_name::{suggestion}",
+            max_chars=100,
+            help="Each training of the run has its own name; the suggestion follows the settings above.",
+        )
+        with ui.guard("Not ready: "):
+            spec = dataclasses.replace(spec, name=typed.strip() or None)
+            spec = None if spec is None else TrainSpec(**dataclasses.asdict(spec))  # checks the name
     out = run.path_for("train", name=spec.training_name()) if spec else None
     if out is not None and out.exists():  # no silent overwrite: replaced only when the user ticks this
         spec.overwrite = st.checkbox(f"A training named {out.name!r} exists: overwrite it?", key="tr_replace")
@@ -225,8 +238,11 @@ def live() -> None:
             charts.loss_curve(pd.DataFrame(pts), title="Training loss (live)"), key="tr_live_loss"
         )
     monitor = live_batches(ui.load_plan_cached(run.path_for("plan")))
+    monitor = monitor[monitor["step"] <= cur.done]  # the log names a step as it starts: count finished ones
     with right:
-        st.markdown("**Batch monitor (live)**: the analysis batch of each step")
+        st.markdown(
+            f"**Batch monitor (live)**: step {cur.done} of {cur.total or '?'}, the analysis batch of each"
+        )
         if len(monitor):
             st.dataframe(
                 monitor.iloc[::-1], hide_index=True, width="stretch", height=260, key="tr_live_monitor"
@@ -258,10 +274,12 @@ outs = (
     if train_root.is_dir()
     else []
 )
+newest = outs[0] if outs else None
 # the chosen experts' training first (the demo also trains the random and full baselines after it)
 outs.sort(key=lambda p: 0 if p.name.startswith("experts") else 1)
-if outs:
+if outs:  # ...but a training that finished since the page last drew is the one shown
     st.subheader("Results")
+    ui.pick_newest("tr_out", newest, [p.name for p in outs], newest.name)
     out = st.selectbox(
         "Training output",
         outs,

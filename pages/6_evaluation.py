@@ -155,6 +155,7 @@ names = list_evaluations(run)
 if not names:
     st.info("No evaluation in this run yet.", icon=":material/info:")
     st.stop()
+ui.pick_newest("ev_pick", names[-1], names, names[-1])  # one that finished since the page last drew is shown
 pick = st.selectbox("Evaluation", names[::-1], key="ev_pick")
 responses = summary = None
 with ui.guard("This evaluation cannot be read: "):

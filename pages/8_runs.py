@@ -233,5 +233,10 @@ with st.container(border=True):
             if c in risk.columns
         ]
         st.dataframe(
-            risk.sort_values("risk_diff", ascending=False)[cols].head(15), hide_index=True, width="stretch"
+            risk.sort_values("risk_diff", ascending=False)[cols].head(15),
+            hide_index=True,
+            width="stretch",
+            column_config=ui.column_labels(
+                cols, {c: "%.3f" for c in ("risk_diff", "a_safe_n", "a_unsafe_n")}
+            ),
         )

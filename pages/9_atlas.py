@@ -61,6 +61,13 @@ def expert_link(layer: int, expert: int) -> str:
     return f"atlas?run={ui.run_ref(run.path)}&layer={layer}&expert={expert}"
 
 
+def sample_link(c: dict) -> str:
+    """A URL to the Heatmaps drill-down at this context's batch and expert (its sample's routed tokens)."""
+    return (
+        f"heatmaps?run={ui.run_ref(run.path)}&layer={c['layer']}&expert={c['expert']}&batch={c['batch_idx']}"
+    )
+
+
 tab_card, tab_search, tab_map, tab_all = st.tabs(["Expert card", "Search", "Map", "All experts"])
 
 # -- one expert -------------------------------------------------------------------------------------
@@ -87,7 +94,8 @@ with tab_card:
         for c in rows:
             col.markdown(
                 f"<div style='font-family:monospace;font-size:0.85rem;margin-bottom:4px'>"
-                f"{c['weight']:.3f} · batch {c['batch_idx']} sample {c['in_batch_idx']}: "
+                f"{c['weight']:.3f} · <a href='{sample_link(c)}' target='_self'>batch {c['batch_idx']} sample "
+                f"{c['in_batch_idx']}</a>: "
                 f"{html.escape(c.get('left', ''))}<mark>{html.escape(c['token'])}</mark>"
                 f"{html.escape(c.get('right', ''))}</div>",
                 unsafe_allow_html=True,

@@ -95,6 +95,9 @@ def server(tmp_path_factory, playwright_sync):
     newest = build_finished_run(
         tmp / "runs", model_dir, n_batches=3, train=True, evaluate=True, name="browser fixture"
     )
+    from moe_core import pipeline as P
+
+    P.atlas(P.AtlasSpec(), newest)  # the expert atlas, for the walk from a heatmap cell to an expert's card
     RUNS.update(older=older, newest=newest)
     port = _free_port()
     env = {**os.environ, "MOE_LAB_RUNS": str(tmp / "runs"), "PYTHONPATH": str(REPO)}
@@ -327,6 +330,21 @@ def test_clicking_a_heatmap_cell_drills_down(server, playwright_sync):
         SHOTS.mkdir(exist_ok=True)
         page.screenshot(path=str(SHOTS / "11_heatmap_click.png"))
         assert page.get_by_text("Tokens of batch 0 routed to layer 1, expert 5").count() == 1
+        assert page.locator('[data-testid="stException"]').count() == 0
+        # the expert atlas: the clicked expert's card -> one of its contexts -> that sample's tokens
+        page.get_by_text("This expert in the atlas (whole run)").first.click()
+        page.get_by_role("heading", name="Expert atlas", exact=True).first.wait_for(timeout=60_000)
+        page.get_by_text("On unsafe tokens").first.wait_for(timeout=30_000)
+        _wait_idle(page)
+        page.screenshot(path=str(SHOTS / "13_atlas_card.png"))
+        assert page.locator("mark").count() >= 1  # a context with its routed token highlighted
+        context = page.locator("a", has_text="sample").first
+        batch = int(context.inner_text().split()[1])
+        context.click()
+        page.get_by_role("heading", name="Heatmaps", exact=True).first.wait_for(timeout=60_000)
+        page.get_by_text(f"Tokens of batch {batch} routed to layer 1, expert 5").first.wait_for(
+            timeout=30_000
+        )
         assert page.locator('[data-testid="stException"]').count() == 0
 
 

@@ -424,6 +424,9 @@ def test_the_pages_ask_before_overwriting_a_mask_a_training_or_an_evaluation(run
         ("evaluation", "ev_replace", "Evaluate"),
     ):
         at = open_app(run, page=page)
+        for t in at.text_input:  # the training page suggests a free name: type the existing one
+            if t.label == "Training name":
+                t.input("experts-unsafe_experts").run()
         next(b for b in at.button if b.label == label).click().run()
         assert any("already exists" in e.value for e in at.error), (page, [e.value for e in at.error])
         assert not started, f"{page}: launched without asking"

@@ -26,7 +26,16 @@ from ui.cache import (
     tokenizer_for,
 )
 from ui.jobs import POLL_S, job_panel
-from ui.messages import error_message, error_text, flash, guard, md_escape, report_error, show_flash
+from ui.messages import (
+    column_labels,
+    error_message,
+    error_text,
+    flash,
+    guard,
+    md_escape,
+    report_error,
+    show_flash,
+)
 from ui.navigation import PLOT_EXPORT, backend_choice, clicked_cell, clicked_point, link, take_param
 from ui.runs import (
     RUN_KEY,
@@ -35,9 +44,11 @@ from ui.runs import (
     mask_names,
     model_info,
     open_run,
+    pick_newest,
     require_run,
     run_ref,
     runs_root,
+    training_names,
 )
 from ui.sidebar import setup
 
@@ -49,6 +60,7 @@ __all__ = [
     "backend_choice",
     "clicked_cell",
     "clicked_point",
+    "column_labels",
     "current_run",
     "error_message",
     "error_text",
@@ -62,6 +74,7 @@ __all__ = [
     "md_escape",
     "model_info",
     "open_run",
+    "pick_newest",
     "read_json_cached",
     "read_table",
     "report_error",
@@ -75,4 +88,5 @@ __all__ = [
     "show_flash",
     "take_param",
     "tokenizer_for",
+    "training_names",
 ]

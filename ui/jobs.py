@@ -43,13 +43,20 @@ def job_panel(run: Run, name: str, unit: str = "steps") -> JobInfo:
         if cur.state == "none":
             return
         label, color = _STATE_BADGE.get(cur.state, (cur.state, "gray"))
+        if cur.stopping:  # asked to stop: it finishes the unit it is on first
+            label, color = f"stopping after this {unit.rstrip('s') or unit}", "orange"
         with st.container(border=True):
             head = st.columns([3, 1, 1], vertical_alignment="center")
             head[0].markdown(f"**Job `{name}`** &nbsp; :{color}-badge[{label}]")
             if cur.active:
-                if head[2].button("Stop", key=f"stop_{name}", icon=":material/stop_circle:"):
+                if head[2].button(
+                    "Stopping..." if cur.stopping else "Stop",
+                    key=f"stop_{name}",
+                    icon=":material/stop_circle:",
+                    disabled=cur.stopping,
+                ):
                     jobs.request_stop(run.path, name)
-                    st.toast(f"Asked job {name} to stop after the current step")
+                    st.rerun()  # the "stopping" state at once, not after the unit
             elif cur.state in ("stopped", "dead", "error") and jobs.relaunch_flags(run.path, name):
                 if head[2].button("Resume", key=f"resume_{name}", icon=":material/play_circle:"):
                     command, flags = jobs.relaunch_flags(run.path, name)  # type: ignore[misc]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import streamlit as st
 
@@ -16,7 +17,6 @@ from moe_core.errors import MoELabError
 log = logging.getLogger("moe_app")
 
 
-#                            the picker is re-seeded from RUN_KEY on every page, never the other way round)
 FLASH_KEY = "flash"  # session_state: one message to show after a rerun
 
 
@@ -37,6 +37,11 @@ UI_WORDS = [  # how moe_core's messages (written for Python callers) name things
         re.compile(r"pass format='csv'\|'json'\|'jsonl'\|'parquet'"),
         "use a file whose name ends in .csv, .json, .jsonl or .parquet",
     ),
+    (
+        re.compile(r"pass --overwrite to replace it, or choose another --name"),
+        "tick the overwrite box to replace it, or give it another name",
+    ),
+    (re.compile(r"or choose another --name"), "or give it another name"),
     (re.compile(r"\b(\w+)='([^']*)'"), r"\1 \2"),  # any other keyword=value
     (re.compile(r"\b([a-z_]+)\(\)"), r"\1"),  # any other call()
 ]
@@ -106,6 +111,46 @@ _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
 def md_escape(text: str) -> str:
     """User text (prompts, answers) shown literally inside st.markdown/st.caption."""
     return _MD_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
+
+
+COLUMN_WORDS = {  # library column names (risk tables, plans) -> the headers a page shows
+    "batch_idx": "batch",
+    "in_batch_idx": "position in batch",
+    "Layer_Expert": "expert id",
+    "risk_diff": "risk difference",
+    "risk_diff_abs": "risk difference (absolute)",
+    "risk_diff_std": "risk difference spread (std)",
+    "risk_diff_min": "lowest risk difference",
+    "risk_diff_max": "highest risk difference",
+    "sign_consistency": "sign consistency",
+    "pos_frac": "share of batches with a positive difference",
+    "t_score": "t-score",
+    "n_batches": "batches",
+    "a_safe": "safe tokens routed",
+    "a_unsafe": "unsafe tokens routed",
+    "d_safe": "safe tokens not routed",
+    "d_unsafe": "unsafe tokens not routed",
+    "a_safe_n": "share of safe tokens routed",
+    "a_unsafe_n": "share of unsafe tokens routed",
+    "n_safe_tokens": "safe tokens",
+    "n_unsafe_tokens": "unsafe tokens",
+}
+
+
+def column_labels(columns: Iterable[str], formats: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``column_config`` for st.dataframe: readable headers for library column names (``a_safe_n`` is
+    "share of safe tokens routed"; the raw name stays in the header's tooltip, as the files spell it),
+    and a number format for the columns in ``formats``."""
+    formats = formats or {}
+    out: dict[str, Any] = {}
+    for c in columns:
+        label = COLUMN_WORDS.get(c, c)
+        tip = f"column `{c}` of the run's files" if label != c else None
+        if c in formats:
+            out[c] = st.column_config.NumberColumn(label, help=tip, format=formats[c])
+        elif label != c:
+            out[c] = st.column_config.Column(label, help=tip)
+    return out
 
 
 def flash(message: str) -> None:

@@ -11,11 +11,15 @@ import streamlit as st
 from moe_core.store.files import RunError
 from moe_core.store.manifest import default_runs_root
 from moe_core.store.run import Run
+from ui.messages import md_escape
 
 RUN_KEY = "run_path"  # session_state: absolute path of the open run (or absent); not a widget key
+# session_state: the ?run= a link named that does not exist (kept until a run is opened)
+MISSING_KEY = "missing_run"
 
 
 PICKER_KEY = "run_picker"  # the sidebar's run selectbox (a widget's state is per page in a pages/ app:
+#                            the picker is re-seeded from RUN_KEY on every page, never the other way round)
 
 
 # -- runs -------------------------------------------------------------------------------------
@@ -38,10 +42,11 @@ def require_run(what: str = "this page") -> Run:
     """The open run; without one, say how to get one and stop the page here."""
     run = current_run()
     if run is None:
-        st.info(
-            f"No run is open. Create one in the sidebar (**New run**) or pick an existing one to use {what}.",
-            icon=":material/folder_open:",
-        )
+        if not st.session_state.get(MISSING_KEY):  # else the page already says which run is missing
+            st.info(
+                f"No run is open. Create one in the sidebar (**New run**) or pick an existing one to use {what}.",
+                icon=":material/folder_open:",
+            )
         st.stop()
     return run  # type: ignore[return-value]
 
@@ -66,19 +71,17 @@ def resolve_run_ref(ref: str) -> str | None:
     ref = (ref or "").strip()
     if not ref:
         return None
-    for candidate in (runs_root() / ref, Path(ref).expanduser()):
-        if "/" in ref and candidate == runs_root() / ref:
-            continue  # a path is never looked up under the runs root
-        try:
-            return str(Run.open(candidate).path)
-        except (RunError, OSError, ValueError):
-            continue
-    return None
+    candidate = Path(ref).expanduser() if "/" in ref else runs_root() / ref  # a path, or an id under the root
+    try:
+        return str(Run.open(candidate).path)
+    except (RunError, OSError, ValueError):
+        return None
 
 
 def open_run(path: str | Path) -> None:
     """Make ``path`` the open run: the session and the URL (so a reload or a shared link keeps it)."""
     st.session_state[RUN_KEY] = str(path)
+    st.session_state.pop(MISSING_KEY, None)
     st.query_params[RUN_PARAM] = run_ref(path)
 
 
@@ -91,22 +94,42 @@ def _run_picked() -> None:
 
 def sync_run_with_url(paths: list[str]) -> None:
     """Before the run picker is drawn: the URL's ``?run=`` wins (a reload, back/forward, a shared link);
-    without one the session's run (or the newest) opens and is written into the URL."""
+    without one the session's run (or the newest) opens and is written into the URL.
+
+    A ``?run=`` naming no run opens none (never another run in its place: the user would read the wrong
+    run's results as the one asked for); ``missing_run_notice`` says so until a run is picked."""
     wanted = st.query_params.get(RUN_PARAM)
     if wanted:
         path = resolve_run_ref(wanted)
         if path is None:
-            st.session_state["sidebar_error"] = (
-                f"The link names run {wanted!r}, which is not under "
-                f"{runs_root()}: showing another run instead."
-            )
-        elif path != st.session_state.get(RUN_KEY):
+            st.session_state[MISSING_KEY] = wanted
+            st.session_state.pop(RUN_KEY, None)
+            return
+        st.session_state.pop(MISSING_KEY, None)
+        if path != st.session_state.get(RUN_KEY):
             st.session_state[RUN_KEY] = path
-    if not st.session_state.get(RUN_KEY) and paths:
+    if not st.session_state.get(RUN_KEY) and paths and not st.session_state.get(MISSING_KEY):
         st.session_state[RUN_KEY] = paths[0]  # no run asked for: the newest
     current = st.session_state.get(RUN_KEY)
     if current and st.query_params.get(RUN_PARAM) != run_ref(current):
         st.query_params[RUN_PARAM] = run_ref(current)
+
+
+def missing_run_notice(any_runs: bool) -> None:
+    """In the page's main area: the run a link asked for does not exist, and how to open one instead."""
+    wanted = st.session_state.get(MISSING_KEY)
+    if not wanted:
+        return
+    how = (
+        "Pick a run in the sidebar's **Run** list, or create one under **New run**."
+        if any_runs
+        else "There are no runs yet: create one under **New run** in the sidebar, or start the demo on Home."
+    )
+    st.error(
+        f"**No run named “{md_escape(wanted)}” exists** under `{runs_root()}`: the link may be mistyped, or "
+        f"the run was deleted or moved. No other run was opened in its place. {how}",
+        icon=":material/folder_off:",
+    )
 
 
 def model_info(run: Run) -> dict[str, Any]:
@@ -127,3 +150,23 @@ def grid_shape(run: Run, table: pd.DataFrame) -> tuple[int, int]:
 def mask_names(run: Run) -> list[str]:
     d = run.path / "masks"
     return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
+
+
+def training_names(run: Run) -> set[str]:
+    """Names of the run's trainings, finished or not (what a new training's name must not repeat)."""
+    d = run.path / "train"
+    return (
+        {p.name.removeprefix(".").removesuffix(".partial") for p in d.iterdir() if p.is_dir()}
+        if d.is_dir()
+        else set()
+    )
+
+
+def pick_newest(key: str, newest: Any, names: list[str], newest_name: str) -> None:
+    """Select ``newest`` in the widget ``key`` when ``newest_name`` appeared since the page last drew (among
+    ``names``): a training or an evaluation that just finished is what the page shows, not the one before."""
+    seen_key = f"{key}::seen"
+    seen = st.session_state.get(seen_key)
+    if seen is not None and newest_name not in seen:
+        st.session_state[key] = newest
+    st.session_state[seen_key] = list(names)

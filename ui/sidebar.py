@@ -18,6 +18,7 @@ from ui.runs import (
     RUN_PARAM,
     _run_picked,
     current_run,
+    missing_run_notice,
     model_info,
     open_run,
     runs_root,
@@ -46,7 +47,8 @@ def setup(title: str = "MoE Safety Lab", sidebar_state: str = "auto") -> Run | N
         layout="wide",
         initial_sidebar_state=sidebar_state,
     )
-    sidebar()
+    any_runs = sidebar()
+    missing_run_notice(any_runs)
     return current_run()
 
 
@@ -73,8 +75,9 @@ def _open_by_path() -> None:
     open_run(run.path)
 
 
-def sidebar() -> None:
-    """Navigation, run picker (synced with ``?run=``), the run's model, the device, new/open run."""
+def sidebar() -> bool:
+    """Navigation, run picker (synced with ``?run=``), the run's model, the device, new/open run;
+    True when there is any run to pick."""
     from moe_core.store.manifest import list_runs
 
     runs = [r for r in list_runs(runs_root()) if not r.error]
@@ -100,7 +103,12 @@ def sidebar() -> None:
         if paths:
             st.session_state[PICKER_KEY] = st.session_state.get(RUN_KEY)
             st.selectbox(
-                "Run", paths, key=PICKER_KEY, format_func=lambda p: labels.get(p, p), on_change=_run_picked
+                "Run",
+                paths,
+                key=PICKER_KEY,
+                format_func=lambda p: labels.get(p, p),
+                on_change=_run_picked,
+                placeholder="Pick a run",
             )
         else:
             st.info(f"No runs yet under `{runs_root()}`. Create one below or run the demo on Home.")
@@ -127,3 +135,4 @@ def sidebar() -> None:
         err = st.session_state.pop("sidebar_error", None)
         if err:
             st.error(err)
+    return bool(paths)

@@ -15,6 +15,7 @@ dicts with safe_routings/unsafe_routings) for users porting notebooks.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -31,7 +32,7 @@ from moe_core.judge.judges import DEFAULT_JUDGE, make_judge
 from moe_core.judge.verdicts import RefusalJudge
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.backends import route_generated
-from moe_core.model.generation import MAX_NEW_TOKENS, fit_context, use_chat_template_kwargs
+from moe_core.model.generation import MAX_NEW_TOKENS, fit_context, generation_ticks, use_chat_template_kwargs
 from moe_core.model.routing import (
     SPAN_GENERATED,
     SPAN_PROMPT,
@@ -308,7 +309,10 @@ def run_analysis(
         if should_stop and should_stop():
             run.set_step("analysis", "stopped", done=len(done), total=total)
             raise JobStopped(f"stopped after {len(done)} of {total} batches; resume to continue")
-        samples, outputs, table = analyse_batch(model, tokenizer, batch, config, judge, adapter, generator)
+        with generation_ticks(_batch_ticks(progress, len(done), total, batch)):  # progress inside a batch
+            samples, outputs, table = analyse_batch(
+                model, tokenizer, batch, config, judge, adapter, generator
+            )
         # Order matters for resume: outputs (the completion marker) is written last.
         b = batch.batch_idx
         meta = {
@@ -334,6 +338,21 @@ def run_analysis(
     result = finalize_analysis(run)
     run.set_step("analysis", "done", batches=total, dropped=result.dropped)
     return result
+
+
+def _batch_ticks(
+    progress: Progress | None, done: int, total: int, batch: Batch
+) -> Callable[[int, int], None]:
+    """A generation tick that says how far the current batch is (at most once a second)."""
+    last = [0.0]
+
+    def tick(new: int, most: int) -> None:
+        now = time.monotonic()
+        if progress is not None and (now - last[0] >= 1.0 or new == 1):
+            last[0] = now
+            progress(done, total, f"batch {batch.batch_idx}: {new}/{most} new tokens ({batch.size} prompts)")
+
+    return tick
 
 
 def finalize_analysis(run: Run) -> AnalysisResult:

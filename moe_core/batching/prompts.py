@@ -22,7 +22,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -128,6 +128,34 @@ def _format_for(name: str | None, fmt: str | None, data: bytes | None = None) ->
     )
 
 
+WHAT_TO_LOAD = "use a CSV, JSON, JSONL, Parquet or .txt file of prompts (one prompt per row)"
+
+
+def _check_readable(data: bytes, fmt: str, where: str) -> None:
+    """An empty, binary or non-UTF-8 file is named in plain words with what to do, before a parser
+    answers with its own terms ("No columns to parse from file", "'utf-8' codec can't decode...")."""
+    if not data.strip():
+        raise PromptLoadError(f"{where} is empty: {WHAT_TO_LOAD}")
+    if fmt == "parquet":
+        return
+    head = data[:8192]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise PromptLoadError(
+            f"{where} is UTF-16 text: save it as UTF-8 (e.g. 'CSV UTF-8' in Excel) and load it again"
+        )
+    controls = sum(1 for b in head if b < 32 and b not in b"\t\n\r\f\v")
+    if b"\x00" in head or controls * 20 > len(head):
+        raise PromptLoadError(f"{where} is not a text file (it looks binary): {WHAT_TO_LOAD}")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PromptLoadError(
+            f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line} is not UTF-8): save the "
+            "file as UTF-8 (e.g. 'CSV UTF-8' in Excel) and load it again"
+        ) from None
+
+
 def _jsonl_rows(data: bytes, where: str) -> list:
     """One JSON value per line; a broken line is named by its own number (not "line 1" of that line)."""
     rows = []
@@ -146,6 +174,7 @@ def _jsonl_rows(data: bytes, where: str) -> list:
 def _frame_from_bytes(data: bytes, fmt: str, where: str):
     import pandas as pd
 
+    _check_readable(data, fmt, where)
     try:
         if fmt in ("csv", "tsv"):
             return pd.read_csv(io.BytesIO(data), sep="\t" if fmt == "tsv" else ",")
@@ -285,6 +314,16 @@ def _scalar(v: Any) -> Any:
     return str(v)
 
 
+@dataclass(frozen=True)
+class LoadedPrompts:
+    """What ``load_prompt_set`` read: the items, and how many rows it skipped for an empty prompt (the
+    app says so on the page: a count only in the log is a row silently lost)."""
+
+    items: list[PromptItem]
+    skipped: int
+    column: str
+
+
 def load_prompts(
     source: Source,
     *,
@@ -301,9 +340,27 @@ def load_prompts(
     ``column`` picks the prompt column (else auto-detected, see module doc). ``label`` is the
     set's label for every item. ``name`` names an upload (its suffix tells the format) and the
     items' ``source``; ids are ``{source}:{row}`` with the row number in the file. Rows whose
-    prompt is empty or missing are dropped (count logged); ``limit`` keeps the first N after that.
-    ``split``/``config`` go to ``datasets.load_dataset`` for a dataset name.
+    prompt is empty or missing are dropped (count logged; ``load_prompt_set`` returns it);
+    ``limit`` keeps the first N after that. ``split``/``config`` go to ``datasets.load_dataset``
+    for a dataset name.
     """
+    return load_prompt_set(
+        source, column=column, label=label, limit=limit, format=format, split=split, config=config, name=name
+    ).items
+
+
+def load_prompt_set(
+    source: Source,
+    *,
+    column: str | None = None,
+    label: Label,
+    limit: int | None = None,
+    format: str | None = None,
+    split: str | None = None,
+    config: str | None = None,
+    name: str | None = None,
+) -> LoadedPrompts:
+    """``load_prompts`` with the count of rows skipped for an empty prompt (see ``LoadedPrompts``)."""
     if label not in LABELS:
         raise PromptError(f"label must be one of {LABELS}, got {label!r}")
     if limit is not None and limit < 1:
@@ -320,18 +377,26 @@ def load_prompts(
             )
     elif column not in cols:
         raise PromptLoadError(f"{src}: column {column!r} not found; columns are {cols}")
-    cat_col = _pick(cols, CATEGORY_COLUMNS)
-    tgt_col = _pick(cols, TARGET_COLUMNS)
-    meta_cols = [c for c in cols if c not in (column, cat_col, tgt_col) and c and not c.startswith("Unnamed")]
-    items: list[PromptItem] = []
-    dropped = 0
     records = df.to_dict("records")
+    _check_text_column(records, column, src)
+    items, dropped = _items(records, cols, column, label, src, limit)
+    if dropped:
+        log.warning("%s: dropped %d row(s) with an empty or missing '%s'", src, dropped, column)
+    if not items:
+        raise PromptLoadError(
+            f"{src}: no prompts in column {column!r} ({len(df)} rows, all empty or missing)"
+        )
+    return LoadedPrompts(items, dropped, column)
+
+
+def _check_text_column(records: list[dict[str, Any]], column: str, src: str) -> None:
+    """123, True, a list or a struct is no prompt: a str() of it would be used as one."""
     not_text = [
         (row, type(raw).__name__)
         for row, rec in enumerate(records)
         if (raw := rec.get(column)) is not None and not isinstance(raw, str) and _scalar(raw) is not None
     ]
-    if not_text:  # 123, True, a list or a struct is no prompt: a str() of it would be used as one
+    if not_text:
         rows = ", ".join(f"row {r} ({kind})" for r, kind in not_text[:5]) + (
             " ..." if len(not_text) > 5 else ""
         )
@@ -339,6 +404,17 @@ def load_prompts(
             f"{src}: column {column!r} must hold text, but {len(not_text)} row(s) hold something else: {rows}; "
             "fix those rows or pick the column that holds the prompts"
         )
+
+
+def _items(
+    records: list[dict[str, Any]], cols: list[str], column: str, label: Label, src: str, limit: int | None
+) -> tuple[list[PromptItem], int]:
+    """(items, rows dropped for an empty prompt) of a table's records; the first ``limit`` items at most."""
+    cat_col = _pick(cols, CATEGORY_COLUMNS)
+    tgt_col = _pick(cols, TARGET_COLUMNS)
+    meta_cols = [c for c in cols if c not in (column, cat_col, tgt_col) and c and not c.startswith("Unnamed")]
+    items: list[PromptItem] = []
+    dropped = 0
     for row, rec in enumerate(records):
         text = _scalar(rec.get(column))
         text = str(text).strip() if text is not None else ""
@@ -361,13 +437,7 @@ def load_prompts(
         )
         if limit is not None and len(items) >= limit:
             break
-    if dropped:
-        log.warning("%s: dropped %d row(s) with an empty or missing '%s'", src, dropped, column)
-    if not items:
-        raise PromptLoadError(
-            f"{src}: no prompts in column {column!r} ({len(df)} rows, all empty or missing)"
-        )
-    return items
+    return items, dropped
 
 
 # --------------------------------------------------------------------------------------------

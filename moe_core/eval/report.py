@@ -12,6 +12,7 @@ selection study, job launches); no model is loaded. Nothing here imports Streaml
 from __future__ import annotations
 
 import datetime as _dt
+import html
 import json
 import shlex
 from pathlib import Path
@@ -34,6 +35,7 @@ from moe_core.eval.study_summary import (
     per_seed,
     reference_study,
 )
+from moe_core.model.loading import ORGANISM
 from moe_core.store.atomic import atomic_write_text
 from moe_core.store.files import read_json, read_parquet
 from moe_core.store.jobs import list_jobs
@@ -53,7 +55,7 @@ SAFE_UNSAFE = (
 
 
 def _esc(x: Any) -> str:
-    return _esc(str(x))
+    return html.escape(str(x))
 
 
 def _table(df: pd.DataFrame, index: bool = False, digits: int = 3) -> str:
@@ -257,11 +259,40 @@ def _study_section(run: Run) -> tuple[str, str] | None:
     )
 
 
+def model_words(run: Run) -> str:
+    """The run's model as a reader knows it: ``organism`` (or none named, which the analysis reads as
+    the organism) is the built-in model organism, never "organism" or "null"."""
+    model = run.manifest.get("model")
+    if model == ORGANISM:
+        return "the built-in organism"
+    if not model:
+        return "the built-in organism (the default: the run names no model)"
+    return str(model)
+
+
+def made_steps(run: Run) -> list[str]:
+    """What the run holds, in words: its saved batch plan and every step its manifest records."""
+    out = ["the batch plan"] if run.path_for("plan").is_file() else []
+    return out + [f"{name} ({status})" for name, status in run.status().items()]
+
+
+def _no_commands(run: Run) -> str:
+    """Why the report shows no command lines: none was recorded (steps made in the app or by the library)."""
+    steps = made_steps(run)
+    if not steps:
+        return "<p>Nothing has been made in this run yet, so there is no command to reproduce.</p>"
+    return (
+        f"<p>This run holds {_esc(', '.join(steps))}. Their commands were not recorded: they were made "
+        "in the app or by the library directly, not by a launched job, so there is no command line to "
+        "repeat here.</p>"
+    )
+
+
 def _settings_section(run: Run) -> tuple[str, str]:
     settings = {
         "run": run.id,
         "name": run.name,
-        "model": run.manifest.get("model"),
+        "model": model_words(run),
         "created": run.manifest.get("created"),
         **{f"config.{k}": v for k, v in (run.manifest.get("config") or {}).items()},
     }
@@ -280,11 +311,7 @@ def _settings_section(run: Run) -> tuple[str, str]:
                 }
             )
         )
-        + (
-            "<pre>" + _esc("\n".join(cmds)) + "</pre>"
-            if cmds
-            else "<p>No jobs were launched in this run (it was built by the library directly).</p>"
-        ),
+        + ("<pre>" + _esc("\n".join(cmds)) + "</pre>" if cmds else _no_commands(run)),
     )
 
 

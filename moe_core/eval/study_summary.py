@@ -193,3 +193,25 @@ def reference_report(evaluation: pd.DataFrame, model: str) -> str | None:
     if len(mine):
         lines.append("This demo is one seed: " + where_seed_falls(float(mine["value"].iloc[0]), results))
     return "\n".join(lines)
+
+
+def demo_headline(evaluation: pd.DataFrame, chosen: str) -> str | None:
+    """One line for the end of a demo: the chosen experts' jailbreak compliance and over-refusal beside the
+    base model and the baselines (from an evaluation's summary; None when the chosen model is not in it)."""
+    head = (
+        evaluation[evaluation["metric"].notna()] if "metric" in evaluation.columns else evaluation.iloc[0:0]
+    )
+    rate = head.pivot_table(index="model", columns="metric", values="value")
+    if chosen not in rate.index or "jailbreak_compliance" not in rate.columns:
+        return None
+    c = rate.loc[chosen]
+    beside = [
+        f"{label} {rate.loc[m, 'jailbreak_compliance']:.2f}" for m, label in DEMO_BASELINES if m in rate.index
+    ]
+    text = f"Chosen experts: jailbreak compliance {c['jailbreak_compliance']:.2f} (" + ", ".join(beside) + ")"
+    if "over_refusal" in rate.columns and "base" in rate.index:
+        text += f"; over-refusal {rate.loc['base', 'over_refusal']:.2f} -> {c['over_refusal']:.2f}"
+    return text + ". One seed: the result across seeds is below."
+
+
+DEMO_BASELINES = (("base", "base model"), ("random_experts", "random experts"), ("full", "full fine-tuning"))

@@ -8,11 +8,14 @@ what "the model's answer" and "its tokens" are. Routing capture wraps this same 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from moe_core.errors import MoELabError
 
@@ -168,6 +171,31 @@ def fit_context(model: Any, tokenizer: Any, messages_list: Sequence[Messages], m
     return capped
 
 
+_TICK: ContextVar[Callable[[int, int], None] | None] = ContextVar("generation_tick", default=None)
+
+
+@contextmanager
+def generation_ticks(tick: Callable[[int, int], None]) -> Iterator[None]:
+    """Within the block every HF generation calls ``tick(new tokens so far, max new tokens)`` after each step:
+    progress inside one batch (a long prompt or a long answer is not a silent minute)."""
+    token = _TICK.set(tick)
+    try:
+        yield
+    finally:
+        _TICK.reset(token)
+
+
+class _Ticks(StoppingCriteria):
+    """Never stops generation; reports each step to the block's ``generation_ticks`` callback."""
+
+    def __init__(self, tick: Callable[[int, int], None], prompt_len: int, total: int) -> None:
+        self.tick, self.prompt_len, self.total = tick, prompt_len, total
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        self.tick(int(input_ids.shape[1]) - self.prompt_len, self.total)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_batch(
     model: Any,
@@ -194,14 +222,16 @@ def generate_batch(
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, messages_list, device)
     eos = _eos_ids(model, tokenizer)
+    tick = _TICK.get()
+    plen = enc["input_ids"].shape[1]
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=sorted(eos) or None,
+        stopping_criteria=StoppingCriteriaList([_Ticks(tick, plen, max_new_tokens)]) if tick else None,
     )
-    plen = enc["input_ids"].shape[1]
     results = []
     for i in range(len(messages_list)):
         mask = enc["attention_mask"][i].bool()

@@ -53,6 +53,7 @@ class JobInfo:
     log_tail: str = ""  # last lines of job.log
     log_path: Path | None = None  # full log
     process_alive: bool = False  # the launched process still runs (it may run several jobs in turn)
+    stopping: bool = False  # a stop was asked and the job still runs: it stops after its current unit
 
     @property
     def active(self) -> bool:
@@ -217,6 +218,7 @@ def read_job(run: Run | str | Path, name: str, log_lines: int = 30) -> JobInfo:
         log_tail=log_tail(log_path, log_lines),
         log_path=log_path if log_path.exists() else None,
         process_alive=alive,
+        stopping=state in ACTIVE_STATES and (job_dir / "STOP").is_file(),
     )
 
 
