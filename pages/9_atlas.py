@@ -73,11 +73,14 @@ tab_card, tab_search, tab_map, tab_all = st.tabs(["Expert card", "Search", "Map"
 # -- one expert -------------------------------------------------------------------------------------
 with tab_card:
     a, b = st.columns(2)
-    for name, top in (("atlas_layer", n_layers - 1), ("atlas_expert", n_experts - 1)):
-        st.session_state[name] = min(
-            max(int(st.session_state.get(name, 0)), 0), top
-        )  # a link may point past it
-    layer = a.number_input("Layer", 0, n_layers - 1, key="atlas_layer")
+    if st.session_state.get("atlas_layer") not in meta["moe_layers"]:  # a link may name a layer it lacks
+        st.session_state["atlas_layer"] = meta["moe_layers"][0]
+    st.session_state["atlas_expert"] = min(
+        max(int(st.session_state.get("atlas_expert", 0)), 0), n_experts - 1
+    )
+    layer = a.selectbox(
+        "Layer", meta["moe_layers"], key="atlas_layer", help="the model's decoder layer index"
+    )
     expert = b.number_input("Expert", 0, n_experts - 1, key="atlas_expert")
     card = atlas.card(int(layer), int(expert), tokenizer)
     s = card["stats"]
@@ -115,7 +118,8 @@ with tab_card:
             st.markdown(f"**Fires with ({what})**")
             target = int(layer) if key == "coactive_same_layer" else card["next_layer"]
             links = [f"[{p['expert']}]({expert_link(target, p['expert'])}) ({p['n']})" for p in card[key]]
-            st.markdown(", ".join(links) or "-")
+            last = key == "coactive_next_layer" and card["next_layer"] is None
+            st.markdown("none: the last MoE layer" if last else ", ".join(links) or "none")
     if len(card["risk_series"]):
         st.markdown("**Risk difference batch by batch**")
         st.line_chart(card["risk_series"], x="batch_idx", y="risk_diff", height=180)

@@ -369,6 +369,22 @@ def test_present_and_the_exported_report_opens_offline(server, playwright_sync):
         offline.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
         assert offline.locator(".js-plotly-plot").count() >= 2
         offline.screenshot(path=str(SHOTS / "13_report.png"), full_page=True)
+        # issue 20 row 12: on a 400 px phone the report fits (tables scroll in their box) and no legend
+        # sits over its figure's title
+        phone = browser.new_context(offline=True, viewport={"width": 400, "height": 900}).new_page()
+        phone.goto(report.as_uri(), wait_until="load")
+        phone.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
+        time.sleep(1.0)
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 402
+        overlaps = phone.evaluate(
+            """() => [...document.querySelectorAll('.js-plotly-plot')].filter(gd => {
+                 const t = gd.querySelector('.gtitle'), l = gd.querySelector('.legend');
+                 if (!t || !l) return false;
+                 const a = t.getBoundingClientRect(), b = l.getBoundingClientRect();
+                 return !(a.right < b.left || b.right < a.left || a.bottom < b.top || b.bottom < a.top); }).length"""
+        )
+        assert overlaps == 0
+        phone.screenshot(path=str(SHOTS / "13_report_400px.png"), full_page=True)
 
 
 def test_home_ticks_off_demo_stages_live(server, playwright_sync):

@@ -59,18 +59,29 @@ def _esc(x: Any) -> str:
 
 
 def _table(df: pd.DataFrame, index: bool = False, digits: int = 3) -> str:
-    return df.to_html(
+    """A table that scrolls sideways inside its own box on a narrow screen (the page never does)."""
+    html_table = df.to_html(
         index=index, float_format=lambda v: f"{v:.{digits}f}", border=0, classes="t", escape=True
     )
+    return f"<div class='scroll'>{html_table}</div>"
 
 
 def _figure(fig: go.Figure, name: str) -> str:
     """A figure as a div (plotly.js is in the page once); its camera icon saves an SVG."""
+    fig = go.Figure(fig)  # a copy: the legend goes under the plot, never over its title on a phone
+    fig.update_layout(
+        legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0), autosize=True
+    )
     return fig.to_html(
         full_html=False,
         include_plotlyjs=False,
         div_id=f"fig-{name}",
-        config={"displaylogo": False, "toImageButtonOptions": {"format": "svg", "filename": name}},
+        default_width="100%",
+        config={
+            "displaylogo": False,
+            "responsive": True,
+            "toImageButtonOptions": {"format": "svg", "filename": name},
+        },
     )
 
 
@@ -337,7 +348,10 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2rem auto
 h1{margin-bottom:.2rem} section{margin:2.2rem 0} table.t{border-collapse:collapse;font-size:.9rem}
 table.t td,table.t th{padding:.25rem .6rem;border-bottom:1px solid #e3e6ea;text-align:left}
 pre{white-space:pre-wrap;background:#f4f6f8;padding:.6rem;border-radius:6px}
-.pair{display:grid;grid-template-columns:1fr 1fr;gap:1rem} .muted{color:#6b7280}"""
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:1rem} .muted{color:#6b7280}
+.scroll{max-width:100%;overflow-x:auto} code{overflow-wrap:anywhere} .js-plotly-plot{max-width:100%}
+@media (max-width:640px){body{margin:1rem auto;padding:0 .6rem} .pair{grid-template-columns:1fr}
+h1{font-size:1.4rem} table.t{font-size:.8rem}}"""
 
 
 def build_report(run: Run) -> str:
