@@ -34,6 +34,7 @@ from moe_core.analysis.analyse import (
     run_analysis,
 )
 from moe_core.analysis.atlas import atlas_dir, build_atlas, writes_path
+from moe_core.analysis.atlas_query import add_present_expert, present_experts
 from moe_core.analysis.expert_writes import WRITES_BATCHES, expert_writes
 from moe_core.analysis.masks import (
     ExpertMask,
@@ -123,6 +124,8 @@ __all__ = [  # the specs (defined in moe_core.specs) and the steps: what README'
     "analysis_run",
     "analyse",
     "atlas",
+    "present_experts",
+    "add_present_expert",
     "select",
     "train",
     "eval_entries",

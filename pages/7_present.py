@@ -11,6 +11,8 @@ import numpy as np
 import streamlit as st
 
 import ui  # noqa: I001 - the shared page helpers (not a page)
+from moe_core import pipeline as P
+from moe_core.analysis.atlas_query import card_text
 from moe_core.analysis.risk import risk_matrix
 from moe_core.eval import charts
 from moe_core.eval.evaluation import list_evaluations, load_evaluation
@@ -186,6 +188,20 @@ if evals:
             config=ui.PLOT_EXPORT,
         )
         st.dataframe(interval_table(summary), width="stretch", key="pr_table")
+
+# -- experts up close (cards added from the expert atlas) ------------------------------------------------
+if P.present_experts(run):
+    header("Experts up close")
+    with ui.guard("The expert atlas cannot be read: "):
+        atlas = ui.atlas_for(run)
+        tok = ui.tokenizer_for(run.manifest.get("model") or "organism")
+        for layer, expert in P.present_experts(run):
+            st.code(card_text(atlas.card(layer, expert, tok)), language="text")
+            ui.link(
+                "atlas",
+                f"Layer {layer}, expert {expert} in the atlas",
+                extra={"layer": layer, "expert": expert},
+            )
 
 # -- 6. the selection study ------------------------------------------------------------------------------
 study = None

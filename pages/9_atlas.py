@@ -10,6 +10,7 @@ import streamlit as st
 
 import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core import jobs
+from moe_core import pipeline as P
 from moe_core.analysis.atlas import AtlasError
 from moe_core.pipeline import AtlasSpec
 from moe_core.store.jobs import read_job
@@ -83,6 +84,19 @@ with tab_card:
     )
     expert = b.number_input("Expert", 0, n_experts - 1, key="atlas_expert")
     card = atlas.card(int(layer), int(expert), tokenizer)
+    shown = (int(layer), int(expert)) in P.present_experts(run)
+    if st.button(
+        "Remove from the Present story" if shown else "Add to the Present story",
+        icon=":material/slideshow:",
+        key="atlas_present",
+        help="the Present page and the exported report show this expert's card",
+    ):
+        with ui.guard("Not changed: "):
+            P.add_present_expert(run, int(layer), int(expert), keep=not shown)
+            ui.flash(
+                f"Expert {expert} of layer {layer} {'removed from' if shown else 'added to'} the Present story."
+            )
+            st.rerun()
     s = card["stats"]
     m = st.columns(4)
     m[0].metric("On safe tokens", f"{s['safe_rate']:.1%}", help=f"{s['safe_n']:,} routed safe tokens")

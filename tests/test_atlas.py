@@ -172,3 +172,24 @@ def test_what_an_expert_writes_is_its_mean_output_through_the_unembedding(run):
     got = table[(table["layer"] == layer) & (table["expert"] == e)].sort_values("rank")["token_id"].tolist()
     assert got == expected
     assert main(["atlas", "--run", str(run.path), "--layer", str(layer), "--expert", str(e)]) == 0
+
+
+def test_an_expert_card_goes_into_the_present_story_and_the_report(run, monkeypatch):
+    from moe_core.eval.report import build_report
+    from tests.test_app import no_exceptions, open_app
+
+    monkeypatch.setenv("MOE_LAB_RUNS", str(run.path.parent))
+    build_atlas(run)
+    at = open_app(run, "atlas")
+    layer, expert = at.selectbox(key="atlas_layer").value, at.number_input(key="atlas_expert").value
+    next(b for b in at.button if b.key == "atlas_present").click().run()
+    no_exceptions(at)
+    assert P.present_experts(run) == [(layer, expert)]
+    assert next(b for b in at.button if b.key == "atlas_present").label == "Remove from the Present story"
+    at.switch_page("pages/7_present.py").run()
+    no_exceptions(at)
+    assert any(f"expert {expert} of layer {layer}" in c.value for c in at.code)
+    html = build_report(run)
+    assert "Experts up close" in html and f"expert {expert} of layer {layer}" in html
+    P.add_present_expert(run, layer, expert, keep=False)
+    assert P.present_experts(run) == [] and "Experts up close" not in build_report(run)

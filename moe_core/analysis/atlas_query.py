@@ -22,6 +22,7 @@ import pandas as pd
 from moe_core.analysis.analyse import SCOPE_SPAN
 from moe_core.analysis.atlas import INDEX_FILES, AtlasError, atlas_dir, writes_path
 from moe_core.model.routing import load_batch_routing
+from moe_core.store.atomic import atomic_write_json
 from moe_core.store.files import read_json, read_parquet
 from moe_core.store.run import Run
 
@@ -217,6 +218,19 @@ class Atlas:
         u, s, _ = np.linalg.svd(X, full_matrices=False)
         xy = u[:, :2] * s[:2] if s.size >= 2 else np.zeros((len(experts), 2))
         return experts.assign(x=xy[:, 0], y=xy[:, 1])
+
+
+def present_experts(run: Run) -> list[tuple[int, int]]:
+    """The (layer, expert) cards a researcher added to the run's Present story and report (atlas page)."""
+    path = run.path / "present.draft.json"
+    return [(int(a), int(b)) for a, b in read_json(path).get("experts", [])] if path.is_file() else []
+
+
+def add_present_expert(run: Run, layer: int, expert: int, keep: bool = True) -> list[tuple[int, int]]:
+    """Add (``keep``) or remove an expert card of the Present story; draft area, no writer lease."""
+    now = [p for p in present_experts(run) if p != (layer, expert)] + ([(layer, expert)] if keep else [])
+    atomic_write_json(run.path / "present.draft.json", {"experts": [list(p) for p in now[-12:]]})
+    return now[-12:]
 
 
 def _partners(row: np.ndarray, self_index: int | None, top: int) -> list[dict[str, int]]:

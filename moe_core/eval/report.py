@@ -21,6 +21,8 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from moe_core.analysis.atlas import AtlasError
+from moe_core.analysis.atlas_query import Atlas, card_text, present_experts
 from moe_core.analysis.masks import ExpertMask
 from moe_core.analysis.risk import risk_matrix
 from moe_core.batching.plan import load_plan
@@ -35,7 +37,7 @@ from moe_core.eval.study_summary import (
     per_seed,
     reference_study,
 )
-from moe_core.model.loading import ORGANISM
+from moe_core.model.loading import ORGANISM, load_tokenizer_of
 from moe_core.store.atomic import atomic_write_text
 from moe_core.store.files import read_json, read_parquet
 from moe_core.store.jobs import list_jobs
@@ -256,6 +258,22 @@ def _reference_section(run: Run) -> tuple[str, str] | None:
     )
 
 
+def _experts_up_close_section(run: Run) -> tuple[str, str] | None:
+    """The expert cards a researcher added from the atlas (``pipeline.present_experts``), as text."""
+    pairs = present_experts(run)
+    if not pairs:
+        return None
+    try:
+        atlas = Atlas.open(run)
+    except AtlasError:
+        return None
+    tok = load_tokenizer_of(run)
+    cards = "".join(
+        f"<pre>{_esc(card_text(atlas.card(layer, expert, tok)))}</pre>" for layer, expert in pairs
+    )
+    return ("Experts up close", "<p>Cards from the expert atlas: the whole run, one expert each.</p>" + cards)
+
+
 def _study_section(run: Run) -> tuple[str, str] | None:
 
     study = load_study(run, STUDY_NAME)
@@ -335,6 +353,7 @@ def sections(run: Run) -> list[tuple[str, str]]:
         _training_section,
         _evaluation_section,
         _reference_section,
+        _experts_up_close_section,
         _study_section,
     ):
         part = section(run)
