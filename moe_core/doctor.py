@@ -40,7 +40,7 @@ from moe_core.model.routing import load_batch_routing
 from moe_core.pipeline import AnalyseSpec, compose
 from moe_core.store.atomic import finish_commits
 from moe_core.store.events import INTERRUPTED, step_status
-from moe_core.store.files import RunError, read_json, write_parquet
+from moe_core.store.files import RunError, listed, read_json, write_parquet
 from moe_core.store.integrity import check_json, check_parquet
 from moe_core.store.lease import LEASE, holder
 from moe_core.store.provenance import plan_fingerprint, recorded
@@ -165,7 +165,7 @@ def _files(run: Run) -> list[Finding]:
         found.append(
             Finding("plan.json", "missing while batches were analysed", "restore it, or start a new run")
         )
-    for p in _own((run.path / "masks").glob("*.json")):
+    for p in _own(listed(run.path / "masks")):
         try:
             is_batches = "batches" in json.loads(p.read_text(encoding="utf-8"))
             load_batch_masks(p) if is_batches else ExpertMask.load(p)

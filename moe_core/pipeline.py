@@ -18,6 +18,7 @@ Steps take ``progress(done, total, message)`` and ``should_stop()`` callables, n
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -89,7 +90,7 @@ from moe_core.specs import (  # the face: a page or script builds a spec and run
     command_of,
     to_argv,
 )
-from moe_core.store.atomic import atomic_write, atomic_write_bytes, atomic_write_json
+from moe_core.store.atomic import atomic_write, atomic_write_bytes, atomic_write_json, commit_files
 from moe_core.store.checks import (
     check_free,
     json_object,
@@ -311,11 +312,17 @@ def select(spec: SelectSpec, run: Run) -> ExpertMask | dict[int, ExpertMask]:
         raise MaskError(
             "every selected expert was toggled off by hand: toggle one back on or change the rule"
         )
-    mask.save(run.path_for("mask", name=spec.name))
+    files = {run.path_for("mask", name=spec.name): mask}
     if spec.random_baseline:
         rnd = random_like(mask, spec.seed, exclude=mask)
         rnd.meta["baseline_for"] = spec.name
-        rnd.save(baseline)
+        files[baseline] = rnd
+    commit_files(  # the mask and its random baseline are one set: a kill leaves both old or both new
+        {
+            path: (lambda tmp, m=m: tmp.write_text(json.dumps(m.to_json_dict(), indent=2) + "\n"))
+            for path, m in files.items()
+        }
+    )
     run.set_step(f"select:{spec.name}", "done", settings=spec_fingerprint(spec))
     return mask
 

@@ -110,3 +110,33 @@ def test_r12_links_out_of_a_run_are_refused_named_and_a_linked_leftover_is_remov
     assert (outside / "keep" / "precious.txt").read_text() == "not the run's"  # the link went, not its target
     assert not repaired["masks/linked.json"].repaired  # named with its fix, never said to be repaired
     assert [f.path for f in diagnose(run)] == ["masks/linked.json"]  # what remains is said again, truthfully
+
+
+def test_a_mask_and_its_random_baseline_are_one_set(tmp_path, monkeypatch):
+    """A kill between the two renames of `select --random-baseline` (simulated as in row 6) leaves the new pair
+    readable as a whole; the previous pair stays whole when the kill comes before the commit point."""
+    from moe_core import pipeline as P
+    from moe_core.analysis.masks import ExpertMask
+    from tests.app_fixtures import build_risk_only_run
+
+    run = build_risk_only_run(tmp_path, n_batches=4)
+    P.select(P.SelectSpec(n=4, random_baseline=True), run)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        if Path(src).parent.name.startswith(".txn-") and Path(dst).parent.name == "masks":
+            if calls:
+                raise SystemExit("killed")
+            calls.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(SystemExit):
+        P.select(P.SelectSpec(n=6, random_baseline=True, overwrite=True), run)
+    monkeypatch.undo()
+    found = {f.path for f in diagnose(run)}
+    assert found == {"masks"}  # the cut commit, named
+    diagnose(run, repair=True)
+    chosen = ExpertMask.load(run.path_for("mask", name="unsafe_experts"))
+    baseline = ExpertMask.load(run.path_for("mask", name="unsafe_experts_random"))
+    assert chosen.count() == baseline.count() == 6  # both new, never one old and one new

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from moe_core.store.files import RunError
+from moe_core.store.files import RunError, listed
 from moe_core.store.manifest import default_runs_root
 from moe_core.store.run import Run
 from ui.messages import md_escape
@@ -149,7 +149,7 @@ def grid_shape(run: Run, table: pd.DataFrame) -> tuple[int, int]:
 
 def mask_names(run: Run) -> list[str]:
     d = run.path / "masks"
-    return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
+    return [p.stem for p in listed(d)]
 
 
 def training_names(run: Run) -> set[str]:

@@ -36,7 +36,7 @@ from pydantic import (
 
 from moe_core.errors import MoELabError, describe_validation_error
 from moe_core.store.atomic import atomic_write_json
-from moe_core.store.files import read_json
+from moe_core.store.files import listed, read_json
 from moe_core.store.provenance import model_info_of
 
 MASK_FORMAT = "moe-safety-lab/expert-mask@1"
@@ -350,7 +350,7 @@ def load_run_masks(run: Any, name: str, per_batch: bool) -> Any:
 
     path = run.path_for("mask", name=name)
     if not path.exists():
-        have = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.exists() else []
+        have = [p.stem for p in listed(path.parent)]
         raise MaskError(
             f"run {run.id} has no mask named {name!r} (masks: {have or 'none'}); "
             "run `python -m moe_core select` first"

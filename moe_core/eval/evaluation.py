@@ -60,7 +60,7 @@ from moe_core.model.backends import check_backend, open_backend
 from moe_core.model.generation import MAX_NEW_TOKENS, use_chat_template_kwargs
 from moe_core.store.atomic import atomic_write_json, commit_files, committed
 from moe_core.store.checks import check_free
-from moe_core.store.files import read_json, read_parquet, write_parquet
+from moe_core.store.files import listed, read_json, read_parquet, write_parquet
 from moe_core.store.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -519,7 +519,7 @@ def list_evaluations(run: Run) -> list[str]:
     d = run.path_for("eval")
     if not d.is_dir():
         return []
-    names = {p.stem for p in d.glob("*.json")} | {
+    names = {p.stem for p in listed(d)} | {
         Path(n).stem for j in d.glob(".txn-*.json") for n in (read_json(j) or {}).get("files", ())
     }
     found = [committed(d / f"{n}.json") for n in names if not n.startswith(".")]

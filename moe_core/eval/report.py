@@ -39,7 +39,7 @@ from moe_core.eval.study_summary import (
 )
 from moe_core.model.loading import ORGANISM, load_tokenizer_of
 from moe_core.store.atomic import atomic_write_text
-from moe_core.store.files import read_json, read_parquet
+from moe_core.store.files import listed, read_json, read_parquet
 from moe_core.store.jobs import list_jobs
 from moe_core.store.provenance import model_info_of
 from moe_core.store.run import Run
@@ -91,7 +91,7 @@ def chosen_mask(run: Run):
     """The run's main expert mask (``unsafe_experts`` if present, else the first global one), or None."""
 
     d = run.path / "masks"
-    files = sorted(d.glob("*.json")) if d.is_dir() else []
+    files = listed(d)
     files.sort(key=lambda p: (p.stem != "unsafe_experts", "random" in p.stem, p.stem))
     for p in files:
         try:

@@ -43,6 +43,13 @@ def os_error_message(e: OSError) -> str | None:
     return None
 
 
+def listed(folder: str | Path, pattern: str = "*.json") -> list[Path]:
+    """The artifacts of a run folder matching ``pattern``, sorted: hidden names (temp files, a commit's
+    journal and stage) are never artifacts."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob(pattern) if not p.name.startswith(".")) if folder.is_dir() else []
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_json(path, obj)
 
