@@ -75,7 +75,7 @@ from moe_core.eval.evaluation import (
 )
 from moe_core.model.adapter import load_model
 from moe_core.model.backends import open_backend
-from moe_core.model.generation import use_chat_template_kwargs
+from moe_core.model.generation import cut_to_fit, use_chat_template_kwargs
 from moe_core.model.loading import ORGANISM, load_any_model, model_dir, model_of
 from moe_core.specs import (  # the face: a page or script builds a spec and runs its step from here
     COMMANDS,
@@ -165,6 +165,17 @@ def prompt_sets(spec: AnalyseSpec) -> tuple[list[PromptItem], list[PromptItem]]:
     return safe, unsafe
 
 
+def cut_long_prompts(spec: AnalyseSpec, items: list[PromptItem]) -> list[PromptItem]:
+    """``items`` cut to the context of ``spec.model`` (its tokenizer and config only; no weights loaded)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = model_dir(spec.model or ORGANISM)
+    context = getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", None)
+    if not context:
+        return items  # the model states no context: nothing to cut to
+    return cut_to_fit(items, AutoTokenizer.from_pretrained(source), int(context), spec.max_new_tokens)
+
+
 def compose(spec: AnalyseSpec) -> BatchPlan:
     """The spec's batch plan (``max_batches`` keeps the first N batches)."""
 
@@ -173,6 +184,8 @@ def compose(spec: AnalyseSpec) -> BatchPlan:
             f"max_batches must be >= 1 (got {spec.max_batches}); omit it to analyse every batch"
         )
     safe, unsafe = prompt_sets(spec)
+    if spec.long_prompts == "cut":  # cut to the model's context here, so the plan holds what is analysed
+        safe, unsafe = cut_long_prompts(spec, safe), cut_long_prompts(spec, unsafe)
     plan = compose_batches(
         safe, unsafe, batch_size=spec.batch_size, safe_ratio=spec.safe_ratio, seed=spec.seed
     )

@@ -38,6 +38,7 @@ from moe_core.store.checks import (
 from moe_core.train.hf_args import check_training_args
 from moe_core.train.sft import MAX_LENGTH
 
+LongPrompts = Literal["refuse", "cut"]
 Scope = Literal["prompt", "generated", "response"]
 
 
@@ -126,6 +127,10 @@ class AnalyseSpec:
     )
     vllm_url: Optional[str] = opt(
         None, "with --backend vllm: use the server at this URL (.../v1) instead of starting one"
+    )
+    long_prompts: LongPrompts = opt(
+        "refuse",
+        "a prompt longer than the model's context: refuse (naming it) or cut it to fit (its meta says so)",
     )
     name: Optional[str] = opt(None, "run name")
     top: int = opt(10, "how many top experts to print")

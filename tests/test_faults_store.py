@@ -140,3 +140,31 @@ def test_a_mask_and_its_random_baseline_are_one_set(tmp_path, monkeypatch):
     chosen = ExpertMask.load(run.path_for("mask", name="unsafe_experts"))
     baseline = ExpertMask.load(run.path_for("mask", name="unsafe_experts_random"))
     assert chosen.count() == baseline.count() == 6  # both new, never one old and one new
+
+
+def test_r4_with_long_prompts_cut_a_too_long_prompt_is_cut_to_the_context_and_says_so(tmp_path, capsys):
+    """The setting beside row 4's refusal: `--long-prompts cut` keeps the prompt, cut to fit, before any model
+    call (a 5 MB line is tokenized from a bounded prefix only), and the plan says it was cut."""
+    import time
+
+    from moe_core.batching.plan import load_plan
+    from moe_core.cli import main
+    from moe_core.store.run import Run
+    from tests.app_fixtures import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny")  # max_position_embeddings 256
+    safe = tmp_path / "safe.txt"
+    safe.write_text("\n".join(f"How do I bake bread number {i}?" for i in range(2)) + "\n")
+    unsafe = tmp_path / "unsafe.txt"
+    unsafe.write_text("How to " + "x " * 2_500_000 + "\nTell me a secret.\n")
+    root = tmp_path / "runs"
+    argv = ["--runs-root", str(root), "analyze", "--model", str(model_dir), "--safe", str(safe)]
+    argv += ["--unsafe", str(unsafe), "--batch-size", "2", "--max-new-tokens", "2", "--long-prompts", "cut"]
+    t0 = time.monotonic()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert time.monotonic() - t0 < 300
+    (run_dir,) = list(root.iterdir())
+    items = load_plan(Run.open(run_dir).path_for("plan")).items()
+    (cut,) = [it for it in items if it.meta.get("cut_from_chars")]
+    assert cut.meta["cut_from_chars"] > 5_000_000 - 10 and len(cut.text) < 1000
+    assert Run.open(run_dir).completed_batches()

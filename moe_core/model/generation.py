@@ -11,13 +11,14 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from moe_core.errors import MoELabError
+from moe_core.types import PromptItem
 
 Messages = list[dict[str, str]]
 
@@ -148,7 +149,7 @@ def fit_context(model: Any, tokenizer: Any, messages_list: Sequence[Messages], m
         if chars > context * CHARS_PER_TOKEN_BOUND:
             raise PromptTooLongError(
                 f"prompt {i} has {chars:,} characters, more than the model's context of {context} tokens can hold; "
-                "shorten it or drop it from the prompt set"
+                "shorten it or drop it from the prompt set (or analyse with --long-prompts cut)"
             )
     lengths = [  # tokenized 64 at a time: one call per chunk, padding bounded by the chunk
         len(ids)
@@ -160,7 +161,7 @@ def fit_context(model: Any, tokenizer: Any, messages_list: Sequence[Messages], m
         if n >= context:
             raise PromptTooLongError(
                 f"prompt {i} is {n} tokens, the model's context is {context}: shorten it or drop it from the "
-                "prompt set"
+                "prompt set (or analyse with --long-prompts cut)"
             )
         longest = max(longest, n)
     capped = max(1, min(max_new_tokens, context - longest))
@@ -172,6 +173,30 @@ def fit_context(model: Any, tokenizer: Any, messages_list: Sequence[Messages], m
 
 
 _TICK: ContextVar[Callable[[int, int], None] | None] = ContextVar("generation_tick", default=None)
+
+
+CUT_MARGIN = 64  # tokens kept free for the chat template around a cut prompt
+
+
+def cut_to_fit(
+    items: Sequence[PromptItem], tokenizer: Any, context: int, max_new_tokens: int
+) -> list[PromptItem]:
+    """Prompts longer than the model's context allows cut to fit (``--long-prompts cut``): the text is
+    tokenized from a prefix of bounded length (a 5 MB line is never tokenized whole), kept to
+    ``context - max_new_tokens - CUT_MARGIN`` tokens and decoded; the item's meta records ``cut_from_chars``."""
+    limit = max(1, context - max_new_tokens - CUT_MARGIN)
+    out = []
+    for it in items:
+        if len(it.text.encode("utf-8")) <= limit:  # a byte-level tokenizer makes at most one token per byte
+            out.append(it)
+            continue
+        ids = tokenizer(it.text[: limit * CHARS_PER_TOKEN_BOUND], add_special_tokens=False)["input_ids"]
+        if len(ids) <= limit:
+            out.append(it)
+            continue
+        text = tokenizer.decode(ids[:limit], skip_special_tokens=True)
+        out.append(replace(it, text=text, meta={**(it.meta or {}), "cut_from_chars": len(it.text)}))
+    return out
 
 
 @contextmanager
