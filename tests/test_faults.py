@@ -603,6 +603,7 @@ def test_runs_page_names_damaged_files_and_repairs_them(tmp_path, reference, mon
 def test_analysis_page_resumes_a_local_model_run_with_that_model(tmp_path, models, prompts, monkeypatch):
     """The page relaunched runs made with a local model as `--model organism`; now the run's model is fixed."""
     from moe_core import jobs
+    from moe_core.analysis.analyse import analysis_config_of
     from tests.test_app import button, no_exceptions, open_app
 
     monkeypatch.setenv("MOE_LAB_RUNS", str(tmp_path / "runs"))
@@ -614,8 +615,8 @@ def test_analysis_page_resumes_a_local_model_run_with_that_model(tmp_path, model
     assert not [
         r for r in at.radio if r.key == "an_model_kind"
     ]  # no model choice for a run with finished batches
-    at.number_input(key="an_max_new").set_value(8)
-    at.run()
+    box = at.number_input(key="an_max_new")  # the run's recorded setting, fixed for a resume (issue 20 row 8)
+    assert box.disabled and box.value == analysis_config_of(Run.open(run_dir)).max_new_tokens
     button(at, "Resume analysis").click()
     at.run()
     no_exceptions(at)

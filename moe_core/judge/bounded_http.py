@@ -26,10 +26,12 @@ except ImportError:  # pragma: no cover - depends on the installed openai
     import httpcore  # type: ignore[no-redef]
     import httpx  # type: ignore[no-redef]
 
+from moe_core.errors import MoELabError  # noqa: E402 - after the optional import above
+
 _deadline = threading.local()  # the deadline of the request this thread is sending or reading
 
 
-class ResponseTooLarge(httpx.TransportError):
+class ResponseTooLarge(MoELabError, httpx.TransportError):
     """The body went past the cap; the connection is closed and the request fails (never half-read)."""
 
 
