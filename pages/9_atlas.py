@@ -69,6 +69,26 @@ def sample_link(c: dict) -> str:
     )
 
 
+HEADERS = {  # readable headers of the atlas's expert tables
+    "open": st.column_config.LinkColumn("Card", display_text="open"),
+    "rate": st.column_config.NumberColumn("Share of its occurrences", format="%.2f"),
+    "risk_diff": st.column_config.NumberColumn("Risk difference", format="%+.3f"),
+    "rank_by_risk": st.column_config.NumberColumn("Rank by risk"),
+    "safe_rate": st.column_config.NumberColumn("Rate on safe", format="%.3f"),
+    "unsafe_rate": st.column_config.NumberColumn("Rate on unsafe", format="%.3f"),
+    "mean_weight": st.column_config.NumberColumn("Mean router weight", format="%.3f"),
+    "share_of_tokens": st.column_config.NumberColumn("Share of routing", format="%.3f"),
+}
+
+
+def experts_table(df: pd.DataFrame, key: str) -> None:
+    """Experts, each with a link to its card."""
+    df = df.assign(open=[expert_link(r.layer, r.expert) for r in df.itertuples()])
+    st.dataframe(
+        df, hide_index=True, key=key, column_config={c: v for c, v in HEADERS.items() if c in df.columns}
+    )
+
+
 tab_card, tab_search, tab_map, tab_all = st.tabs(["Expert card", "Search", "Map", "All experts"])
 
 # -- one expert -------------------------------------------------------------------------------------
@@ -154,18 +174,7 @@ with tab_search:
             if hits.empty:
                 st.info("No expert in the atlas saw these tokens.")
             else:
-                hits["open"] = [expert_link(r.layer, r.expert) for r in hits.itertuples()]
-                st.dataframe(
-                    hits,
-                    hide_index=True,
-                    key="atlas_hits",
-                    column_config={
-                        "open": st.column_config.LinkColumn("Card", display_text="open"),
-                        "rate": st.column_config.NumberColumn("Share of its occurrences", format="%.2f"),
-                        "risk_diff": st.column_config.NumberColumn("Risk difference", format="%+.3f"),
-                        "rank_by_risk": st.column_config.NumberColumn("Rank by risk"),
-                    },
-                )
+                experts_table(hits, "atlas_hits")
 
 # -- map --------------------------------------------------------------------------------------------
 with tab_map:
@@ -201,27 +210,8 @@ with tab_map:
         chosen = points[points["x"].between(x0, x1) & points["y"].between(y0, y1)][["layer", "expert"]]
     if len(chosen):
         chosen = chosen.merge(points, on=["layer", "expert"]).sort_values("risk_diff", ascending=False)
-        chosen["open"] = [expert_link(r.layer, r.expert) for r in chosen.itertuples()]
-        st.dataframe(
-            chosen[["layer", "expert", "risk_diff", "open"]],
-            hide_index=True,
-            key="atlas_picked",
-            column_config={"open": st.column_config.LinkColumn("Card", display_text="open")},
-        )
+        experts_table(chosen[["layer", "expert", "risk_diff"]], "atlas_picked")
 
 # -- every expert ----------------------------------------------------------------------------------
 with tab_all:
-    table = experts.assign(open=[expert_link(r.layer, r.expert) for r in experts.itertuples()])
-    st.dataframe(
-        table.sort_values("risk_diff", ascending=False),
-        hide_index=True,
-        key="atlas_all",
-        column_config={
-            "open": st.column_config.LinkColumn("Card", display_text="open"),
-            "safe_rate": st.column_config.NumberColumn("Rate on safe", format="%.3f"),
-            "unsafe_rate": st.column_config.NumberColumn("Rate on unsafe", format="%.3f"),
-            "risk_diff": st.column_config.NumberColumn("Risk difference", format="%+.3f"),
-            "mean_weight": st.column_config.NumberColumn("Mean router weight", format="%.3f"),
-            "share_of_tokens": st.column_config.NumberColumn("Share of routing", format="%.3f"),
-        },
-    )
+    experts_table(experts.sort_values("risk_diff", ascending=False), "atlas_all")

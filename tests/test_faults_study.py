@@ -47,6 +47,19 @@ def _spec(tiny_dir: Path, **over) -> P.StudySpec:
     return P.StudySpec(**{**base, **over})
 
 
+def _kill_when(proc: subprocess.Popen, ready) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` (polled), within a deadline; it must still be running then."""
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
 def _files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
@@ -92,17 +105,9 @@ def test_r1_a_study_killed_after_an_arm_leaves_one_consistent_set_and_resumes(tm
     argv += ["--no_steering", "--no_full", "--eval_limit", "2", "--max_new_tokens", "2", "--max_batches", "1"]
     argv += ["--epochs", "1"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "settings.json").exists() and read_json(out / "settings.json")["arms"] >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
+    _kill_when(
+        proc, lambda: (out / "settings.json").exists() and read_json(out / "settings.json")["arms"] >= 2
+    )
     settings = read_json(out / "settings.json")
     results, summary = load_study(run, "sA")
     assert settings["complete"] is False and settings["arms"] == len(results) >= 2
@@ -123,19 +128,13 @@ def test_r13_a_demo_killed_during_training_resumes_at_its_first_unfinished_stage
     flags += ["--n", "2", "--epochs", "2", "--eval-limit", "2"]
     argv = [sys.executable, "-m", "moe_core", "--runs-root", str(root), "demo", *flags]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            manifests = list(root.glob("*/manifest.json"))
-            steps = read_json(manifests[0]).get("steps", {}) if manifests else {}
-            if steps.get("train:experts-unsafe_experts", {}).get("status") == "running":
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
+
+    def training() -> bool:
+        manifests = list(root.glob("*/manifest.json"))
+        steps = read_json(manifests[0]).get("steps", {}) if manifests else {}
+        return steps.get("train:experts-unsafe_experts", {}).get("status") == "running"
+
+    _kill_when(proc, training)
     (run_dir,) = list(root.iterdir())
     mask = run_dir / "masks" / "unsafe_experts.json"
     before = mask.stat().st_mtime_ns
