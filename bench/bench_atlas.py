@@ -47,7 +47,7 @@ def synthetic_run(root: Path, shape: tuple[int, int, int, int], tokens: int, see
     rng = np.random.default_rng(seed)
     run = Run.create(root, name=f"atlas-bench-{E}x{L}")
     run.set_step("analysis", "done", config=dataclasses.asdict(AnalysisConfig(scope="prompt")))
-    hot = rng.choice(E, size=(L, 4), replace=False) if E >= 4 else np.zeros((L, 1), int)
+    hot = np.stack([rng.choice(E, size=min(4, E), replace=False) for _ in range(L)])
     for b in range(max(1, tokens // (SAMPLES * LENGTH))):
         samples, outputs = [], []
         for i in range(SAMPLES):
