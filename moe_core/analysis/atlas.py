@@ -166,18 +166,17 @@ def _top_contexts(
 
 
 def _coactivation(ids: np.ndarray, E: int) -> np.ndarray:
-    """[2, L, E, E] counts of tokens routed to both experts: [0] within a layer, [1] MoE layer row l -> row l+1."""
-    L, N, _ = ids.shape
+    """[2, L, E, E] counts of tokens routed to both experts: [0] within a layer, [1] MoE layer row l -> row l+1.
+
+    One ``bincount`` of (expert, expert) pair codes per layer: k x k pairs per token, no E x E matmul."""
+    L, N, k = ids.shape
     out = np.zeros((2, L, E, E), np.int64)
-    rows = np.arange(N)[:, None]
-    prev = None
     for layer in range(L):
-        onehot = np.zeros((N, E), np.float32)
-        onehot[rows, ids[layer]] = 1.0
-        out[0, layer] = np.rint(onehot.T @ onehot)
-        if prev is not None:
-            out[1, layer - 1] = np.rint(prev.T @ onehot)
-        prev = onehot
+        a = ids[layer]
+        out[0, layer] = np.bincount((a[:, :, None] * E + a[:, None, :]).ravel(), minlength=E * E).reshape(E, E)
+        if layer + 1 < L:
+            b = ids[layer + 1]
+            out[1, layer] = np.bincount((a[:, :, None] * E + b[:, None, :]).ravel(), minlength=E * E).reshape(E, E)
     return out
 
 
