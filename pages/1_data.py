@@ -311,7 +311,11 @@ with st.container(border=True):
         st.caption(f"Each batch: {n_s} safe then {n_u} unsafe items.")
     ready = bool(safe) and bool(unsafe)
     if st.button("Compose batches", type="primary", disabled=not ready, icon=":material/view_module:"):
-        with ui.guard("Cannot compose: "):
+        n_items = len(safe or []) + len(unsafe or [])
+        with (
+            ui.guard("Cannot compose: "),
+            st.spinner(f"Composing batches from {n_items:,} prompts...", show_time=True),
+        ):
             plan = bp.compose_batches(
                 safe or [],
                 unsafe or [],
