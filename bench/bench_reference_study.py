@@ -42,6 +42,7 @@ def promote(run_dir: str, name: str) -> int:
             shutil.copy2(out / f, Path(tmp) / f)
         shutil.rmtree(REFERENCE_DIR, ignore_errors=True)
         shutil.copytree(tmp, REFERENCE_DIR)
+        REFERENCE_DIR.chmod(0o755)  # mkdtemp made the copy's folder private
     print(
         f"reference study <- {out}\n\n{across_seed_headline(read_parquet(REFERENCE_DIR / 'results.parquet'))}"
     )
