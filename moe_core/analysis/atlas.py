@@ -173,10 +173,14 @@ def _coactivation(ids: np.ndarray, E: int) -> np.ndarray:
     out = np.zeros((2, L, E, E), np.int64)
     for layer in range(L):
         a = ids[layer]
-        out[0, layer] = np.bincount((a[:, :, None] * E + a[:, None, :]).ravel(), minlength=E * E).reshape(E, E)
+        out[0, layer] = np.bincount((a[:, :, None] * E + a[:, None, :]).ravel(), minlength=E * E).reshape(
+            E, E
+        )
         if layer + 1 < L:
             b = ids[layer + 1]
-            out[1, layer] = np.bincount((a[:, :, None] * E + b[:, None, :]).ravel(), minlength=E * E).reshape(E, E)
+            out[1, layer] = np.bincount((a[:, :, None] * E + b[:, None, :]).ravel(), minlength=E * E).reshape(
+                E, E
+            )
     return out
 
 
