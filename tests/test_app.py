@@ -1180,7 +1180,7 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
     )
     at = open_app()
     no_exceptions(at)
-    names = {t["name"] for spec in plotly_specs(at) for t in spec["data"]}
+    names = {t.get("name") for spec in plotly_specs(at) for t in spec["data"]}
     assert {"chosen", "random", "random_layer"} <= names
     table = [d.value for d in at.dataframe if "jailbreak_compliance" in d.value.columns]
     assert table and set(table[0]["method"]) == {"base", "chosen", "random", "random_layer", "full"}

@@ -368,7 +368,7 @@ h1{margin-bottom:.2rem} section{margin:2.2rem 0} table.t{border-collapse:collaps
 table.t td,table.t th{padding:.25rem .6rem;border-bottom:1px solid #e3e6ea;text-align:left}
 pre{white-space:pre-wrap;background:#f4f6f8;padding:.6rem;border-radius:6px}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:1rem} .muted{color:#6b7280}
-.scroll{max-width:100%;overflow-x:auto} code{overflow-wrap:anywhere} .js-plotly-plot{max-width:100%}
+.scroll{max-width:100%;overflow-x:auto} p,code,pre{overflow-wrap:anywhere} .js-plotly-plot{max-width:100%}
 @media (max-width:640px){body{margin:1rem auto;padding:0 .6rem} .pair{grid-template-columns:1fr}
 h1{font-size:1.4rem} table.t{font-size:.8rem}}"""
 
