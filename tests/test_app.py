@@ -83,15 +83,6 @@ def lab(tmp_path_factory):
     return tmp / "runs", model_dir, run
 
 
-@pytest.fixture
-def runs_root(tmp_path, monkeypatch):
-    """An empty runs root the app uses (MOE_LAB_RUNS)."""
-    root = tmp_path / "runs"
-    root.mkdir()
-    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
-    return root
-
-
 def open_app(run: Run | None = None, page: str | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=90)
     if run is not None:

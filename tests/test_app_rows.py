@@ -22,15 +22,6 @@ from ui.messages import md_escape
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
 
 
-@pytest.fixture
-def runs_root(tmp_path, monkeypatch):
-    """An empty runs root the app uses (MOE_LAB_RUNS)."""
-    root = tmp_path / "runs"
-    root.mkdir()
-    monkeypatch.setenv("MOE_LAB_RUNS", str(root))
-    return root
-
-
 def risk_run(root, name: str = "risky") -> Run:
     """A small run with a saved plan, per-batch risk files and both risk tables (no model needed)."""
     run = build_risk_only_run(root, n_batches=2, num_layers=2, num_experts=8, top_k=2, tokens=40)
