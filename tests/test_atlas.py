@@ -83,6 +83,27 @@ def test_the_index_equals_a_brute_force_count_of_the_routing_files(run):
     assert card["risk_series"]["batch_idx"].tolist() == [0, 1, 2]
 
 
+def test_the_token_tables_equal_a_brute_force_ranking_ties_included(run):
+    """Each expert's top tokens and each token's top experts (counts, the ranking, ties to the smaller id,
+    each token's total) as a pandas group-by over every routing entry gives them."""
+    from moe_core.analysis.atlas_tokens import TOKEN_EXPERTS, TOP_TOKENS
+
+    build_atlas(run)
+    index = atlas_dir(run) / "index"
+    n = _entries(run).groupby(["layer", "expert", "token_id"]).size().rename("n").reset_index()
+    top = n.sort_values(["layer", "expert", "n", "token_id"], ascending=[True, True, False, True])
+    top = top.groupby(["layer", "expert"]).head(TOP_TOKENS).reset_index(drop=True)
+    keys = ["layer", "expert", "token_id", "n"]
+    got = pd.read_parquet(index / "tokens.parquet")[keys].sort_values(keys[:3]).reset_index(drop=True)
+    assert got.astype("int64").equals(top.sort_values(keys[:3]).reset_index(drop=True).astype("int64"))
+    n["token_n"] = n.groupby(["layer", "token_id"])["n"].transform("sum")
+    best = n.sort_values(["layer", "token_id", "n", "expert"], ascending=[True, True, False, True])
+    best = best.groupby(["layer", "token_id"]).head(TOKEN_EXPERTS)
+    cols = ["layer", "token_id", "expert", "n", "token_n"]
+    got = pd.read_parquet(index / "token_experts.parquet")[cols].sort_values(cols[:3]).reset_index(drop=True)
+    assert got.astype("int64").equals(best[cols].sort_values(cols[:3]).reset_index(drop=True).astype("int64"))
+
+
 def test_the_index_resumes_by_shard_and_grows_with_new_batches(run):
     meta = build_atlas(run)
     before = pd.read_parquet(atlas_dir(run) / "index" / "experts.parquet")

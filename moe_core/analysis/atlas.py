@@ -4,8 +4,9 @@ Why: a researcher asking "what does expert 7 of layer 3 do?" needs the whole run
 analysis batch becomes a shard (``atlas/shards/<batch>/``: per-expert counts and router weights on safe
 and unsafe tokens, (expert, token) counts, the batch's top contexts per expert, co-activation matrices),
 computed with array operations and written whole; shards of batches already indexed are kept, so the
-index is resumable and grows with the run. The shards are then merged with DuckDB (in-process, within a
-memory limit) into ``atlas/index/``, swapped in as one folder. Memory is bounded by one batch and the
+index is resumable and grows with the run. The shards are then merged into ``atlas/index/`` (DuckDB,
+in-process within a memory limit, for the per-expert tables; dense counts a few layers at a time for the
+token tables: ``analysis.atlas_tokens``), swapped in as one folder. Memory is bounded by one batch and the
 merge's limit, whatever the run's size. Reading (``analysis.atlas_query``) needs no lease.
 
     build_atlas(run)                     # python -m moe_core atlas --run R (pipeline.atlas holds the lease)
@@ -23,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from moe_core.analysis.analyse import SCOPE_SPAN, analysis_config_of
+from moe_core.analysis.atlas_tokens import TOKEN_BITS, TOKENS_SCHEMA, merge_tokens, write_by_layer
 from moe_core.errors import MoELabError
 from moe_core.model.routing import BatchRouting, load_batch_routing
 from moe_core.store.atomic import atomic_dir, atomic_write_json
@@ -33,9 +36,6 @@ from moe_core.store.run import Run
 from moe_core.types import Progress
 
 TOP_CONTEXTS = 8  # per expert: the routed tokens with the highest router weight
-TOP_TOKENS = 32  # per expert: the tokens routed to it most often
-TOKEN_EXPERTS = 16  # per (layer, token): the experts it is routed to most often (the search)
-TOKEN_BITS = 24  # (layer * experts + expert) << TOKEN_BITS | token: one int64 key per routing entry
 WORKERS = 2  # batches indexed at once
 MERGE_MEMORY = "1GB"  # DuckDB's memory limit while merging the shards (it spills to disk beyond it)
 INDEX_FILES = ("experts.parquet", "tokens.parquet", "token_experts.parquet", "contexts.parquet", "coact.npy")
@@ -83,8 +83,7 @@ def batch_shard(
     layer_of = np.asarray(routing.moe_layers, np.int32)  # row -> decoder layer (the index every table uses)
     le = ids + (np.arange(L) * E)[:, None, None]  # [L, N, k] flat (row, expert)
     flat = le.ravel()
-    per_token = np.broadcast_to(unsafe[None, :, None], le.shape).ravel()
-    n_unsafe = np.rint(np.bincount(flat, weights=per_token, minlength=L * E)).astype(np.int64)
+    n_unsafe = np.bincount(le[:, unsafe].ravel(), minlength=L * E)
     n_all = np.bincount(flat, minlength=L * E)
     w_sum = np.bincount(flat, weights=weights.ravel(), minlength=L * E) if has_w else np.zeros(L * E)
     experts = pd.DataFrame(
@@ -97,14 +96,15 @@ def batch_shard(
         }
     )
     keys, counts = np.unique((le << TOKEN_BITS | tokens[None, :, None]).ravel(), return_counts=True)
-    tok = pd.DataFrame(
+    tok = pa.table(  # sorted by (layer, expert, token): np.unique sorts its keys
         {
             "layer": layer_of[(keys >> TOKEN_BITS) // E],
-            "expert": (keys >> TOKEN_BITS) % E,
-            "token_id": keys & ((1 << TOKEN_BITS) - 1),
-            "n": counts,
-        }
-    ).astype({"layer": np.int32, "expert": np.int32, "token_id": np.int32, "n": np.int64})
+            "expert": ((keys >> TOKEN_BITS) % E).astype(np.int32),
+            "token_id": (keys & ((1 << TOKEN_BITS) - 1)).astype(np.int32),
+            "n": counts.astype(np.int64),
+        },
+        schema=TOKENS_SCHEMA,
+    )
     return {
         "experts": experts,
         "tokens": tok,
@@ -132,16 +132,14 @@ def _top_contexts(
     """Per expert the ``TOP_CONTEXTS`` routing entries with the highest weight (without weights: the first).
 
     One sort of packed int64 keys (expert | 65535 - weight as float16 bits | entry), not a lexsort: the
-    float16 bit pattern of a weight in [0, 1] orders like the weight."""
+    float16 bit pattern of a weight in [0, 1] orders like the weight. Only the candidates are sorted."""
     L, N, k = le.shape
     flat = le.ravel()
-    token_of = np.broadcast_to(np.arange(N)[None, :, None], le.shape).ravel()
     w16 = (weights.ravel() if weights is not None else np.zeros(flat.size, np.float32)).astype(np.float16)
-    rank = 0xFFFF - w16.view(np.uint16).astype(np.int64)
+    cand = _candidates(flat, w16.view(np.uint16), L * E)
+    rank = 0xFFFF - w16.view(np.uint16)[cand].astype(np.int64)
     index_bits = max(1, int(flat.size - 1).bit_length())
-    packed = np.sort(
-        (flat.astype(np.int64) << (16 + index_bits)) | (rank << index_bits) | np.arange(flat.size)
-    )
+    packed = np.sort((flat[cand].astype(np.int64) << (16 + index_bits)) | (rank << index_bits) | cand)
     order = packed & ((1 << index_bits) - 1)
     grouped = packed >> (16 + index_bits)
     new_group = np.empty(grouped.size, bool)
@@ -150,7 +148,7 @@ def _top_contexts(
     place = np.arange(grouped.size) - np.repeat(starts, np.diff(np.append(starts, grouped.size)))
     keep = order[place < TOP_CONTEXTS]  # each expert's first TOP_CONTEXTS entries: its highest weights
     w = w16.astype(np.float32)
-    t = token_of[keep]
+    t = keep // k % N  # entry (layer, token, slot) -> its token
     return pd.DataFrame(
         {
             "layer": layer_of[flat[keep] // E],
@@ -165,17 +163,34 @@ def _top_contexts(
     )
 
 
+def _candidates(flat: np.ndarray, bits: np.ndarray, groups: int) -> np.ndarray:
+    """Entries that surely hold every group's ``TOP_CONTEXTS`` highest weights: those at or above the weight
+    of the ``4 * TOP_CONTEXTS * groups``-th highest entry, and every entry of a group with fewer above it.
+
+    Why: sorting a batch's every entry (3 million for Qwen3-30B-A3B) was the shard's largest cost."""
+    want = 4 * TOP_CONTEXTS * groups
+    if flat.size <= 2 * want:
+        return np.arange(flat.size)
+    above = bits >= np.partition(bits, flat.size - want)[flat.size - want]
+    short = np.bincount(flat[above], minlength=groups) < TOP_CONTEXTS
+    return np.flatnonzero(above | short[flat] if short.any() else above)
+
+
 def _coactivation(ids: np.ndarray, E: int) -> np.ndarray:
     """[2, L, E, E] counts of tokens routed to both experts: [0] within a layer, [1] MoE layer row l -> row l+1.
 
-    One ``bincount`` of (expert, expert) pair codes per layer: k x k pairs per token, no E x E matmul."""
+    One ``bincount`` of (expert, expert) pair codes per layer, no E x E matmul. Within a layer a token's
+    experts are distinct, so the k (k - 1) / 2 slot pairs i < j, mirrored, give the off-diagonal and the
+    per-expert counts the diagonal."""
     L, N, k = ids.shape
     out = np.zeros((2, L, E, E), np.int64)
+    i, j = np.triu_indices(k, 1)
+    diag = np.arange(E)
     for layer in range(L):
         a = ids[layer]
-        out[0, layer] = np.bincount((a[:, :, None] * E + a[:, None, :]).ravel(), minlength=E * E).reshape(
-            E, E
-        )
+        pairs = np.bincount((a[:, i] * E + a[:, j]).ravel(), minlength=E * E).reshape(E, E)
+        out[0, layer] = pairs + pairs.T
+        out[0, layer, diag, diag] = np.bincount(a.ravel(), minlength=E)
         if layer + 1 < L:
             b = ids[layer + 1]
             out[1, layer] = np.bincount((a[:, :, None] * E + b[:, None, :]).ravel(), minlength=E * E).reshape(
@@ -188,7 +203,7 @@ def _empty(L: int, E: int) -> dict[str, Any]:
     cols = {"layer": [], "expert": []}
     return {
         "experts": pd.DataFrame({**cols, "safe_n": [], "unsafe_n": [], "weight_sum": []}),
-        "tokens": pd.DataFrame({**cols, "token_id": [], "n": []}),
+        "tokens": TOKENS_SCHEMA.empty_table(),
         "contexts": pd.DataFrame(
             {
                 **cols,
@@ -209,8 +224,9 @@ def write_shard(path: Path, shard: dict[str, Any]) -> None:
     """A shard folder, whole or not at all."""
 
     def build(tmp: Path) -> None:
-        for name in ("experts", "tokens", "contexts"):
+        for name in ("experts", "contexts"):
             shard[name].to_parquet(tmp / f"{name}.parquet", index=False)
+        write_by_layer(shard["tokens"], tmp / "tokens.parquet")
         np.save(tmp / "coact.npy", shard["coact"])
         atomic_write_json(tmp / "totals.json", shard["totals"])  # last: a shard is read only when it is there
 
@@ -287,17 +303,11 @@ def merge_shards(root: Path, info: dict[str, Any]) -> dict[str, Any]:
         con.execute(f"""COPY (SELECT layer, expert, sum(safe_n)::BIGINT AS safe_n, sum(unsafe_n)::BIGINT AS unsafe_n,
             sum(weight_sum) AS weight_sum FROM {src("experts.parquet")} GROUP BY ALL ORDER BY layer, expert)
             TO '{tmp / "experts.parquet"}' (FORMAT parquet)""")
-        con.execute(f"""CREATE TEMP TABLE tok AS SELECT layer, expert, token_id, sum(n)::BIGINT AS n
-            FROM {src("tokens.parquet")} GROUP BY ALL""")
-        con.execute(f"""COPY (SELECT * FROM tok QUALIFY row_number() OVER (PARTITION BY layer, expert
-            ORDER BY n DESC, token_id) <= {TOP_TOKENS}) TO '{tmp / "tokens.parquet"}' (FORMAT parquet)""")
-        con.execute(f"""COPY (SELECT *, sum(n) OVER (PARTITION BY layer, token_id) AS token_n FROM tok
-            QUALIFY row_number() OVER (PARTITION BY layer, token_id ORDER BY n DESC, expert) <= {TOKEN_EXPERTS})
-            TO '{tmp / "token_experts.parquet"}' (FORMAT parquet)""")
         con.execute(f"""COPY (SELECT * FROM {src("contexts.parquet")} QUALIFY row_number() OVER
             (PARTITION BY layer, expert ORDER BY weight DESC, batch_idx, in_batch_idx, position) <= {TOP_CONTEXTS})
             TO '{tmp / "contexts.parquet"}' (FORMAT parquet)""")
         con.close()
+        merge_tokens(shards, info["moe_layers"], info["num_experts"], tmp, WORKERS)
         coact = None
         for p in shards:  # one shard's matrices in memory at a time
             m = np.load(p / "coact.npy")
