@@ -20,6 +20,7 @@ from moe_core.specs import Consistency
 from moe_core.store.checks import check_free
 from moe_core.store.jobs import job_events, loss_points, read_job
 from moe_core.train.hf_args import default_of, open_fields
+from moe_core.train.outputs import COMPARE_COLUMNS, training_outputs, trainings_table
 from moe_core.train.step import stage_of
 
 JOB = "train"
@@ -264,16 +265,7 @@ def _baseline(path) -> str:
 
 
 # -- results ---------------------------------------------------------------------------------------
-train_root = run.path / "train"
-outs = (
-    sorted(
-        (p for p in train_root.iterdir() if (p / "training_metadata.json").is_file()),
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
-    )
-    if train_root.is_dir()
-    else []
-)
+outs = training_outputs(run)  # newest first
 newest = outs[0] if outs else None
 # the chosen experts' training first (the demo also trains the random and full baselines after it)
 outs.sort(key=lambda p: 0 if p.name.startswith("experts") else 1)
@@ -325,3 +317,11 @@ if outs:  # ...but a training that finished since the page last drew is the one 
             for p in sorted(out.iterdir()):
                 st.markdown(f"- `{p}`")
         ui.link("evaluation", "Evaluate before vs after", ":material/arrow_forward:")
+    if len(outs) > 1:
+        with st.expander(f"Compare trainings ({len(outs)})", icon=":material/compare_arrows:"):
+            st.dataframe(
+                trainings_table(run).rename(columns=COMPARE_COLUMNS),
+                hide_index=True,
+                width="stretch",
+                key="tr_compare",
+            )

@@ -21,6 +21,7 @@ from moe_core.eval.audit import (
 )
 from moe_core.eval.evaluation import (
     check_evaluation_free,
+    compare_evaluations,
     list_evaluations,
     load_evaluation,
 )
@@ -173,6 +174,13 @@ st.plotly_chart(
 with ui.guard():
     st.caption("Each cell: the rate and its 95% Wilson interval [low, high] (the chart's whiskers).")
     st.dataframe(interval_table(summary), width="stretch", key="ev_table")
+
+if len(names) > 1:
+    with st.expander(f"Compare evaluations ({len(names)})", icon=":material/compare_arrows:"):
+        chosen = st.multiselect("Evaluations", names[::-1], default=names[::-1][:2], key="ev_compare")
+        with ui.guard("These evaluations cannot be compared: "):
+            if chosen:
+                st.dataframe(compare_evaluations(run, chosen), width="stretch", key="ev_compare_table")
 
 st.subheader("Answers side by side")
 c1, c2 = st.columns([1, 3])

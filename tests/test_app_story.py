@@ -288,3 +288,56 @@ def test_row4_a_reloaded_data_page_keeps_the_runs_uploaded_sources_and_never_inv
     assert victim not in {it.id for it in load_plan(run.path / "plan.draft.json").items()}  # the edit stands
     unused = [t for t in at.tabs if t.label.startswith("Unused prompts")]
     assert unused and "demo" not in " ".join(str(d.value) for d in at.dataframe)
+
+
+def _expander(at, label: str):
+    return next(e for e in at.expander if e.label.startswith(label))
+
+
+def test_named_trainings_and_evaluations_are_compared_side_by_side(lab, monkeypatch, tmp_path):
+    """Issue 20, "many trainings and evaluations per run": both pages list them in one comparison."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from moe_core.eval.evaluation import save_evaluation
+    from moe_core.train.outputs import trainings_table
+
+    _, _, finished = lab
+    run = Run.open(shutil.copytree(finished.path, tmp_path / "runs" / finished.path.name))
+    monkeypatch.setenv("MOE_LAB_RUNS", str(tmp_path / "runs"))
+    at = open_app(run, "training")
+    assert all("Compare trainings" not in e.label for e in at.expander)  # one training: nothing to compare
+    second = shutil.copytree(
+        run.path / "train" / "experts-unsafe_experts", run.path / "train" / "mine-lr0.003"
+    )
+    meta = json.loads((second / "training_metadata.json").read_text())
+    meta["args"]["learning_rate"] = 0.003
+    (second / "training_metadata.json").write_text(json.dumps(meta))
+    (run.path / "train" / "broken").mkdir()
+    (run.path / "train" / "broken" / "training_metadata.json").write_text("{not json")
+
+    table = trainings_table(run)
+    assert table["name"].tolist() == ["broken", "mine-lr0.003", "experts-unsafe_experts"]  # newest first
+    assert table.set_index("name").loc["mine-lr0.003", "learning_rate"] == 0.003
+    assert table.set_index("name").loc["experts-unsafe_experts", "learning_rate"] == 1e-3
+    assert table.set_index("name").loc["broken", "baseline"].startswith("damaged")
+    at.run()
+    no_exceptions(at)
+    shown = _expander(at, "Compare trainings").dataframe[0].value
+    assert {"Training", "Learning rate", "Final loss"} <= set(shown.columns)
+    assert set(shown["Training"]) == {"broken", "mine-lr0.003", "experts-unsafe_experts"}
+
+    at.switch_page("pages/6_evaluation.py").run()
+    first = at.selectbox(key="ev_pick").value
+    responses, summary = (
+        pd.read_parquet(run.path / "eval" / f"{first}_{k}.parquet") for k in ("responses", "summary")
+    )
+    save_evaluation(run, responses, summary.assign(value=summary["value"] / 2), name="second")
+    at.run()
+    no_exceptions(at)
+    compared = _expander(at, "Compare evaluations").dataframe[0].value
+    assert any(i.startswith("second · ") for i in compared.index)
+    assert any(i.startswith(f"{first} · ") for i in compared.index)
+    assert len(compared) == 2 * len(set(summary["model"]))

@@ -46,6 +46,7 @@ PAGES = [  # (screenshot name, url path, title the page shows)
     ("06_evaluation", "evaluation", "Evaluation"),
     ("07_present", "present", "Present"),
     ("08_runs", "runs", "Runs"),
+    ("09_atlas", "atlas", "Expert atlas"),
 ]
 RUNS: dict = {}  # "older" / "newest" fixture runs (filled by the server fixture)
 CHROMIUM_ARGS = [
@@ -641,6 +642,12 @@ def _walk_heatmaps_and_experts(w: Walk) -> None:
     w.wait_text("Tokens of batch 3 routed to layer 1, expert 5")
     w.check("batch bar click")
     w.shot("heatmaps")
+    w.page.set_viewport_size({"width": 400, "height": 900})  # a phone: columns stack, nothing runs off
+    w.reload("Heatmaps")
+    w.page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+    wide = w.page.evaluate("() => document.documentElement.scrollWidth")
+    assert wide <= 420, f"the Heatmaps page is {wide} px wide on a 400 px screen"
+    w.shot("heatmaps_400px")  # (back to 1440 px after the shot)
     w.open("Experts", "Experts")
     w.click_at(0, 6, 0)  # expert 6 of layer 0
     w.wait_text("See the tokens of layer 0, expert 6")
@@ -656,6 +663,9 @@ def _walk_heatmaps_and_experts(w: Walk) -> None:
     ).click()  # the clicked expert's tokens
     w.wait_text("Tokens of batch 0 routed to layer 0, expert 6", 60)
     w.check("an expert's tokens from the Experts page")
+    w.open("Experts", "Experts")
+    w.reload("Experts")  # the saved mask, hand toggle included, comes back
+    w.wait_text("L0E6")
 
 
 def _walk_train_evaluate(w: Walk) -> None:
@@ -668,6 +678,14 @@ def _walk_train_evaluate(w: Walk) -> None:
     w.page.get_by_role("heading", name="Results").wait_for(timeout=240_000)
     w.wait_text("Final loss")
     w.check("training results")
+    # a second training with other settings: a name of its own, picked when it ends, compared with the first
+    w.fill("Learning rate", "3e-3")
+    name = w.page.get_by_label("Training name", exact=True).input_value()
+    assert name and name != "experts-unsafe_experts", name
+    w.click("Start training")
+    w.wait_text("Training started")
+    w.wait_text("Compare trainings (2)", 240)
+    w.check("a second training")
     w.shot("training")
     w.open("Evaluation", "Evaluation")
     w.fill("Prompts per set (0 = all)", "2")
@@ -676,7 +694,49 @@ def _walk_train_evaluate(w: Walk) -> None:
     w.wait_text("Evaluation started")
     w.page.get_by_role("heading", name="Answers side by side").wait_for(timeout=240_000)
     w.check("evaluation results")
+    w.reload("Evaluation")
+    w.page.get_by_role("heading", name="Answers side by side").wait_for(timeout=60_000)
     w.shot("evaluation")
+
+
+def _walk_upload(w: Walk, runs_root: Path) -> None:
+    """Another new run from a labelled CSV (``text,label``, our own prompts) uploaded on both sides: each side
+    keeps its rows, batches are composed, and a reload keeps the run's prompt sets (issue 20, row 4)."""
+    from moe_core.batching.demo_prompts import demo_sets
+
+    page = w.page
+    safe, unsafe = demo_sets("train", mode="unpaired")
+    rows = [(it.text, "safe") for it in safe[:32]] + [(it.text, "unsafe") for it in unsafe[:32]]
+    csv = runs_root.parent / "labelled.csv"
+    csv.write_text(
+        "text,label\n" + "".join(f'"{t.replace(chr(34), chr(34) * 2)}",{lab}\n' for t, lab in rows)
+    )
+    page.goto(f"{w.url}/runs?run={w.run_id}", wait_until="domcontentloaded")
+    page.get_by_role("heading", name="Runs", exact=True).first.wait_for(timeout=60_000)
+    _wait_idle(page)
+    if not page.locator('[data-testid="stSidebar"]').get_by_text("New run", exact=True).is_visible():
+        page.locator('[data-testid="stExpandSidebarButton"]').click()  # Present folds the sidebar away
+    page.locator('[data-testid="stSidebar"]').get_by_text("New run", exact=True).click()
+    page.get_by_role("textbox", name="Name", exact=True).fill("upload walk")
+    w.click("Create run")
+    page.wait_for_url(re.compile(r"run=\d{8}-\d{6}-upload-walk"), timeout=30_000)
+    w.run_id = re.search(r"run=([^&]+)", page.url).group(1)
+    w.open("Data & batches", "Data & batches")
+    page.get_by_text("Upload files", exact=True).first.click()
+    uploads = page.locator('[data-testid="stFileUploader"] input[type="file"]')
+    uploads.first.wait_for(state="attached", timeout=30_000)
+    uploads.nth(0).set_input_files(str(csv))
+    w.wait_text("32 safe prompts")
+    uploads.nth(1).set_input_files(str(csv))
+    w.wait_text("32 unsafe prompts")
+    w.check("a labelled CSV on both sides")
+    w.click("Compose batches")
+    w.wait_text("Composed 4 batches of 16.")
+    w.check("compose the upload")
+    w.reload("Data & batches")
+    w.wait_text("32 safe and 32 unsafe prompts, kept with the run")
+    w.check("the uploaded sets after a reload")
+    w.shot("upload")
 
 
 def test_the_whole_story_in_a_real_browser(server, playwright_sync):
@@ -708,6 +768,7 @@ def test_the_whole_story_in_a_real_browser(server, playwright_sync):
         w.click("Export report")
         w.page.get_by_role("button", name="Download report.html").wait_for(timeout=60_000)
         w.check("present + export")
+        w.reload("Present")
         w.shot("present")
         report = runs_root / w.run_id / "report.html"
         offline = browser.new_context(offline=True, viewport={"width": 1200, "height": 900}).new_page()
@@ -720,6 +781,7 @@ def test_the_whole_story_in_a_real_browser(server, playwright_sync):
         ), "a report figure drew no data"
         assert w.run_id in offline.inner_text("body")
         offline.screenshot(path=str(SHOTS / "20_walk_99_report.png"), full_page=True)
+        _walk_upload(w, runs_root)
         print("walk steps (s since start):", w.times)
     # what the walk did is in the run: the hand swap in the saved plan, a trained model, an evaluation
     safe, unsafe = demo_sets("train", mode="paired", seed=0)

@@ -539,6 +539,20 @@ def load_evaluation(run: Run, name: str = "comparison") -> tuple[pd.DataFrame, p
     return responses, summary
 
 
+def compare_evaluations(run: Run, names: Sequence[str]) -> pd.DataFrame:
+    """Several evaluations side by side: one row per (evaluation, model), headline metrics with intervals.
+
+    Why: a researcher trains with other settings, evaluates again, and asks which did better."""
+    if not names:
+        raise EvaluationError("pick at least one evaluation to compare")
+    parts = []
+    for name in names:
+        summary = load_evaluation(run, name)[1]
+        model = summary["model"].astype(str) if "model" in summary.columns else "model"
+        parts.append(summary.assign(model=f"{name} · " + model))
+    return comparison_table(pd.concat(parts, ignore_index=True), with_ci=True)
+
+
 # -- routing shift ------------------------------------------------------------------------------
 def _open_subrun(path: Path, parent: Run, name: str, fingerprint: str, overwrite: bool) -> Run:
     """The shift's own Run at ``path`` (created once, so a killed shift resumes there)."""
