@@ -508,6 +508,33 @@ def store_draft_sources(run: Run, safe: list[PromptItem], unsafe: list[PromptIte
     )
 
 
+def compose_draft(
+    run: Run,
+    safe: list[PromptItem],
+    unsafe: list[PromptItem],
+    described: str,
+    batch_size: int,
+    safe_ratio: float,
+    seed: int,
+    shuffle: bool = True,
+    progress: Progress | None = None,
+) -> BatchPlan:
+    """The Data page's "Compose batches" (``compose_batches``' settings), kept as the run's draft with the prompt sets they come from, in stages a progress bar follows (a 20 MB file
+    makes thousands of batches: the page shows where it is instead of hanging)."""
+    tell = progress or (lambda *a, **k: None)
+    tell(0, 3, f"composing batches from {len(safe) + len(unsafe):,} prompts")
+    plan = compose_batches(
+        safe, unsafe, batch_size=batch_size, safe_ratio=safe_ratio, seed=seed, shuffle=shuffle
+    )
+    plan.meta["composed_from"] = described
+    tell(1, 3, f"keeping the {len(safe) + len(unsafe):,} prompts with the run")
+    store_draft_sources(run, safe, unsafe, described)
+    tell(2, 3, f"saving {len(plan):,} batches")
+    store_draft_plan(run, plan)
+    tell(3, 3, f"composed {len(plan):,} batches")
+    return plan
+
+
 def draft_sources(run: Run) -> tuple[list[PromptItem], list[PromptItem], str] | None:
     """(safe, unsafe, description) the run's batches were composed from, or None."""
     path = draft_sources_path(run)

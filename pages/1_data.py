@@ -14,7 +14,6 @@ import streamlit as st
 
 import ui  # noqa: I001 - the shared page helpers (not a page)
 from moe_core import pipeline as P
-from moe_core.batching import batches as bp
 from moe_core.batching.demo_prompts import demo_sets
 from moe_core.batching.edits import add, drop, move, replace, swap
 from moe_core.batching.plan import BatchPlan, BatchPlanError, split_counts
@@ -310,23 +309,23 @@ with st.container(border=True):
         n_s, n_u = split_counts(batch_size, safe_ratio)
         st.caption(f"Each batch: {n_s} safe then {n_u} unsafe items.")
     ready = bool(safe) and bool(unsafe)
-    if st.button("Compose batches", type="primary", disabled=not ready, icon=":material/view_module:"):
-        n_items = len(safe or []) + len(unsafe or [])
-        with (
-            ui.guard("Cannot compose: "),
-            st.spinner(f"Composing batches from {n_items:,} prompts...", show_time=True),
-        ):
-            plan = bp.compose_batches(
-                safe or [],
-                unsafe or [],
-                batch_size=batch_size,
-                safe_ratio=safe_ratio,
-                seed=seed,
-                shuffle=shuffle,
-            )
-            plan.meta["composed_from"] = current_source
-            P.store_draft_sources(run, safe or [], unsafe or [], current_source)  # kept with the run
-            _store(plan, f"Composed {len(plan)} batches of {batch_size}.")
+    composing = ui.running_task("compose") is not None
+    if st.button(
+        "Compose batches", type="primary", disabled=not ready or composing, icon=":material/view_module:"
+    ):
+        # in a thread beside the page: a 20 MB file makes thousands of batches, and the bar shows where it is
+        ui.start_task(
+            "compose",
+            "Composing",
+            P.compose_draft,
+            (run, list(safe or []), list(unsafe or []), current_source),
+            dict(batch_size=batch_size, safe_ratio=safe_ratio, seed=seed, shuffle=shuffle),
+            error_prefix="Cannot compose: ",
+        )
+        st.rerun()
+    ui.task_panel(
+        "compose", lambda task: ui.flash(f"Composed {len(task.result)} batches of {task.result.batch_size}.")
+    )
     if not ready:
         st.caption("Load both a safe and an unsafe set first.")
 

@@ -228,3 +228,37 @@ def test_row16_risk_tables_have_readable_headers(runs_root):
     assert risk["a_safe"] == "safe tokens routed" and risk["a_unsafe"] == "unsafe tokens routed", risk
     assert risk["n_safe_tokens"] == "safe tokens" and risk["risk_diff"] == "risk difference", risk
     assert not [c for c, label in risk.items() if label == c and "_" in c], risk
+
+
+# -- row 17 -----------------------------------------------------------------------------------------
+def test_row17_composing_shows_its_progress_and_the_page_stays_live(runs_root, monkeypatch):
+    """Composing runs beside the page: while it works (held here at its "keeping the prompts" stage), the
+    page shows a progress bar with the stage and disables the button; when it ends, the batches appear."""
+    import threading
+    import time
+
+    from moe_core import pipeline as P
+    from ui import tasks
+
+    gate, real = threading.Event(), P.store_draft_sources
+    monkeypatch.setattr(P, "store_draft_sources", lambda *a, **k: (gate.wait(60), real(*a, **k)))
+    monkeypatch.setattr(tasks, "TASK_INLINE_S", 0.05)
+    Run.create(runs_root, name="big")
+    at = open_app(page="data")
+    button(at, "Compose batches").click()
+    at.run()
+    no_exceptions(at)
+    (bar,) = at.get("progress")
+    assert "Composing: keeping the" in bar.proto.text and "(1 / 3)" in bar.proto.text, bar.proto.text
+    assert button(at, "Compose batches").disabled
+    assert not (Run.open(at.session_state["run_path"]).path / "plan.draft.json").exists()
+    gate.set()
+    deadline = time.monotonic() + 60
+    while not any(s.value.startswith("Composed") for s in at.success):
+        assert time.monotonic() < deadline, "composing never ended"
+        time.sleep(0.2)
+        at.run()
+    no_exceptions(at)
+    assert any(re.match(r"Composed \d+ batches of 16\.", s.value) for s in at.success)
+    assert (Run.open(at.session_state["run_path"]).path / "plan.draft.json").is_file()
+    assert not button(at, "Compose batches").disabled

@@ -45,8 +45,8 @@ PAGES = [  # (screenshot name, url path, title the page shows)
     ("05_training", "training", "Training"),
     ("06_evaluation", "evaluation", "Evaluation"),
     ("07_present", "present", "Present"),
-    ("08_runs", "runs", "Runs"),
     ("09_atlas", "atlas", "Expert atlas"),
+    ("08_runs", "runs", "Runs"),  # last: the by-URL test goes back to it
 ]
 RUNS: dict = {}  # "older" / "newest" fixture runs (filled by the server fixture)
 CHROMIUM_ARGS = [
@@ -781,6 +781,7 @@ def test_the_whole_story_in_a_real_browser(server, playwright_sync):
         ), "a report figure drew no data"
         assert w.run_id in offline.inner_text("body")
         offline.screenshot(path=str(SHOTS / "20_walk_99_report.png"), full_page=True)
+        story = w.run_id
         _walk_upload(w, runs_root)
         print("walk steps (s since start):", w.times)
     # what the walk did is in the run: the hand swap in the saved plan, a trained model, an evaluation
@@ -789,7 +790,7 @@ def test_the_whole_story_in_a_real_browser(server, playwright_sync):
     where = {it.id: (bt.batch_idx, i) for bt in composed.batches for i, it in enumerate(bt.items)}
     saved = {
         it.id: (bt.batch_idx, i)
-        for bt in load_plan(runs_root / w.run_id / "plan.json").batches
+        for bt in load_plan(runs_root / story / "plan.json").batches
         for i, it in enumerate(bt.items)
     }
     assert (saved[a], saved[b]) == (where[b], where[a]) and {

@@ -51,6 +51,7 @@ from ui.runs import (
     training_names,
 )
 from ui.sidebar import setup
+from ui.tasks import running_task, start_task, task_panel
 
 __all__ = [
     "atlas_for",
@@ -81,12 +82,15 @@ __all__ = [
     "require_run",
     "risk_tables_or_stop",
     "risk_tensor",
+    "running_task",
     "score_table_cached",
     "run_ref",
     "runs_root",
     "setup",
     "show_flash",
+    "start_task",
     "take_param",
+    "task_panel",
     "tokenizer_for",
     "training_names",
 ]

@@ -33,7 +33,7 @@ def training_outputs(run: Run) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if not p.name.startswith(".") and (p / METADATA).is_file()]
-    return sorted(done, key=lambda p: (p / METADATA).stat().st_mtime, reverse=True)
+    return sorted(done, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def _row(out: Path) -> dict[str, Any]:
