@@ -297,6 +297,7 @@ def _expander(at, label: str):
 def test_named_trainings_and_evaluations_are_compared_side_by_side(lab, monkeypatch, tmp_path):
     """Issue 20, "many trainings and evaluations per run": both pages list them in one comparison."""
     import json
+    import os
     import shutil
 
     import pandas as pd
@@ -315,6 +316,7 @@ def test_named_trainings_and_evaluations_are_compared_side_by_side(lab, monkeypa
     meta = json.loads((second / "training_metadata.json").read_text())
     meta["args"]["learning_rate"] = 0.003
     (second / "training_metadata.json").write_text(json.dumps(meta))
+    os.utime(second)  # finished now (copytree kept the old folder's time)
     (run.path / "train" / "broken").mkdir()
     (run.path / "train" / "broken" / "training_metadata.json").write_text("{not json")
 
