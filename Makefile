@@ -42,7 +42,7 @@ app: venv
 
 ## test: the whole suite, real browser and vLLM parity included (installs Debian's chromium when missing;
 ## creates ./.venv-vllm: about 1-5 min from the local wheel mirror, the parity tests about 2-3 min more).
-## Two pytest workers, one test file each at a time (module fixtures built once): 19 -> about 11 min here.
+## Two pytest workers, one test file each at a time (module fixtures built once): 19 -> about 13 min here.
 PYTEST_WORKERS ?= 2
 test: venv browser-deps lint
 	@$(MAKE) --no-print-directory vllm || echo "warning: could not create $(VLLM_VENV) (see above): the vLLM parity tests skip and say why"
