@@ -519,8 +519,9 @@ def compose_draft(
     shuffle: bool = True,
     progress: Progress | None = None,
 ) -> BatchPlan:
-    """The Data page's "Compose batches" (``compose_batches``' settings), kept as the run's draft with the prompt sets they come from, in stages a progress bar follows (a 20 MB file
-    makes thousands of batches: the page shows where it is instead of hanging)."""
+    """The Data page's "Compose batches" (``compose_batches``' settings), kept as the run's draft with the
+    prompt sets they come from, in stages a progress bar follows (a 20 MB file makes thousands of batches:
+    the page shows where it is instead of hanging)."""
     tell = progress or (lambda *a, **k: None)
     tell(0, 3, f"composing batches from {len(safe) + len(unsafe):,} prompts")
     plan = compose_batches(

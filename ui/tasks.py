@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import streamlit as st
@@ -32,7 +32,6 @@ class Task:
     result: Any = None
     error: str | None = None
     finished: bool = False
-    _thread: threading.Thread | None = field(default=None, repr=False)
 
     def progress(self, done: int, total: int, text: str = "") -> None:
         self.done, self.total, self.text = done, total, text or self.text
@@ -64,10 +63,10 @@ def start_task(
         finally:
             task.finished = True
 
-    task._thread = threading.Thread(target=body, name=f"task-{key}", daemon=True)
+    thread = threading.Thread(target=body, name=f"task-{key}", daemon=True)
     st.session_state[_KEY + key] = task
-    task._thread.start()
-    task._thread.join(TASK_INLINE_S)
+    thread.start()
+    thread.join(TASK_INLINE_S)
     return task
 
 

@@ -527,13 +527,19 @@ def list_evaluations(run: Run) -> list[str]:
     return [p.stem for p in sorted(found, key=lambda p: p.stat().st_mtime)]
 
 
-def load_evaluation(run: Run, name: str = "comparison") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(responses, summary) saved by save_evaluation; the JSON is in ``responses.attrs["evaluation"]``."""
+def _saved_paths(run: Run, name: str) -> tuple[Path, Path, Path]:
+    """The committed files of evaluation ``name``; an error naming the saved ones when it is not there."""
     r_path, s_path, j_path = (committed(p) for p in _eval_paths(run, name))
     if not j_path.is_file():
         raise EvaluationError(
             f"run {run.id} has no evaluation named {name!r}; saved ones: {list_evaluations(run)}"
         )
+    return r_path, s_path, j_path
+
+
+def load_evaluation(run: Run, name: str = "comparison") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(responses, summary) saved by save_evaluation; the JSON is in ``responses.attrs["evaluation"]``."""
+    r_path, s_path, j_path = _saved_paths(run, name)
     responses, summary = read_parquet(r_path), read_parquet(s_path)
     responses.attrs["evaluation"] = read_json(j_path)
     return responses, summary
@@ -547,7 +553,7 @@ def compare_evaluations(run: Run, names: Sequence[str]) -> pd.DataFrame:
         raise EvaluationError("pick at least one evaluation to compare")
     parts = []
     for name in names:
-        summary = load_evaluation(run, name)[1]
+        summary = read_parquet(_saved_paths(run, name)[1])  # the summary only: answers are not compared
         model = summary["model"].astype(str) if "model" in summary.columns else "model"
         parts.append(summary.assign(model=f"{name} · " + model))
     return comparison_table(pd.concat(parts, ignore_index=True), with_ci=True)

@@ -44,8 +44,9 @@ def _row(out: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         return {"name": out.name, "baseline": "damaged: delete it and train again"}
     report, args = meta.get("report") or {}, meta.get("args") or {}
-    losses = [h["loss"] for h in meta.get("loss_history") or [] if isinstance(h, dict) and "loss" in h]
-    steps = [h.get("step") for h in meta.get("loss_history") or [] if isinstance(h, dict) and "step" in h]
+    history = [h for h in meta.get("loss_history") or [] if isinstance(h, dict)]
+    losses = [h["loss"] for h in history if "loss" in h]
+    steps = [h["step"] for h in history if isinstance(h.get("step"), int)]
     return {
         "name": out.name,
         "baseline": meta.get("baseline"),
@@ -53,7 +54,7 @@ def _row(out: Path) -> dict[str, Any]:
         "trained_experts": "all" if meta.get("baseline") == "full" else report.get("trained_experts"),
         "learning_rate": args.get("learning_rate"),
         "epochs": args.get("num_train_epochs"),
-        "steps": max((s for s in steps if isinstance(s, int)), default=None),
+        "steps": max(steps, default=None),
         "final_loss": losses[-1] if losses else None,
     }
 
