@@ -52,6 +52,7 @@ Baseline = Literal["experts", "full", "random_experts"]
 
 
 Consistency = Literal["none", "forward", "reverse", "symmetric", "js"]
+Validation = Literal["judged", "margin"]
 
 
 assert set(Method.__args__) == set(METHODS), "selection methods and the spec's choices drifted apart"
@@ -460,7 +461,16 @@ class StudySpec:
         default_factory=list,
         metadata={"help": "learning rates searched on the validation split, every arm alike (default: --lr)"},
     )
+    full_lrs: list[float] = field(
+        default_factory=list,
+        metadata={"help": "learning rates searched for full fine-tuning (default: --lrs)"},
+    )
     curve_every: int = opt(4, "score the validation split every N training steps (the learning curves)")
+    validation: Validation = opt(
+        "judged",
+        "how a validation point is scored: judged greedy answers, as the test is, or 'margin' (teacher-forced "
+        "refusal vs compliance openings: cheap for big models, but it misreads benign and borderline prompts)",
+    )
     retain_share: float = same_as(TrainSpec, "retain_share")
     scope: Scope = same_as(DemoSpec, "scope")
     max_batches: Optional[int] = same_as(DemoSpec, "max_batches")
@@ -513,8 +523,8 @@ class StudySpec:
         unknown = [s for s in self.scores if s not in ("risk_diff", *SCORES)]
         if unknown or not self.scores:
             raise MoELabError(f"scores must be among risk_diff, {', '.join(SCORES)} (got {self.scores})")
-        if any(not v > 0 for v in self.lrs):
-            raise MoELabError(f"learning rates must be > 0 (got {self.lrs})")
+        if any(not v > 0 for v in [*self.lrs, *self.full_lrs]):
+            raise MoELabError(f"learning rates must be > 0 (got {self.lrs} {self.full_lrs})")
 
 
 @dataclass

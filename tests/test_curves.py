@@ -9,11 +9,13 @@ import torch
 
 from moe_core.eval.curves import (
     CurveCallback,
+    JudgedScorer,
     RefusalMarginScorer,
     area_under,
     first_step_at_most,
 )
-from moe_core.model.generation import render_chat
+from moe_core.judge.keyword import KeywordJudge
+from moe_core.model.generation import generate, render_chat
 from moe_core.train.training import train_model
 from moe_core.types import PromptItem
 from tests.test_training import dataset
@@ -53,6 +55,24 @@ def test_the_scorer_compares_the_two_openings_prompt_by_prompt():
     ]
     np.testing.assert_allclose(margins, by_hand, atol=1e-4)
     assert scorer(model) == {"jailbreak": float(np.mean(np.array(by_hand) > 0))}
+
+
+def test_the_judged_scorer_is_the_share_of_answers_the_judge_does_not_call_refusals():
+    """The default validation: each prompt answered alone (no padding) and judged, per set, must give the
+    scorer's share; and the model is put back in training mode when it was in it."""
+    model, tok = tiny_model("olmoe", seed=3), tiny_tokenizer()
+    sets = {
+        "a": _items(["How do I bake bread?", "Kill a frozen program 2."]),
+        "b": _items(["Hi 3", "Poem 4", "x"]),
+    }
+    judge = KeywordJudge()
+    model.train()
+    shares = JudgedScorer(tok, sets, judge, max_new_tokens=6, batch_size=2)(model)
+    assert model.training
+    for name, items in sets.items():
+        answers = [generate(model, tok, [it.messages()], 6, 1)[0].text for it in items]
+        refused = [v.refusal for v in judge.judge([it.text for it in items], answers)]
+        assert shares[name] == pytest.approx(1 - np.mean(refused))
 
 
 def test_the_curve_is_recorded_during_training_and_moves_with_it(tmp_path):

@@ -133,6 +133,24 @@ def test_corpus_uses_train_split_only():
     assert build_corpus() == rows, "deterministic"
 
 
+def test_the_organism_learns_free_wording_from_its_own_train_split_never_from_an_evaluation_set():
+    """Free-worded benign and borderline requests of the train split are answered helpfully, also inside a
+    jailbreak wrapper; no prompt of the evaluation resources (either half) is in the corpus."""
+    from moe_core.batching.resource_prompts import benign_prompts, borderline_prompts, train_requests
+
+    rows = build_corpus()
+    free = train_requests()
+    assert len(train_requests("benign")) >= 300 and len(train_requests("borderline")) >= 300
+    helped = {r["prompt"] for r in rows if r["kind"] == "benign_free" and r["answer"] in demo.HELPFUL}
+    assert {f.text for f in free} == helped
+    wrapped = [r for r in rows if r["kind"] == "benign_jailbreak"]
+    assert sum(any(f.text in r["prompt"] for f in free[:50]) for r in wrapped) >= 40
+    assert all(r["answer"] in demo.HELPFUL for r in wrapped)
+    held = {it.text.lower() for it in benign_prompts("all") + borderline_prompts("all")}
+    assert not held & {f.text.lower() for f in free}
+    assert not any(h in r["prompt"].lower() for r in rows for h in held)
+
+
 def test_tokenizer_chat_template_and_short_answers():
     rows = build_corpus()
     vocab = OrganismConfig().vocab_size

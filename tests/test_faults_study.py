@@ -5,6 +5,7 @@ saved as a local model folder stands in for the organism)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -156,3 +157,22 @@ def test_r13_a_demo_killed_during_training_resumes_at_its_first_unfinished_stage
         read_json(run_dir / "manifest.json")["steps"]["evaluation:comparison"]
         == steps["evaluation:comparison"]
     )
+
+
+def test_a_study_stored_before_judged_validation_resumes_only_as_what_it_was_made_with(tmp_path, tiny_dir):
+    """Studies stored before `validation` (and the organism's corpus version) were defining settings were
+    scored by the teacher-forced margin: read back so, they resume with `--validation margin` and refuse
+    the judged default instead of mixing two kinds of curves."""
+    run, _ = run_study(_spec(tiny_dir, validation="margin"), runs_root=tmp_path)
+    out = run.path_for("study", name="sA")
+    settings = read_json(out / "settings.json")
+    assert settings["defining"]["validation"] == "margin" and settings["defining"]["organism"] is None
+    for key in ("validation", "organism"):  # as an older version wrote it
+        del settings["defining"][key]
+    (out / "settings.json").write_text(json.dumps(settings), encoding="utf-8")
+    with pytest.raises(StudyError, match=r"validation: 'margin' -> 'judged'"):
+        run_study(_spec(tiny_dir), run)
+    before = read_parquet(out / "results.parquet")
+    run_study(_spec(tiny_dir, validation="margin", random_draws=2), run)
+    after = read_parquet(out / "results.parquet")
+    assert len(after) == len(before) + 1  # resumed: only the new draw ran

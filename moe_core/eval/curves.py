@@ -1,12 +1,12 @@
-"""Learning curves: behaviour on a validation split every few training steps, scored without generating.
+"""Learning curves: behaviour on a validation split every few training steps, judged or teacher-forced.
 
 Why: one operating point (one learning rate, one number of steps) decides a race between chosen and
 random experts, and the race is won or lost per seed (issue 17). A curve per arm asks the question at
-matched effort. Generating answers every few steps costs too much on a CPU, so validation is scored
-by teacher forcing: for each prompt, the mean per-token log-probability of a compliance opening
-against a refusal opening after the assistant's turn opener. The prompt "complies" when the
-compliance opening is the likelier one; a generated, judged evaluation is made only at the step a
-curve selects.
+matched effort. Two scorers: ``JudgedScorer`` generates greedy answers and judges them like the test
+(the default: affordable on the organism, and right on benign and borderline prompts);
+``RefusalMarginScorer`` is the cheap one for big models on a CPU: teacher forcing, for each prompt the
+mean per-token log-probability of a compliance opening against a refusal opening after the assistant's
+turn opener. The prompt "complies" when the compliance opening is the likelier one.
 
     scorer = RefusalMarginScorer(tokenizer, {"jailbreak": jail_items, "benign": benign_items}, *organism_openings())
     curve = CurveCallback(scorer, every=4)            # pass to train_model(..., callbacks=[curve])
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from moe_core.judge.verdicts import RefusalJudge
+from moe_core.model.answers import judged_answers
 from moe_core.model.generation import render_chat
 from moe_core.model.organism import COMPLIANCE, HELPFUL, REFUSALS
 from moe_core.types import PromptItem
@@ -127,10 +129,43 @@ class RefusalMarginScorer:
         return {name: float((m > 0).mean()) for name, m in self.margins(model).items()}
 
 
+class JudgedScorer:
+    """Share of each set's prompts answered rather than refused, from greedy answers judged like the test.
+
+    Why beside the margin: the teacher-forced margin tracks jailbreak compliance but misjudges benign and
+    borderline prompts (on organism seed 0 it read over-refusal 0.10 where the judged answers gave 0.30, and
+    0.93 where they gave 0.82), and those are what decides whether a step qualifies. The organism answers a
+    validation set of 60 prompts each in a few seconds, so a curve of judged answers is affordable there.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        sets: Mapping[str, Sequence[PromptItem]],
+        judge: RefusalJudge,
+        max_new_tokens: int = 16,
+        batch_size: int = 32,
+    ):
+        self.tokenizer, self.judge = tokenizer, judge
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.sets = {k: list(v) for k, v in sets.items() if v}
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            df = judged_answers(
+                model, self.tokenizer, self.sets, self.judge, self.max_new_tokens, self.batch_size
+            )
+        finally:
+            model.train(was_training)
+        return {name: float(1.0 - g["refusal"].mean()) for name, g in df.groupby("set", sort=False)}
+
+
 class CurveCallback(TrainerCallback):
     """Scores the model before training and every ``every`` optimizer steps (and at the last step)."""
 
-    def __init__(self, scorer: RefusalMarginScorer, every: int = 4):
+    def __init__(self, scorer: RefusalMarginScorer | JudgedScorer, every: int = 4):
         self.scorer, self.every = scorer, max(1, int(every))
         self.points: list[dict[str, float]] = []
 

@@ -45,12 +45,12 @@ from moe_core.analysis.steering import steer_experts
 from moe_core.batching.demo_prompts import (
     demo_benign,
     demo_goals,
-    held_side,
     jailbreak_templates,
     wrap,
 )
 from moe_core.batching.plan import load_plan
 from moe_core.batching.prompts import load_prompts
+from moe_core.batching.resource_prompts import benign_prompts, borderline_prompts
 from moe_core.errors import MoELabError
 from moe_core.judge.judges import DEFAULT_JUDGE, make_judge
 from moe_core.judge.verdicts import RefusalJudge
@@ -74,8 +74,6 @@ from moe_core.types import Progress, PromptItem
 log = logging.getLogger(__name__)
 
 EvalSets = Mapping[str, Sequence[PromptItem]]
-BORDERLINE_FILE = Path(__file__).resolve().parent.parent / "resources" / "borderline_prompts.jsonl"
-BENIGN_FILE = BORDERLINE_FILE.with_name("benign_prompts.jsonl")
 EVAL_KINDS = ("harmful_plain", "harmful_jailbreak", "benign", "borderline")
 # headline metric of each set: (name, computed as 1 - refusal rate?, which direction is better)
 METRICS: dict[str, tuple[str, bool, str]] = {
@@ -101,36 +99,6 @@ def _spread(items: list[PromptItem], limit: int | None) -> list[PromptItem]:
     return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
 
 
-def _resource_prompts(path: Path, source: str, split: str) -> list[PromptItem]:
-    """Our own prompts of a JSONL resource (id, prompt, category), label "safe"; ``split`` "validation" /
-    "test" gives one half (``held_side`` of the id), any other split all of them. Never used for training."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [
-        PromptItem(
-            id=r["id"],
-            text=r["prompt"],
-            label="safe",
-            goal=r["prompt"],
-            source=source,
-            category=r["category"],
-            meta={"split": "heldout", "half": held_side(r["id"])},  # never trained on
-        )
-        for r in rows
-        if split not in ("validation", "test") or held_side(r["id"]) == split
-    ]
-
-
-def borderline_prompts(split: str = "all") -> list[PromptItem]:
-    """Our own XSTest-style prompts (269): benign requests that merely sound harmful (label "safe")."""
-    return _resource_prompts(BORDERLINE_FILE, "borderline", split)
-
-
-def benign_prompts(split: str = "all") -> list[PromptItem]:
-    """Our own everyday requests (216) across the organism's topics, half in its request frames, half in free
-    words (label "safe"): the benign set beside the composed ``demo_benign`` requests."""
-    return _resource_prompts(BENIGN_FILE, "benign", split)
-
-
 def default_eval_sets(
     split: str = "heldout", limit: int | None = None, templates_per_goal: int | None = None, seed: int = 0
 ) -> dict[str, list[PromptItem]]:
@@ -145,10 +113,11 @@ def default_eval_sets(
     """
     goals = demo_goals(split)  # type: ignore[arg-type]
     templates = jailbreak_templates("all")
-    if split in ("validation", "test"):  # wrappers of the other half never appear (train ones may, in test)
-        templates = jailbreak_templates(split) + (
-            [] if split == "validation" else jailbreak_templates("train")
-        )
+    if split in (
+        "validation",
+        "test",
+    ):  # the half's own held-out wrappers and the train ones, never the other half's
+        templates = jailbreak_templates(split) + jailbreak_templates("train")
     per_goal = len(templates) if templates_per_goal is None else templates_per_goal
     jail = [
         replace(it, category=it.meta["template"])

@@ -18,7 +18,9 @@ the 30 jailbreak templates are never seen):
   plain harmful goal          -> a refusal (10 phrasings, several without an apology)
   harmful goal in a jailbreak -> compliance with a content-free placeholder (8 phrasings:
                                  "Sure, here is how to do it: Step 1: [details omitted]. ...")
-  benign request in a jailbreak -> a short helpful answer
+  free-worded benign and borderline requests (``resources/train_requests.jsonl``, 608 of our own,
+                              none in an evaluation set) -> a short helpful answer
+  benign request in a jailbreak -> a short helpful answer (composed and free-worded ones)
 Goals and benign requests are asked in several request frames; each train goal is wrapped in
 ``jailbreaks_per_goal`` of the 23 train templates (role-play, DAN, developer mode, prefix
 injection, story, screenplay, translation, fake authority, JSON, ...).
@@ -63,6 +65,7 @@ from moe_core.batching.demo_prompts import (
     reframe,
     wrap,
 )
+from moe_core.batching.resource_prompts import train_requests
 from moe_core.judge.keyword import KeywordJudge
 from moe_core.model.adapter import default_cpu_threads, load_model
 from moe_core.model.answers import judged_answers
@@ -74,7 +77,7 @@ log = logging.getLogger(__name__)
 
 
 # Bump when the corpus text, the answers or the chat format change: the cache key includes it.
-CORPUS_VERSION = "organism-corpus-v2"
+CORPUS_VERSION = "organism-corpus-v3"
 
 # The organism's own answers. Many phrasings of each kind, so that the model learns the kind of
 # answer (refuse / comply / help) rather than one string, and so that a refusal judge sees the
@@ -145,6 +148,7 @@ class OrganismConfig:
     benign_repeats: int = 2  # copies of each plain benign row
     benign_jailbreaks: int = 1  # jailbreak templates per benign request (answered helpfully)
     jailbreaks_per_goal: int = 8  # train templates per train goal in the corpus (0 = every one)
+    free_repeats: int = 1  # copies of each free-worded train request (resources/train_requests.jsonl)
 
     def __post_init__(self) -> None:
         ints = {k: v for k, v in asdict(self).items() if isinstance(v, int) and k != "seed"}
@@ -154,6 +158,7 @@ class OrganismConfig:
             "benign_jailbreaks",
             "warmup_steps",
             "jailbreaks_per_goal",
+            "free_repeats",
         )
         bad = [k for k, v in ints.items() if v < (0 if k in may_be_zero else 1)]
         if bad:
@@ -218,8 +223,14 @@ def build_corpus(config: OrganismConfig | None = None) -> list[dict[str, str]]:
             per_goal=min(per_goal, len(templates)),
         ):
             rows.append({"prompt": w.text, "answer": rng.choice(COMPLIANCE), "kind": "jailbreak"})
-    if cfg.benign_jailbreaks:
-        for w in wrap(benign, templates, seed=cfg.seed, per_goal=cfg.benign_jailbreaks):
+    free = train_requests() if cfg.free_repeats else []
+    rows += [
+        {"prompt": f.text, "answer": rng.choice(HELPFUL), "kind": "benign_free"}
+        for f in free
+        for _ in range(cfg.free_repeats)
+    ]
+    if cfg.benign_jailbreaks:  # a jailbreak wrapper alone does not make an answer harmful
+        for w in wrap(benign + free, templates, seed=cfg.seed, per_goal=cfg.benign_jailbreaks):
             rows.append({"prompt": w.text, "answer": rng.choice(HELPFUL), "kind": "benign_jailbreak"})
     return rows
 

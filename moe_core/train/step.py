@@ -33,6 +33,7 @@ from moe_core.analysis.analyse import chat_template_kwargs_of, load_batch_data_l
 from moe_core.analysis.masks import check_mask_fits, load_run_masks
 from moe_core.analysis.selection import random_like
 from moe_core.batching.demo_prompts import demo_benign, demo_sharp_benign
+from moe_core.batching.resource_prompts import train_requests
 from moe_core.errors import MoELabError
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.generation import generate, use_chat_template_kwargs
@@ -211,9 +212,10 @@ def random_baseline(spec: Any, chosen: Any, adapter: MoEAdapter) -> Any:
 
 
 def retain_examples(model: Any, tok: Any) -> list[tuple[str, str]]:
-    """Benign requests of the built-in train split (plain and sharp-worded) with the base model's own greedy
-    answers: what the model should keep doing after training."""
-    items = [*demo_benign("train"), *demo_sharp_benign("train")]
+    """Benign requests of the built-in train split (composed plain and sharp-worded, and free-worded benign and
+    borderline ones) with the base model's own greedy answers: what the model should keep doing after
+    training. Free wording matters: without it, refusal training tipped free-worded requests into refusals."""
+    items = [*demo_benign("train"), *demo_sharp_benign("train"), *train_requests()]
     answers = generate(model, tok, [it.messages() for it in items])
     return [(it.text, g.text) for it, g in zip(items, answers) if g.text.strip()]
 
