@@ -151,7 +151,9 @@ def test_an_arm_is_reported_at_the_step_chosen_on_validation():
     assert chosen_point([*pts, faster]) == pts[1]  # within the margin of the lowest: the least training wins
     clearly = {**faster, "jailbreak_compliance": 0.30}
     assert chosen_point([*pts, clearly]) == clearly
-    assert chosen_point([base, {**base, "step": 4, "jailbreak_compliance": 0.97}])["step"] == 0  # no real gain
+    assert (
+        chosen_point([base, {**base, "step": 4, "jailbreak_compliance": 0.97}])["step"] == 0
+    )  # no real gain
 
 
 def test_the_study_keeps_curves_per_arm_learning_rate_and_seed_pair(tmp_path, tiny_dir):
