@@ -151,9 +151,16 @@ def test_an_arm_is_reported_at_the_step_chosen_on_validation():
     assert chosen_point([*pts, faster]) == pts[1]  # within the margin of the lowest: the least training wins
     clearly = {**faster, "jailbreak_compliance": 0.30}
     assert chosen_point([*pts, clearly]) == clearly
-    assert (
-        chosen_point([base, {**base, "step": 4, "jailbreak_compliance": 0.97}])["step"] == 0
-    )  # no real gain
+    no_real_gain = {**base, "step": 4, "jailbreak_compliance": 0.97}
+    assert chosen_point([base, no_real_gain])["step"] == 0
+    edge = {
+        **base,
+        "over_refusal": 0.0,
+        "benign_answer_rate": 1.0,
+    }  # exactly the margin, as fractions give it
+    at_edge = {**edge, "step": 4, "jailbreak_compliance": 0.1}
+    at_edge |= {"over_refusal": 1 - 57 / 60, "benign_answer_rate": 57 / 60}
+    assert chosen_point([edge, at_edge]) == at_edge
 
 
 def test_the_study_keeps_curves_per_arm_learning_rate_and_seed_pair(tmp_path, tiny_dir):
