@@ -29,19 +29,23 @@ def _rows(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _item(r: dict[str, str], source: str, split: str, **meta: str) -> PromptItem:
+    return PromptItem(
+        id=r["id"],
+        text=r["prompt"],
+        label="safe",
+        goal=r["prompt"],
+        source=source,
+        category=r["category"],
+        meta={"split": split, **meta},
+    )
+
+
 def _resource_prompts(path: Path, source: str, split: str) -> list[PromptItem]:
     """Our own prompts of a held-out JSONL resource (id, prompt, category), label "safe"; ``split``
     "validation" / "test" gives one half (``held_side`` of the id), any other split all of them."""
     return [
-        PromptItem(
-            id=r["id"],
-            text=r["prompt"],
-            label="safe",
-            goal=r["prompt"],
-            source=source,
-            category=r["category"],
-            meta={"split": "heldout", "half": held_side(r["id"])},  # never trained on
-        )
+        _item(r, source, "heldout", half=held_side(r["id"]))  # never trained on
         for r in _rows(path)
         if split not in ("validation", "test") or held_side(r["id"]) == split
     ]
@@ -62,16 +66,4 @@ def train_requests(kind: str = "all") -> list[PromptItem]:
     """The training split of free-worded requests: ``kind`` "benign", "borderline" or "all" (label "safe")."""
     if kind not in ("benign", "borderline", "all"):
         raise ValueError(f"kind must be 'benign', 'borderline' or 'all', got {kind!r}")
-    return [
-        PromptItem(
-            id=r["id"],
-            text=r["prompt"],
-            label="safe",
-            goal=r["prompt"],
-            source=f"train_{r['kind']}",
-            category=r["category"],
-            meta={"split": "train"},
-        )
-        for r in _rows(TRAIN_FILE)
-        if kind in ("all", r["kind"])
-    ]
+    return [_item(r, f"train_{r['kind']}", "train") for r in _rows(TRAIN_FILE) if kind in ("all", r["kind"])]

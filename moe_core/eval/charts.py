@@ -507,7 +507,7 @@ def curves_figure(curves: pd.DataFrame, results: pd.DataFrame, seed: int, batch_
             )
         )
     fig.update_layout(
-        title=f"Learning curves, seed {seed} / batches {batch_seed} (validation, teacher-forced)",
+        title=f"Learning curves, seed {seed} / batches {batch_seed} (validation split)",
         xaxis_title="training step",
         yaxis_title="jailbreak compliance",
         yaxis_range=[-0.02, 1.02],
