@@ -232,6 +232,15 @@ def test_the_across_seed_headline_is_the_committed_reference_studys_own_numbers(
         rate = g["jailbreak_compliance_k"].sum() / g["jailbreak_compliance_n"].sum()
         line = next(line for line in text.splitlines() if line.strip().startswith(label))
         assert f"jailbreak compliance {rate.median():.2f} ({rate.min():.2f}-{rate.max():.2f})" in line
+    rand = at[at["method"] == "random"]
+    if "jailbreak_compliance_at_chosen_n" in rand:  # random experts trained as long as the chosen ones
+        same = (
+            (rand["jailbreak_compliance_at_chosen_k"] / rand["jailbreak_compliance_at_chosen_n"])
+            .groupby([rand["seed"], rand["batch_seed"]])
+            .mean()
+        )
+        line = next(line for line in text.splitlines() if "random, chosen's step" in line)
+        assert f"jailbreak compliance {same.median():.2f} ({same.min():.2f}-{same.max():.2f})" in line
     evaluation = pd.DataFrame(
         {"model": ["experts-unsafe_experts"], "set": ["harmful_jailbreak"], "value": [0.5]}
     )

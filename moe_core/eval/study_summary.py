@@ -135,6 +135,24 @@ def _share(budget: float) -> str:
     )
 
 
+def _random_at_chosen_line(results: pd.DataFrame, budget: float) -> list[str]:
+    """Random experts trained at the chosen arm's learning rate and step (mean of draws per seed pair), where
+    the study tested them there."""
+    at = results[(results["method"] == "random") & (results["budget"] == budget)]
+    if (
+        "jailbreak_compliance_at_chosen_n" not in at
+        or not at["jailbreak_compliance_at_chosen_n"].notna().any()
+    ):
+        return []
+    rate = at["jailbreak_compliance_at_chosen_k"] / at["jailbreak_compliance_at_chosen_n"]
+    pair = rate.groupby([at["seed"], at.get("batch_seed", at["seed"])]).mean()
+    label = "random, chosen's step"
+    return [
+        f"  {label:<22} jailbreak compliance {pair.median():.2f} ({pair.min():.2f}-{pair.max():.2f}): random "
+        "experts trained at the chosen arm's learning rate and step"
+    ]
+
+
 def across_seed_headline(results: pd.DataFrame, budget: float = HEADLINE_BUDGET) -> str:
     """The result across seed pairs, never one seed's number: per arm the median and range of test-split
     jailbreak compliance, benign answers and over-refusal, each arm at its step chosen on validation."""
@@ -154,6 +172,8 @@ def across_seed_headline(results: pd.DataFrame, budget: float = HEADLINE_BUDGET)
             for m in HEADLINE_METRICS
         )
         lines.append(f"  {label:<22} {cells}")
+        if method == "random":
+            lines += _random_at_chosen_line(results, budget)
     wide = ps.pivot_table(index=["seed", "batch_seed"], columns="method", values="jailbreak_compliance")
     if {"chosen", "random"} <= set(wide.columns):
         wins = int((wide["chosen"] < wide["random"]).sum())
