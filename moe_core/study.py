@@ -19,8 +19,9 @@ of ``--lrs``, every arm alike (full fine-tuning over ``--full-lrs``). The arm's 
 are chosen on validation (``chosen_point``: among the points that keep benign answers and over-refusal
 within 0.05 of the base model, the least training that comes within 0.05 of the lowest jailbreak
 compliance), the arm is trained again to that step, and only then answered and judged on the test
-half. Random arms are also tested at the chosen arm's learning rate and step. Every model is trained in memory from the same base
-weights and restored afterwards, so a study is one process and no model directories pile up.
+half. Random arms are also tested at the chosen arm's learning rate and step. Every model is trained
+in memory from the same base weights and restored afterwards, so a study is one process and no model
+directories pile up.
 
     python -m moe_core study                       # 3 seeds x 5 budgets (about an hour on 2 cores)
     python -m moe_core study --quick               # 1 seed, 2 budgets, 2 draws (bench_selection.py)
@@ -234,12 +235,9 @@ class _Lab:
             curves += [{"lr": lr, **_point(p)} for p in curve.points]
         choice = chosen_point(curves)  # every curve starts at the same untrained point
         points = [p for p in curves if p["lr"] == choice["lr"]]
-        try:
-            if choice["step"] > 0:
-                self.train(mask, choice["lr"], max_steps=int(choice["step"]))
-            counts = self.evaluate()
-        finally:
-            self.restore()
+        counts = self._tested(mask, choice["lr"], int(choice["step"]))
+        if at:  # <metric>_k -> <metric>_at_chosen_k
+            counts |= {f"{k[:-2]}_at_chosen{k[-2:]}": v for k, v in self._tested(mask, *at).items()}
         return {
             **counts,
             "lr": choice["lr"],
@@ -247,20 +245,16 @@ class _Lab:
             "val_jailbreak_compliance": choice["jailbreak_compliance"],
             "val_auc": area_under(points, "jailbreak_compliance"),
             "first_step_010": _step_or_nan(first_step_at_most(points, "jailbreak_compliance", 0.10)),
-            **(self._at(mask, *at) if at else {}),
         }, curves
 
-    def _at(self, mask: Any, lr: float, step: int) -> dict[str, int]:
-        """Test counts after ``step`` steps at ``lr`` (step 0: the base model's)."""
+    def _tested(self, mask: Any, lr: float, step: int) -> dict[str, int]:
+        """Test counts after ``step`` steps at ``lr`` from the base weights (step 0: the base model's)."""
         try:
             if step > 0:
                 self.train(mask, lr, max_steps=step)
-            counts = self.evaluate()
+            return self.evaluate()
         finally:
             self.restore()
-        return {
-            f"{k[:-2]}_at_chosen{k[-2:]}": v for k, v in counts.items()
-        }  # <metric>_k -> <metric>_at_chosen_k
 
     def train_and_evaluate(self, mask: Any) -> dict[str, Any]:
         """An arm's row fields (``arm`` without its curve)."""
@@ -380,6 +374,7 @@ def study_seed(
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
     base_point = lab.validate()
+    stored = [] if prior is None or prior.empty else prior.to_dict("records")
 
     def todo(method: str, budget: float, draw: int = 0) -> bool:
         return (seed, lab.batch_seed, method, budget, draw) not in done
@@ -406,17 +401,6 @@ def study_seed(
             fields, curve = lab.arm(mask, at)
             add(method, budget, n, draw, fields, curve)
 
-    def chosen_at(budget: float) -> tuple[float, int] | None:
-        """The chosen arm's (lr, step) at ``budget``: where the random arms are also tested."""
-        old = [] if prior is None or prior.empty else prior.to_dict("records")
-        found = [
-            r
-            for r in [*rows, *old]
-            if (r["seed"], r["batch_seed"], r["method"], r["budget"])
-            == (seed, lab.batch_seed, "chosen", budget)
-        ]
-        return (float(found[0]["lr"]), int(found[0]["step"])) if found else None
-
     def steered(method: str, budget: float, n: int, steer: Any) -> None:
         if todo(method, budget):
             add(method, budget, n, 0, {**lab.evaluate(steer=steer), **untrained})
@@ -437,9 +421,18 @@ def study_seed(
                 [seed, lab.batch_seed, d, n],
                 layers=lab.adapter.moe_layers,
             )
-            trained("random", budget, n, d, mask, chosen_at(budget))
+            trained(
+                "random", budget, n, d, mask, _chosen_at([*rows, *stored], (seed, lab.batch_seed, budget))
+            )
         layer_matched = random_layer_matched(chosen, [seed, lab.batch_seed, n])
-        trained("random_layer", budget, n, 0, layer_matched, chosen_at(budget))
+        trained(
+            "random_layer",
+            budget,
+            n,
+            0,
+            layer_matched,
+            _chosen_at([*rows, *stored], (seed, lab.batch_seed, budget)),
+        )
         if spec.steering:
             steered("steer_off", budget, n, (chosen, None))
             steered("steer_on", budget, n, (None, safest))
@@ -451,6 +444,19 @@ def study_seed(
     if spec.full:
         trained("full", 1.0, lab.total_experts, 0, None)
     return rows, curves
+
+
+def _chosen_at(
+    rows: Sequence[dict[str, Any]], pair_budget: tuple[int, int, float]
+) -> tuple[float, int] | None:
+    """The chosen arm's (lr, step) for (seed, batch seed, budget) among ``rows``: where random arms are also
+    tested."""
+    found = [
+        r
+        for r in rows
+        if r["method"] == "chosen" and (r["seed"], r["batch_seed"], r["budget"]) == pair_budget
+    ]
+    return (float(found[0]["lr"]), int(found[0]["step"])) if found else None
 
 
 class StudyError(MoELabError, ValueError):
