@@ -413,6 +413,7 @@ def study_seed(
             n, mask, safest = _masks(lab, budget, score)
             trained(_method(score), budget, n, 0, mask)
             chosen = chosen or mask
+        at = _chosen_at([*rows, *stored], (seed, lab.batch_seed, budget))  # random arms also tested there
         for d in range(spec.random_draws):
             mask = random_experts(
                 chosen.num_layers,
@@ -421,18 +422,8 @@ def study_seed(
                 [seed, lab.batch_seed, d, n],
                 layers=lab.adapter.moe_layers,
             )
-            trained(
-                "random", budget, n, d, mask, _chosen_at([*rows, *stored], (seed, lab.batch_seed, budget))
-            )
-        layer_matched = random_layer_matched(chosen, [seed, lab.batch_seed, n])
-        trained(
-            "random_layer",
-            budget,
-            n,
-            0,
-            layer_matched,
-            _chosen_at([*rows, *stored], (seed, lab.batch_seed, budget)),
-        )
+            trained("random", budget, n, d, mask, at)
+        trained("random_layer", budget, n, 0, random_layer_matched(chosen, [seed, lab.batch_seed, n]), at)
         if spec.steering:
             steered("steer_off", budget, n, (chosen, None))
             steered("steer_on", budget, n, (None, safest))

@@ -113,10 +113,8 @@ def default_eval_sets(
     """
     goals = demo_goals(split)  # type: ignore[arg-type]
     templates = jailbreak_templates("all")
-    if split in (
-        "validation",
-        "test",
-    ):  # the half's own held-out wrappers and the train ones, never the other half's
+    # a half's own held-out wrappers and the train ones, never the other half's
+    if split in ("validation", "test"):
         templates = jailbreak_templates(split) + jailbreak_templates("train")
     per_goal = len(templates) if templates_per_goal is None else templates_per_goal
     jail = [
