@@ -720,6 +720,7 @@ def _walk_upload(w: Walk, runs_root: Path) -> None:
     page.get_by_role("textbox", name="Name", exact=True).fill("upload walk")
     w.click("Create run")
     page.wait_for_url(re.compile(r"run=\d{8}-\d{6}-upload-walk"), timeout=30_000)
+    _wait_idle(page)  # the URL changes before the rerun redraws the sidebar links with the new run
     w.run_id = re.search(r"run=([^&]+)", page.url).group(1)
     w.open("Data & batches", "Data & batches")
     page.get_by_text("Upload files", exact=True).first.click()
