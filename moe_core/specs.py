@@ -426,6 +426,10 @@ class DemoSpec(AnalyseSpec):
 
 
 BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4)  # shares of all routed experts the study trains
+# The study's schedule, chosen on the tuning organisms (seeds 0 and 1) and the validation split only (README,
+# "What changed the organism (stop 19)"), then fixed for the reporting seeds: the reference study's settings.
+STUDY_LRS = (1e-3, 3e-3)
+STUDY_FULL_LRS = (1e-4, 3e-4)  # every parameter moves: a tenth of the experts' rates
 
 
 @dataclass
@@ -459,19 +463,28 @@ class StudySpec:
     )
     lrs: list[float] = field(
         default_factory=list,
-        metadata={"help": "learning rates searched on the validation split, every arm alike (default: --lr)"},
+        metadata={
+            "help": "learning rates searched on the validation split, every arm alike (default: "
+            f"{' '.join(map(str, STUDY_LRS))}, tuned on the organism; --lr alone where --lr is another rate)"
+        },
     )
     full_lrs: list[float] = field(
         default_factory=list,
-        metadata={"help": "learning rates searched for full fine-tuning (default: --lrs)"},
+        metadata={
+            "help": "learning rates searched for full fine-tuning (default: "
+            f"{' '.join(map(str, STUDY_FULL_LRS))} with the default --lrs, else --lrs)"
+        },
     )
-    curve_every: int = opt(4, "score the validation split every N training steps (the learning curves)")
+    curve_every: int = opt(7, "score the validation split every N training steps (the learning curves)")
     validation: Validation = opt(
         "judged",
         "how a validation point is scored: judged greedy answers, as the test is, or 'margin' (teacher-forced "
         "refusal vs compliance openings: cheap for big models, but it misreads benign and borderline prompts)",
     )
-    retain_share: float = same_as(TrainSpec, "retain_share")
+    retain_share: float = opt(
+        0.5,  # tuned with the schedule above: without retain examples the refusal spread to benign prompts
+        TrainSpec.__dataclass_fields__["retain_share"].metadata["help"],
+    )
     scope: Scope = same_as(DemoSpec, "scope")
     max_batches: Optional[int] = same_as(DemoSpec, "max_batches")
     lr: float = same_as(DemoSpec, "lr")
@@ -488,6 +501,9 @@ class StudySpec:
     vllm_url: Optional[str] = same_as(DemoSpec, "vllm_url")
 
     def __post_init__(self) -> None:
+        tuned = not self.lrs and self.lr == StudySpec.lr  # the schedule not asked for: the tuned one
+        self.lrs = list(self.lrs) or (list(STUDY_LRS) if tuned else [self.lr])
+        self.full_lrs = list(self.full_lrs) or (list(STUDY_FULL_LRS) if tuned else list(self.lrs))
         self.validate()
 
     def effective(self) -> StudySpec:

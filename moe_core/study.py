@@ -219,14 +219,13 @@ class _Lab:
         self, mask: Any, at: tuple[float, int] | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """One arm: a validation curve per learning rate, the step chosen on it, the test counts there.
-        ``mask`` None is full fine-tuning, searched over ``full_lrs`` where given (every parameter moves, so
-        the experts' rates are far too high for it). ``at``: another arm's (lr, step), where this arm is also
+        ``mask`` None is full fine-tuning, searched over ``full_lrs`` (every parameter moves, so the experts'
+        rates are far too high for it). ``at``: another arm's (lr, step), where this arm is also
         tested (``<metric>_at_chosen_k/_n``): random experts trained exactly as long as the chosen ones.
 
         -> (row fields: counts + lr, step, val_auc, first_step_010, val_jailbreak_compliance; curve points)."""
         curves: list[dict[str, Any]] = []
-        lrs = (self.spec.full_lrs if mask is None else None) or self.spec.lrs or [self.spec.lr]
-        for lr in lrs:
+        for lr in self.spec.full_lrs if mask is None else self.spec.lrs:
             curve = CurveCallback(self.scorer, every=self.spec.curve_every)
             try:
                 self.train(mask, lr, [curve])
@@ -473,7 +472,7 @@ DEFINING = (
     "validation",
 )
 # What a study stored before a defining setting existed was made with (read back in their place).
-LEGACY = {"validation": "margin", "organism": "organism-corpus-v2", "full_lrs": []}
+LEGACY = {"validation": "margin", "organism": "organism-corpus-v2", "lrs": [], "full_lrs": []}
 
 
 def defining_settings(spec: P.StudySpec) -> dict[str, Any]:
@@ -507,6 +506,8 @@ def _prior(out: Path, spec: P.StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
     settings, results, curves = stored
     now = json.loads(json.dumps(defining_settings(spec)))  # as it reads back from JSON
     was = {**LEGACY, **({} if spec.model is None else {"organism": None}), **settings["defining"]}
+    was["lrs"] = was["lrs"] or [was["lr"]]  # stored before the spec resolved its schedule: [] meant these
+    was["full_lrs"] = was["full_lrs"] or was["lrs"]
     diff = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
     if not diff:
         return results, curves

@@ -296,3 +296,25 @@ def test_the_targets_compare_chosen_with_random_trained_the_same_steps():
     assert t["random_steps"] == "42 42" and t["chosen_step"] == 28
     worse = results.assign(over_refusal_k=[1, 3, 1, 1])  # chosen over-refuses 0.15 vs the base's 0.05
     assert not targets(worse).iloc[0]["met"]
+
+
+def test_the_study_defaults_are_the_tuned_schedule_of_the_reference_study():
+    """Issue 17: defaults tuned on the tuning organisms, then fixed. A bare `study` searches the reference's
+    learning rates (full fine-tuning its own), with its retain share and curve spacing; `--lr` other than the
+    default still means that rate alone, as before the search existed."""
+    from moe_core.cli import build_parser, spec_from_args
+    from moe_core.eval.study_summary import reference_study
+
+    tuned = P.StudySpec()
+    defining = reference_study()[0]["defining"]
+    for key in ("lr", "lrs", "full_lrs", "retain_share", "curve_every", "epochs", "validation"):
+        assert getattr(tuned, key) == defining[key], key
+    one = P.StudySpec(lr=5e-3)
+    assert one.lrs == one.full_lrs == [5e-3]
+    own = P.StudySpec(lrs=[2e-3, 4e-3])
+    assert own.full_lrs == [2e-3, 4e-3]
+    assert P.StudySpec(full_lrs=[1e-5]).full_lrs == [1e-5] and P.StudySpec(full_lrs=[1e-5]).lrs == tuned.lrs
+    assert spec_from_args(build_parser().parse_args(["study", "--lr", "5e-3"])).lrs == [5e-3]
+    assert spec_from_args(build_parser().parse_args(["study"])).lrs == tuned.lrs
+    with pytest.raises(P.MoELabError, match="learning rates must be > 0"):
+        P.StudySpec(full_lrs=[0.0])
