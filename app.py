@@ -30,7 +30,14 @@ from moe_core import jobs
 from moe_core.errors import MoELabError
 from moe_core.eval import charts
 from moe_core.eval.evaluation import load_evaluation
-from moe_core.eval.study_summary import ARMS, across_seed_headline, demo_headline, per_seed, reference_study
+from moe_core.eval.study_summary import (
+    ARMS,
+    across_seed_headline,
+    demo_headline,
+    per_seed,
+    reference_study,
+    verdicts,
+)
 from moe_core.pipeline import DemoSpec, StudySpec
 from moe_core.store.jobs import format_eta, list_jobs, read_job
 from moe_core.store.manifest import list_runs
@@ -271,11 +278,13 @@ st.caption(
 reference = reference_study()
 if reference is not None:
     ref_settings, ref_results = reference
-    ref_lines = across_seed_headline(ref_results).splitlines()
-    st.markdown(f"**Across seeds** (the reference study shipped with the code). {ref_lines[0]}")
+    ref_headline = across_seed_headline(ref_results)
+    st.markdown(
+        f"**Across seeds** (the reference study shipped with the code). {ref_headline.splitlines()[0]}"
+    )
     st.plotly_chart(charts.seed_points_figure(per_seed(ref_results), ARMS), key="home_reference_fig")
     st.caption(
-        " ".join(ref_lines[1 + len(ARMS) :])
+        " ".join(verdicts(ref_headline))
         + f" Each dot is one seed pair; bars are medians. Made by `{ref_settings['command']}` at commit "
         f"`{ref_settings.get('commit')}`: one seed's demo is one of these dots, not the result."
     )

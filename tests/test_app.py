@@ -1174,7 +1174,14 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
     names = {t.get("name") for spec in plotly_specs(at) for t in spec["data"]}
     assert {"chosen", "random", "random_layer"} <= names
     table = [d.value for d in at.dataframe if "jailbreak_compliance" in d.value.columns]
-    assert table and set(table[0]["method"]) == {"base", "chosen", "random", "random_layer", "full"}
+    assert table and set(table[0]["method"]) == {
+        "base",
+        "chosen",
+        "chosen_grad_attr",
+        "random",
+        "random_layer",
+        "full",
+    }
     study_run = next(r for r in root.iterdir() if (r / "study").is_dir())
     at = open_app(Run.open(study_run), page="evaluation")  # the learning curves of each seed pair (issue 17)
     no_exceptions(at)

@@ -65,6 +65,7 @@ def test_study_runs_every_arm_and_writes_table_and_figure(tmp_path, tiny_dir):
     assert sorted(results["method"].unique()) == [
         "base",
         "chosen",
+        "chosen_grad_attr",
         "full",
         "random",
         "random_layer",
@@ -318,3 +319,28 @@ def test_the_study_defaults_are_the_tuned_schedule_of_the_reference_study():
     assert spec_from_args(build_parser().parse_args(["study"])).lrs == tuned.lrs
     with pytest.raises(P.MoELabError, match="learning rates must be > 0"):
         P.StudySpec(full_lrs=[0.0])
+
+
+def test_the_headline_shows_every_selector_of_the_study_and_its_verdict_per_selector():
+    """A study run with `--scores risk_diff grad_attr` shows both selectors across seeds, and how often each
+    is below random; the lines under the per-arm rows (Home's caption, the report) hold verdicts only."""
+    from moe_core.eval.study_summary import across_seed_headline, verdicts
+
+    rows = []
+    for seed, (chosen, grad, rand) in enumerate([(50, 5, 30), (10, 2, 30), (40, 35, 30)]):
+        for method, k in (("base", 60), ("chosen", chosen), ("chosen_grad_attr", grad), ("random", rand)):
+            counts = {
+                f"{m}_{x}": v for m in ("benign_answer_rate", "over_refusal") for x, v in (("k", 1), ("n", 2))
+            }
+            budget = 0.0 if method == "base" else 1 / 16
+            rows.append(
+                {"seed": seed, "batch_seed": 0, "method": method, "budget": budget, "draw": 0}
+                | {"jailbreak_compliance_k": k, "jailbreak_compliance_n": 60, **counts}
+            )
+    text = across_seed_headline(pd.DataFrame(rows))
+    grad = next(line for line in text.splitlines() if line.strip().startswith("grad-attribution"))
+    assert "jailbreak compliance 0.08 (0.03-0.58)" in grad
+    assert verdicts(text) == [
+        "Chosen below random (mean of draws) on 1 of 3 seed pairs.",
+        "Grad-attribution experts below random (mean of draws) on 2 of 3 seed pairs.",
+    ]

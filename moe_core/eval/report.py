@@ -36,6 +36,7 @@ from moe_core.eval.study_summary import (
     load_study,
     per_seed,
     reference_study,
+    verdicts,
 )
 from moe_core.model.loading import ORGANISM, load_tokenizer_of
 from moe_core.store.atomic import atomic_write_text
@@ -246,14 +247,14 @@ def _reference_section(run: Run) -> tuple[str, str] | None:
     if reference is None or not list_evaluations(run):
         return None
     settings, results = reference
-    lines = across_seed_headline(results).splitlines()
+    headline = across_seed_headline(results)
     fig = charts.seed_points_figure(per_seed(results), ARMS)
     return (
         "Across seeds",
-        f"<p>{_esc(lines[0])}</p>"
+        f"<p>{_esc(headline.splitlines()[0])}</p>"
         + _figure(fig, "across_seeds")
         + _table(across_seeds(results))
-        + f"<p>{_esc(' '.join(lines[1 + len(ARMS) :]))} Reference: <code>{_esc(settings['command'])}</code>"
+        + f"<p>{_esc(' '.join(verdicts(headline)))} Reference: <code>{_esc(settings['command'])}</code>"
         f" at commit {_esc(str(settings.get('commit')))}.</p>",
     )
 

@@ -91,7 +91,9 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 # -- across seeds: the headline -------------------------------------------------------------------
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "resources" / "reference_study"
 HEADLINE_BUDGET = 1 / 16  # the share of experts the headline is about (the demo's budget)
-ARMS = {"chosen": "chosen experts", "random": "random experts", "random_layer": "random, layer-matched"}
+ARMS = {"chosen": "chosen experts", "chosen_grad_attr": "grad-attribution", "chosen_gate_diff": "gate score"}
+ARMS |= {"chosen_ablation": "ablation effect"}  # the other selectors (`--scores`), where a study has them
+ARMS |= {"random": "random experts", "random_layer": "random, layer-matched"}
 ARMS |= {"full": "full fine-tuning", "base": "base model"}
 HEADLINE_METRICS = ("jailbreak_compliance", "benign_answer_rate", "over_refusal")
 
@@ -175,10 +177,20 @@ def across_seed_headline(results: pd.DataFrame, budget: float = HEADLINE_BUDGET)
         if method == "random":
             lines += _random_at_chosen_line(results, budget)
     wide = ps.pivot_table(index=["seed", "batch_seed"], columns="method", values="jailbreak_compliance")
-    if {"chosen", "random"} <= set(wide.columns):
-        wins = int((wide["chosen"] < wide["random"]).sum())
-        lines.append(f"Chosen below random (mean of draws) on {wins} of {len(wide)} seed pairs.")
+    for method in [
+        m for m in ARMS if m.startswith("chosen") and m in wide.columns and "random" in wide.columns
+    ]:
+        wins = int((wide[method] < wide["random"]).sum())
+        name = "Chosen" if method == "chosen" else f"{ARMS[method].capitalize()} experts"
+        lines.append(
+            f"{name} below random (mean of draws) on {wins} of {int(wide[method].notna().sum())} seed pairs."
+        )
     return "\n".join(lines)
+
+
+def verdicts(headline: str) -> list[str]:
+    """The lines of ``across_seed_headline`` after its header and per-arm rows: what the arms add up to."""
+    return [line for line in headline.splitlines()[1:] if not line.startswith("  ")]
 
 
 def _span(values: pd.Series) -> str:
