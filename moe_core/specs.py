@@ -430,7 +430,10 @@ BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4)  # shares of all routed experts
 # "What changed the organism (stop 19)"), then fixed for the reporting seeds: the reference study's settings.
 STUDY_LRS = (1e-3, 3e-3)
 STUDY_FULL_LRS = (1e-4, 3e-4)  # every parameter moves: a tenth of the experts' rates
-STUDY_SCORES = ("risk_diff", "grad_attr")  # the method's selector, and the best on the tuning organisms (stop 20)
+STUDY_SCORES = (
+    "risk_diff",
+    "grad_attr",
+)  # the method's selector, and the best on the tuning organisms (stop 20)
 
 
 @dataclass
