@@ -297,6 +297,9 @@ def test_the_targets_compare_chosen_with_random_trained_the_same_steps():
     assert t["random_steps"] == "42 42" and t["chosen_step"] == 28
     worse = results.assign(over_refusal_k=[1, 3, 1, 1])  # chosen over-refuses 0.15 vs the base's 0.05
     assert not targets(worse).iloc[0]["met"]
+    other = pd.concat([results, pd.DataFrame([row("chosen_grad_attr", 0, auc=0.3, step=7)])])
+    g = targets(other, method="chosen_grad_attr").iloc[0]  # random was tested at `chosen`'s step, not this
+    assert (g["chosen"], g["random_at_chosen"], g["chosen_step"]) == (0.0, 0.025, 7)
 
 
 def test_the_study_defaults_are_the_tuned_schedule_of_the_reference_study():
