@@ -270,10 +270,11 @@ def _newest_study() -> tuple[Run, Any] | None:
 st.divider()
 st.subheader("Do the chosen experts matter?")
 st.caption(
-    "The selection study trains the experts with the highest risk difference and, at the same budget, "
-    "random experts (uniform and layer-matched), over budgets and seeds; full fine-tuning and router "
-    "steering beside them. Reproduce it with `python -m moe_core study` (about an hour on 2 cores; "
-    "`--quick` takes minutes) or from the Evaluation page."
+    "The selection study trains the experts with the highest risk difference (and those a gradient "
+    "attribution ranks first) and, at the same budget, random experts (uniform and layer-matched), over "
+    "budgets and seeds; full fine-tuning and router steering beside them. Reproduce it with "
+    "`python -m moe_core study` (hours on 2 cores: every budget, 5 draws, 3 seeds; `--quick` runs about a "
+    "tenth of the arms) or from the Evaluation page."
 )
 reference = reference_study()
 if reference is not None:

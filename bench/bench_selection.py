@@ -1,7 +1,7 @@
 """Do the chosen experts matter? The selection study in a quick setting, ratios from one run.
 
     .venv/bin/python bench/bench_selection.py            # 1 seed, budgets 1/32 and 1/16, 2 random draws
-    .venv/bin/python bench/bench_selection.py --full     # the whole study (3 seeds x 5 budgets; about an hour)
+    .venv/bin/python bench/bench_selection.py --full     # the whole study (3 seeds x 5 budgets; hours on 2 cores)
 
 Calls ``python -m moe_core study`` (``moe_core.study.run_study``) and prints the table plus, per
 budget, the jailbreak compliance left by random experts divided by that left by the chosen ones

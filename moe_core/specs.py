@@ -453,7 +453,7 @@ class StudySpec:
     )
     steering: bool = opt(True, "also steer the chosen experts off / the safest on at the router, untrained")
     full: bool = opt(True, "also fine-tune every parameter (budget 1.0)")
-    quick: bool = opt(False, "1 seed, budgets 1/32 and 1/16, 2 draws: a few minutes")
+    quick: bool = opt(False, "1 seed, budgets 1/32 and 1/16, 2 draws: about a tenth of the arms")
     batch_seeds: list[int] = field(
         default_factory=list,
         metadata={"help": "batch-composition seeds studied per organism seed (default: the organism seed)"},

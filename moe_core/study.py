@@ -23,7 +23,7 @@ half. Random arms are also tested at the chosen arm's learning rate and step. Ev
 in memory from the same base weights and restored afterwards, so a study is one process and no model
 directories pile up.
 
-    python -m moe_core study                       # 3 seeds x 5 budgets (about an hour on 2 cores)
+    python -m moe_core study                       # 3 seeds x 5 budgets x 5 draws (hours on 2 cores)
     python -m moe_core study --quick               # 1 seed, 2 budgets, 2 draws (bench_selection.py)
 
 Writes ``<run>/study/<name>/results.parquet`` (one row per seed pair x method x budget x draw at its

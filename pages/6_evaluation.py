@@ -139,7 +139,7 @@ with st.container(border=True):
             },
         )
     quick = st.toggle(
-        "Quick setting (1 seed, 2 budgets, 2 draws: minutes instead of about an hour)",
+        "Quick setting (1 seed, 2 budgets, 2 draws: about a tenth of the arms; the whole study takes hours)",
         StudySpec().quick,
         key="ev_study_quick",
     )

@@ -1166,6 +1166,8 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
             max_batches=1,
             epochs=1,
             steering=False,
+            lrs=[1e-3],
+            retain_share=0.0,
         ),
         runs_root=root,
     )

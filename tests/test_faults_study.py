@@ -44,6 +44,8 @@ def _spec(tiny_dir: Path, **over) -> P.StudySpec:
         max_batches=1,
         epochs=1,
         name="sA",
+        scores=["risk_diff"],  # these tests are about committing and resuming, not about the schedule
+        retain_share=0.0,
     )
     return P.StudySpec(**{**base, **over})
 
@@ -104,7 +106,7 @@ def test_r1_a_study_killed_after_an_arm_leaves_one_consistent_set_and_resumes(tm
     argv = [sys.executable, "-m", "moe_core", "study", "--run", str(run.path), "--name", "sA"]
     argv += ["--model", str(tiny_dir), "--budgets", "0.125", "--random_draws", "3", "--seeds", "0"]
     argv += ["--no_steering", "--no_full", "--eval_limit", "2", "--max_new_tokens", "2", "--max_batches", "1"]
-    argv += ["--epochs", "1"]
+    argv += ["--epochs", "1", "--lrs", "0.001", "--scores", "risk_diff", "--retain_share", "0"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _kill_when(
         proc, lambda: (out / "settings.json").exists() and read_json(out / "settings.json")["arms"] >= 2
