@@ -353,6 +353,9 @@ def wrap_label(text: str, width: int = 11) -> str:
 
 STUDY_COLORS = {
     "chosen": "#c0392b",
+    "chosen_grad_attr": "#e67e22",
+    "chosen_gate_diff": "#b7950b",
+    "chosen_ablation": "#6c3483",
     "random": "#7f8c8d",
     "random_layer": "#2c3e50",
     "steer_off": "#8e44ad",
