@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, Optional
 
 from moe_core.analysis.analyse import (
@@ -63,11 +63,12 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
-def same_as(cls: type, name: str, **override: Any) -> Any:
-    """Reuse another dataclass's field default (and help): a default is defined only once."""
+def same_as(cls: type, name: str, default: Any = MISSING, **override: Any) -> Any:
+    """Reuse another dataclass's field default (and help): a default is defined only once. ``default``:
+    a step whose own default was tuned apart (e.g. the study's retain share) names it here instead."""
     f = cls.__dataclass_fields__[name]
     meta = {**f.metadata, **override}
-    return field(default=getattr(cls, name, f.default), metadata=meta)
+    return field(default=getattr(cls, name, f.default) if default is MISSING else default, metadata=meta)
 
 
 def _only_with_vllm(spec: Any) -> tuple[Callable[[Any], bool], str]:
@@ -430,10 +431,9 @@ BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4)  # shares of all routed experts
 # "What changed the organism (stop 19)"), then fixed for the reporting seeds: the reference study's settings.
 STUDY_LRS = (1e-3, 3e-3)
 STUDY_FULL_LRS = (1e-4, 3e-4)  # every parameter moves: a tenth of the experts' rates
-STUDY_SCORES = (
-    "risk_diff",
-    "grad_attr",
-)  # the method's selector, and the best on the tuning organisms (stop 20)
+STUDY_RETAIN_SHARE = 0.5  # without retain examples the learned refusal spread to benign prompts
+# The method's selector, and the one that learned first on every tuning organism (0-3, stop 20).
+STUDY_SCORES = ("risk_diff", "grad_attr")
 
 
 @dataclass
@@ -485,10 +485,7 @@ class StudySpec:
         "how a validation point is scored: judged greedy answers, as the test is, or 'margin' (teacher-forced "
         "refusal vs compliance openings: cheap for big models, but it misreads benign and borderline prompts)",
     )
-    retain_share: float = opt(
-        0.5,  # tuned with the schedule above: without retain examples the refusal spread to benign prompts
-        TrainSpec.__dataclass_fields__["retain_share"].metadata["help"],
-    )
+    retain_share: float = same_as(TrainSpec, "retain_share", default=STUDY_RETAIN_SHARE)
     scope: Scope = same_as(DemoSpec, "scope")
     max_batches: Optional[int] = same_as(DemoSpec, "max_batches")
     lr: float = same_as(DemoSpec, "lr")
