@@ -285,7 +285,7 @@ if reference is not None:
     )
     st.plotly_chart(charts.seed_points_figure(per_seed(ref_results), ARMS), key="home_reference_fig")
     st.caption(
-        " ".join(verdicts(ref_headline))
+        " ".join(verdicts(ref_results))
         + f" Each dot is one seed pair; bars are medians. Made by `{ref_settings['command']}` at commit "
         f"`{ref_settings.get('commit')}`: one seed's demo is one of these dots, not the result."
     )

@@ -344,7 +344,11 @@ def test_the_headline_shows_every_selector_of_the_study_and_its_verdict_per_sele
     text = across_seed_headline(pd.DataFrame(rows))
     grad = next(line for line in text.splitlines() if line.strip().startswith("grad-attribution"))
     assert "jailbreak compliance 0.08 (0.03-0.58)" in grad
-    assert verdicts(text) == [
-        "Chosen below random (mean of draws) on 1 of 3 seed pairs.",
-        "Grad-attribution experts below random (mean of draws) on 2 of 3 seed pairs.",
-    ]
+    assert (
+        text.splitlines()[-2:]
+        == verdicts(pd.DataFrame(rows))
+        == [
+            "Chosen below random (mean of draws) on 1 of 3 seed pairs.",
+            "Grad-attribution experts below random (mean of draws) on 2 of 3 seed pairs.",
+        ]
+    )

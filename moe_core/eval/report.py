@@ -254,7 +254,7 @@ def _reference_section(run: Run) -> tuple[str, str] | None:
         f"<p>{_esc(headline.splitlines()[0])}</p>"
         + _figure(fig, "across_seeds")
         + _table(across_seeds(results))
-        + f"<p>{_esc(' '.join(verdicts(headline)))} Reference: <code>{_esc(settings['command'])}</code>"
+        + f"<p>{_esc(' '.join(verdicts(results)))} Reference: <code>{_esc(settings['command'])}</code>"
         f" at commit {_esc(str(settings.get('commit')))}.</p>",
     )
 

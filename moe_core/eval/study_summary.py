@@ -176,7 +176,16 @@ def across_seed_headline(results: pd.DataFrame, budget: float = HEADLINE_BUDGET)
         lines.append(f"  {label:<22} {cells}")
         if method == "random":
             lines += _random_at_chosen_line(results, budget)
-    wide = ps.pivot_table(index=["seed", "batch_seed"], columns="method", values="jailbreak_compliance")
+    return "\n".join([*lines, *verdicts(results, budget)])
+
+
+def verdicts(results: pd.DataFrame, budget: float = HEADLINE_BUDGET) -> list[str]:
+    """What the arms add up to, one line per selector in the study: on how many seed pairs it is below
+    random (mean of draws). The last lines of ``across_seed_headline``; Home and the report show them."""
+    wide = per_seed(results, budget).pivot_table(
+        index=["seed", "batch_seed"], columns="method", values="jailbreak_compliance"
+    )
+    lines = []
     for method in [
         m for m in ARMS if m.startswith("chosen") and m in wide.columns and "random" in wide.columns
     ]:
@@ -185,12 +194,7 @@ def across_seed_headline(results: pd.DataFrame, budget: float = HEADLINE_BUDGET)
         lines.append(
             f"{name} below random (mean of draws) on {wins} of {int(wide[method].notna().sum())} seed pairs."
         )
-    return "\n".join(lines)
-
-
-def verdicts(headline: str) -> list[str]:
-    """The lines of ``across_seed_headline`` after its header and per-arm rows: what the arms add up to."""
-    return [line for line in headline.splitlines()[1:] if not line.startswith("  ")]
+    return lines
 
 
 def _span(values: pd.Series) -> str:
