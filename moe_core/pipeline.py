@@ -51,6 +51,7 @@ from moe_core.analysis.scores import (
     ablation_effect,
     gate_diff_table,
     gradient_attribution,
+    gradient_contrast,
     with_score,
 )
 from moe_core.analysis.selection import (
@@ -102,8 +103,13 @@ from moe_core.store.provenance import model_info_of, plan_source, record, spec_f
 from moe_core.store.run import Run
 from moe_core.store.steps import step_outcome, writes_run
 from moe_core.train.sampler import AnalysisBatchSampler, BatchCollator
-from moe_core.train.sft import MAX_LENGTH, create_batch_aware_dataset, create_batch_structured_dataset
-from moe_core.train.step import run_train
+from moe_core.train.sft import (
+    MAX_LENGTH,
+    add_retain_examples,
+    create_batch_aware_dataset,
+    create_batch_structured_dataset,
+)
+from moe_core.train.step import retain_examples, run_train
 from moe_core.train.training import TrainingResult
 from moe_core.types import Progress, PromptItem, ShouldStop
 
@@ -361,15 +367,26 @@ def score_table(run: Run, score: str, progress: Progress | None = None) -> pd.Da
         inputs = _sft_model_inputs(run, tok)
         if score == "grad_attr":
             table = gradient_attribution(model, inputs, progress)
+        elif score == "grad_contrast":
+            retain = _sft_model_inputs(run, tok, retain_examples(model, tok))
+            table = gradient_contrast(model, inputs, retain, progress)
         else:
             table = ablation_effect(model, inputs[:ABLATION_BATCHES], progress)
     write_parquet(path, table)
     return table
 
 
-def _sft_model_inputs(run: Run, tok: PreTrainedTokenizerBase) -> list[dict[str, torch.Tensor]]:
-    """The refusal SFT batches of the run as model inputs, one analysis batch each (what training sees)."""
+def _sft_model_inputs(
+    run: Run, tok: PreTrainedTokenizerBase, retain: list[tuple[str, str]] | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """The refusal SFT batches of the run as model inputs, one analysis batch each (what training sees);
+    with ``retain`` (prompt, answer) pairs: as many retain examples per batch instead, drawn as training
+    draws them (``add_retain_examples``)."""
     batches = create_batch_structured_dataset(load_batch_data_list(run), seed=0)
+    if retain is not None:
+        batches = [
+            [ex for ex in b if ex["label"] == "retain"] for b in add_retain_examples(batches, retain, 1.0)
+        ]
     dataset = create_batch_aware_dataset(batches, tok, max_length=MAX_LENGTH)
     collate = BatchCollator(pad_token_id=tok.pad_token_id)
     return [

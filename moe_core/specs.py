@@ -186,8 +186,9 @@ class SelectSpec:
         SelectionConfig,
         "score",
         help="what experts are ranked by: risk_diff (activation frequency), t_score, pos_frac, gate_diff "
-        "(mean router weight), grad_attr (gradient of the refusal SFT loss), ablation (refusal log-prob drop "
-        "with the expert off); the last three are computed once per run and kept in risk/",
+        "(mean router weight), grad_attr (gradient of the refusal SFT loss), grad_contrast (its share minus the retain "
+        "loss's share), ablation (refusal log-prob drop with the expert off); the last four are computed once "
+        "per run and kept in risk/",
     )
     per_batch: bool = opt(False, "one mask per analysis batch instead of one global mask")
     seed: int = opt(0, "seed of the random baseline")

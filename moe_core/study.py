@@ -40,7 +40,7 @@ import logging
 import shlex
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -216,12 +216,12 @@ class _Lab:
             )
 
     def arm(
-        self, mask: Any, at: tuple[float, int] | None = None
+        self, mask: Any, at: Mapping[str, tuple[float, int]] | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """One arm: a validation curve per learning rate, the step chosen on it, the test counts there.
         ``mask`` None is full fine-tuning, searched over ``full_lrs`` (every parameter moves, so the experts'
-        rates are far too high for it). ``at``: another arm's (lr, step), where this arm is also
-        tested (``<metric>_at_chosen_k/_n``): random experts trained exactly as long as the chosen ones.
+        rates are far too high for it). ``at``: other arms' (lr, step) by method, where this arm is also
+        tested (``tested_at``): random experts trained exactly as long as each selector's experts.
 
         -> (row fields: counts + lr, step, val_auc, first_step_010, val_jailbreak_compliance; curve points)."""
         curves: list[dict[str, Any]] = []
@@ -234,17 +234,34 @@ class _Lab:
             curves += [{"lr": lr, **_point(p)} for p in curve.points]
         choice = chosen_point(curves)  # every curve starts at the same untrained point
         points = [p for p in curves if p["lr"] == choice["lr"]]
-        counts = self._tested(mask, choice["lr"], int(choice["step"]))
-        if at:  # <metric>_k -> <metric>_at_chosen_k
-            counts |= {f"{k[:-2]}_at_chosen{k[-2:]}": v for k, v in self._tested(mask, *at).items()}
+        own = (float(choice["lr"]), int(choice["step"])) if choice["step"] else (0.0, 0)
+        counts = self._tested(mask, *own)
         return {
             **counts,
+            **self.tested_at(mask, at or {}, {own: counts}),
             "lr": choice["lr"],
             "step": int(choice["step"]),
             "val_jailbreak_compliance": choice["jailbreak_compliance"],
             "val_auc": area_under(points, "jailbreak_compliance"),
             "first_step_010": _step_or_nan(first_step_at_most(points, "jailbreak_compliance", 0.10)),
         }, curves
+
+    def tested_at(
+        self,
+        mask: Any,
+        at: Mapping[str, tuple[float, int]],
+        known: dict[tuple[float, int], dict[str, int]] | None = None,
+    ) -> dict[str, int]:
+        """Test counts of ``mask`` trained at each method's (lr, step): ``<metric>_at_<method>_k/_n``.
+        ``known``: counts already tested at some (lr, step) (training is deterministic: not redone)."""
+        known = dict(known or {})
+        out: dict[str, int] = {}
+        for method, (lr, step) in at.items():
+            point = (float(lr), int(step)) if step else (0.0, 0)  # step 0 is the base model at any lr
+            if point not in known:
+                known[point] = self._tested(mask, *point)
+            out |= {f"{k[:-2]}_at_{method}{k[-2:]}": v for k, v in known[point].items()}
+        return out
 
     def _tested(self, mask: Any, lr: float, step: int) -> dict[str, int]:
         """Test counts after ``step`` steps at ``lr`` from the base weights (step 0: the base model's)."""
@@ -336,6 +353,7 @@ def _masks(lab: _Lab, budget: float, score: str = "risk_diff") -> tuple[int, Any
 
 
 ARM_KEY = ["seed", "batch_seed", "method", "budget", "draw"]  # one arm of a study: committed whole
+COUNTS = [f"{metric}_{x}" for metric, _, _ in METRICS.values() for x in "kn"]  # an arm's test counts
 
 
 def planned_arms(spec: P.StudySpec, seed: int, batch_seed: int) -> list[tuple[Any, ...]]:
@@ -399,6 +417,10 @@ def study_seed(
         if todo(method, budget, draw):
             fields, curve = lab.arm(mask, at)
             add(method, budget, n, draw, fields, curve)
+        elif missing := untested_at(stored, (seed, lab.batch_seed, method, budget, draw), at or {}):
+            row = _row(stored, (seed, lab.batch_seed, method, budget, draw))  # a selector added since
+            known = {_own(row): {k: int(row[k]) for k in COUNTS}}  # its own step: tested already
+            add(method, budget, n, draw, {**row, **lab.tested_at(mask, missing, known)})
 
     def steered(method: str, budget: float, n: int, steer: Any) -> None:
         if todo(method, budget):
@@ -412,7 +434,9 @@ def study_seed(
             n, mask, safest = _masks(lab, budget, score)
             trained(_method(score), budget, n, 0, mask)
             chosen = chosen or mask
-        at = _chosen_at([*rows, *stored], (seed, lab.batch_seed, budget))  # random arms also tested there
+        at = selector_points(
+            [*rows, *stored], (seed, lab.batch_seed, budget), spec.scores
+        )  # random: there too
         for d in range(spec.random_draws):
             mask = random_experts(
                 chosen.num_layers,
@@ -436,17 +460,57 @@ def study_seed(
     return rows, curves
 
 
-def _chosen_at(
-    rows: Sequence[dict[str, Any]], pair_budget: tuple[int, int, float]
-) -> tuple[float, int] | None:
-    """The chosen arm's (lr, step) for (seed, batch seed, budget) among ``rows``: where random arms are also
-    tested."""
-    found = [
-        r
+def selector_points(
+    rows: Sequence[dict[str, Any]], pair_budget: tuple[int, int, float], scores: Sequence[str]
+) -> dict[str, tuple[float, int]]:
+    """The (lr, step) of each selector of ``scores`` for (seed, batch seed, budget) among ``rows``, by
+    method: where random arms are also tested."""
+    methods = {_method(s) for s in scores}
+    return {
+        r["method"]: (float(r["lr"]), int(r["step"]))
         for r in rows
-        if r["method"] == "chosen" and (r["seed"], r["batch_seed"], r["budget"]) == pair_budget
-    ]
-    return (float(found[0]["lr"]), int(found[0]["step"])) if found else None
+        if r["method"] in methods and (r["seed"], r["batch_seed"], r["budget"]) == pair_budget
+    }
+
+
+def _all_tested(rows: Sequence[dict[str, Any]], spec: P.StudySpec, seed: int, batch_seed: int) -> bool:
+    """Whether every committed random arm of the pair was tested at every selector's step."""
+    random_arms = [("random", d) for d in range(spec.random_draws)] + [("random_layer", 0)]
+    return not any(
+        untested_at(
+            rows, (seed, batch_seed, m, b, d), selector_points(rows, (seed, batch_seed, b), spec.scores)
+        )
+        for b in spec.budgets
+        for m, d in random_arms
+    )
+
+
+def _row(rows: Sequence[dict[str, Any]], arm: tuple[Any, ...]) -> dict[str, Any]:
+    """The committed row of ``arm`` (an ``ARM_KEY`` tuple), without its key."""
+    (found,) = [r for r in rows if tuple(r[k] for k in ARM_KEY) == arm]
+    return {k: v for k, v in found.items() if k not in ARM_KEY and not _blank(v)}
+
+
+def _own(row: dict[str, Any]) -> tuple[float, int]:
+    """(lr, step) of a row, as ``tested_at`` keys it (step 0: the base model, at any lr)."""
+    return (float(row["lr"]), int(row["step"])) if int(row["step"]) else (0.0, 0)
+
+
+def _blank(value: Any) -> bool:
+    return isinstance(value, float) and value != value  # NaN: a column other arms have
+
+
+def untested_at(
+    rows: Sequence[dict[str, Any]], arm: tuple[Any, ...], at: Mapping[str, tuple[float, int]]
+) -> dict[str, tuple[float, int]]:
+    """The points of ``at`` a committed arm was not tested at (its row lacks ``..._at_<method>_n``): a
+    selector added to a study after its random arms were committed."""
+    found = [r for r in rows if tuple(r[k] for k in ARM_KEY) == arm]
+    return {
+        m: p
+        for m, p in at.items()
+        if found and _blank(found[0].get(f"jailbreak_compliance_at_{m}_n", float("nan")))
+    }
 
 
 class StudyError(MoELabError, ValueError):
@@ -564,15 +628,18 @@ def run_study(
     done = set(results[ARM_KEY].itertuples(index=False, name=None)) if len(results) else set()
     pairs = [(seed, b) for seed in spec.seeds for b in spec.batch_seeds or [seed]]
     for seed, batch_seed in pairs:
-        if all(arm in done for arm in planned_arms(spec, seed, batch_seed)):
+        planned = planned_arms(spec, seed, batch_seed)
+        if all(arm in done for arm in planned) and _all_tested(
+            results.to_dict("records"), spec, seed, batch_seed
+        ):
             continue
         before, before_curves = results, curves
 
         def commit(seed_rows: list, seed_curves: list, _r: Any = before, _c: Any = before_curves) -> None:
-            _commit(out, spec, _concat(_r, seed_rows), _concat(_c, seed_curves), complete=False)
+            _commit(out, spec, _upsert(_r, seed_rows), _concat(_c, seed_curves), complete=False)
 
         seed_rows, seed_curves = study_seed(spec, seed, analyses, progress, commit, batch_seed, done, results)
-        results, curves = _concat(before, seed_rows), _concat(before_curves, seed_curves)
+        results, curves = _upsert(before, seed_rows), _concat(before_curves, seed_curves)
     _commit(out, spec, results, curves, complete=True)
     for other in analyses.parent.iterdir() if analyses.parent.exists() else ():
         if other != analyses:  # analyses made with settings this study no longer has (after --overwrite)
@@ -584,6 +651,13 @@ def run_study(
 def _concat(df: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
     new = pd.DataFrame(rows)
     return new if df.empty else df if new.empty else pd.concat([df, new], ignore_index=True)
+
+
+def _upsert(results: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """``results`` with ``rows`` added; a row of an arm already there replaces it (an arm tested at a
+    selector's step it was not tested at before)."""
+    out = _concat(results, rows)
+    return out.drop_duplicates(ARM_KEY, keep="last", ignore_index=True) if len(out) else out
 
 
 def new_study_run(spec: P.StudySpec, runs_root: str | Path | None = None) -> Run:

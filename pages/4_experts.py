@@ -35,6 +35,7 @@ SCORE_WORDS = {  # the selector scores in words (moe_core.analysis.scores)
     "sign_consistency": "sign consistency across batches",
     "gate_diff": "router weight difference (gate score)",
     "grad_attr": "gradient of the refusal loss",
+    "grad_contrast": "refusal gradient minus retain gradient",
     "ablation": "refusal drop with the expert off",
 }
 SELECT_FIELDS = {f.name for f in dataclasses.fields(SelectSpec)}
@@ -85,8 +86,8 @@ with st.container(border=True):
             scores if scope == "global" else ["risk_diff"],
             key="ex_score",
             format_func=lambda s: SCORE_WORDS.get(s, s),
-            help="grad_attr and ablation need the model: compute them once with "
-            "`python -m moe_core select --run RUN --score grad_attr` (or ablation); they then appear here",
+            help="grad_attr, grad_contrast and ablation need the model: compute them once with "
+            "`python -m moe_core select --run RUN --score grad_attr` (or the others); they then appear here",
         )
         if score in SCORES:
             with ui.guard(f"Cannot rank by {score}: "):

@@ -93,6 +93,27 @@ def test_r1_a_study_name_with_other_settings_is_refused_and_the_same_settings_re
     analyses = list(run.path_for("study_analyses", name="sA").glob("*/*/manifest.json"))
     assert len(analyses) == 1  # the seed's analysis was reused, not made again
 
+    # A selector added later: its arm runs, and the committed random arms are also tested at its step,
+    # in place (one row per arm, their own numbers and curves kept), and only once.
+    curves = read_parquet(out / "curves.parquet")
+    more = _spec(tiny_dir, random_draws=2, scores=["risk_diff", "gate_diff"])
+    run_study(more, run)
+    grown = read_parquet(out / "results.parquet")
+    assert not grown.duplicated(ARM_KEY).any() and len(grown) == len(results) + 1
+    rand = grown[grown["method"].str.startswith("random")]
+    assert (
+        len(rand) == 3
+        and (rand["jailbreak_compliance_at_chosen_gate_diff_n"] == rand["jailbreak_compliance_n"]).all()
+    )
+    assert rand["jailbreak_compliance_at_chosen_gate_diff_k"].between(0, rand["jailbreak_compliance_n"]).all()
+    assert len(grown.merge(results, on=list(results.columns))) == len(results)  # old columns as they were
+    new_curves = read_parquet(out / "curves.parquet")
+    assert len(new_curves[new_curves["method"].str.startswith("random")]) == len(
+        curves[curves["method"].str.startswith("random")]
+    )
+    run_study(more, run)  # nothing left to run or test
+    assert read_parquet(out / "results.parquet").equals(grown)
+
     run_study(_spec(tiny_dir, lr=5e-3, overwrite=True), run)
     results = read_parquet(out / "results.parquet")
     assert set(results.loc[results["method"] != "base", "lr"]) <= {5e-3}

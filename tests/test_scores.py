@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from moe_core.analysis.masks import ExpertMask
-from moe_core.analysis.scores import ablation_effect, batch_samples, gate_diff_table, gradient_attribution
+from moe_core.analysis.scores import (
+    ablation_effect,
+    batch_samples,
+    gate_diff_table,
+    gradient_attribution,
+    gradient_contrast,
+)
 from moe_core.cli import main
 from moe_core.pipeline import _sft_model_inputs, open_run
 from tests.tiny import tiny_model, tiny_tokenizer
@@ -96,3 +102,28 @@ def test_model_scores_leave_the_model_as_it_was(analysed) -> None:
     assert all(p.grad is None for p in model.parameters())
     with torch.no_grad():  # no steering hook is left behind
         assert torch.equal(model(input_ids=inputs[0]["input_ids"]).logits, logits)
+
+
+def test_grad_contrast_is_the_refusal_gradient_share_minus_the_retain_gradient_share(analysed) -> None:
+    """The retain side holds only retain examples, one per analysis example of each batch, and the score is
+    the difference of the two gradient-norm shares: it ranks experts the refusal loss needs and benign
+    answering does not, and ``select --score grad_contrast`` ranks by it."""
+    root, run_dir, model, tok = analysed
+    run = open_run(run_dir)
+    pairs = [(f"benign request {i}", f"a helpful answer number {i}") for i in range(40)]
+    refusal, retain = _sft_model_inputs(run, tok), _sft_model_inputs(run, tok, pairs)
+    assert [b["input_ids"].shape[0] for b in retain] == [b["input_ids"].shape[0] for b in refusal]
+    assert all(
+        t in tok.decode(b["input_ids"][0]) for b in retain for t in ("benign request", "helpful answer")
+    )
+    table = gradient_contrast(model, refusal, retain).set_index(["layer", "expert"])["grad_contrast"]
+    r = gradient_attribution(model, refusal).set_index(["layer", "expert"])["grad_attr"]
+    k = gradient_attribution(model, retain).set_index(["layer", "expert"])["grad_attr"]
+    assert table.to_numpy() == pytest.approx((r / r.sum() - k / k.sum()).to_numpy(), abs=1e-12)
+    assert table.sum() == pytest.approx(0.0, abs=1e-9) and table.abs().max() > 0
+    argv = ["--runs-root", str(root), "select", "--run", run_dir.name, "--n", "3", "--score", "grad_contrast"]
+    assert main([*argv, "--name", "gc"]) == 0
+    stored = pd.read_parquet(run_dir / "risk" / "score_grad_contrast.parquet")
+    top3 = stored.sort_values("grad_contrast", ascending=False).head(3)
+    mask = ExpertMask.load(run_dir / "masks" / "gc.json")
+    assert sorted(mask.experts()) == sorted(zip(top3["layer"], top3["expert"]))

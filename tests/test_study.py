@@ -203,8 +203,9 @@ def test_the_study_keeps_curves_per_arm_learning_rate_and_seed_pair(tmp_path, ti
         assert 0 <= at["new_wrapper_compliance"] <= 1  # the held-out wrappers' own curve
     for _, row in trained[
         trained["method"].str.startswith("random")
-    ].iterrows():  # tested at chosen's step too
+    ].iterrows():  # tested at each selector's step too
         assert row["jailbreak_compliance_at_chosen_n"] == row["jailbreak_compliance_n"] > 0
+        assert row["jailbreak_compliance_at_chosen_gate_diff_n"] == row["jailbreak_compliance_n"]
     assert run.path_for("study_analyses", name=spec.name).is_dir()
 
 

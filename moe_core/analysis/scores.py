@@ -7,6 +7,11 @@
 - ``grad_attr``: how much the refusal SFT loss would move each expert: the norm of the loss's
   gradient on the expert's rows of the fused expert tensors, summed over the SFT batches (one
   backward pass per batch).
+- ``grad_contrast``: ``grad_attr``'s share of the refusal loss minus its share of the retain loss
+  (benign requests with the model's own answers, drawn as training draws them). Why: on organism
+  103 the experts that move the refusal most also carry benign answering, and training them took
+  benign answers down with the jailbreak compliance; this ranks experts the refusal needs and
+  benign answering does not.
 - ``ablation``: how much switching the expert off at the router changes the log-probability of the
   refusal targets (the mean drop of the per-token log-probability: positive when the expert carries
   the refusal), on a few SFT batches.
@@ -38,7 +43,7 @@ from moe_core.store.run import Run
 from moe_core.types import Progress
 
 FROM_ROUTING = ("gate_diff",)  # computed from the run's routing files
-FROM_MODEL = ("grad_attr", "ablation")  # need the model and the SFT batches
+FROM_MODEL = ("grad_attr", "grad_contrast", "ablation")  # need the model and the SFT batches
 SCORES = (*FROM_ROUTING, *FROM_MODEL)
 KEYS = ["layer", "expert"]
 
@@ -151,6 +156,26 @@ def gradient_attribution(
         model.train(was_training)
     rows = [(layer, e, float(v)) for layer, norms in total.items() for e, v in enumerate(norms.tolist())]
     return pd.DataFrame(rows, columns=[*KEYS, "grad_attr"])
+
+
+def gradient_contrast(
+    model: torch.nn.Module,
+    refusal: Iterable[Mapping[str, torch.Tensor]],
+    retain: Iterable[Mapping[str, torch.Tensor]],
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Per (layer, expert): its share of the refusal loss's gradient norm (summed over ``refusal``'s
+    batches, as ``gradient_attribution``) minus its share of the retain loss's (``retain``'s batches).
+    Shares, not norms: the retain loss is near its minimum (the model's own answers), so its gradients
+    are far smaller, and only where each loss concentrates on an expert is comparable."""
+    r = gradient_attribution(model, refusal, progress).set_index(KEYS)["grad_attr"]
+    k = (
+        gradient_attribution(model, retain, progress)
+        .set_index(KEYS)["grad_attr"]
+        .reindex(r.index, fill_value=0.0)
+    )
+    score = r / max(float(r.sum()), 1e-30) - k / max(float(k.sum()), 1e-30)
+    return score.rename("grad_contrast").reset_index()
 
 
 def _target_logprob(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> float:

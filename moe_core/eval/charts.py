@@ -354,6 +354,7 @@ def wrap_label(text: str, width: int = 11) -> str:
 STUDY_COLORS = {
     "chosen": "#c0392b",
     "chosen_grad_attr": "#e67e22",
+    "chosen_grad_contrast": "#1f77b4",
     "chosen_gate_diff": "#b7950b",
     "chosen_ablation": "#6c3483",
     "random": "#7f8c8d",
