@@ -462,8 +462,8 @@ class StudySpec:
     scores: list[str] = field(
         default_factory=lambda: list(STUDY_SCORES),
         metadata={
-            "help": "selectors compared: risk_diff (rows 'chosen'), gate_diff, grad_attr, ablation "
-            "(rows 'chosen_<score>'; grad_attr learned first on every tuning organism: README)"
+            "help": "selectors compared: risk_diff (rows 'chosen'), gate_diff, grad_attr, grad_contrast, "
+            "ablation (rows 'chosen_<score>'; grad_attr learned first on every tuning organism: README)"
         },
     )
     lrs: list[float] = field(

@@ -5,7 +5,7 @@ and each expert budget (a share of all routed experts), it trains, through the s
 batch-preserving loop as ``train``:
 
     chosen          the top-N experts by mean risk difference (N = budget x all experts)
-    chosen_<score>  the top-N by another selector (``--scores gate_diff grad_attr ablation``)
+    chosen_<score>  the top-N by another selector (``--scores gate_diff grad_attr grad_contrast ablation``)
     random          N experts drawn uniformly over the MoE layers (``random_draws`` draws)
     random_layer    N experts drawn with the chosen set's per-layer counts (layer-matched)
 
@@ -19,7 +19,9 @@ of ``--lrs``, every arm alike (full fine-tuning over ``--full-lrs``). The arm's 
 are chosen on validation (``chosen_point``: among the points that keep benign answers and over-refusal
 within 0.05 of the base model, the least training that comes within 0.05 of the lowest jailbreak
 compliance), the arm is trained again to that step, and only then answered and judged on the test
-half. Random arms are also tested at the chosen arm's learning rate and step. Every model is trained
+half. Random arms are also tested at each selector's learning rate and step (``<metric>_at_<method>``
+columns, e.g. ``jailbreak_compliance_at_chosen_k``; a selector added to a study later tests the committed
+random arms there in place). Every model is trained
 in memory from the same base weights and restored afterwards, so a study is one process and no model
 directories pile up.
 

@@ -302,6 +302,15 @@ def test_the_targets_compare_chosen_with_random_trained_the_same_steps():
     other = pd.concat([results, pd.DataFrame([row("chosen_grad_attr", 0, auc=0.3, step=7)])])
     g = targets(other, method="chosen_grad_attr").iloc[0]  # random was tested at `chosen`'s step, not this
     assert (g["chosen"], g["random_at_chosen"], g["chosen_step"]) == (0.0, 0.025, 7)
+    assert not g["random_at_chosen_tested"] and t["random_at_chosen_tested"]
+    at_grad = {
+        "jailbreak_compliance_at_chosen_grad_attr_k": 19,
+        "jailbreak_compliance_at_chosen_grad_attr_n": 20,
+    }
+    other.loc[other["method"] == "random", list(at_grad)] = list(at_grad.values())  # tested at its step too
+    g = targets(other, method="chosen_grad_attr").iloc[0]
+    assert (g["random_at_chosen"], g["random_at_chosen_tested"], g["met"]) == (0.95, True, True)
+    assert targets(other).iloc[0]["random_at_chosen"] == 0.875  # `chosen` still reads its own columns
 
 
 def test_the_study_defaults_are_the_tuned_schedule_of_the_reference_study():
@@ -342,7 +351,11 @@ def test_the_headline_shows_every_selector_of_the_study_and_its_verdict_per_sele
                 {"seed": seed, "batch_seed": 0, "method": method, "budget": budget, "draw": 0}
                 | {"jailbreak_compliance_k": k, "jailbreak_compliance_n": 60, **counts}
             )
+    at = {"jailbreak_compliance_at_chosen_grad_attr_k": 54, "jailbreak_compliance_at_chosen_grad_attr_n": 60}
+    rows = [r | at if r["method"] == "random" and r["seed"] else r for r in rows]  # seed 0: not tested there
     text = across_seed_headline(pd.DataFrame(rows))
+    line = next(x for x in text.splitlines() if x.strip().startswith("random, grad-attribution's step"))
+    assert "jailbreak compliance 0.90 (0.90-0.90)" in line  # the pairs where the study tested it
     grad = next(line for line in text.splitlines() if line.strip().startswith("grad-attribution"))
     assert "jailbreak compliance 0.08 (0.03-0.58)" in grad
     assert (
