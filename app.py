@@ -36,6 +36,7 @@ from moe_core.eval.study_summary import (
     demo_headline,
     per_seed,
     reference_study,
+    study_commands,
     verdicts,
 )
 from moe_core.pipeline import DemoSpec, StudySpec
@@ -286,8 +287,10 @@ if reference is not None:
     st.plotly_chart(charts.seed_points_figure(per_seed(ref_results), ARMS), key="home_reference_fig")
     st.caption(
         " ".join(verdicts(ref_results))
-        + f" Each dot is one seed pair; bars are medians. Made by `{ref_settings['command']}` at commit "
-        f"`{ref_settings.get('commit')}`: one seed's demo is one of these dots, not the result."
+        + " Each dot is one seed pair; bars are medians. Made by `"
+        + "`, then `".join(study_commands(ref_settings))
+        + f"` (last arm at commit `{ref_settings.get('commit')}`): one seed's demo is one of these dots, "
+        "not the result."
     )
 found = _newest_study()
 if found is None:

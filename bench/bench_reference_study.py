@@ -1,11 +1,12 @@
 """The reference study: reproduce it, compare with the committed one, or promote a finished study to it.
 
-    .venv/bin/python bench/bench_reference_study.py                       # rerun the recorded command, compare
+    .venv/bin/python bench/bench_reference_study.py                       # rerun the recorded commands, compare
     .venv/bin/python bench/bench_reference_study.py --promote RUN [NAME]  # a finished study becomes the reference
 
 The reference (``moe_core/resources/reference_study``) is what a fresh clone shows as the result across
 seeds (``make demo``, the Home page, the report) before it has a study of its own; its settings.json
-records the command and commit that made it. Rerunning prints, per arm, the across-seed table of the
+records the commands that made it (``commands``: a study extended by later commands, in order) and the
+commit of its last arm. Rerunning prints, per arm, the across-seed table of the
 committed reference and of the rerun side by side, and the wall time.
 """
 
@@ -23,7 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_core.eval.study_summary import REFERENCE_DIR, across_seed_headline, reference_study  # noqa: E402
+from moe_core.eval.study_summary import (  # noqa: E402
+    REFERENCE_DIR,
+    across_seed_headline,
+    reference_study,
+    study_commands,
+)
 from moe_core.store.files import read_json, read_parquet  # noqa: E402
 from moe_core.store.run import Run  # noqa: E402
 from moe_core.study import stored_study  # noqa: E402
@@ -57,9 +63,12 @@ def rerun(runs_root: str | None) -> int:
     settings, results = reference
     with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
         root = runs_root or tmp
-        argv = shlex.split(settings["command"])[3:]  # after "python -m moe_core"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "moe_core", "--runs-root", root, *argv], cwd=ROOT, check=True)
+        for command in study_commands(settings):  # in order: each extends what the ones before made
+            argv = shlex.split(command)[3:]  # after "python -m moe_core"
+            subprocess.run(
+                [sys.executable, "-m", "moe_core", "--runs-root", root, *argv], cwd=ROOT, check=True
+            )
         seconds = time.perf_counter() - t0
         name = argv[argv.index("--name") + 1] if "--name" in argv else "selection"
         (out,) = Path(root).glob(f"*/study/{name}")

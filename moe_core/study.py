@@ -79,7 +79,7 @@ from moe_core.eval.evaluation import (
     evaluate_model,
     summarize,
 )
-from moe_core.eval.study_summary import summarize_study
+from moe_core.eval.study_summary import study_commands, summarize_study
 from moe_core.judge.judges import DEFAULT_JUDGE, make_judge
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.loading import ORGANISM, load_any_model
@@ -586,12 +586,21 @@ def _prior(out: Path, spec: P.StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _commit(
-    out: Path, spec: P.StudySpec, results: pd.DataFrame, curves: pd.DataFrame, complete: bool
+    out: Path,
+    spec: P.StudySpec,
+    results: pd.DataFrame,
+    curves: pd.DataFrame,
+    complete: bool,
+    before: Sequence[str] = (),
 ) -> None:
-    """The study's whole set (settings, results, curves, summary, figure), swapped in by one atomic step."""
+    """The study's whole set (settings, results, curves, summary, figure), swapped in by one atomic step.
+    ``before``: the commands that made the arms this study resumed with (``commands``: all of them, in
+    order; ``command``: this one)."""
+    command = " ".join(["python -m moe_core study", *map(shlex.quote, to_argv(spec))])
     settings = {
         "defining": defining_settings(spec),
-        "command": " ".join(["python -m moe_core study", *map(shlex.quote, to_argv(spec))]),
+        "command": command,
+        "commands": [*before, command] if command not in before[-1:] else list(before),
         "commit": source_commit(),
         "versions": package_versions(),
         "arms": len(results),
@@ -625,6 +634,7 @@ def run_study(
     run = run or new_study_run(spec, runs_root)
     out = run.path_for("study", name=spec.name)
     results, curves = _prior(out, spec)
+    history = study_commands(stored_study(out)[0]) if len(results) else []  # resumed: what made its arms
     run.set_step(f"study:{spec.name}", "running", spec=asdict(spec))
     analyses = run.path_for("study_analyses", name=spec.name) / fingerprint(defining_settings(spec))[:12]
     done = set(results[ARM_KEY].itertuples(index=False, name=None)) if len(results) else set()
@@ -638,11 +648,11 @@ def run_study(
         before, before_curves = results, curves
 
         def commit(seed_rows: list, seed_curves: list, _r: Any = before, _c: Any = before_curves) -> None:
-            _commit(out, spec, _upsert(_r, seed_rows), _concat(_c, seed_curves), complete=False)
+            _commit(out, spec, _upsert(_r, seed_rows), _concat(_c, seed_curves), False, history)
 
         seed_rows, seed_curves = study_seed(spec, seed, analyses, progress, commit, batch_seed, done, results)
         results, curves = _upsert(before, seed_rows), _concat(before_curves, seed_curves)
-    _commit(out, spec, results, curves, complete=True)
+    _commit(out, spec, results, curves, True, history)
     for other in analyses.parent.iterdir() if analyses.parent.exists() else ():
         if other != analyses:  # analyses made with settings this study no longer has (after --overwrite)
             shutil.rmtree(other, ignore_errors=True)

@@ -113,10 +113,13 @@ def test_r1_a_study_name_with_other_settings_is_refused_and_the_same_settings_re
     )
     run_study(more, run)  # nothing left to run or test
     assert read_parquet(out / "results.parquet").equals(grown)
+    commands = read_json(out / "settings.json")["commands"]  # what made its arms, in order, each once
+    assert len(commands) == 3 and "--random-draws 2" in commands[1] and "gate_diff" in commands[2]
 
     run_study(_spec(tiny_dir, lr=5e-3, overwrite=True), run)
     results = read_parquet(out / "results.parquet")
     assert set(results.loc[results["method"] != "base", "lr"]) <= {5e-3}
+    assert len(read_json(out / "settings.json")["commands"]) == 1  # replaced: its history starts again
     assert len(list(run.path_for("study_analyses", name="sA").glob("*/*/manifest.json"))) == 1
 
 

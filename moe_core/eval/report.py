@@ -36,6 +36,7 @@ from moe_core.eval.study_summary import (
     load_study,
     per_seed,
     reference_study,
+    study_commands,
     verdicts,
 )
 from moe_core.model.loading import ORGANISM, load_tokenizer_of
@@ -254,8 +255,9 @@ def _reference_section(run: Run) -> tuple[str, str] | None:
         f"<p>{_esc(headline.splitlines()[0])}</p>"
         + _figure(fig, "across_seeds")
         + _table(across_seeds(results))
-        + f"<p>{_esc(' '.join(verdicts(results)))} Reference: <code>{_esc(settings['command'])}</code>"
-        f" at commit {_esc(str(settings.get('commit')))}.</p>",
+        + f"<p>{_esc(' '.join(verdicts(results)))} Reference: "
+        + ", then ".join(f"<code>{_esc(c)}</code>" for c in study_commands(settings))
+        + f"; last arm at commit {_esc(str(settings.get('commit')))}.</p>",
     )
 
 

@@ -103,6 +103,12 @@ ARMS |= {"full": "full fine-tuning", "base": "base model"}
 HEADLINE_METRICS = ("jailbreak_compliance", "benign_answer_rate", "over_refusal")
 
 
+def study_commands(settings: dict[str, Any]) -> list[str]:
+    """Every command that made a stored study's arms, in order (studies stored before the history was kept
+    record only their last one)."""
+    return list(settings.get("commands") or [settings["command"]])
+
+
 def reference_study() -> tuple[dict[str, Any], pd.DataFrame] | None:
     """(settings, results) of the study committed with the code (``resources/reference_study``): what a fresh
     clone compares its own demo with. Its settings.json records the command and commit that produced it."""
@@ -229,9 +235,8 @@ def reference_report(evaluation: pd.DataFrame, model: str) -> str | None:
         return None
     settings, results = reference
     lines = [across_seed_headline(results)]
-    lines.append(
-        f"(reference study: `{settings['command']}` at commit {settings.get('commit') or 'unknown'})"
-    )
+    made = "`, then `".join(study_commands(settings))
+    lines.append(f"(reference study: `{made}`; last arm at commit {settings.get('commit') or 'unknown'})")
     mine = evaluation[(evaluation["model"] == model) & (evaluation["set"] == "harmful_jailbreak")]
     if len(mine):
         lines.append("This demo is one seed: " + where_seed_falls(float(mine["value"].iloc[0]), results))
