@@ -236,7 +236,7 @@ class _Lab:
             curves += [{"lr": lr, **_point(p)} for p in curve.points]
         choice = chosen_point(curves)  # every curve starts at the same untrained point
         points = [p for p in curves if p["lr"] == choice["lr"]]
-        own = (float(choice["lr"]), int(choice["step"])) if choice["step"] else (0.0, 0)
+        own = _trained_for(choice["lr"], choice["step"])
         counts = self._tested(mask, *own)
         return {
             **counts,
@@ -259,7 +259,7 @@ class _Lab:
         known = dict(known or {})
         out: dict[str, int] = {}
         for method, (lr, step) in at.items():
-            point = (float(lr), int(step)) if step else (0.0, 0)  # step 0 is the base model at any lr
+            point = _trained_for(lr, step)
             if point not in known:
                 known[point] = self._tested(mask, *point)
             out |= {f"{k[:-2]}_at_{method}{k[-2:]}": v for k, v in known[point].items()}
@@ -416,13 +416,15 @@ def study_seed(
         )
 
     def trained(method: str, budget: float, n: int, draw: int, mask: Any, at: Any = None) -> None:
+        arm = (seed, lab.batch_seed, method, budget, draw)
         if todo(method, budget, draw):
             fields, curve = lab.arm(mask, at)
             add(method, budget, n, draw, fields, curve)
-        elif missing := untested_at(stored, (seed, lab.batch_seed, method, budget, draw), at or {}):
-            row = _row(stored, (seed, lab.batch_seed, method, budget, draw))  # a selector added since
-            known = {_own(row): {k: int(row[k]) for k in COUNTS}}  # its own step: tested already
-            add(method, budget, n, draw, {**row, **lab.tested_at(mask, missing, known)})
+        elif (row := _committed(stored, arm)) and (missing := untested_at(row, at or {})):
+            # committed before a selector of this study was added: tested at its step, in place
+            fields = {k: v for k, v in row.items() if k not in ARM_KEY and not _blank(v)}
+            known = {_trained_for(row["lr"], row["step"]): {k: int(row[k]) for k in COUNTS}}  # tested there
+            add(method, budget, n, draw, {**fields, **lab.tested_at(mask, missing, known)})
 
     def steered(method: str, budget: float, n: int, steer: Any) -> None:
         if todo(method, budget):
@@ -436,9 +438,7 @@ def study_seed(
             n, mask, safest = _masks(lab, budget, score)
             trained(_method(score), budget, n, 0, mask)
             chosen = chosen or mask
-        at = selector_points(
-            [*rows, *stored], (seed, lab.batch_seed, budget), spec.scores
-        )  # random: there too
+        at = selector_points([*rows, *stored], (seed, lab.batch_seed, budget), spec.scores)  # random: too
         for d in range(spec.random_draws):
             mask = random_experts(
                 chosen.num_layers,
@@ -479,40 +479,32 @@ def _all_tested(rows: Sequence[dict[str, Any]], spec: P.StudySpec, seed: int, ba
     """Whether every committed random arm of the pair was tested at every selector's step."""
     random_arms = [("random", d) for d in range(spec.random_draws)] + [("random_layer", 0)]
     return not any(
-        untested_at(
-            rows, (seed, batch_seed, m, b, d), selector_points(rows, (seed, batch_seed, b), spec.scores)
-        )
+        untested_at(row, selector_points(rows, (seed, batch_seed, b), spec.scores))
         for b in spec.budgets
         for m, d in random_arms
+        if (row := _committed(rows, (seed, batch_seed, m, b, d)))
     )
 
 
-def _row(rows: Sequence[dict[str, Any]], arm: tuple[Any, ...]) -> dict[str, Any]:
-    """The committed row of ``arm`` (an ``ARM_KEY`` tuple), without its key."""
-    (found,) = [r for r in rows if tuple(r[k] for k in ARM_KEY) == arm]
-    return {k: v for k, v in found.items() if k not in ARM_KEY and not _blank(v)}
+def _committed(rows: Sequence[dict[str, Any]], arm: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The row of ``arm`` (an ``ARM_KEY`` tuple) among ``rows``, or None."""
+    return next((r for r in rows if tuple(r[k] for k in ARM_KEY) == arm), None)
 
 
-def _own(row: dict[str, Any]) -> tuple[float, int]:
-    """(lr, step) of a row, as ``tested_at`` keys it (step 0: the base model, at any lr)."""
-    return (float(row["lr"]), int(row["step"])) if int(row["step"]) else (0.0, 0)
+def _trained_for(lr: float, step: int) -> tuple[float, int]:
+    """(lr, step) as a key of what a model was trained for: step 0 is the base model at any lr."""
+    return (float(lr), int(step)) if int(step) else (0.0, 0)
 
 
 def _blank(value: Any) -> bool:
-    return isinstance(value, float) and value != value  # NaN: a column other arms have
+    """A missing cell: absent, or NaN (a column only other arms have)."""
+    return value is None or (isinstance(value, float) and value != value)
 
 
-def untested_at(
-    rows: Sequence[dict[str, Any]], arm: tuple[Any, ...], at: Mapping[str, tuple[float, int]]
-) -> dict[str, tuple[float, int]]:
-    """The points of ``at`` a committed arm was not tested at (its row lacks ``..._at_<method>_n``): a
+def untested_at(row: dict[str, Any], at: Mapping[str, tuple[float, int]]) -> dict[str, tuple[float, int]]:
+    """The points of ``at`` a committed arm's ``row`` was not tested at (no ``..._at_<method>_n``): a
     selector added to a study after its random arms were committed."""
-    found = [r for r in rows if tuple(r[k] for k in ARM_KEY) == arm]
-    return {
-        m: p
-        for m, p in at.items()
-        if found and _blank(found[0].get(f"jailbreak_compliance_at_{m}_n", float("nan")))
-    }
+    return {m: p for m, p in at.items() if _blank(row.get(f"jailbreak_compliance_at_{m}_n"))}
 
 
 class StudyError(MoELabError, ValueError):
