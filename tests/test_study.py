@@ -242,7 +242,9 @@ def test_the_across_seed_headline_is_the_committed_reference_studys_own_numbers(
             .groupby([rand["seed"], rand["batch_seed"]])
             .mean()
         )
-        line = next(line for line in text.splitlines() if "random, chosen's step" in line)
+        lines = text.splitlines()
+        line = lines[next(i for i, x in enumerate(lines) if x.strip().startswith("chosen experts")) + 1]
+        assert line.strip().startswith("random at its step")  # under the selector it was trained as long as
         assert f"jailbreak compliance {same.median():.2f} ({same.min():.2f}-{same.max():.2f})" in line
     evaluation = pd.DataFrame(
         {"model": ["experts-unsafe_experts"], "set": ["harmful_jailbreak"], "value": [0.5]}
@@ -354,8 +356,10 @@ def test_the_headline_shows_every_selector_of_the_study_and_its_verdict_per_sele
     at = {"jailbreak_compliance_at_chosen_grad_attr_k": 54, "jailbreak_compliance_at_chosen_grad_attr_n": 60}
     rows = [r | at if r["method"] == "random" and r["seed"] else r for r in rows]  # seed 0: not tested there
     text = across_seed_headline(pd.DataFrame(rows))
-    line = next(x for x in text.splitlines() if x.strip().startswith("random, grad-attribution's step"))
-    assert "jailbreak compliance 0.90 (0.90-0.90)" in line  # the pairs where the study tested it
+    lines = text.splitlines()
+    line = lines[next(i for i, x in enumerate(lines) if x.strip().startswith("grad-attribution")) + 1]
+    assert line.strip().startswith("random at its step")
+    assert "jailbreak compliance 0.90 (0.90-0.90) on 2 of 3 seed pairs" in line  # where the study tested it
     grad = next(line for line in text.splitlines() if line.strip().startswith("grad-attribution"))
     assert "jailbreak compliance 0.08 (0.03-0.58)" in grad
     assert (

@@ -148,23 +148,22 @@ def _share(budget: float) -> str:
     )
 
 
-def _random_at_selector_lines(results: pd.DataFrame, budget: float) -> list[str]:
-    """Random experts trained at each selector's learning rate and step (mean of draws per seed pair), where
-    the study tested them there (``<metric>_at_<method>`` columns)."""
+def _random_at_its_step(results: pd.DataFrame, budget: float, method: str) -> list[str]:
+    """The line under a selector's: random experts trained at its learning rate and step (mean of draws per
+    seed pair), on the pairs where the study tested them there (``<metric>_at_<method>`` columns)."""
     at = results[(results["method"] == "random") & (results["budget"] == budget)]
-    lines = []
-    for method in [m for m in ARMS if m.startswith("chosen")]:
-        k, n = f"jailbreak_compliance_at_{method}_k", f"jailbreak_compliance_at_{method}_n"
-        if n not in at or not at[n].notna().any():
-            continue
-        rate = at[k] / at[n]
-        pair = rate.groupby([at["seed"], at.get("batch_seed", at["seed"])]).mean()
-        label = "random, chosen's step" if method == "chosen" else f"random, {ARMS[method]}'s step"
-        lines.append(
-            f"  {label:<22} jailbreak compliance {pair.median():.2f} ({pair.min():.2f}-{pair.max():.2f}): "
-            f"random experts trained at the {ARMS[method]} arm's learning rate and step"
-        )
-    return lines
+    k, n = f"jailbreak_compliance_at_{method}_k", f"jailbreak_compliance_at_{method}_n"
+    if n not in at or not at[n].notna().any():
+        return []
+    keys = [at["seed"], at.get("batch_seed", at["seed"])]
+    pair = (at[k] / at[n]).groupby(keys).mean().dropna()
+    mine = results[(results["method"] == method) & (results["budget"] == budget)]
+    pairs = len(mine.groupby([mine["seed"], mine.get("batch_seed", mine["seed"])]))
+    some = f" on {len(pair)} of {pairs} seed pairs" if len(pair) < pairs else ""
+    return [
+        f"    {'random at its step':<20} jailbreak compliance {pair.median():.2f} ({pair.min():.2f}-"
+        f"{pair.max():.2f}){some}: random experts trained at this selector's learning rate and step"
+    ]
 
 
 def across_seed_headline(results: pd.DataFrame, budget: float = HEADLINE_BUDGET) -> str:
@@ -186,8 +185,8 @@ def across_seed_headline(results: pd.DataFrame, budget: float = HEADLINE_BUDGET)
             for m in HEADLINE_METRICS
         )
         lines.append(f"  {label:<22} {cells}")
-        if method == "random":
-            lines += _random_at_selector_lines(results, budget)
+        if method.startswith("chosen"):
+            lines += _random_at_its_step(results, budget, method)
     return "\n".join([*lines, *verdicts(results, budget)])
 
 
