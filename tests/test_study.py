@@ -11,7 +11,8 @@ import torch
 
 from moe_core import pipeline as P
 from moe_core.eval.study_summary import summarize_study, summary_markdown
-from moe_core.study import _Lab, run_study
+from moe_core.study import run_study
+from moe_core.study.lab import _Lab
 from tests.app_fixtures import save_tiny_model
 
 
@@ -104,7 +105,7 @@ def test_each_arm_starts_from_the_base_weights(tmp_path, tiny_dir):
     )
     lab = _Lab(spec, 0, tmp_path, None)
     before = {n: p.detach().clone() for n, p in lab.model.named_parameters()}
-    from moe_core.study import _masks
+    from moe_core.study.lab import _masks
 
     _, chosen, _ = _masks(lab, 1 / 8)
     lab.train_and_evaluate(chosen)

@@ -1,0 +1,195 @@
+"""What a study commits and reads back: its settings (the defining ones a resume must match, and the
+commands that made it), its results and curves, swapped in as one folder after every arm."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moe_core import pipeline as P
+from moe_core.errors import MoELabError
+from moe_core.eval.charts import study_figure
+from moe_core.eval.evaluation import (
+    METRICS,
+)
+from moe_core.eval.study_summary import summarize_study
+from moe_core.model.loading import ORGANISM
+from moe_core.model.organism import CORPUS_VERSION
+from moe_core.specs import to_argv
+from moe_core.store.atomic import atomic_dir, atomic_write_json
+from moe_core.store.files import _now, read_json, read_parquet, write_parquet
+from moe_core.store.manifest import default_runs_root, package_versions, source_commit
+from moe_core.store.run import Run
+
+ARM_KEY = ["seed", "batch_seed", "method", "budget", "draw"]  # one arm of a study: committed whole
+COUNTS = [f"{metric}_{x}" for metric, _, _ in METRICS.values() for x in "kn"]  # an arm's test counts
+
+
+def method_of(score: str) -> str:
+    return "chosen" if score == "risk_diff" else f"chosen_{score}"
+
+
+def selector_points(
+    rows: Sequence[dict[str, Any]], pair_budget: tuple[int, int, float], scores: Sequence[str]
+) -> dict[str, tuple[float, int]]:
+    """The (lr, step) of each selector of ``scores`` for (seed, batch seed, budget) among ``rows``, by
+    method: where random arms are also tested."""
+    methods = {method_of(s) for s in scores}
+    return {
+        r["method"]: (float(r["lr"]), int(r["step"]))
+        for r in rows
+        if r["method"] in methods and (r["seed"], r["batch_seed"], r["budget"]) == pair_budget
+    }
+
+
+def all_tested(rows: Sequence[dict[str, Any]], spec: P.StudySpec, seed: int, batch_seed: int) -> bool:
+    """Whether every committed random arm of the pair was tested at every selector's step."""
+    random_arms = [("random", d) for d in range(spec.random_draws)] + [("random_layer", 0)]
+    return not any(
+        untested_at(row, selector_points(rows, (seed, batch_seed, b), spec.scores))
+        for b in spec.budgets
+        for m, d in random_arms
+        if (row := committed_row(rows, (seed, batch_seed, m, b, d)))
+    )
+
+
+def committed_row(rows: Sequence[dict[str, Any]], arm: tuple[Any, ...]) -> dict[str, Any] | None:
+    """The row of ``arm`` (an ``ARM_KEY`` tuple) among ``rows``, or None."""
+    return next((r for r in rows if tuple(r[k] for k in ARM_KEY) == arm), None)
+
+
+def blank(value: Any) -> bool:
+    """A missing cell: absent, or NaN (a column only other arms have)."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def untested_at(row: dict[str, Any], at: Mapping[str, tuple[float, int]]) -> dict[str, tuple[float, int]]:
+    """The points of ``at`` a committed arm's ``row`` was not tested at (no ``..._at_<method>_n``): a
+    selector added to a study after its random arms were committed."""
+    return {m: p for m, p in at.items() if blank(row.get(f"jailbreak_compliance_at_{m}_n"))}
+
+
+class StudyError(MoELabError, ValueError):
+    """A study cannot go on as asked (e.g. its name holds a study made with other settings)."""
+
+
+# The settings that make an arm's numbers what they are: a study of the same name resumes and extends only
+# with these equal. Seeds, budgets, draws, selectors and arms may grow; they only say which arms to run.
+DEFINING = (
+    "model",
+    "scope",
+    "max_batches",
+    "lr",
+    "lrs",
+    "full_lrs",
+    "epochs",
+    "eval_limit",
+    "templates_per_goal",
+    "max_new_tokens",
+    "retain_share",
+    "curve_every",
+    "backend",
+    "validation",
+)
+# What a study stored before a defining setting existed was made with (read back in their place).
+LEGACY = {"validation": "margin", "organism": "organism-corpus-v2", "lrs": [], "full_lrs": []}
+
+
+def defining_settings(spec: P.StudySpec) -> dict[str, Any]:
+    """The settings above, and the organism's corpus version when the study builds organisms (a corpus
+    change makes other organisms, whose arms must not be mixed with the stored ones)."""
+    return {
+        **{k: getattr(spec, k) for k in DEFINING},
+        "organism": CORPUS_VERSION if spec.model is None else None,
+    }
+
+
+def stored_study(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame] | None:
+    """(settings, results, curves) of the study committed at ``out``, or None where there is none yet."""
+    if not (out / "settings.json").exists():
+        return None
+    settings = read_json(out / "settings.json")
+    curves = read_parquet(out / "curves.parquet") if (out / "curves.parquet").exists() else pd.DataFrame()
+    return settings, read_parquet(out / "results.parquet"), curves
+
+
+def prior_arms(out: Path, spec: P.StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The arms already committed under this name (to resume), or none; refuses other settings."""
+    stored = stored_study(out)
+    if stored is None:
+        if out.exists() and any(out.iterdir()) and not spec.overwrite:  # a study written before settings.json
+            raise StudyError(
+                f"study {spec.name!r} already exists in this run ({out}) without recorded settings; "
+                "pass --overwrite to replace it, or choose another --name"
+            )
+        return pd.DataFrame(), pd.DataFrame()
+    settings, results, curves = stored
+    now = json.loads(json.dumps(defining_settings(spec)))  # as it reads back from JSON
+    was = {**LEGACY, **({} if spec.model is None else {"organism": None}), **settings["defining"]}
+    was["lrs"] = was["lrs"] or [was["lr"]]  # stored before the spec resolved its schedule: [] meant these
+    was["full_lrs"] = was["full_lrs"] or was["lrs"]
+    diff = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
+    if not diff:
+        return results, curves
+    if spec.overwrite:
+        return pd.DataFrame(), pd.DataFrame()
+    raise StudyError(
+        f"study {spec.name!r} in this run was made with other settings ({'; '.join(diff)}); the same settings "
+        "resume and extend it. Pass --overwrite to replace it, or choose another --name"
+    )
+
+
+def commit_study(
+    out: Path,
+    spec: P.StudySpec,
+    results: pd.DataFrame,
+    curves: pd.DataFrame,
+    complete: bool,
+    before: Sequence[str] = (),
+) -> None:
+    """The study's whole set (settings, results, curves, summary, figure), swapped in by one atomic step.
+    ``before``: the commands that made the arms this study resumed with (``commands``: all of them, in
+    order; ``command``: this one)."""
+    command = " ".join(["python -m moe_core study", *map(shlex.quote, to_argv(spec))])
+    settings = {
+        "defining": defining_settings(spec),
+        "command": command,
+        "commands": [*before, command] if command not in before[-1:] else list(before),
+        "commit": source_commit(),
+        "versions": package_versions(),
+        "arms": len(results),
+        "complete": complete,
+        "updated": _now(),
+    }
+    summary = summarize_study(results)
+
+    def build(tmp: Path) -> None:
+        write_parquet(tmp / "results.parquet", results)
+        write_parquet(tmp / "curves.parquet", curves)
+        write_parquet(tmp / "summary.parquet", summary)
+        atomic_write_json(tmp / "figure.json", json.loads(study_figure(summary).to_json()))
+        atomic_write_json(tmp / "settings.json", settings)  # last: what a reader checks first
+
+    atomic_dir(out, build)
+
+
+def concat_rows(df: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    new = pd.DataFrame(rows)
+    return new if df.empty else df if new.empty else pd.concat([df, new], ignore_index=True)
+
+
+def upsert_rows(results: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """``results`` with ``rows`` added; a row of an arm already there replaces it (an arm tested at a
+    selector's step it was not tested at before)."""
+    out = concat_rows(results, rows)
+    return out.drop_duplicates(ARM_KEY, keep="last", ignore_index=True) if len(out) else out
+
+
+def new_study_run(spec: P.StudySpec, runs_root: str | Path | None = None) -> Run:
+    """A fresh run named 'study' to hold a study of ``spec``."""
+    return Run.create(Path(runs_root or default_runs_root()), name="study", model=spec.model or ORGANISM)
