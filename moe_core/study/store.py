@@ -14,9 +14,7 @@ import pandas as pd
 from moe_core import pipeline as P
 from moe_core.errors import MoELabError
 from moe_core.eval.charts import study_figure
-from moe_core.eval.evaluation import (
-    METRICS,
-)
+from moe_core.eval.evaluation import METRICS
 from moe_core.eval.study_summary import summarize_study
 from moe_core.model.loading import ORGANISM
 from moe_core.model.organism import CORPUS_VERSION
@@ -31,6 +29,7 @@ COUNTS = [f"{metric}_{x}" for metric, _, _ in METRICS.values() for x in "kn"]  #
 
 
 def method_of(score: str) -> str:
+    """A selector score's rows: ``chosen`` for the method's risk difference, ``chosen_<score>`` otherwise."""
     return "chosen" if score == "risk_diff" else f"chosen_{score}"
 
 
