@@ -50,7 +50,7 @@ from moe_core.analysis.selection import (
     random_experts,
     random_layer_matched,
 )
-from moe_core.eval.study_summary import study_commands, summarize_study
+from moe_core.eval.study_summary import summarize_study
 from moe_core.store.provenance import fingerprint
 from moe_core.store.run import Run
 from moe_core.study.lab import _Lab, _masks, chosen_point, trained_for
@@ -155,9 +155,8 @@ def study_seed(
             n, mask, safest = _masks(lab, budget, score)
             pair.trained(pair.key(method_of(score), budget), n, mask)
             chosen = chosen or mask
-        at = selector_points(
-            [*pair.rows, *stored], (seed, lab.batch_seed, budget), spec.scores
-        )  # random: too
+        # the random arms are also tested at each selector's (lr, step)
+        at = selector_points([*pair.rows, *stored], (seed, lab.batch_seed, budget), spec.scores)
         for d in range(spec.random_draws):
             mask = random_experts(
                 chosen.num_layers,
@@ -196,8 +195,7 @@ def run_study(
     spec.validate()
     run = run or new_study_run(spec, runs_root)
     out = run.path_for("study", name=spec.name)
-    results, curves = prior_arms(out, spec)
-    history = study_commands(stored_study(out)[0]) if len(results) else []  # resumed: what made its arms
+    results, curves, history = prior_arms(out, spec)  # history: the commands that made the arms resumed
     run.set_step(f"study:{spec.name}", "running", spec=asdict(spec))
     analyses = run.path_for("study_analyses", name=spec.name) / fingerprint(defining_settings(spec))[:12]
     done = set(results[ARM_KEY].itertuples(index=False, name=None)) if len(results) else set()

@@ -15,7 +15,7 @@ from moe_core import pipeline as P
 from moe_core.errors import MoELabError
 from moe_core.eval.charts import study_figure
 from moe_core.eval.evaluation import METRICS
-from moe_core.eval.study_summary import summarize_study
+from moe_core.eval.study_summary import study_commands, summarize_study
 from moe_core.model.loading import ORGANISM
 from moe_core.model.organism import CORPUS_VERSION
 from moe_core.specs import to_argv
@@ -117,8 +117,9 @@ def stored_study(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]
     return settings, read_parquet(out / "results.parquet"), curves
 
 
-def prior_arms(out: Path, spec: P.StudySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The arms already committed under this name (to resume), or none; refuses other settings."""
+def prior_arms(out: Path, spec: P.StudySpec) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """The arms already committed under this name (to resume) and the commands that made them, or none;
+    refuses other settings."""
     stored = stored_study(out)
     if stored is None:
         if out.exists() and any(out.iterdir()) and not spec.overwrite:  # a study written before settings.json
@@ -126,7 +127,7 @@ def prior_arms(out: Path, spec: P.StudySpec) -> tuple[pd.DataFrame, pd.DataFrame
                 f"study {spec.name!r} already exists in this run ({out}) without recorded settings; "
                 "pass --overwrite to replace it, or choose another --name"
             )
-        return pd.DataFrame(), pd.DataFrame()
+        return pd.DataFrame(), pd.DataFrame(), []
     settings, results, curves = stored
     now = json.loads(json.dumps(defining_settings(spec)))  # as it reads back from JSON
     was = {**LEGACY, **({} if spec.model is None else {"organism": None}), **settings["defining"]}
@@ -134,9 +135,9 @@ def prior_arms(out: Path, spec: P.StudySpec) -> tuple[pd.DataFrame, pd.DataFrame
     was["full_lrs"] = was["full_lrs"] or was["lrs"]
     diff = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
     if not diff:
-        return results, curves
+        return results, curves, study_commands(settings) if len(results) else []
     if spec.overwrite:
-        return pd.DataFrame(), pd.DataFrame()
+        return pd.DataFrame(), pd.DataFrame(), []
     raise StudyError(
         f"study {spec.name!r} in this run was made with other settings ({'; '.join(diff)}); the same settings "
         "resume and extend it. Pass --overwrite to replace it, or choose another --name"
