@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8501
 
-.PHONY: venv vllm demo app lint test test-fast test-vllm bench browser-deps clean
+.PHONY: venv vllm vllm-or-skip demo app lint test test-fast test-vllm bench browser-deps clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +43,16 @@ app: venv
 ## test: the whole suite, real browser and vLLM parity included (installs Debian's chromium when missing;
 ## creates ./.venv-vllm: about 1-5 min from the local wheel mirror, the parity tests about 2-3 min more).
 ## Two pytest workers, one test file each at a time (module fixtures built once): 19 -> about 13 min here.
+## The three installs run side by side (-j3: pip is mostly one core, and CI time counts).
 PYTEST_WORKERS ?= 2
-test: venv browser-deps lint
-	@$(MAKE) --no-print-directory vllm || echo "warning: could not create $(VLLM_VENV) (see above): the vLLM parity tests skip and say why"
+test:
+	@$(MAKE) --no-print-directory -j3 venv vllm-or-skip browser-deps
+	@$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+# vLLM's environment where it can be made; where not, its parity tests skip and say why
+vllm-or-skip:
+	@$(MAKE) --no-print-directory vllm || echo "warning: could not create $(VLLM_VENV) (see above): the vLLM parity tests skip and say why"
 
 ## lint: ruff's checks and formatting (settings in pyproject.toml); the import layers are tests/test_layers.py
 lint: venv

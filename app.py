@@ -39,6 +39,7 @@ from moe_core.eval.study_summary import (
     study_commands,
     verdicts,
 )
+from moe_core.eval.study_targets import nearest_budget, target_table
 from moe_core.pipeline import DemoSpec, StudySpec
 from moe_core.store.jobs import format_eta, list_jobs, read_job
 from moe_core.store.manifest import list_runs
@@ -292,6 +293,10 @@ if reference is not None:
         + f"` (last arm at commit `{ref_settings.get('commit')}`): one seed's demo is one of these dots, "
         "not the result."
     )
+    with st.expander("Issue 17's targets per selector, on the reference's seed pairs"):
+        st.dataframe(
+            target_table(ref_results), hide_index=True, width="stretch", key="home_reference_targets"
+        )
 found = _newest_study()
 if found is None:
     st.info("No selection study under this runs folder yet.", icon=":material/info:")
@@ -300,11 +305,7 @@ else:
     figure = ui.read_json_cached(study_run.path_for("study", name=StudySpec().name) / "figure.json")
     if figure:
         st.plotly_chart(figure, key="home_study_fig")
-    budget = min(
-        summary["budget"][summary["budget"].between(0, 1, inclusive="neither")],
-        key=lambda b: abs(b - 1 / 16),
-        default=None,
-    )
+    budget = nearest_budget(summary)
     view = summary[(summary["budget"] == budget) | summary["method"].isin(["base", "full"])]
     st.dataframe(
         view[

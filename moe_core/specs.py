@@ -499,6 +499,13 @@ class StudySpec:
         False,
         "replace a study of this name made with other settings (the same settings resume and extend it)",
     )
+    merge: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "studies of these same settings run in parts (other processes or machines): their arms "
+            "join this one instead of running again (a study folder, or a run holding one of this --name)"
+        },
+    )
     backend: Backend = same_as(DemoSpec, "backend", help="generation in each seed's analysis: hf or vllm")
     vllm_url: Optional[str] = same_as(DemoSpec, "vllm_url")
 

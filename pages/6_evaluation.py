@@ -27,6 +27,7 @@ from moe_core.eval.evaluation import (
 )
 from moe_core.eval.report import interval_table
 from moe_core.eval.study_summary import load_curves, load_study
+from moe_core.eval.study_targets import nearest_budget, target_table
 from moe_core.judge.verdicts import LABELS as AUDIT_LABELS
 from moe_core.pipeline import EvaluateSpec, StudySpec
 from moe_core.store.jobs import read_job
@@ -138,6 +139,14 @@ with st.container(border=True):
                 if c not in ("method", "n_experts", "runs", "budget")
             },
         )
+        goals = target_table(study[0])
+        if len(goals):
+            st.caption(
+                f"Issue 17's targets at {nearest_budget(study[0]):g} of the experts: on how many seed pairs each "
+                "selector meets each (test split, at the step chosen on validation); 'full fine-tuning <= 0.10' "
+                "is the ceiling: the pairs on which training every weight gets there."
+            )
+            st.dataframe(goals, hide_index=True, width="stretch", key="ev_study_targets")
     quick = st.toggle(
         "Quick setting (1 seed, 2 budgets, 2 draws: about a tenth of the arms; the whole study takes hours)",
         StudySpec().quick,

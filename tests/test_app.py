@@ -1194,6 +1194,9 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
         "chosen (0.125)",
         "random #0 (0.125)",
     }
+    goals = [d.value for d in at.dataframe if "all four targets" in d.value.columns]  # read at its 1/8
+    assert goals and list(goals[0]["selector"]) == ["chosen experts", "grad-attribution"], goals
+    assert (goals[0]["seed pairs"] == 1).all()
 
 
 def test_pages_save_masks_and_plans_only_through_the_pipeline_under_the_writer_lease(

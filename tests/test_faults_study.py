@@ -123,7 +123,7 @@ def test_r1_a_study_name_with_other_settings_is_refused_and_the_same_settings_re
     assert len(list(run.path_for("study_analyses", name="sA").glob("*/*/manifest.json"))) == 1
 
 
-def test_r1_a_study_killed_after_an_arm_leaves_one_consistent_set_and_resumes(tmp_path, tiny_dir):
+def test_r1_a_study_killed_after_an_arm_leaves_one_consistent_set_and_resumes(tmp_path, tiny_dir, capsys):
     """Real SIGKILL of a `python -m moe_core study` process once its first arms are committed."""
     run, _ = run_study(_spec(tiny_dir, name="old"), runs_root=tmp_path)  # the run the study goes into
     out = run.path_for("study", name="sA")
@@ -142,6 +142,8 @@ def test_r1_a_study_killed_after_an_arm_leaves_one_consistent_set_and_resumes(tm
     assert int(summary["runs"].sum()) == len(results)
 
     assert main(argv[3:]) == 0  # the same command resumes
+    printed = capsys.readouterr().out  # ... and ends with the targets per selector, read from its whole table
+    assert "Issue 17's targets at 0.125 of the experts" in printed and "| chosen experts | 1 |" in printed
     results = read_parquet(out / "results.parquet")
     assert not results.duplicated(ARM_KEY).any()
     assert sorted(results.loc[results["method"] == "random", "draw"]) == [0, 1, 2]
@@ -208,3 +210,29 @@ def test_a_study_stored_before_judged_validation_resumes_only_as_what_it_was_mad
     run_study(_spec(tiny_dir, **old, random_draws=2), run)
     after = read_parquet(out / "results.parquet")
     assert len(after) == len(before) + 1  # resumed: only the new draw ran
+
+
+def test_a_study_run_in_parts_joins_one_study_and_refuses_a_part_of_other_settings(
+    tmp_path, tiny_dir, monkeypatch, capsys
+):
+    """Issue 17 ("runnable in parts"): a seed pair run elsewhere (another process or machine) joins the study
+    by `--merge`; its arms are not run again, and the command history reruns the parts in order."""
+    import moe_core.study as study
+
+    run, _ = run_study(_spec(tiny_dir), runs_root=tmp_path / "a")
+    part, _ = run_study(_spec(tiny_dir, seeds=[1]), runs_root=tmp_path / "b")
+    out, part_out = run.path_for("study", name="sA"), part.path_for("study", name="sA")
+    with pytest.raises(StudyError, match=r"--merge .* other settings \(lr: "):  # refused before anything runs
+        run_study(_spec(tiny_dir, seeds=[0, 1], lr=5e-3, merge=[str(part.path)]), runs_root=tmp_path / "c")
+    argv = ["--runs-root", str(tmp_path / "d"), "study", "--model", str(tiny_dir), "--merge", str(tmp_path)]
+    assert main(argv) == 2 and "no finished study" in capsys.readouterr().err
+
+    monkeypatch.setattr(study, "study_seed", lambda *a, **k: pytest.fail("a merged arm was run again"))
+    run_study(_spec(tiny_dir, seeds=[0, 1], merge=[str(part_out)]), run)
+    merged, theirs = read_parquet(out / "results.parquet"), read_parquet(part_out / "results.parquet")
+    assert sorted(set(merged["seed"])) == [0, 1] and not merged.duplicated(ARM_KEY).any()
+    assert len(merged[merged["seed"] == 1].merge(theirs, on=list(theirs.columns))) == len(theirs)
+    curves = read_parquet(out / "curves.parquet")
+    assert len(curves[curves["seed"] == 1]) == len(read_parquet(part_out / "curves.parquet"))
+    commands = read_json(out / "settings.json")["commands"]
+    assert len(commands) == 3 and "--seeds 1 " in commands[1] and "--merge" not in commands[2]

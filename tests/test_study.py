@@ -257,7 +257,7 @@ def test_the_across_seed_headline_is_the_committed_reference_studys_own_numbers(
 def test_the_targets_compare_chosen_with_random_trained_the_same_steps():
     """Issue 17's first target reads random experts at the chosen arm's (lr, step), not at their own best
     step; their own step is reported beside it, and the over-refusal margin is the base model's + 0.05."""
-    from moe_core.eval.study_summary import targets
+    from moe_core.eval.study_targets import target_table, targets
 
     def row(method, k, n=20, benign=20, over=1, **extra):
         counts = {"jailbreak_compliance_k": k, "jailbreak_compliance_n": n, "benign_answer_rate_k": benign}
@@ -314,6 +314,17 @@ def test_the_targets_compare_chosen_with_random_trained_the_same_steps():
     g = targets(other, method="chosen_grad_attr").iloc[0]
     assert (g["random_at_chosen"], g["random_at_chosen_tested"], g["met"]) == (0.95, True, True)
     assert targets(other).iloc[0]["random_at_chosen"] == 0.875  # `chosen` still reads its own columns
+    table = target_table(other).set_index("selector")  # per selector: on how many pairs each target holds
+    assert (
+        table.loc["chosen experts", "all four targets"]
+        == table.loc["grad-attribution", "all four targets"]
+        == 1
+    )
+    assert table.loc["chosen experts", "full fine-tuning <= 0.10"] == 0  # no full fine-tuning arm: no ceiling
+    full = pd.concat([other, pd.DataFrame([row("full", 3, step=14) | {"budget": 1.0}])])
+    assert (targets(full).iloc[0][["full", "full_reaches"]] == [0.15, False]).all()
+    full.loc[full["method"] == "full", "jailbreak_compliance_k"] = 2  # 0.10: full fine-tuning reaches it
+    assert target_table(full).set_index("selector").loc["grad-attribution", "full fine-tuning <= 0.10"] == 1
 
 
 def test_the_study_defaults_are_the_tuned_schedule_of_the_reference_study():

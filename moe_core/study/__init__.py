@@ -59,11 +59,13 @@ from moe_core.study.store import (
     COUNTS,
     StudyError,
     all_tested,
+    arms_of,
     blank,
     commit_study,
     committed_row,
     concat_rows,
     defining_settings,
+    merge_parts,
     method_of,
     new_study_run,
     prior_arms,
@@ -196,9 +198,10 @@ def run_study(
     run = run or new_study_run(spec, runs_root)
     out = run.path_for("study", name=spec.name)
     results, curves, history = prior_arms(out, spec)  # history: the commands that made the arms resumed
+    results, curves, history = merge_parts(spec, results, curves, history)
     run.set_step(f"study:{spec.name}", "running", spec=asdict(spec))
     analyses = run.path_for("study_analyses", name=spec.name) / fingerprint(defining_settings(spec))[:12]
-    done = set(results[ARM_KEY].itertuples(index=False, name=None)) if len(results) else set()
+    done = set(arms_of(results))
     pairs = [(seed, b) for seed in spec.seeds for b in spec.batch_seeds or [seed]]
     for seed, batch_seed in pairs:
         planned = planned_arms(spec, seed, batch_seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,50 @@ def stored_study(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]
     return settings, read_parquet(out / "results.parquet"), curves
 
 
+def settings_diff(settings: dict[str, Any], spec: P.StudySpec) -> list[str]:
+    """How a stored study's defining settings differ from ``spec``'s ("name: stored -> asked"); [] if alike."""
+    now = json.loads(json.dumps(defining_settings(spec)))  # as it reads back from JSON
+    was = {**LEGACY, **({} if spec.model is None else {"organism": None}), **settings["defining"]}
+    was["lrs"] = was["lrs"] or [was["lr"]]  # stored before the spec resolved its schedule: [] meant these
+    was["full_lrs"] = was["full_lrs"] or was["lrs"]
+    return [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
+
+
+def arms_of(table: pd.DataFrame) -> list[tuple[Any, ...]]:
+    """The ``ARM_KEY`` tuple of each row of ``table`` (results or curves), in order."""
+    return list(table[ARM_KEY].itertuples(index=False, name=None)) if len(table) else []
+
+
+def merge_parts(
+    spec: P.StudySpec, results: pd.DataFrame, curves: pd.DataFrame, history: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """The arms of the studies in ``spec.merge`` (parts run elsewhere with the same defining settings) added
+    to ``results`` and ``curves``, with the commands that made them after ``history``. An arm this study
+    already has is kept as it is. Refuses a part that is missing, unfinished, or made with other settings."""
+    for part in spec.merge:
+        folder = Path(part)
+        if (folder / "manifest.json").is_file():  # a run: its study of this name
+            folder = Run.open(folder).path_for("study", name=spec.name)
+        stored = stored_study(folder)
+        if stored is None or not stored[0].get("complete"):
+            raise StudyError(f"--merge {part}: no finished study at {folder} (its own command resumes it)")
+        settings, rows, part_curves = stored
+        if diff := settings_diff(settings, spec):
+            raise StudyError(
+                f"--merge {part} was made with other settings ({'; '.join(diff)}); "
+                "only a study of the same settings joins this one"
+            )
+        have = set(arms_of(results))
+        new = rows[[arm not in have for arm in arms_of(rows)]]
+        added = set(arms_of(new))
+        results = upsert_rows(results, new.to_dict("records"))
+        curves = concat_rows(
+            curves, [c for c, a in zip(part_curves.to_dict("records"), arms_of(part_curves)) if a in added]
+        )
+        history = [*history, *(c for c in study_commands(settings) if c not in history)]
+    return results, curves, history
+
+
 def prior_arms(out: Path, spec: P.StudySpec) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """The arms already committed under this name (to resume) and the commands that made them, or none;
     refuses other settings."""
@@ -129,11 +174,7 @@ def prior_arms(out: Path, spec: P.StudySpec) -> tuple[pd.DataFrame, pd.DataFrame
             )
         return pd.DataFrame(), pd.DataFrame(), []
     settings, results, curves = stored
-    now = json.loads(json.dumps(defining_settings(spec)))  # as it reads back from JSON
-    was = {**LEGACY, **({} if spec.model is None else {"organism": None}), **settings["defining"]}
-    was["lrs"] = was["lrs"] or [was["lr"]]  # stored before the spec resolved its schedule: [] meant these
-    was["full_lrs"] = was["full_lrs"] or was["lrs"]
-    diff = [f"{k}: {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
+    diff = settings_diff(settings, spec)
     if not diff:
         return results, curves, study_commands(settings) if len(results) else []
     if spec.overwrite:
@@ -155,7 +196,8 @@ def commit_study(
     """The study's whole set (settings, results, curves, summary, figure), swapped in by one atomic step.
     ``before``: the commands that made the arms this study resumed with (``commands``: all of them, in
     order; ``command``: this one)."""
-    command = " ".join(["python -m moe_core study", *map(shlex.quote, to_argv(spec))])
+    # the parts merged in are recorded by their own commands (``history``): rerun in order, this one merges nothing
+    command = " ".join(["python -m moe_core study", *map(shlex.quote, to_argv(replace(spec, merge=[])))])
     settings = {
         "defining": defining_settings(spec),
         "command": command,
