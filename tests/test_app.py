@@ -1195,7 +1195,11 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
         "random #0 (0.125)",
     }
     goals = [d.value for d in at.dataframe if "all four targets" in d.value.columns]  # read at its 1/8
-    assert goals and list(goals[0]["selector"]) == ["chosen experts", "grad-attribution"], goals
+    assert goals and list(goals[0]["selector"]) == [
+        "chosen experts",
+        "grad-attribution",
+        "picked on validation",
+    ]
     assert (goals[0]["seed pairs"] == 1).all()
 
 

@@ -257,7 +257,8 @@ def test_the_across_seed_headline_is_the_committed_reference_studys_own_numbers(
 def test_the_targets_compare_chosen_with_random_trained_the_same_steps():
     """Issue 17's first target reads random experts at the chosen arm's (lr, step), not at their own best
     step; their own step is reported beside it, and the over-refusal margin is the base model's + 0.05."""
-    from moe_core.eval.study_targets import target_table, targets
+    from moe_core.eval.study_summary import PICK
+    from moe_core.eval.study_targets import target_table, targets, with_validation_pick
 
     def row(method, k, n=20, benign=20, over=1, **extra):
         counts = {"jailbreak_compliance_k": k, "jailbreak_compliance_n": n, "benign_answer_rate_k": benign}
@@ -314,6 +315,13 @@ def test_the_targets_compare_chosen_with_random_trained_the_same_steps():
     g = targets(other, method="chosen_grad_attr").iloc[0]
     assert (g["random_at_chosen"], g["random_at_chosen_tested"], g["met"]) == (0.95, True, True)
     assert targets(other).iloc[0]["random_at_chosen"] == 0.875  # `chosen` still reads its own columns
+    # the selector picked per pair on validation: lowest validation compliance, then AUC (grad_attr: 0.3 < 0.4)
+    picked = with_validation_pick(other.assign(val_jailbreak_compliance=[1.0, 0.2, 0.9, 0.9, 0.2]))
+    p = targets(picked, method=PICK).iloc[0]  # random read at the picked selector's point
+    assert (p["chosen"], p["random_at_chosen"], p["chosen_step"], p["met"]) == (0.0, 0.95, 7, True)
+    assert list(picked.loc[picked["method"] == PICK, "picked"]) == ["chosen_grad_attr"]
+    picked = with_validation_pick(other.assign(val_jailbreak_compliance=[1.0, 0.2, 0.9, 0.9, 0.5]))
+    assert targets(picked, method=PICK).iloc[0]["random_at_chosen"] == 0.875  # `chosen` validates best here
     table = target_table(other).set_index("selector")  # per selector: on how many pairs each target holds
     assert (
         table.loc["chosen experts", "all four targets"]

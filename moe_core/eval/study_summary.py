@@ -97,6 +97,8 @@ ARMS = {
     "chosen_gate_diff": "gate score",
 }
 ARMS |= {"chosen_ablation": "ablation effect"}  # the other selectors (`--scores`), where a study has them
+PICK = "chosen_on_validation"  # per seed pair, the selector whose chosen point validates best (study_targets)
+ARMS |= {PICK: "picked on validation"}
 ARMS |= {"random": "random experts", "random_layer": "random, layer-matched"}
 ARMS |= {"full": "full fine-tuning", "base": "base model"}
 HEADLINE_METRICS = ("jailbreak_compliance", "benign_answer_rate", "over_refusal")
