@@ -48,7 +48,7 @@ PYTEST_WORKERS ?= 2
 test:
 	@$(MAKE) --no-print-directory -j3 venv vllm-or-skip browser-deps
 	@$(MAKE) --no-print-directory lint
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # vLLM's environment where it can be made; where not, its parity tests skip and say why
 vllm-or-skip:
