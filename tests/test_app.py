@@ -1118,6 +1118,7 @@ def test_present_page_and_report(lab, monkeypatch, tmp_path):
     text = report.read_text()
     assert "plotly" in text[:5_000_000] and "fig-heatmap" in text and "fig-before_after" in text
     assert "<script src=" not in text  # plotly.js inline: opens offline
+    assert "fig-across_seeds" in text and "all four targets" in text  # the reference's targets per selector
     assert at.get("download_button")
 
 
