@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from moe_core.eval.study_summary import (  # noqa: E402
     REFERENCE_DIR,
+    STUDY_NAME,
     across_seed_headline,
     reference_study,
     study_commands,
@@ -55,6 +56,23 @@ def promote(run_dir: str, name: str) -> int:
     return 0
 
 
+def rerun_commands(commands: list[str], root: Path) -> Path:
+    """Run a study's recorded commands in order into one new run under ``root`` (each extends what the ones
+    before made: the first makes the run, the rest get its ``--run``); the study's folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    there, run_dir, name = set(root.iterdir()), None, STUDY_NAME
+    for command in commands:
+        argv = shlex.split(command)[3:]  # after "python -m moe_core": "study", then its flags
+        where = ["--run", str(run_dir)] if run_dir else []
+        cmd = [sys.executable, "-m", "moe_core", "--runs-root", str(root), argv[0], *where, *argv[1:]]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        name = argv[argv.index("--name") + 1] if "--name" in argv else STUDY_NAME
+        run_dir = run_dir or next(iter(set(root.iterdir()) - there))  # the run the first command made
+    if run_dir is None:
+        raise ValueError("a study records at least one command")
+    return Run.open(run_dir).path_for("study", name=name)
+
+
 def rerun(runs_root: str | None) -> int:
     reference = reference_study()
     if reference is None:
@@ -62,16 +80,9 @@ def rerun(runs_root: str | None) -> int:
         return 2
     settings, results = reference
     with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
-        root = runs_root or tmp
         t0 = time.perf_counter()
-        for command in study_commands(settings):  # in order: each extends what the ones before made
-            argv = shlex.split(command)[3:]  # after "python -m moe_core"
-            subprocess.run(
-                [sys.executable, "-m", "moe_core", "--runs-root", root, *argv], cwd=ROOT, check=True
-            )
+        out = rerun_commands(study_commands(settings), Path(runs_root or tmp))
         seconds = time.perf_counter() - t0
-        name = argv[argv.index("--name") + 1] if "--name" in argv else "selection"
-        (out,) = Path(root).glob(f"*/study/{name}")
         print("committed reference:\n" + across_seed_headline(results))
         print("\nthis rerun:\n" + across_seed_headline(read_parquet(out / "results.parquet")))
         print(f"\nrerun took {seconds / 60:.1f} min; reference made at commit {settings.get('commit')}")

@@ -236,3 +236,23 @@ def test_a_study_run_in_parts_joins_one_study_and_refuses_a_part_of_other_settin
     assert len(curves[curves["seed"] == 1]) == len(read_parquet(part_out / "curves.parquet"))
     commands = read_json(out / "settings.json")["commands"]
     assert len(commands) == 3 and "--seeds 1 " in commands[1] and "--merge" not in commands[2]
+
+    # the history reproduces the whole: bench_reference_study reruns the commands in order into one run
+    monkeypatch.undo()
+    again = _bench_module().rerun_commands(commands, tmp_path / "rerun")
+    redone = read_parquet(again / "results.parquet")
+    assert len(read_json(again / "settings.json")["commands"]) == 3
+    for table in (merged, redone):
+        table.sort_values(ARM_KEY, inplace=True, ignore_index=True)
+    pd.testing.assert_frame_equal(redone[merged.columns], merged)
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "reference_bench", REPO / "bench" / "bench_reference_study.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    return bench
