@@ -1,4 +1,4 @@
-"""Issue 17's targets read off a study's table: per seed pair (``targets``) and per selector (``target_table``).
+"""Issue 17's targets read off a study's table: per seed pair (``targets``), per selector (``target_table``).
 
 Why a module of its own: the thresholds are defined once here, and the study's CLI, the Evaluation and Home
 pages and the README's tables all count the same things the same way. Beside each selector's counts,
@@ -104,7 +104,8 @@ def with_validation_pick(results: pd.DataFrame) -> pd.DataFrame:
     the lowest validation compliance (ties: the lowest validation AUC, then the study's order) as method
     ``PICK`` (column ``picked``: which), its random arms' counts at that point as ``_at_<PICK>``. Picking the
     selector on validation is one more dimension of the search every arm gets there (learning rate, step);
-    the test split decides nothing. The rule was fixed before organisms 105 and 106 were run."""
+    the test split decides nothing. The rule was fixed before any selector result of organisms 105-107 was
+    read."""
     if "val_jailbreak_compliance" not in results or (results["method"] == PICK).any():
         return results
     out = results.assign(batch_seed=results.get("batch_seed", results["seed"]))
