@@ -10,9 +10,9 @@ from moe_core.model.adapter import apply_cpu_thread_policy
 
 apply_cpu_thread_policy()
 
-# The slowest files first. `make test` runs two workers a file at a time, in this order
-# (--no-loadscope-reorder): the two longest start at once on separate workers and the short files fill in
-# behind them, instead of one long file starting last while the other worker runs idle.
+# The slowest files first. `make test` runs its workers a file at a time, in this order
+# (--no-loadscope-reorder): the longest start at once on separate workers and the short files fill in
+# behind them, instead of one long file starting last while the other workers run idle.
 SLOW_FIRST = ("test_browser.py", "test_demo.py", "test_vllm.py", "test_study.py", "test_faults_study.py")
 
 
