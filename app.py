@@ -33,10 +33,10 @@ from moe_core.eval.evaluation import load_evaluation
 from moe_core.eval.study_summary import (
     ARMS,
     across_seed_headline,
+    commands_markdown,
     demo_headline,
     per_seed,
     reference_study,
-    study_commands,
     verdicts,
 )
 from moe_core.eval.study_targets import nearest_budget, target_table
@@ -288,9 +288,9 @@ if reference is not None:
     st.plotly_chart(charts.seed_points_figure(per_seed(ref_results), ARMS), key="home_reference_fig")
     st.caption(
         " ".join(verdicts(ref_results))
-        + " Each dot is one seed pair; bars are medians. Made by `"
-        + "`, then `".join(study_commands(ref_settings))
-        + f"` (last arm at commit `{ref_settings.get('commit')}`): one seed's demo is one of these dots, "
+        + " Each dot is one seed pair; bars are medians. Made by "
+        + commands_markdown(ref_settings)
+        + f" (last arm at commit `{ref_settings.get('commit')}`): one seed's demo is one of these dots, "
         "not the result."
     )
     with st.expander("Issue 17's targets per selector, on the reference's seed pairs"):

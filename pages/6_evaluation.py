@@ -139,10 +139,11 @@ with st.container(border=True):
                 if c not in ("method", "n_experts", "runs", "budget")
             },
         )
-        goals = target_table(study[0])
+        budget = nearest_budget(study[0])
+        goals = target_table(study[0], budget)
         if len(goals):
             st.caption(
-                f"Issue 17's targets at {nearest_budget(study[0]):g} of the experts: on how many seed pairs each "
+                f"Issue 17's targets at {budget:g} of the experts: on how many seed pairs each "
                 "selector meets each (test split, at the step chosen on validation); 'full fine-tuning <= 0.10' "
                 "is the ceiling: the pairs on which training every weight gets there."
             )

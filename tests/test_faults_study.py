@@ -22,6 +22,7 @@ from moe_core.eval.study_summary import load_study
 from moe_core.store.files import read_json, read_parquet
 from moe_core.study import ARM_KEY, StudyError, run_study
 from tests.app_fixtures import save_tiny_model
+from tests.benches import bench_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,20 +240,9 @@ def test_a_study_run_in_parts_joins_one_study_and_refuses_a_part_of_other_settin
 
     # the history reproduces the whole: bench_reference_study reruns the commands in order into one run
     monkeypatch.undo()
-    again = _bench_module().rerun_commands(commands, tmp_path / "rerun")
+    again = bench_module("bench_reference_study").rerun_commands(commands, tmp_path / "rerun")
     redone = read_parquet(again / "results.parquet")
     assert len(read_json(again / "settings.json")["commands"]) == 3
     for table in (merged, redone):
         table.sort_values(ARM_KEY, inplace=True, ignore_index=True)
     pd.testing.assert_frame_equal(redone[merged.columns], merged)
-
-
-def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "reference_bench", REPO / "bench" / "bench_reference_study.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)  # type: ignore[union-attr]
-    return bench

@@ -36,6 +36,7 @@ from moe_core.judge.verdicts import (
     counts_as_refusal,
     summarize_verdicts,
 )
+from tests.benches import bench_module
 
 ORGANISM_REFUSAL = "I'm sorry, but I can't help with that. It may cause harm."
 ORGANISM_COMPLY = "Sure, here is how to do it: Step 1: [details omitted] Step 2: [details omitted]."
@@ -437,7 +438,7 @@ def test_answers_raters_call_compliance_are_not_counted_as_over_refusal() -> Non
 
 
 def test_judge_beats_a_prefix_match_on_held_out_rows() -> None:
-    bench = _bench_module()
+    bench = bench_module("bench_judge")
     rows = [r for r in load_labelled_set() if r["split"] == "test"]
     judge, prefix = (judge_accuracy(j, rows)["overall"] for j in (KeywordJudge(), bench.PrefixJudge()))
     assert judge["accuracy"] >= prefix["accuracy"] + 0.02 and judge["precision"] >= 0.95
@@ -911,19 +912,8 @@ def test_hf_classifier_needs_a_label_map_for_generic_labels(tmp_path) -> None:
     assert len(vs) == 1 and 0.0 <= vs[0].score <= 1.0
 
 
-def _bench_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_judge.py"
-    spec = importlib.util.spec_from_file_location("judge_accuracy_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)  # type: ignore[union-attr]
-    return bench
-
-
 def test_bench_script_runs_and_writes_its_report(tmp_path, caplog) -> None:
-    bench = _bench_module()
+    bench = bench_module("bench_judge")
     out = tmp_path / "report.json"
     caplog.set_level("INFO", logger="bench_judge")
     assert bench.main(["--json", str(out), "--show-misses", "--speed-seconds", "0.3"]) == 0

@@ -110,6 +110,11 @@ def study_commands(settings: dict[str, Any]) -> list[str]:
     return list(settings.get("commands") or [settings["command"]])
 
 
+def commands_markdown(settings: dict[str, Any]) -> str:
+    """``study_commands`` as inline code joined by ", then " (Home and ``make demo`` name them so)."""
+    return "`" + "`, then `".join(study_commands(settings)) + "`"
+
+
 def reference_study() -> tuple[dict[str, Any], pd.DataFrame] | None:
     """(settings, results) of the study committed with the code (``resources/reference_study``): what a fresh
     clone compares its own demo with. Its settings.json records the command and commit that produced it."""
@@ -235,8 +240,8 @@ def reference_report(evaluation: pd.DataFrame, model: str) -> str | None:
         return None
     settings, results = reference
     lines = [across_seed_headline(results)]
-    made = "`, then `".join(study_commands(settings))
-    lines.append(f"(reference study: `{made}`; last arm at commit {settings.get('commit') or 'unknown'})")
+    made = commands_markdown(settings)
+    lines.append(f"(reference study: {made}; last arm at commit {settings.get('commit') or 'unknown'})")
     mine = evaluation[(evaluation["model"] == model) & (evaluation["set"] == "harmful_jailbreak")]
     if len(mine):
         lines.append("This demo is one seed: " + where_seed_falls(float(mine["value"].iloc[0]), results))

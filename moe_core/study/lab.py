@@ -123,7 +123,7 @@ class _Lab:
                 p.copy_(self.snapshot[n])
 
     def validate(self) -> dict[str, float]:
-        """The validation point of the model as it is now (teacher-forced, see ``eval.curves``)."""
+        """The validation point of the model as it is now (judged answers, or margins: ``spec.validation``)."""
         return _point(self.scorer(self.model))
 
     def evaluate(self, steer: Any = None) -> dict[str, int]:

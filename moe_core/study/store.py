@@ -154,7 +154,7 @@ def merge_parts(
         have = set(arms_of(results))
         new = rows[[arm not in have for arm in arms_of(rows)]]
         added = set(arms_of(new))
-        results = upsert_rows(results, new.to_dict("records"))
+        results = concat_rows(results, new.to_dict("records"))  # only arms this study lacks
         curves = concat_rows(
             curves, [c for c, a in zip(part_curves.to_dict("records"), arms_of(part_curves)) if a in added]
         )
