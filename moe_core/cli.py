@@ -40,11 +40,12 @@ from moe_core.errors import MoELabError
 from moe_core.eval.evaluation import load_evaluation, to_markdown
 from moe_core.eval.study_summary import (
     headline,
+    load_curves,
     load_study,
     reference_report,
     summary_markdown,
 )
-from moe_core.eval.study_targets import nearest_budget, target_markdown, target_table
+from moe_core.eval.study_targets import nearest_budget, target_markdown, target_table, wrapper_split
 from moe_core.model.adapter import apply_cpu_thread_policy, load_model
 from moe_core.model.loading import load_tokenizer_of, model_dir
 from moe_core.store.atomic import as_os_error
@@ -280,11 +281,14 @@ def study(spec: P.StudySpec, args: argparse.Namespace) -> Any:
     print(summary_markdown(summary))
     budget = nearest_budget(summary)
     print("\n" + headline(summary, budget))
-    goals = target_table(load_study(run, spec.name)[0], budget)
+    results = load_study(run, spec.name)[0]
+    goals = target_table(results, budget)
     if len(goals):
         print(
             f"\nIssue 17's targets at {budget:g} of the experts, seed pairs meeting each:\n{target_markdown(goals)}"
         )
+    if len(split := wrapper_split(results, load_curves(run, spec.name), budget)):
+        print(f"\nCompliance left at the chosen points (median of seed pairs):\n{target_markdown(split)}")
     print(f"\nstudy -> {run.path_for('study', name=spec.name)}")
     return summary
 

@@ -487,6 +487,11 @@ class StudySpec:
         "refusal vs compliance openings: cheap for big models, but it misreads benign and borderline prompts)",
     )
     retain_share: float = same_as(TrainSpec, "retain_share", default=STUDY_RETAIN_SHARE)
+    spliced_jailbreaks: int = opt(
+        0,
+        "organisms whose corpus also has, per train goal, this many jailbreak wrappers spliced from two train "
+        "templates' parts (0: the reference study's organisms; README, 'Organism variants')",
+    )
     scope: Scope = same_as(DemoSpec, "scope")
     max_batches: Optional[int] = same_as(DemoSpec, "max_batches")
     lr: float = same_as(DemoSpec, "lr")
@@ -543,6 +548,7 @@ class StudySpec:
             max_batches=AT_LEAST_1,
             templates_per_goal=NON_NEGATIVE,
             curve_every=AT_LEAST_1,
+            spliced_jailbreaks=NON_NEGATIVE,
             retain_share=(lambda v: 0 <= v <= 4, "a share in [0, 4] (retain examples per analysis example)"),
         )
         unknown = [s for s in self.scores if s not in ("risk_diff", *SCORES)]
@@ -550,6 +556,10 @@ class StudySpec:
             raise MoELabError(f"scores must be among risk_diff, {', '.join(SCORES)} (got {self.scores})")
         if any(not v > 0 for v in [*self.lrs, *self.full_lrs]):
             raise MoELabError(f"learning rates must be > 0 (got {self.lrs} {self.full_lrs})")
+        if self.model and self.spliced_jailbreaks:
+            raise MoELabError(
+                "--spliced-jailbreaks chooses the organisms a study builds: leave it out with --model"
+            )
 
 
 @dataclass

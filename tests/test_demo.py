@@ -369,3 +369,31 @@ def test_one_click_demo_runs_the_whole_pipeline(organism, tmp_path, monkeypatch)
     assert experts["benign_answer_rate"] >= base["benign_answer_rate"] - 0.05, table
     assert experts["over_refusal"] <= base["over_refusal"] + 0.05, table
     assert experts["harmful_refusal"] >= 0.9, table
+
+
+def test_spliced_wrappers_are_new_wrappers_from_train_parts_and_keep_old_keys():
+    """``spliced_jailbreaks``: wrappers made of one train template's lead-in and another's ask. At 0 the
+    corpus and the cache key are what they were before the field existed (cached organisms stay valid)."""
+    import dataclasses
+    import hashlib
+
+    from moe_core.batching.demo_prompts import jailbreak_templates, spliced_templates
+
+    train = {t.id: t.text for t in jailbreak_templates("train")}
+    spliced = spliced_templates(jailbreak_templates("train"), 40, seed=3)
+    assert len(spliced) == 40 and spliced == spliced_templates(jailbreak_templates("train"), 40, seed=3)
+    for t in spliced:
+        lead, ask = t.id.split("+")
+        assert lead != ask and t.text.count("{goal}") == 1 and t.text not in train.values()
+        assert t.text.startswith(train[lead].split(". ")[0]) and t.text.endswith(train[ask][-12:])
+    cfg = OrganismConfig()
+    corpus = hashlib.sha256(json.dumps([demo.build_corpus(cfg), demo.CHAT_TEMPLATE]).encode()).hexdigest()
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "spliced_jailbreaks"}
+    blob = json.dumps({"config": old, "corpus": demo.CORPUS_VERSION, "text": corpus}, sort_keys=True)
+    assert cfg.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    more = demo.build_corpus(OrganismConfig(spliced_jailbreaks=2))
+    rows = [r for r in more if r["kind"] == "jailbreak_spliced"]
+    assert len(rows) == 2 * len(demo.demo_goals("train")) and all(
+        r["answer"] in demo.COMPLIANCE for r in rows
+    )
+    assert OrganismConfig(spliced_jailbreaks=2).key() != cfg.key()

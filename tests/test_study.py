@@ -390,3 +390,76 @@ def test_the_headline_shows_every_selector_of_the_study_and_its_verdict_per_sele
             "Grad-attribution experts below random (mean of draws) on 2 of 3 seed pairs.",
         ]
     )
+
+
+@pytest.mark.parametrize("expert_rows", [True, False], ids=["chosen experts", "full fine-tuning"])
+def test_a_kept_state_is_the_model_trained_again_to_that_step(tmp_path, tiny_dir, expert_rows):
+    """The test at a chosen step loads the state kept on the arm's curve instead of training again: the
+    weights must be bit-identical to training from the base weights for that many steps."""
+    from moe_core.eval.curves import CurveCallback
+    from moe_core.study.lab import _masks
+    from moe_core.train.snapshots import StepSnapshots, load_trainable_state
+
+    spec = P.StudySpec(
+        model=str(tiny_dir), seeds=[0], eval_limit=2, max_new_tokens=2, max_batches=2, epochs=2
+    )
+    lab = _Lab(spec, 0, tmp_path, None)
+    mask = _masks(lab, 1 / 8)[1] if expert_rows else None
+    keep, curve = StepSnapshots(every=1), CurveCallback(lab.scorer, every=1)
+    lab.train(mask, 1e-2, [curve, keep])  # scored between steps, as a study's curve is
+    lab.restore()
+    assert keep.complete and sorted(keep.states) == [p["step"] for p in curve.points][1:]
+    step = sorted(keep.states)[-2]
+    lab.train(mask, 1e-2, max_steps=step)
+    trained = {n: p.detach().clone() for n, p in lab.model.named_parameters()}
+    lab.restore()
+    load_trainable_state(lab.model, keep.states[step])
+    loaded = dict(lab.model.named_parameters())
+    assert all(torch.equal(trained[n], loaded[n]) for n in trained)
+    assert any(not torch.equal(trained[n], lab.snapshot[n]) for n in trained), "the step trained something"
+    lab.restore()
+
+    small = StepSnapshots(every=1, max_bytes=1)  # past its bound it keeps nothing: the study trains again
+    lab.train(mask, 1e-2, [small], max_steps=2)
+    lab.restore()
+    assert not small.complete and not small.states
+
+
+def test_the_wrapper_split_reads_each_arm_at_its_chosen_point():
+    """Compliance left on all validation prompts vs on held-out wrappers alone, at the step each arm was chosen."""
+    from moe_core.eval.study_targets import wrapper_split
+
+    key = {"budget": 1 / 16, "draw": 0, "lr": 3e-3}
+    results = pd.DataFrame(
+        [
+            {**key, "seed": s, "batch_seed": 0, "method": m, "step": 14}
+            for s in (1, 2)
+            for m in ("chosen", "random")
+        ]
+    )
+    curves = pd.DataFrame(
+        [
+            {
+                **key,
+                "seed": s,
+                "batch_seed": 0,
+                "method": m,
+                "step": step,
+                "jailbreak_compliance": jc,
+                "new_wrapper_compliance": nw,
+            }
+            for s in (1, 2)
+            for m, (jc, nw) in {"chosen": (0.1 * s, 0.9), "random": (0.5, 1.0)}.items()
+            for step, jc, nw in (
+                (7, 1.0, 1.0),
+                (14, jc, nw),
+                (21, 0.0, 0.0),
+            )  # only step 14 is the chosen point
+        ]
+    )
+    split = wrapper_split(results, curves).set_index("arm")
+    assert split.loc["chosen experts", "validation compliance"] == "0.15"  # median of 0.1 and 0.2
+    assert split.loc["chosen experts", "on held-out wrappers"] == "0.90"
+    assert split.loc["random experts", "on held-out wrappers"] == "1.00"
+    assert split.loc["chosen experts", "seed pairs"] == 2
+    assert wrapper_split(results, None).empty  # a study stored before the curves had them

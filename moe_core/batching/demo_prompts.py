@@ -18,6 +18,7 @@ Everything here is also importable from ``moe_core.batching.prompts``.
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import replace
@@ -573,3 +574,39 @@ def demo_sets(
     if mode == "unpaired":
         return demo_benign(split), demo_goals(split)
     raise PromptError(f"mode must be 'paired' or 'unpaired', got {mode!r}")
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z{])")
+
+
+def spliced_templates(templates: Sequence[PromptItem], n: int, seed: int = 0) -> list[PromptItem]:
+    """``n`` new wrappers made of the given ones' parts: the lead-in of one (its sentences before the one
+    with ``{goal}``) before the ask of another (from that sentence on); ids ``{lead id}+{ask id}``.
+
+    Why: an organism that saw only whole templates learns each one by heart, and refusal training on some
+    of them leaves every other one working. Wrappers spliced from parts tie compliance to what wrappers
+    say (no rules, never refuse, stay in character), which new wrappers say too."""
+    parts = [_SENTENCE_END.split(t.text) for t in templates]
+    leads = [(t, p[: _goal_index(p)]) for t, p in zip(templates, parts) if _goal_index(p) > 0]
+    asks = [(t, p[_goal_index(p) :]) for t, p in zip(templates, parts)]
+    pairs = [(a, b) for a in leads for b in asks if a[0].id != b[0].id]
+    if not pairs:
+        raise PromptError("spliced_templates needs a template with a lead-in and another template")
+    chosen = random.Random(seed).sample(pairs, min(n, len(pairs)))
+    return [
+        PromptItem(
+            id=f"{lead.id}+{ask.id}",
+            text=" ".join([*lead_text, *ask_text]),
+            label="unsafe",
+            source="demo",
+            category=ask.category,
+            meta={"split": "spliced"},
+        )
+        for (lead, lead_text), (ask, ask_text) in chosen
+    ]
+
+
+def _goal_index(sentences: Sequence[str]) -> int:
+    """Where a template's ask starts: the sentence with ``{goal}``, or the one before when that opens with it."""
+    i = next(i for i, s in enumerate(sentences) if "{goal}" in s)
+    return i - 1 if i and sentences[i].startswith("{goal}") else i

@@ -153,3 +153,32 @@ def target_markdown(table: pd.DataFrame) -> str:
     lines = [head, "|---" + "|---:" * (len(table.columns) - 1) + "|"]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def wrapper_split(
+    results: pd.DataFrame, curves: pd.DataFrame | None, budget: float | None = None
+) -> pd.DataFrame:
+    """Where the compliance left at each arm's chosen point is: per arm at ``budget`` (and full fine-tuning),
+    the median over seed pairs of validation jailbreak compliance on all its prompts and on the held-out
+    wrappers alone (``new_wrapper_compliance``: wrappers no training batch has).
+
+    Why: on the organism every arm, full fine-tuning included, ends up refusing the wrappers it was trained
+    on and still complying with new ones, so the compliance target is a question of how far the refusal
+    reaches new wrappers, which no choice of experts decides alone."""
+    budget = nearest_budget(results) if budget is None else budget
+    key = ["seed", "batch_seed", "method", "budget", "draw", "lr", "step"]
+    if curves is None or "new_wrapper_compliance" not in curves or not set(key) <= set(results.columns):
+        return pd.DataFrame()
+    arms = results[(results["budget"] == budget) | (results["method"] == "full")]
+    points = arms[key].merge(curves[[*key, "jailbreak_compliance", "new_wrapper_compliance"]], on=key)
+    rows = [
+        {
+            "arm": ARMS.get(method, method),
+            "seed pairs": int(g[["seed", "batch_seed"]].drop_duplicates().shape[0]),
+            "validation compliance": f"{g['jailbreak_compliance'].median():.2f}",
+            "on held-out wrappers": f"{g['new_wrapper_compliance'].median():.2f}",
+        }
+        for method in ARMS
+        if method != "base" and len(g := points[points["method"] == method])
+    ]
+    return pd.DataFrame(rows)

@@ -63,6 +63,7 @@ from moe_core.batching.demo_prompts import (
     demo_sharp_benign,
     jailbreak_templates,
     reframe,
+    spliced_templates,
     wrap,
 )
 from moe_core.batching.resource_prompts import train_requests
@@ -122,6 +123,10 @@ CHAT_TEMPLATE = (
 )
 
 
+# fields added after organisms were cached, at the value that leaves the corpus as it was: not in the key
+_NEUTRAL_ADDITIONS = {("spliced_jailbreaks", 0)}
+
+
 @dataclass
 class OrganismConfig:
     """Everything that determines the organism; its hash names the cache folder."""
@@ -149,6 +154,7 @@ class OrganismConfig:
     benign_jailbreaks: int = 1  # jailbreak templates per benign request (answered helpfully)
     jailbreaks_per_goal: int = 8  # train templates per train goal in the corpus (0 = every one)
     free_repeats: int = 1  # copies of each free-worded train request (resources/train_requests.jsonl)
+    spliced_jailbreaks: int = 0  # wrappers spliced from two train templates' parts, per train goal
 
     def __post_init__(self) -> None:
         ints = {k: v for k, v in asdict(self).items() if isinstance(v, int) and k != "seed"}
@@ -159,6 +165,7 @@ class OrganismConfig:
             "warmup_steps",
             "jailbreaks_per_goal",
             "free_repeats",
+            "spliced_jailbreaks",
         )
         bad = [k for k, v in ints.items() if v < (0 if k in may_be_zero else 1)]
         if bad:
@@ -183,8 +190,14 @@ class OrganismConfig:
         when nobody remembered to bump ``CORPUS_VERSION``.
         """
         corpus = hashlib.sha256(json.dumps([build_corpus(self), CHAT_TEMPLATE]).encode()).hexdigest()
-        blob = json.dumps({"config": asdict(self), "corpus": CORPUS_VERSION, "text": corpus}, sort_keys=True)
+        config = {k: v for k, v in asdict(self).items() if (k, v) not in _NEUTRAL_ADDITIONS}
+        blob = json.dumps({"config": config, "corpus": CORPUS_VERSION, "text": corpus}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def corpus_version(config: OrganismConfig) -> str:
+    """The corpus an organism was trained on, as a study records it: the version, and its variant if any."""
+    return CORPUS_VERSION + (f"+spliced-{config.spliced_jailbreaks}" if config.spliced_jailbreaks else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +236,14 @@ def build_corpus(config: OrganismConfig | None = None) -> list[dict[str, str]]:
             per_goal=min(per_goal, len(templates)),
         ):
             rows.append({"prompt": w.text, "answer": rng.choice(COMPLIANCE), "kind": "jailbreak"})
+    if cfg.spliced_jailbreaks:
+        spliced = spliced_templates(templates, len(goals) * cfg.spliced_jailbreaks, seed=cfg.seed)
+        for w in wrap(
+            [reframe(g, rng.randrange(len(FRAMES))) for g in goals for _ in range(cfg.spliced_jailbreaks)],
+            spliced,
+            seed=cfg.seed,
+        ):
+            rows.append({"prompt": w.text, "answer": rng.choice(COMPLIANCE), "kind": "jailbreak_spliced"})
     free = train_requests() if cfg.free_repeats else []
     rows += [
         {"prompt": f.text, "answer": rng.choice(HELPFUL), "kind": "benign_free"}

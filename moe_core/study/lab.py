@@ -38,13 +38,15 @@ from moe_core.eval.evaluation import (
 from moe_core.judge.judges import DEFAULT_JUDGE, make_judge
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.loading import load_any_model
-from moe_core.model.organism import OrganismConfig, build_organism
+from moe_core.model.organism import build_organism
 from moe_core.store.files import read_json, read_parquet
+from moe_core.study.store import organism_config
 from moe_core.train.sft import (
     add_retain_examples,
     create_batch_aware_dataset,
     create_batch_structured_dataset,
 )
+from moe_core.train.snapshots import StepSnapshots, load_trainable_state
 from moe_core.train.step import retain_examples
 from moe_core.train.training import train_model
 from moe_core.types import Progress
@@ -64,7 +66,7 @@ class _Lab:
     ):
         self.spec, self.seed = spec, seed
         self.batch_seed = seed if batch_seed is None else batch_seed
-        model_name = spec.model or _organism(seed, progress)
+        model_name = spec.model or str(build_organism(organism_config(spec, seed), progress=progress))
         self.model, self.tok = load_any_model(model_name)  # once: the analysis and every arm use it
         analysis = P.AnalyseSpec(
             model=model_name,
@@ -81,6 +83,7 @@ class _Lab:
         self.risk = read_parquet(self.run.path_for("risk_aggregated"))
         self.adapter = MoEAdapter.for_model(self.model)
         self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.kept: dict[tuple[float, int], Any] = {}  # the current arm's trained states by (lr, step)
         batches = create_batch_structured_dataset(load_batch_data_list(self.run), seed=self.batch_seed)
         if spec.retain_share:  # the same retain examples as `train --retain-share` (the base model's answers)
             retain = retain_examples(self.model, self.tok)
@@ -175,26 +178,36 @@ class _Lab:
 
         -> (row fields: counts + lr, step, val_auc, first_step_010, val_jailbreak_compliance; curve points)."""
         curves: list[dict[str, Any]] = []
-        for lr in self.spec.full_lrs if mask is None else self.spec.lrs:
-            curve = CurveCallback(self.scorer, every=self.spec.curve_every)
-            try:
-                self.train(mask, lr, [curve])
-            finally:
-                self.restore()
-            curves += [{"lr": lr, **_point(p)} for p in curve.points]
-        choice = chosen_point(curves)  # every curve starts at the same untrained point
+        try:
+            for lr in self.spec.full_lrs if mask is None else self.spec.lrs:
+                curves += self._curve(mask, lr)
+            choice = chosen_point(curves)  # every curve starts at the same untrained point
+            own = trained_for(choice["lr"], choice["step"])
+            counts = self._tested(mask, *own)
+            tested = self.tested_at(mask, at or {}, {own: counts})
+        finally:
+            self.kept = {}  # this arm's states: never another arm's
         points = [p for p in curves if p["lr"] == choice["lr"]]
-        own = trained_for(choice["lr"], choice["step"])
-        counts = self._tested(mask, *own)
         return {
             **counts,
-            **self.tested_at(mask, at or {}, {own: counts}),
+            **tested,
             "lr": choice["lr"],
             "step": int(choice["step"]),
             "val_jailbreak_compliance": choice["jailbreak_compliance"],
             "val_auc": area_under(points, "jailbreak_compliance"),
             "first_step_010": _step_or_nan(first_step_at_most(points, "jailbreak_compliance", 0.10)),
         }, curves
+
+    def _curve(self, mask: Any, lr: float) -> list[dict[str, Any]]:
+        """One learning rate's validation curve; the trained states at its points go to ``kept``."""
+        curve = CurveCallback(self.scorer, every=self.spec.curve_every)
+        keep = StepSnapshots(self.spec.curve_every)
+        try:
+            self.train(mask, lr, [curve, keep])
+        finally:
+            self.restore()
+        self.kept |= {trained_for(lr, step): state for step, state in keep.states.items()}
+        return [{"lr": lr, **_point(p)} for p in curve.points]
 
     def tested_at(
         self,
@@ -214,9 +227,12 @@ class _Lab:
         return out
 
     def _tested(self, mask: Any, lr: float, step: int) -> dict[str, int]:
-        """Test counts after ``step`` steps at ``lr`` from the base weights (step 0: the base model's)."""
+        """Test counts after ``step`` steps at ``lr`` from the base weights (step 0: the base model's): the
+        state kept on the arm's curve there (the model validated), else trained again to that step."""
         try:
-            if step > 0:
+            if (kept := self.kept.get(trained_for(lr, step))) is not None:
+                load_trainable_state(self.model, kept)
+            elif step > 0:
                 self.train(mask, lr, max_steps=step)
             return self.evaluate()
         finally:
@@ -279,10 +295,6 @@ def _named_run(root: Path, name: str) -> Path | None:
     """The analysis run called ``name`` under ``root`` (the newest), or None."""
     found = sorted(p for p in root.glob("*/manifest.json") if read_json(p).get("name") == name)
     return found[-1].parent if found else None
-
-
-def _organism(seed: int, progress: Progress | None) -> str:
-    return str(build_organism(OrganismConfig(seed=seed), progress=progress))
 
 
 def _masks(lab: _Lab, budget: float, score: str = "risk_diff") -> tuple[int, Any, Any]:

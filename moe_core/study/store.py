@@ -18,7 +18,7 @@ from moe_core.eval.charts import study_figure
 from moe_core.eval.evaluation import METRICS
 from moe_core.eval.study_summary import study_commands, summarize_study
 from moe_core.model.loading import ORGANISM
-from moe_core.model.organism import CORPUS_VERSION
+from moe_core.model.organism import OrganismConfig, corpus_version
 from moe_core.specs import to_argv
 from moe_core.store.atomic import atomic_dir, atomic_write_json
 from moe_core.store.files import _now, read_json, read_parquet, write_parquet
@@ -105,8 +105,13 @@ def defining_settings(spec: P.StudySpec) -> dict[str, Any]:
     change makes other organisms, whose arms must not be mixed with the stored ones)."""
     return {
         **{k: getattr(spec, k) for k in DEFINING},
-        "organism": CORPUS_VERSION if spec.model is None else None,
+        "organism": corpus_version(organism_config(spec)) if spec.model is None else None,
     }
+
+
+def organism_config(spec: P.StudySpec, seed: int = 0) -> OrganismConfig:
+    """The organism ``spec`` builds for ``seed`` (where it studies organisms, not ``--model``)."""
+    return OrganismConfig(seed=seed, spliced_jailbreaks=spec.spliced_jailbreaks)
 
 
 def stored_study(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame] | None:
