@@ -27,7 +27,7 @@ from moe_core.eval.evaluation import (
 )
 from moe_core.eval.report import interval_table
 from moe_core.eval.study_summary import load_curves, load_study
-from moe_core.eval.study_targets import nearest_budget, target_table
+from moe_core.eval.study_targets import nearest_budget, target_table, wrapper_split
 from moe_core.judge.verdicts import LABELS as AUDIT_LABELS
 from moe_core.pipeline import EvaluateSpec, StudySpec
 from moe_core.store.jobs import read_job
@@ -110,7 +110,7 @@ with st.container(border=True):
         "Chosen experts vs the same number of random ones (uniform and layer-matched), over expert budgets "
         "and seeds, beside full fine-tuning and router steering; each trained in memory from the base model."
     )
-    study = None
+    study = curves = None
     with ui.guard("The study cannot be read: "):
         study = load_study(run, StudySpec().name)
     if study is not None and "batch_seed" in study[0].columns:
@@ -148,6 +148,13 @@ with st.container(border=True):
                 "is the ceiling: the pairs on which training every weight gets there."
             )
             st.dataframe(goals, hide_index=True, width="stretch", key="ev_study_targets")
+        split = wrapper_split(study[0], curves, budget)
+        if len(split):
+            st.caption(
+                "Where the compliance left is, at each arm's chosen point (validation, median of seed pairs): "
+                "on all jailbreak prompts, and on the wrappers that no training batch held."
+            )
+            st.dataframe(split, hide_index=True, width="stretch", key="ev_study_wrappers")
     quick = st.toggle(
         "Quick setting (1 seed, 2 budgets, 2 draws: about a tenth of the arms; the whole study takes hours)",
         StudySpec().quick,

@@ -1202,6 +1202,8 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
         "picked on validation",
     ]
     assert (goals[0]["seed pairs"] == 1).all()
+    split = [d.value for d in at.dataframe if "on held-out wrappers" in d.value.columns]
+    assert split and {"chosen experts", "random experts", "full fine-tuning"} <= set(split[0]["arm"])
 
 
 def test_pages_save_masks_and_plans_only_through_the_pipeline_under_the_writer_lease(

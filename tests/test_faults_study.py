@@ -145,6 +145,7 @@ def test_r1_a_study_killed_after_an_arm_leaves_one_consistent_set_and_resumes(tm
     assert main(argv[3:]) == 0  # the same command resumes
     printed = capsys.readouterr().out  # ... and ends with the targets per selector, read from its whole table
     assert "Issue 17's targets at 0.125 of the experts" in printed and "| chosen experts | 1 |" in printed
+    assert "Compliance left at the chosen points" in printed and "| random experts | 1 |" in printed
     results = read_parquet(out / "results.parquet")
     assert not results.duplicated(ARM_KEY).any()
     assert sorted(results.loc[results["method"] == "random", "draw"]) == [0, 1, 2]
