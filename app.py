@@ -36,10 +36,11 @@ from moe_core.eval.study_summary import (
     commands_markdown,
     demo_headline,
     per_seed,
+    reference_curves,
     reference_study,
     verdicts,
 )
-from moe_core.eval.study_targets import nearest_budget, target_table
+from moe_core.eval.study_targets import nearest_budget, target_table, wrapper_split
 from moe_core.pipeline import DemoSpec, StudySpec
 from moe_core.store.jobs import format_eta, list_jobs, read_job
 from moe_core.store.manifest import list_runs
@@ -297,6 +298,13 @@ if reference is not None:
         st.dataframe(
             target_table(ref_results), hide_index=True, width="stretch", key="home_reference_targets"
         )
+        split = wrapper_split(ref_results, reference_curves())
+        if len(split):
+            st.caption(
+                "Where the compliance left is, at each arm's chosen point (validation, median of seed pairs): on "
+                "all jailbreak prompts, and on the wrappers that no training batch held."
+            )
+            st.dataframe(split, hide_index=True, width="stretch", key="home_reference_wrappers")
 found = _newest_study()
 if found is None:
     st.info("No selection study under this runs folder yet.", icon=":material/info:")

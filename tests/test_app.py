@@ -1176,6 +1176,9 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
     no_exceptions(at)
     names = {t.get("name") for spec in plotly_specs(at) for t in spec["data"]}
     assert {"chosen", "random", "random_layer"} <= names
+    ref_split = [d.value for d in at.dataframe if "on held-out wrappers" in d.value.columns]
+    assert ref_split and (ref_split[0]["seed pairs"] == 16).all()  # the committed reference's 16 pairs
+    assert {"chosen experts", "random experts", "full fine-tuning"} <= set(ref_split[0]["arm"])
     table = [d.value for d in at.dataframe if "jailbreak_compliance" in d.value.columns]
     assert table and set(table[0]["method"]) == {
         "base",

@@ -123,6 +123,12 @@ def reference_study() -> tuple[dict[str, Any], pd.DataFrame] | None:
     return read_json(REFERENCE_DIR / "settings.json"), read_parquet(REFERENCE_DIR / "results.parquet")
 
 
+def reference_curves() -> pd.DataFrame | None:
+    """The reference study's validation curves (``resources/reference_study/curves.parquet``), or None."""
+    path = REFERENCE_DIR / "curves.parquet"
+    return read_parquet(path) if path.is_file() else None
+
+
 def per_seed(results: pd.DataFrame, budget: float = HEADLINE_BUDGET) -> pd.DataFrame:
     """One row per (seed pair, arm) at ``budget`` (base and full at theirs): each metric as a rate; random
     draws pooled per seed pair (their mean), so every seed pair weighs the same."""
