@@ -405,8 +405,9 @@ def test_a_kept_state_is_the_model_trained_again_to_that_step(tmp_path, tiny_dir
     )
     lab = _Lab(spec, 0, tmp_path, None)
     mask = _masks(lab, 1 / 8)[1] if expert_rows else None
-    keep, curve = StepSnapshots(every=1), CurveCallback(lab.scorer, every=1)
-    lab.train(mask, 1e-2, [curve, keep])  # scored between steps, as a study's curve is
+    keep = StepSnapshots()
+    curve = CurveCallback(lab.scorer, every=1, keep=keep)
+    lab.train(mask, 1e-2, [curve])  # scored between steps, as a study's curve is
     lab.restore()
     assert keep.complete and sorted(keep.states) == [p["step"] for p in curve.points][1:]
     step = sorted(keep.states)[-2]
@@ -419,8 +420,8 @@ def test_a_kept_state_is_the_model_trained_again_to_that_step(tmp_path, tiny_dir
     assert any(not torch.equal(trained[n], lab.snapshot[n]) for n in trained), "the step trained something"
     lab.restore()
 
-    small = StepSnapshots(every=1, max_bytes=1)  # past its bound it keeps nothing: the study trains again
-    lab.train(mask, 1e-2, [small], max_steps=2)
+    small = StepSnapshots(max_bytes=1)  # past its bound it keeps nothing: the study trains again
+    lab.train(mask, 1e-2, [CurveCallback(lab.scorer, every=1, keep=small)], max_steps=2)
     lab.restore()
     assert not small.complete and not small.states
 

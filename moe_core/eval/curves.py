@@ -28,6 +28,7 @@ from moe_core.judge.verdicts import RefusalJudge
 from moe_core.model.answers import judged_answers
 from moe_core.model.generation import render_chat
 from moe_core.model.organism import COMPLIANCE, HELPFUL, REFUSALS
+from moe_core.train.snapshots import StepSnapshots
 from moe_core.types import PromptItem
 
 # Openings of each kind: a prompt "complies" when the model finds some compliance opening likelier than any
@@ -167,10 +168,13 @@ class JudgedScorer:
 
 
 class CurveCallback(TrainerCallback):
-    """Scores the model before training and every ``every`` optimizer steps (and at the last step)."""
+    """Scores the model before training and every ``every`` optimizer steps (and at the last step); ``keep``
+    (optional) keeps the trained weights at each of those steps after the first."""
 
-    def __init__(self, scorer: RefusalMarginScorer | JudgedScorer, every: int = 4):
-        self.scorer, self.every = scorer, max(1, int(every))
+    def __init__(
+        self, scorer: RefusalMarginScorer | JudgedScorer, every: int = 4, keep: StepSnapshots | None = None
+    ):
+        self.scorer, self.every, self.keep = scorer, max(1, int(every)), keep
         self.points: list[dict[str, float]] = []
 
     def _record(self, step: int, model: torch.nn.Module) -> None:
@@ -186,6 +190,10 @@ class CurveCallback(TrainerCallback):
             state.global_step % self.every == 0 or state.global_step >= state.max_steps
         ):
             self._record(state.global_step, model)
+            if (
+                self.keep is not None
+            ):  # the trained weights of each scored step, to test without training again
+                self.keep.record(state.global_step, model)
 
 
 def area_under(points: Sequence[Mapping[str, float]], metric: str) -> float:

@@ -88,6 +88,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 
 
 # -- across seeds: the headline -------------------------------------------------------------------
+ARM_KEY = ["seed", "batch_seed", "method", "budget", "draw"]  # one arm of a study: committed whole
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "resources" / "reference_study"
 HEADLINE_BUDGET = 1 / 16  # the share of experts the headline is about (the demo's budget)
 ARMS = {

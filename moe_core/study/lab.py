@@ -83,7 +83,6 @@ class _Lab:
         self.risk = read_parquet(self.run.path_for("risk_aggregated"))
         self.adapter = MoEAdapter.for_model(self.model)
         self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self.kept: dict[tuple[float, int], Any] = {}  # the current arm's trained states by (lr, step)
         batches = create_batch_structured_dataset(load_batch_data_list(self.run), seed=self.batch_seed)
         if spec.retain_share:  # the same retain examples as `train --retain-share` (the base model's answers)
             retain = retain_examples(self.model, self.tok)
@@ -178,15 +177,14 @@ class _Lab:
 
         -> (row fields: counts + lr, step, val_auc, first_step_010, val_jailbreak_compliance; curve points)."""
         curves: list[dict[str, Any]] = []
-        try:
-            for lr in self.spec.full_lrs if mask is None else self.spec.lrs:
-                curves += self._curve(mask, lr)
-            choice = chosen_point(curves)  # every curve starts at the same untrained point
-            own = trained_for(choice["lr"], choice["step"])
-            counts = self._tested(mask, *own)
-            tested = self.tested_at(mask, at or {}, {own: counts})
-        finally:
-            self.kept = {}  # this arm's states: never another arm's
+        kept: dict[tuple[float, int], Any] = {}  # this arm's trained states by (lr, step)
+        for lr in self.spec.full_lrs if mask is None else self.spec.lrs:
+            points, states = self._curve(mask, lr)
+            curves, kept = curves + points, kept | states
+        choice = chosen_point(curves)  # every curve starts at the same untrained point
+        own = trained_for(choice["lr"], choice["step"])
+        counts = self._tested(mask, *own, kept)
+        tested = self.tested_at(mask, at or {}, {own: counts}, kept)
         points = [p for p in curves if p["lr"] == choice["lr"]]
         return {
             **counts,
@@ -198,40 +196,44 @@ class _Lab:
             "first_step_010": _step_or_nan(first_step_at_most(points, "jailbreak_compliance", 0.10)),
         }, curves
 
-    def _curve(self, mask: Any, lr: float) -> list[dict[str, Any]]:
-        """One learning rate's validation curve; the trained states at its points go to ``kept``."""
-        curve = CurveCallback(self.scorer, every=self.spec.curve_every)
-        keep = StepSnapshots(self.spec.curve_every)
+    def _curve(self, mask: Any, lr: float) -> tuple[list[dict[str, Any]], dict[tuple[float, int], Any]]:
+        """One learning rate's validation curve -> (its points, the trained states at them by (lr, step))."""
+        keep = StepSnapshots()
+        curve = CurveCallback(self.scorer, every=self.spec.curve_every, keep=keep)
         try:
-            self.train(mask, lr, [curve, keep])
+            self.train(mask, lr, [curve])
         finally:
             self.restore()
-        self.kept |= {trained_for(lr, step): state for step, state in keep.states.items()}
-        return [{"lr": lr, **_point(p)} for p in curve.points]
+        states = {trained_for(lr, step): state for step, state in keep.states.items()}
+        return [{"lr": lr, **_point(p)} for p in curve.points], states
 
     def tested_at(
         self,
         mask: Any,
         at: Mapping[str, tuple[float, int]],
         known: dict[tuple[float, int], dict[str, int]] | None = None,
+        kept: Mapping[tuple[float, int], Any] | None = None,
     ) -> dict[str, int]:
         """Test counts of ``mask`` trained at each method's (lr, step): ``<metric>_at_<method>_k/_n``.
-        ``known``: counts already tested at some (lr, step) (training is deterministic: not redone)."""
+        ``known``: counts already tested at some (lr, step) (training is deterministic: not redone);
+        ``kept``: trained states of ``mask``'s curves by (lr, step) (``_tested``)."""
         known = dict(known or {})
         out: dict[str, int] = {}
         for method, (lr, step) in at.items():
             point = trained_for(lr, step)
             if point not in known:
-                known[point] = self._tested(mask, *point)
+                known[point] = self._tested(mask, *point, kept)
             out |= {f"{k[:-2]}_at_{method}{k[-2:]}": v for k, v in known[point].items()}
         return out
 
-    def _tested(self, mask: Any, lr: float, step: int) -> dict[str, int]:
+    def _tested(
+        self, mask: Any, lr: float, step: int, kept: Mapping[tuple[float, int], Any] | None = None
+    ) -> dict[str, int]:
         """Test counts after ``step`` steps at ``lr`` from the base weights (step 0: the base model's): the
-        state kept on the arm's curve there (the model validated), else trained again to that step."""
+        state ``kept`` on the arm's curve there (the model validated), else trained again to that step."""
         try:
-            if (kept := self.kept.get(trained_for(lr, step))) is not None:
-                load_trainable_state(self.model, kept)
+            if (state := (kept or {}).get(trained_for(lr, step))) is not None:
+                load_trainable_state(self.model, state)
             elif step > 0:
                 self.train(mask, lr, max_steps=step)
             return self.evaluate()

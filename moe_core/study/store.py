@@ -16,7 +16,7 @@ from moe_core import pipeline as P
 from moe_core.errors import MoELabError
 from moe_core.eval.charts import study_figure
 from moe_core.eval.evaluation import METRICS
-from moe_core.eval.study_summary import study_commands, summarize_study
+from moe_core.eval.study_summary import ARM_KEY, study_commands, summarize_study
 from moe_core.model.loading import ORGANISM
 from moe_core.model.organism import OrganismConfig, corpus_version
 from moe_core.specs import to_argv
@@ -25,7 +25,6 @@ from moe_core.store.files import _now, read_json, read_parquet, write_parquet
 from moe_core.store.manifest import default_runs_root, package_versions, source_commit
 from moe_core.store.run import Run
 
-ARM_KEY = ["seed", "batch_seed", "method", "budget", "draw"]  # one arm of a study: committed whole
 COUNTS = [f"{metric}_{x}" for metric, _, _ in METRICS.values() for x in "kn"]  # an arm's test counts
 
 

@@ -2,8 +2,8 @@
 it validated at a step without training it again from the base weights (the study's largest repeated cost:
 every random arm was trained once more for each selector's step).
 
-    keep = StepSnapshots(every=7)                 # a TrainerCallback beside the curve's
-    train_model(..., callbacks=[curve, keep])
+    keep = StepSnapshots()
+    train_model(..., callbacks=[CurveCallback(scorer, every=7, keep=keep)])  # kept at the curve's points
     load_trainable_state(model, keep.states[21])  # the base model + what step 21 had trained
 
 A state holds only what training moves: the spliced expert rows (``expert_rows``) and any other parameter
@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from moe_core.model.adapter import MoEAdapter
 from moe_core.train.expert_rows import trained_rows
 
-KEEP_BYTES = 2 << 30  # at most this much CPU memory of kept states per run
+KEEP_BYTES = 2 << 30  # at most this much CPU memory of kept states per curve (one StepSnapshots)
 
 StateKey = tuple[Any, ...]  # ("row", layer, tensor name, expert) or ("param", parameter name)
 
@@ -60,19 +59,17 @@ def state_bytes(state: dict[StateKey, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-class StepSnapshots(TrainerCallback):
-    """Keeps ``trainable_state`` every ``every`` optimizer steps and at the last one (the curve's steps), in
-    ``states[step]``, while they fit in ``max_bytes``; ``complete`` says whether every such step was kept."""
+class StepSnapshots:
+    """``trainable_state`` at each step it is handed (``record``: a curve's points, ``eval.curves.CurveCallback``),
+    in ``states[step]``, while they fit in ``max_bytes``; ``complete`` says whether every such step was kept."""
 
-    def __init__(self, every: int, max_bytes: int | None = None):
-        self.every = max(1, int(every))
+    def __init__(self, max_bytes: int | None = None):
         self.max_bytes = KEEP_BYTES if max_bytes is None else max_bytes
         self.states: dict[int, dict[StateKey, torch.Tensor]] = {}
         self.complete = True
 
-    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        step = state.global_step
-        if model is None or not (step % self.every == 0 or step >= state.max_steps) or not self.complete:
+    def record(self, step: int, model: nn.Module) -> None:
+        if not self.complete:
             return
         kept = trainable_state(model)
         if sum(map(state_bytes, self.states.values())) + state_bytes(kept) > self.max_bytes:
