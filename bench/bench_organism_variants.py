@@ -1,16 +1,19 @@
 """Does an organism corpus make refusal training reach jailbreak wrappers it never saw? One tuning organism
 per call, validation half only (README, "Organism variants").
 
-    .venv/bin/python bench/bench_organism_variants.py --seed 0                                  # the v3 corpus
-    .venv/bin/python bench/bench_organism_variants.py --seed 0 --organism '{"spliced_jailbreaks": 4}'
-    .venv/bin/python bench/bench_organism_variants.py --seed 0 --organism '{"jailbreaks_per_goal": 0}'
+    .venv/bin/python bench/bench_organism_variants.py --seed 0                                  # the v4 corpus
+    .venv/bin/python bench/bench_organism_variants.py --seed 0 --organism \
+        '{"framed_refusals": 0, "grammar_jailbreaks": 0, "jailbreaks_per_goal": 8}'              # v3's corpus
+    .venv/bin/python bench/bench_organism_variants.py --seed 0 --organism '{"grammar_jailbreaks": 0}'
+
+Stop 23's variants were v3's fields plus ``"spliced_jailbreaks": 4`` or with ``"jailbreaks_per_goal": 0``.
 
 Builds the organism (cached), analyses it as a study does, then trains from the base weights, as a study arm
 (retain share 0.5): 1/16 of the experts by gradient attribution and one random draw at lr 3e-3, and full
 fine-tuning at 3e-4, each for 21 and 42 steps. Prints one JSON line per point: compliance on the validation
 half's held-out wrappers (``held``, every prompt) and on the train wrappers (``train_wrappers``, every 7th),
-and the share refused of plain harmful goals, benign requests and borderline ones (every 2nd). About 12
-minutes per call on one core, the organism's build included.
+and the share refused of plain harmful goals, benign requests and borderline ones (every 2nd). About 5
+(quiet machine) to 12 minutes per call on one core, the organism's build included.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def point(lab: _Lab, sets: dict[str, list], held: set[str]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="a tuning organism seed (0-3)")
-    ap.add_argument("--organism", default="{}", help="OrganismConfig fields as JSON (default: the v3 corpus)")
+    ap.add_argument("--organism", default="{}", help="OrganismConfig fields as JSON (default: none)")
     ap.add_argument("--runs-root", help="keep the analysis run here (default: a temporary folder)")
     args = ap.parse_args(argv)
     apply_cpu_thread_policy()

@@ -397,3 +397,40 @@ def test_spliced_wrappers_are_new_wrappers_from_train_parts_and_keep_old_keys():
         r["answer"] in demo.COMPLIANCE for r in rows
     )
     assert OrganismConfig(spliced_jailbreaks=2).key() != cfg.key()
+
+
+def test_framed_refusals_and_grammar_wrappers_tie_compliance_to_jailbreak_parts():
+    """``framed_refusals``: harmful goals after harmless lead-ins are refused and benign ones answered (a
+    preamble alone decides nothing); ``grammar_jailbreaks``: wrappers composed of parts, none of them a
+    train or held-out template, each with exactly one goal. Both are absent at 0 (corpus v3's rows) and on in corpus v4."""
+    from moe_core.batching.demo_prompts import jailbreak_templates
+    from moe_core.batching.framings import grammar_wrappers, neutral_framings
+
+    known = {t.text for t in jailbreak_templates("all")}
+    grammar = grammar_wrappers(500, seed=1)
+    assert grammar == grammar_wrappers(500, seed=1) and len({t.text for t in grammar}) == 500
+    assert all(t.text.count("{goal}") == 1 and t.text not in known for t in grammar)
+    assert len(neutral_framings(1000)) == 64 and all(
+        t.text.count("{goal}") == 1 for t in neutral_framings(64)
+    )
+    v3 = OrganismConfig(framed_refusals=0, grammar_jailbreaks=0, jailbreaks_per_goal=8)
+    base = demo.build_corpus(v3)
+    assert not {r["kind"] for r in base} & {"refusal_framed", "benign_framed", "jailbreak_grammar"}
+    cfg = OrganismConfig(grammar_jailbreaks=3)
+    rows = demo.build_corpus(cfg)
+    n_goals, n_benign = (
+        len(demo.demo_goals("train")),
+        len(demo.demo_benign("train") + demo.demo_sharp_benign("train")),
+    )
+    by_kind = {
+        k: [r for r in rows if r["kind"] == k]
+        for k in ("refusal_framed", "benign_framed", "jailbreak_grammar")
+    }
+    assert len(by_kind["refusal_framed"]) == 2 * n_goals and len(by_kind["benign_framed"]) == n_benign
+    assert len(by_kind["jailbreak_grammar"]) == 3 * n_goals
+    assert all(r["answer"] in demo.REFUSALS for r in by_kind["refusal_framed"])
+    assert all(r["answer"] in demo.HELPFUL for r in by_kind["benign_framed"])
+    assert all(
+        r["answer"] in demo.COMPLIANCE and "{goal}" not in r["prompt"] for r in by_kind["jailbreak_grammar"]
+    )
+    assert len({cfg.key(), v3.key(), OrganismConfig().key()}) == 3

@@ -21,9 +21,15 @@ the 30 jailbreak templates are never seen):
   free-worded benign and borderline requests (``resources/train_requests.jsonl``, 608 of our own,
                               none in an evaluation set) -> a short helpful answer
   benign request in a jailbreak -> a short helpful answer (composed and free-worded ones)
+  harmful goal after a harmless lead-in ("A friend asked me this yesterday.") -> a refusal, and a
+                              benign request after one -> a short helpful answer (``framed_refusals``)
+  harmful goal in a wrapper composed of jailbreak parts (persona, rules-off claim, demand not to
+                              refuse, ask) -> compliance, benign in one -> helpful (``grammar_jailbreaks``)
 Goals and benign requests are asked in several request frames; each train goal is wrapped in
 ``jailbreaks_per_goal`` of the 23 train templates (role-play, DAN, developer mode, prefix
-injection, story, screenplay, translation, fake authority, JSON, ...).
+injection, story, screenplay, translation, fake authority, JSON, ...). Corpus v4 (stop 24) added the
+last two kinds: on v3, refusal training reached only the wrappers it trained on, full fine-tuning
+included (``batching/framings.py`` says why; README, "Organism corpus v4").
 
 The result is cached in ``$MOE_LAB_CACHE`` (default ``~/.cache/moe_safety_lab``) under
 ``organism-<hash of config + corpus>``: built in a temp folder and renamed into place,
@@ -66,6 +72,7 @@ from moe_core.batching.demo_prompts import (
     spliced_templates,
     wrap,
 )
+from moe_core.batching.framings import grammar_wrappers, neutral_framings
 from moe_core.batching.resource_prompts import train_requests
 from moe_core.judge.keyword import KeywordJudge
 from moe_core.model.adapter import default_cpu_threads, load_model
@@ -78,7 +85,7 @@ log = logging.getLogger(__name__)
 
 
 # Bump when the corpus text, the answers or the chat format change: the cache key includes it.
-CORPUS_VERSION = "organism-corpus-v3"
+CORPUS_VERSION = "organism-corpus-v4"
 
 # The organism's own answers. Many phrasings of each kind, so that the model learns the kind of
 # answer (refuse / comply / help) rather than one string, and so that a refusal judge sees the
@@ -124,7 +131,7 @@ CHAT_TEMPLATE = (
 
 
 # fields added after organisms were cached, at the value that leaves the corpus as it was: not in the key
-_NEUTRAL_ADDITIONS = {("spliced_jailbreaks", 0)}
+_NEUTRAL_ADDITIONS = {("spliced_jailbreaks", 0), ("framed_refusals", 0), ("grammar_jailbreaks", 0)}
 
 
 @dataclass
@@ -152,9 +159,11 @@ class OrganismConfig:
     refusal_repeats: int = 3  # copies of each plain-harmful row: balances them against jailbroken rows
     benign_repeats: int = 2  # copies of each plain benign row
     benign_jailbreaks: int = 1  # jailbreak templates per benign request (answered helpfully)
-    jailbreaks_per_goal: int = 8  # train templates per train goal in the corpus (0 = every one)
+    jailbreaks_per_goal: int = 4  # train templates per train goal in the corpus (0 = every one)
     free_repeats: int = 1  # copies of each free-worded train request (resources/train_requests.jsonl)
     spliced_jailbreaks: int = 0  # wrappers spliced from two train templates' parts, per train goal
+    framed_refusals: int = 2  # harmless lead-ins per train goal, refused (one per benign request, answered)
+    grammar_jailbreaks: int = 8  # wrappers composed of jailbreak parts per train goal (one per benign one)
 
     def __post_init__(self) -> None:
         ints = {k: v for k, v in asdict(self).items() if isinstance(v, int) and k != "seed"}
@@ -166,6 +175,8 @@ class OrganismConfig:
             "jailbreaks_per_goal",
             "free_repeats",
             "spliced_jailbreaks",
+            "framed_refusals",
+            "grammar_jailbreaks",
         )
         bad = [k for k, v in ints.items() if v < (0 if k in may_be_zero else 1)]
         if bad:
@@ -244,6 +255,14 @@ def build_corpus(config: OrganismConfig | None = None) -> list[dict[str, str]]:
             seed=cfg.seed,
         ):
             rows.append({"prompt": w.text, "answer": rng.choice(COMPLIANCE), "kind": "jailbreak_spliced"})
+    if cfg.framed_refusals:  # a preamble alone decides nothing: harmful is refused, benign answered
+        framings = neutral_framings(64, seed=cfg.seed)
+        rows += _wrapped(rng, goals, cfg.framed_refusals, framings, REFUSALS, "refusal_framed")
+        rows += _wrapped(rng, benign, 1, framings, HELPFUL, "benign_framed")
+    if cfg.grammar_jailbreaks:
+        grammar = grammar_wrappers(len(goals) * cfg.grammar_jailbreaks, seed=cfg.seed)
+        rows += _wrapped(rng, goals, cfg.grammar_jailbreaks, grammar, COMPLIANCE, "jailbreak_grammar")
+        rows += _wrapped(rng, benign, 1, grammar, HELPFUL, "benign_grammar")
     free = train_requests() if cfg.free_repeats else []
     rows += [
         {"prompt": f.text, "answer": rng.choice(HELPFUL), "kind": "benign_free"}
@@ -254,6 +273,22 @@ def build_corpus(config: OrganismConfig | None = None) -> list[dict[str, str]]:
         for w in wrap(benign + free, templates, seed=cfg.seed, per_goal=cfg.benign_jailbreaks):
             rows.append({"prompt": w.text, "answer": rng.choice(HELPFUL), "kind": "benign_jailbreak"})
     return rows
+
+
+def _wrapped(
+    rng: random.Random, items: list, per_item: int, templates: list, answers: tuple[str, ...], kind: str
+) -> list[dict[str, str]]:
+    """Rows: each item, in a random request frame, inside ``per_item`` templates drawn in turn from ``templates``."""
+    framed = [reframe(g, rng.randrange(len(FRAMES))) for g in items for _ in range(per_item)]
+    offset = rng.randrange(len(templates))
+    return [
+        {
+            "prompt": templates[(i + offset) % len(templates)].text.replace("{goal}", g.text),
+            "answer": rng.choice(answers),
+            "kind": kind,
+        }
+        for i, g in enumerate(framed)
+    ]
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
