@@ -21,6 +21,7 @@ from moe_core import jobs
 from moe_core.analysis.masks import ExpertMask
 from moe_core.batching.plan import load_plan
 from moe_core.eval import charts
+from moe_core.eval.study_summary import reference_study
 from moe_core.store.files import read_json
 from moe_core.store.jobs import (
     LAUNCH_NAME,
@@ -1177,7 +1178,9 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
     names = {t.get("name") for spec in plotly_specs(at) for t in spec["data"]}
     assert {"chosen", "random", "random_layer"} <= names
     ref_split = [d.value for d in at.dataframe if "on held-out wrappers" in d.value.columns]
-    assert ref_split and (ref_split[0]["seed pairs"] == 16).all()  # the committed reference's 16 pairs
+    ref = reference_study()[1]
+    pairs = len(ref[["seed", "batch_seed"]].drop_duplicates())  # the committed reference's seed pairs
+    assert ref_split and (ref_split[0]["seed pairs"] == pairs).all()
     assert {"chosen experts", "random experts", "full fine-tuning"} <= set(ref_split[0]["arm"])
     table = [d.value for d in at.dataframe if "jailbreak_compliance" in d.value.columns]
     assert table and set(table[0]["method"]) == {

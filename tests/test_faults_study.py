@@ -251,17 +251,18 @@ def test_a_study_run_in_parts_joins_one_study_and_refuses_a_part_of_other_settin
 
 def test_an_organism_variant_is_a_defining_setting_and_the_reference_stays_resumable():
     """``--spliced-jailbreaks`` studies other organisms: their arms must never join a study of the reference's
-    organisms, and the reference's own settings (recorded before the option existed) still match its command."""
+    organisms, and the reference's own settings still match its command."""
     from moe_core.eval.study_summary import REFERENCE_DIR
+    from moe_core.model.organism import CORPUS_VERSION
     from moe_core.study.store import defining_settings, settings_diff
 
     reference = read_json(REFERENCE_DIR / "settings.json")
     spec = P.StudySpec(**{k: v for k, v in reference["defining"].items() if k != "organism"})
     assert settings_diff(reference, spec) == []
     variant = P.StudySpec(**{**vars(spec), "spliced_jailbreaks": 4})
-    assert defining_settings(variant)["organism"] == "organism-corpus-v3+spliced-4"
+    assert defining_settings(variant)["organism"] == f"{CORPUS_VERSION}+spliced-4"
     assert settings_diff(reference, variant) == [
-        "organism: 'organism-corpus-v3' -> 'organism-corpus-v3+spliced-4'"
+        f"organism: {CORPUS_VERSION!r} -> '{CORPUS_VERSION}+spliced-4'"
     ]
     with pytest.raises(P.MoELabError, match="spliced_jailbreaks"):
         P.StudySpec(spliced_jailbreaks=-1)
