@@ -105,9 +105,10 @@ def neutral_framings(n: int, seed: int = 0) -> list[PromptItem]:
 
 
 def grammar_wrappers(n: int, seed: int = 0) -> list[PromptItem]:
-    """``n`` jailbreak wrappers composed of a persona, a rules-off claim, a demand and an ask (at most 2,416: dropped parts make some alike).
+    """``n`` jailbreak wrappers composed of a persona, a rules-off claim, a demand and an ask (at most 2,416).
 
-    One part of four is left out of about half of them (never the ask), so that no single part is needed."""
+    One of the first three parts is left out of about half of them, so that no single part is needed (which
+    makes some alike: they are drawn once)."""
     rng = random.Random(seed)
     combos = []
     for c in itertools.product(PERSONAS, RULES_OFF, DEMANDS, ASKS):

@@ -131,7 +131,7 @@ CHAT_TEMPLATE = (
 
 
 # fields added after organisms were cached, at the value that leaves the corpus as it was: not in the key
-_NEUTRAL_ADDITIONS = {("spliced_jailbreaks", 0), ("framed_refusals", 0), ("grammar_jailbreaks", 0)}
+_NEUTRAL_ADDITIONS = {("spliced_jailbreaks", 0)}
 
 
 @dataclass
