@@ -190,9 +190,8 @@ class CurveCallback(TrainerCallback):
             state.global_step % self.every == 0 or state.global_step >= state.max_steps
         ):
             self._record(state.global_step, model)
-            if (
-                self.keep is not None
-            ):  # the trained weights of each scored step, to test without training again
+            # the trained weights of each scored step, to test without training again
+            if self.keep is not None:
                 self.keep.record(state.global_step, model)
 
 

@@ -20,8 +20,9 @@ are chosen on validation (``chosen_point``: among the points that keep benign an
 within 0.05 of the base model, the least training that comes within 0.05 of the lowest jailbreak
 compliance), the weights trained to that step (kept in memory along the curve, ``train.snapshots``; past
 their memory bound trained again) are only then answered and judged on the test half. Random arms are
-also tested at each selector's learning rate and step (``<metric>_at_<method>`` columns, e.g. ``jailbreak_compliance_at_chosen_k``; a selector added to a study later tests the committed
-random arms there in place). Every model is trained
+also tested at each selector's learning rate and step (``<metric>_at_<method>`` columns, e.g.
+``jailbreak_compliance_at_chosen_k``; a selector added to a study later tests the committed random arms
+there in place). Every model is trained
 in memory from the same base weights and restored afterwards, so a study is one process and no model
 directories pile up.
 
