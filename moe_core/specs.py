@@ -430,8 +430,12 @@ class DemoSpec(AnalyseSpec):
 BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4)  # shares of all routed experts the study trains
 # The study's schedule, chosen on the tuning organisms (seeds 0 and 1) and the validation split only (README,
 # "What changed the organism (stop 19)"), then fixed for the reporting seeds: the reference study's settings.
-STUDY_LRS = (1e-3, 3e-3)
-STUDY_FULL_LRS = (1e-4, 3e-4)  # every parameter moves: a tenth of the experts' rates
+# Plain SGD, chosen on tuning organisms 0-3, validation only (README, "SGD instead of AdamW (stop 25)"): AdamW
+# moves every trained weight by about the learning rate per step whatever its gradient, so random experts
+# learned the refusal almost as fast as chosen ones; SGD moves each expert as far as its gradient says.
+STUDY_TRAINING_ARGS = '{"optim": "sgd"}'
+STUDY_LRS = (3.0, 10.0)
+STUDY_FULL_LRS = (0.3, 1.0)  # every parameter moves: a tenth of the experts' rates
 STUDY_RETAIN_SHARE = 0.5  # without retain examples the learned refusal spread to benign prompts
 # The method's selector, and the one that learned first on every tuning organism (0-3, stop 20).
 STUDY_SCORES = ("risk_diff", "grad_attr")
@@ -487,6 +491,13 @@ class StudySpec:
         "refusal vs compliance openings: cheap for big models, but it misreads benign and borderline prompts)",
     )
     retain_share: float = same_as(TrainSpec, "retain_share", default=STUDY_RETAIN_SHARE)
+    training_args: Optional[str] = same_as(
+        TrainSpec,
+        "training_args",
+        default=STUDY_TRAINING_ARGS,
+        help="more Hugging Face TrainingArguments for every arm, as a JSON object (default: plain SGD, the "
+        "tuned schedule; '{}' trains with AdamW, as the train step does, and then --lr alone unless --lrs)",
+    )
     spliced_jailbreaks: int = opt(
         0,
         "organisms whose corpus also has, per train goal, this many jailbreak wrappers spliced from two train "
@@ -515,7 +526,11 @@ class StudySpec:
     vllm_url: Optional[str] = same_as(DemoSpec, "vllm_url")
 
     def __post_init__(self) -> None:
-        tuned = not self.lrs and self.lr == StudySpec.lr  # the schedule not asked for: the tuned one
+        tuned = (  # the schedule not asked for: the tuned one
+            not self.lrs
+            and self.lr == StudySpec.lr
+            and json_object(self.training_args) == json_object(STUDY_TRAINING_ARGS)
+        )
         self.lrs = list(self.lrs) or (list(STUDY_LRS) if tuned else [self.lr])
         self.full_lrs = list(self.full_lrs) or (list(STUDY_FULL_LRS) if tuned else list(self.lrs))
         self.validate()
@@ -550,7 +565,9 @@ class StudySpec:
             curve_every=AT_LEAST_1,
             spliced_jailbreaks=NON_NEGATIVE,
             retain_share=(lambda v: 0 <= v <= 4, "a share in [0, 4] (retain examples per analysis example)"),
+            training_args=JSON_OBJECT,
         )
+        check_training_args(json_object(self.training_args))
         unknown = [s for s in self.scores if s not in ("risk_diff", *SCORES)]
         if unknown or not self.scores:
             raise MoELabError(f"scores must be among risk_diff, {', '.join(SCORES)} (got {self.scores})")

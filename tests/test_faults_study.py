@@ -268,3 +268,36 @@ def test_an_organism_variant_is_a_defining_setting_and_the_reference_stays_resum
         P.StudySpec(spliced_jailbreaks=-1)
     with pytest.raises(P.MoELabError, match="leave it out with --model"):
         P.StudySpec(model="some/model", spliced_jailbreaks=4)
+
+
+def test_the_studys_training_arguments_reach_every_arm_and_are_a_defining_setting(tmp_path, tiny_dir):
+    """``--training-args`` (e.g. another optimizer) trains every arm of a study; a study made with other ones
+    is other numbers, refused without --overwrite, whichever way the same JSON object is spelled."""
+    from transformers import TrainerCallback
+
+    from moe_core.study.lab import _Lab, _masks
+    from moe_core.study.store import defining_settings, settings_diff
+
+    spec = _spec(tiny_dir, training_args='{"optim": "sgd"}', lrs=[1e-2])
+    lab = _Lab(spec, 0, tmp_path, None)
+    seen: list[tuple[str, str]] = []
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            inner = getattr(optimizer, "optimizer", optimizer)  # unwrapped from accelerate's wrapper
+            seen.append((str(args.optim.value), type(inner).__name__))
+
+    _, chosen, _ = _masks(lab, 1 / 8)
+    lab.train(chosen, 1e-2, [Spy()], max_steps=1)
+    lab.train(None, 1e-2, [Spy()], max_steps=1)  # full fine-tuning too
+    assert seen == [("sgd", "SGD"), ("sgd", "SGD")]
+
+    stored = {"defining": json.loads(json.dumps(defining_settings(spec)))}
+    assert settings_diff(stored, _spec(tiny_dir, training_args='{ "optim":"sgd" }', lrs=[1e-2])) == []
+    assert settings_diff(stored, _spec(tiny_dir, training_args="{}", lrs=[1e-2])) == [
+        'training_args: \'{"optim": "sgd"}\' -> None'
+    ]
+    with pytest.raises(P.MoELabError, match="gradient_accumulation_steps"):
+        _spec(tiny_dir, training_args='{"gradient_accumulation_steps": 2}')
+    with pytest.raises(P.MoELabError, match="training_args"):
+        _spec(tiny_dir, training_args="[1, 2]")

@@ -39,6 +39,7 @@ from moe_core.judge.judges import DEFAULT_JUDGE, make_judge
 from moe_core.model.adapter import MoEAdapter
 from moe_core.model.loading import load_any_model
 from moe_core.model.organism import build_organism
+from moe_core.store.checks import json_object
 from moe_core.store.files import read_json, read_parquet
 from moe_core.study.store import organism_config
 from moe_core.train.sft import (
@@ -149,7 +150,11 @@ class _Lab:
     def train(
         self, mask: Any, lr: float, callbacks: Sequence[Any] = (), max_steps: int | None = None
     ) -> None:
-        """Train ``mask``'s experts (None: every parameter) from the base weights, in memory."""
+        """Train ``mask``'s experts (None: every parameter) from the base weights, in memory, with the study's
+        further TrainingArguments (``training_args``: e.g. the optimizer)."""
+        extra = json_object(self.spec.training_args) or {}
+        if max_steps:
+            extra["max_steps"] = max_steps
         with tempfile.TemporaryDirectory(prefix="moe-study-") as tmp:
             train_model(
                 self.model,
@@ -164,7 +169,7 @@ class _Lab:
                 seed=self.seed,
                 save_outputs=False,
                 callbacks=callbacks,
-                **({"max_steps": max_steps} if max_steps else {}),
+                **extra,
             )
 
     def arm(

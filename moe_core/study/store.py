@@ -21,6 +21,7 @@ from moe_core.model.loading import ORGANISM
 from moe_core.model.organism import OrganismConfig, corpus_version
 from moe_core.specs import to_argv
 from moe_core.store.atomic import atomic_dir, atomic_write_json
+from moe_core.store.checks import json_object
 from moe_core.store.files import _now, read_json, read_parquet, write_parquet
 from moe_core.store.manifest import default_runs_root, package_versions, source_commit
 from moe_core.store.run import Run
@@ -92,11 +93,18 @@ DEFINING = (
     "max_new_tokens",
     "retain_share",
     "curve_every",
+    "training_args",
     "backend",
     "validation",
 )
 # What a study stored before a defining setting existed was made with (read back in their place).
-LEGACY = {"validation": "margin", "organism": "organism-corpus-v2", "lrs": [], "full_lrs": []}
+LEGACY = {
+    "validation": "margin",
+    "organism": "organism-corpus-v2",
+    "lrs": [],
+    "full_lrs": [],
+    "training_args": None,
+}
 
 
 def defining_settings(spec: P.StudySpec) -> dict[str, Any]:
@@ -104,6 +112,10 @@ def defining_settings(spec: P.StudySpec) -> dict[str, Any]:
     change makes other organisms, whose arms must not be mixed with the stored ones)."""
     return {
         **{k: getattr(spec, k) for k in DEFINING},
+        # one spelling per object ('{}' is no further argument, as before the setting existed)
+        "training_args": json.dumps(json_object(spec.training_args), sort_keys=True)
+        if json_object(spec.training_args)
+        else None,
         "organism": corpus_version(organism_config(spec)) if spec.model is None else None,
     }
 
