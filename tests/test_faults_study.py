@@ -194,19 +194,21 @@ def test_a_study_stored_before_judged_validation_resumes_only_as_what_it_was_mad
     scored by the teacher-forced margin: read back so, they resume with `--validation margin` and refuse
     the judged default instead of mixing two kinds of curves. Their empty `lrs` / `full_lrs` meant `--lr`
     alone, not today's tuned schedule."""
-    old = dict(validation="margin", lrs=[1e-3])
+    old = dict(validation="margin", lrs=[1e-3], training_args="{}")  # AdamW, as every study before stop 25
     run, _ = run_study(_spec(tiny_dir, **old), runs_root=tmp_path)
     out = run.path_for("study", name="sA")
     settings = read_json(out / "settings.json")
     assert settings["defining"]["validation"] == "margin" and settings["defining"]["organism"] is None
     assert settings["defining"]["full_lrs"] == [1e-3]
-    for key in ("validation", "organism"):  # as an older version wrote it
+    assert settings["defining"]["training_args"] is None  # '{}': no further argument, as before it existed
+    for key in ("validation", "organism", "training_args"):  # as an older version wrote it
         del settings["defining"][key]
     settings["defining"] |= {"lrs": [], "full_lrs": []}
     (out / "settings.json").write_text(json.dumps(settings), encoding="utf-8")
     with pytest.raises(StudyError, match=r"validation: 'margin' -> 'judged'"):
         run_study(_spec(tiny_dir, lrs=[1e-3]), run)
-    with pytest.raises(StudyError, match=r"lrs: \[0.001\] -> \[0.001, 0.003\]"):
+    tuned = ", ".join(map(str, P.StudySpec().lrs))
+    with pytest.raises(StudyError, match=rf"lrs: \[0.001\] -> \[{tuned}\].*training_args: None ->"):
         run_study(_spec(tiny_dir, validation="margin"), run)  # today's default schedule is not what it was
     before = read_parquet(out / "results.parquet")
     run_study(_spec(tiny_dir, **old, random_draws=2), run)

@@ -252,6 +252,8 @@ def test_the_across_seed_headline_is_the_committed_reference_studys_own_numbers(
     )
     report = reference_report(evaluation, "experts-unsafe_experts")
     assert text in report and settings["command"] in report and "This demo is one seed" in report
+    optim = json.loads(settings["defining"].get("training_args") or "{}").get("optim", "adamw_torch")
+    assert f"trains every arm with {optim} at learning rates" in report
 
 
 def test_the_targets_compare_chosen_with_random_trained_the_same_steps():
@@ -344,8 +346,19 @@ def test_the_study_defaults_are_the_tuned_schedule_of_the_reference_study():
 
     tuned = P.StudySpec()
     defining = reference_study()[0]["defining"]
-    for key in ("lr", "lrs", "full_lrs", "retain_share", "curve_every", "epochs", "validation"):
+    for key in (
+        "lr",
+        "lrs",
+        "full_lrs",
+        "retain_share",
+        "curve_every",
+        "epochs",
+        "validation",
+        "training_args",
+    ):
         assert getattr(tuned, key) == defining[key], key
+    adamw = P.StudySpec(training_args="{}")  # another optimizer: the tuned rates are not its rates
+    assert adamw.lrs == adamw.full_lrs == [adamw.lr]
     one = P.StudySpec(lr=5e-3)
     assert one.lrs == one.full_lrs == [5e-3]
     own = P.StudySpec(lrs=[2e-3, 4e-3])
@@ -464,3 +477,49 @@ def test_the_wrapper_split_reads_each_arm_at_its_chosen_point():
     assert split.loc["random experts", "on held-out wrappers"] == "1.00"
     assert split.loc["chosen experts", "seed pairs"] == 2
     assert wrapper_split(results, None).empty  # a study stored before the curves had them
+
+
+def test_the_targets_read_on_validation_curves_alone_pick_each_selector_as_the_study_does():
+    """Tuning reads the validation curves only: each selector at the point ``chosen_point`` picks, random draws
+    at that same (lr, step) and at their own points, a coarser grid read from the same curves."""
+    from moe_core.eval.study_summary import PICK
+    from moe_core.eval.study_targets import validation_targets
+
+    def curve(method, draw, drop_at, low, benign=0.98):
+        return [
+            {
+                "seed": 5,
+                "batch_seed": 0,
+                "method": method,
+                "budget": 1 / 16,
+                "draw": draw,
+                "lr": 3.0,
+                "step": s,
+                "jailbreak_compliance": 1.0 if s < drop_at else low,
+                "benign_answer_rate": 0.98 if s < drop_at else benign,
+                "over_refusal": 0.0,
+            }
+            for s in range(0, 43, 3)
+        ]
+
+    curves = pd.DataFrame(
+        curve("chosen", 0, 9, 0.05)
+        + curve(
+            "chosen_grad_attr", 0, 6, 0.0, benign=0.80
+        )  # learns first, but stops answering benign requests
+        + curve("random", 0, 24, 0.05)
+        + curve("random", 1, 30, 0.10)
+    )
+    t = validation_targets(curves).set_index("method")
+    assert (t.loc["chosen", "step"], t.loc["chosen", "random_at_chosen"], t.loc["chosen", "met"]) == (
+        9,
+        1.0,
+        True,
+    )
+    assert (
+        t.loc["chosen_grad_attr", "step"] == 0 and not t.loc["chosen_grad_attr", "met"]
+    )  # nothing qualifies
+    assert t.loc["chosen", "random"] == 0.075  # the draws at their own points: 0.05 and 0.10
+    assert t.loc[PICK, "step"] == 9  # the pick is the lower compliance of the two selectors' points
+    coarse = validation_targets(curves, every=6).set_index("method")
+    assert coarse.loc["chosen", "step"] == 12 and coarse.loc["chosen", "met"]

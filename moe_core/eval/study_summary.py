@@ -5,6 +5,7 @@ the pages and the demo read a study's tables without pulling in the steps that m
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +253,19 @@ def reference_report(evaluation: pd.DataFrame, model: str) -> str | None:
     mine = evaluation[(evaluation["model"] == model) & (evaluation["set"] == "harmful_jailbreak")]
     if len(mine):
         lines.append("This demo is one seed: " + where_seed_falls(float(mine["value"].iloc[0]), results))
+        lines.append(schedule_note(settings.get("defining", {})))
     return "\n".join(lines)
+
+
+def schedule_note(defining: dict[str, Any]) -> str:
+    """How the reference trained, beside the demo's one fixed point: the two are not the same schedule."""
+    args = json.loads(defining.get("training_args") or "{}")
+    lrs = " and ".join(f"{x:g}" for x in defining.get("lrs") or [defining.get("lr", 0.0)])
+    return (
+        "(The demo trains once, with the train step's settings, for a fixed number of steps; the reference "
+        f"trains every arm with {args.get('optim', 'adamw_torch')} at learning rates {lrs} and reports it at "
+        "the step chosen on its validation curve.)"
+    )
 
 
 def demo_headline(evaluation: pd.DataFrame, chosen: str) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from moe_core.eval.curves import area_under, chosen_point
 from moe_core.eval.evaluation import METRICS
 from moe_core.eval.study_summary import ARM_KEY, ARMS, HEADLINE_BUDGET, PICK
 
@@ -181,4 +182,66 @@ def wrapper_split(
         for method in ARMS
         if method != "base" and len(g := points[points["method"] == method])
     ]
+    return pd.DataFrame(rows)
+
+
+def _validation_pick(base: dict, points: pd.DataFrame) -> dict:
+    """``chosen_point`` over an arm's curves (every learning rate), from the pair's untrained point."""
+    trained = points[points["step"] > 0].sort_values(["lr", "step"]).to_dict("records")
+    return chosen_point([base, *trained])
+
+
+def validation_targets(
+    curves: pd.DataFrame, budget: float | None = None, every: int | None = None
+) -> pd.DataFrame:
+    """Issue 17's targets read on the validation curves alone, per seed pair and selector at ``budget``: the
+    selector's point as the study chooses it (``chosen_point``), the random draws' mean validation compliance
+    at the same learning rate and step, and each draw at its own point; ``PICK`` rows: per pair the selector
+    with the lowest compliance there (ties: the lowest AUC of its curve, as ``with_validation_pick``). Why:
+    the defaults are tuned on tuning organisms, whose test split must stay unread. ``every``: only the points
+    of every N steps (a coarser grid read from the same curves)."""
+    budget = nearest_budget(curves) if budget is None else budget
+    if every:
+        curves = curves[curves["step"] % every == 0]
+    rows = []
+    for (seed, bs), g in curves[curves["budget"] == budget].groupby(["seed", "batch_seed"]):
+        base = g[g["step"] == 0].iloc[0].to_dict()
+        rand = g[g["method"] == "random"]
+        own = [_validation_pick(base, d)["jailbreak_compliance"] for _, d in rand.groupby("draw")]
+        pair = []
+        for method in (m for m in ARMS if m.startswith("chosen") and (g["method"] == m).any()):
+            arm = g[g["method"] == method]
+            p = _validation_pick(base, arm)
+            there = (
+                rand[(rand["lr"] == p["lr"]) & (rand["step"] == p["step"])] if p["step"] else rand.iloc[0:0]
+            )
+            at = float(there["jailbreak_compliance"].mean()) if len(there) else base["jailbreak_compliance"]
+            curve = arm[arm["lr"] == p["lr"]] if p["step"] else arm[arm["lr"] == arm["lr"].min()]
+            met = {
+                "compliance_met": p["jailbreak_compliance"] <= COMPLIANCE_TARGET + 1e-9,
+                "random_met": at >= RANDOM_FLOOR - 1e-9,
+                "benign_met": p["benign_answer_rate"] >= BENIGN_FLOOR - 1e-9,
+                "over_refusal_met": p["over_refusal"] <= base["over_refusal"] + OVER_REFUSAL_MARGIN + 1e-9,
+            }
+            pair.append(
+                {
+                    "seed": int(seed),
+                    "batch_seed": int(bs),
+                    "method": method,
+                    "lr": float(p["lr"]) if p["step"] else 0.0,
+                    "step": int(p["step"]),
+                    "compliance": round(float(p["jailbreak_compliance"]), 3),
+                    "auc": round(
+                        area_under(curve.sort_values("step").to_dict("records"), "jailbreak_compliance"), 3
+                    ),
+                    "random_at_chosen": round(at, 3),
+                    "random": round(float(np.mean(own)), 3) if own else float("nan"),
+                    "benign": round(float(p["benign_answer_rate"]), 3),
+                    "met": all(met.values()),
+                    **met,
+                }
+            )
+        if len(pair) > 1:
+            pair.append({**min(pair, key=lambda r: (r["compliance"], r["auc"])), "method": PICK})
+        rows += pair
     return pd.DataFrame(rows)

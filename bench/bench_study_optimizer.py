@@ -1,0 +1,83 @@
+"""AdamW or plain SGD for the study's arms? Issue 17's targets on the tuning organisms' validation curves under
+each (README, "SGD instead of AdamW (stop 25)").
+
+    .venv/bin/python bench/bench_study_optimizer.py                     # organisms 0-3, both optimizers
+    .venv/bin/python bench/bench_study_optimizer.py --only sgd          # the study's default alone
+    .venv/bin/python bench/bench_study_optimizer.py --studies DIR ...   # tables of studies already run
+
+Runs ``python -m moe_core study`` on the tuning organisms (batch seed 0, 1/16 of the experts, 2 random draws, no
+full fine-tuning or steering, validation every 3 steps), each optimizer in two processes of half the seeds
+(side by side: one per core): AdamW at 1e-3 and 3e-3 (``--training-args '{}'``, the schedule before stop 25)
+and the study's default, SGD at 3 and 10. Then prints, per optimizer, the targets read on the validation
+curves alone (``study_targets.validation_targets``: the test split stays unread), on the grid of 3 steps and
+of 6. About 25 minutes for both on 2 quiet cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+
+from moe_core.eval.study_targets import validation_targets  # noqa: E402
+
+NAME = "optimizer"
+OPTIMIZERS = {
+    "adamw": ["--training-args", "{}", "--lrs", "0.001", "0.003"],
+    "sgd": [],  # the study's defaults
+}
+COMMON = "--budgets 0.0625 --random-draws 2 --steering false --full false --batch-seeds 0 --eval-limit 60"
+
+
+def run(optimizer: str, seeds: list[int], root: Path) -> list[Path]:
+    """The optimizer's study in two processes of half the seeds each -> their study folders."""
+    half = (len(seeds) + 1) // 2
+    procs = []
+    for i, part in enumerate(p for p in (seeds[:half], seeds[half:]) if p):
+        argv = [sys.executable, "-m", "moe_core", "study", "--runs-root", str(root / f"{optimizer}-{i}")]
+        argv += [*COMMON.split(), "--curve-every", "3", "--name", NAME, "--seeds", *map(str, part)]
+        procs.append(subprocess.Popen([*argv, *OPTIMIZERS[optimizer]], cwd=ROOT, stdout=subprocess.DEVNULL))
+    for p in procs:
+        if p.wait(timeout=4 * 3600):
+            raise SystemExit(f"a study of {optimizer} failed (exit {p.returncode})")
+    return sorted(root.glob(f"{optimizer}-*/*/study/{NAME}"))
+
+
+def report(label: str, studies: list[Path]) -> None:
+    curves = pd.concat([pd.read_parquet(s / "curves.parquet") for s in studies], ignore_index=True)
+    for every in (3, 6):
+        t = validation_targets(curves, every=every)
+        print(f"\n== {label}: validation, a point every {every} steps")
+        print(t.drop(columns=["batch_seed"]).to_string(index=False))
+        counts = t.groupby("method")[["met", "compliance_met", "random_met", "benign_met"]].sum()
+        print(counts.to_string())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--only", choices=sorted(OPTIMIZERS))
+    ap.add_argument("--studies", nargs="+", type=Path, help="study folders (with curves.parquet) to report")
+    args = ap.parse_args()
+    if args.studies:
+        report("given studies", args.studies)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-optimizer-") as tmp:
+        for optimizer in [args.only] if args.only else list(OPTIMIZERS):
+            start = time.monotonic()
+            studies = run(optimizer, args.seeds, Path(tmp))
+            print(f"\n{optimizer}: {time.monotonic() - start:.0f} s for organisms {args.seeds}")
+            report(optimizer, studies)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
