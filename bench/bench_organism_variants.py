@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     apply_cpu_thread_policy()
     variant = json.loads(args.organism)
     path = str(build_organism(OrganismConfig(seed=args.seed, **variant)))
-    spec = P.StudySpec(model=path, seeds=[args.seed], scores=["grad_attr"], eval_limit=60, steering=False)
+    spec = P.StudySpec(  # AdamW, as in stops 23 and 24 (the rates below are AdamW's)
+        model=path, seeds=[args.seed], scores=["grad_attr"], eval_limit=60, steering=False, training_args="{}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-organism-") as tmp:
         lab = _Lab(spec, args.seed, Path(args.runs_root or tmp), None)
         sets, held = validation_sets(args.seed)
