@@ -44,10 +44,15 @@ def run(optimizer: str, seeds: list[int], root: Path) -> list[Path]:
     for i, part in enumerate(p for p in (seeds[:half], seeds[half:]) if p):
         argv = [sys.executable, "-m", "moe_core", "study", "--runs-root", str(root / f"{optimizer}-{i}")]
         argv += [*COMMON.split(), "--curve-every", "3", "--name", NAME, "--seeds", *map(str, part)]
-        procs.append(subprocess.Popen([*argv, *OPTIMIZERS[optimizer]], cwd=ROOT, stdout=subprocess.DEVNULL))
-    for p in procs:
+        log = (root / f"{optimizer}-{i}.log").open("w")
+        procs.append(
+            (subprocess.Popen([*argv, *OPTIMIZERS[optimizer]], cwd=ROOT, stdout=log, stderr=log), log)
+        )
+    for p, log in procs:
         if p.wait(timeout=4 * 3600):
-            raise SystemExit(f"a study of {optimizer} failed (exit {p.returncode})")
+            tail = Path(log.name).read_text(errors="replace")[-3000:]
+            raise SystemExit(f"a study of {optimizer} failed (exit {p.returncode}):\n{tail}")
+        log.close()
     return sorted(root.glob(f"{optimizer}-*/*/study/{NAME}"))
 
 
