@@ -428,11 +428,11 @@ class DemoSpec(AnalyseSpec):
 
 
 BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4)  # shares of all routed experts the study trains
-# The study's schedule, chosen on the tuning organisms (seeds 0 and 1) and the validation split only (README,
-# "What changed the organism (stop 19)"), then fixed for the reporting seeds: the reference study's settings.
-# Plain SGD, chosen on tuning organisms 0-3, validation only (README, "SGD instead of AdamW (stop 25)"): AdamW
-# moves every trained weight by about the learning rate per step whatever its gradient, so random experts
-# learned the refusal almost as fast as chosen ones; SGD moves each expert as far as its gradient says.
+# The study's schedule, chosen on the tuning organisms and the validation split only, then fixed for the
+# reporting seeds: the reference study's settings. Its optimizer and rates: plain SGD (stop 25, organisms 0-3;
+# README, "SGD instead of AdamW"): AdamW moves every trained weight by about the learning rate per step whatever
+# its gradient, so random experts learned the refusal almost as fast as chosen ones; SGD moves each expert as
+# far as its gradient says. The rest of the schedule: README, "What changed the organism (stop 19)".
 STUDY_TRAINING_ARGS = '{"optim": "sgd"}'
 STUDY_LRS = (3.0, 10.0)
 STUDY_FULL_LRS = (0.3, 1.0)  # every parameter moves: a tenth of the experts' rates
