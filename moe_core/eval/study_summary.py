@@ -5,13 +5,13 @@ the pages and the demo read a study's tables without pulling in the steps that m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from moe_core.eval.evaluation import METRICS, wilson_interval
+from moe_core.store.checks import json_object
 from moe_core.store.files import read_json, read_parquet
 from moe_core.store.run import Run
 
@@ -259,7 +259,7 @@ def reference_report(evaluation: pd.DataFrame, model: str) -> str | None:
 
 def schedule_note(defining: dict[str, Any]) -> str:
     """How the reference trained, beside the demo's one fixed point: the two are not the same schedule."""
-    args = json.loads(defining.get("training_args") or "{}")
+    args = json_object(defining.get("training_args")) or {}
     lrs = " and ".join(f"{x:g}" for x in defining.get("lrs") or [defining.get("lr", 0.0)])
     return (
         "(The demo trains once, with the train step's settings, for a fixed number of steps; the reference "

@@ -110,12 +110,11 @@ LEGACY = {
 def defining_settings(spec: P.StudySpec) -> dict[str, Any]:
     """The settings above, and the organism's corpus version when the study builds organisms (a corpus
     change makes other organisms, whose arms must not be mixed with the stored ones)."""
+    args = json_object(spec.training_args)
     return {
         **{k: getattr(spec, k) for k in DEFINING},
         # one spelling per object ('{}' is no further argument, as before the setting existed)
-        "training_args": json.dumps(json_object(spec.training_args), sort_keys=True)
-        if json_object(spec.training_args)
-        else None,
+        "training_args": json.dumps(args, sort_keys=True) if args else None,
         "organism": corpus_version(organism_config(spec)) if spec.model is None else None,
     }
 
