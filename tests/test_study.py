@@ -324,6 +324,13 @@ def test_the_targets_compare_chosen_with_random_trained_the_same_steps():
     assert list(picked.loc[picked["method"] == PICK, "picked"]) == ["chosen_grad_attr"]
     picked = with_validation_pick(other.assign(val_jailbreak_compliance=[1.0, 0.2, 0.9, 0.9, 0.5]))
     assert targets(picked, method=PICK).iloc[0]["random_at_chosen"] == 0.875  # `chosen` validates best here
+    # within MARGIN of the lowest, a point that answers benign requests at the target wins over one that does not
+    near = other.assign(val_jailbreak_compliance=[1.0, 0.22, 0.9, 0.9, 0.2])
+    assert list(with_validation_pick(near).query("method == @PICK")["picked"]) == ["chosen_grad_attr"]
+    short = near.assign(val_benign_answer_rate=[0.98, 0.95, 0.98, 0.98, 0.9])
+    assert list(with_validation_pick(short).query("method == @PICK")["picked"]) == ["chosen"]
+    far = short.assign(val_jailbreak_compliance=[1.0, 0.3, 0.9, 0.9, 0.2])  # 0.10 apart: compliance decides
+    assert list(with_validation_pick(far).query("method == @PICK")["picked"]) == ["chosen_grad_attr"]
     table = target_table(other).set_index("selector")  # per selector: on how many pairs each target holds
     assert (
         table.loc["chosen experts", "all four targets"]
@@ -523,3 +530,10 @@ def test_the_targets_read_on_validation_curves_alone_pick_each_selector_as_the_s
     assert t.loc[PICK, "step"] == 9  # the pick is the lower compliance of the two selectors' points
     coarse = validation_targets(curves, every=6).set_index("method")
     assert coarse.loc["chosen", "step"] == 12 and coarse.loc["chosen", "met"]
+    # grad_attr keeps benign answers within the point rule's margin (0.93) but under the target: within MARGIN
+    # of its compliance, the pick takes `chosen`, whose point answers benign requests
+    close = pd.DataFrame(curve("chosen", 0, 9, 0.05) + curve("chosen_grad_attr", 0, 6, 0.02, benign=0.93))
+    close = pd.concat([close, curves[curves["method"] == "random"]])
+    t = validation_targets(close).set_index("method")
+    assert t.loc["chosen_grad_attr", "step"] == 6 and not t.loc["chosen_grad_attr", "benign_met"]
+    assert (t.loc[PICK, "step"], t.loc[PICK, "met"]) == (9, True)

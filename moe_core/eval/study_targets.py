@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from moe_core.eval.curves import RATE_EPS, area_under, chosen_point
+from moe_core.eval.curves import MARGIN, RATE_EPS, area_under, chosen_point
 from moe_core.eval.evaluation import METRICS
 from moe_core.eval.study_summary import ARM_KEY, ARMS, HEADLINE_BUDGET, PICK
 
@@ -100,13 +100,32 @@ def targets(
     return pd.DataFrame(rows)
 
 
+def picked(
+    selectors: pd.DataFrame,
+    compliance: str = "val_jailbreak_compliance",
+    auc: str = "val_auc",
+    benign: str = "val_benign_answer_rate",
+) -> pd.Series:
+    """One seed pair's validation pick among its selectors' chosen points: of those within ``MARGIN`` of the
+    lowest validation compliance, first those whose validation benign answers meet ``BENIGN_FLOOR``, then the
+    lowest compliance, the lowest AUC, the study's order. Why the benign step: within the margin (about three
+    prompts in 60) compliance is no evidence between two selectors, while a point that costs benign answers
+    misses a target. Chosen on tuning organisms 0-3 (validation, every 6 steps; all four targets met: SGD
+    2 -> 3 of 4, AdamW 1 -> 2, never fewer); without a benign column (studies before it) it is the former
+    rule: the lowest compliance, then AUC."""
+    near = selectors[selectors[compliance] <= selectors[compliance].min() + MARGIN + RATE_EPS]
+    short = near[benign] < BENIGN_FLOOR - RATE_EPS if benign in near else pd.Series(False, index=near.index)
+    order = near.assign(_short=short.fillna(False).astype(bool))
+    return order.sort_values(["_short", compliance, auc], kind="stable").iloc[0].drop("_short")
+
+
 def with_validation_pick(results: pd.DataFrame) -> pd.DataFrame:
-    """``results`` plus, per (seed pair, budget) with two or more selectors, the one whose chosen point has
-    the lowest validation compliance (ties: the lowest validation AUC, then the study's order) as method
-    ``PICK`` (column ``picked``: which), its random arms' counts at that point as ``_at_<PICK>``. Picking the
-    selector on validation is one more dimension of the search every arm gets there (learning rate, step);
-    the test split decides nothing. The rule was fixed before any selector result of organisms 105-107 was
-    read."""
+    """``results`` plus, per (seed pair, budget) with two or more selectors, the one ``picked`` on validation
+    as method ``PICK`` (column ``picked``: which), its random arms' counts at that point as ``_at_<PICK>``.
+    Picking the selector on validation is one more dimension of the search every arm gets there (learning
+    rate, step); the test split decides nothing. The first rule (lowest compliance) was fixed before any
+    selector result of organisms 105-107 was read; its benign step was added in stop 26, after the reference
+    of stop 25 had been read, by its effect on the tuning organisms alone."""
     if "val_jailbreak_compliance" not in results or (results["method"] == PICK).any():
         return results
     out = results.assign(batch_seed=results.get("batch_seed", results["seed"]))
@@ -115,7 +134,7 @@ def with_validation_pick(results: pd.DataFrame) -> pd.DataFrame:
     for (seed, bs, budget), g in selectors.groupby(["seed", "batch_seed", "budget"], sort=False):
         if g["method"].nunique() < 2:
             continue
-        best = g.sort_values(["val_jailbreak_compliance", "val_auc"], kind="stable").iloc[0]
+        best = picked(g)
         picks.append({**best.to_dict(), "method": PICK, "picked": best["method"]})
         rand = out["method"].str.startswith("random") & (out["seed"] == seed) & (out["batch_seed"] == bs)
         rand &= out["budget"] == budget
@@ -197,7 +216,7 @@ def validation_targets(
     """Issue 17's targets read on the validation curves alone, per seed pair and selector at ``budget``: the
     selector's point as the study chooses it (``chosen_point``), the random draws' mean validation compliance
     at the same learning rate and step, and each draw at its own point; ``PICK`` rows: per pair the selector
-    with the lowest compliance there (ties: the lowest AUC of its curve, as ``with_validation_pick``). Why:
+    ``picked`` there as ``with_validation_pick`` picks it. Why:
     the defaults are tuned on tuning organisms, whose test split must stay unread. ``every``: only the points
     of every N steps (a coarser grid read from the same curves)."""
     budget = nearest_budget(curves) if budget is None else budget
@@ -243,6 +262,7 @@ def validation_targets(
                 }
             )
         if len(pair) > 1:
-            pair.append({**min(pair, key=lambda r: (r["compliance"], r["auc"])), "method": PICK})
+            best = picked(pd.DataFrame(pair), "compliance", "auc", "benign")
+            pair.append({**best.to_dict(), "method": PICK})
         rows += pair
     return pd.DataFrame(rows)

@@ -106,7 +106,12 @@ class _Pair:
         self.rows: list[dict[str, Any]] = []
         self.curves: list[dict[str, Any]] = []
         base = lab.validate()
-        self.untrained = {"lr": 0.0, "step": 0, "val_jailbreak_compliance": base["jailbreak_compliance"]}
+        self.untrained = {
+            "lr": 0.0,
+            "step": 0,
+            "val_jailbreak_compliance": base["jailbreak_compliance"],
+            "val_benign_answer_rate": base["benign_answer_rate"],
+        }
 
     def key(self, method: str, budget: float, draw: int = 0) -> tuple[Any, ...]:
         return (self.lab.seed, self.lab.batch_seed, method, budget, draw)

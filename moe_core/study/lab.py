@@ -181,7 +181,8 @@ class _Lab:
         rates are far too high for it). ``at``: other arms' (lr, step) by method, where this arm is also
         tested (``tested_at``): random experts trained exactly as long as each selector's experts.
 
-        -> (row fields: counts + lr, step, val_auc, first_step_010, val_jailbreak_compliance; curve points)."""
+        -> (row fields: counts + lr, step, val_auc, first_step_010, val_jailbreak_compliance,
+        val_benign_answer_rate; curve points)."""
         curves: list[dict[str, Any]] = []
         kept: dict[tuple[float, int], Any] = {}  # this arm's trained states by (lr, step)
         for lr in self.spec.full_lrs if mask is None else self.spec.lrs:
@@ -198,6 +199,7 @@ class _Lab:
             "lr": choice["lr"],
             "step": int(choice["step"]),
             "val_jailbreak_compliance": choice["jailbreak_compliance"],
+            "val_benign_answer_rate": choice["benign_answer_rate"],
             "val_auc": area_under(points, "jailbreak_compliance"),
             "first_step_010": _step_or_nan(first_step_at_most(points, "jailbreak_compliance", 0.10)),
         }, curves
