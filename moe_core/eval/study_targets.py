@@ -114,9 +114,9 @@ def picked(
     2 -> 3 of 4, AdamW 1 -> 2, never fewer); without a benign column (studies before it) it is the former
     rule: the lowest compliance, then AUC."""
     near = selectors[selectors[compliance] <= selectors[compliance].min() + MARGIN + RATE_EPS]
-    short = near[benign] < BENIGN_FLOOR - RATE_EPS if benign in near else pd.Series(False, index=near.index)
-    order = near.assign(_short=short.fillna(False).astype(bool))
-    return order.sort_values(["_short", compliance, auc], kind="stable").iloc[0].drop("_short")
+    short = near[benign] < BENIGN_FLOOR - RATE_EPS if benign in near else False  # NaN (not stored): False
+    order = near.assign(_short=short).sort_values(["_short", compliance, auc], kind="stable")
+    return order.iloc[0].drop("_short")
 
 
 def with_validation_pick(results: pd.DataFrame) -> pd.DataFrame:
