@@ -3,6 +3,7 @@ each (README, "SGD instead of AdamW (stop 25)").
 
     .venv/bin/python bench/bench_study_optimizer.py                     # organisms 0-3, both optimizers
     .venv/bin/python bench/bench_study_optimizer.py --only sgd          # the study's default alone
+    .venv/bin/python bench/bench_study_optimizer.py --only sgd-low      # stop 26: SGD at 0.3 and 1 (or sgd-momentum)
     .venv/bin/python bench/bench_study_optimizer.py --studies DIR ...   # tables of studies already run
 
 Runs ``python -m moe_core study`` on the tuning organisms (batch seed 0, 1/16 of the experts, 2 random draws, no
@@ -33,7 +34,17 @@ NAME = "optimizer"
 OPTIMIZERS = {
     "adamw": ["--training-args", "{}", "--lrs", "0.001", "0.003"],
     "sgd": [],  # the study's defaults
+    # tried in stop 26 (README, "Tried in stop 26"), run only with --only: SGD at lower rates, and with momentum
+    "sgd-low": ["--lrs", "0.3", "1"],
+    "sgd-momentum": [
+        "--training-args",
+        '{"optim": "sgd", "optim_args": "momentum=0.9"}',
+        "--lrs",
+        "0.3",
+        "1",
+    ],
 }
+DEFAULT_PAIR = ("adamw", "sgd")  # what a bare run compares
 COMMON = "--budgets 0.0625 --random-draws 2 --steering false --full false --batch-seeds 0 --eval-limit 60"
 
 
@@ -76,7 +87,7 @@ def main() -> int:
         report("given studies", args.studies)
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-optimizer-") as tmp:
-        for optimizer in [args.only] if args.only else list(OPTIMIZERS):
+        for optimizer in [args.only] if args.only else DEFAULT_PAIR:
             start = time.monotonic()
             studies = run(optimizer, args.seeds, Path(tmp))
             print(f"\n{optimizer}: {time.monotonic() - start:.0f} s for organisms {args.seeds}")
