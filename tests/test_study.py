@@ -220,6 +220,7 @@ def test_the_across_seed_headline_is_the_committed_reference_studys_own_numbers(
         reference_report,
         reference_study,
     )
+    from moe_core.train.hf_args import default_value
 
     reference = reference_study()
     assert reference is not None, "the reference study (moe_core/resources/reference_study) must ship"
@@ -252,7 +253,7 @@ def test_the_across_seed_headline_is_the_committed_reference_studys_own_numbers(
     )
     report = reference_report(evaluation, "experts-unsafe_experts")
     assert text in report and settings["command"] in report and "This demo is one seed" in report
-    optim = json.loads(settings["defining"].get("training_args") or "{}").get("optim", "adamw_torch")
+    optim = json.loads(settings["defining"].get("training_args") or "{}").get("optim", default_value("optim"))
     assert f"trains every arm with {optim} at learning rates" in report
 
 

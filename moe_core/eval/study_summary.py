@@ -14,6 +14,7 @@ from moe_core.eval.evaluation import METRICS, wilson_interval
 from moe_core.store.checks import json_object
 from moe_core.store.files import read_json, read_parquet
 from moe_core.store.run import Run
+from moe_core.train.hf_args import default_value
 
 STUDY_NAME = "selection"  # the study's default name in a run (``study --name``)
 
@@ -263,7 +264,7 @@ def schedule_note(defining: dict[str, Any]) -> str:
     lrs = " and ".join(f"{x:g}" for x in defining.get("lrs") or [defining.get("lr", 0.0)])
     return (
         "(The demo trains once, with the train step's settings, for a fixed number of steps; the reference "
-        f"trains every arm with {args.get('optim', 'adamw_torch')} at learning rates {lrs} and reports it at "
+        f"trains every arm with {args.get('optim', default_value('optim'))} at learning rates {lrs} and reports it at "
         "the step chosen on its validation curve.)"
     )
 

@@ -85,6 +85,11 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
 
 
+def default_value(name: str) -> Any:
+    """What training argument ``name`` is when nobody sets it: ours (``OUR_DEFAULTS``) or Hugging Face's."""
+    return default_of(next(f for f in dataclasses.fields(TrainingArguments) if f.name == name))
+
+
 def check_training_args(values: dict[str, Any] | None) -> dict[str, Any]:
     """``values`` if every key is an open TrainingArguments field, else one line naming the problem."""
     values = dict(values or {})
