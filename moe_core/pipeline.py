@@ -161,7 +161,9 @@ def prompt_sets(spec: AnalyseSpec) -> tuple[list[PromptItem], list[PromptItem]]:
     if spec.demo_sets or not (spec.safe or spec.unsafe):
         if spec.safe or spec.unsafe:
             raise MoELabError("pass either --demo-sets or both --safe and --unsafe, not a mix")
-        return demo_sets(split="train", mode=spec.demo_mode, seed=spec.seed)
+        return demo_sets(
+            split="train", mode=spec.demo_mode, seed=spec.seed, composed_share=spec.composed_share
+        )
     if not (spec.safe and spec.unsafe):
         raise MoELabError("pass both --safe FILE and --unsafe FILE (or --demo-sets)")
     safe = load_prompts(spec.safe, column=spec.safe_column, label="safe", limit=spec.limit)

@@ -93,6 +93,11 @@ class AnalyseSpec:
     demo_mode: Literal["paired", "unpaired"] = opt(
         "paired", "demo sets: plain vs jailbroken goals (paired) or benign vs harmful"
     )
+    composed_share: float = opt(
+        0.0,
+        "demo sets, paired: share of the jailbroken goals wrapped in a jailbreak composed of parts (persona, "
+        "rules-off claim, demand, ask) instead of one of the 23 fixed train templates",
+    )
     limit: Optional[int] = opt(None, "read at most this many prompts per file")
     batch_size: int = opt(16, "prompts per analysis (= training) batch")
     safe_ratio: float = opt(0.5, "share of safe prompts in each batch (safe first, then unsafe)")
@@ -143,6 +148,7 @@ class AnalyseSpec:
             limit=AT_LEAST_1,
             batch_size=(lambda v: v >= 2, "a whole number >= 2 (safe and unsafe rows)"),
             safe_ratio=(lambda v: 0 < v < 1, "a share strictly between 0 and 1"),
+            composed_share=(lambda v: 0 <= v <= 1, "a share in [0, 1]"),
             max_batches=(lambda v: v >= 1, ">= 1 (omit it to analyse every batch)"),
             max_new_tokens=AT_LEAST_1,
             top=NON_NEGATIVE,
@@ -436,6 +442,7 @@ BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4)  # shares of all routed experts
 STUDY_TRAINING_ARGS = '{"optim": "sgd"}'
 STUDY_LRS = (3.0, 10.0)
 STUDY_FULL_LRS = (0.3, 1.0)  # every parameter moves: a tenth of the experts' rates
+STUDY_COMPOSED_SHARE = 0.0
 STUDY_RETAIN_SHARE = 0.5  # without retain examples the learned refusal spread to benign prompts
 # The method's selector, and the one that learned first on every tuning organism (0-3, stop 20).
 STUDY_SCORES = ("risk_diff", "grad_attr")
@@ -491,6 +498,7 @@ class StudySpec:
         "refusal vs compliance openings: cheap for big models, but it misreads benign and borderline prompts)",
     )
     retain_share: float = same_as(TrainSpec, "retain_share", default=STUDY_RETAIN_SHARE)
+    composed_share: float = same_as(AnalyseSpec, "composed_share", default=STUDY_COMPOSED_SHARE)
     training_args: Optional[str] = same_as(
         TrainSpec,
         "training_args",
@@ -565,6 +573,7 @@ class StudySpec:
             curve_every=AT_LEAST_1,
             spliced_jailbreaks=NON_NEGATIVE,
             retain_share=(lambda v: 0 <= v <= 4, "a share in [0, 4] (retain examples per analysis example)"),
+            composed_share=(lambda v: 0 <= v <= 1, "a share in [0, 1]"),
             training_args=JSON_OBJECT,
         )
         check_training_args(json_object(self.training_args))

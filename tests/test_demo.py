@@ -318,6 +318,32 @@ def test_demo_sets_with_several_templates_per_goal():
         demo_sets("train", templates_per_goal=0)
 
 
+def test_demo_sets_with_composed_wrappers_keep_the_pairs_and_the_other_goals():
+    """composed_share: that share of the goals in jailbreaks composed of parts, the rest exactly as before."""
+    from moe_core.batching.demo_prompts import demo_sets
+    from moe_core.batching.framings import DEMANDS, PERSONAS, RULES_OFF
+
+    safe0, fixed = demo_sets("train", seed=3)
+    safe, unsafe = demo_sets("train", seed=3, composed_share=0.5)
+    assert safe == safe0 and [u.pair_id for u in unsafe] == [s.id for s in safe0]
+    composed = [u for u in unsafe if u.meta["template"].startswith("grammar")]
+    assert len(composed) == round(0.5 * len(safe))
+    parts = (*PERSONAS, *RULES_OFF, *DEMANDS)
+    assert all(u.goal in u.text and any(p in u.text for p in parts) for u in composed)
+    kept = [(u, f) for u, f in zip(unsafe, fixed) if not u.meta["template"].startswith("grammar")]
+    assert all(u == f for u, f in kept), "the other goals keep their fixed template"
+    train_ids = {t.id for t in jailbreak_templates("train")}
+    assert {u.meta["template"] for u, _ in kept} <= train_ids
+    assert (
+        demo_sets("train", seed=3, composed_share=1.0)[1] != demo_sets("train", seed=4, composed_share=1.0)[1]
+    )
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="composed_share"):
+            demo_sets("train", composed_share=bad)
+    with pytest.raises(ValueError, match="composed_share"):
+        demo_sets("train", composed_share=0.5, templates_per_goal=2)
+
+
 @pytest.mark.slow
 def test_one_click_demo_runs_the_whole_pipeline(organism, tmp_path, monkeypatch):
     """The app's one-click demo, end to end as a user starts it, on the organism this module just built

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
+from moe_core.batching.framings import grammar_wrappers
 from moe_core.batching.prompts import SPLITS, PromptError, Split
 from moe_core.types import Label, PromptItem
 
@@ -541,6 +542,7 @@ def demo_sets(
     mode: Literal["paired", "unpaired"] = "paired",
     seed: int = 0,
     templates_per_goal: int = 1,
+    composed_share: float = 0.0,
 ) -> tuple[list[PromptItem], list[PromptItem]]:
     """(safe, unsafe) demo sets for the analysis.
 
@@ -550,8 +552,11 @@ def demo_sets(
     plain twin: with one template per goal the twin is the goal itself (``pair_id`` = goal id);
     with more, the goal is repeated once per template (ids ``{goal id}#{j}``, ``pair_id`` = the
     jailbroken item's id). More templates per goal give more and more varied analysis batches,
-    and so more SFT data (the analysis batches are the training batches). unpaired: safe =
-    benign requests, unsafe = plain harmful goals (``templates_per_goal`` unused).
+    and so more SFT data (the analysis batches are the training batches). ``composed_share`` (one
+    template per goal): that share of the goals, drawn with ``seed``, is wrapped instead in a jailbreak
+    composed of parts (``framings.grammar_wrappers``: persona, rules-off claim, demand, ask), so that
+    refusal training meets what jailbreaks say rather than 23 texts. unpaired: safe = benign requests,
+    unsafe = plain harmful goals (``templates_per_goal`` and ``composed_share`` unused).
     """
     if mode == "paired":
         goals = demo_goals(split)
@@ -559,9 +564,13 @@ def demo_sets(
         most = min(len(templates), len(FRAMES))
         if not 1 <= templates_per_goal <= most:
             raise ValueError(f"templates_per_goal must be between 1 and {most}, got {templates_per_goal}")
+        if not 0 <= composed_share <= 1 or (composed_share and templates_per_goal != 1):
+            raise ValueError(
+                f"composed_share must be in [0, 1], with one template per goal; got {composed_share}"
+            )
         if templates_per_goal == 1:
             safe = [replace(g, label="safe", pair_id=g.id) for g in goals]
-            return safe, wrap(goals, templates, seed=seed)
+            return safe, _composed(wrap(goals, templates, seed=seed), goals, composed_share, seed)
         rng = random.Random(seed)
         safe, unsafe = [], []
         for g in goals:
@@ -574,6 +583,15 @@ def demo_sets(
     if mode == "unpaired":
         return demo_benign(split), demo_goals(split)
     raise PromptError(f"mode must be 'paired' or 'unpaired', got {mode!r}")
+
+
+def _composed(unsafe: list[PromptItem], goals: list[PromptItem], share: float, seed: int) -> list[PromptItem]:
+    """``unsafe`` with ``share`` of its goals (drawn with ``seed``) in composed wrappers; the rest unchanged."""
+    picked = sorted(random.Random(seed).sample(range(len(goals)), round(share * len(goals))))
+    out = list(unsafe)
+    for i, tpl in zip(picked, grammar_wrappers(len(picked), seed=seed)):
+        out[i] = wrap([goals[i]], [tpl])[0]
+    return out
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z{])")

@@ -75,6 +75,7 @@ class _Lab:
             scope=spec.scope,
             max_batches=spec.max_batches,
             seed=self.batch_seed,
+            composed_share=spec.composed_share,
             name=f"seed-{seed}" if self.batch_seed == seed else f"seed-{seed}-batches-{self.batch_seed}",
             backend=spec.backend,
             vllm_url=spec.vllm_url,

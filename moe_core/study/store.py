@@ -92,6 +92,7 @@ DEFINING = (
     "templates_per_goal",
     "max_new_tokens",
     "retain_share",
+    "composed_share",
     "curve_every",
     "training_args",
     "backend",
@@ -104,6 +105,7 @@ LEGACY = {
     "lrs": [],
     "full_lrs": [],
     "training_args": None,
+    "composed_share": 0.0,
 }
 
 
