@@ -98,6 +98,8 @@ DEFINING = (
     "backend",
     "validation",
 )
+# Defining settings added later whose value here plans and trains as before they existed.
+NEUTRAL = {"composed_share": 0.0}
 # What a study stored before a defining setting existed was made with (read back in their place).
 LEGACY = {
     "validation": "margin",
@@ -105,16 +107,17 @@ LEGACY = {
     "lrs": [],
     "full_lrs": [],
     "training_args": None,
-    "composed_share": 0.0,
+    **NEUTRAL,
 }
 
 
 def defining_settings(spec: P.StudySpec) -> dict[str, Any]:
     """The settings above, and the organism's corpus version when the study builds organisms (a corpus
-    change makes other organisms, whose arms must not be mixed with the stored ones)."""
+    change makes other organisms, whose arms must not be mixed with the stored ones). A setting added later
+    is left out at its ``NEUTRAL`` value: studies stored before it keep their analyses' folder."""
     args = json_object(spec.training_args)
     return {
-        **{k: getattr(spec, k) for k in DEFINING},
+        **{k: getattr(spec, k) for k in DEFINING if NEUTRAL.get(k, ...) != getattr(spec, k)},
         # one spelling per object ('{}' is no further argument, as before the setting existed)
         "training_args": json.dumps(args, sort_keys=True) if args else None,
         "organism": corpus_version(organism_config(spec)) if spec.model is None else None,
