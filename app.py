@@ -40,7 +40,7 @@ from moe_core.eval.study_summary import (
     reference_study,
     verdicts,
 )
-from moe_core.eval.study_targets import nearest_budget, target_table, wrapper_split
+from moe_core.eval.study_targets import budget_targets, nearest_budget, wrapper_split
 from moe_core.pipeline import DemoSpec, StudySpec
 from moe_core.store.jobs import format_eta, list_jobs, read_job
 from moe_core.store.manifest import list_runs
@@ -294,9 +294,9 @@ if reference is not None:
         + f" (last arm at commit `{ref_settings.get('commit')}`): one seed's demo is one of these dots, "
         "not the result."
     )
-    with st.expander("Issue 17's targets per selector, on the reference's seed pairs"):
+    with st.expander("Issue 17's targets per selector and budget, on the reference's seed pairs"):
         st.dataframe(
-            target_table(ref_results), hide_index=True, width="stretch", key="home_reference_targets"
+            budget_targets(ref_results), hide_index=True, width="stretch", key="home_reference_targets"
         )
         split = wrapper_split(ref_results, reference_curves())
         if len(split):

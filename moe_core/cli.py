@@ -45,7 +45,13 @@ from moe_core.eval.study_summary import (
     reference_report,
     summary_markdown,
 )
-from moe_core.eval.study_targets import nearest_budget, target_markdown, target_table, wrapper_split
+from moe_core.eval.study_targets import (
+    budget_targets,
+    nearest_budget,
+    target_markdown,
+    target_table,
+    wrapper_split,
+)
 from moe_core.model.adapter import apply_cpu_thread_policy, load_model
 from moe_core.model.loading import load_tokenizer_of, model_dir
 from moe_core.store.atomic import as_os_error
@@ -287,6 +293,8 @@ def study(spec: P.StudySpec, args: argparse.Namespace) -> Any:
         print(
             f"\nIssue 17's targets at {budget:g} of the experts, seed pairs meeting each:\n{target_markdown(goals)}"
         )
+    if len(every := budget_targets(results)) and every["budget"].nunique() > 1:
+        print(f"\nThe same at every budget of the study:\n{target_markdown(every)}")
     if len(split := wrapper_split(results, load_curves(run, spec.name), budget)):
         print(f"\nCompliance left at the chosen points (median of seed pairs):\n{target_markdown(split)}")
     print(f"\nstudy -> {run.path_for('study', name=spec.name)}")

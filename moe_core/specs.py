@@ -31,6 +31,7 @@ from moe_core.store.checks import (
     NON_NEGATIVE,
     POSITIVE,
     SHARE,
+    SHARE_OR_NONE,
     check_names,
     check_range,
     json_object,
@@ -148,7 +149,7 @@ class AnalyseSpec:
             limit=AT_LEAST_1,
             batch_size=(lambda v: v >= 2, "a whole number >= 2 (safe and unsafe rows)"),
             safe_ratio=(lambda v: 0 < v < 1, "a share strictly between 0 and 1"),
-            composed_share=(lambda v: 0 <= v <= 1, "a share in [0, 1]"),
+            composed_share=SHARE_OR_NONE,
             max_batches=(lambda v: v >= 1, ">= 1 (omit it to analyse every batch)"),
             max_new_tokens=AT_LEAST_1,
             top=NON_NEGATIVE,
@@ -442,7 +443,6 @@ BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4)  # shares of all routed experts
 STUDY_TRAINING_ARGS = '{"optim": "sgd"}'
 STUDY_LRS = (3.0, 10.0)
 STUDY_FULL_LRS = (0.3, 1.0)  # every parameter moves: a tenth of the experts' rates
-STUDY_COMPOSED_SHARE = 0.0
 STUDY_RETAIN_SHARE = 0.5  # without retain examples the learned refusal spread to benign prompts
 # The method's selector, and the one that learned first on every tuning organism (0-3, stop 20).
 STUDY_SCORES = ("risk_diff", "grad_attr")
@@ -498,7 +498,12 @@ class StudySpec:
         "refusal vs compliance openings: cheap for big models, but it misreads benign and borderline prompts)",
     )
     retain_share: float = same_as(TrainSpec, "retain_share", default=STUDY_RETAIN_SHARE)
-    composed_share: float = same_as(AnalyseSpec, "composed_share", default=STUDY_COMPOSED_SHARE)
+    composed_share: float = same_as(
+        AnalyseSpec,
+        "composed_share",
+        help="each seed pair's analysis (= SFT) batches: share of the goals in jailbreaks composed of parts "
+        "(0: the 23 fixed train templates alone; README, 'Tried in stop 27')",
+    )
     training_args: Optional[str] = same_as(
         TrainSpec,
         "training_args",
@@ -573,7 +578,7 @@ class StudySpec:
             curve_every=AT_LEAST_1,
             spliced_jailbreaks=NON_NEGATIVE,
             retain_share=(lambda v: 0 <= v <= 4, "a share in [0, 4] (retain examples per analysis example)"),
-            composed_share=(lambda v: 0 <= v <= 1, "a share in [0, 1]"),
+            composed_share=SHARE_OR_NONE,
             training_args=JSON_OBJECT,
         )
         check_training_args(json_object(self.training_args))

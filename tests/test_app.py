@@ -1207,7 +1207,7 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
         "grad-attribution",
         "picked on validation",
     ]
-    assert (goals[0]["seed pairs"] == 1).all()
+    assert (goals[0]["seed pairs"] == 1).all() and set(goals[0]["budget"]) == {"1/8"}
     split = [d.value for d in at.dataframe if "on held-out wrappers" in d.value.columns]
     assert split and {"chosen experts", "random experts", "full fine-tuning"} <= set(split[0]["arm"])
 

@@ -256,6 +256,7 @@ def test_an_organism_variant_is_a_defining_setting_and_the_reference_stays_resum
     organisms, and the reference's own settings still match its command."""
     from moe_core.eval.study_summary import REFERENCE_DIR
     from moe_core.model.organism import CORPUS_VERSION
+    from moe_core.store.provenance import fingerprint, plan_source
     from moe_core.study.store import defining_settings, settings_diff
 
     reference = read_json(REFERENCE_DIR / "settings.json")
@@ -266,6 +267,17 @@ def test_an_organism_variant_is_a_defining_setting_and_the_reference_stays_resum
     assert settings_diff(reference, variant) == [
         f"organism: {CORPUS_VERSION!r} -> '{CORPUS_VERSION}+spliced-4'"
     ]
+    # composed_share, added later: at 0 the reference's settings (and so its analyses' folder) are unchanged
+    assert "composed_share" not in reference["defining"]
+    assert fingerprint(defining_settings(spec)) == fingerprint(reference["defining"])
+    composed = P.StudySpec(**{**vars(spec), "composed_share": 0.5})
+    assert settings_diff(reference, composed) == ["composed_share: 0.0 -> 0.5"]
+    assert P.prompt_sets(P.AnalyseSpec(composed_share=0.5))[1] != P.prompt_sets(P.AnalyseSpec())[1]
+    assert plan_source(P.AnalyseSpec()) == {
+        k: v for k, v in plan_source(P.AnalyseSpec(composed_share=0.5)).items() if k != "composed_share"
+    }, "older runs, whose plan source lacks it, resume at 0"
+    with pytest.raises(P.MoELabError, match="composed_share"):
+        P.StudySpec(composed_share=1.5)
     with pytest.raises(P.MoELabError, match="spliced_jailbreaks"):
         P.StudySpec(spliced_jailbreaks=-1)
     with pytest.raises(P.MoELabError, match="leave it out with --model"):

@@ -157,7 +157,7 @@ def across_seeds(results: pd.DataFrame, budget: float = HEADLINE_BUDGET) -> pd.D
     return pd.DataFrame(rows)
 
 
-def _share(budget: float) -> str:
+def share_label(budget: float) -> str:
     return (
         f"1/{round(1 / budget)}" if budget and abs(1 / budget - round(1 / budget)) < 1e-9 else f"{budget:g}"
     )
@@ -189,7 +189,7 @@ def across_seed_headline(results: pd.DataFrame, budget: float = HEADLINE_BUDGET)
     pairs = ps[["seed", "batch_seed"]].drop_duplicates()
     lines = [
         f"Across {len(pairs)} seed pairs (organism seeds {_span(pairs['seed'])}, batch seeds "
-        f"{_span(pairs['batch_seed'])}), {_share(budget)} of the experts; median (lowest-highest) on the test split:"
+        f"{_span(pairs['batch_seed'])}), {share_label(budget)} of the experts; median (lowest-highest) on the test split:"
     ]
     for method, label in ARMS.items():
         if method not in table.index:

@@ -36,8 +36,9 @@ PLAN_FIELDS = (
     "max_batches",
     "composed_share",
 )
-# plan fields added later, left out of a plan source at the value that plans as before (old runs resume)
-_ADDED_AT = {"composed_share": 0.0}
+# plan fields added later, at the value that plans as they did before: left out of a plan source there (runs
+# stored before them resume), and out of a study's defining settings (its analyses keep their folder)
+ADDED_LATER = {"composed_share": 0.0}
 _SAMPLES = 64  # values hashed per tensor (per expert of a fused expert tensor), evenly spaced
 
 
@@ -84,7 +85,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def plan_source(spec: Any) -> dict[str, Any]:
     """The spec's plan-deciding settings; prompt files as absolute paths (a cwd change keeps them)."""
-    out = {k: getattr(spec, k) for k in PLAN_FIELDS if _ADDED_AT.get(k, ...) != getattr(spec, k)}
+    out = {k: getattr(spec, k) for k in PLAN_FIELDS if ADDED_LATER.get(k, ...) != getattr(spec, k)}
     for k in ("safe", "unsafe"):
         if out[k] and Path(out[k]).expanduser().exists():
             out[k] = str(Path(out[k]).expanduser().resolve())
