@@ -31,7 +31,7 @@ from moe_core.store.checks import (
     NON_NEGATIVE,
     POSITIVE,
     SHARE,
-    SHARE_OR_NONE,
+    SHARE_OR_ZERO,
     check_names,
     check_range,
     json_object,
@@ -149,7 +149,7 @@ class AnalyseSpec:
             limit=AT_LEAST_1,
             batch_size=(lambda v: v >= 2, "a whole number >= 2 (safe and unsafe rows)"),
             safe_ratio=(lambda v: 0 < v < 1, "a share strictly between 0 and 1"),
-            composed_share=SHARE_OR_NONE,
+            composed_share=SHARE_OR_ZERO,
             max_batches=(lambda v: v >= 1, ">= 1 (omit it to analyse every batch)"),
             max_new_tokens=AT_LEAST_1,
             top=NON_NEGATIVE,
@@ -578,7 +578,7 @@ class StudySpec:
             curve_every=AT_LEAST_1,
             spliced_jailbreaks=NON_NEGATIVE,
             retain_share=(lambda v: 0 <= v <= 4, "a share in [0, 4] (retain examples per analysis example)"),
-            composed_share=SHARE_OR_NONE,
+            composed_share=SHARE_OR_ZERO,
             training_args=JSON_OBJECT,
         )
         check_training_args(json_object(self.training_args))

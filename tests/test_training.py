@@ -8,6 +8,7 @@ merged model / expert delta reproducing the trained weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -809,27 +811,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kill_ranks(tmp_path: Path) -> None:
+    """Every process still running with ``tmp_path`` in its command line: torch's launcher starts each rank in
+    a session of its own, so a rank hung at teardown outlives the launcher's process group."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(a == str(tmp_path) or a.startswith(f"{tmp_path}/") for a in proc.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
 def _run_launch(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     """An accelerate launch (2 CPU ranks over gloo), once more from scratch on a new port when torch's gloo
     aborts at teardown or hangs at its rendezvous: seen on a loaded 2-core machine (about 1 in 30 launches);
-    that is the launcher, not the batches under test. A hung launch is killed with all its ranks."""
+    that is the launcher, not the batches under test. A hung launch is killed with all its ranks. Output goes
+    to files, not pipes: a rank left hanging would hold a pipe open, and reading it would never end."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for attempt in (1, 2):
-        with subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        ) as p:
+        logs = [tmp_path / f"launch{attempt}.{kind}" for kind in ("out", "err")]
+        with logs[0].open("w") as out_f, logs[1].open("w") as err_f:
+            p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_f, stderr=err_f, start_new_session=True)
             try:
-                out, err = p.communicate(timeout=LAUNCH_TIMEOUT_S)
+                p.wait(timeout=LAUNCH_TIMEOUT_S)
+                hung = ""
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-                out, err = p.communicate()
-                err += f"\n(the launch hung: killed after {LAUNCH_TIMEOUT_S} s)"
+                p.wait(timeout=30)
+                hung = f"\n(the launch hung: killed after {LAUNCH_TIMEOUT_S} s)"
+        _kill_ranks(tmp_path)
+        out, err = (f.read_text(errors="replace") for f in logs)
+        err += hung
         proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
         flaky = "terminate called without an active exception" in err or "the launch hung" in err
         if proc.returncode == 0 or not flaky or attempt == 2:
@@ -838,6 +848,17 @@ def _run_launch(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
             f.unlink()
         cmd[cmd.index("--main_process_port") + 1] = str(_free_port())
     return proc
+
+
+def test_a_rank_that_outlives_its_launcher_is_killed_and_the_launch_returns(tmp_path):
+    """The fault behind a CI run that never ended: gloo hung at teardown in a rank, whose session is its own,
+    after the launcher had exited. The launch returns with the launcher's exit code and no rank is left."""
+    rank = [sys.executable, "-c", "import time; time.sleep(900)", str(tmp_path)]
+    launcher = f"import subprocess; subprocess.Popen({rank!r}, start_new_session=True); print('launched')"
+    proc = _run_launch([sys.executable, "-c", launcher, "--main_process_port", "0"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "launched"
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in (p.info["cmdline"] or ())]
+    assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_two_processes_each_get_whole_analysis_batches(tmp_path):

@@ -39,7 +39,7 @@ from moe_core.eval.study_summary import (
     study_commands,
     verdicts,
 )
-from moe_core.eval.study_targets import target_table
+from moe_core.eval.study_targets import budget_targets
 from moe_core.model.loading import ORGANISM, load_tokenizer_of
 from moe_core.store.atomic import atomic_write_text
 from moe_core.store.files import listed, read_json, read_parquet
@@ -256,8 +256,8 @@ def _reference_section(run: Run) -> tuple[str, str] | None:
         f"<p>{_esc(headline.splitlines()[0])}</p>"
         + _figure(fig, "across_seeds")
         + _table(across_seeds(results))
-        + "<p>Issue 17's targets: on how many seed pairs each selector meets each.</p>"
-        + _table(target_table(results))
+        + "<p>Issue 17's targets (set at 1/16): on how many seed pairs each selector meets each, per budget.</p>"
+        + _table(budget_targets(results))
         + f"<p>{_esc(' '.join(verdicts(results)))} Reference: "
         + ", then ".join(f"<code>{_esc(c)}</code>" for c in study_commands(settings))
         + f"; last arm at commit {_esc(str(settings.get('commit')))}.</p>",

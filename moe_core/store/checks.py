@@ -56,7 +56,7 @@ POSITIVE = (lambda v: v > 0, "> 0")
 NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 AT_LEAST_1 = (lambda v: v >= 1, "a whole number >= 1")
 SHARE = (lambda v: 0 < v <= 1, "a share in (0, 1]")
-SHARE_OR_NONE = (lambda v: 0 <= v <= 1, "a share in [0, 1]")
+SHARE_OR_ZERO = (lambda v: 0 <= v <= 1, "a share in [0, 1]")
 
 
 def json_object(text: str | None) -> dict[str, Any] | None:
