@@ -820,28 +820,36 @@ def _kill_ranks(tmp_path: Path) -> None:
                 proc.kill()
 
 
+def _launch_once(
+    cmd: list[str], tmp_path: Path, name: str, timeout: float = LAUNCH_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    """One launch of ``cmd`` (CPU ranks over gloo); a hung launch is killed with all its ranks. Output goes to
+    files, not pipes: a rank left hanging would hold a pipe open, and reading it would never end."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    logs = [tmp_path / f"{name}.{kind}" for kind in ("out", "err")]
+    with logs[0].open("w") as out_f, logs[1].open("w") as err_f:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_f, stderr=err_f, start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+            hung = ""
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+            hung = f"\n(the launch hung: killed after {timeout} s)"
+    _kill_ranks(tmp_path)
+    out, err = (f.read_text(errors="replace") for f in logs)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err + hung)
+
+
 def _run_launch(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     """An accelerate launch (2 CPU ranks over gloo), once more from scratch on a new port when torch's gloo
     aborts at teardown or hangs at its rendezvous: seen on a loaded 2-core machine (about 1 in 30 launches);
-    that is the launcher, not the batches under test. A hung launch is killed with all its ranks. Output goes
-    to files, not pipes: a rank left hanging would hold a pipe open, and reading it would never end."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    that is the launcher, not the batches under test."""
     for attempt in (1, 2):
-        logs = [tmp_path / f"launch{attempt}.{kind}" for kind in ("out", "err")]
-        with logs[0].open("w") as out_f, logs[1].open("w") as err_f:
-            p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out_f, stderr=err_f, start_new_session=True)
-            try:
-                p.wait(timeout=LAUNCH_TIMEOUT_S)
-                hung = ""
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
-                hung = f"\n(the launch hung: killed after {LAUNCH_TIMEOUT_S} s)"
-        _kill_ranks(tmp_path)
-        out, err = (f.read_text(errors="replace") for f in logs)
-        err += hung
-        proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
-        flaky = "terminate called without an active exception" in err or "the launch hung" in err
+        proc = _launch_once(cmd, tmp_path, f"launch{attempt}")
+        flaky = (
+            "terminate called without an active exception" in proc.stderr or "the launch hung" in proc.stderr
+        )
         if proc.returncode == 0 or not flaky or attempt == 2:
             return proc
         for f in tmp_path.glob("rank*.json"):
@@ -968,8 +976,7 @@ def test_cli_train_under_accelerate_launch_writes_the_run_once(tmp_path):
         "--epochs",
         "1",
     ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = _launch_once(cmd, tmp_path, "train", timeout=600)  # its ranks too are killed if one hangs
     assert proc.returncode == 0, proc.stderr[-3000:]
     trainings = Run.open(run.path).trainings()
     assert list(trainings) == [f"experts-{MASK_NAME}"] and trainings[f"experts-{MASK_NAME}"].get("merged")
