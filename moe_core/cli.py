@@ -43,13 +43,13 @@ from moe_core.eval.study_summary import (
     load_curves,
     load_study,
     reference_report,
+    share_label,
     summary_markdown,
 )
 from moe_core.eval.study_targets import (
     budget_targets,
     nearest_budget,
     target_markdown,
-    target_table,
     wrapper_split,
 )
 from moe_core.model.adapter import apply_cpu_thread_policy, load_model
@@ -288,12 +288,13 @@ def study(spec: P.StudySpec, args: argparse.Namespace) -> Any:
     budget = nearest_budget(summary)
     print("\n" + headline(summary, budget))
     results = load_study(run, spec.name)[0]
-    goals = target_table(results, budget)
+    every = budget_targets(results)  # the headline budget's rows are its target_table
+    goals = every[every["budget"] == share_label(budget)].drop(columns="budget") if len(every) else every
     if len(goals):
         print(
             f"\nIssue 17's targets at {budget:g} of the experts, seed pairs meeting each:\n{target_markdown(goals)}"
         )
-    if len(every := budget_targets(results)) and every["budget"].nunique() > 1:
+    if len(every) and every["budget"].nunique() > 1:
         print(f"\nThe same at every budget of the study:\n{target_markdown(every)}")
     if len(split := wrapper_split(results, load_curves(run, spec.name), budget)):
         print(f"\nCompliance left at the chosen points (median of seed pairs):\n{target_markdown(split)}")

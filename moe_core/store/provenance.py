@@ -15,6 +15,7 @@ fixed sample of its values: a same-shaped model with other weights differs; cost
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,13 @@ PLAN_FIELDS = (
 # plan fields added later, at the value that plans as they did before: left out of a plan source there (runs
 # stored before them resume), and out of a study's defining settings (its analyses keep their folder)
 ADDED_LATER = {"composed_share": 0.0}
+
+
+def settings_of(spec: Any, fields: Sequence[str]) -> dict[str, Any]:
+    """``spec``'s ``fields`` by name, but those at their ``ADDED_LATER`` value."""
+    return {k: getattr(spec, k) for k in fields if ADDED_LATER.get(k, ...) != getattr(spec, k)}
+
+
 _SAMPLES = 64  # values hashed per tensor (per expert of a fused expert tensor), evenly spaced
 
 
@@ -85,7 +93,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def plan_source(spec: Any) -> dict[str, Any]:
     """The spec's plan-deciding settings; prompt files as absolute paths (a cwd change keeps them)."""
-    out = {k: getattr(spec, k) for k in PLAN_FIELDS if ADDED_LATER.get(k, ...) != getattr(spec, k)}
+    out = settings_of(spec, PLAN_FIELDS)
     for k in ("safe", "unsafe"):
         if out[k] and Path(out[k]).expanduser().exists():
             out[k] = str(Path(out[k]).expanduser().resolve())

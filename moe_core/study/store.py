@@ -24,7 +24,7 @@ from moe_core.store.atomic import atomic_dir, atomic_write_json
 from moe_core.store.checks import json_object
 from moe_core.store.files import _now, read_json, read_parquet, write_parquet
 from moe_core.store.manifest import default_runs_root, package_versions, source_commit
-from moe_core.store.provenance import ADDED_LATER
+from moe_core.store.provenance import ADDED_LATER, settings_of
 from moe_core.store.run import Run
 
 COUNTS = [f"{metric}_{x}" for metric, _, _ in METRICS.values() for x in "kn"]  # an arm's test counts
@@ -116,7 +116,7 @@ def defining_settings(spec: P.StudySpec) -> dict[str, Any]:
     is left out at its ``ADDED_LATER`` value: studies stored before it keep their analyses' folder."""
     args = json_object(spec.training_args)
     return {
-        **{k: getattr(spec, k) for k in DEFINING if ADDED_LATER.get(k, ...) != getattr(spec, k)},
+        **settings_of(spec, DEFINING),
         # one spelling per object ('{}' is no further argument, as before the setting existed)
         "training_args": json.dumps(args, sort_keys=True) if args else None,
         "organism": corpus_version(organism_config(spec)) if spec.model is None else None,
