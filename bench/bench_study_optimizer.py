@@ -8,9 +8,9 @@ each (README, "SGD instead of AdamW (stop 25)").
     .venv/bin/python bench/bench_study_optimizer.py --studies DIR ...   # tables of studies already run
 
 Runs ``python -m moe_core study`` on the tuning organisms (batch seed 0, 1/16 of the experts, 2 random draws, no
-full fine-tuning or steering, validation every 3 steps), each optimizer in two processes of half the seeds
+full fine-tuning or steering, validation every 3 steps), each variant in two processes of half the seeds
 (side by side: one per core): AdamW at 1e-3 and 3e-3 (``--training-args '{}'``, the schedule before stop 25)
-and the study's default, SGD at 3 and 10. Then prints, per optimizer, the targets read on the validation
+and the study's default, SGD at 3 and 10. Then prints, per variant, the targets read on the validation
 curves alone (``study_targets.validation_targets``: the test split stays unread), on the grid of 3 steps and
 of 6. About 40 minutes for both on 2 quiet cores (organism 0 alone under SGD: 11 minutes on one core).
 """
@@ -32,7 +32,7 @@ import pandas as pd  # noqa: E402
 from moe_core.eval.study_targets import validation_targets  # noqa: E402
 
 NAME = "optimizer"
-OPTIMIZERS = {
+VARIANTS = {  # the study's training variants compared here: the optimizers, then later tries
     "adamw": ["--training-args", "{}", "--lrs", "0.001", "0.003"],
     "sgd": [],  # the study's defaults
     # tried in stop 26 (README, "Tried in stop 26"), run only with --only: SGD at lower rates, and with momentum
@@ -51,23 +51,21 @@ DEFAULT_PAIR = ("adamw", "sgd")  # what a bare run compares
 COMMON = "--budgets 0.0625 --random-draws 2 --steering false --full false --batch-seeds 0 --eval-limit 60"
 
 
-def run(optimizer: str, seeds: list[int], root: Path) -> list[Path]:
-    """The optimizer's study in two processes of half the seeds each -> their study folders."""
+def run(variant: str, seeds: list[int], root: Path) -> list[Path]:
+    """The variant's study in two processes of half the seeds each -> their study folders."""
     half = (len(seeds) + 1) // 2
     procs = []
     for i, part in enumerate(p for p in (seeds[:half], seeds[half:]) if p):
-        argv = [sys.executable, "-m", "moe_core", "study", "--runs-root", str(root / f"{optimizer}-{i}")]
+        argv = [sys.executable, "-m", "moe_core", "study", "--runs-root", str(root / f"{variant}-{i}")]
         argv += [*COMMON.split(), "--curve-every", "3", "--name", NAME, "--seeds", *map(str, part)]
-        log = (root / f"{optimizer}-{i}.log").open("w")
-        procs.append(
-            (subprocess.Popen([*argv, *OPTIMIZERS[optimizer]], cwd=ROOT, stdout=log, stderr=log), log)
-        )
+        log = (root / f"{variant}-{i}.log").open("w")
+        procs.append((subprocess.Popen([*argv, *VARIANTS[variant]], cwd=ROOT, stdout=log, stderr=log), log))
     for p, log in procs:
         if p.wait(timeout=4 * 3600):
             tail = Path(log.name).read_text(errors="replace")[-3000:]
-            raise SystemExit(f"a study of {optimizer} failed (exit {p.returncode}):\n{tail}")
+            raise SystemExit(f"a study of {variant} failed (exit {p.returncode}):\n{tail}")
         log.close()
-    return sorted(root.glob(f"{optimizer}-*/*/study/{NAME}"))
+    return sorted(root.glob(f"{variant}-*/*/study/{NAME}"))
 
 
 def report(label: str, studies: list[Path]) -> None:
@@ -83,18 +81,18 @@ def report(label: str, studies: list[Path]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--only", choices=sorted(OPTIMIZERS))
+    ap.add_argument("--only", choices=sorted(VARIANTS))
     ap.add_argument("--studies", nargs="+", type=Path, help="study folders (with curves.parquet) to report")
     args = ap.parse_args()
     if args.studies:
         report("given studies", args.studies)
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-optimizer-") as tmp:
-        for optimizer in [args.only] if args.only else DEFAULT_PAIR:
+        for variant in [args.only] if args.only else DEFAULT_PAIR:
             start = time.monotonic()
-            studies = run(optimizer, args.seeds, Path(tmp))
-            print(f"\n{optimizer}: {time.monotonic() - start:.0f} s for organisms {args.seeds}")
-            report(optimizer, studies)
+            studies = run(variant, args.seeds, Path(tmp))
+            print(f"\n{variant}: {time.monotonic() - start:.0f} s for organisms {args.seeds}")
+            report(variant, studies)
     return 0
 
 

@@ -586,15 +586,33 @@ class Walk:
         self.page.mouse.click(x, y)
 
 
+def _create_run(w: Walk, name: str, runs_root: Path) -> None:
+    """'New run' in the sidebar, as a user would: the name committed (Enter) before the click, on an idle page
+    (a loaded CI machine once lost the first try: the URL never named the run within 30 s)."""
+    page = w.page
+    _wait_idle(page)
+    page.locator('[data-testid="stSidebar"]').get_by_text("New run", exact=True).click()
+    box = page.get_by_role("textbox", name="Name", exact=True)
+    box.fill(name)
+    box.press("Enter")
+    _wait_idle(page)
+    w.click("Create run")
+    slug = name.replace(" ", "-")
+    try:
+        page.wait_for_url(re.compile(rf"run=\d{{8}}-\d{{6}}-{slug}"), timeout=90_000)
+    except Exception as e:
+        w.shot(f"create_{slug}_failed")
+        made = sorted(p.name for p in runs_root.iterdir() if p.name.endswith(slug))
+        raise AssertionError(f"no run {name!r} in the URL {page.url}; run folders made: {made}") from e
+    _wait_idle(page)  # the URL changes before the rerun redraws the sidebar links with the new run
+    w.run_id = re.search(r"run=([^&]+)", page.url).group(1)
+    assert (runs_root / w.run_id).is_dir()
+
+
 def _walk_data(w: Walk, runs_root: Path) -> tuple[str, str]:
     """A new run from the sidebar; compose the demo set in batches of 32, swap two prompts by hand, save."""
     page = w.page
-    page.locator('[data-testid="stSidebar"]').get_by_text("New run", exact=True).click()
-    page.get_by_role("textbox", name="Name", exact=True).fill("story walk")
-    w.click("Create run")
-    page.wait_for_url(re.compile(r"run=\d{8}-\d{6}-story-walk"), timeout=30_000)
-    w.run_id = re.search(r"run=([^&]+)", page.url).group(1)
-    assert (runs_root / w.run_id).is_dir()
+    _create_run(w, "story walk", runs_root)
     w.check("new run")
     w.open("Data & batches", "Data & batches")
     w.fill("Batch size", "32")
@@ -717,12 +735,7 @@ def _walk_upload(w: Walk, runs_root: Path) -> None:
     _wait_idle(page)
     if not page.locator('[data-testid="stSidebar"]').get_by_text("New run", exact=True).is_visible():
         page.locator('[data-testid="stExpandSidebarButton"]').click()  # Present folds the sidebar away
-    page.locator('[data-testid="stSidebar"]').get_by_text("New run", exact=True).click()
-    page.get_by_role("textbox", name="Name", exact=True).fill("upload walk")
-    w.click("Create run")
-    page.wait_for_url(re.compile(r"run=\d{8}-\d{6}-upload-walk"), timeout=30_000)
-    _wait_idle(page)  # the URL changes before the rerun redraws the sidebar links with the new run
-    w.run_id = re.search(r"run=([^&]+)", page.url).group(1)
+    _create_run(w, "upload walk", runs_root)
     w.open("Data & batches", "Data & batches")
     page.get_by_text("Upload files", exact=True).first.click()
     uploads = page.locator('[data-testid="stFileUploader"] input[type="file"]')
