@@ -38,6 +38,7 @@ from moe_core.eval.study_summary import (
     per_seed,
     reference_curves,
     reference_study,
+    share_label,
     verdicts,
 )
 from moe_core.eval.study_targets import budget_targets, nearest_budget, wrapper_split
@@ -282,13 +283,14 @@ st.caption(
 reference = reference_study()
 if reference is not None:
     ref_settings, ref_results = reference
-    ref_headline = across_seed_headline(ref_results)
+    shown = ui.budget_choice(ref_results, "home_reference_budget")
+    ref_headline = across_seed_headline(ref_results, shown)
     st.markdown(
         f"**Across seeds** (the reference study shipped with the code). {ref_headline.splitlines()[0]}"
     )
-    st.plotly_chart(charts.seed_points_figure(per_seed(ref_results), ARMS), key="home_reference_fig")
+    st.plotly_chart(charts.seed_points_figure(per_seed(ref_results, shown), ARMS), key="home_reference_fig")
     st.caption(
-        " ".join(verdicts(ref_results))
+        " ".join(verdicts(ref_results, shown))
         + " Each dot is one seed pair; bars are medians. Made by "
         + commands_markdown(ref_settings)
         + f" (last arm at commit `{ref_settings.get('commit')}`): one seed's demo is one of these dots, "
@@ -298,11 +300,12 @@ if reference is not None:
         st.dataframe(
             budget_targets(ref_results), hide_index=True, width="stretch", key="home_reference_targets"
         )
-        split = wrapper_split(ref_results, reference_curves())
+        split = wrapper_split(ref_results, reference_curves(), shown)
         if len(split):
             st.caption(
-                "Where the compliance left is, at each arm's chosen point (validation, median of seed pairs): on "
-                "all jailbreak prompts, and on the wrappers that no training batch held."
+                f"Where the compliance left is at {share_label(shown)} of the experts, at each arm's chosen point "
+                "(validation, median of seed pairs): on all jailbreak prompts, and on the wrappers that no training "
+                "batch held."
             )
             st.dataframe(split, hide_index=True, width="stretch", key="home_reference_wrappers")
 found = _newest_study()

@@ -26,8 +26,8 @@ from moe_core.eval.evaluation import (
     load_evaluation,
 )
 from moe_core.eval.report import interval_table
-from moe_core.eval.study_summary import load_curves, load_study
-from moe_core.eval.study_targets import budget_targets, nearest_budget, wrapper_split
+from moe_core.eval.study_summary import load_curves, load_study, share_label
+from moe_core.eval.study_targets import budget_targets, wrapper_split
 from moe_core.judge.verdicts import LABELS as AUDIT_LABELS
 from moe_core.pipeline import EvaluateSpec, StudySpec
 from moe_core.store.jobs import read_job
@@ -139,7 +139,6 @@ with st.container(border=True):
                 if c not in ("method", "n_experts", "runs", "budget")
             },
         )
-        budget = nearest_budget(study[0])
         goals = budget_targets(study[0])
         if len(goals):
             st.caption(
@@ -148,11 +147,13 @@ with st.container(border=True):
                 "is the ceiling: the pairs on which training every weight gets there."
             )
             st.dataframe(goals, hide_index=True, width="stretch", key="ev_study_targets")
-        split = wrapper_split(study[0], curves, budget)
-        if len(split):
+        budget = ui.budget_choice(study[0], "ev_study_budget")
+        split = wrapper_split(study[0], curves, budget) if budget is not None else None
+        if split is not None and len(split):
             st.caption(
-                "Where the compliance left is, at each arm's chosen point (validation, median of seed pairs): "
-                "on all jailbreak prompts, and on the wrappers that no training batch held."
+                f"Where the compliance left is at {share_label(budget)} of the experts, at each arm's chosen point "
+                "(validation, median of seed pairs): on all jailbreak prompts, and on the wrappers that no training "
+                "batch held."
             )
             st.dataframe(split, hide_index=True, width="stretch", key="ev_study_wrappers")
     quick = st.toggle(

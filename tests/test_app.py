@@ -1212,6 +1212,34 @@ def test_home_shows_the_newest_selection_study(tmp_path, monkeypatch):
     assert split and {"chosen experts", "random experts", "full fine-tuning"} <= set(split[0]["arm"])
 
 
+def test_home_reads_the_reference_at_the_budget_one_picks(tmp_path, monkeypatch):
+    """The reference has several budgets (1/32, 1/16, 1/8): Home opens at 1/16, the targets' budget, and
+    picking another redraws the across-seed line, the per-seed dots and the wrapper split from its own rows."""
+    from moe_core.eval.study_summary import per_seed, reference_curves
+    from moe_core.eval.study_targets import study_budgets, wrapper_split
+
+    monkeypatch.setenv("MOE_LAB_RUNS", str(tmp_path / "runs"))
+    ref = reference_study()[1]
+    at = open_app()
+    no_exceptions(at)
+    control = at.segmented_control(key="home_reference_budget")
+    assert list(control.options) == ["1/32", "1/16", "1/8"] and len(study_budgets(ref)) == 3
+    assert control.value == 1 / 16
+    for budget, label in ((1 / 32, "1/32"), (1 / 8, "1/8")):
+        at.segmented_control(key="home_reference_budget").set_value(budget).run()
+        no_exceptions(at)
+        assert any(f"{label} of the experts; median" in m.value for m in at.markdown)
+        dots = next(
+            s for s in plotly_specs(at) if "over-refusal (lower is better)" in json.dumps(s["layout"])
+        )
+        chosen = per_seed(ref, budget).query("method == 'chosen'")["jailbreak_compliance"]
+        bar, points = dots["data"][:2]  # the chosen experts' median and their dot per seed pair
+        assert bar["y"] == pytest.approx([chosen.median()]) and points["y"] == pytest.approx(chosen.tolist())
+        split = [d.value for d in at.dataframe if "on held-out wrappers" in d.value.columns]
+        expected = wrapper_split(ref, reference_curves(), budget)
+        assert split and split[0].reset_index(drop=True).equals(expected)
+
+
 def test_pages_save_masks_and_plans_only_through_the_pipeline_under_the_writer_lease(
     lab, monkeypatch, runs_root
 ):

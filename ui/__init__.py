@@ -36,7 +36,15 @@ from ui.messages import (
     report_error,
     show_flash,
 )
-from ui.navigation import PLOT_EXPORT, backend_choice, clicked_cell, clicked_point, link, take_param
+from ui.navigation import (
+    PLOT_EXPORT,
+    backend_choice,
+    budget_choice,
+    clicked_cell,
+    clicked_point,
+    link,
+    take_param,
+)
 from ui.runs import (
     RUN_KEY,
     current_run,
@@ -59,6 +67,7 @@ __all__ = [
     "POLL_S",
     "RUN_KEY",
     "backend_choice",
+    "budget_choice",
     "clicked_cell",
     "clicked_point",
     "column_labels",

@@ -109,3 +109,23 @@ def take_param(name: str) -> int | None:
         return int(raw)
     except ValueError:
         return None
+
+
+def budget_choice(results: Any, key: str) -> float | None:
+    """The expert budget to read a study at (widget ``key``): its budgets as shares, the one nearest the
+    headline's 1/16 first; Home and the Evaluation page ask the same way. None when it trained none."""
+    from moe_core.eval.study_summary import share_label
+    from moe_core.eval.study_targets import nearest_budget, study_budgets
+
+    budgets, nearest = study_budgets(results), nearest_budget(results)
+    if len(budgets) < 2:
+        return nearest
+    shown = st.segmented_control(
+        "Expert budget",
+        budgets,
+        default=nearest,
+        format_func=share_label,
+        key=key,
+        help="Share of all experts trained",
+    )
+    return nearest if shown is None else shown

@@ -144,10 +144,14 @@ def with_validation_pick(results: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([out, pd.DataFrame(picks)], ignore_index=True) if picks else results
 
 
+def study_budgets(table: pd.DataFrame) -> list[float]:
+    """The expert budgets a study trained: its shares strictly between the base model (0) and full (1)."""
+    return sorted(table.loc[table["budget"].between(0, 1, inclusive="neither"), "budget"].unique())
+
+
 def nearest_budget(table: pd.DataFrame) -> float | None:
     """The study's budget nearest the headline's 1/16 (a study of other budgets is read at its nearest)."""
-    shares = table.loc[table["budget"].between(0, 1, inclusive="neither"), "budget"]
-    return min(shares.unique(), key=lambda b: abs(b - HEADLINE_BUDGET), default=None)
+    return min(study_budgets(table), key=lambda b: abs(b - HEADLINE_BUDGET), default=None)
 
 
 def target_table(results: pd.DataFrame, budget: float | None = None) -> pd.DataFrame:
@@ -170,8 +174,9 @@ def target_table(results: pd.DataFrame, budget: float | None = None) -> pd.DataF
 def budget_targets(results: pd.DataFrame) -> pd.DataFrame:
     """``target_table`` at every budget the study trained, the share first: selectors compared across budgets
     (issue 17 compares them at 1/32, 1/16 and 1/8 on every seed pair; the targets are set at 1/16)."""
-    shares = sorted(results.loc[results["budget"].between(0, 1, inclusive="neither"), "budget"].unique())
-    rows = [t.assign(budget=share_label(b)) for b in shares if len(t := target_table(results, b))]
+    rows = [
+        t.assign(budget=share_label(b)) for b in study_budgets(results) if len(t := target_table(results, b))
+    ]
     if not rows:
         return pd.DataFrame()
     table = pd.concat(rows, ignore_index=True)
