@@ -32,6 +32,7 @@ from moe_core.eval import charts
 from moe_core.eval.evaluation import load_evaluation
 from moe_core.eval.study_summary import (
     ARMS,
+    REFERENCE_DIR,
     across_seed_headline,
     commands_markdown,
     demo_headline,
@@ -41,7 +42,7 @@ from moe_core.eval.study_summary import (
     share_label,
     verdicts,
 )
-from moe_core.eval.study_targets import budget_targets, nearest_budget, wrapper_split
+from moe_core.eval.study_targets import nearest_budget, wrapper_split
 from moe_core.pipeline import DemoSpec, StudySpec
 from moe_core.store.jobs import format_eta, list_jobs, read_job
 from moe_core.store.manifest import list_runs
@@ -298,7 +299,10 @@ if reference is not None:
     )
     with st.expander("Issue 17's targets per selector and budget, on the reference's seed pairs"):
         st.dataframe(
-            budget_targets(ref_results), hide_index=True, width="stretch", key="home_reference_targets"
+            ui.study_targets_of(REFERENCE_DIR / "results.parquet"),
+            hide_index=True,
+            width="stretch",
+            key="home_reference_targets",
         )
         split = wrapper_split(ref_results, reference_curves(), shown)
         if len(split):

@@ -27,7 +27,7 @@ from moe_core.eval.evaluation import (
 )
 from moe_core.eval.report import interval_table
 from moe_core.eval.study_summary import load_curves, load_study, share_label
-from moe_core.eval.study_targets import budget_targets, wrapper_split
+from moe_core.eval.study_targets import wrapper_split
 from moe_core.judge.verdicts import LABELS as AUDIT_LABELS
 from moe_core.pipeline import EvaluateSpec, StudySpec
 from moe_core.store.jobs import read_job
@@ -139,7 +139,7 @@ with st.container(border=True):
                 if c not in ("method", "n_experts", "runs", "budget")
             },
         )
-        goals = budget_targets(study[0])
+        goals = ui.study_targets_of(run.path_for("study", name=StudySpec().name) / "results.parquet")
         if len(goals):
             st.caption(
                 "Issue 17's targets at each budget of the study (set at 1/16): on how many seed pairs each "

@@ -23,6 +23,7 @@ from ui.cache import (
     risk_tables_or_stop,
     risk_tensor,
     score_table_cached,
+    study_targets_of,
     tokenizer_for,
 )
 from ui.jobs import POLL_S, job_panel
@@ -93,6 +94,7 @@ __all__ = [
     "risk_tensor",
     "running_task",
     "score_table_cached",
+    "study_targets_of",
     "run_ref",
     "runs_root",
     "setup",

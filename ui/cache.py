@@ -36,6 +36,19 @@ def read_table(path: Path) -> pd.DataFrame | None:
     return _parquet(str(path), _mtime(path)) if path.is_file() else None
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def _budget_targets(path: str, mtime_ns: int) -> pd.DataFrame:
+    from moe_core.eval.study_targets import budget_targets
+
+    return budget_targets(_parquet(path, mtime_ns))
+
+
+def study_targets_of(results_path: Path) -> pd.DataFrame:
+    """Issue 17's targets per budget of a study's ``results.parquet``, computed once per version of the file:
+    bootstraps over every seed pair, budget and selector take seconds, and Home draws them on every rerun."""
+    return _budget_targets(str(results_path), _mtime(results_path))
+
+
 def risk_tables_or_stop(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The run's aggregated and per-batch risk tables, or a pointer to the Analysis page and stop."""
     agg = per_batch = None
