@@ -174,9 +174,8 @@ def target_table(results: pd.DataFrame, budget: float | None = None) -> pd.DataF
 def budget_targets(results: pd.DataFrame) -> pd.DataFrame:
     """``target_table`` at every budget the study trained, the share first: selectors compared across budgets
     (issue 17 compares them at 1/32, 1/16 and 1/8 on every seed pair; the targets are set at 1/16)."""
-    results = with_validation_pick(
-        results
-    )  # once for every budget (target_table keeps picked rows as they are)
+    # picked on validation once for every budget (target_table keeps rows already picked as they are)
+    results = with_validation_pick(results)
     rows = [
         t.assign(budget=share_label(b)) for b in study_budgets(results) if len(t := target_table(results, b))
     ]
