@@ -126,7 +126,8 @@ with st.container(border=True):
                 )
                 st.plotly_chart(charts.curves_figure(curves, study[0], *pair), key="ev_curves_fig")
     if study is not None:
-        figure = ui.read_json_cached(run.path_for("study", name=StudySpec().name) / "figure.json")
+        study_dir = run.path_for("study", name=StudySpec().name)
+        figure = ui.read_json_cached(study_dir / "figure.json")
         if figure:
             st.plotly_chart(figure, key="ev_study_fig")
         st.dataframe(
@@ -139,7 +140,7 @@ with st.container(border=True):
                 if c not in ("method", "n_experts", "runs", "budget")
             },
         )
-        goals = ui.study_targets_of(run.path_for("study", name=StudySpec().name) / "results.parquet")
+        goals = ui.study_targets_of(study_dir / "results.parquet")
         if len(goals):
             st.caption(
                 "Issue 17's targets at each budget of the study (set at 1/16): on how many seed pairs each "
