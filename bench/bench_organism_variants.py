@@ -31,7 +31,7 @@ from moe_core.analysis.selection import random_experts
 from moe_core.batching.demo_prompts import jailbreak_templates
 from moe_core.eval.evaluation import default_eval_sets, evaluate_model
 from moe_core.model.adapter import apply_cpu_thread_policy
-from moe_core.model.organism import OrganismConfig, build_organism
+from moe_core.model.organism import build_organism, organism_variant
 from moe_core.study.lab import _Lab, _masks
 
 BUDGET, STEPS = 1 / 16, (21, 42)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     apply_cpu_thread_policy()
     variant = json.loads(args.organism)
-    path = str(build_organism(OrganismConfig(seed=args.seed, **variant)))
+    path = str(build_organism(organism_variant(variant, args.seed)))
     spec = P.StudySpec(  # AdamW, as in stops 23 and 24 (the rates below are AdamW's)
         model=path, seeds=[args.seed], scores=["grad_attr"], eval_limit=60, steering=False, training_args="{}"
     )

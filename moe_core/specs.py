@@ -25,6 +25,7 @@ from moe_core.eval.study_summary import STUDY_NAME
 from moe_core.judge.judges import DEFAULT_JUDGE
 from moe_core.model.backends import Backend
 from moe_core.model.generation import MAX_NEW_TOKENS
+from moe_core.model.organism import organism_variant
 from moe_core.store.checks import (
     AT_LEAST_1,
     JSON_OBJECT,
@@ -516,6 +517,11 @@ class StudySpec:
         "organisms whose corpus also has, per train goal, this many jailbreak wrappers spliced from two train "
         "templates' parts (0: the reference study's organisms; README, 'Organism variants')",
     )
+    organism: Optional[str] = opt(
+        None,
+        "the organisms a study builds, as a JSON object of organism fields, e.g. '{\"num_layers\": 8}' (unset: "
+        "the reference study's; a defining setting; README, 'Organism variants')",
+    )
     scope: Scope = same_as(DemoSpec, "scope")
     max_batches: Optional[int] = same_as(DemoSpec, "max_batches")
     lr: float = same_as(DemoSpec, "lr")
@@ -580,17 +586,27 @@ class StudySpec:
             retain_share=(lambda v: 0 <= v <= 4, "a share in [0, 4] (retain examples per analysis example)"),
             composed_share=SHARE_OR_ZERO,
             training_args=JSON_OBJECT,
+            organism=JSON_OBJECT,
         )
         check_training_args(json_object(self.training_args))
+        self._check_organism()
         unknown = [s for s in self.scores if s not in ("risk_diff", *SCORES)]
         if unknown or not self.scores:
             raise MoELabError(f"scores must be among risk_diff, {', '.join(SCORES)} (got {self.scores})")
         if any(not v > 0 for v in [*self.lrs, *self.full_lrs]):
             raise MoELabError(f"learning rates must be > 0 (got {self.lrs} {self.full_lrs})")
-        if self.model and self.spliced_jailbreaks:
-            raise MoELabError(
-                "--spliced-jailbreaks chooses the organisms a study builds: leave it out with --model"
-            )
+
+    def _check_organism(self) -> None:
+        variant = json_object(self.organism) or {}
+        if self.model and (self.spliced_jailbreaks or variant):
+            flag = "--spliced-jailbreaks" if self.spliced_jailbreaks else "--organism"
+            raise MoELabError(f"{flag} chooses the organisms a study builds: leave it out with --model")
+        if self.spliced_jailbreaks and "spliced_jailbreaks" in variant:
+            raise MoELabError("--spliced-jailbreaks and --organism's spliced_jailbreaks: give one of them")
+        try:
+            organism_variant(variant)
+        except ValueError as e:
+            raise MoELabError(f"--organism {self.organism}: {e}") from None
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,9 +256,9 @@ def test_an_organism_variant_is_a_defining_setting_and_the_reference_stays_resum
     """``--spliced-jailbreaks`` studies other organisms: their arms must never join a study of the reference's
     organisms, and the reference's own settings still match its command."""
     from moe_core.eval.study_summary import REFERENCE_DIR
-    from moe_core.model.organism import CORPUS_VERSION
+    from moe_core.model.organism import CORPUS_VERSION, OrganismConfig
     from moe_core.store.provenance import fingerprint, plan_source
-    from moe_core.study.store import defining_settings, settings_diff
+    from moe_core.study.store import defining_settings, organism_config, settings_diff
 
     reference = read_json(REFERENCE_DIR / "settings.json")
     spec = P.StudySpec(**{k: v for k, v in reference["defining"].items() if k != "organism"})
@@ -282,6 +283,32 @@ def test_an_organism_variant_is_a_defining_setting_and_the_reference_stays_resum
         P.StudySpec(spliced_jailbreaks=-1)
     with pytest.raises(P.MoELabError, match="leave it out with --model"):
         P.StudySpec(model="some/model", spliced_jailbreaks=4)
+
+    # --organism: any organism field, recorded the same way (and --spliced-jailbreaks N is its spliced_jailbreaks)
+    layers = P.StudySpec(**{**vars(spec), "organism": '{"num_layers": 8}'})
+    assert settings_diff(reference, layers) == [
+        f"organism: {CORPUS_VERSION!r} -> '{CORPUS_VERSION}+num_layers-8'"
+    ]
+    assert organism_config(layers, seed=3) == OrganismConfig(seed=3, num_layers=8)
+    spliced = P.StudySpec(**{**vars(spec), "organism": '{"spliced_jailbreaks": 4}'})
+    assert (
+        organism_config(spliced, 2)
+        == organism_config(variant, 2)
+        == OrganismConfig(seed=2, spliced_jailbreaks=4)
+    )
+    for bad, says in (
+        ('{"layers": 8}', "no organism field layers"),
+        ('{"num_layers": "8"}', "num_layers must be a whole number"),
+        ('{"num_layers": 0}', "num_layers must be positive"),
+        ('{"seed": 1}', "seed is not a variant"),
+        ("[8]", "must be a JSON object"),
+    ):
+        with pytest.raises(P.MoELabError, match=re.escape(says)):
+            P.StudySpec(organism=bad)
+    with pytest.raises(P.MoELabError, match="--organism chooses the organisms"):
+        P.StudySpec(model="some/model", organism='{"num_layers": 8}')
+    with pytest.raises(P.MoELabError, match="give one of them"):
+        P.StudySpec(spliced_jailbreaks=2, organism='{"spliced_jailbreaks": 4}')
 
 
 def test_the_studys_training_arguments_reach_every_arm_and_are_a_defining_setting(tmp_path, tiny_dir):

@@ -207,8 +207,31 @@ class OrganismConfig:
 
 
 def corpus_version(config: OrganismConfig) -> str:
-    """The corpus an organism was trained on, as a study records it: the version, and its variant if any."""
-    return CORPUS_VERSION + (f"+spliced-{config.spliced_jailbreaks}" if config.spliced_jailbreaks else "")
+    """The organism a study records: the corpus version, then each field other than the seed that differs
+    from the default ("+spliced-4" as studies before ``--organism`` wrote it, else "+num_layers-8")."""
+    default = OrganismConfig(seed=config.seed)
+    changed = [(k, v) for k, v in asdict(config).items() if k != "seed" and v != getattr(default, k)]
+    return CORPUS_VERSION + "".join(
+        f"+spliced-{v}" if k == "spliced_jailbreaks" else f"+{k}-{v}" for k, v in changed
+    )
+
+
+def organism_variant(fields: dict[str, Any], seed: int = 0) -> OrganismConfig:
+    """The organism of ``seed`` with ``fields`` (OrganismConfig fields but the seed) changed; a ValueError that
+    names the field where one is unknown or out of range."""
+    if "seed" in fields:
+        raise ValueError("the seed is not a variant: each seed of the study builds its own")
+    unknown = sorted(set(fields) - set(OrganismConfig.__dataclass_fields__))
+    if unknown:
+        known = ", ".join(k for k in OrganismConfig.__dataclass_fields__ if k != "seed")
+        raise ValueError(f"no organism field {', '.join(unknown)} (the fields: {known})")
+    for k, v in fields.items():
+        want = type(getattr(OrganismConfig, k))
+        if isinstance(v, bool) or not isinstance(v, (int, float) if want is float else want):
+            raise ValueError(
+                f"organism field {k} must be {'a whole number' if want is int else 'a number'}, got {v!r}"
+            )
+    return OrganismConfig(seed=seed, **fields)
 
 
 # ---------------------------------------------------------------------------------------------

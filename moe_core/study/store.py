@@ -18,7 +18,7 @@ from moe_core.eval.charts import study_figure
 from moe_core.eval.evaluation import METRICS
 from moe_core.eval.study_summary import ARM_KEY, study_commands, summarize_study
 from moe_core.model.loading import ORGANISM
-from moe_core.model.organism import OrganismConfig, corpus_version
+from moe_core.model.organism import OrganismConfig, corpus_version, organism_variant
 from moe_core.specs import to_argv
 from moe_core.store.atomic import atomic_dir, atomic_write_json
 from moe_core.store.checks import json_object
@@ -125,7 +125,8 @@ def defining_settings(spec: P.StudySpec) -> dict[str, Any]:
 
 def organism_config(spec: P.StudySpec, seed: int = 0) -> OrganismConfig:
     """The organism ``spec`` builds for ``seed`` (where it studies organisms, not ``--model``)."""
-    return OrganismConfig(seed=seed, spliced_jailbreaks=spec.spliced_jailbreaks)
+    variant = json_object(spec.organism) or {}
+    return organism_variant({"spliced_jailbreaks": spec.spliced_jailbreaks, **variant}, seed)
 
 
 def stored_study(out: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame] | None:
