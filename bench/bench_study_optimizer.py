@@ -5,6 +5,7 @@ each (README, "SGD instead of AdamW (stop 25)").
     .venv/bin/python bench/bench_study_optimizer.py --only sgd          # the study's default alone
     .venv/bin/python bench/bench_study_optimizer.py --only sgd-low      # stop 26: SGD at 0.3 and 1 (or sgd-momentum)
     .venv/bin/python bench/bench_study_optimizer.py --only sgd-composed # stop 27: composed jailbreaks in the batches
+    .venv/bin/python bench/bench_study_optimizer.py --only sgd-l8       # stop 29: 8 layers (or sgd-e128: 128 experts)
     .venv/bin/python bench/bench_study_optimizer.py --studies DIR ...   # tables of studies already run
 
 Runs ``python -m moe_core study`` on the tuning organisms (batch seed 0, 1/16 of the experts, 2 random draws, no
@@ -46,6 +47,9 @@ VARIANTS = {  # the study's training variants compared here: the optimizers, the
     ],
     # tried in stop 27 (README, "Tried in stop 27"): half the analysis (= SFT) goals in composed jailbreaks
     "sgd-composed": ["--composed-share", "0.5"],
+    # tried in stop 29 (README, "Tried in stop 29"): other organisms, the same corpus
+    "sgd-l8": ["--organism", '{"num_layers": 8}'],
+    "sgd-e128": ["--organism", '{"num_experts": 128, "expert_size": 32}'],
 }
 DEFAULT_PAIR = ("adamw", "sgd")  # what a bare run compares
 COMMON = "--budgets 0.0625 --random-draws 2 --steering false --full false --batch-seeds 0 --eval-limit 60"
