@@ -149,8 +149,7 @@ with st.container(border=True):
             )
             st.dataframe(goals, hide_index=True, width="stretch", key="ev_study_targets")
         budget = ui.budget_choice(study[0], "ev_study_budget")
-        split = wrapper_split(study[0], curves, budget) if budget is not None else None
-        if split is not None and len(split):
+        if budget is not None and len(split := wrapper_split(study[0], curves, budget)):
             st.caption(
                 f"Where the compliance left is at {share_label(budget)} of the experts, at each arm's chosen point "
                 "(validation, median of seed pairs): on all jailbreak prompts, and on the wrappers that no training "
