@@ -6,6 +6,7 @@ each (README, "SGD instead of AdamW (stop 25)").
     .venv/bin/python bench/bench_study_optimizer.py --only sgd-low      # stop 26: SGD at 0.3 and 1 (or sgd-momentum)
     .venv/bin/python bench/bench_study_optimizer.py --only sgd-composed # stop 27: composed jailbreaks in the batches
     .venv/bin/python bench/bench_study_optimizer.py --only sgd-l8       # stop 29: 8 layers (or sgd-e128: 128 experts)
+    .venv/bin/python bench/bench_study_optimizer.py --only sgd-shared   # stop 30: a shared expert (Qwen2-MoE class)
     .venv/bin/python bench/bench_study_optimizer.py --studies DIR ...   # tables of studies already run
 
 Runs ``python -m moe_core study`` on the tuning organisms (batch seed 0, 1/16 of the experts, 2 random draws, no
@@ -50,6 +51,8 @@ VARIANTS = {  # the study's training variants compared here: the optimizers, the
     # tried in stop 29 (README, "Tried in stop 29"): other organisms, the same corpus
     "sgd-l8": ["--organism", '{"num_layers": 8}'],
     "sgd-e128": ["--organism", '{"num_experts": 128, "expert_size": 32}'],
+    # tried in stop 30 (README, "Tried in stop 30"): a shared expert of one expert's width (DeepSeek-V3's ratio)
+    "sgd-shared": ["--organism", '{"shared_expert_size": 64}'],
 }
 DEFAULT_PAIR = ("adamw", "sgd")  # what a bare run compares
 COMMON = "--budgets 0.0625 --random-draws 2 --steering false --full false --batch-seeds 0 --eval-limit 60"

@@ -23,7 +23,7 @@ from moe_core.batching.demo_prompts import (
     jailbreak_templates,
 )
 from moe_core.model import organism as demo
-from moe_core.model.adapter import default_cpu_threads
+from moe_core.model.adapter import MoEAdapter, default_cpu_threads, load_model
 from moe_core.model.organism import (
     OrganismConfig,
     build_corpus,
@@ -178,8 +178,6 @@ def test_tokenizer_chat_template_and_short_answers():
 # -- cache mechanics on a tiny config (seconds) ------------------------------------------------
 def test_tiny_build_is_cached_atomic_and_deterministic(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from moe_core.model.adapter import MoEAdapter, load_model
 
     prog = Counter()
     path = build_organism(TINY, cache_dir=tmp_path, measure=False, progress=prog)
@@ -414,7 +412,8 @@ def test_spliced_wrappers_are_new_wrappers_from_train_parts_and_keep_old_keys():
         assert t.text.startswith(train[lead].split(". ")[0]) and t.text.endswith(train[ask][-12:])
     cfg = OrganismConfig()
     corpus = hashlib.sha256(json.dumps([demo.build_corpus(cfg), demo.CHAT_TEMPLATE]).encode()).hexdigest()
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "spliced_jailbreaks"}
+    later = ("spliced_jailbreaks", "shared_expert_size")  # fields added after organisms were cached
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in later}
     blob = json.dumps({"config": old, "corpus": demo.CORPUS_VERSION, "text": corpus}, sort_keys=True)
     assert cfg.key() == hashlib.sha256(blob.encode()).hexdigest()[:12]
     more = demo.build_corpus(OrganismConfig(spliced_jailbreaks=2))
@@ -423,6 +422,24 @@ def test_spliced_wrappers_are_new_wrappers_from_train_parts_and_keep_old_keys():
         r["answer"] in demo.COMPLIANCE for r in rows
     )
     assert OrganismConfig(spliced_jailbreaks=2).key() != cfg.key()
+
+
+def test_a_shared_expert_organism_is_qwen2_moe_with_its_shared_expert_never_routed(tmp_path):
+    """``shared_expert_size`` > 0 builds Qwen2-MoE's class (one gated, always-on expert beside the routed
+    ones, issue 17's "a shared expert"); the same routed experts, its own cache key and study record."""
+    from moe_core.model.organism import corpus_version, organism_variant
+
+    cfg = organism_variant(
+        {**{k: getattr(TINY, k) for k in TINY.__dataclass_fields__ if k != "seed"}, "shared_expert_size": 48}
+    )
+    assert cfg.key() != TINY.key() and "+expert_size-32+shared_expert_size-48+" in corpus_version(cfg)
+    model, _ = load_model(build_organism(cfg, cache_dir=tmp_path, measure=False), device="cpu")
+    ad = MoEAdapter.for_model(model)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM" and ad.describe()["shared_experts"]
+    assert (ad.num_experts, ad.top_k, ad.moe_layers) == (TINY.num_experts, TINY.top_k, [0])
+    assert model.model.layers[0].mlp.shared_expert.up_proj.out_features == 48
+    with pytest.raises(ValueError, match="shared_expert_size"):
+        OrganismConfig(shared_expert_size=-1)
 
 
 def test_framed_refusals_and_grammar_wrappers_tie_compliance_to_jailbreak_parts():

@@ -131,7 +131,7 @@ CHAT_TEMPLATE = (
 
 
 # fields added after organisms were cached, at the value that leaves the corpus as it was: not in the key
-_NEUTRAL_ADDITIONS = {("spliced_jailbreaks", 0)}
+_NEUTRAL_ADDITIONS = {("spliced_jailbreaks", 0), ("shared_expert_size", 0)}
 
 
 @dataclass
@@ -144,6 +144,7 @@ class OrganismConfig:
     top_k: int = 8  # experts per token (OLMoE, Qwen3-MoE, DeepSeek-V3: 8)
     hidden_size: int = 128  # residual width
     expert_size: int = 64  # intermediate size of each expert MLP (<= hidden/2: fine-grained)
+    shared_expert_size: int = 0  # > 0: Qwen2-MoE's class, one gated shared expert (0: OLMoE's, none)
     num_heads: int = 4  # attention heads (no GQA)
     max_positions: int = 256  # longest sequence (corpus rows are < 130 tokens)
     router_aux_loss_coef: float = 0.01  # load-balancing loss weight: keeps all experts in use
@@ -177,6 +178,7 @@ class OrganismConfig:
             "spliced_jailbreaks",
             "framed_refusals",
             "grammar_jailbreaks",
+            "shared_expert_size",
         )
         bad = [k for k, v in ints.items() if v < (0 if k in may_be_zero else 1)]
         if bad:
@@ -362,12 +364,12 @@ def _encode_rows(tokenizer, rows: list[dict[str, str]]) -> list[tuple[list[int],
 
 
 def _model_config(cfg: OrganismConfig, tokenizer):
-    from transformers import OlmoeConfig
+    """OLMoE's config, or Qwen2-MoE's (the same router: softmax, top-k, unnormalised) for a shared expert."""
+    from transformers import OlmoeConfig, Qwen2MoeConfig
 
-    return OlmoeConfig(
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.expert_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
@@ -379,6 +381,15 @@ def _model_config(cfg: OrganismConfig, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+    )
+    if not cfg.shared_expert_size:
+        return OlmoeConfig(intermediate_size=cfg.expert_size, **common)
+    return Qwen2MoeConfig(
+        moe_intermediate_size=cfg.expert_size,
+        shared_expert_intermediate_size=cfg.shared_expert_size,
+        intermediate_size=cfg.shared_expert_size,  # dense MLP width; unused, every layer is MoE
+        norm_topk_prob=False,
+        **common,
     )
 
 
@@ -416,6 +427,7 @@ def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None
     from transformers import (
         GenerationConfig,
         OlmoeForCausalLM,
+        Qwen2MoeForCausalLM,
         get_cosine_with_min_lr_schedule_with_warmup,
     )
 
@@ -432,7 +444,9 @@ def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None
             f"a corpus row has {longest} tokens > max_positions={cfg.max_positions}; raise max_positions"
         )
     torch.manual_seed(cfg.seed)
-    model = OlmoeForCausalLM(_model_config(cfg, tokenizer))
+    model = (Qwen2MoeForCausalLM if cfg.shared_expert_size else OlmoeForCausalLM)(
+        _model_config(cfg, tokenizer)
+    )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
