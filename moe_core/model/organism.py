@@ -363,9 +363,10 @@ def _encode_rows(tokenizer, rows: list[dict[str, str]]) -> list[tuple[list[int],
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_config(cfg: OrganismConfig, tokenizer):
-    """OLMoE's config, or Qwen2-MoE's (the same router: softmax, top-k, unnormalised) for a shared expert."""
-    from transformers import OlmoeConfig, Qwen2MoeConfig
+def _new_model(cfg: OrganismConfig, tokenizer):
+    """A freshly initialised OLMoE, or a Qwen2-MoE (the same router: softmax, top-k, unnormalised) for a
+    shared expert."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     common = dict(
         vocab_size=len(tokenizer),
@@ -383,13 +384,15 @@ def _model_config(cfg: OrganismConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
     )
     if not cfg.shared_expert_size:
-        return OlmoeConfig(intermediate_size=cfg.expert_size, **common)
-    return Qwen2MoeConfig(
-        moe_intermediate_size=cfg.expert_size,
-        shared_expert_intermediate_size=cfg.shared_expert_size,
-        intermediate_size=cfg.shared_expert_size,  # dense MLP width; unused, every layer is MoE
-        norm_topk_prob=False,
-        **common,
+        return OlmoeForCausalLM(OlmoeConfig(intermediate_size=cfg.expert_size, **common))
+    return Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            moe_intermediate_size=cfg.expert_size,
+            shared_expert_intermediate_size=cfg.shared_expert_size,
+            intermediate_size=cfg.shared_expert_size,  # dense MLP width; unused, every layer is MoE
+            norm_topk_prob=False,
+            **common,
+        )
     )
 
 
@@ -424,12 +427,7 @@ def _batches(
 
 def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
     """Train tokenizer and model into ``out_dir`` (save_pretrained); returns loss figures."""
-    from transformers import (
-        GenerationConfig,
-        OlmoeForCausalLM,
-        Qwen2MoeForCausalLM,
-        get_cosine_with_min_lr_schedule_with_warmup,
-    )
+    from transformers import GenerationConfig, get_cosine_with_min_lr_schedule_with_warmup
 
     rows = build_corpus(cfg)
     tokenizer = build_tokenizer([r["prompt"] for r in rows] + [r["answer"] for r in rows], cfg.vocab_size)
@@ -444,9 +442,7 @@ def train_organism(cfg: OrganismConfig, out_dir: Path, progress: Progress | None
             f"a corpus row has {longest} tokens > max_positions={cfg.max_positions}; raise max_positions"
         )
     torch.manual_seed(cfg.seed)
-    model = (Qwen2MoeForCausalLM if cfg.shared_expert_size else OlmoeForCausalLM)(
-        _model_config(cfg, tokenizer)
-    )
+    model = _new_model(cfg, tokenizer)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
